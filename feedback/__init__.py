@@ -1,0 +1,37 @@
+"""Durable feedback store: conversations, ratings, corrections, model versions.
+
+This package is the data layer. It imports neither ``training`` nor ``server``.
+"""
+
+from feedback.records import (
+    BASE_VERSION,
+    Conversation,
+    Correction,
+    FeedbackSnapshot,
+    Message,
+    ModelVersion,
+    Rating,
+    Role,
+    RunState,
+    TrainingRun,
+    VersionState,
+)
+from feedback.store import FeedbackStore, InvalidError, NotFoundError, StoreError
+
+__all__ = [
+    "BASE_VERSION",
+    "Conversation",
+    "Correction",
+    "FeedbackSnapshot",
+    "FeedbackStore",
+    "InvalidError",
+    "Message",
+    "ModelVersion",
+    "NotFoundError",
+    "Rating",
+    "Role",
+    "RunState",
+    "StoreError",
+    "TrainingRun",
+    "VersionState",
+]

@@ -1,0 +1,125 @@
+"""Plain records that cross from the store into ``training``.
+
+They are frozen dataclasses with no behaviour beyond small derived views, so the pure
+training cores can be tested without a database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Role(StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class VersionState(StrEnum):
+    """Life cycle of a model version (see DESIGN.md, "Model versions")."""
+
+    CANDIDATE = "candidate"
+    REJECTED = "rejected"
+    CANARY = "canary"
+    LIVE = "live"
+    ROLLED_BACK = "rolled_back"
+    RETIRED = "retired"
+
+
+class RunState(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+BASE_VERSION = "base"
+"""Name of the version that serves the base model without any adapter."""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: str
+    user_id: str | None
+    channel: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    conversation_id: str
+    seq: int
+    role: Role
+    text: str
+    parent_id: str | None
+    regenerated_from: str | None = None
+    model_version: str | None = None
+    latency_ms: float | None = None
+    finish_reason: str | None = None
+    n_tokens: int | None = None
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Rating:
+    id: int
+    message_id: str
+    value: int
+    rater: str
+    client_id: str
+    reason: str | None = None
+    comment: str | None = None
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Correction:
+    id: int
+    message_id: str
+    text: str
+    operator: str
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class FeedbackSnapshot:
+    """Everything the pair builder needs, read in one consistent transaction."""
+
+    messages: tuple[Message, ...]
+    ratings: tuple[Rating, ...]
+    corrections: tuple[Correction, ...]
+    max_rating_id: int = 0
+    max_correction_id: int = 0
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    name: str
+    seq: int
+    state: VersionState
+    adapter_path: str | None
+    sha256: str | None
+    parent: str | None
+    base_model: str | None
+    eval_report: dict[str, Any] | None = None
+    gate_reasons: tuple[str, ...] = ()
+    feedback_ids: dict[str, list[int]] = field(default_factory=dict)
+    training_run_id: int | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    id: int
+    state: RunState
+    started_at: float
+    finished_at: float | None
+    version: str | None
+    progress: dict[str, Any] | None
+    detail: str | None
+    max_rating_id: int
+    max_correction_id: int

@@ -1,0 +1,574 @@
+"""Async feedback store on SQLite (aiosqlite).
+
+Writes go through one writer task that groups whatever is queued into a single
+``BEGIN IMMEDIATE`` transaction (group commit) and resolves each caller's future only
+after ``COMMIT`` returned; so an acknowledgement sent after ``await store.add_rating(...)``
+is never for a row that a crash could lose (``synchronous=FULL`` in WAL mode). Each
+operation runs inside its own ``SAVEPOINT``: one failing operation does not roll back
+the others that share its commit. Reads use a second connection and never wait for
+the writer (WAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from feedback.records import (
+    BASE_VERSION,
+    Conversation,
+    Correction,
+    FeedbackSnapshot,
+    Message,
+    ModelVersion,
+    Rating,
+    Role,
+    RunState,
+    TrainingRun,
+    VersionState,
+)
+from feedback.schema import MIGRATIONS, SCHEMA_VERSION
+
+log = logging.getLogger("learnloop.feedback")
+
+T = TypeVar("T")
+WriteOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
+
+
+class StoreError(Exception):
+    """Base class of the store's errors."""
+
+
+class NotFoundError(StoreError):
+    """The referenced conversation, message or version does not exist."""
+
+
+class InvalidError(StoreError):
+    """The request is well formed but not allowed (for example: rating a user message)."""
+
+
+@dataclass
+class _Pending:
+    op: WriteOp
+    future: asyncio.Future[Any]
+
+
+_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=FULL",
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA busy_timeout=10000",
+)
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    for pragma in _PRAGMAS:
+        await conn.execute(pragma)
+    return conn
+
+
+class FeedbackStore:
+    """The durable store. Open with ``await FeedbackStore.open(path)``; close with ``close()``."""
+
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection, *, max_batch: int = 512) -> None:
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        self._task = asyncio.create_task(self._write_loop(), name="feedback-writer")
+        self._read_lock = asyncio.Lock()
+        self.commits = 0  # number of transactions committed (group commit makes it < writes)
+
+    # --- life cycle -------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: str | Path) -> FeedbackStore:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await _connect(path)
+        await _migrate(writer)
+        reader = await _connect(path)
+        return cls(path, writer, reader)
+
+    async def close(self) -> None:
+        await self._queue.put(None)
+        await self._task
+        await self._reader.close()
+        await self._writer.close()
+
+    async def __aenter__(self) -> FeedbackStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- the writer -------------------------------------------------------------------
+
+    async def _write(self, op: WriteOp) -> Any:
+        if self._task.done():
+            raise StoreError("the store is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(op, future))
+        return await future
+
+    async def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        conn = self._writer
+        results: list[tuple[_Pending, Any, BaseException | None]] = []
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            for item in batch:
+                await conn.execute("SAVEPOINT op")
+                try:
+                    result = await item.op(conn)
+                except Exception as exc:  # the caller gets it; the batch goes on
+                    await conn.execute("ROLLBACK TO op")
+                    await conn.execute("RELEASE op")
+                    results.append((item, None, exc))
+                else:
+                    await conn.execute("RELEASE op")
+                    results.append((item, result, None))
+            await conn.execute("COMMIT")
+            self.commits += 1
+        except Exception as exc:
+            log.exception("group commit of %d operations failed", len(batch))
+            try:
+                await conn.execute("ROLLBACK")
+            except Exception:
+                pass
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(StoreError(f"commit failed: {exc}"))
+            return
+        for item, result, error in results:
+            if item.future.done():
+                continue
+            if error is not None:
+                item.future.set_exception(error)
+            else:
+                item.future.set_result(result)
+
+    async def _read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        async with self._read_lock:
+            cursor = await self._reader.execute(sql, tuple(params))
+            rows = await cursor.fetchall()
+            await cursor.close()
+        return list(rows)
+
+    # --- conversations and messages ---------------------------------------------------
+
+    async def create_conversation(self, conversation_id: str, *, user_id: str | None = None, channel: str = "websocket") -> Conversation:
+        now = time.time()
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO conversations (id, user_id, channel, created_at) VALUES (?, ?, ?, ?)",
+                (conversation_id, user_id, channel, now),
+            )
+
+        await self._write(op)
+        return Conversation(conversation_id, user_id, channel, now)
+
+    async def get_conversation(self, conversation_id: str) -> Conversation:
+        rows = await self._read("SELECT * FROM conversations WHERE id = ?", (conversation_id,))
+        if not rows:
+            raise NotFoundError(f"conversation {conversation_id!r} does not exist")
+        r = rows[0]
+        return Conversation(r["id"], r["user_id"], r["channel"], r["created_at"])
+
+    async def add_message(
+        self,
+        *,
+        message_id: str,
+        conversation_id: str,
+        role: Role,
+        text: str,
+        parent_id: str | None,
+        regenerated_from: str | None = None,
+        model_version: str | None = None,
+        latency_ms: float | None = None,
+        finish_reason: str | None = None,
+        n_tokens: int | None = None,
+    ) -> Message:
+        now = time.time()
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            cursor = await conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE conversation_id = ?", (conversation_id,)
+            )
+            row = await cursor.fetchone()
+            seq = int(row[0]) if row else 1
+            try:
+                await conn.execute(
+                    "INSERT INTO messages (id, conversation_id, seq, role, text, parent_id, regenerated_from,"
+                    " model_version, latency_ms, finish_reason, n_tokens, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (message_id, conversation_id, seq, str(role), text, parent_id, regenerated_from,
+                     model_version, latency_ms, finish_reason, n_tokens, now),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise NotFoundError(f"conversation {conversation_id!r} or parent message does not exist: {exc}") from exc
+            return seq
+
+        seq = await self._write(op)
+        return Message(message_id, conversation_id, seq, role, text, parent_id, regenerated_from,
+                       model_version, latency_ms, finish_reason, n_tokens, now)
+
+    async def get_message(self, message_id: str) -> Message:
+        rows = await self._read("SELECT * FROM messages WHERE id = ?", (message_id,))
+        if not rows:
+            raise NotFoundError(f"message {message_id!r} does not exist")
+        return _message(rows[0])
+
+    async def conversation_messages(self, conversation_id: str) -> list[Message]:
+        rows = await self._read("SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq", (conversation_id,))
+        return [_message(r) for r in rows]
+
+    # --- feedback ---------------------------------------------------------------------
+
+    async def add_rating(
+        self,
+        *,
+        message_id: str,
+        value: int,
+        rater: str,
+        client_id: str,
+        reason: str | None = None,
+        comment: str | None = None,
+    ) -> tuple[Rating, bool]:
+        """Store a thumbs rating; idempotent on ``(message_id, client_id)``.
+
+        Returns the stored rating and whether this call created it (False for a replay).
+        """
+        if value not in (1, -1):
+            raise InvalidError(f"rating value must be 1 or -1, got {value!r}")
+        now = time.time()
+
+        async def op(conn: aiosqlite.Connection) -> tuple[Rating, bool]:
+            await _require_assistant_message(conn, message_id)
+            cursor = await conn.execute(
+                "INSERT INTO ratings (message_id, value, reason, comment, rater, client_id, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_id, client_id) DO NOTHING",
+                (message_id, value, reason, comment, rater, client_id, now),
+            )
+            created = cursor.rowcount == 1
+            cursor = await conn.execute(
+                "SELECT * FROM ratings WHERE message_id = ? AND client_id = ?", (message_id, client_id)
+            )
+            row = await cursor.fetchone()
+            assert row is not None
+            return _rating(row), created
+
+        result: tuple[Rating, bool] = await self._write(op)
+        return result
+
+    async def add_correction(self, *, message_id: str, text: str, operator: str) -> Correction:
+        """Store an operator's better answer for an assistant message."""
+        text = text.strip()
+        if not text:
+            raise InvalidError("a correction needs a non-empty text")
+        now = time.time()
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            await _require_assistant_message(conn, message_id)
+            cursor = await conn.execute(
+                "INSERT INTO corrections (message_id, text, operator, created_at) VALUES (?, ?, ?, ?)",
+                (message_id, text, operator, now),
+            )
+            await _audit(conn, operator, "correct", message_id, {"chars": len(text)})
+            return int(cursor.lastrowid or 0)
+
+        correction_id = await self._write(op)
+        return Correction(correction_id, message_id, text, operator, now)
+
+    async def count_new_feedback(self, *, after_rating_id: int, after_correction_id: int, after_time: float) -> int:
+        rows = await self._read(
+            "SELECT (SELECT COUNT(*) FROM ratings WHERE id > ?)"
+            " + (SELECT COUNT(*) FROM corrections WHERE id > ?)"
+            " + (SELECT COUNT(*) FROM messages WHERE regenerated_from IS NOT NULL AND created_at > ?)",
+            (after_rating_id, after_correction_id, after_time),
+        )
+        return int(rows[0][0])
+
+    async def export_feedback(self) -> FeedbackSnapshot:
+        """All conversations that carry any feedback, read in one snapshot."""
+        async with self._read_lock:
+            conn = self._reader
+            await conn.execute("BEGIN")
+            try:
+                cur = await conn.execute(
+                    "SELECT m.* FROM messages m WHERE m.conversation_id IN ("
+                    " SELECT DISTINCT x.conversation_id FROM messages x"
+                    " WHERE x.regenerated_from IS NOT NULL"
+                    " OR x.id IN (SELECT message_id FROM ratings)"
+                    " OR x.id IN (SELECT message_id FROM corrections))"
+                    " ORDER BY m.conversation_id, m.seq"
+                )
+                messages = tuple(_message(r) for r in await cur.fetchall())
+                cur = await conn.execute("SELECT * FROM ratings ORDER BY id")
+                ratings = tuple(_rating(r) for r in await cur.fetchall())
+                cur = await conn.execute("SELECT * FROM corrections ORDER BY id")
+                corrections = tuple(_correction(r) for r in await cur.fetchall())
+            finally:
+                await conn.execute("COMMIT")
+        return FeedbackSnapshot(
+            messages=messages,
+            ratings=ratings,
+            corrections=corrections,
+            max_rating_id=max((r.id for r in ratings), default=0),
+            max_correction_id=max((c.id for c in corrections), default=0),
+        )
+
+    # --- model versions ---------------------------------------------------------------
+
+    async def ensure_base_version(self, base_model: str) -> ModelVersion:
+        """Make sure a version row exists and one version is live (the base model at first)."""
+        now = time.time()
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            cursor = await conn.execute("SELECT COUNT(*) FROM model_versions WHERE state = ?", (VersionState.LIVE,))
+            row = await cursor.fetchone()
+            has_live = bool(row and row[0])
+            await conn.execute(
+                "INSERT INTO model_versions (name, seq, state, base_model, created_at, updated_at)"
+                " VALUES (?, 0, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                (BASE_VERSION, VersionState.RETIRED if has_live else VersionState.LIVE, base_model, now, now),
+            )
+
+        await self._write(op)
+        return await self.live_version()
+
+    async def register_version(
+        self,
+        *,
+        adapter_path: str,
+        sha256: str,
+        parent: str | None,
+        base_model: str,
+        eval_report: dict[str, Any],
+        feedback_ids: dict[str, list[int]],
+        training_run_id: int | None,
+        name: str | None = None,
+    ) -> ModelVersion:
+        """Record a trained adapter as a ``candidate``; names are ``v<seq>`` and never reused."""
+        now = time.time()
+
+        async def op(conn: aiosqlite.Connection) -> str:
+            cursor = await conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM model_versions")
+            row = await cursor.fetchone()
+            seq = int(row[0]) if row else 1
+            version_name = name or f"v{seq}"
+            await conn.execute(
+                "INSERT INTO model_versions (name, seq, state, adapter_path, sha256, parent, base_model,"
+                " eval_report, feedback_ids, training_run_id, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (version_name, seq, VersionState.CANDIDATE, adapter_path, sha256, parent, base_model,
+                 json.dumps(eval_report), json.dumps(feedback_ids), training_run_id, now, now),
+            )
+            await _audit(conn, "training", "register", version_name, {"sha256": sha256, "parent": parent})
+            return version_name
+
+        version_name = await self._write(op)
+        return await self.get_version(version_name)
+
+    async def next_version_name(self) -> str:
+        rows = await self._read("SELECT COALESCE(MAX(seq), 0) + 1 FROM model_versions")
+        return f"v{int(rows[0][0])}"
+
+    async def set_version_state(
+        self, name: str, state: VersionState, *, actor: str, reasons: Iterable[str] = ()
+    ) -> ModelVersion:
+        """Move a version to ``state``. Making one live retires the version that was live."""
+        reasons = tuple(reasons)
+        now = time.time()
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            cursor = await conn.execute("SELECT state FROM model_versions WHERE name = ?", (name,))
+            row = await cursor.fetchone()
+            if row is None:
+                raise NotFoundError(f"model version {name!r} does not exist")
+            if state is VersionState.LIVE:
+                await conn.execute(
+                    "UPDATE model_versions SET state = ?, updated_at = ? WHERE state = ? AND name != ?",
+                    (VersionState.RETIRED, now, VersionState.LIVE, name),
+                )
+            params: tuple[Any, ...]
+            if reasons:
+                sql = "UPDATE model_versions SET state = ?, gate_reasons = ?, updated_at = ? WHERE name = ?"
+                params = (state, json.dumps(list(reasons)), now, name)
+            else:
+                sql = "UPDATE model_versions SET state = ?, updated_at = ? WHERE name = ?"
+                params = (state, now, name)
+            await conn.execute(sql, params)
+            await _audit(conn, actor, f"state:{state}", name, {"from": row["state"], "reasons": list(reasons)})
+
+        await self._write(op)
+        return await self.get_version(name)
+
+    async def get_version(self, name: str) -> ModelVersion:
+        rows = await self._read("SELECT * FROM model_versions WHERE name = ?", (name,))
+        if not rows:
+            raise NotFoundError(f"model version {name!r} does not exist")
+        return _version(rows[0])
+
+    async def live_version(self) -> ModelVersion:
+        rows = await self._read(
+            "SELECT * FROM model_versions WHERE state = ? ORDER BY seq DESC LIMIT 1", (VersionState.LIVE,)
+        )
+        if not rows:
+            raise NotFoundError("no live model version: call ensure_base_version() first")
+        return _version(rows[0])
+
+    async def list_versions(self) -> list[ModelVersion]:
+        return [_version(r) for r in await self._read("SELECT * FROM model_versions ORDER BY seq")]
+
+    # --- training runs ----------------------------------------------------------------
+
+    async def start_run(self, *, max_rating_id: int, max_correction_id: int) -> int:
+        now = time.time()
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            cursor = await conn.execute(
+                "INSERT INTO training_runs (state, started_at, max_rating_id, max_correction_id) VALUES (?, ?, ?, ?)",
+                (RunState.RUNNING, now, max_rating_id, max_correction_id),
+            )
+            return int(cursor.lastrowid or 0)
+
+        run_id: int = await self._write(op)
+        return run_id
+
+    async def update_run(self, run_id: int, *, progress: dict[str, Any]) -> None:
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute("UPDATE training_runs SET progress = ? WHERE id = ?", (json.dumps(progress), run_id))
+
+        await self._write(op)
+
+    async def finish_run(self, run_id: int, *, state: RunState, version: str | None = None, detail: str | None = None) -> None:
+        now = time.time()
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                "UPDATE training_runs SET state = ?, finished_at = ?, version = ?, detail = ? WHERE id = ?",
+                (state, now, version, detail, run_id),
+            )
+
+        await self._write(op)
+
+    async def last_consumed_run(self) -> TrainingRun | None:
+        """The newest run whose data counts as used (it trained, whatever the gate said)."""
+        rows = await self._read(
+            "SELECT * FROM training_runs WHERE state = ? ORDER BY id DESC LIMIT 1", (RunState.SUCCEEDED,)
+        )
+        return _run(rows[0]) if rows else None
+
+    async def list_runs(self, limit: int = 20) -> list[TrainingRun]:
+        return [_run(r) for r in await self._read("SELECT * FROM training_runs ORDER BY id DESC LIMIT ?", (limit,))]
+
+    async def audit_entries(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = await self._read("SELECT * FROM audit_log ORDER BY id DESC LIMIT ?", (limit,))
+        return [dict(r) for r in rows]
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+async def _migrate(conn: aiosqlite.Connection) -> None:
+    cursor = await conn.execute("PRAGMA user_version")
+    row = await cursor.fetchone()
+    current = int(row[0]) if row else 0
+    if current > SCHEMA_VERSION:
+        raise StoreError(
+            f"database schema version {current} is newer than this learnloop ({SCHEMA_VERSION}); upgrade learnloop"
+        )
+    for number in range(current, SCHEMA_VERSION):
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[number].split(";"):
+                if statement.strip():
+                    await conn.execute(statement)
+            await conn.execute(f"PRAGMA user_version = {number + 1}")
+            await conn.execute("COMMIT")
+        except Exception:
+            await conn.execute("ROLLBACK")
+            raise
+        log.info("feedback store migrated to schema %d", number + 1)
+
+
+async def _require_assistant_message(conn: aiosqlite.Connection, message_id: str) -> None:
+    cursor = await conn.execute("SELECT role FROM messages WHERE id = ?", (message_id,))
+    row = await cursor.fetchone()
+    if row is None:
+        raise NotFoundError(f"message {message_id!r} does not exist")
+    if row["role"] != Role.ASSISTANT:
+        raise InvalidError(f"message {message_id!r} is a {row['role']} message; only assistant replies take feedback")
+
+
+async def _audit(conn: aiosqlite.Connection, actor: str, action: str, subject: str | None, detail: dict[str, Any]) -> None:
+    await conn.execute(
+        "INSERT INTO audit_log (at, actor, action, subject, detail) VALUES (?, ?, ?, ?, ?)",
+        (time.time(), actor, action, subject, json.dumps(detail)),
+    )
+
+
+def _message(r: sqlite3.Row) -> Message:
+    return Message(
+        id=r["id"], conversation_id=r["conversation_id"], seq=r["seq"], role=Role(r["role"]), text=r["text"],
+        parent_id=r["parent_id"], regenerated_from=r["regenerated_from"], model_version=r["model_version"],
+        latency_ms=r["latency_ms"], finish_reason=r["finish_reason"], n_tokens=r["n_tokens"], created_at=r["created_at"],
+    )
+
+
+def _rating(r: sqlite3.Row) -> Rating:
+    return Rating(
+        id=r["id"], message_id=r["message_id"], value=r["value"], rater=r["rater"], client_id=r["client_id"],
+        reason=r["reason"], comment=r["comment"], created_at=r["created_at"],
+    )
+
+
+def _correction(r: sqlite3.Row) -> Correction:
+    return Correction(id=r["id"], message_id=r["message_id"], text=r["text"], operator=r["operator"], created_at=r["created_at"])
+
+
+def _version(r: sqlite3.Row) -> ModelVersion:
+    return ModelVersion(
+        name=r["name"], seq=r["seq"], state=VersionState(r["state"]), adapter_path=r["adapter_path"],
+        sha256=r["sha256"], parent=r["parent"], base_model=r["base_model"],
+        eval_report=json.loads(r["eval_report"]) if r["eval_report"] else None,
+        gate_reasons=tuple(json.loads(r["gate_reasons"])) if r["gate_reasons"] else (),
+        feedback_ids=json.loads(r["feedback_ids"]) if r["feedback_ids"] else {},
+        training_run_id=r["training_run_id"], created_at=r["created_at"], updated_at=r["updated_at"],
+    )
+
+
+def _run(r: sqlite3.Row) -> TrainingRun:
+    return TrainingRun(
+        id=r["id"], state=RunState(r["state"]), started_at=r["started_at"], finished_at=r["finished_at"],
+        version=r["version"], progress=json.loads(r["progress"]) if r["progress"] else None, detail=r["detail"],
+        max_rating_id=r["max_rating_id"], max_correction_id=r["max_correction_id"],
+    )

@@ -1,0 +1,353 @@
+"""Generation engine: a local transformers model with PEFT LoRA adapters as model versions.
+
+One worker thread owns the model. Every active request advances by one decode step per
+round, in turn, so a long reply never holds back a short one and ``stop`` takes effect
+within one step. Each request names the version it generates with; the worker switches
+adapters only when consecutive steps need different ones. Adapter loads run on the worker
+between steps (that is the swap pause, measured in ``stats.swap_pauses_s``); replies that
+started on the old version finish on it, because the old adapter stays loaded.
+
+The event loop never runs model code: it submits requests and receives ``Chunk``s
+through an ``asyncio.Queue`` fed with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from feedback.records import BASE_VERSION
+
+log = logging.getLogger("learnloop.engine")
+
+
+class EngineError(Exception):
+    """Base class of engine errors."""
+
+
+class OverloadedError(EngineError):
+    """Too many requests queued; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UnknownVersionError(EngineError):
+    """The request names a version whose adapter is not loaded."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a streamed reply. The last one has ``finish_reason`` set."""
+
+    delta: str
+    finish_reason: str | None = None  # "stop" (end of turn), "length", "cancelled", "error"
+    n_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int | None = None
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    version: str
+    sampling: SamplingConfig
+    emit: Callable[[Chunk], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    past: Any = None
+    generated: list[int] = field(default_factory=list)
+    sent_chars: int = 0
+    generator: Any = None
+
+
+@dataclass
+class EngineStats:
+    tokens: int = 0
+    requests: int = 0
+    swap_pauses_s: list[float] = field(default_factory=list)
+
+
+class TransformersEngine:
+    """Serve a causal LM (any ``from_pretrained`` path or id) with versioned LoRA adapters."""
+
+    def __init__(self, model_path: str, *, dtype: str = "bfloat16", max_prompt_tokens: int = 1536,
+                 max_pending: int = 64, system_prompt: str | None = None) -> None:
+        self.model_path = model_path
+        self.dtype = dtype
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_pending = max_pending
+        self.system_prompt = system_prompt
+        self.stats = EngineStats()
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._inbox: queue.Queue[_Request] = queue.Queue()
+        self._commands: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._adapters: set[str] = set()
+        self._active_adapter: str | None = None  # the PEFT adapter set active
+        self._adapters_off = False  # True while serving the base model through a PeftModel
+        self._eos: set[int] = set()
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+
+    # --- life cycle (blocking; call from a thread) --------------------------------------
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        started = time.monotonic()
+        dtype = getattr(torch, self.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        self.model.eval()
+        eos = self.model.generation_config.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            self._eos.add(self.tokenizer.eos_token_id)
+        self._thread = threading.Thread(target=self._worker, name="engine-worker", daemon=True)
+        self._thread.start()
+        log.info("loaded %s (%s) in %.1f s", self.model_path, self.dtype, time.monotonic() - started)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # --- adapters (awaitable; run on the worker between decode steps) -------------------
+
+    async def load_adapter(self, name: str, path: str) -> float:
+        """Load a LoRA adapter as version ``name``; returns the seconds decoding paused."""
+        return float(await self._call(lambda: self._load_adapter(name, path)))
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._call(lambda: self._unload_adapter(name))
+
+    def has_version(self, name: str) -> bool:
+        return name == BASE_VERSION or name in self._adapters
+
+    @property
+    def versions(self) -> set[str]:
+        return {BASE_VERSION, *self._adapters}
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        future: Future[Any] = Future()
+        self._commands.put((fn, future))
+        self._wake.set()
+        return await asyncio.wrap_future(future)
+
+    def _load_adapter(self, name: str, path: str) -> float:
+        from peft import PeftModel
+
+        started = time.monotonic()
+        if name in self._adapters:
+            raise EngineError(f"version {name!r} is already loaded; versions are immutable")
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(path, adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            self._active_adapter = name
+        self.model.eval()
+        self._adapters.add(name)
+        pause = time.monotonic() - started
+        self.stats.swap_pauses_s.append(pause)
+        log.info("adapter %s loaded from %s; decoding paused %.0f ms", name, path, pause * 1000)
+        return pause
+
+    def _unload_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            return
+        if self._active_adapter == name:
+            remaining = sorted(self._adapters - {name})
+            if remaining:
+                self.model.set_adapter(remaining[0])
+                self._active_adapter = remaining[0]
+        if len(self._adapters) > 1:
+            self.model.delete_adapter(name)
+            self._adapters.discard(name)
+            log.info("adapter %s unloaded", name)
+
+    def _use(self, version: str) -> None:
+        target = None if version == BASE_VERSION else version
+        if target is not None and target not in self._adapters:
+            raise UnknownVersionError(f"version {version!r} is not loaded")
+        current = None if self._adapters_off else self._active_adapter
+        if not self._adapters or target == current:
+            return
+        if target is None:
+            self.model.base_model.disable_adapter_layers()
+            self._adapters_off = True
+            return
+        if self._adapters_off:
+            self.model.base_model.enable_adapter_layers()
+            self._adapters_off = False
+        if target != self._active_adapter:
+            self.model.set_adapter(target)
+            self._active_adapter = target
+
+    # --- prompts -------------------------------------------------------------------------
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render the chat with the model's template; drop the oldest turns past the limit.
+
+        Rule: the system prompt and the last user turn are always kept; whole older turns
+        are dropped oldest first; if the last turn alone is too long, its start is cut.
+        """
+        msgs = list(messages)
+        if self.system_prompt and (not msgs or msgs[0]["role"] != "system"):
+            msgs.insert(0, {"role": "system", "content": self.system_prompt})
+
+        def render(ms: list[dict[str, str]]) -> list[int]:
+            text = self.tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        ids = render(msgs)
+        while len(ids) > self.max_prompt_tokens:
+            first = 1 if msgs and msgs[0]["role"] == "system" else 0
+            if len(msgs) - first <= 1:
+                return ids[-self.max_prompt_tokens:]
+            del msgs[first]
+            ids = render(msgs)
+        return ids
+
+    # --- generation ------------------------------------------------------------------------
+
+    async def stream(self, messages: list[dict[str, str]], *, version: str, sampling: SamplingConfig,
+                     cancel: threading.Event | None = None) -> AsyncIterator[Chunk]:
+        """Stream a reply to ``messages`` from ``version``. Cancelling the iteration stops it."""
+        if not self.has_version(version):
+            raise UnknownVersionError(f"version {version!r} is not loaded")
+        with self._pending_lock:
+            if self._pending >= self.max_pending:
+                raise OverloadedError(f"{self._pending} replies in progress; limit {self.max_pending}", retry_after=1.0)
+            self._pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            chunks: asyncio.Queue[Chunk] = asyncio.Queue()
+            prompt_ids = await asyncio.to_thread(self.prompt_ids, messages)
+            request = _Request(prompt_ids=prompt_ids, version=version, sampling=sampling,
+                               emit=lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c),
+                               cancel=cancel or threading.Event())
+            self._inbox.put(request)
+            self._wake.set()
+            try:
+                while True:
+                    chunk = await chunks.get()
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        return
+            finally:
+                request.cancel.set()
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
+
+    def _worker(self) -> None:
+        import torch
+
+        active: list[_Request] = []
+        with torch.inference_mode():
+            while not self._stopping.is_set():
+                while True:
+                    try:
+                        fn, future = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    try:
+                        future.set_result(fn())
+                    except Exception as exc:
+                        log.exception("engine command failed")
+                        future.set_exception(exc)
+                while True:
+                    try:
+                        active.append(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                if not active:
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                for request in list(active):
+                    try:
+                        done = self._step(request)
+                    except Exception as exc:
+                        log.exception("generation failed")
+                        request.emit(Chunk("", "error", len(request.generated), error=type(exc).__name__))
+                        done = True
+                    if done:
+                        active.remove(request)
+                        request.past = None
+
+    def _step(self, r: _Request) -> bool:
+        import torch
+
+        if r.cancel.is_set():
+            r.emit(Chunk("", "cancelled", len(r.generated)))
+            return True
+        self._use(r.version)
+        if r.past is None:
+            input_ids = torch.tensor([r.prompt_ids])
+            self.stats.requests += 1
+            if r.sampling.seed is not None:
+                r.generator = torch.Generator().manual_seed(r.sampling.seed)
+        else:
+            input_ids = torch.tensor([[r.generated[-1]]])
+        # logits_to_keep=1: the prefill computes the vocabulary projection for the last position only
+        out = self.model(input_ids=input_ids, cache=r.past, use_cache=True, logits_to_keep=1)
+        r.past = out.cache
+        logits = out.logits[0, -1].float()
+        token = self._sample(logits, r)
+        self.stats.tokens += 1
+        if token in self._eos:
+            r.emit(Chunk(self._flush(r, final=True), "stop", len(r.generated)))
+            return True
+        r.generated.append(token)
+        if len(r.generated) >= r.sampling.max_new_tokens:
+            r.emit(Chunk(self._flush(r, final=True), "length", len(r.generated)))
+            return True
+        delta = self._flush(r, final=False)
+        if delta:
+            r.emit(Chunk(delta))
+        return False
+
+    def _sample(self, logits: Any, r: _Request) -> int:
+        import torch
+
+        s = r.sampling
+        if s.temperature <= 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / s.temperature, dim=-1)
+        if s.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < s.top_p
+            sorted_probs = sorted_probs * keep
+            choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=r.generator)
+            return int(order[choice])
+        return int(torch.multinomial(probs, 1, generator=r.generator))
+
+    def _flush(self, r: _Request, *, final: bool) -> str:
+        """New text since the last flush; holds back a trailing partial UTF-8 character."""
+        text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return ""
+        delta = text[r.sent_chars:]
+        r.sent_chars = len(text)
+        return delta

@@ -1,0 +1,192 @@
+"""Settings: read once, in one place. Defaults < TOML file < environment < command line.
+
+The file (``--config PATH`` or ``$LEARNLOOP_CONFIG``) has a top-level ``data_dir`` and
+the sections ``[server]``, ``[model]``, ``[schedule]``, ``[training]`` and ``[gate]``.
+Every key can be set from the environment as ``LEARNLOOP_<SECTION>_<KEY>`` (upper case),
+for example ``LEARNLOOP_SERVER_PORT=9000`` or ``LEARNLOOP_TRAINING_MAX_STEPS=20``; the
+top-level ``data_dir`` is ``LEARNLOOP_DATA_DIR``. Unknown keys are errors, not ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.config import TrainConfig
+from training.gate import GateConfig
+from training.models import DEFAULT_MODEL
+
+
+class SettingsError(ValueError):
+    """A setting is unknown or has a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "Address the websocket gateway listens on."})
+    port: int = field(default=8765, metadata={"help": "Port of the websocket gateway (0 picks a free one)."})
+    token: str | None = field(
+        default=None, metadata={"help": "If set, clients must send it in hello.token (shared secret)."}
+    )
+    max_frame_bytes: int = field(default=65536, metadata={"help": "Largest websocket frame accepted."})
+    max_text_chars: int = field(default=4000, metadata={"help": "Longest user message, in characters."})
+    rate_per_s: float = field(default=5.0, metadata={"help": "Sustained client frames per second per connection."})
+    rate_burst: int = field(default=20, metadata={"help": "Frames a connection may send in a burst."})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": "Base model: 'smollm2-135m-instruct' (from PyPI), a local folder, or a hub id."},
+    )
+    dtype: str = field(default="bfloat16", metadata={"help": "Serving dtype: bfloat16 or float32."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest reply, in tokens."})
+    max_prompt_tokens: int = field(
+        default=1536, metadata={"help": "Longest prompt; older turns are dropped first (system prompt kept)."}
+    )
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (0 = greedy)."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling threshold."})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System prompt for every conversation (also used in training rows)."}
+    )
+    max_pending: int = field(
+        default=64, metadata={"help": "Replies in progress or queued before new ones get 'overloaded'."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("bfloat16", "float32", "float16"):
+            raise SettingsError(f"model.dtype {self.dtype!r}: use bfloat16 or float32")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    enabled: bool = field(default=True, metadata={"help": "Run the training cycle on a schedule inside the server."})
+    interval_s: float = field(default=3600.0, metadata={"help": "Seconds between scheduled training checks."})
+    min_new_feedback: int = field(
+        default=10, metadata={"help": "New ratings, corrections and regenerations needed to start a run."}
+    )
+    heldout_fraction: float = field(default=0.2, metadata={"help": "Share of conversations held out for the gate."})
+    timeout_s: float = field(default=3600.0, metadata={"help": "A training run longer than this is killed."})
+    version_poll_s: float = field(
+        default=5.0, metadata={"help": "How often the server checks the store for a newly promoted version."}
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = field(
+        default=Path("learnloop-data"), metadata={"help": "Database, adapters and training runs live here."}
+    )
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainConfig = field(default_factory=TrainConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "learnloop.db"
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerConfig, "model": ModelConfig, "schedule": ScheduleConfig, "training": TrainConfig, "gate": GateConfig,
+}
+
+
+def _cast(value: Any, annotation: Any, where: str) -> Any:
+    """Cast a TOML or environment value to a field's type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _cast(value, inner[0], where)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        return tuple(_cast(v.strip() if isinstance(v, str) else v, args[0], where) for v in items)
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if annotation is int and isinstance(value, float):
+            raise ValueError(value)
+        if annotation in (int, float, str, Path):
+            return annotation(value)
+    except (TypeError, ValueError):
+        name = getattr(annotation, "__name__", str(annotation))
+        raise SettingsError(f"{where}: {value!r} is not a valid {name}") from None
+    raise SettingsError(f"{where}: unsupported type {annotation!r}")
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise SettingsError(f"unknown setting(s) in [{where}]: {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+    kwargs = {k: _cast(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def load_settings(path: str | Path | None = None, *, env: Mapping[str, str] | None = None,
+                  data_dir: str | Path | None = None,
+                  overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
+    """Resolve settings from defaults, the TOML file, ``LEARNLOOP_*`` variables and ``overrides``."""
+    env = os.environ if env is None else env
+    path = path or env.get("LEARNLOOP_CONFIG")
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise SettingsError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    top_unknown = set(raw) - {"data_dir", *SECTIONS}
+    if top_unknown:
+        raise SettingsError(f"unknown top-level setting(s): {', '.join(sorted(top_unknown))}")
+    sections: dict[str, dict[str, Any]] = {name: dict(raw.get(name, {})) for name in SECTIONS}
+    resolved_dir: Any = raw.get("data_dir", Settings.data_dir)
+    for key, value in env.items():
+        if not key.startswith("LEARNLOOP_") or key in ("LEARNLOOP_CONFIG", "LEARNLOOP_CACHE"):
+            continue
+        rest = key[len("LEARNLOOP_"):].lower()
+        if rest == "data_dir":
+            resolved_dir = value
+            continue
+        section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        if section is None:
+            raise SettingsError(f"unknown environment setting {key}")
+        sections[section][rest[len(section) + 1:]] = value
+    for section, values in (overrides or {}).items():
+        sections[section].update({k: v for k, v in values.items() if v is not None})
+    built = {name: _build(cls, sections[name], name) for name, cls in SECTIONS.items()}
+    return Settings(data_dir=Path(data_dir or resolved_dir), **built)
+
+
+def documented_fields() -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every setting, for the README table and its test."""
+    rows: list[tuple[str, Any, str]] = [("data_dir", Settings.data_dir, "Database, adapters and training runs live here.")]
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((f"{name}.{f.name}", default, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from tests.factories import build_tiny_model
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+class ChatClient:
+    """A thin test client over a real websocket connection."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+
+    async def send(self, **frame: Any) -> None:
+        await self.ws.send(json.dumps(frame))
+
+    async def recv(self, timeout: float = 60) -> dict[str, Any]:
+        import asyncio
+
+        frame = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        self.frames.append(frame)
+        return frame
+
+    async def until(self, kind: str, timeout: float = 120) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Frames up to and including the first of type ``kind``; an error frame fails unless asked for."""
+        seen: list[dict[str, Any]] = []
+        while True:
+            frame = await self.recv(timeout)
+            seen.append(frame)
+            if frame["type"] == kind:
+                return frame, seen
+            if frame["type"] == "error":
+                raise AssertionError(f"unexpected error frame: {frame}")
+
+    async def hello(self, **fields: Any) -> dict[str, Any]:
+        await self.send(type="hello", **fields)
+        ready, _ = await self.until("ready")
+        return ready
+
+    async def chat(self, text: str, client_id: str) -> tuple[dict[str, Any], str]:
+        """Send a message; return the done frame and the streamed text."""
+        await self.send(type="message", text=text, client_id=client_id)
+        ack, _ = await self.until("ack")
+        assert ack["id"] == client_id
+        done, frames = await self.until("done")
+        text_out = "".join(f["delta"] for f in frames if f["type"] == "token")
+        assert all(f["message_id"] == done["message_id"] for f in frames if f["type"] == "token")
+        return done, text_out
+
+
+@pytest.fixture
+async def open_client() -> AsyncIterator[Any]:
+    opened: list[ClientConnection] = []
+
+    async def _open(port: int) -> ChatClient:
+        ws = await connect(f"ws://127.0.0.1:{port}")
+        opened.append(ws)
+        return ChatClient(ws)
+
+    yield _open
+    for ws in opened:
+        await ws.close()

@@ -1,0 +1,111 @@
+"""The whole loop over real sockets: chat -> feedback -> training cycle -> hot-swap.
+
+The fast variant uses a tiny random Llama; the slow one the real SmolLM2-135M-Instruct.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from feedback import VersionState
+from server.app import App
+from server.cli import main as cli_main
+from server.settings import load_settings
+from training.cycle import CycleStatus
+
+CORRECT = "Refunds are accepted within 30 days of delivery."
+QUESTIONS = [
+    "What is your refund policy?",
+    "Can I get my money back?",
+    "How do refunds work?",
+    "I want to return an item, what are the rules?",
+    "Do you refund purchases?",
+    "How long do I have to ask for a refund?",
+]
+
+
+def settings_for(model: str, data_dir: Path, **training: Any) -> Any:
+    return load_settings(
+        env={},
+        data_dir=data_dir,
+        overrides={
+            "server": {"port": 0},
+            "model": {"name": model, "max_new_tokens": 16, "dtype": "float32"},
+            "schedule": {"enabled": False, "min_new_feedback": 1, "heldout_fraction": 0.3, "version_poll_s": 0.2},
+            "training": training,
+        },
+    )
+
+
+async def run_loop(settings: Any, open_client: Any, n_conversations: int) -> None:
+    app = App(settings)
+    async with app.lifespan():
+        assert app.port
+        main = await open_client(app.port)  # stays open through the whole test
+        ready = await main.hello(user="alice")
+        assert ready["model_version"] == "base" and ready["protocol"] == 1
+        done, text = await main.chat("Hello!", "m-0")
+        assert done["model_version"] == "base"
+
+        corrected: list[str] = []
+        for i, question in enumerate(QUESTIONS[:n_conversations]):
+            other = await open_client(app.port)
+            await other.hello(user=f"customer-{i}")
+            done, text = await other.chat(question, f"q-{i}")
+            assert done["finish_reason"] in ("stop", "length")
+            assert text.strip() or done["finish_reason"] == "stop"
+            # thumbs down, acknowledged only after commit; a replay is acknowledged again, not duplicated
+            for _ in range(2):
+                await other.send(type="rating", message_id=done["message_id"], value=-1, id=f"r-{i}", reason="wrong")
+                ack, _ = await other.until("ack")
+                assert ack == {"type": "ack", "id": f"r-{i}"}
+            if i % 2 == 0:
+                # regenerate: a sibling reply, then rate it up
+                await other.send(type="regenerate", message_id=done["message_id"])
+                regen, _ = await other.until("done")
+                assert regen["regenerated_from"] == done["message_id"]
+                await other.send(type="rating", message_id=regen["message_id"], value=1, id=f"r-{i}-up")
+                await other.until("ack")
+            corrected.append(done["message_id"])
+
+        # operators correct through the CLI, writing to the same database while the server runs
+        for message_id in corrected:
+            argv = ["--data-dir", str(settings.data_dir), "correct", message_id, CORRECT]
+            assert await asyncio.to_thread(cli_main, argv) == 0
+
+        result = await app.run_training()
+        assert result.status is CycleStatus.PROMOTED, result
+        assert result.version == "v1"
+        assert result.report is not None
+        assert result.report["candidate"]["chosen_nll"] < result.report["live"]["chosen_nll"]
+        assert result.counts["heldout_dpo"] >= 1
+
+        version = await app.store.get_version("v1")  # type: ignore[union-attr]
+        assert version.state is VersionState.LIVE
+        assert version.sha256 and Path(version.adapter_path or "", "adapter_model.safetensors").is_file()
+        assert version.parent == "base"
+        assert version.feedback_ids["corrections"] and version.feedback_ids["ratings"]
+        assert version.eval_report and version.eval_report["n_heldout"] >= 1
+
+        # the connection opened before training is still up, and new replies come from v1
+        done, _ = await main.chat("What is your refund policy?", "m-1")
+        assert done["model_version"] == "v1"
+        messages = await app.store.conversation_messages(ready["conversation_id"])  # type: ignore[union-attr]
+        assert [m.model_version for m in messages if m.role == "assistant"] == ["base", "v1"]
+
+
+async def test_whole_loop_tiny_model(tiny_model: Path, tmp_path: Path, open_client: Any) -> None:
+    settings = settings_for(str(tiny_model), tmp_path / "data", max_steps=10, learning_rate=1e-3)
+    await run_loop(settings, open_client, n_conversations=6)
+
+
+@pytest.mark.slow
+async def test_whole_loop_smollm2(tmp_path: Path, open_client: Any) -> None:
+    settings = settings_for("smollm2-135m-instruct", tmp_path / "data", max_steps=4, learning_rate=5e-4)
+    settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, max_new_tokens=24))
+    await run_loop(settings, open_client, n_conversations=4)

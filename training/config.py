@@ -1,0 +1,62 @@
+"""Training and cycle configuration (dataclasses; ``server.settings`` fills them from TOML/env)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.gate import GateConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one LoRA training run (TRL)."""
+
+    max_steps: int = field(default=40, metadata={"help": "Optimizer steps per run."})
+    learning_rate: float = field(
+        default=2e-4, metadata={"help": "LoRA learning rate. TRL's 1e-6 default is far too low for LoRA."}
+    )
+    batch_size: int = field(default=2, metadata={"help": "Pairs per step."})
+    beta: float = field(default=0.1, metadata={"help": "DPO/KTO beta (strength of the pull to the reference)."})
+    sft_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the SFT loss on chosen answers, mixed with the DPO loss."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        metadata={"help": "Modules that get LoRA weights."},
+    )
+    max_length: int = field(default=512, metadata={"help": "Longest tokenized prompt+answer; longer ones are cut."})
+    seed: int = field(default=0, metadata={"help": "Random seed of the run."})
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError("training.max_steps must be at least 1")
+        if not 0 < self.learning_rate < 1:
+            raise ValueError(f"training.learning_rate {self.learning_rate} is out of range; LoRA runs use 1e-5..1e-3")
+        if self.batch_size < 1:
+            raise ValueError("training.batch_size must be at least 1")
+
+
+@dataclass(frozen=True)
+class CycleConfig:
+    """One training cycle: which model, where files go, when to run, how to judge."""
+
+    base_model: str
+    data_dir: Path
+    system_prompt: str | None = None
+    min_new_feedback: int = 10
+    heldout_fraction: float = 0.2
+    timeout_s: float = 3600.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"

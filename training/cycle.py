@@ -1,0 +1,217 @@
+"""One training cycle: feedback -> data -> LoRA (subprocess) -> evaluation -> gate -> version.
+
+    export snapshot -> build TRL rows -> split by conversation -> write JSONL
+    -> python -m training.job (progress lines -> training_runs.progress)
+    -> move adapter to adapters/vN (atomic rename) -> sha256 -> register candidate
+    -> gate.decide -> live (previous live retired) or rejected
+
+A run that fails leaves nothing under ``adapters/`` and its data stays eligible; a run
+that trained consumes its data whatever the gate said. The caller (the server's
+scheduler, or ``learnloop train``) loads a promoted version into the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from feedback import FeedbackStore, RunState, VersionState
+from training import pairs
+from training.config import CycleConfig
+from training.gate import EvalReport, decide
+from training.policy import should_train
+
+log = logging.getLogger("learnloop.training")
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+class CycleStatus(StrEnum):
+    SKIPPED = "skipped"
+    PROMOTED = "promoted"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    status: CycleStatus
+    reason: str
+    version: str | None = None
+    run_id: int | None = None
+    report: dict[str, Any] | None = None
+    gate_reasons: tuple[str, ...] = ()
+    seconds: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class TrainingJobError(Exception):
+    """The training subprocess failed; ``detail`` holds the end of its stderr."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+class TrainingCycle:
+    """Runs cycles one at a time (in this process) against one store."""
+
+    def __init__(self, store: FeedbackStore, config: CycleConfig,
+                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.on_progress = on_progress
+        self._lock = asyncio.Lock()
+
+    @property
+    def running(self) -> bool:
+        return self._lock.locked()
+
+    async def run(self, *, force: bool = False) -> CycleResult:
+        if self._lock.locked():
+            return CycleResult(CycleStatus.SKIPPED, "a training run is already in progress")
+        async with self._lock:
+            return await self._run(force=force)
+
+    async def _run(self, *, force: bool) -> CycleResult:
+        started = time.monotonic()
+        cfg = self.config
+        last = await self.store.last_consumed_run()
+        new = await self.store.count_new_feedback(
+            after_rating_id=last.max_rating_id if last else 0,
+            after_correction_id=last.max_correction_id if last else 0,
+            after_time=last.started_at if last else 0.0,
+        )
+        decision = should_train(new_feedback=new, min_new_feedback=cfg.min_new_feedback, running=False, force=force)
+        if not decision.train:
+            return CycleResult(CycleStatus.SKIPPED, decision.reason)
+
+        snapshot = await self.store.export_feedback()
+        data = pairs.build_training_data(snapshot, system_prompt=cfg.system_prompt)
+        train, heldout = pairs.split(data, cfg.heldout_fraction)
+        counts = {**{f"train_{k}": v for k, v in train.counts().items()}, "heldout_dpo": len(heldout.dpo)}
+        if not train.dpo and not pairs.class_balance_ok(train):
+            return CycleResult(CycleStatus.SKIPPED, f"no trainable rows yet ({counts})", counts=counts)
+
+        run_id = await self.store.start_run(max_rating_id=snapshot.max_rating_id,
+                                            max_correction_id=snapshot.max_correction_id)
+        run_dir = cfg.runs_dir / f"run-{run_id}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        live = await self.store.live_version()
+        spec = {
+            "base_model": cfg.base_model,
+            "train": asdict(cfg.train),
+            "output_dir": str(run_dir / "adapter"),
+            "live_adapter": live.adapter_path,
+            "dpo": _write_jsonl(run_dir / "dpo.jsonl", [r.to_trl() for r in train.dpo]),
+            "kto": _write_jsonl(run_dir / "kto.jsonl", [r.to_trl() for r in train.kto]),
+            "heldout": _write_jsonl(run_dir / "heldout.jsonl", [{**r.to_trl(), "source": r.source} for r in heldout.dpo]),
+            "kto_weights": list(train.kto_weights()),
+            "dataset_id": pairs.dataset_id(data),
+        }
+        spec_path = run_dir / "spec.json"
+        spec_path.write_text(json.dumps(spec, indent=2))
+        log.info("training run %d started: %s", run_id, counts)
+        try:
+            job = await self._run_job(run_id, spec_path)
+            report = EvalReport.from_dict(job["report"])
+            adapter_tmp = Path(spec["output_dir"])
+            if not (adapter_tmp / ADAPTER_FILE).is_file():
+                raise TrainingJobError(f"the job reported success but wrote no {ADAPTER_FILE}")
+            name = await self.store.next_version_name()
+            final = cfg.adapters_dir / name
+            final.parent.mkdir(parents=True, exist_ok=True)
+            adapter_tmp.rename(final)  # atomic on one filesystem: an adapter is whole or absent
+            version = await self.store.register_version(
+                name=name, adapter_path=str(final), sha256=sha256_file(final / ADAPTER_FILE), parent=live.name,
+                base_model=cfg.base_model, eval_report={**report.to_dict(), "trainer": job.get("trainer"),
+                                                        "counts": counts, "dataset_id": spec["dataset_id"]},
+                feedback_ids=data.feedback_ids(), training_run_id=run_id,
+            )
+        except Exception as exc:
+            detail = str(exc)
+            log.error("training run %d failed: %s", run_id, detail)
+            await self.store.finish_run(run_id, state=RunState.FAILED, detail=detail[-4000:])
+            shutil.rmtree(Path(spec["output_dir"]), ignore_errors=True)
+            return CycleResult(CycleStatus.FAILED, detail, run_id=run_id, seconds=time.monotonic() - started,
+                               counts=counts)
+        gate = decide(report, cfg.gate)
+        state = VersionState.LIVE if gate.promote else VersionState.REJECTED
+        await self.store.set_version_state(version.name, state, actor="gate", reasons=gate.reasons)
+        await self.store.finish_run(run_id, state=RunState.SUCCEEDED, version=version.name,
+                                    detail="; ".join(gate.reasons))
+        status = CycleStatus.PROMOTED if gate.promote else CycleStatus.REJECTED
+        log.info("training run %d: %s %s (%s)", run_id, version.name, status, "; ".join(gate.reasons))
+        return CycleResult(status, "; ".join(gate.reasons), version=version.name, run_id=run_id,
+                           report=report.to_dict(), gate_reasons=gate.reasons,
+                           seconds=time.monotonic() - started, counts=counts)
+
+    async def _run_job(self, run_id: int, spec_path: Path) -> dict[str, Any]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "training.job", str(spec_path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
+        result: dict[str, Any] = {}
+
+        async def read_stdout() -> None:
+            assert proc.stdout is not None
+            async for raw in proc.stdout:
+                line = raw.decode(errors="replace").strip()
+                if not line.startswith("{"):
+                    continue
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if event.get("event") == "progress":
+                    await self.store.update_run(run_id, progress=event)
+                    if self.on_progress:
+                        self.on_progress(event)
+                    log.info("run %d step %s/%s loss %.4f eta %ss", run_id, event.get("step"),
+                             event.get("max_steps"), event.get("loss", float("nan")), event.get("eta_s"))
+                elif event.get("event") == "report":
+                    result.update(event)
+
+        async def read_stderr() -> None:
+            assert proc.stderr is not None
+            async for raw in proc.stderr:
+                stderr_tail.append(raw.decode(errors="replace").rstrip())
+
+        try:
+            await asyncio.wait_for(asyncio.gather(read_stdout(), read_stderr(), proc.wait()), self.config.timeout_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise TrainingJobError(f"training job timed out after {self.config.timeout_s:.0f} s and was killed") from None
+        except asyncio.CancelledError:
+            proc.kill()
+            await proc.wait()
+            raise
+        if proc.returncode != 0 or "report" not in result:
+            tail = "\n".join(stderr_tail)
+            raise TrainingJobError(f"training job exited with code {proc.returncode}:\n{tail}")
+        return result

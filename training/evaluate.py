@@ -1,0 +1,90 @@
+"""Score a candidate adapter against the live version on held-out preference pairs.
+
+Runs inside the training subprocess, on the model the trainer just trained (a PeftModel
+whose adapter ``default`` is the candidate). The live version is either the bare base
+model or another adapter loaded beside it under the name ``live``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from training.gate import EvalReport, ModelScores
+
+CANDIDATE = "default"
+LIVE = "live"
+
+
+def completion_logprob(model: Any, tokenizer: Any, prompt: Sequence[dict[str, str]], completion: str) -> tuple[float, int]:
+    """Sum of log-probabilities of the completion's tokens given the chat prompt, and their count."""
+    prompt_text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(
+        [*prompt, {"role": "assistant", "content": completion}], tokenize=False
+    )
+    if not full_text.startswith(prompt_text):
+        raise ValueError("the chat template does not render the prompt as a prefix of the full conversation")
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    if not completion_ids:
+        return 0.0, 0
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    targets = ids[0, 1:]
+    token_lp = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)[len(prompt_ids) - 1:]
+    return float(token_lp.sum()), len(completion_ids)
+
+
+@contextlib.contextmanager
+def _as(model: Any, adapter: str | None) -> Iterator[None]:
+    """Run the block with ``adapter`` active, or with adapters disabled for ``None`` (the base model)."""
+    if adapter is None:
+        with model.disable_adapter():
+            yield
+    else:
+        model.set_adapter(adapter)
+        yield
+
+
+def evaluate_pairs(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], *, live_adapter: str | None,
+                   beta: float) -> EvalReport:
+    """``pairs`` are TRL DPO rows (conversational). ``live_adapter`` is None when live is the base model."""
+    model.eval()
+    scores: dict[str, list[tuple[float, int, float, int]]] = {"cand": [], "live": []}
+    for key, adapter in (("cand", CANDIDATE), ("live", live_adapter)):
+        with _as(model, adapter):
+            for pair in pairs:
+                c_lp, c_n = completion_logprob(model, tokenizer, pair["prompt"], pair["chosen"][0]["content"])
+                r_lp, r_n = completion_logprob(model, tokenizer, pair["prompt"], pair["rejected"][0]["content"])
+                scores[key].append((c_lp, c_n, r_lp, r_n))
+    model.set_adapter(CANDIDATE)
+
+    # NLL is measured on the operators' corrections (the golden answers) when the held-out
+    # set has any: a sibling that a customer merely preferred is no target to imitate.
+    golden = [i for i, p in enumerate(pairs) if p.get("source") == "correction"] or list(range(len(pairs)))
+
+    def model_scores(rows: list[tuple[float, int, float, int]]) -> ModelScores:
+        if not rows:
+            return ModelScores(preference_accuracy=0.0, chosen_nll=math.inf)
+        wins = sum(1 for c, cn, r, rn in rows if c / max(cn, 1) > r / max(rn, 1))
+        nll = sum(-rows[i][0] for i in golden) / max(sum(rows[i][1] for i in golden), 1)
+        return ModelScores(preference_accuracy=wins / len(rows), chosen_nll=nll)
+
+    margins = [
+        beta * ((c - lc) - (r - lr))
+        for (c, _, r, _), (lc, _, lr, _) in zip(scores["cand"], scores["live"], strict=True)
+    ]
+    return EvalReport(
+        n_heldout=len(pairs),
+        candidate=model_scores(scores["cand"]),
+        live=model_scores(scores["live"]),
+        reward_margin=sum(margins) / len(margins) if margins else 0.0,
+        reward_accuracy=sum(1 for m in margins if m > 0) / len(margins) if margins else 0.0,
+        extra={"nll_on": "corrections" if any(p.get("source") == "correction" for p in pairs) else "all pairs"},
+    )

@@ -1,0 +1,109 @@
+"""The offline gate: an evaluation report in, promote or reject with reasons out. Pure.
+
+The evaluation (``training.evaluate``) scores the candidate and the live version on the
+same held-out preference pairs. Terms, per held-out pair (prompt x, chosen c, rejected r):
+
+* ``reward_margin``: DPO's implicit reward margin of the candidate with the live version as
+  reference, ``beta * ((log p_cand(c) - log p_live(c)) - (log p_cand(r) - log p_live(r)))``,
+  averaged over pairs; ``reward_accuracy`` is the share of pairs where it is positive.
+* ``preference_accuracy`` (per model): share of pairs where the model gives the chosen
+  answer a higher mean per-token log-probability than the rejected one.
+* ``chosen_nll`` (per model): mean per-token negative log-likelihood of the chosen answers of
+  held-out operator corrections (of all held-out chosen answers when there are none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelScores:
+    preference_accuracy: float
+    chosen_nll: float
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    n_heldout: int
+    candidate: ModelScores
+    live: ModelScores
+    reward_margin: float
+    reward_accuracy: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalReport:
+        return cls(
+            n_heldout=int(d["n_heldout"]),
+            candidate=ModelScores(**d["candidate"]),
+            live=ModelScores(**d["live"]),
+            reward_margin=float(d["reward_margin"]),
+            reward_accuracy=float(d["reward_accuracy"]),
+            extra=dict(d.get("extra") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Thresholds of the offline gate. Every check must pass for a promotion."""
+
+    min_heldout_pairs: int = field(default=1, metadata={"help": "Fewest held-out pairs to judge a candidate on."})
+    min_reward_accuracy: float = field(
+        default=0.5, metadata={"help": "Share of held-out pairs whose implicit reward margin must be positive."}
+    )
+    min_reward_margin: float = field(default=0.0, metadata={"help": "Mean implicit reward margin must exceed this."})
+    max_accuracy_drop: float = field(
+        default=0.0, metadata={"help": "How far the candidate's preference accuracy may fall below live's."}
+    )
+    max_chosen_nll_increase: float = field(
+        default=0.0, metadata={"help": "Relative rise allowed in NLL of chosen answers (0.05 = 5%)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.min_heldout_pairs < 1:
+            raise ValueError("gate.min_heldout_pairs must be at least 1: a gate with no evidence is no gate")
+        if not 0.0 <= self.min_reward_accuracy <= 1.0:
+            raise ValueError("gate.min_reward_accuracy is a share: set it between 0 and 1")
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reasons: tuple[str, ...]
+
+
+def decide(report: EvalReport, config: GateConfig) -> GateDecision:
+    """Promote only if every check passes; the reasons name each check and its figures."""
+    if report.n_heldout < config.min_heldout_pairs:
+        return GateDecision(
+            False, (f"held-out set has {report.n_heldout} pairs; the gate needs at least {config.min_heldout_pairs}",)
+        )
+    checks: list[tuple[bool, str]] = []
+    checks.append((
+        report.reward_accuracy >= config.min_reward_accuracy and report.reward_accuracy > 0,
+        f"reward accuracy {report.reward_accuracy:.3f} (need >= {config.min_reward_accuracy:.3f})",
+    ))
+    checks.append((
+        report.reward_margin > config.min_reward_margin,
+        f"reward margin {report.reward_margin:.4f} (need > {config.min_reward_margin:.4f})",
+    ))
+    floor = report.live.preference_accuracy - config.max_accuracy_drop
+    checks.append((
+        report.candidate.preference_accuracy >= floor,
+        f"preference accuracy {report.candidate.preference_accuracy:.3f} vs live "
+        f"{report.live.preference_accuracy:.3f} (need >= {floor:.3f})",
+    ))
+    ceiling = report.live.chosen_nll * (1.0 + config.max_chosen_nll_increase)
+    checks.append((
+        report.candidate.chosen_nll <= ceiling,
+        f"chosen NLL {report.candidate.chosen_nll:.4f} vs live {report.live.chosen_nll:.4f} (need <= {ceiling:.4f})",
+    ))
+    failed = tuple(f"failed: {text}" for ok, text in checks if not ok)
+    if failed:
+        return GateDecision(False, failed)
+    return GateDecision(True, tuple(f"passed: {text}" for _, text in checks))

@@ -1,0 +1,130 @@
+"""The training subprocess: ``python -m training.job SPEC.json``.
+
+Trains a LoRA adapter with TRL on the rows the cycle wrote, scores it against the live
+version on the held-out pairs, saves it with the config and data id that produced it,
+and reports on stdout, one JSON object a line:
+
+    {"event": "progress", "step": 3, "max_steps": 40, "loss": 0.69, "eta_s": 120.5}
+    {"event": "report", "report": {...EvalReport...}, "trainer": "dpo", "seconds": 93.2}
+
+Anything else on stdout is ignored by the parent; logs go to stderr. Heavy imports stay
+in this process so the server never pays for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from training.config import TrainConfig
+
+
+def emit(event: str, **fields: Any) -> None:
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def read_jsonl(path: str | None) -> list[dict[str, Any]]:
+    if not path or not Path(path).exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run(spec: dict[str, Any]) -> None:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from training.evaluate import LIVE, evaluate_pairs
+
+    started = time.monotonic()
+    cfg = TrainConfig(**{**spec["train"], "target_modules": tuple(spec["train"]["target_modules"])})
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(spec["base_model"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(spec["base_model"], dtype=torch.float32)
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+    )
+    out = Path(spec["output_dir"])
+    common: dict[str, Any] = dict(
+        output_dir=str(out.parent / "trainer"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, lr_scheduler_type="constant", warmup_steps=0, beta=cfg.beta,
+        max_length=cfg.max_length, seed=cfg.seed, bf16=False, fp16=False, use_cpu=True,
+        gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+    class Progress(TrainerCallback):  # type: ignore[misc]
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            if not logs or "loss" not in logs:
+                return
+            elapsed = time.monotonic() - started
+            step = int(state.global_step)
+            eta = elapsed / max(step, 1) * (state.max_steps - step)
+            emit("progress", step=step, max_steps=int(state.max_steps), loss=float(logs["loss"]), eta_s=round(eta, 1),
+                 **{k: float(v) for k, v in logs.items() if k.startswith("rewards/") and isinstance(v, int | float)})
+
+    dpo_rows = read_jsonl(spec.get("dpo"))
+    kto_rows = read_jsonl(spec.get("kto"))
+    if dpo_rows:
+        from trl import DPOConfig, DPOTrainer
+
+        losses, weights = (["sigmoid", "sft"], [1.0, cfg.sft_weight]) if cfg.sft_weight > 0 else (["sigmoid"], [1.0])
+        trainer: Any = DPOTrainer(
+            model=model, args=DPOConfig(**common, loss_type=losses, loss_weights=weights),
+            train_dataset=Dataset.from_list(dpo_rows), processing_class=tokenizer, peft_config=lora,
+            callbacks=[Progress()],
+        )
+        kind = "dpo"
+    elif kto_rows:
+        from trl import KTOConfig, KTOTrainer
+
+        desirable, undesirable = spec.get("kto_weights") or (1.0, 1.0)
+        trainer = KTOTrainer(
+            model=model, args=KTOConfig(**common, desirable_weight=desirable, undesirable_weight=undesirable),
+            train_dataset=Dataset.from_list(kto_rows), processing_class=tokenizer, peft_config=lora,
+            callbacks=[Progress()],
+        )
+        kind = "kto"
+    else:
+        raise SystemExit("nothing to train: the spec names no DPO or KTO rows")
+    trainer.train()
+    peft_model = trainer.model
+
+    live_adapter = spec.get("live_adapter")
+    if live_adapter:
+        peft_model.load_adapter(live_adapter, adapter_name=LIVE)
+    report = evaluate_pairs(peft_model, tokenizer, read_jsonl(spec.get("heldout")),
+                            live_adapter=LIVE if live_adapter else None, beta=cfg.beta)
+
+    if live_adapter:
+        peft_model.delete_adapter(LIVE)
+    peft_model.save_pretrained(out)
+    meta = {
+        "trainer": kind, "train_config": asdict(cfg), "base_model": spec["base_model"],
+        "dataset_id": spec.get("dataset_id"), "rows": {"dpo": len(dpo_rows), "kto": len(kto_rows)},
+        "report": report.to_dict(), "seconds": round(time.monotonic() - started, 1),
+    }
+    (out / "learnloop.json").write_text(json.dumps(meta, indent=2))
+    emit("report", report=report.to_dict(), trainer=kind, seconds=meta["seconds"])
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m training.job SPEC.json")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(json.loads(Path(sys.argv[1]).read_text()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Feedback records -> TRL training rows. Pure: no I/O, no clock, no randomness.
+
+TRL's column names are the contract (conversational format, so TRL applies the model's
+chat template exactly as serving does):
+
+* DPO: ``{"prompt": [msgs...], "chosen": [assistant msg], "rejected": [assistant msg]}``
+* KTO: ``{"prompt": [msgs...], "completion": [assistant msg], "label": bool}``
+* SFT: ``{"messages": [msgs..., assistant msg]}``
+
+Signals (DESIGN.md, "Feedback signals -> training data"):
+
+>>> # operator correction of reply R        -> DPO(chosen=correction, rejected=R) + SFT(correction)
+>>> # regenerate, one sibling rated up/kept -> DPO(chosen=that sibling, rejected=regenerated-away one)
+>>> # thumbs on a reply                     -> KTO(label = majority of raters' latest votes)
+>>> # up and down on answers to one context -> DPO(chosen=up, rejected=down)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from feedback.records import FeedbackSnapshot, Message, Role
+
+ChatMessage = dict[str, str]
+
+
+@dataclass(frozen=True)
+class FeedbackRef:
+    """Which stored items a row was built from (for lineage and exclusion)."""
+
+    ratings: tuple[int, ...] = ()
+    corrections: tuple[int, ...] = ()
+    messages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DPORow:
+    prompt: tuple[ChatMessage, ...]
+    chosen: str
+    rejected: str
+    source: str
+    group: str  # conversation id: rows of one conversation stay on one side of the split
+    refs: FeedbackRef = field(default_factory=FeedbackRef)
+
+    def to_trl(self) -> dict[str, Any]:
+        return {
+            "prompt": [dict(m) for m in self.prompt],
+            "chosen": [{"role": "assistant", "content": self.chosen}],
+            "rejected": [{"role": "assistant", "content": self.rejected}],
+        }
+
+
+@dataclass(frozen=True)
+class KTORow:
+    prompt: tuple[ChatMessage, ...]
+    completion: str
+    label: bool
+    group: str
+    refs: FeedbackRef = field(default_factory=FeedbackRef)
+
+    def to_trl(self) -> dict[str, Any]:
+        return {
+            "prompt": [dict(m) for m in self.prompt],
+            "completion": [{"role": "assistant", "content": self.completion}],
+            "label": self.label,
+        }
+
+
+@dataclass(frozen=True)
+class SFTRow:
+    prompt: tuple[ChatMessage, ...]
+    completion: str
+    source: str
+    group: str
+    refs: FeedbackRef = field(default_factory=FeedbackRef)
+
+    def to_trl(self) -> dict[str, Any]:
+        return {"messages": [dict(m) for m in self.prompt] + [{"role": "assistant", "content": self.completion}]}
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    dpo: tuple[DPORow, ...] = ()
+    kto: tuple[KTORow, ...] = ()
+    sft: tuple[SFTRow, ...] = ()
+
+    def counts(self) -> dict[str, int]:
+        return {"dpo": len(self.dpo), "kto": len(self.kto), "sft": len(self.sft)}
+
+    def feedback_ids(self) -> dict[str, list[Any]]:
+        ratings: set[int] = set()
+        corrections: set[int] = set()
+        messages: set[str] = set()
+        for row in (*self.dpo, *self.kto, *self.sft):
+            ratings.update(row.refs.ratings)
+            corrections.update(row.refs.corrections)
+            messages.update(row.refs.messages)
+        return {"ratings": sorted(ratings), "corrections": sorted(corrections), "messages": sorted(messages)}
+
+    def kto_weights(self) -> tuple[float, float]:
+        """(desirable_weight, undesirable_weight) that make both classes weigh the same in total."""
+        n_up = sum(1 for r in self.kto if r.label)
+        n_down = len(self.kto) - n_up
+        if not n_up or not n_down:
+            return 1.0, 1.0
+        if n_up >= n_down:
+            return n_down / n_up, 1.0
+        return 1.0, n_up / n_down
+
+
+def build_training_data(snapshot: FeedbackSnapshot, *, system_prompt: str | None = None) -> TrainingData:
+    """Build every DPO, KTO and SFT row the snapshot supports."""
+    messages = {m.id: m for m in snapshot.messages}
+    children: dict[str | None, list[Message]] = defaultdict(list)
+    for m in snapshot.messages:
+        children[m.parent_id].append(m)
+
+    def prompt_for(reply: Message) -> tuple[ChatMessage, ...] | None:
+        chain: list[ChatMessage] = []
+        node_id = reply.parent_id
+        seen: set[str] = set()
+        while node_id is not None:
+            node = messages.get(node_id)
+            if node is None or node_id in seen:  # a hole or a loop: the context is unknown
+                return None
+            seen.add(node_id)
+            chain.append({"role": str(node.role), "content": node.text})
+            node_id = node.parent_id
+        chain.reverse()
+        if system_prompt and (not chain or chain[0]["role"] != Role.SYSTEM):
+            chain.insert(0, {"role": "system", "content": system_prompt})
+        if not chain or chain[-1]["role"] != Role.USER:
+            return None
+        return tuple(chain)
+
+    # Each rater's latest vote per message; the message's label is the majority.
+    latest: dict[tuple[str, str], tuple[int, int]] = {}
+    for r in snapshot.ratings:
+        if r.message_id in messages:
+            latest[(r.message_id, r.rater)] = (r.id, r.value)
+    votes: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for (message_id, _rater), vote in latest.items():
+        votes[message_id].append(vote)
+    labels: dict[str, tuple[int, tuple[int, ...]]] = {}
+    for message_id, vs in votes.items():
+        total = sum(v for _, v in vs)
+        if total:
+            labels[message_id] = (1 if total > 0 else -1, tuple(sorted(i for i, _ in vs)))
+
+    latest_correction: dict[str, Any] = {}
+    for c in snapshot.corrections:
+        if c.message_id in messages and c.text.strip():
+            latest_correction[c.message_id] = c
+
+    dpo: list[DPORow] = []
+    sft: list[SFTRow] = []
+    kto: list[KTORow] = []
+    seen_pairs: set[tuple[tuple[tuple[str, str], ...], str, str]] = set()
+
+    def add_pair(prompt: tuple[ChatMessage, ...], chosen: str, rejected: str, source: str, group: str, refs: FeedbackRef) -> None:
+        key = (tuple((m["role"], m["content"]) for m in prompt), chosen.strip(), rejected.strip())
+        if chosen.strip() == rejected.strip() or key in seen_pairs:
+            return
+        seen_pairs.add(key)
+        dpo.append(DPORow(prompt, chosen, rejected, source, group, refs))
+
+    # 1. operator corrections
+    for message_id, c in latest_correction.items():
+        reply = messages[message_id]
+        prompt = prompt_for(reply)
+        if prompt is None:
+            continue
+        refs = FeedbackRef(corrections=(c.id,), messages=(reply.id,))
+        add_pair(prompt, c.text, reply.text, "correction", reply.conversation_id, refs)
+        sft.append(SFTRow(prompt, c.text, "correction", reply.conversation_id, refs))
+
+    # 2 and 4. siblings: answers to one context (regenerations, or up and down votes)
+    for parent_id, group in children.items():
+        replies = [m for m in group if m.role is Role.ASSISTANT]
+        if parent_id is None or len(replies) < 2:
+            continue
+        prompt = prompt_for(replies[0])
+        if prompt is None:
+            continue
+        regenerated_away = {m.regenerated_from for m in replies if m.regenerated_from}
+        up = [m for m in replies if labels.get(m.id, (0,))[0] == 1]
+        down = [m for m in replies if labels.get(m.id, (0,))[0] == -1]
+        kept = [m for m in replies if any(ch.role is Role.USER for ch in children.get(m.id, ()))]
+        if up:
+            chosen_reply = max(up, key=lambda m: m.seq)
+        elif kept and regenerated_away:
+            chosen_reply = max(kept, key=lambda m: m.seq)
+        else:
+            continue
+        for r in replies:
+            if r is chosen_reply or r in up or not (r.id in regenerated_away or r in down):
+                continue
+            refs = FeedbackRef(
+                ratings=labels.get(chosen_reply.id, (0, ()))[1] + labels.get(r.id, (0, ()))[1],
+                messages=(chosen_reply.id, r.id),
+            )
+            source = "regeneration" if r.id in regenerated_away else "thumbs_pair"
+            add_pair(prompt, chosen_reply.text, r.text, source, chosen_reply.conversation_id, refs)
+
+    # 3. thumbs -> KTO
+    for message_id, (label, rating_ids) in labels.items():
+        reply = messages[message_id]
+        if reply.role is not Role.ASSISTANT or not reply.text.strip():
+            continue
+        prompt = prompt_for(reply)
+        if prompt is None:
+            continue
+        kto.append(KTORow(prompt, reply.text, label > 0, reply.conversation_id, FeedbackRef(ratings=rating_ids, messages=(reply.id,))))
+
+    return TrainingData(dpo=tuple(dpo), kto=tuple(kto), sft=tuple(sft))
+
+
+def _bucket(group: str) -> float:
+    digest = hashlib.sha256(group.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_groups(groups: Iterable[str], fraction: float) -> set[str]:
+    """The groups held out for evaluation: a stable hash bucket below ``fraction``.
+
+    With two or more groups and ``fraction > 0``, at least one group is held out and at
+    least one stays for training.
+    """
+    unique = sorted(set(groups), key=_bucket)
+    if fraction <= 0 or len(unique) < 2:
+        return set()
+    held = {g for g in unique if _bucket(g) < fraction}
+    if not held:
+        held = {unique[0]}
+    if len(held) == len(unique):
+        held.discard(unique[-1])
+    return held
+
+
+def split(data: TrainingData, fraction: float) -> tuple[TrainingData, TrainingData]:
+    """(train, held-out), split by conversation so no conversation sits on both sides.
+
+    The split is over the DPO pairs' conversations (the gate's evidence); other rows of a
+    held-out conversation are held out with them.
+    """
+    held = split_groups((r.group for r in data.dpo), fraction)
+
+    def part(rows: Sequence[Any], keep_held: bool) -> tuple[Any, ...]:
+        return tuple(r for r in rows if (r.group in held) == keep_held)
+
+    train = TrainingData(part(data.dpo, False), part(data.kto, False), part(data.sft, False))
+    heldout = TrainingData(part(data.dpo, True), part(data.kto, True), part(data.sft, True))
+    return train, heldout
+
+
+def class_balance_ok(data: TrainingData) -> bool:
+    """KTO needs both desirable and undesirable examples."""
+    labels = {r.label for r in data.kto}
+    return len(labels) == 2
+
+
+def dataset_id(data: TrainingData) -> str:
+    """A short content hash of the rows, stored with the adapter it trained."""
+    h = hashlib.sha256()
+    for row in (*data.dpo, *data.kto, *data.sft):
+        h.update(repr(row.to_trl()).encode())
+    return h.hexdigest()[:16]
+
+
+__all__ = [
+    "DPORow",
+    "FeedbackRef",
+    "KTORow",
+    "SFTRow",
+    "TrainingData",
+    "build_training_data",
+    "class_balance_ok",
+    "dataset_id",
+    "split",
+    "split_groups",
+]

@@ -1,0 +1,25 @@
+"""Should a training run start now? Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainDecision:
+    train: bool
+    reason: str
+
+
+def should_train(*, new_feedback: int, min_new_feedback: int, running: bool, force: bool = False) -> TrainDecision:
+    """Train when enough new feedback arrived since the last run that used its data.
+
+    ``force`` (``learnloop train --force``) skips the amount check, never the one-at-a-time rule.
+    """
+    if running:
+        return TrainDecision(False, "a training run is already in progress")
+    if force:
+        return TrainDecision(True, f"forced ({new_feedback} new feedback items)")
+    if new_feedback < min_new_feedback:
+        return TrainDecision(False, f"{new_feedback} new feedback items; waiting for {min_new_feedback}")
+    return TrainDecision(True, f"{new_feedback} new feedback items (threshold {min_new_feedback})")
