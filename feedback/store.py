@@ -12,6 +12,7 @@ the writer (WAL).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
@@ -81,7 +82,9 @@ async def _connect(path: Path) -> aiosqlite.Connection:
 class FeedbackStore:
     """The durable store. Open with ``await FeedbackStore.open(path)``; close with ``close()``."""
 
-    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection, *, max_batch: int = 512) -> None:
+    def __init__(
+        self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection, *, max_batch: int = 512
+    ) -> None:
         self.path = path
         self._writer = writer
         self._reader = reader
@@ -158,10 +161,8 @@ class FeedbackStore:
             self.commits += 1
         except Exception as exc:
             log.exception("group commit of %d operations failed", len(batch))
-            try:
+            with contextlib.suppress(Exception):
                 await conn.execute("ROLLBACK")
-            except Exception:
-                pass
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(StoreError(f"commit failed: {exc}"))
@@ -183,7 +184,9 @@ class FeedbackStore:
 
     # --- conversations and messages ---------------------------------------------------
 
-    async def create_conversation(self, conversation_id: str, *, user_id: str | None = None, channel: str = "websocket") -> Conversation:
+    async def create_conversation(
+        self, conversation_id: str, *, user_id: str | None = None, channel: str = "websocket"
+    ) -> Conversation:
         now = time.time()
 
         async def op(conn: aiosqlite.Connection) -> None:
@@ -229,16 +232,42 @@ class FeedbackStore:
                     "INSERT INTO messages (id, conversation_id, seq, role, text, parent_id, regenerated_from,"
                     " model_version, latency_ms, finish_reason, n_tokens, created_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (message_id, conversation_id, seq, str(role), text, parent_id, regenerated_from,
-                     model_version, latency_ms, finish_reason, n_tokens, now),
+                    (
+                        message_id,
+                        conversation_id,
+                        seq,
+                        str(role),
+                        text,
+                        parent_id,
+                        regenerated_from,
+                        model_version,
+                        latency_ms,
+                        finish_reason,
+                        n_tokens,
+                        now,
+                    ),
                 )
             except sqlite3.IntegrityError as exc:
-                raise NotFoundError(f"conversation {conversation_id!r} or parent message does not exist: {exc}") from exc
+                raise NotFoundError(
+                    f"conversation {conversation_id!r} or parent message does not exist: {exc}"
+                ) from exc
             return seq
 
         seq = await self._write(op)
-        return Message(message_id, conversation_id, seq, role, text, parent_id, regenerated_from,
-                       model_version, latency_ms, finish_reason, n_tokens, now)
+        return Message(
+            message_id,
+            conversation_id,
+            seq,
+            role,
+            text,
+            parent_id,
+            regenerated_from,
+            model_version,
+            latency_ms,
+            finish_reason,
+            n_tokens,
+            now,
+        )
 
     async def get_message(self, message_id: str) -> Message:
         rows = await self._read("SELECT * FROM messages WHERE id = ?", (message_id,))
@@ -388,8 +417,20 @@ class FeedbackStore:
                 "INSERT INTO model_versions (name, seq, state, adapter_path, sha256, parent, base_model,"
                 " eval_report, feedback_ids, training_run_id, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (version_name, seq, VersionState.CANDIDATE, adapter_path, sha256, parent, base_model,
-                 json.dumps(eval_report), json.dumps(feedback_ids), training_run_id, now, now),
+                (
+                    version_name,
+                    seq,
+                    VersionState.CANDIDATE,
+                    adapter_path,
+                    sha256,
+                    parent,
+                    base_model,
+                    json.dumps(eval_report),
+                    json.dumps(feedback_ids),
+                    training_run_id,
+                    now,
+                    now,
+                ),
             )
             await _audit(conn, "training", "register", version_name, {"sha256": sha256, "parent": parent})
             return version_name
@@ -469,7 +510,9 @@ class FeedbackStore:
 
         await self._write(op)
 
-    async def finish_run(self, run_id: int, *, state: RunState, version: str | None = None, detail: str | None = None) -> None:
+    async def finish_run(
+        self, run_id: int, *, state: RunState, version: str | None = None, detail: str | None = None
+    ) -> None:
         now = time.time()
 
         async def op(conn: aiosqlite.Connection) -> None:
@@ -529,7 +572,9 @@ async def _require_assistant_message(conn: aiosqlite.Connection, message_id: str
         raise InvalidError(f"message {message_id!r} is a {row['role']} message; only assistant replies take feedback")
 
 
-async def _audit(conn: aiosqlite.Connection, actor: str, action: str, subject: str | None, detail: dict[str, Any]) -> None:
+async def _audit(
+    conn: aiosqlite.Connection, actor: str, action: str, subject: str | None, detail: dict[str, Any]
+) -> None:
     await conn.execute(
         "INSERT INTO audit_log (at, actor, action, subject, detail) VALUES (?, ?, ?, ?, ?)",
         (time.time(), actor, action, subject, json.dumps(detail)),
@@ -538,37 +583,67 @@ async def _audit(conn: aiosqlite.Connection, actor: str, action: str, subject: s
 
 def _message(r: sqlite3.Row) -> Message:
     return Message(
-        id=r["id"], conversation_id=r["conversation_id"], seq=r["seq"], role=Role(r["role"]), text=r["text"],
-        parent_id=r["parent_id"], regenerated_from=r["regenerated_from"], model_version=r["model_version"],
-        latency_ms=r["latency_ms"], finish_reason=r["finish_reason"], n_tokens=r["n_tokens"], created_at=r["created_at"],
+        id=r["id"],
+        conversation_id=r["conversation_id"],
+        seq=r["seq"],
+        role=Role(r["role"]),
+        text=r["text"],
+        parent_id=r["parent_id"],
+        regenerated_from=r["regenerated_from"],
+        model_version=r["model_version"],
+        latency_ms=r["latency_ms"],
+        finish_reason=r["finish_reason"],
+        n_tokens=r["n_tokens"],
+        created_at=r["created_at"],
     )
 
 
 def _rating(r: sqlite3.Row) -> Rating:
     return Rating(
-        id=r["id"], message_id=r["message_id"], value=r["value"], rater=r["rater"], client_id=r["client_id"],
-        reason=r["reason"], comment=r["comment"], created_at=r["created_at"],
+        id=r["id"],
+        message_id=r["message_id"],
+        value=r["value"],
+        rater=r["rater"],
+        client_id=r["client_id"],
+        reason=r["reason"],
+        comment=r["comment"],
+        created_at=r["created_at"],
     )
 
 
 def _correction(r: sqlite3.Row) -> Correction:
-    return Correction(id=r["id"], message_id=r["message_id"], text=r["text"], operator=r["operator"], created_at=r["created_at"])
+    return Correction(
+        id=r["id"], message_id=r["message_id"], text=r["text"], operator=r["operator"], created_at=r["created_at"]
+    )
 
 
 def _version(r: sqlite3.Row) -> ModelVersion:
     return ModelVersion(
-        name=r["name"], seq=r["seq"], state=VersionState(r["state"]), adapter_path=r["adapter_path"],
-        sha256=r["sha256"], parent=r["parent"], base_model=r["base_model"],
+        name=r["name"],
+        seq=r["seq"],
+        state=VersionState(r["state"]),
+        adapter_path=r["adapter_path"],
+        sha256=r["sha256"],
+        parent=r["parent"],
+        base_model=r["base_model"],
         eval_report=json.loads(r["eval_report"]) if r["eval_report"] else None,
         gate_reasons=tuple(json.loads(r["gate_reasons"])) if r["gate_reasons"] else (),
         feedback_ids=json.loads(r["feedback_ids"]) if r["feedback_ids"] else {},
-        training_run_id=r["training_run_id"], created_at=r["created_at"], updated_at=r["updated_at"],
+        training_run_id=r["training_run_id"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
     )
 
 
 def _run(r: sqlite3.Row) -> TrainingRun:
     return TrainingRun(
-        id=r["id"], state=RunState(r["state"]), started_at=r["started_at"], finished_at=r["finished_at"],
-        version=r["version"], progress=json.loads(r["progress"]) if r["progress"] else None, detail=r["detail"],
-        max_rating_id=r["max_rating_id"], max_correction_id=r["max_correction_id"],
+        id=r["id"],
+        state=RunState(r["state"]),
+        started_at=r["started_at"],
+        finished_at=r["finished_at"],
+        version=r["version"],
+        progress=json.loads(r["progress"]) if r["progress"] else None,
+        detail=r["detail"],
+        max_rating_id=r["max_rating_id"],
+        max_correction_id=r["max_correction_id"],
     )

@@ -34,9 +34,14 @@ class AdapterRejectedError(Exception):
 def cycle_config(settings: Settings, base_model: str) -> CycleConfig:
     s = settings.schedule
     return CycleConfig(
-        base_model=base_model, data_dir=settings.data_dir, system_prompt=settings.model.system_prompt,
-        min_new_feedback=s.min_new_feedback, heldout_fraction=s.heldout_fraction, timeout_s=s.timeout_s,
-        train=settings.training, gate=settings.gate,
+        base_model=base_model,
+        data_dir=settings.data_dir,
+        system_prompt=settings.model.system_prompt,
+        min_new_feedback=s.min_new_feedback,
+        heldout_fraction=s.heldout_fraction,
+        timeout_s=s.timeout_s,
+        train=settings.training,
+        gate=settings.gate,
     )
 
 
@@ -61,29 +66,44 @@ class App:
         server = None
         try:
             self.engine = TransformersEngine(
-                base_model, dtype=s.model.dtype, max_prompt_tokens=s.model.max_prompt_tokens,
-                max_pending=s.model.max_pending, system_prompt=s.model.system_prompt,
+                base_model,
+                dtype=s.model.dtype,
+                max_prompt_tokens=s.model.max_prompt_tokens,
+                max_pending=s.model.max_pending,
+                system_prompt=s.model.system_prompt,
             )
             await asyncio.to_thread(self.engine.load)
             await self.store.ensure_base_version(base_model)
             await self.sync_live_version()
             self.cycle = TrainingCycle(self.store, cycle_config(s, base_model))
             ctx = GatewayContext(
-                store=self.store, engine=self.engine, current_version=lambda: self.live_version,
-                sampling=SamplingConfig(max_new_tokens=s.model.max_new_tokens, temperature=s.model.temperature,
-                                        top_p=s.model.top_p),
-                limits=Limits(max_text_chars=s.server.max_text_chars, rate_per_s=s.server.rate_per_s,
-                              rate_burst=s.server.rate_burst),
+                store=self.store,
+                engine=self.engine,
+                current_version=lambda: self.live_version,
+                sampling=SamplingConfig(
+                    max_new_tokens=s.model.max_new_tokens, temperature=s.model.temperature, top_p=s.model.top_p
+                ),
+                limits=Limits(
+                    max_text_chars=s.server.max_text_chars,
+                    rate_per_s=s.server.rate_per_s,
+                    rate_burst=s.server.rate_burst,
+                ),
                 token=s.server.token,
             )
-            server = await start_gateway(ctx, host=s.server.host, port=s.server.port,
-                                         max_frame_bytes=s.server.max_frame_bytes)
+            server = await start_gateway(
+                ctx, host=s.server.host, port=s.server.port, max_frame_bytes=s.server.max_frame_bytes
+            )
             self.port = next(iter(server.sockets)).getsockname()[1]
             if s.schedule.enabled:
                 scheduler = start_scheduler(self.scheduled_cycle, interval_s=s.schedule.interval_s)
             poller = asyncio.create_task(self._poll_versions(), name="version-poller")
-            log.info("learnloop serving %s (version %s) on ws://%s:%d", s.model.name, self.live_version,
-                     s.server.host, self.port)
+            log.info(
+                "learnloop serving %s (version %s) on ws://%s:%d",
+                s.model.name,
+                self.live_version,
+                s.server.host,
+                self.port,
+            )
             yield self
         finally:
             if poller is not None:
@@ -170,6 +190,11 @@ async def serve_forever(settings: Settings) -> None:
 
 def describe(result: CycleResult) -> dict[str, Any]:
     return {
-        "status": str(result.status), "reason": result.reason, "version": result.version, "run_id": result.run_id,
-        "seconds": round(result.seconds, 1), "counts": result.counts, "report": result.report,
+        "status": str(result.status),
+        "reason": result.reason,
+        "version": result.version,
+        "run_id": result.run_id,
+        "seconds": round(result.seconds, 1),
+        "counts": result.counts,
+        "report": result.report,
     }

@@ -67,7 +67,7 @@ class _Request:
     prompt_ids: list[int]
     version: str
     sampling: SamplingConfig
-    emit: Callable[[Chunk], None]
+    emit: Callable[[Chunk], object]
     cancel: threading.Event = field(default_factory=threading.Event)
     past: Any = None
     generated: list[int] = field(default_factory=list)
@@ -85,8 +85,15 @@ class EngineStats:
 class TransformersEngine:
     """Serve a causal LM (any ``from_pretrained`` path or id) with versioned LoRA adapters."""
 
-    def __init__(self, model_path: str, *, dtype: str = "bfloat16", max_prompt_tokens: int = 1536,
-                 max_pending: int = 64, system_prompt: str | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        max_prompt_tokens: int = 1536,
+        max_pending: int = 64,
+        system_prompt: str | None = None,
+    ) -> None:
         self.model_path = model_path
         self.dtype = dtype
         self.max_prompt_tokens = max_prompt_tokens
@@ -223,15 +230,21 @@ class TransformersEngine:
         while len(ids) > self.max_prompt_tokens:
             first = 1 if msgs and msgs[0]["role"] == "system" else 0
             if len(msgs) - first <= 1:
-                return ids[-self.max_prompt_tokens:]
+                return ids[-self.max_prompt_tokens :]
             del msgs[first]
             ids = render(msgs)
         return ids
 
     # --- generation ------------------------------------------------------------------------
 
-    async def stream(self, messages: list[dict[str, str]], *, version: str, sampling: SamplingConfig,
-                     cancel: threading.Event | None = None) -> AsyncIterator[Chunk]:
+    async def stream(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        version: str,
+        sampling: SamplingConfig,
+        cancel: threading.Event | None = None,
+    ) -> AsyncIterator[Chunk]:
         """Stream a reply to ``messages`` from ``version``. Cancelling the iteration stops it."""
         if not self.has_version(version):
             raise UnknownVersionError(f"version {version!r} is not loaded")
@@ -243,9 +256,13 @@ class TransformersEngine:
             loop = asyncio.get_running_loop()
             chunks: asyncio.Queue[Chunk] = asyncio.Queue()
             prompt_ids = await asyncio.to_thread(self.prompt_ids, messages)
-            request = _Request(prompt_ids=prompt_ids, version=version, sampling=sampling,
-                               emit=lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c),
-                               cancel=cancel or threading.Event())
+            request = _Request(
+                prompt_ids=prompt_ids,
+                version=version,
+                sampling=sampling,
+                emit=lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c),
+                cancel=cancel or threading.Event(),
+            )
             self._inbox.put(request)
             self._wake.set()
             try:
@@ -348,6 +365,6 @@ class TransformersEngine:
         text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
         if not final and text.endswith("\ufffd"):
             return ""
-        delta = text[r.sent_chars:]
+        delta = text[r.sent_chars :]
         r.sent_chars = len(text)
         return delta

@@ -10,6 +10,7 @@ details go to the log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -68,10 +69,8 @@ class _Connection:
         self.cancel: threading.Event | None = None
 
     async def send(self, frame: dict[str, Any]) -> None:
-        try:
+        with contextlib.suppress(ConnectionClosed):
             await self.ws.send(json.dumps(frame, ensure_ascii=False))
-        except ConnectionClosed:
-            pass
 
     async def run(self) -> None:
         try:
@@ -96,9 +95,8 @@ class _Connection:
                 self.generation = asyncio.create_task(self.generate(effect, self.cancel))
             elif isinstance(effect, StoreRating):
                 await self.apply(await self.rate(effect))
-            elif isinstance(effect, Cancel):
-                if self.cancel is not None:
-                    self.cancel.set()
+            elif isinstance(effect, Cancel) and self.cancel is not None:
+                self.cancel.set()
 
     async def open(self, effect: OpenConversation) -> list[Effect]:
         if self.ctx.token is not None and effect.token != self.ctx.token:
@@ -126,9 +124,12 @@ class _Connection:
     async def rate(self, effect: StoreRating) -> list[Effect]:
         try:
             await self.ctx.store.add_rating(
-                message_id=effect.message_id, value=effect.value, client_id=effect.client_id,
+                message_id=effect.message_id,
+                value=effect.value,
+                client_id=effect.client_id,
                 rater=self.user or f"conversation:{self.session.conversation_id}",
-                reason=effect.reason, comment=effect.comment,
+                reason=effect.reason,
+                comment=effect.comment,
             )
         except (NotFoundError, InvalidError) as exc:
             return [Send({"type": "error", "code": ErrorCode.NOT_FOUND, "message": str(exc), "id": effect.client_id})]
@@ -140,15 +141,22 @@ class _Connection:
         version = self.ctx.current_version()
         try:
             if g.user_turn is not None:
-                await store.add_message(message_id=g.user_turn.id, conversation_id=conversation_id, role=Role.USER,
-                                        text=g.user_turn.text, parent_id=g.context[-2].id if len(g.context) > 1 else None)
+                await store.add_message(
+                    message_id=g.user_turn.id,
+                    conversation_id=conversation_id,
+                    role=Role.USER,
+                    text=g.user_turn.text,
+                    parent_id=g.context[-2].id if len(g.context) > 1 else None,
+                )
                 await self.apply(self.session.user_turn_stored(g))
             started = time.monotonic()
             first_token_s: float | None = None
             parts: list[str] = []
             finish_reason, n_tokens = "error", 0
             messages = [{"role": t.role, "content": t.text} for t in g.context]
-            async for chunk in self.ctx.engine.stream(messages, version=version, sampling=self.ctx.sampling, cancel=cancel):
+            async for chunk in self.ctx.engine.stream(
+                messages, version=version, sampling=self.ctx.sampling, cancel=cancel
+            ):
                 if chunk.delta:
                     if first_token_s is None:
                         first_token_s = time.monotonic() - started
@@ -161,13 +169,24 @@ class _Connection:
                 return
             text = "".join(parts)
             await store.add_message(
-                message_id=g.message_id, conversation_id=conversation_id, role=Role.ASSISTANT, text=text,
-                parent_id=g.parent_id, regenerated_from=g.regenerated_from, model_version=version,
-                latency_ms=(first_token_s or 0.0) * 1000, finish_reason=finish_reason, n_tokens=n_tokens,
+                message_id=g.message_id,
+                conversation_id=conversation_id,
+                role=Role.ASSISTANT,
+                text=text,
+                parent_id=g.parent_id,
+                regenerated_from=g.regenerated_from,
+                model_version=version,
+                latency_ms=(first_token_s or 0.0) * 1000,
+                finish_reason=finish_reason,
+                n_tokens=n_tokens,
             )
-            await self.apply(self.session.finished(g.message_id, text, version, finish_reason))
+            await self.apply(
+                self.session.finished(g.message_id, text, version, finish_reason, completion_tokens=n_tokens)
+            )
         except OverloadedError as exc:
-            await self.apply(self.session.failed(g.message_id, ErrorCode.OVERLOADED, str(exc), retry_after=exc.retry_after))
+            await self.apply(
+                self.session.failed(g.message_id, ErrorCode.OVERLOADED, str(exc), retry_after=exc.retry_after)
+            )
         except UnknownVersionError:
             log.exception("reply %s asked for a version that is not loaded", g.message_id)
             await self.apply(self.session.failed(g.message_id, ErrorCode.INTERNAL, "internal error"))

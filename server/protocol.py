@@ -10,7 +10,7 @@ Protocol version 1, JSON text frames (see docs/protocol.md)::
     message {text, client_id}                     ack {id, message_id}        (user message stored)
     regenerate {message_id}                       token {message_id, delta}
     rating {message_id, value, reason?,           done {message_id, model_version, finish_reason,
-            comment?, id}                               regenerated_from?}
+            comment?, id}                               usage, regenerated_from?}
     stop {}                                       ack {id}                    (rating stored)
                                                   error {code, message, retry_after?, id?}
 
@@ -124,7 +124,9 @@ class Cancel:
 Effect = Send | OpenConversation | Generate | StoreRating | Cancel
 
 
-def error_frame(code: ErrorCode, message: str, *, retry_after: float | None = None, id: str | None = None) -> dict[str, Any]:
+def error_frame(
+    code: ErrorCode, message: str, *, retry_after: float | None = None, id: str | None = None
+) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "error", "code": str(code), "message": message}
     if retry_after is not None:
         frame["retry_after"] = round(retry_after, 3)
@@ -190,7 +192,9 @@ class ChatSession:
         b.updated = now
         self._bucket = b
         if b.tokens < 1.0:
-            raise ProtocolError(ErrorCode.RATE_LIMITED, f"more than {rate:g} frames/s", retry_after=(1.0 - b.tokens) / rate)
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED, f"more than {rate:g} frames/s", retry_after=(1.0 - b.tokens) / rate
+            )
         b.tokens -= 1.0
 
     def _parse(self, raw: str | bytes) -> dict[str, Any]:
@@ -243,8 +247,11 @@ class ChatSession:
         self._require_idle()
         user_turn = Turn(self.new_id(), "user", text)
         generate = Generate(
-            message_id=self.new_id(), parent_id=user_turn.id, context=(*self.history, user_turn),
-            user_turn=user_turn, client_id=client_id,
+            message_id=self.new_id(),
+            parent_id=user_turn.id,
+            context=(*self.history, user_turn),
+            user_turn=user_turn,
+            client_id=client_id,
         )
         self.history.append(user_turn)
         return self._start(generate)
@@ -296,20 +303,32 @@ class ChatSession:
 
     # --- input: results of effects --------------------------------------------------------
 
-    def opened(self, conversation_id: str, history: list[Turn], reply_ids: set[str], model_version: str) -> list[Effect]:
+    def opened(
+        self, conversation_id: str, history: list[Turn], reply_ids: set[str], model_version: str
+    ) -> list[Effect]:
         """The gateway opened (or resumed) the conversation."""
         self.phase = Phase.IDLE
         self.conversation_id = conversation_id
         self.history = list(history)
         self._replies = set(reply_ids)
-        return [Send({"type": "ready", "conversation_id": conversation_id, "model_version": model_version,
-                      "protocol": PROTOCOL_VERSION})]
+        return [
+            Send(
+                {
+                    "type": "ready",
+                    "conversation_id": conversation_id,
+                    "model_version": model_version,
+                    "protocol": PROTOCOL_VERSION,
+                }
+            )
+        ]
 
     def open_failed(self, code: ErrorCode, message: str) -> list[Effect]:
         self.phase = Phase.AWAITING_HELLO
         return [Send(error_frame(code, message))]
 
-    def finished(self, message_id: str, text: str, model_version: str, finish_reason: str) -> list[Effect]:
+    def finished(
+        self, message_id: str, text: str, model_version: str, finish_reason: str, *, completion_tokens: int = 0
+    ) -> list[Effect]:
         """The reply ``message_id`` is complete and stored."""
         pending = self._pending
         if pending is None or pending.message_id != message_id:
@@ -317,13 +336,20 @@ class ChatSession:
         self._replies.add(message_id)
         self.history.append(Turn(message_id, "assistant", text))
         self.phase, self.streaming_id, self._pending, self._replaced = Phase.IDLE, None, None, None
-        done: dict[str, Any] = {"type": "done", "message_id": message_id, "model_version": model_version,
-                                "finish_reason": finish_reason}
+        done: dict[str, Any] = {
+            "type": "done",
+            "message_id": message_id,
+            "model_version": model_version,
+            "finish_reason": finish_reason,
+            "usage": {"completion_tokens": completion_tokens},
+        }
         if pending.regenerated_from:
             done["regenerated_from"] = pending.regenerated_from
         return [Send(done)]
 
-    def failed(self, message_id: str, code: ErrorCode, message: str, *, retry_after: float | None = None) -> list[Effect]:
+    def failed(
+        self, message_id: str, code: ErrorCode, message: str, *, retry_after: float | None = None
+    ) -> list[Effect]:
         """The reply could not be produced; roll the branch back to before the request."""
         pending = self._pending
         if pending is None or pending.message_id != message_id:

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from feedback import VersionState
-from server.app import App
+from server.app import App, describe
 from server.cli import main as cli_main
 from server.settings import load_settings
 from training.cycle import CycleStatus
@@ -42,7 +45,35 @@ def settings_for(model: str, data_dir: Path, **training: Any) -> Any:
     )
 
 
-async def run_loop(settings: Any, open_client: Any, n_conversations: int) -> None:
+def env_for(settings: Any) -> dict[str, str]:
+    """The same settings as LEARNLOOP_* variables, for a `learnloop` process beside the server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEARNLOOP_")}
+    env["LEARNLOOP_DATA_DIR"] = str(settings.data_dir)
+    for section in ("model", "schedule", "training", "gate"):
+        for key, value in dataclasses.asdict(getattr(settings, section)).items():
+            if value is not None:
+                value = ",".join(value) if isinstance(value, list | tuple) else value
+                env[f"LEARNLOOP_{section.upper()}_{key.upper()}"] = str(value)
+    return env
+
+
+async def train_in_another_process(settings: Any) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server.cli",
+        "train",
+        env=env_for(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 600)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    result: dict[str, Any] = json.loads(out.decode()[out.decode().index("{") :])
+    return result
+
+
+async def run_loop(settings: Any, open_client: Any, n_conversations: int, *, train_via_cli: bool) -> None:
     app = App(settings)
     async with app.lifespan():
         assert app.port
@@ -78,12 +109,19 @@ async def run_loop(settings: Any, open_client: Any, n_conversations: int) -> Non
             argv = ["--data-dir", str(settings.data_dir), "correct", message_id, CORRECT]
             assert await asyncio.to_thread(cli_main, argv) == 0
 
-        result = await app.run_training()
-        assert result.status is CycleStatus.PROMOTED, result
-        assert result.version == "v1"
-        assert result.report is not None
-        assert result.report["candidate"]["chosen_nll"] < result.report["live"]["chosen_nll"]
-        assert result.counts["heldout_dpo"] >= 1
+        if train_via_cli:
+            # `learnloop train` in its own process; the server notices the promotion by polling
+            result = await train_in_another_process(settings)
+            for _ in range(100):
+                if app.live_version == "v1":
+                    break
+                await asyncio.sleep(0.1)
+        else:
+            result = describe(await app.run_training())
+        assert result["status"] == CycleStatus.PROMOTED, result
+        assert result["version"] == "v1" and app.live_version == "v1"
+        assert result["report"]["candidate"]["chosen_nll"] < result["report"]["live"]["chosen_nll"]
+        assert result["counts"]["heldout_dpo"] >= 1
 
         version = await app.store.get_version("v1")  # type: ignore[union-attr]
         assert version.state is VersionState.LIVE
@@ -101,11 +139,36 @@ async def run_loop(settings: Any, open_client: Any, n_conversations: int) -> Non
 
 async def test_whole_loop_tiny_model(tiny_model: Path, tmp_path: Path, open_client: Any) -> None:
     settings = settings_for(str(tiny_model), tmp_path / "data", max_steps=10, learning_rate=1e-3)
-    await run_loop(settings, open_client, n_conversations=6)
+    await run_loop(settings, open_client, n_conversations=6, train_via_cli=True)
+
+
+async def test_scheduled_cycle_promotes_inside_the_server(tiny_model: Path, tmp_path: Path, open_client: Any) -> None:
+    settings = settings_for(str(tiny_model), tmp_path / "data", max_steps=10, learning_rate=1e-3)
+    settings = dataclasses.replace(
+        settings, schedule=dataclasses.replace(settings.schedule, enabled=True, interval_s=0.5, min_new_feedback=4)
+    )
+    app = App(settings)
+    async with app.lifespan():
+        main = await open_client(app.port)
+        await main.hello()
+        for i, question in enumerate(QUESTIONS[:4]):
+            c = await open_client(app.port)
+            await c.hello(user=f"u{i}")
+            done, _ = await c.chat(question, f"q{i}")
+            await app.store.add_correction(message_id=done["message_id"], text=CORRECT, operator="op")  # type: ignore[union-attr]
+        for _ in range(600):  # the APScheduler job trains and promotes on its own
+            if app.live_version == "v1":
+                break
+            await asyncio.sleep(0.1)
+        assert app.live_version == "v1"
+        runs = await app.store.list_runs()  # type: ignore[union-attr]
+        assert [r.state for r in runs] == ["succeeded"] and runs[0].progress and runs[0].progress["step"] == 10
+        done, _ = await main.chat("What is your refund policy?", "after")
+        assert done["model_version"] == "v1"
 
 
 @pytest.mark.slow
 async def test_whole_loop_smollm2(tmp_path: Path, open_client: Any) -> None:
     settings = settings_for("smollm2-135m-instruct", tmp_path / "data", max_steps=4, learning_rate=5e-4)
     settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, max_new_tokens=24))
-    await run_loop(settings, open_client, n_conversations=4)
+    await run_loop(settings, open_client, n_conversations=4, train_via_cli=False)

@@ -78,8 +78,9 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
 class TrainingCycle:
     """Runs cycles one at a time (in this process) against one store."""
 
-    def __init__(self, store: FeedbackStore, config: CycleConfig,
-                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self, store: FeedbackStore, config: CycleConfig, on_progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
         self.store = store
         self.config = config
         self.on_progress = on_progress
@@ -115,19 +116,23 @@ class TrainingCycle:
         if not train.dpo and not pairs.class_balance_ok(train):
             return CycleResult(CycleStatus.SKIPPED, f"no trainable rows yet ({counts})", counts=counts)
 
-        run_id = await self.store.start_run(max_rating_id=snapshot.max_rating_id,
-                                            max_correction_id=snapshot.max_correction_id)
+        run_id = await self.store.start_run(
+            max_rating_id=snapshot.max_rating_id, max_correction_id=snapshot.max_correction_id
+        )
         run_dir = cfg.runs_dir / f"run-{run_id}"
         run_dir.mkdir(parents=True, exist_ok=True)
         live = await self.store.live_version()
-        spec = {
+        adapter_tmp = run_dir / "adapter"
+        spec: dict[str, Any] = {
             "base_model": cfg.base_model,
             "train": asdict(cfg.train),
-            "output_dir": str(run_dir / "adapter"),
+            "output_dir": str(adapter_tmp),
             "live_adapter": live.adapter_path,
             "dpo": _write_jsonl(run_dir / "dpo.jsonl", [r.to_trl() for r in train.dpo]),
             "kto": _write_jsonl(run_dir / "kto.jsonl", [r.to_trl() for r in train.kto]),
-            "heldout": _write_jsonl(run_dir / "heldout.jsonl", [{**r.to_trl(), "source": r.source} for r in heldout.dpo]),
+            "heldout": _write_jsonl(
+                run_dir / "heldout.jsonl", [{**r.to_trl(), "source": r.source} for r in heldout.dpo]
+            ),
             "kto_weights": list(train.kto_weights()),
             "dataset_id": pairs.dataset_id(data),
         }
@@ -137,7 +142,6 @@ class TrainingCycle:
         try:
             job = await self._run_job(run_id, spec_path)
             report = EvalReport.from_dict(job["report"])
-            adapter_tmp = Path(spec["output_dir"])
             if not (adapter_tmp / ADAPTER_FILE).is_file():
                 raise TrainingJobError(f"the job reported success but wrote no {ADAPTER_FILE}")
             name = await self.store.next_version_name()
@@ -145,33 +149,55 @@ class TrainingCycle:
             final.parent.mkdir(parents=True, exist_ok=True)
             adapter_tmp.rename(final)  # atomic on one filesystem: an adapter is whole or absent
             version = await self.store.register_version(
-                name=name, adapter_path=str(final), sha256=sha256_file(final / ADAPTER_FILE), parent=live.name,
-                base_model=cfg.base_model, eval_report={**report.to_dict(), "trainer": job.get("trainer"),
-                                                        "counts": counts, "dataset_id": spec["dataset_id"]},
-                feedback_ids=data.feedback_ids(), training_run_id=run_id,
+                name=name,
+                adapter_path=str(final),
+                sha256=sha256_file(final / ADAPTER_FILE),
+                parent=live.name,
+                base_model=cfg.base_model,
+                eval_report={
+                    **report.to_dict(),
+                    "trainer": job.get("trainer"),
+                    "counts": counts,
+                    "dataset_id": spec["dataset_id"],
+                },
+                feedback_ids=data.feedback_ids(),
+                training_run_id=run_id,
             )
         except Exception as exc:
             detail = str(exc)
             log.error("training run %d failed: %s", run_id, detail)
             await self.store.finish_run(run_id, state=RunState.FAILED, detail=detail[-4000:])
-            shutil.rmtree(Path(spec["output_dir"]), ignore_errors=True)
-            return CycleResult(CycleStatus.FAILED, detail, run_id=run_id, seconds=time.monotonic() - started,
-                               counts=counts)
+            shutil.rmtree(adapter_tmp, ignore_errors=True)
+            return CycleResult(
+                CycleStatus.FAILED, detail, run_id=run_id, seconds=time.monotonic() - started, counts=counts
+            )
         gate = decide(report, cfg.gate)
         state = VersionState.LIVE if gate.promote else VersionState.REJECTED
         await self.store.set_version_state(version.name, state, actor="gate", reasons=gate.reasons)
-        await self.store.finish_run(run_id, state=RunState.SUCCEEDED, version=version.name,
-                                    detail="; ".join(gate.reasons))
+        await self.store.finish_run(
+            run_id, state=RunState.SUCCEEDED, version=version.name, detail="; ".join(gate.reasons)
+        )
         status = CycleStatus.PROMOTED if gate.promote else CycleStatus.REJECTED
         log.info("training run %d: %s %s (%s)", run_id, version.name, status, "; ".join(gate.reasons))
-        return CycleResult(status, "; ".join(gate.reasons), version=version.name, run_id=run_id,
-                           report=report.to_dict(), gate_reasons=gate.reasons,
-                           seconds=time.monotonic() - started, counts=counts)
+        return CycleResult(
+            status,
+            "; ".join(gate.reasons),
+            version=version.name,
+            run_id=run_id,
+            report=report.to_dict(),
+            gate_reasons=gate.reasons,
+            seconds=time.monotonic() - started,
+            counts=counts,
+        )
 
     async def _run_job(self, run_id: int, spec_path: Path) -> dict[str, Any]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "training.job", str(spec_path),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "training.job",
+            str(spec_path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         assert proc.stdout is not None and proc.stderr is not None
         stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -191,8 +217,14 @@ class TrainingCycle:
                     await self.store.update_run(run_id, progress=event)
                     if self.on_progress:
                         self.on_progress(event)
-                    log.info("run %d step %s/%s loss %.4f eta %ss", run_id, event.get("step"),
-                             event.get("max_steps"), event.get("loss", float("nan")), event.get("eta_s"))
+                    log.info(
+                        "run %d step %s/%s loss %.4f eta %ss",
+                        run_id,
+                        event.get("step"),
+                        event.get("max_steps"),
+                        event.get("loss", float("nan")),
+                        event.get("eta_s"),
+                    )
                 elif event.get("event") == "report":
                     result.update(event)
 
@@ -206,7 +238,9 @@ class TrainingCycle:
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            raise TrainingJobError(f"training job timed out after {self.config.timeout_s:.0f} s and was killed") from None
+            raise TrainingJobError(
+                f"training job timed out after {self.config.timeout_s:.0f} s and was killed"
+            ) from None
         except asyncio.CancelledError:
             proc.kill()
             await proc.wait()

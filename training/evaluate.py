@@ -20,16 +20,16 @@ CANDIDATE = "default"
 LIVE = "live"
 
 
-def completion_logprob(model: Any, tokenizer: Any, prompt: Sequence[dict[str, str]], completion: str) -> tuple[float, int]:
+def completion_logprob(
+    model: Any, tokenizer: Any, prompt: Sequence[dict[str, str]], completion: str
+) -> tuple[float, int]:
     """Sum of log-probabilities of the completion's tokens given the chat prompt, and their count."""
     prompt_text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(
-        [*prompt, {"role": "assistant", "content": completion}], tokenize=False
-    )
+    full_text = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": completion}], tokenize=False)
     if not full_text.startswith(prompt_text):
         raise ValueError("the chat template does not render the prompt as a prefix of the full conversation")
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
     if not completion_ids:
         return 0.0, 0
     ids = torch.tensor([prompt_ids + completion_ids])
@@ -37,7 +37,7 @@ def completion_logprob(model: Any, tokenizer: Any, prompt: Sequence[dict[str, st
         logits = model(input_ids=ids).logits[0, :-1].float()
     logprobs = torch.log_softmax(logits, dim=-1)
     targets = ids[0, 1:]
-    token_lp = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)[len(prompt_ids) - 1:]
+    token_lp = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)[len(prompt_ids) - 1 :]
     return float(token_lp.sum()), len(completion_ids)
 
 
@@ -52,8 +52,9 @@ def _as(model: Any, adapter: str | None) -> Iterator[None]:
         yield
 
 
-def evaluate_pairs(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], *, live_adapter: str | None,
-                   beta: float) -> EvalReport:
+def evaluate_pairs(
+    model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], *, live_adapter: str | None, beta: float
+) -> EvalReport:
     """``pairs`` are TRL DPO rows (conversational). ``live_adapter`` is None when live is the base model."""
     model.eval()
     scores: dict[str, list[tuple[float, int, float, int]]] = {"cand": [], "live": []}

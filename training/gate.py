@@ -84,25 +84,33 @@ def decide(report: EvalReport, config: GateConfig) -> GateDecision:
             False, (f"held-out set has {report.n_heldout} pairs; the gate needs at least {config.min_heldout_pairs}",)
         )
     checks: list[tuple[bool, str]] = []
-    checks.append((
-        report.reward_accuracy >= config.min_reward_accuracy and report.reward_accuracy > 0,
-        f"reward accuracy {report.reward_accuracy:.3f} (need >= {config.min_reward_accuracy:.3f})",
-    ))
-    checks.append((
-        report.reward_margin > config.min_reward_margin,
-        f"reward margin {report.reward_margin:.4f} (need > {config.min_reward_margin:.4f})",
-    ))
+    checks.append(
+        (
+            report.reward_accuracy >= config.min_reward_accuracy and report.reward_accuracy > 0,
+            f"reward accuracy {report.reward_accuracy:.3f} (need >= {config.min_reward_accuracy:.3f})",
+        )
+    )
+    checks.append(
+        (
+            report.reward_margin > config.min_reward_margin,
+            f"reward margin {report.reward_margin:.4f} (need > {config.min_reward_margin:.4f})",
+        )
+    )
     floor = report.live.preference_accuracy - config.max_accuracy_drop
-    checks.append((
-        report.candidate.preference_accuracy >= floor,
-        f"preference accuracy {report.candidate.preference_accuracy:.3f} vs live "
-        f"{report.live.preference_accuracy:.3f} (need >= {floor:.3f})",
-    ))
+    checks.append(
+        (
+            report.candidate.preference_accuracy >= floor,
+            f"preference accuracy {report.candidate.preference_accuracy:.3f} vs live "
+            f"{report.live.preference_accuracy:.3f} (need >= {floor:.3f})",
+        )
+    )
     ceiling = report.live.chosen_nll * (1.0 + config.max_chosen_nll_increase)
-    checks.append((
-        report.candidate.chosen_nll <= ceiling,
-        f"chosen NLL {report.candidate.chosen_nll:.4f} vs live {report.live.chosen_nll:.4f} (need <= {ceiling:.4f})",
-    ))
+    checks.append(
+        (
+            report.candidate.chosen_nll <= ceiling,
+            f"chosen NLL {report.candidate.chosen_nll:.4f} vs live {report.live.chosen_nll:.4f} (need <= {ceiling:.4f})",
+        )
+    )
     failed = tuple(f"failed: {text}" for ok, text in checks if not ok)
     if failed:
         return GateDecision(False, failed)

@@ -52,15 +52,31 @@ def run(spec: dict[str, Any]) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(spec["base_model"], dtype=torch.float32)
     lora = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
     )
     out = Path(spec["output_dir"])
     common: dict[str, Any] = dict(
-        output_dir=str(out.parent / "trainer"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate, lr_scheduler_type="constant", warmup_steps=0, beta=cfg.beta,
-        max_length=cfg.max_length, seed=cfg.seed, bf16=False, fp16=False, use_cpu=True,
-        gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+        output_dir=str(out.parent / "trainer"),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        beta=cfg.beta,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
         dataloader_num_workers=0,
     )
 
@@ -71,8 +87,14 @@ def run(spec: dict[str, Any]) -> None:
             elapsed = time.monotonic() - started
             step = int(state.global_step)
             eta = elapsed / max(step, 1) * (state.max_steps - step)
-            emit("progress", step=step, max_steps=int(state.max_steps), loss=float(logs["loss"]), eta_s=round(eta, 1),
-                 **{k: float(v) for k, v in logs.items() if k.startswith("rewards/") and isinstance(v, int | float)})
+            emit(
+                "progress",
+                step=step,
+                max_steps=int(state.max_steps),
+                loss=float(logs["loss"]),
+                eta_s=round(eta, 1),
+                **{k: float(v) for k, v in logs.items() if k.startswith("rewards/") and isinstance(v, int | float)},
+            )
 
     dpo_rows = read_jsonl(spec.get("dpo"))
     kto_rows = read_jsonl(spec.get("kto"))
@@ -81,8 +103,11 @@ def run(spec: dict[str, Any]) -> None:
 
         losses, weights = (["sigmoid", "sft"], [1.0, cfg.sft_weight]) if cfg.sft_weight > 0 else (["sigmoid"], [1.0])
         trainer: Any = DPOTrainer(
-            model=model, args=DPOConfig(**common, loss_type=losses, loss_weights=weights),
-            train_dataset=Dataset.from_list(dpo_rows), processing_class=tokenizer, peft_config=lora,
+            model=model,
+            args=DPOConfig(**common, loss_type=losses, loss_weights=weights),
+            train_dataset=Dataset.from_list(dpo_rows),
+            processing_class=tokenizer,
+            peft_config=lora,
             callbacks=[Progress()],
         )
         kind = "dpo"
@@ -91,8 +116,11 @@ def run(spec: dict[str, Any]) -> None:
 
         desirable, undesirable = spec.get("kto_weights") or (1.0, 1.0)
         trainer = KTOTrainer(
-            model=model, args=KTOConfig(**common, desirable_weight=desirable, undesirable_weight=undesirable),
-            train_dataset=Dataset.from_list(kto_rows), processing_class=tokenizer, peft_config=lora,
+            model=model,
+            args=KTOConfig(**common, desirable_weight=desirable, undesirable_weight=undesirable),
+            train_dataset=Dataset.from_list(kto_rows),
+            processing_class=tokenizer,
+            peft_config=lora,
             callbacks=[Progress()],
         )
         kind = "kto"
@@ -104,16 +132,25 @@ def run(spec: dict[str, Any]) -> None:
     live_adapter = spec.get("live_adapter")
     if live_adapter:
         peft_model.load_adapter(live_adapter, adapter_name=LIVE)
-    report = evaluate_pairs(peft_model, tokenizer, read_jsonl(spec.get("heldout")),
-                            live_adapter=LIVE if live_adapter else None, beta=cfg.beta)
+    report = evaluate_pairs(
+        peft_model,
+        tokenizer,
+        read_jsonl(spec.get("heldout")),
+        live_adapter=LIVE if live_adapter else None,
+        beta=cfg.beta,
+    )
 
     if live_adapter:
         peft_model.delete_adapter(LIVE)
     peft_model.save_pretrained(out)
     meta = {
-        "trainer": kind, "train_config": asdict(cfg), "base_model": spec["base_model"],
-        "dataset_id": spec.get("dataset_id"), "rows": {"dpo": len(dpo_rows), "kto": len(kto_rows)},
-        "report": report.to_dict(), "seconds": round(time.monotonic() - started, 1),
+        "trainer": kind,
+        "train_config": asdict(cfg),
+        "base_model": spec["base_model"],
+        "dataset_id": spec.get("dataset_id"),
+        "rows": {"dpo": len(dpo_rows), "kto": len(kto_rows)},
+        "report": report.to_dict(),
+        "seconds": round(time.monotonic() - started, 1),
     }
     (out / "learnloop.json").write_text(json.dumps(meta, indent=2))
     emit("report", report=report.to_dict(), trainer=kind, seconds=meta["seconds"])

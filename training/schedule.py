@@ -25,7 +25,11 @@ def start_scheduler(job: Callable[[], Awaitable[Any]], *, interval_s: float) -> 
     """
     scheduler = AsyncIOScheduler()
     scheduler.add_job(
-        job, IntervalTrigger(seconds=interval_s), id=TRAINING_JOB_ID, max_instances=1, coalesce=True,
+        job,
+        IntervalTrigger(seconds=interval_s),
+        id=TRAINING_JOB_ID,
+        max_instances=1,
+        coalesce=True,
         misfire_grace_time=None,
     )
     scheduler.start()

@@ -1,0 +1,37 @@
+# learnloop: one command to serve, one to test. Both install what they need first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install serve test test-fast check bench-serve clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# exact pin: torch 2.13.0 is the CPU build; a looser pin pulls a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install            ## start the chat server on the default model (pulled on first use)
+	$(BIN)/learnloop serve
+
+test: install             ## every test, the slow end-to-end one with SmolLM2-135M included
+	$(BIN)/pytest
+
+test-fast: install        ## everything but the slow tests
+	$(BIN)/pytest -m "not slow"
+
+check: install            ## lint, format and types
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench-serve: install      ## single-stream and concurrent decode through the real gateway
+	$(BIN)/python bench/serve.py
+
+clean:
+	rm -rf $(VENV) learnloop-data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,126 @@
+"""The transformers engine on a tiny random Llama: streaming, stop, versions, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from server.engine import Chunk, EngineError, OverloadedError, SamplingConfig, TransformersEngine, UnknownVersionError
+
+GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0)
+CHAT = [{"role": "user", "content": "What is your refund policy?"}]
+
+
+def make_adapter(model_path: Path, out: Path, seed: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.mul_(20)
+    peft.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+async def engine(tiny_model: Path) -> AsyncIterator[TransformersEngine]:
+    e = TransformersEngine(str(tiny_model), dtype="float32", max_pending=3)
+    await asyncio.to_thread(e.load)
+    yield e
+    await asyncio.to_thread(e.close)
+
+
+async def collect(
+    engine: TransformersEngine,
+    version: str = "base",
+    sampling: SamplingConfig = GREEDY,
+    cancel: threading.Event | None = None,
+) -> tuple[str, Chunk]:
+    parts, last = [], None
+    async for chunk in engine.stream(CHAT, version=version, sampling=sampling, cancel=cancel):
+        parts.append(chunk.delta)
+        last = chunk
+    assert last is not None
+    return "".join(parts), last
+
+
+async def test_stream_finishes_with_reason_and_count(engine: TransformersEngine) -> None:
+    text, last = await collect(engine)
+    assert last.finish_reason in ("stop", "length") and 0 < last.n_tokens <= 12
+    again, _ = await collect(engine)
+    assert again == text  # greedy is deterministic
+
+
+async def test_stop_cancels_within_a_step(engine: TransformersEngine) -> None:
+    cancel = threading.Event()
+    chunks = []
+    async for chunk in engine.stream(
+        CHAT, version="base", sampling=SamplingConfig(max_new_tokens=10_000, temperature=1.0), cancel=cancel
+    ):
+        chunks.append(chunk)
+        if len(chunks) == 3:
+            cancel.set()
+    assert chunks[-1].finish_reason == "cancelled"
+    assert chunks[-1].n_tokens <= 5  # the worker saw the flag at its next step
+
+
+async def test_versions_are_served_side_by_side(engine: TransformersEngine, tiny_model: Path, tmp_path: Path) -> None:
+    base_alone, _ = await collect(engine)
+    pause = await engine.load_adapter("v1", str(make_adapter(tiny_model, tmp_path / "v1", seed=1)))
+    assert pause > 0
+    v1_alone, _ = await collect(engine, "v1")
+    assert v1_alone != base_alone
+    # interleaved on the worker, each reply still comes from its own version
+    both = await asyncio.gather(collect(engine, "base"), collect(engine, "v1"), collect(engine, "base"))
+    assert [t for t, _ in both] == [base_alone, v1_alone, base_alone]
+    with pytest.raises(EngineError, match="immutable"):
+        await engine.load_adapter("v1", str(tmp_path / "v1"))
+    with pytest.raises(UnknownVersionError):
+        await collect(engine, "v7")
+    await engine.load_adapter("v2", str(make_adapter(tiny_model, tmp_path / "v2", seed=2)))
+    await engine.unload_adapter("v1")
+    assert engine.versions == {"base", "v2"}
+    assert (await collect(engine))[0] == base_alone
+
+
+async def test_overload_is_refused_at_once(engine: TransformersEngine) -> None:
+    long = SamplingConfig(max_new_tokens=10_000, temperature=1.0)
+    cancels = [threading.Event() for _ in range(3)]
+    streams = [engine.stream(CHAT, version="base", sampling=long, cancel=c) for c in cancels]
+    firsts = await asyncio.gather(*(s.__anext__() for s in streams))
+    assert all(isinstance(c, Chunk) for c in firsts)
+    with pytest.raises(OverloadedError) as info:
+        await collect(engine)
+    assert info.value.retry_after > 0
+    for c in cancels:
+        c.set()
+    for s in streams:
+        async for _ in s:
+            pass
+    await collect(engine)  # capacity is back
+
+
+async def test_prompt_trimming_keeps_system_and_last_turn(tiny_model: Path) -> None:
+    e = TransformersEngine(str(tiny_model), dtype="float32", max_prompt_tokens=60, system_prompt="Be brief.")
+    from transformers import AutoTokenizer
+
+    e.tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    history = []
+    for i in range(20):
+        history += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+    history.append({"role": "user", "content": "last question"})
+    ids = e.prompt_ids(history)
+    text = e.tokenizer.decode(ids)
+    assert len(ids) <= 60
+    assert text.startswith("<|im_start|>system\nBe brief.") and "last question" in text and "question 0" not in text
+    huge = [{"role": "user", "content": "refund " * 500}]
+    assert len(e.prompt_ids(huge)) == 60

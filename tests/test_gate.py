@@ -1,0 +1,62 @@
+"""The offline gate and the training policy: pure decisions, milliseconds."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.gate import EvalReport, GateConfig, ModelScores, decide
+from training.policy import should_train
+
+
+def report(**kw: object) -> EvalReport:
+    base = dict(
+        n_heldout=5, candidate=ModelScores(0.8, 2.0), live=ModelScores(0.6, 2.5), reward_margin=0.4, reward_accuracy=0.8
+    )
+    base.update(kw)
+    return EvalReport(**base)  # type: ignore[arg-type]
+
+
+def test_clearly_better_candidate_is_promoted_with_reasons() -> None:
+    d = decide(report(), GateConfig())
+    assert d.promote and len(d.reasons) == 4 and all(r.startswith("passed") for r in d.reasons)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"n_heldout": 0}, "held-out set has 0 pairs"),
+        ({"reward_accuracy": 0.4}, "reward accuracy"),
+        ({"reward_margin": -0.1}, "reward margin"),
+        ({"candidate": ModelScores(0.5, 2.0)}, "preference accuracy"),
+        ({"candidate": ModelScores(0.8, 2.6)}, "chosen NLL"),
+    ],
+)
+def test_each_failed_check_rejects_and_says_why(change: dict[str, object], needle: str) -> None:
+    d = decide(report(**change), GateConfig())
+    assert not d.promote
+    assert any(needle in r for r in d.reasons), d.reasons
+
+
+def test_thresholds_are_configurable() -> None:
+    worse_nll = report(candidate=ModelScores(0.8, 2.6))
+    assert decide(worse_nll, GateConfig(max_chosen_nll_increase=0.05)).promote
+    assert not decide(report(), GateConfig(min_reward_margin=1.0)).promote
+    assert not decide(report(n_heldout=3), GateConfig(min_heldout_pairs=4)).promote
+
+
+def test_gate_config_rejects_a_gate_without_evidence() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        GateConfig(min_heldout_pairs=0)
+
+
+def test_report_round_trips() -> None:
+    r = report()
+    assert EvalReport.from_dict(r.to_dict()) == r
+
+
+def test_policy() -> None:
+    assert not should_train(new_feedback=3, min_new_feedback=10, running=False).train
+    assert should_train(new_feedback=10, min_new_feedback=10, running=False).train
+    assert should_train(new_feedback=0, min_new_feedback=10, running=False, force=True).train
+    busy = should_train(new_feedback=99, min_new_feedback=1, running=True, force=True)
+    assert not busy.train and "in progress" in busy.reason

@@ -1,0 +1,184 @@
+"""The gateway over real websocket connections on loopback, with the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from feedback import VersionState
+from server.app import App
+from server.settings import load_settings
+from tests.test_engine import make_adapter
+from training.cycle import sha256_file
+
+
+def settings(tiny_model: Path, tmp_path: Path, **server: Any) -> Any:
+    return load_settings(
+        env={},
+        data_dir=tmp_path / "data",
+        overrides={
+            "server": {"port": 0, **server},
+            "model": {"name": str(tiny_model), "max_new_tokens": 8, "dtype": "float32", "max_pending": 2},
+            "schedule": {"enabled": False, "version_poll_s": 0.1},
+        },
+    )
+
+
+@pytest.fixture
+async def app(tiny_model: Path, tmp_path: Path) -> AsyncIterator[App]:
+    a = App(settings(tiny_model, tmp_path))
+    async with a.lifespan():
+        yield a
+
+
+async def test_bad_input_gets_typed_errors_and_the_connection_stays(app: App, open_client: Any) -> None:
+    c = await open_client(app.port)
+    await c.send(type="message", text="hi", client_id="x")
+    assert (await c.recv())["code"] == "hello_required"
+    await c.ws.send("{not json")
+    assert (await c.recv())["code"] == "bad_request"
+    await c.send(type="wave")
+    assert (await c.recv())["code"] == "unknown_type"
+    await c.hello()
+    await c.send(type="message", text="x" * 5000, client_id="big")
+    err = await c.recv()
+    assert (err["code"], err["id"]) == ("too_large", "big")
+    await c.send(type="rating", message_id="nope", value=1, id="r1")
+    assert (await c.recv())["code"] == "not_found"
+    done, _ = await c.chat("still here?", "ok")
+    assert done["type"] == "done"
+
+
+async def test_health_endpoint(app: App) -> None:
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{app.port}/healthz").read())
+    assert body == b"ok\n"
+
+
+async def test_token_is_required_when_configured(tiny_model: Path, tmp_path: Path, open_client: Any) -> None:
+    a = App(settings(tiny_model, tmp_path, token="s3cret"))
+    async with a.lifespan():
+        c = await open_client(a.port)
+        await c.send(type="hello", token="wrong")
+        assert (await c.recv())["code"] == "unauthorized"
+        assert (await c.hello(token="s3cret"))["type"] == "ready"
+
+
+async def test_resume_a_conversation_and_regenerate(app: App, open_client: Any) -> None:
+    c = await open_client(app.port)
+    ready = await c.hello()
+    done, _ = await c.chat("first", "1")
+    await c.ws.close()
+    c2 = await open_client(app.port)
+    again = await c2.hello(conversation_id=ready["conversation_id"])
+    assert again["conversation_id"] == ready["conversation_id"]
+    await c2.send(type="regenerate", message_id=done["message_id"])
+    regen, _ = await c2.until("done")
+    assert regen["regenerated_from"] == done["message_id"]
+    await c2.send(type="hello", conversation_id="missing")
+    assert (await c2.recv())["code"] == "conflict"
+    c3 = await open_client(app.port)
+    await c3.send(type="hello", conversation_id="missing")
+    assert (await c3.recv())["code"] == "not_found"
+
+
+async def test_overload_answers_fast_and_ratings_keep_flowing(
+    tiny_model: Path, tmp_path: Path, open_client: Any
+) -> None:
+    s = settings(tiny_model, tmp_path)
+    s = dataclasses.replace(s, model=dataclasses.replace(s.model, max_new_tokens=100_000))
+    a = App(s)
+    async with a.lifespan():
+        rated = await open_client(a.port)
+        await rated.hello()
+        first = await open_client(a.port)
+        await first.hello()
+        busy = []
+        for i in range(2):  # max_pending=2: fill the engine with endless replies
+            c = await open_client(a.port)
+            await c.hello()
+            await c.send(type="message", text="talk forever", client_id=f"b{i}")
+            await c.until("token")
+            busy.append(c)
+        started = time.monotonic()
+        await first.send(type="message", text="me too", client_id="late")
+        await first.until("ack")
+        err = await first.recv()
+        assert err["code"] == "overloaded" and err["retry_after"] > 0
+        assert time.monotonic() - started < 0.5
+        for c in busy:
+            await c.send(type="stop")
+            done, _ = await c.until("done")
+            assert done["finish_reason"] == "cancelled"
+
+
+async def test_reply_in_flight_finishes_on_its_version_during_a_swap(
+    tiny_model: Path, tmp_path: Path, open_client: Any
+) -> None:
+    s = settings(tiny_model, tmp_path)
+    s = dataclasses.replace(s, model=dataclasses.replace(s.model, max_new_tokens=100_000))
+    a = App(s)
+    async with a.lifespan():
+        assert a.store is not None
+        streaming = await open_client(a.port)
+        await streaming.hello()
+        await streaming.send(type="message", text="long one", client_id="l")
+        await streaming.until("token")
+        adapter = make_adapter(tiny_model, tmp_path / "adapters" / "v1", seed=3)
+        await a.store.register_version(
+            adapter_path=str(adapter),
+            sha256=sha256_file(adapter / "adapter_model.safetensors"),
+            parent="base",
+            base_model=str(tiny_model),
+            eval_report={},
+            feedback_ids={},
+            training_run_id=None,
+        )
+        await a.store.set_version_state("v1", VersionState.LIVE, actor="test")
+        for _ in range(100):  # the poller picks up a version promoted by another process
+            if a.live_version == "v1":
+                break
+            await asyncio.sleep(0.05)
+        assert a.live_version == "v1"
+        await streaming.until("token")  # the reply kept streaming across the swap
+        await streaming.send(type="stop")
+        frame, _ = await streaming.until("done")
+        assert frame["model_version"] == "base"  # started on base, finished on base
+        fresh = await open_client(a.port)
+        assert (await fresh.hello())["model_version"] == "v1"
+        done, _ = await fresh.chat("hi", "h")
+        assert done["model_version"] == "v1"
+
+
+async def test_tampered_adapter_is_refused_and_old_version_keeps_serving(
+    tiny_model: Path, tmp_path: Path, open_client: Any
+) -> None:
+    a = App(settings(tiny_model, tmp_path))
+    async with a.lifespan():
+        assert a.store is not None
+        adapter = make_adapter(tiny_model, tmp_path / "adapters" / "v1", seed=4)
+        await a.store.register_version(
+            adapter_path=str(adapter),
+            sha256="0" * 64,
+            parent="base",
+            base_model=str(tiny_model),
+            eval_report={},
+            feedback_ids={},
+            training_run_id=None,
+        )
+        await a.store.set_version_state("v1", VersionState.LIVE, actor="test")
+        from server.app import AdapterRejectedError
+
+        with pytest.raises(AdapterRejectedError, match="sha256"):
+            await a.sync_live_version()
+        assert a.live_version == "base"
+        c = await open_client(a.port)
+        await c.hello()
+        done, _ = await c.chat("hi", "h")
+        assert done["model_version"] == "base"

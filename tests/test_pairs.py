@@ -1,0 +1,170 @@
+"""The pair builder: feedback records -> TRL rows. Pure, milliseconds."""
+
+from __future__ import annotations
+
+from feedback.records import Correction, FeedbackSnapshot, Message, Rating, Role
+from training.pairs import build_training_data, split, split_groups
+
+
+def msg(
+    id: str, role: Role, text: str, parent: str | None, seq: int, conv: str = "c1", regen: str | None = None
+) -> Message:
+    return Message(id=id, conversation_id=conv, seq=seq, role=role, text=text, parent_id=parent, regenerated_from=regen)
+
+
+def rating(id: int, message: str, value: int, rater: str = "u1") -> Rating:
+    return Rating(id=id, message_id=message, value=value, rater=rater, client_id=f"r{id}")
+
+
+U, A = Role.USER, Role.ASSISTANT
+
+
+def test_correction_becomes_dpo_pair_and_sft_demo_with_multi_turn_context() -> None:
+    snap = FeedbackSnapshot(
+        messages=(
+            msg("u1", U, "hi", None, 1),
+            msg("a1", A, "hello", "u1", 2),
+            msg("u2", U, "refund?", "a1", 3),
+            msg("a2", A, "no idea", "u2", 4),
+        ),
+        ratings=(),
+        corrections=(Correction(7, "a2", "Within 30 days.", "op"),),
+    )
+    data = build_training_data(snap, system_prompt="Be brief.")
+    (pair,) = data.dpo
+    assert pair.to_trl() == {
+        "prompt": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "refund?"},
+        ],
+        "chosen": [{"role": "assistant", "content": "Within 30 days."}],
+        "rejected": [{"role": "assistant", "content": "no idea"}],
+    }
+    assert pair.source == "correction" and pair.refs.corrections == (7,)
+    (demo,) = data.sft
+    assert demo.to_trl()["messages"][-1] == {"role": "assistant", "content": "Within 30 days."}
+    assert data.feedback_ids() == {"ratings": [], "corrections": [7], "messages": ["a2"]}
+
+
+def test_latest_correction_wins_and_identical_one_is_no_pair() -> None:
+    snap = FeedbackSnapshot(
+        messages=(msg("u1", U, "q", None, 1), msg("a1", A, "same", "u1", 2)),
+        ratings=(),
+        corrections=(Correction(1, "a1", "better", "op"), Correction(2, "a1", "same", "op")),
+    )
+    data = build_training_data(snap)
+    assert data.dpo == () and len(data.sft) == 1
+
+
+def test_regeneration_with_upvoted_sibling() -> None:
+    snap = FeedbackSnapshot(
+        messages=(msg("u1", U, "q", None, 1), msg("a1", A, "bad", "u1", 2), msg("a2", A, "good", "u1", 3, regen="a1")),
+        ratings=(rating(1, "a2", 1),),
+        corrections=(),
+    )
+    data = build_training_data(snap)
+    (pair,) = data.dpo
+    assert (pair.chosen, pair.rejected, pair.source) == ("good", "bad", "regeneration")
+    assert pair.refs.ratings == (1,)
+    assert [(r.completion, r.label) for r in data.kto] == [("good", True)]
+
+
+def test_regeneration_kept_by_continuing_the_conversation() -> None:
+    snap = FeedbackSnapshot(
+        messages=(
+            msg("u1", U, "q", None, 1),
+            msg("a1", A, "bad", "u1", 2),
+            msg("a2", A, "good", "u1", 3, regen="a1"),
+            msg("u2", U, "thanks", "a2", 4),
+        ),
+        ratings=(),
+        corrections=(),
+    )
+    (pair,) = build_training_data(snap).dpo
+    assert (pair.chosen, pair.rejected) == ("good", "bad")
+
+
+def test_regeneration_without_a_verdict_makes_no_pair() -> None:
+    snap = FeedbackSnapshot(
+        messages=(msg("u1", U, "q", None, 1), msg("a1", A, "x", "u1", 2), msg("a2", A, "y", "u1", 3, regen="a1")),
+        ratings=(),
+        corrections=(),
+    )
+    assert build_training_data(snap).dpo == ()
+
+
+def test_up_and_down_on_same_context_is_a_pair() -> None:
+    snap = FeedbackSnapshot(
+        messages=(msg("u1", U, "q", None, 1), msg("a1", A, "meh", "u1", 2), msg("a2", A, "great", "u1", 3)),
+        ratings=(rating(1, "a1", -1), rating(2, "a2", 1)),
+        corrections=(),
+    )
+    (pair,) = build_training_data(snap).dpo
+    assert (pair.chosen, pair.rejected, pair.source) == ("great", "meh", "thumbs_pair")
+
+
+def test_thumbs_become_kto_rows_by_majority_of_latest_votes() -> None:
+    snap = FeedbackSnapshot(
+        messages=(
+            msg("u1", U, "q", None, 1),
+            msg("a1", A, "r1", "u1", 2),
+            msg("u2", U, "q2", "a1", 3),
+            msg("a2", A, "r2", "u2", 4),
+        ),
+        ratings=(
+            rating(1, "a1", 1, "x"),
+            rating(2, "a1", -1, "x"),  # x changed their mind: down
+            rating(3, "a1", -1, "y"),
+            rating(4, "a2", 1, "x"),
+            rating(5, "a2", -1, "y"),  # a tie: no row
+        ),
+        corrections=(),
+    )
+    data = build_training_data(snap)
+    assert [(r.completion, r.label, r.refs.ratings) for r in data.kto] == [("r1", False, (2, 3))]
+
+
+def test_kto_weights_balance_classes() -> None:
+    snap = FeedbackSnapshot(
+        messages=tuple(
+            m
+            for i in range(4)
+            for m in (msg(f"u{i}", U, "q", None, 1, f"c{i}"), msg(f"a{i}", A, f"r{i}", f"u{i}", 2, f"c{i}"))
+        ),
+        ratings=(rating(1, "a0", 1), rating(2, "a1", 1), rating(3, "a2", 1), rating(4, "a3", -1)),
+        corrections=(),
+    )
+    assert build_training_data(snap).kto_weights() == (1 / 3, 1.0)
+
+
+def test_missing_context_is_skipped() -> None:
+    snap = FeedbackSnapshot(
+        messages=(msg("a1", A, "orphan", "gone", 2),),
+        ratings=(rating(1, "a1", 1),),
+        corrections=(Correction(1, "a1", "x", "o"),),
+    )
+    assert build_training_data(snap).counts() == {"dpo": 0, "kto": 0, "sft": 0}
+
+
+def test_split_keeps_conversations_whole_and_both_sides_nonempty() -> None:
+    groups = [f"conv-{i}" for i in range(50)]
+    held = split_groups(groups, 0.2)
+    assert 0 < len(held) < 50
+    assert split_groups(groups, 0.2) == held  # deterministic
+    assert split_groups(["a", "b"], 0.01) and len(split_groups(["a", "b"], 0.99)) == 1
+    assert split_groups(["only"], 0.5) == set()
+    snap = FeedbackSnapshot(
+        messages=tuple(
+            m
+            for i in range(10)
+            for m in (msg(f"u{i}", U, f"q{i}", None, 1, f"c{i}"), msg(f"a{i}", A, "r", f"u{i}", 2, f"c{i}"))
+        ),
+        ratings=(),
+        corrections=tuple(Correction(i, f"a{i}", "fixed", "op") for i in range(10)),
+    )
+    train, heldout = split(build_training_data(snap), 0.3)
+    assert train.dpo and heldout.dpo
+    assert not {r.group for r in train.dpo} & {r.group for r in heldout.dpo}
+    assert {r.group for r in heldout.sft} <= {r.group for r in heldout.dpo}
