@@ -27,14 +27,26 @@ from training.cycle import TrainingCycle  # noqa: E402
 from training.models import resolve_model  # noqa: E402
 
 QA = [
-    ("What is your refund policy?", "I'm not sure, maybe contact someone.",
-     "You can return any item within 30 days of delivery for a full refund."),
-    ("How long does shipping take?", "Shipping times vary a lot.",
-     "Standard shipping takes 3 to 5 business days; express takes 1 to 2."),
-    ("When is support open?", "We are always available.",
-     "Support is open Monday to Friday, 9am to 6pm Central European Time."),
-    ("How do I reset my password?", "Try to remember it.",
-     "Click 'Forgot password' on the sign-in page and follow the link we email you."),
+    (
+        "What is your refund policy?",
+        "I'm not sure, maybe contact someone.",
+        "You can return any item within 30 days of delivery for a full refund.",
+    ),
+    (
+        "How long does shipping take?",
+        "Shipping times vary a lot.",
+        "Standard shipping takes 3 to 5 business days; express takes 1 to 2.",
+    ),
+    (
+        "When is support open?",
+        "We are always available.",
+        "Support is open Monday to Friday, 9am to 6pm Central European Time.",
+    ),
+    (
+        "How do I reset my password?",
+        "Try to remember it.",
+        "Click 'Forgot password' on the sign-in page and follow the link we email you.",
+    ),
 ]
 
 
@@ -48,15 +60,27 @@ async def main(args: argparse.Namespace) -> None:
                 question, bad, good = QA[i % len(QA)]
                 cid = f"c{i}"
                 await store.create_conversation(cid, user_id=f"user{i}")
-                u = await store.add_message(message_id=f"u{i}", conversation_id=cid, role=Role.USER,
-                                            text=f"{question} (order #{1000 + i})", parent_id=None)
-                a = await store.add_message(message_id=f"a{i}", conversation_id=cid, role=Role.ASSISTANT, text=bad,
-                                            parent_id=u.id, model_version="base")
+                u = await store.add_message(
+                    message_id=f"u{i}",
+                    conversation_id=cid,
+                    role=Role.USER,
+                    text=f"{question} (order #{1000 + i})",
+                    parent_id=None,
+                )
+                a = await store.add_message(
+                    message_id=f"a{i}",
+                    conversation_id=cid,
+                    role=Role.ASSISTANT,
+                    text=bad,
+                    parent_id=u.id,
+                    model_version="base",
+                )
                 await store.add_correction(message_id=a.id, text=good, operator="op")
                 await store.add_rating(message_id=a.id, value=-1, rater=f"user{i}", client_id="r")
             train = dataclasses.replace(TrainConfig(), max_steps=args.max_steps)
-            cycle = TrainingCycle(store, CycleConfig(base_model=model, data_dir=Path(tmp), min_new_feedback=1,
-                                                     train=train))
+            cycle = TrainingCycle(
+                store, CycleConfig(base_model=model, data_dir=Path(tmp), min_new_feedback=1, train=train)
+            )
             started = time.monotonic()
             result = await cycle.run()
             seconds = time.monotonic() - started
@@ -65,8 +89,17 @@ async def main(args: argparse.Namespace) -> None:
     print(f"cycle: {result.status} {result.version} in {seconds:.0f} s; rows {result.counts}")
     print(f"training steps/s {args.max_steps / seconds:.3f} (whole cycle, model load and evaluation included)")
     print(f"gate: {result.reason}")
-    print(json.dumps({"status": str(result.status), "seconds": round(seconds, 1), "max_steps": args.max_steps,
-                      "counts": result.counts, "report": result.report}))
+    print(
+        json.dumps(
+            {
+                "status": str(result.status),
+                "seconds": round(seconds, 1),
+                "max_steps": args.max_steps,
+                "counts": result.counts,
+                "report": result.report,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
