@@ -101,8 +101,12 @@ class FeedbackStore:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = await _connect(path)
-        await _migrate(writer)
-        reader = await _connect(path)
+        try:
+            await _migrate(writer)
+            reader = await _connect(path)
+        except BaseException:
+            await writer.close()  # its thread would otherwise keep the process alive
+            raise
         return cls(path, writer, reader)
 
     async def close(self) -> None:

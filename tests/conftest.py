@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,20 @@ from websockets.asyncio.client import ClientConnection, connect
 from tests.factories import build_tiny_model
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_database_threads() -> Iterator[None]:
+    """A store left open keeps an aiosqlite thread alive, and the test process never exits."""
+    before = {t.ident for t in threading.enumerate()}
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        leaked = [t.name for t in threading.enumerate() if t.ident not in before and "_connection_worker" in t.name]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not leaked, f"database connections left open: {leaked}"
 
 
 @pytest.fixture(scope="session")
