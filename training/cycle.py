@@ -1,6 +1,6 @@
 """One training cycle: feedback -> data -> LoRA (subprocess) -> evaluation -> gate -> version.
 
-    export snapshot -> build TRL rows -> split by conversation -> write JSONL
+    export snapshot -> build TRL rows -> clean (PII, control tokens, dedupe) -> split -> JSONL
     -> python -m training.job (progress lines -> training_runs.progress)
     -> move adapter to adapters/vN (atomic rename) -> sha256 -> register candidate
     -> gate.decide -> live (previous live retired) or rejected
@@ -28,6 +28,7 @@ from typing import Any
 
 from feedback import FeedbackStore, RunState, VersionState
 from training import pairs
+from training.clean import clean
 from training.config import CycleConfig
 from training.gate import EvalReport, decide
 from training.policy import should_train
@@ -110,7 +111,7 @@ class TrainingCycle:
             return CycleResult(CycleStatus.SKIPPED, decision.reason)
 
         snapshot = await self.store.export_feedback()
-        data = pairs.build_training_data(snapshot, system_prompt=cfg.system_prompt)
+        data, cleaning = clean(pairs.build_training_data(snapshot, system_prompt=cfg.system_prompt))
         train, heldout = pairs.split(data, cfg.heldout_fraction)
         counts = {**{f"train_{k}": v for k, v in train.counts().items()}, "heldout_dpo": len(heldout.dpo)}
         if not train.dpo and not pairs.class_balance_ok(train):
@@ -156,6 +157,7 @@ class TrainingCycle:
                 base_model=cfg.base_model,
                 eval_report={
                     **report.to_dict(),
+                    "cleaning": cleaning.summary(),
                     "trainer": job.get("trainer"),
                     "counts": counts,
                     "dataset_id": spec["dataset_id"],
