@@ -10,11 +10,13 @@ from feedback.records import (
     FeedbackSnapshot,
     Message,
     ModelVersion,
+    RaterState,
     Rating,
     Role,
     RunState,
     TrainingRun,
     VersionState,
+    subject_hash,
 )
 from feedback.store import FeedbackStore, InvalidError, NotFoundError, StoreError
 
@@ -29,9 +31,11 @@ __all__ = [
     "ModelVersion",
     "NotFoundError",
     "Rating",
+    "RaterState",
     "Role",
     "RunState",
     "StoreError",
     "TrainingRun",
     "VersionState",
+    "subject_hash",
 ]

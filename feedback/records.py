@@ -6,6 +6,8 @@ training cores can be tested without a database.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -28,6 +30,14 @@ class VersionState(StrEnum):
     RETIRED = "retired"
 
 
+class RaterState(StrEnum):
+    """Review state of a rater whose ratings were flagged as anomalous."""
+
+    PENDING = "pending"  # held: their ratings do not train until an operator decides
+    APPROVED = "approved"  # an operator vouched for them: never flagged again
+    REJECTED = "rejected"  # their ratings never train
+
+
 class RunState(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -39,12 +49,18 @@ BASE_VERSION = "base"
 """Name of the version that serves the base model without any adapter."""
 
 
+def subject_hash(subject: str) -> str:
+    """The form in which an erased user is remembered (tombstones never hold the raw id)."""
+    return hashlib.sha256(f"learnloop-erasure:{subject}".encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Conversation:
     id: str
     user_id: str | None
     channel: str
     created_at: float
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,11 @@ class Message:
     finish_reason: str | None = None
     n_tokens: int | None = None
     created_at: float = 0.0
+    author: str | None = None  # "operator:<name>" for a reply an operator wrote (takeover)
+
+    @property
+    def by_operator(self) -> bool:
+        return bool(self.author and self.author.startswith("operator:"))
 
 
 @dataclass(frozen=True)
@@ -93,6 +114,10 @@ class FeedbackSnapshot:
     corrections: tuple[Correction, ...]
     max_rating_id: int = 0
     max_correction_id: int = 0
+    conversations: tuple[Conversation, ...] = ()
+    excluded_messages: frozenset[str] = frozenset()  # operators took these out of training
+    rater_states: Mapping[str, RaterState] = field(default_factory=dict)
+    erased_subjects: frozenset[str] = frozenset()  # subject_hash() of erased users
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,30 @@ MIGRATIONS: tuple[str, ...] = (
         detail   TEXT
     );
     """,
+    # 2: trust and privacy: tenants, operator-written replies, exclusions, rater reviews, erasures
+    """
+    ALTER TABLE conversations ADD COLUMN tenant TEXT;
+    ALTER TABLE messages ADD COLUMN author TEXT;
+    CREATE INDEX conversations_user ON conversations(user_id);
+    CREATE INDEX ratings_rater ON ratings(rater);
+    CREATE TABLE training_exclusions (
+        message_id  TEXT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+        reason      TEXT NOT NULL,
+        operator    TEXT NOT NULL,
+        created_at  REAL NOT NULL
+    );
+    CREATE TABLE rater_reviews (
+        rater       TEXT PRIMARY KEY,
+        state       TEXT NOT NULL CHECK (state IN ('pending', 'approved', 'rejected')),
+        reasons     TEXT NOT NULL,
+        reviewer    TEXT,
+        updated_at  REAL NOT NULL
+    );
+    CREATE TABLE erasures (
+        subject_hash  TEXT PRIMARY KEY,
+        erased_at     REAL NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

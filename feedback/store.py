@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -31,11 +32,13 @@ from feedback.records import (
     FeedbackSnapshot,
     Message,
     ModelVersion,
+    RaterState,
     Rating,
     Role,
     RunState,
     TrainingRun,
     VersionState,
+    subject_hash,
 )
 from feedback.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -61,10 +64,12 @@ class InvalidError(StoreError):
 class _Pending:
     op: WriteOp
     future: asyncio.Future[Any]
+    outside_transaction: bool = False  # e.g. a WAL checkpoint: runs alone, between batches
 
 
 _PRAGMAS = (
     "PRAGMA journal_mode=WAL",
+    "PRAGMA secure_delete=ON",  # erased rows are overwritten, not just unlinked
     "PRAGMA synchronous=FULL",
     "PRAGMA foreign_keys=ON",
     "PRAGMA busy_timeout=10000",
@@ -107,7 +112,13 @@ class FeedbackStore:
         except BaseException:
             await writer.close()  # its thread would otherwise keep the process alive
             raise
-        return cls(path, writer, reader)
+        store = cls(path, writer, reader)
+        try:
+            await store._reapply_tombstones()
+        except BaseException:
+            await store.close()
+            raise
+        return store
 
     async def close(self) -> None:
         await self._queue.put(None)
@@ -123,11 +134,11 @@ class FeedbackStore:
 
     # --- the writer -------------------------------------------------------------------
 
-    async def _write(self, op: WriteOp) -> Any:
+    async def _write(self, op: WriteOp, *, outside_transaction: bool = False) -> Any:
         if self._task.done():
             raise StoreError("the store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(op, future))
+        await self._queue.put(_Pending(op, future, outside_transaction))
         return await future
 
     async def _write_loop(self) -> None:
@@ -136,14 +147,29 @@ class FeedbackStore:
             first = await self._queue.get()
             if first is None:
                 break
+            if first.outside_transaction:
+                await self._run_alone(first)
+                continue
             batch = [first]
+            alone: _Pending | None = None
             while len(batch) < self._max_batch and not self._queue.empty():
                 item = self._queue.get_nowait()
                 if item is None:
                     stopping = True
                     break
+                if item.outside_transaction:
+                    alone = item
+                    break
                 batch.append(item)
             await self._run_batch(batch)
+            if alone is not None:
+                await self._run_alone(alone)
+
+    async def _run_alone(self, item: _Pending) -> None:
+        try:
+            item.future.set_result(await item.op(self._writer))
+        except Exception as exc:
+            item.future.set_exception(exc)
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         conn = self._writer
@@ -189,25 +215,24 @@ class FeedbackStore:
     # --- conversations and messages ---------------------------------------------------
 
     async def create_conversation(
-        self, conversation_id: str, *, user_id: str | None = None, channel: str = "websocket"
+        self, conversation_id: str, *, user_id: str | None = None, channel: str = "websocket", tenant: str | None = None
     ) -> Conversation:
         now = time.time()
 
         async def op(conn: aiosqlite.Connection) -> None:
             await conn.execute(
-                "INSERT INTO conversations (id, user_id, channel, created_at) VALUES (?, ?, ?, ?)",
-                (conversation_id, user_id, channel, now),
+                "INSERT INTO conversations (id, user_id, channel, tenant, created_at) VALUES (?, ?, ?, ?, ?)",
+                (conversation_id, user_id, channel, tenant, now),
             )
 
         await self._write(op)
-        return Conversation(conversation_id, user_id, channel, now)
+        return Conversation(conversation_id, user_id, channel, now, tenant)
 
     async def get_conversation(self, conversation_id: str) -> Conversation:
         rows = await self._read("SELECT * FROM conversations WHERE id = ?", (conversation_id,))
         if not rows:
             raise NotFoundError(f"conversation {conversation_id!r} does not exist")
-        r = rows[0]
-        return Conversation(r["id"], r["user_id"], r["channel"], r["created_at"])
+        return _conversation(rows[0])
 
     async def add_message(
         self,
@@ -222,6 +247,7 @@ class FeedbackStore:
         latency_ms: float | None = None,
         finish_reason: str | None = None,
         n_tokens: int | None = None,
+        author: str | None = None,
     ) -> Message:
         now = time.time()
 
@@ -234,8 +260,8 @@ class FeedbackStore:
             try:
                 await conn.execute(
                     "INSERT INTO messages (id, conversation_id, seq, role, text, parent_id, regenerated_from,"
-                    " model_version, latency_ms, finish_reason, n_tokens, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " model_version, latency_ms, finish_reason, n_tokens, created_at, author)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         message_id,
                         conversation_id,
@@ -249,6 +275,7 @@ class FeedbackStore:
                         finish_reason,
                         n_tokens,
                         now,
+                        author,
                     ),
                 )
             except sqlite3.IntegrityError as exc:
@@ -271,6 +298,26 @@ class FeedbackStore:
             finish_reason,
             n_tokens,
             now,
+            author,
+        )
+
+    async def add_operator_reply(self, *, conversation_id: str, text: str, operator: str, message_id: str) -> Message:
+        """An operator's own answer in a conversation (takeover); it trains as a demonstration."""
+        text = text.strip()
+        if not text:
+            raise InvalidError("an operator reply needs a non-empty text")
+        users = [m for m in await self.conversation_messages(conversation_id) if m.role is Role.USER]
+        if not users:
+            raise NotFoundError(f"conversation {conversation_id!r} has no user message to answer")
+        # the operator answers the customer's latest message (beside any reply the model gave)
+        return await self.add_message(
+            message_id=message_id,
+            conversation_id=conversation_id,
+            role=Role.ASSISTANT,
+            text=text,
+            parent_id=users[-1].id,
+            author=f"operator:{operator}",
+            finish_reason="operator",
         )
 
     async def get_message(self, message_id: str) -> Message:
@@ -344,7 +391,8 @@ class FeedbackStore:
         rows = await self._read(
             "SELECT (SELECT COUNT(*) FROM ratings WHERE id > ?)"
             " + (SELECT COUNT(*) FROM corrections WHERE id > ?)"
-            " + (SELECT COUNT(*) FROM messages WHERE regenerated_from IS NOT NULL AND created_at > ?)",
+            " + (SELECT COUNT(*) FROM messages WHERE (regenerated_from IS NOT NULL OR author LIKE 'operator:%')"
+            " AND created_at > ?)",
             (after_rating_id, after_correction_id, after_time),
         )
         return int(rows[0][0])
@@ -358,7 +406,7 @@ class FeedbackStore:
                 cur = await conn.execute(
                     "SELECT m.* FROM messages m WHERE m.conversation_id IN ("
                     " SELECT DISTINCT x.conversation_id FROM messages x"
-                    " WHERE x.regenerated_from IS NOT NULL"
+                    " WHERE x.regenerated_from IS NOT NULL OR x.author LIKE 'operator:%'"
                     " OR x.id IN (SELECT message_id FROM ratings)"
                     " OR x.id IN (SELECT message_id FROM corrections))"
                     " ORDER BY m.conversation_id, m.seq"
@@ -368,6 +416,20 @@ class FeedbackStore:
                 ratings = tuple(_rating(r) for r in await cur.fetchall())
                 cur = await conn.execute("SELECT * FROM corrections ORDER BY id")
                 corrections = tuple(_correction(r) for r in await cur.fetchall())
+                conversation_ids = sorted({m.conversation_id for m in messages})
+                conversations = []
+                for i in range(0, len(conversation_ids), 500):
+                    chunk = conversation_ids[i : i + 500]
+                    cur = await conn.execute(
+                        f"SELECT * FROM conversations WHERE id IN ({','.join('?' * len(chunk))})", chunk
+                    )
+                    conversations += [_conversation(r) for r in await cur.fetchall()]
+                cur = await conn.execute("SELECT message_id FROM training_exclusions")
+                excluded = frozenset(r[0] for r in await cur.fetchall())
+                cur = await conn.execute("SELECT rater, state FROM rater_reviews")
+                rater_states = {r[0]: RaterState(r[1]) for r in await cur.fetchall()}
+                cur = await conn.execute("SELECT subject_hash FROM erasures")
+                erased = frozenset(r[0] for r in await cur.fetchall())
             finally:
                 await conn.execute("COMMIT")
         return FeedbackSnapshot(
@@ -376,7 +438,210 @@ class FeedbackStore:
             corrections=corrections,
             max_rating_id=max((r.id for r in ratings), default=0),
             max_correction_id=max((c.id for c in corrections), default=0),
+            conversations=tuple(conversations),
+            excluded_messages=excluded,
+            rater_states=rater_states,
+            erased_subjects=erased,
         )
+
+    # --- trust: exclusions and rater reviews ------------------------------------------
+
+    async def exclude_message(self, message_id: str, *, reason: str, operator: str) -> None:
+        """Keep a message (and every row built from it) out of training."""
+        now = time.time()
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            cursor = await conn.execute("SELECT 1 FROM messages WHERE id = ?", (message_id,))
+            if await cursor.fetchone() is None:
+                raise NotFoundError(f"message {message_id!r} does not exist")
+            await conn.execute(
+                "INSERT INTO training_exclusions (message_id, reason, operator, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (message_id) DO UPDATE SET reason = excluded.reason, operator = excluded.operator",
+                (message_id, reason, operator, now),
+            )
+            await _audit(conn, operator, "exclude", message_id, {"reason": reason})
+
+        await self._write(op)
+
+    async def include_message(self, message_id: str, *, operator: str) -> None:
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute("DELETE FROM training_exclusions WHERE message_id = ?", (message_id,))
+            await _audit(conn, operator, "include", message_id, {})
+
+        await self._write(op)
+
+    async def flag_raters(self, flags: dict[str, list[str]]) -> list[str]:
+        """Hold newly flagged raters for review; raters already reviewed keep their state.
+
+        Returns the raters that became pending now.
+        """
+        now = time.time()
+
+        async def op(conn: aiosqlite.Connection) -> list[str]:
+            added = []
+            for rater, reasons in sorted(flags.items()):
+                cursor = await conn.execute(
+                    "INSERT INTO rater_reviews (rater, state, reasons, updated_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (rater) DO NOTHING",
+                    (rater, RaterState.PENDING, json.dumps(reasons), now),
+                )
+                if cursor.rowcount == 1:
+                    added.append(rater)
+                    await _audit(conn, "trust", "flag", rater, {"reasons": reasons})
+            return added
+
+        added: list[str] = await self._write(op)
+        return added
+
+    async def review_rater(self, rater: str, state: RaterState, *, reviewer: str) -> None:
+        now = time.time()
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO rater_reviews (rater, state, reasons, reviewer, updated_at) VALUES (?, ?, '[]', ?, ?)"
+                " ON CONFLICT (rater) DO UPDATE SET state = excluded.state, reviewer = excluded.reviewer,"
+                " updated_at = excluded.updated_at",
+                (rater, state, reviewer, now),
+            )
+            await _audit(conn, reviewer, f"rater:{state}", rater, {})
+
+        await self._write(op)
+
+    async def rater_reviews(self) -> list[dict[str, Any]]:
+        rows = await self._read(
+            "SELECT r.rater, r.state, r.reasons, r.reviewer, r.updated_at,"
+            " (SELECT COUNT(*) FROM ratings x WHERE x.rater = r.rater) AS n_ratings"
+            " FROM rater_reviews r ORDER BY r.updated_at DESC"
+        )
+        return [{**dict(r), "reasons": json.loads(r["reasons"])} for r in rows]
+
+    # --- erasure ----------------------------------------------------------------------
+
+    @property
+    def tombstone_path(self) -> Path:
+        """Erasures are also kept beside the database, so a restored older backup forgets again."""
+        return self.path.with_name(self.path.name + ".erasures")
+
+    async def erase_user(self, user_id: str, *, actor: str) -> dict[str, Any]:
+        """Delete a user's conversations and feedback for good, and remember that they were erased.
+
+        Deleted rows are overwritten (``secure_delete``) and the WAL is checkpointed and
+        truncated, so no byte of their text stays in the database file or its WAL. Returns
+        counts and the model versions whose training data included them.
+        """
+        digest = subject_hash(user_id)
+        self._append_tombstone(digest)
+        result = await self._erase(user_id, digest, actor=actor)
+        await self._checkpoint()
+        return result
+
+    def _append_tombstone(self, digest: str) -> None:
+        with open(self.tombstone_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"subject": digest, "at": time.time()}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    async def _erase(self, user_id: str, digest: str, *, actor: str) -> dict[str, Any]:
+        now = time.time()
+
+        async def op(conn: aiosqlite.Connection) -> dict[str, Any]:
+            async def ids(sql: str, params: tuple[Any, ...]) -> list[Any]:
+                cursor = await conn.execute(sql, params)
+                return [r[0] for r in await cursor.fetchall()]
+
+            conversations = await ids("SELECT id FROM conversations WHERE user_id = ?", (user_id,))
+            marks = ",".join("?" * len(conversations))
+            messages = (
+                await ids(f"SELECT id FROM messages WHERE conversation_id IN ({marks})", tuple(conversations))
+                if conversations
+                else []
+            )
+            raters = [user_id] + [f"conversation:{c}" for c in conversations]
+            rmarks = ",".join("?" * len(raters))
+            mmarks = ",".join("?" * len(messages))
+            rating_ids = await ids(f"SELECT id FROM ratings WHERE rater IN ({rmarks})", tuple(raters))
+            if messages:
+                rating_ids += await ids(f"SELECT id FROM ratings WHERE message_id IN ({mmarks})", tuple(messages))
+            correction_ids = (
+                await ids(f"SELECT id FROM corrections WHERE message_id IN ({mmarks})", tuple(messages))
+                if messages
+                else []
+            )
+            touched: list[str] = []
+            cursor = await conn.execute("SELECT name, feedback_ids FROM model_versions WHERE feedback_ids IS NOT NULL")
+            for row in await cursor.fetchall():
+                used = json.loads(row["feedback_ids"])
+                if (
+                    set(used.get("messages", [])) & set(messages)
+                    or set(used.get("ratings", [])) & set(rating_ids)
+                    or set(used.get("corrections", [])) & set(correction_ids)
+                ):
+                    touched.append(row["name"])
+            await conn.execute(f"DELETE FROM ratings WHERE rater IN ({rmarks})", tuple(raters))
+            await conn.execute(f"DELETE FROM rater_reviews WHERE rater IN ({rmarks})", tuple(raters))
+            if conversations:
+                await conn.execute(f"DELETE FROM ratings WHERE message_id IN ({mmarks})", tuple(messages))
+                await conn.execute(f"DELETE FROM corrections WHERE message_id IN ({mmarks})", tuple(messages))
+                await conn.execute(f"DELETE FROM training_exclusions WHERE message_id IN ({mmarks})", tuple(messages))
+                await conn.execute(f"DELETE FROM messages WHERE conversation_id IN ({marks})", tuple(conversations))
+                await conn.execute(f"DELETE FROM conversations WHERE id IN ({marks})", tuple(conversations))
+            await conn.execute(
+                "INSERT INTO erasures (subject_hash, erased_at) VALUES (?, ?) ON CONFLICT DO NOTHING", (digest, now)
+            )
+            counts = {
+                "conversations": len(conversations),
+                "messages": len(messages),
+                "ratings": len(set(rating_ids)),
+                "corrections": len(correction_ids),
+            }
+            await _audit(conn, actor, "erase", digest, counts)
+            return {**counts, "versions_trained_on_them": sorted(touched)}
+
+        result: dict[str, Any] = await self._write(op)
+        return result
+
+    async def _checkpoint(self) -> None:
+        """Copy the WAL into the database file and truncate the WAL to zero bytes."""
+
+        async def op(conn: aiosqlite.Connection) -> tuple[int, int, int]:
+            cursor = await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            row = await cursor.fetchone()
+            return (row[0], row[1], row[2]) if row else (0, 0, 0)
+
+        async with self._read_lock:  # no read snapshot may pin old WAL frames meanwhile
+            busy, _, _ = await self._write(op, outside_transaction=True)
+        if busy:
+            log.warning("WAL checkpoint was blocked by another connection; it completes at the next checkpoint")
+
+    async def _reapply_tombstones(self) -> None:
+        """Erase again any tombstoned user that is back (say, from a restored older backup)."""
+        if not self.tombstone_path.exists():
+            return
+        digests = set()
+        for line in self.tombstone_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                digests.add(json.loads(line)["subject"])
+        known = {r[0] for r in await self._read("SELECT subject_hash FROM erasures")}
+        subjects = {
+            r[0] for r in await self._read("SELECT DISTINCT user_id FROM conversations WHERE user_id IS NOT NULL")
+        }
+        subjects |= {r[0] for r in await self._read("SELECT DISTINCT rater FROM ratings")}
+        back = [s for s in subjects if subject_hash(s) in digests]
+        for subject in back:
+            log.warning("re-erasing a user erased earlier (their data came back, e.g. from a backup)")
+            await self._erase(subject, subject_hash(subject), actor="tombstone")
+        missing = digests - known - {subject_hash(s) for s in back}
+        for digest in missing:
+
+            async def op(conn: aiosqlite.Connection, digest: str = digest) -> None:
+                await conn.execute(
+                    "INSERT INTO erasures (subject_hash, erased_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                    (digest, time.time()),
+                )
+
+            await self._write(op)
+        if back:
+            await self._checkpoint()
 
     # --- model versions ---------------------------------------------------------------
 
@@ -599,7 +864,12 @@ def _message(r: sqlite3.Row) -> Message:
         finish_reason=r["finish_reason"],
         n_tokens=r["n_tokens"],
         created_at=r["created_at"],
+        author=r["author"],
     )
+
+
+def _conversation(r: sqlite3.Row) -> Conversation:
+    return Conversation(r["id"], r["user_id"], r["channel"], r["created_at"], r["tenant"])
 
 
 def _rating(r: sqlite3.Row) -> Rating:

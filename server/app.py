@@ -17,7 +17,7 @@ from typing import Any
 from feedback import BASE_VERSION, FeedbackStore, ModelVersion
 from server.engine import SamplingConfig, TransformersEngine
 from server.gateway import GatewayContext, start_gateway
-from server.protocol import Limits
+from server.protocol import KeyedRateLimiter, Limits
 from server.settings import Settings
 from training.config import CycleConfig
 from training.cycle import ADAPTER_FILE, CycleResult, CycleStatus, TrainingCycle, sha256_file
@@ -42,6 +42,7 @@ def cycle_config(settings: Settings, base_model: str) -> CycleConfig:
         timeout_s=s.timeout_s,
         train=settings.training,
         gate=settings.gate,
+        trust=settings.trust,
     )
 
 
@@ -89,6 +90,9 @@ class App:
                     rate_burst=s.server.rate_burst,
                 ),
                 token=s.server.token,
+                rating_limiter=KeyedRateLimiter(
+                    per_minute=s.server.ratings_per_minute, burst=max(1, int(s.server.ratings_per_minute))
+                ),
             )
             server = await start_gateway(
                 ctx, host=s.server.host, port=s.server.port, max_frame_bytes=s.server.max_frame_bytes

@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -97,6 +98,122 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_erase(args: argparse.Namespace) -> int:
+    result = asyncio.run(_with_store(_settings(args), lambda s: s.erase_user(args.user, actor=args.operator)))
+    print(json.dumps(result, indent=2))
+    if result["versions_trained_on_them"]:
+        print("these model versions were trained on the erased data: " + ", ".join(result["versions_trained_on_them"]))
+    return 0
+
+
+def cmd_exclude(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.undo:
+        asyncio.run(_with_store(settings, lambda s: s.include_message(args.message_id, operator=args.operator)))
+        print(f"message {args.message_id} may train again")
+    else:
+        asyncio.run(
+            _with_store(
+                settings, lambda s: s.exclude_message(args.message_id, reason=args.reason, operator=args.operator)
+            )
+        )
+        print(f"message {args.message_id} and every row built on it are kept out of training")
+    return 0
+
+
+def cmd_raters(args: argparse.Namespace) -> int:
+    from feedback import RaterState
+
+    settings = _settings(args)
+    if args.action in ("approve", "reject"):
+        if not args.rater:
+            raise SystemExit("learnloop raters approve|reject RATER")
+        state = RaterState.APPROVED if args.action == "approve" else RaterState.REJECTED
+        asyncio.run(_with_store(settings, lambda s: s.review_rater(args.rater, state, reviewer=args.operator)))
+        print(f"rater {args.rater}: {state}")
+        return 0
+    reviews = asyncio.run(_with_store(settings, lambda s: s.rater_reviews()))
+    print(f"{'rater':<32}{'state':<10}{'ratings':>8}  reasons")
+    for r in reviews:
+        print(f"{r['rater']:<32}{r['state']:<10}{r['n_ratings']:>8}  {'; '.join(r['reasons'])}")
+    return 0
+
+
+def cmd_takeover(args: argparse.Namespace) -> int:
+    import uuid
+
+    async def run(store: FeedbackStore) -> Any:
+        return await store.add_operator_reply(
+            conversation_id=args.conversation_id, text=args.text, operator=args.operator, message_id=uuid.uuid4().hex
+        )
+
+    message = asyncio.run(_with_store(_settings(args), run))
+    print(f"operator reply {message.id} stored; it trains as a demonstration")
+    return 0
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    from server.app import cycle_config
+    from training.cycle import prepare
+    from training.pairs import Row
+
+    settings = _settings(args)
+    config = cycle_config(settings, settings.model.name)
+    if args.dataset_command == "preview":
+        snapshot = asyncio.run(_with_store(settings, lambda s: s.export_feedback()))
+        prepared = prepare(snapshot, config)
+        by_source = Counter([r.source for r in prepared.data.dpo] + [r.source for r in prepared.data.sft])
+        out: dict[str, Any] = {
+            "rows": prepared.data.counts(),
+            "by_signal": {**dict(by_source), "thumbs (kto)": len(prepared.data.kto)},
+            "split": prepared.counts,
+            "trust": prepared.trust.summary(),
+            "held_raters": prepared.trust.held_raters,
+            "new_flags": prepared.trust.new_flags,
+            "capped": prepared.trust.capped,
+            "cleaning": prepared.cleaning.summary(),
+            "dropped": [{"row": row, "reason": reason} for row, reason in prepared.cleaning.dropped],
+        }
+        if args.rows:
+            train_rows: tuple[Row, ...] = (*prepared.train.dpo, *prepared.train.kto, *prepared.train.sft)
+            out["train_rows"] = [r.to_trl() for r in train_rows]
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return 0
+
+    async def show(store: FeedbackStore) -> Any:
+        return await store.get_version(args.version), await store.export_feedback()
+
+    version, snapshot = asyncio.run(_with_store(settings, show))
+    report = version.eval_report or {}
+    used = version.feedback_ids
+    lineage: dict[str, Any] = {
+        "version": version.name,
+        "state": str(version.state),
+        "parent": version.parent,
+        "dataset_id": report.get("dataset_id"),
+        "trained_on": {k: len(v) for k, v in used.items()},
+        "counts": report.get("counts"),
+        "trust": report.get("trust"),
+        "cleaning": report.get("cleaning"),
+        "feedback_ids": used,
+    }
+    if args.rows:
+        rows = prepare(snapshot, config).data
+        keep = {k: set(v) for k, v in used.items()}
+
+        def in_version(refs: Any) -> bool:
+            return (
+                set(refs.messages) <= keep.get("messages", set())
+                and set(refs.ratings) <= keep.get("ratings", set())
+                and set(refs.corrections) <= keep.get("corrections", set())
+            )
+
+        all_rows: tuple[Row, ...] = (*rows.dpo, *rows.kto, *rows.sft)
+        lineage["rows_still_in_store"] = [r.to_trl() for r in all_rows if in_version(r.refs)]
+    print(json.dumps(lineage, indent=2, ensure_ascii=False))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -134,6 +251,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text")
     p.add_argument("--operator", default="cli")
     p.set_defaults(fn=cmd_correct)
+
+    p = sub.add_parser("erase", help="erase a user's conversations and feedback for good")
+    p.add_argument("--user", required=True)
+    p.add_argument("--operator", default="cli")
+    p.set_defaults(fn=cmd_erase)
+
+    p = sub.add_parser("exclude", help="keep a message (and rows built on it) out of training")
+    p.add_argument("message_id")
+    p.add_argument("--reason", default="excluded by an operator")
+    p.add_argument("--undo", action="store_true", help="let it train again")
+    p.add_argument("--operator", default="cli")
+    p.set_defaults(fn=cmd_exclude)
+
+    p = sub.add_parser("raters", help="raters held for review: list, approve or reject")
+    p.add_argument("action", nargs="?", choices=["list", "approve", "reject"], default="list")
+    p.add_argument("rater", nargs="?")
+    p.add_argument("--operator", default="cli")
+    p.set_defaults(fn=cmd_raters)
+
+    p = sub.add_parser("takeover", help="answer in a conversation as an operator (trains as a demonstration)")
+    p.add_argument("conversation_id")
+    p.add_argument("text")
+    p.add_argument("--operator", default="cli")
+    p.set_defaults(fn=cmd_takeover)
+
+    p = sub.add_parser("dataset", help="what the next run would train on, or what trained a version")
+    dsub = p.add_subparsers(dest="dataset_command", required=True)
+    pp = dsub.add_parser("preview", help="counts per signal, and what was dropped or held and why")
+    pp.add_argument("--rows", action="store_true", help="print the training rows too")
+    pp.set_defaults(fn=cmd_dataset)
+    pp = dsub.add_parser("show", help="lineage of a model version")
+    pp.add_argument("version")
+    pp.add_argument("--rows", action="store_true", help="print the rows rebuilt from the store")
+    pp.set_defaults(fn=cmd_dataset)
 
     sub.add_parser("versions", help="list model versions").set_defaults(fn=cmd_versions)
     sub.add_parser("runs", help="list training runs").set_defaults(fn=cmd_runs)

@@ -33,11 +33,13 @@ from server.protocol import (
     Effect,
     ErrorCode,
     Generate,
+    KeyedRateLimiter,
     Limits,
     OpenConversation,
     Send,
     StoreRating,
     Turn,
+    error_frame,
 )
 
 log = logging.getLogger("learnloop.gateway")
@@ -56,6 +58,7 @@ class GatewayContext:
     sampling: SamplingConfig
     limits: Limits
     current_version: Callable[[], str]
+    rating_limiter: KeyedRateLimiter
     token: str | None = None
 
 
@@ -122,12 +125,25 @@ class _Connection:
         return self.session.opened(effect.conversation_id, branch, replies, version)
 
     async def rate(self, effect: StoreRating) -> list[Effect]:
+        rater = self.user or f"conversation:{self.session.conversation_id}"
+        retry_after = self.ctx.rating_limiter.check(rater, time.monotonic())
+        if retry_after is not None:
+            return [
+                Send(
+                    error_frame(
+                        ErrorCode.RATE_LIMITED,
+                        "too many ratings from this rater",
+                        retry_after=retry_after,
+                        id=effect.client_id,
+                    )
+                )
+            ]
         try:
             await self.ctx.store.add_rating(
                 message_id=effect.message_id,
                 value=effect.value,
                 client_id=effect.client_id,
-                rater=self.user or f"conversation:{self.session.conversation_id}",
+                rater=rater,
                 reason=effect.reason,
                 comment=effect.comment,
             )

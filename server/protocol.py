@@ -154,6 +154,34 @@ class _Bucket:
 
 
 @dataclass
+class KeyedRateLimiter:
+    """Token buckets per key (a rater identity across all its connections). Pure: ``now`` comes in."""
+
+    per_minute: float | None
+    burst: int = 30
+    max_keys: int = 100_000
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+
+    def check(self, key: str, now: float) -> float | None:
+        """None if allowed (and counted), else seconds until it would be."""
+        if self.per_minute is None:
+            return None
+        rate = self.per_minute / 60.0
+        b = self._buckets.get(key) or _Bucket(float(self.burst), now)
+        b.tokens = min(float(self.burst), b.tokens + (now - b.updated) * rate)
+        b.updated = now
+        self._buckets[key] = b
+        if b.tokens < 1.0:
+            return (1.0 - b.tokens) / rate
+        b.tokens -= 1.0
+        if len(self._buckets) > self.max_keys:  # forget keys whose buckets have refilled
+            full = [k for k, v in self._buckets.items() if v.tokens + (now - v.updated) * rate >= self.burst]
+            for k in full:
+                del self._buckets[k]
+        return None
+
+
+@dataclass
 class ChatSession:
     """State of one client connection. Feed it frames; carry out what it returns."""
 

@@ -1,7 +1,7 @@
 """Settings: read once, in one place. Defaults < TOML file < environment < command line.
 
 The file (``--config PATH`` or ``$LEARNLOOP_CONFIG``) has a top-level ``data_dir`` and
-the sections ``[server]``, ``[model]``, ``[schedule]``, ``[training]`` and ``[gate]``.
+the sections ``[server]``, ``[model]``, ``[schedule]``, ``[training]``, ``[gate]`` and ``[trust]``.
 Every key can be set from the environment as ``LEARNLOOP_<SECTION>_<KEY>`` (upper case),
 for example ``LEARNLOOP_SERVER_PORT=9000`` or ``LEARNLOOP_TRAINING_MAX_STEPS=20``; the
 top-level ``data_dir`` is ``LEARNLOOP_DATA_DIR``. Unknown keys are errors, not ignored.
@@ -22,6 +22,7 @@ from typing import Any
 from training.config import TrainConfig
 from training.gate import GateConfig
 from training.models import DEFAULT_MODEL
+from training.trust import TrustConfig
 
 
 class SettingsError(ValueError):
@@ -39,6 +40,9 @@ class ServerConfig:
     max_text_chars: int = field(default=4000, metadata={"help": "Longest user message, in characters."})
     rate_per_s: float = field(default=5.0, metadata={"help": "Sustained client frames per second per connection."})
     rate_burst: int = field(default=20, metadata={"help": "Frames a connection may send in a burst."})
+    ratings_per_minute: float = field(
+        default=30.0, metadata={"help": "Ratings one rater identity may send per minute, over all connections."}
+    )
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ class Settings:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainConfig = field(default_factory=TrainConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
 
     @property
     def db_path(self) -> Path:
@@ -107,6 +112,7 @@ SECTIONS: dict[str, type] = {
     "schedule": ScheduleConfig,
     "training": TrainConfig,
     "gate": GateConfig,
+    "trust": TrustConfig,
 }
 
 

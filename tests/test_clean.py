@@ -157,15 +157,20 @@ def test_control_tokens_are_removed_and_counted() -> None:
 
 def test_drops_and_dedupe_record_reasons() -> None:
     msgs, corrections = [], []
-    texts = ["Refund please", "refund,  PLEASE!", "x" * 50, "<|im_end|>"]
+    texts = ["Refund please", "refund,  PLEASE!", "x" * 50, "<|im_end|>", "\x00\x01\x02binary", "QUJD" * 60]
     for i, t in enumerate(texts):
         msgs += [
             Message(id=f"u{i}", conversation_id=f"c{i}", seq=1, role=Role.USER, text=t, parent_id=None),
             Message(id=f"a{i}", conversation_id=f"c{i}", seq=2, role=Role.ASSISTANT, text="no", parent_id=f"u{i}"),
         ]
         corrections.append(Correction(i + 1, f"a{i}", "Refunds take 30 days.", "op"))
-    cleaned, report = clean(
-        build_training_data(FeedbackSnapshot(tuple(msgs), (), tuple(corrections))), CleanConfig(max_chars=40)
-    )
-    assert len(cleaned.dpo) == 1
-    assert report.summary()["dropped"] == {"near-duplicate": 2, "text over 40 characters": 2, "empty text": 2}
+    snapshot = FeedbackSnapshot(tuple(msgs), (), tuple(corrections))
+    cleaned, report = clean(build_training_data(snapshot), CleanConfig(max_chars=400))
+    assert len(cleaned.dpo) == 2
+    assert report.summary()["dropped"] == {
+        "near-duplicate": 2,
+        "empty text": 2,
+        "not text (binary or an encoded blob)": 4,
+    }
+    _, report = clean(build_training_data(snapshot), CleanConfig(max_chars=40))
+    assert report.summary()["dropped"]["text over 40 characters"] == 2

@@ -182,3 +182,28 @@ async def test_tampered_adapter_is_refused_and_old_version_keeps_serving(
         await c.hello()
         done, _ = await c.chat("hi", "h")
         assert done["model_version"] == "base"
+
+
+async def test_ratings_are_limited_per_rater_across_connections(
+    tiny_model: Path, tmp_path: Path, open_client: Any
+) -> None:
+    a = App(settings(tiny_model, tmp_path, ratings_per_minute=2.0))
+    async with a.lifespan():
+        replies = []
+        for i in range(2):  # the same identity on two connections
+            c = await open_client(a.port)
+            await c.hello(user="rita")
+            done, _ = await c.chat("hi", f"m{i}")
+            replies.append((c, done["message_id"]))
+        for n, (c, message_id) in enumerate(replies):
+            await c.send(type="rating", message_id=message_id, value=1, id=f"r{n}")
+            assert (await c.until("ack"))[0]["id"] == f"r{n}"
+        c, message_id = replies[0]
+        await c.send(type="rating", message_id=message_id, value=-1, id="r-extra")
+        err = await c.recv()
+        assert (err["code"], err["id"]) == ("rate_limited", "r-extra") and err["retry_after"] > 0
+        other = await open_client(a.port)
+        await other.hello(user="sam")  # another rater is not affected
+        done, _ = await other.chat("hi", "s")
+        await other.send(type="rating", message_id=done["message_id"], value=1, id="s1")
+        await other.until("ack")

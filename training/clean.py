@@ -6,7 +6,7 @@
   plain functions ``text -> [(start, end, kind)]``: pass your own to add more.
 * Chat-template control tokens typed by users (``<|im_end|>``, ``<s>``, ``[INST]``...) are
   removed, so no one can forge turns inside a training prompt.
-* Rows with an empty or over-long text are dropped; near-duplicates (same words, ignoring
+* Rows with an empty, non-text (binary, encoded blob) or over-long text are dropped; near-duplicates (same words, ignoring
   case, spacing and punctuation) collapse to the first.
 
 Every change and drop is recorded with its reason in a ``CleanReport``.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -138,6 +139,15 @@ def redact(text: str, detectors: Sequence[Detector] = DEFAULT_DETECTORS) -> tupl
     return out, counts
 
 
+_BLOB = re.compile(r"[A-Za-z0-9+/=_-]{200,}")
+
+
+def is_non_text(text: str) -> bool:
+    """Binary junk (control characters) or a long encoded blob (base64, hex) is no chat text."""
+    odd = sum(1 for ch in text if unicodedata.category(ch)[0] == "C" and ch not in "\n\r\t")
+    return odd > 0.1 * len(text) or "\x00" in text or bool(_BLOB.search(text))
+
+
 def strip_control_tokens(text: str) -> tuple[str, int]:
     out, n = _CONTROL.subn("", text)
     return out, n
@@ -186,6 +196,8 @@ def clean(data: TrainingData, config: CleanConfig | None = None) -> tuple[Traini
     def problem(texts: Sequence[str]) -> str | None:
         if any(not t.strip() for t in texts):
             return "empty text"
+        if any(is_non_text(t) for t in texts):
+            return "not text (binary or an encoded blob)"
         if any(len(t) > config.max_chars for t in texts):
             return f"text over {config.max_chars} characters"
         return None

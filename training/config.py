@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.gate import GateConfig
+from training.trust import TrustConfig
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class CycleConfig:
     timeout_s: float = 3600.0
     train: TrainConfig = field(default_factory=TrainConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
 
     @property
     def adapters_dir(self) -> Path:

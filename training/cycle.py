@@ -1,6 +1,7 @@
 """One training cycle: feedback -> data -> LoRA (subprocess) -> evaluation -> gate -> version.
 
-    export snapshot -> build TRL rows -> clean (PII, control tokens, dedupe) -> split -> JSONL
+    export snapshot -> trust filter (erased, excluded, held raters, share caps) -> TRL rows
+    -> clean (PII, control tokens, dedupe) -> split -> weight reviewed rows -> JSONL
     -> python -m training.job (progress lines -> training_runs.progress)
     -> move adapter to adapters/vN (atomic rename) -> sha256 -> register candidate
     -> gate.decide -> live (previous live retired) or rejected
@@ -26,12 +27,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from feedback import FeedbackStore, RunState, VersionState
+from feedback import FeedbackSnapshot, FeedbackStore, RunState, VersionState
 from training import pairs
-from training.clean import clean
+from training.clean import CleanReport, clean
 from training.config import CycleConfig
 from training.gate import EvalReport, decide
 from training.policy import should_train
+from training.trust import TrustReport, filter_snapshot, weight_reviewed
 
 log = logging.getLogger("learnloop.training")
 
@@ -55,6 +57,31 @@ class CycleResult:
     gate_reasons: tuple[str, ...] = ()
     seconds: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """What the next run trains and is judged on, and what was left out and why."""
+
+    data: pairs.TrainingData  # every clean row (lineage covers these)
+    train: pairs.TrainingData
+    weighted_train: pairs.TrainingData  # operator-reviewed rows repeated
+    heldout: pairs.TrainingData
+    trust: TrustReport
+    cleaning: CleanReport
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {**{f"train_{k}": v for k, v in self.train.counts().items()}, "heldout_dpo": len(self.heldout.dpo)}
+
+
+def prepare(snapshot: FeedbackSnapshot, cfg: CycleConfig) -> PreparedData:
+    """Snapshot -> trust filter -> rows -> cleaning -> split -> weighting. Pure."""
+    trusted, trust_report = filter_snapshot(snapshot, cfg.trust)
+    data, cleaning = clean(pairs.build_training_data(trusted, system_prompt=cfg.system_prompt))
+    train, heldout = pairs.split(data, cfg.heldout_fraction)
+    weighted = weight_reviewed(train, cfg.trust.operator_weight)
+    return PreparedData(data, train, weighted, heldout, trust_report, cleaning)
 
 
 class TrainingJobError(Exception):
@@ -111,9 +138,11 @@ class TrainingCycle:
             return CycleResult(CycleStatus.SKIPPED, decision.reason)
 
         snapshot = await self.store.export_feedback()
-        data, cleaning = clean(pairs.build_training_data(snapshot, system_prompt=cfg.system_prompt))
-        train, heldout = pairs.split(data, cfg.heldout_fraction)
-        counts = {**{f"train_{k}": v for k, v in train.counts().items()}, "heldout_dpo": len(heldout.dpo)}
+        prepared = prepare(snapshot, cfg)
+        if prepared.trust.new_flags:
+            held = await self.store.flag_raters(prepared.trust.new_flags)
+            log.warning("held %d raters for review: %s", len(held), ", ".join(held[:10]))
+        data, train, heldout, counts = prepared.data, prepared.train, prepared.heldout, prepared.counts
         if not train.dpo and not pairs.class_balance_ok(train):
             return CycleResult(CycleStatus.SKIPPED, f"no trainable rows yet ({counts})", counts=counts)
 
@@ -129,8 +158,8 @@ class TrainingCycle:
             "train": asdict(cfg.train),
             "output_dir": str(adapter_tmp),
             "live_adapter": live.adapter_path,
-            "dpo": _write_jsonl(run_dir / "dpo.jsonl", [r.to_trl() for r in train.dpo]),
-            "kto": _write_jsonl(run_dir / "kto.jsonl", [r.to_trl() for r in train.kto]),
+            "dpo": _write_jsonl(run_dir / "dpo.jsonl", [r.to_trl() for r in prepared.weighted_train.dpo]),
+            "kto": _write_jsonl(run_dir / "kto.jsonl", [r.to_trl() for r in prepared.weighted_train.kto]),
             "heldout": _write_jsonl(
                 run_dir / "heldout.jsonl", [{**r.to_trl(), "source": r.source} for r in heldout.dpo]
             ),
@@ -141,7 +170,11 @@ class TrainingCycle:
         spec_path.write_text(json.dumps(spec, indent=2))
         log.info("training run %d started: %s", run_id, counts)
         try:
-            job = await self._run_job(run_id, spec_path)
+            try:
+                job = await self._run_job(run_id, spec_path)
+            finally:  # the rows hold customers' words: keep them no longer than the run
+                for name in ("dpo", "kto", "heldout"):
+                    Path(spec[name]).unlink(missing_ok=True)
             report = EvalReport.from_dict(job["report"])
             if not (adapter_tmp / ADAPTER_FILE).is_file():
                 raise TrainingJobError(f"the job reported success but wrote no {ADAPTER_FILE}")
@@ -157,7 +190,8 @@ class TrainingCycle:
                 base_model=cfg.base_model,
                 eval_report={
                     **report.to_dict(),
-                    "cleaning": cleaning.summary(),
+                    "cleaning": prepared.cleaning.summary(),
+                    "trust": prepared.trust.summary(),
                     "trainer": job.get("trainer"),
                     "counts": counts,
                     "dataset_id": spec["dataset_id"],

@@ -13,6 +13,7 @@ Signals (DESIGN.md, "Feedback signals -> training data"):
 >>> # regenerate, one sibling rated up/kept -> DPO(chosen=that sibling, rejected=regenerated-away one)
 >>> # thumbs on a reply                     -> KTO(label = majority of raters' latest votes)
 >>> # up and down on answers to one context -> DPO(chosen=up, rejected=down)
+>>> # operator takeover reply               -> SFT(the operator's reply)
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ def build_training_data(snapshot: FeedbackSnapshot, *, system_prompt: str | None
     # 3. thumbs -> KTO
     for message_id, (label, rating_ids) in labels.items():
         reply = messages[message_id]
-        if reply.role is not Role.ASSISTANT or not reply.text.strip():
+        if reply.role is not Role.ASSISTANT or reply.by_operator or not reply.text.strip():
             continue
         prompt = prompt_for(reply)
         if prompt is None:
@@ -232,6 +233,13 @@ def build_training_data(snapshot: FeedbackSnapshot, *, system_prompt: str | None
                 FeedbackRef(ratings=rating_ids, messages=(reply.id,)),
             )
         )
+
+    # 5. operator takeover replies -> SFT demonstrations
+    for m in snapshot.messages:
+        if m.role is Role.ASSISTANT and m.by_operator and m.text.strip():
+            prompt = prompt_for(m)
+            if prompt is not None:
+                sft.append(SFTRow(prompt, m.text, "takeover", m.conversation_id, FeedbackRef(messages=(m.id,))))
 
     return TrainingData(dpo=tuple(dpo), kto=tuple(kto), sft=tuple(sft))
 

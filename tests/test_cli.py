@@ -1,0 +1,93 @@
+"""The operator CLI against a real store: takeover, exclude, raters, dataset preview and show."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from feedback import FeedbackStore, Role
+from server.cli import main as cli_main
+
+
+def run_cli(data_dir: Path, *argv: str) -> tuple[int, str]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = cli_main(["--data-dir", str(data_dir), *argv])
+    return code, buf.getvalue()
+
+
+async def cli(data_dir: Path, *argv: str) -> tuple[int, str]:
+    return await asyncio.to_thread(run_cli, data_dir, *argv)
+
+
+async def seed(db: Path) -> None:
+    async with await FeedbackStore.open(db) as store:
+        for i in range(6):
+            cid = f"c{i}"
+            await store.create_conversation(cid, user_id=f"user{i}")
+            await store.add_message(
+                message_id=f"u{i}",
+                conversation_id=cid,
+                role=Role.USER,
+                text=f"Where is order {i}? Mail me at user{i}@example.com",
+                parent_id=None,
+            )
+            await store.add_message(
+                message_id=f"a{i}", conversation_id=cid, role=Role.ASSISTANT, text=f"No idea {i}", parent_id=f"u{i}"
+            )
+            await store.add_rating(
+                message_id=f"a{i}", value=-1, rater=f"user{i}", client_id="r", reason="wrong", comment="useless"
+            )
+
+
+async def test_operator_commands_shape_the_next_dataset(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    await seed(data_dir / "learnloop.db")
+    code, out = await cli(data_dir, "takeover", "c0", "Your order ships tomorrow; tracking is on the Orders page.")
+    assert code == 0 and "demonstration" in out
+    assert (await cli(data_dir, "correct", "a1", "Order 1 arrives on Friday."))[0] == 0
+    assert (await cli(data_dir, "exclude", "a2", "--reason", "rude customer"))[0] == 0
+
+    code, out = await cli(data_dir, "dataset", "preview", "--rows")
+    preview: dict[str, Any] = json.loads(out)
+    assert preview["by_signal"]["takeover"] == 1 and preview["by_signal"]["correction"] == 2  # DPO pair + SFT demo
+    assert preview["by_signal"]["thumbs (kto)"] == 5  # a2 excluded
+    assert preview["trust"]["removed"]["excluded by an operator"] == 1
+    assert preview["cleaning"]["redactions"]["EMAIL"] >= 5
+    text = json.dumps(preview["train_rows"])
+    assert "@example.com" not in text and "[EMAIL]" in text
+
+    code, out = await cli(data_dir, "exclude", "a2", "--undo")
+    assert json.loads((await cli(data_dir, "dataset", "preview"))[1])["by_signal"]["thumbs (kto)"] == 6
+
+    code, out = await cli(data_dir, "raters")
+    assert code == 0 and "rater" in out
+    assert (await cli(data_dir, "raters", "reject", "user3"))[0] == 0
+    preview = json.loads((await cli(data_dir, "dataset", "preview"))[1])
+    assert preview["held_raters"] == {"user3": 1}
+
+
+async def test_dataset_show_prints_lineage(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    await seed(data_dir / "learnloop.db")
+    async with await FeedbackStore.open(data_dir / "learnloop.db") as store:
+        await store.add_correction(message_id="a1", text="Order 1 arrives on Friday.", operator="op")
+        await store.register_version(
+            adapter_path="/x",
+            sha256="0",
+            parent="base",
+            base_model="m",
+            eval_report={"dataset_id": "abc123", "counts": {"train_dpo": 1}},
+            feedback_ids={"messages": ["a1"], "ratings": [], "corrections": [1]},
+            training_run_id=None,
+        )
+    code, out = await cli(data_dir, "dataset", "show", "v1", "--rows")
+    lineage = json.loads(out)
+    assert lineage["dataset_id"] == "abc123" and lineage["trained_on"]["corrections"] == 1
+    assert [r["chosen"][0]["content"] for r in lineage["rows_still_in_store"] if "chosen" in r] == [
+        "Order 1 arrives on Friday."
+    ]

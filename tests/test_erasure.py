@@ -1,0 +1,127 @@
+"""Erasure: the user's words leave the database file and its WAL, and stay out of every dataset."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+from feedback import FeedbackStore, Role, subject_hash
+from server.cli import main as cli_main
+from training.config import CycleConfig
+from training.cycle import prepare
+
+SECRET = "ZEBRA-QUOKKA-7731 my card is in the drawer"
+COMMENT = "PLATYPUS-COMMENT-4410"
+FIX = "OPERATOR-FIX-FOR-EVE-9921"
+
+
+async def seed(store: FeedbackStore) -> dict[str, list]:
+    ids: dict[str, list] = {"messages": [], "ratings": [], "corrections": []}
+    for who in ("eve", "bob", "carol", "dan", "erin", "frank"):
+        for k in range(2):
+            cid = f"{who}-{k}"
+            await store.create_conversation(cid, user_id=who)
+            text = f"{SECRET} ({k})" if who == "eve" else f"{who} asks about refunds {k}"
+            u = await store.add_message(
+                message_id=f"{cid}-u", conversation_id=cid, role=Role.USER, text=text, parent_id=None
+            )
+            a = await store.add_message(
+                message_id=f"{cid}-a",
+                conversation_id=cid,
+                role=Role.ASSISTANT,
+                text=f"reply to {who} {k}",
+                parent_id=u.id,
+            )
+            r, _ = await store.add_rating(
+                message_id=a.id, value=-1, rater=who, client_id="r", comment=COMMENT if who == "eve" else None
+            )
+            c = await store.add_correction(
+                message_id=a.id, text=FIX if who == "eve" else f"fix {who} {k}", operator="op"
+            )
+            if who == "eve":
+                ids["messages"] += [u.id, a.id]
+                ids["ratings"].append(r.id)
+                ids["corrections"].append(c.id)
+    # eve also rated bob's reply from her own identity
+    r, _ = await store.add_rating(message_id="bob-0-a", value=1, rater="eve", client_id="eve-on-bob")
+    ids["ratings"].append(r.id)
+    return ids
+
+
+def raw_bytes(db: Path) -> bytes:
+    data = db.read_bytes()
+    wal = db.with_name(db.name + "-wal")
+    return data + (wal.read_bytes() if wal.exists() else b"")
+
+
+async def test_erase_removes_every_byte_and_keeps_them_out(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    db = data_dir / "learnloop.db"
+    async with await FeedbackStore.open(db) as store:
+        ids = await seed(store)
+        await store.register_version(
+            adapter_path="/x",
+            sha256="0",
+            parent="base",
+            base_model="m",
+            eval_report={},
+            feedback_ids={"messages": ids["messages"], "ratings": [], "corrections": []},
+            training_run_id=None,
+        )
+        await store.register_version(
+            adapter_path="/y",
+            sha256="0",
+            parent="base",
+            base_model="m",
+            eval_report={},
+            feedback_ids={"messages": ["bob-0-u"], "ratings": [], "corrections": []},
+            training_run_id=None,
+        )
+        assert SECRET.encode() in raw_bytes(db)
+        shutil.copy(db, tmp_path / "backup.db")  # an older backup, taken while eve's data was there
+        shutil.copy(db.with_name("learnloop.db-wal"), tmp_path / "backup.db-wal")
+
+    out = tmp_path / "out.txt"
+
+    def erase() -> int:
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            code = cli_main(["--data-dir", str(data_dir), "erase", "--user", "eve"])
+        out.write_text(buf.getvalue())
+        return code
+
+    assert await asyncio.to_thread(erase) == 0
+    result = json.loads(out.read_text().split("\nthese model versions")[0])
+    assert result["versions_trained_on_them"] == ["v1"]
+    assert (result["conversations"], result["messages"], result["corrections"]) == (2, 4, 2)
+    assert result["ratings"] == 3
+
+    raw = raw_bytes(db)
+    for needle in (SECRET, "ZEBRA-QUOKKA", COMMENT, FIX, "eve-on-bob"):
+        assert needle.encode() not in raw, needle
+    assert b"eve" not in db.with_name("learnloop.db.erasures").read_bytes()  # tombstones hold hashes only
+
+    async with await FeedbackStore.open(db) as store:
+        snapshot = await store.export_feedback()
+        assert subject_hash("eve") in snapshot.erased_subjects
+        prepared = prepare(snapshot, CycleConfig(base_model="m", data_dir=data_dir))
+        rows = json.dumps([r.to_trl() for r in (*prepared.data.dpo, *prepared.data.kto, *prepared.data.sft)])
+        assert "ZEBRA" not in rows and FIX not in rows and "bob asks" in rows
+        assert all(r.rater != "eve" for r in snapshot.ratings)
+
+    # restore the older backup: opening it beside the tombstone file erases eve again
+    shutil.copy(tmp_path / "backup.db", db)
+    shutil.copy(tmp_path / "backup.db-wal", db.with_name("learnloop.db-wal"))
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM conversations WHERE user_id = 'eve'").fetchone()[0] == 2
+    async with await FeedbackStore.open(db) as store:
+        snapshot = await store.export_feedback()
+        assert all("ZEBRA" not in m.text for m in snapshot.messages)
+        assert all(r.rater != "eve" for r in snapshot.ratings)
+    assert SECRET.encode() not in raw_bytes(db)
