@@ -16,6 +16,7 @@ from feedback.records import (
     RunState,
     TrainingRun,
     VersionState,
+    VersionStats,
     subject_hash,
 )
 from feedback.store import FeedbackStore, InvalidError, NotFoundError, StoreError
@@ -37,5 +38,6 @@ __all__ = [
     "StoreError",
     "TrainingRun",
     "VersionState",
+    "VersionStats",
     "subject_hash",
 ]

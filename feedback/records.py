@@ -40,6 +40,7 @@ class RaterState(StrEnum):
 
 class RunState(StrEnum):
     RUNNING = "running"
+    CANCELLING = "cancelling"  # asked to stop; the cycle kills the job and marks it failed
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     SKIPPED = "skipped"
@@ -61,6 +62,7 @@ class Conversation:
     channel: str
     created_at: float
     tenant: str | None = None
+    model_version: str | None = None  # the version this conversation is pinned to
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,22 @@ class ModelVersion:
     training_run_id: int | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
+    replaced: str | None = None  # the version that was live before this one went live
+
+
+@dataclass(frozen=True)
+class VersionStats:
+    """What customers did with one version's replies (for canary decisions and the console)."""
+
+    name: str
+    conversations: int
+    replies: int
+    thumbs_up: int
+    thumbs_down: int
+    regenerated: int  # replies of this version the customer asked to regenerate
+    errors: int
+    mean_latency_ms: float | None
+    mean_tokens: float | None
 
 
 @dataclass(frozen=True)

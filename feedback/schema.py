@@ -107,6 +107,17 @@ MIGRATIONS: tuple[str, ...] = (
         erased_at     REAL NOT NULL
     );
     """,
+    # 3: release: conversations pinned to a version, rollback targets, the training lease
+    """
+    ALTER TABLE conversations ADD COLUMN model_version TEXT;
+    ALTER TABLE model_versions ADD COLUMN replaced TEXT;
+    CREATE INDEX conversations_version ON conversations(model_version);
+    CREATE TABLE leases (
+        name        TEXT PRIMARY KEY,
+        holder      TEXT NOT NULL,
+        expires_at  REAL NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

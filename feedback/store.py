@@ -38,6 +38,7 @@ from feedback.records import (
     RunState,
     TrainingRun,
     VersionState,
+    VersionStats,
     subject_hash,
 )
 from feedback.schema import MIGRATIONS, SCHEMA_VERSION
@@ -215,18 +216,25 @@ class FeedbackStore:
     # --- conversations and messages ---------------------------------------------------
 
     async def create_conversation(
-        self, conversation_id: str, *, user_id: str | None = None, channel: str = "websocket", tenant: str | None = None
+        self,
+        conversation_id: str,
+        *,
+        user_id: str | None = None,
+        channel: str = "websocket",
+        tenant: str | None = None,
+        model_version: str | None = None,
     ) -> Conversation:
         now = time.time()
 
         async def op(conn: aiosqlite.Connection) -> None:
             await conn.execute(
-                "INSERT INTO conversations (id, user_id, channel, tenant, created_at) VALUES (?, ?, ?, ?, ?)",
-                (conversation_id, user_id, channel, tenant, now),
+                "INSERT INTO conversations (id, user_id, channel, tenant, created_at, model_version)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (conversation_id, user_id, channel, tenant, now, model_version),
             )
 
         await self._write(op)
-        return Conversation(conversation_id, user_id, channel, now, tenant)
+        return Conversation(conversation_id, user_id, channel, now, tenant, model_version)
 
     async def get_conversation(self, conversation_id: str) -> Conversation:
         rows = await self._read("SELECT * FROM conversations WHERE id = ?", (conversation_id,))
@@ -724,18 +732,29 @@ class FeedbackStore:
             if row is None:
                 raise NotFoundError(f"model version {name!r} does not exist")
             if state is VersionState.LIVE:
+                cursor = await conn.execute(
+                    "SELECT name FROM model_versions WHERE state = ? AND name != ? ORDER BY seq DESC LIMIT 1",
+                    (VersionState.LIVE, name),
+                )
+                old = await cursor.fetchone()
+                if old is not None:
+                    await conn.execute("UPDATE model_versions SET replaced = ? WHERE name = ?", (old[0], name))
                 await conn.execute(
                     "UPDATE model_versions SET state = ?, updated_at = ? WHERE state = ? AND name != ?",
                     (VersionState.RETIRED, now, VersionState.LIVE, name),
                 )
-            params: tuple[Any, ...]
-            if reasons:
-                sql = "UPDATE model_versions SET state = ?, gate_reasons = ?, updated_at = ? WHERE name = ?"
-                params = (state, json.dumps(list(reasons)), now, name)
-            else:
-                sql = "UPDATE model_versions SET state = ?, updated_at = ? WHERE name = ?"
-                params = (state, now, name)
-            await conn.execute(sql, params)
+            if state is VersionState.CANARY:  # one canary at a time: a newer one ends the older
+                await conn.execute(
+                    "UPDATE model_versions SET state = ?, updated_at = ? WHERE state = ? AND name != ?",
+                    (VersionState.RETIRED, now, VersionState.CANARY, name),
+                )
+            cursor = await conn.execute("SELECT gate_reasons FROM model_versions WHERE name = ?", (name,))
+            current = await cursor.fetchone()
+            previous = json.loads(current[0] if current and current[0] else "[]")
+            await conn.execute(
+                "UPDATE model_versions SET state = ?, gate_reasons = ?, updated_at = ? WHERE name = ?",
+                (state, json.dumps(previous + list(reasons)), now, name),
+            )
             await _audit(conn, actor, f"state:{state}", name, {"from": row["state"], "reasons": list(reasons)})
 
         await self._write(op)
@@ -754,6 +773,78 @@ class FeedbackStore:
         if not rows:
             raise NotFoundError("no live model version: call ensure_base_version() first")
         return _version(rows[0])
+
+    async def rollback(self, name: str, *, actor: str, reasons: Iterable[str] = ()) -> ModelVersion:
+        """Take a canary or live version out of service. A live one hands back to the version it replaced.
+
+        Returns the version that is live afterwards.
+        """
+        reasons = list(reasons)
+        now = time.time()
+
+        async def op(conn: aiosqlite.Connection) -> str:
+            cursor = await conn.execute(
+                "SELECT state, replaced, gate_reasons FROM model_versions WHERE name = ?", (name,)
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                raise NotFoundError(f"model version {name!r} does not exist")
+            if row["state"] not in (VersionState.CANARY, VersionState.LIVE):
+                raise InvalidError(f"version {name} is {row['state']}: only a canary or the live version can roll back")
+            notes = json.loads(row["gate_reasons"] or "[]") + reasons
+            await conn.execute(
+                "UPDATE model_versions SET state = ?, gate_reasons = ?, updated_at = ? WHERE name = ?",
+                (VersionState.ROLLED_BACK, json.dumps(notes), now, name),
+            )
+            await _audit(
+                conn, actor, f"state:{VersionState.ROLLED_BACK}", name, {"from": row["state"], "reasons": reasons}
+            )
+            if row["state"] == VersionState.LIVE:
+                target = row["replaced"] or BASE_VERSION
+                await conn.execute(
+                    "UPDATE model_versions SET state = ?, updated_at = ? WHERE name = ?",
+                    (VersionState.LIVE, now, target),
+                )
+                await _audit(conn, actor, f"state:{VersionState.LIVE}", target, {"from": "retired", "reasons": reasons})
+            cursor = await conn.execute(
+                "SELECT name FROM model_versions WHERE state = ? ORDER BY seq DESC LIMIT 1", (VersionState.LIVE,)
+            )
+            live = await cursor.fetchone()
+            return str(live[0]) if live else BASE_VERSION
+
+        live_name: str = await self._write(op)
+        return await self.get_version(live_name)
+
+    async def canary_version(self) -> ModelVersion | None:
+        rows = await self._read(
+            "SELECT * FROM model_versions WHERE state = ? ORDER BY seq DESC LIMIT 1", (VersionState.CANARY,)
+        )
+        return _version(rows[0]) if rows else None
+
+    async def pin_conversation(self, conversation_id: str, version: str) -> None:
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute("UPDATE conversations SET model_version = ? WHERE id = ?", (version, conversation_id))
+
+        await self._write(op)
+
+    async def version_stats(self, name: str, *, since: float = 0.0) -> VersionStats:
+        """Replies, thumbs, regenerations, errors and latency of one version (model-written replies)."""
+        rows = await self._read(
+            "WITH replies AS (SELECT id, latency_ms, n_tokens, finish_reason FROM messages"
+            "  WHERE model_version = ? AND role = 'assistant' AND author IS NULL AND created_at >= ?)"
+            " SELECT (SELECT COUNT(*) FROM conversations WHERE model_version = ? AND created_at >= ?),"
+            "  (SELECT COUNT(*) FROM replies WHERE finish_reason != 'error'),"
+            "  (SELECT COUNT(*) FROM ratings WHERE value = 1 AND message_id IN (SELECT id FROM replies)),"
+            "  (SELECT COUNT(*) FROM ratings WHERE value = -1 AND message_id IN (SELECT id FROM replies)),"
+            "  (SELECT COUNT(DISTINCT regenerated_from) FROM messages"
+            "    WHERE regenerated_from IN (SELECT id FROM replies)),"
+            "  (SELECT COUNT(*) FROM replies WHERE finish_reason = 'error'),"
+            "  (SELECT AVG(latency_ms) FROM replies WHERE finish_reason != 'error'),"
+            "  (SELECT AVG(n_tokens) FROM replies WHERE finish_reason != 'error')",
+            (name, since, name, since),
+        )
+        r = rows[0]
+        return VersionStats(name, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
 
     async def list_versions(self) -> list[ModelVersion]:
         return [_version(r) for r in await self._read("SELECT * FROM model_versions ORDER BY seq")]
@@ -791,6 +882,68 @@ class FeedbackStore:
             )
 
         await self._write(op)
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take (or renew) a named lease; False while another holder's lease is unexpired.
+
+        This is what keeps training to one run at a time across server processes and CLIs.
+        """
+        now = time.time()
+
+        async def op(conn: aiosqlite.Connection) -> bool:
+            cursor = await conn.execute("SELECT holder, expires_at FROM leases WHERE name = ?", (name,))
+            row = await cursor.fetchone()
+            if row is not None and row[0] != holder and row[1] > now:
+                return False
+            await conn.execute(
+                "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at",
+                (name, holder, now + ttl_s),
+            )
+            return True
+
+        acquired: bool = await self._write(op)
+        return acquired
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+        await self._write(op)
+
+    async def fail_interrupted_runs(self) -> int:
+        """Runs left 'running' by a process that died (its lease expired) become failed."""
+        now = time.time()
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            cursor = await conn.execute(
+                "UPDATE training_runs SET state = ?, finished_at = ?, detail = 'interrupted: the training process died'"
+                " WHERE state IN (?, ?)",
+                (RunState.FAILED, now, RunState.RUNNING, RunState.CANCELLING),
+            )
+            return int(cursor.rowcount)
+
+        n: int = await self._write(op)
+        return n
+
+    async def request_cancel(self, run_id: int, *, actor: str) -> bool:
+        async def op(conn: aiosqlite.Connection) -> bool:
+            cursor = await conn.execute(
+                "UPDATE training_runs SET state = ? WHERE id = ? AND state = ?",
+                (RunState.CANCELLING, run_id, RunState.RUNNING),
+            )
+            if cursor.rowcount:
+                await _audit(conn, actor, "cancel-run", str(run_id), {})
+            return bool(cursor.rowcount)
+
+        asked: bool = await self._write(op)
+        return asked
+
+    async def get_run(self, run_id: int) -> TrainingRun:
+        rows = await self._read("SELECT * FROM training_runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise NotFoundError(f"training run {run_id} does not exist")
+        return _run(rows[0])
 
     async def last_consumed_run(self) -> TrainingRun | None:
         """The newest run whose data counts as used (it trained, whatever the gate said)."""
@@ -869,7 +1022,7 @@ def _message(r: sqlite3.Row) -> Message:
 
 
 def _conversation(r: sqlite3.Row) -> Conversation:
-    return Conversation(r["id"], r["user_id"], r["channel"], r["created_at"], r["tenant"])
+    return Conversation(r["id"], r["user_id"], r["channel"], r["created_at"], r["tenant"], r["model_version"])
 
 
 def _rating(r: sqlite3.Row) -> Rating:
@@ -906,6 +1059,7 @@ def _version(r: sqlite3.Row) -> ModelVersion:
         training_run_id=r["training_run_id"],
         created_at=r["created_at"],
         updated_at=r["updated_at"],
+        replaced=r["replaced"],
     )
 
 

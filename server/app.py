@@ -10,19 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from feedback import BASE_VERSION, FeedbackStore, ModelVersion
+from feedback import BASE_VERSION, FeedbackStore, ModelVersion, VersionState
 from server.engine import SamplingConfig, TransformersEngine
 from server.gateway import GatewayContext, start_gateway
 from server.protocol import KeyedRateLimiter, Limits
 from server.settings import Settings
+from training.canary import CanaryAction, CanaryDecision, assign
+from training.canary import decide as decide_canary
 from training.config import CycleConfig
-from training.cycle import ADAPTER_FILE, CycleResult, CycleStatus, TrainingCycle, sha256_file
+from training.cycle import CycleResult, CycleStatus, TrainingCycle
 from training.models import resolve_model
 from training.schedule import start_scheduler
+from training.validate import AdapterInvalidError
 
 log = logging.getLogger("learnloop.app")
 
@@ -43,6 +45,7 @@ def cycle_config(settings: Settings, base_model: str) -> CycleConfig:
         train=settings.training,
         gate=settings.gate,
         trust=settings.trust,
+        canary_share=settings.canary.share,
     )
 
 
@@ -53,6 +56,7 @@ class App:
         self.engine: TransformersEngine | None = None
         self.cycle: TrainingCycle | None = None
         self.live_version: str = BASE_VERSION
+        self.canary_version: str | None = None
         self.port: int | None = None
         self._previous_live: str | None = None
         self._swap_lock = asyncio.Lock()
@@ -63,7 +67,7 @@ class App:
         base_model = await asyncio.to_thread(resolve_model, s.model.name)
         self.store = await FeedbackStore.open(s.db_path)
         scheduler = None
-        poller: asyncio.Task[None] | None = None
+        tasks: list[asyncio.Task[None]] = []
         server = None
         try:
             self.engine = TransformersEngine(
@@ -75,12 +79,16 @@ class App:
             )
             await asyncio.to_thread(self.engine.load)
             await self.store.ensure_base_version(base_model)
-            await self.sync_live_version()
+            try:
+                await self.sync_versions()
+            except AdapterRejectedError:
+                log.exception("the live adapter failed validation; serving the base model")
             self.cycle = TrainingCycle(self.store, cycle_config(s, base_model))
             ctx = GatewayContext(
                 store=self.store,
                 engine=self.engine,
-                current_version=lambda: self.live_version,
+                assign_version=self.assign_version,
+                serving_version=self.serving_version,
                 sampling=SamplingConfig(
                     max_new_tokens=s.model.max_new_tokens, temperature=s.model.temperature, top_p=s.model.top_p
                 ),
@@ -100,7 +108,10 @@ class App:
             self.port = next(iter(server.sockets)).getsockname()[1]
             if s.schedule.enabled:
                 scheduler = start_scheduler(self.scheduled_cycle, interval_s=s.schedule.interval_s)
-            poller = asyncio.create_task(self._poll_versions(), name="version-poller")
+            tasks.append(
+                asyncio.create_task(self._every(s.schedule.version_poll_s, self.sync_versions), name="versions")
+            )
+            tasks.append(asyncio.create_task(self._every(s.canary.check_interval_s, self.check_canary), name="canary"))
             log.info(
                 "learnloop serving %s (version %s) on ws://%s:%d",
                 s.model.name,
@@ -110,8 +121,8 @@ class App:
             )
             yield self
         finally:
-            if poller is not None:
-                poller.cancel()
+            for task in tasks:
+                task.cancel()
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
             if server is not None:
@@ -121,14 +132,28 @@ class App:
                 await asyncio.to_thread(self.engine.close)
             await self.store.close()
 
+    # --- routing: which version writes a reply ------------------------------------------
+
+    def assign_version(self, conversation_id: str) -> str | None:
+        """For a new conversation: the canary's name if it falls in the canary's share, else None (live)."""
+        if self.canary_version and assign(conversation_id, self.settings.canary.share):
+            return self.canary_version
+        return None
+
+    def serving_version(self, pinned: str | None) -> str:
+        """A conversation pinned to the running canary stays on it; every other follows live."""
+        if pinned is not None and pinned == self.canary_version:
+            return pinned
+        return self.live_version
+
     # --- training and versions -----------------------------------------------------------
 
     async def run_training(self, *, force: bool = False) -> CycleResult:
-        """Run one cycle now; a promoted version starts serving new replies at once."""
+        """Run one cycle now; a version that passes starts serving (as canary or live) at once."""
         assert self.cycle is not None
         result = await self.cycle.run(force=force)
-        if result.status is CycleStatus.PROMOTED:
-            await self.sync_live_version()
+        if result.status in (CycleStatus.PROMOTED, CycleStatus.CANARY):
+            await self.sync_versions()
         return result
 
     async def scheduled_cycle(self) -> None:
@@ -138,42 +163,87 @@ class App:
         except Exception:
             log.exception("scheduled training cycle failed")
 
-    async def _poll_versions(self) -> None:
+    async def _every(self, seconds: float, job: Callable[[], Awaitable[object]]) -> None:
         while True:
-            await asyncio.sleep(self.settings.schedule.version_poll_s)
+            await asyncio.sleep(seconds)
             try:
-                await self.sync_live_version()
+                await job()
             except Exception:
-                log.exception("checking for a new live version failed")
+                log.exception("%s failed", getattr(job, "__name__", "background job"))
+
+    async def check_canary(self) -> CanaryDecision | None:
+        """Compare the canary with live on what customers did since it started; act on the verdict."""
+        assert self.store is not None
+        canary = await self.store.canary_version()
+        if canary is None:
+            return None
+        live = await self.store.live_version()
+        since = canary.updated_at
+        decision = decide_canary(
+            await self.store.version_stats(live.name, since=since),
+            await self.store.version_stats(canary.name, since=since),
+            self.settings.canary,
+        )
+        if decision.action is CanaryAction.PROMOTE:
+            await self.store.set_version_state(canary.name, VersionState.LIVE, actor="canary", reasons=decision.reasons)
+        elif decision.action is CanaryAction.ROLLBACK:
+            await self.store.rollback(canary.name, actor="canary", reasons=decision.reasons)
+        if decision.action is not CanaryAction.WAIT:
+            log.info("canary %s: %s (%s)", canary.name, decision.action, "; ".join(decision.reasons))
+            await self.sync_versions()
+        return decision
+
+    async def promote(self, name: str, *, actor: str) -> None:
+        assert self.store is not None
+        await self.store.set_version_state(name, VersionState.LIVE, actor=actor, reasons=[f"promoted by {actor}"])
+        await self.sync_versions()
+
+    async def rollback(self, name: str, *, actor: str) -> None:
+        assert self.store is not None
+        await self.store.rollback(name, actor=actor, reasons=[f"rolled back by {actor}"])
+        await self.sync_versions()
 
     async def sync_live_version(self) -> str:
-        """Make the store's live version the one that new replies use (loading it if needed)."""
+        await self.sync_versions()
+        return self.live_version
+
+    async def sync_versions(self) -> None:
+        """Serve what the store says: load the live and canary adapters (validated), route to them.
+
+        A canary whose adapter fails validation is rolled back; a live one raises
+        AdapterRejectedError and the version that was serving keeps serving.
+        """
         assert self.store is not None and self.engine is not None
         async with self._swap_lock:
             live = await self.store.live_version()
-            if live.name == self.live_version and self.engine.has_version(live.name):
-                return self.live_version
+            canary = await self.store.canary_version()
+            if canary is not None and not self.engine.has_version(canary.name):
+                try:
+                    await self._load(canary)
+                except AdapterRejectedError as exc:
+                    log.error("canary %s refused: %s", canary.name, exc)
+                    await self.store.rollback(canary.name, actor="validation", reasons=[f"adapter refused: {exc}"])
+                    canary = None
             if live.name != BASE_VERSION and not self.engine.has_version(live.name):
-                await self._load(live)
+                await self._load(live)  # raises: the old version keeps serving
             old = self.live_version
             self.live_version = live.name
-            log.info("new replies now use version %s (was %s)", live.name, old)
-            # keep the previous live loaded for an instant rollback; unload the one before it
-            if self._previous_live not in (None, BASE_VERSION, live.name, old):
-                await self.engine.unload_adapter(self._previous_live)  # type: ignore[arg-type]
-            self._previous_live = old
-            return live.name
+            self.canary_version = canary.name if canary else None
+            if old != live.name:
+                log.info("new replies now use version %s (was %s)", live.name, old)
+                self._previous_live = old
+            keep = {BASE_VERSION, live.name, self._previous_live, self.canary_version}
+            for name in sorted(self.engine.versions - keep):  # type: ignore[operator]
+                await self.engine.unload_adapter(name)
 
     async def _load(self, version: ModelVersion) -> None:
         assert self.engine is not None
         if not version.adapter_path:
             raise AdapterRejectedError(f"version {version.name} has no adapter path")
-        adapter_file = Path(version.adapter_path) / ADAPTER_FILE
-        if not adapter_file.is_file():
-            raise AdapterRejectedError(f"version {version.name}: {adapter_file} is missing")
-        digest = await asyncio.to_thread(sha256_file, adapter_file)
-        if digest != version.sha256:
-            raise AdapterRejectedError(f"version {version.name}: sha256 {digest} does not match the registry")
+        try:
+            await asyncio.to_thread(self.engine.validate_adapter, version.adapter_path, version.sha256)
+        except AdapterInvalidError as exc:
+            raise AdapterRejectedError(f"version {version.name}: {exc}") from exc
         pause = await self.engine.load_adapter(version.name, version.adapter_path)
         log.info("version %s loaded; decoding paused %.0f ms", version.name, pause * 1000)
 

@@ -214,6 +214,35 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    from feedback import VersionState
+
+    async def run(store: FeedbackStore) -> Any:
+        return await store.set_version_state(
+            args.version, VersionState.LIVE, actor=args.operator, reasons=[f"promoted by {args.operator}"]
+        )
+
+    version = asyncio.run(_with_store(_settings(args), run))
+    print(f"{version.name} is live; running servers switch within schedule.version_poll_s")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    async def run(store: FeedbackStore) -> Any:
+        name = args.version or (await store.live_version()).name
+        return await store.rollback(name, actor=args.operator, reasons=[f"rolled back by {args.operator}"])
+
+    live = asyncio.run(_with_store(_settings(args), run))
+    print(f"rolled back; {live.name} is live")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    asked = asyncio.run(_with_store(_settings(args), lambda s: s.request_cancel(args.run_id, actor=args.operator)))
+    print(f"run {args.run_id}: " + ("cancelling" if asked else "not running"))
+    return 0 if asked else 1
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -286,6 +315,21 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--rows", action="store_true", help="print the rows rebuilt from the store")
     pp.set_defaults(fn=cmd_dataset)
 
+    p = sub.add_parser("promote", help="make a version live now (by hand)")
+    p.add_argument("version")
+    p.add_argument("--operator", default="cli")
+    p.set_defaults(fn=cmd_promote)
+
+    p = sub.add_parser("rollback", help="take the canary or the live version out of service")
+    p.add_argument("version", nargs="?", help="default: the live version (its predecessor goes live again)")
+    p.add_argument("--operator", default="cli")
+    p.set_defaults(fn=cmd_rollback)
+
+    p = sub.add_parser("cancel", help="cancel a running training run")
+    p.add_argument("run_id", type=int)
+    p.add_argument("--operator", default="cli")
+    p.set_defaults(fn=cmd_cancel)
+
     sub.add_parser("versions", help="list model versions").set_defaults(fn=cmd_versions)
     sub.add_parser("runs", help="list training runs").set_defaults(fn=cmd_runs)
     sub.add_parser("config", help="print the resolved settings").set_defaults(fn=cmd_config)
@@ -302,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.fn(args))
-    except (SettingsError, StoreError) as exc:
+    except (SettingsError, StoreError, ValueError) as exc:
         print(f"learnloop: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from feedback.records import BASE_VERSION
@@ -102,6 +103,7 @@ class TransformersEngine:
         self.stats = EngineStats()
         self.model: Any = None
         self.tokenizer: Any = None
+        self.base_linear: dict[str, tuple[int, int]] = {}  # linear layer -> (out, in), for adapter checks
         self._inbox: queue.Queue[_Request] = queue.Queue()
         self._commands: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
         self._wake = threading.Event()
@@ -125,6 +127,11 @@ class TransformersEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         self.model.eval()
+        self.base_linear = {
+            name: (m.out_features, m.in_features)
+            for name, m in self.model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
         eos = self.model.generation_config.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
@@ -147,6 +154,30 @@ class TransformersEngine:
 
     async def unload_adapter(self, name: str) -> None:
         await self._call(lambda: self._unload_adapter(name))
+
+    def validate_adapter(self, path: str, sha256: str | None) -> None:
+        """Refuse an adapter folder before loading: safetensors only, checksum, shapes (blocking I/O)."""
+        import json as _json
+
+        from training.cycle import sha256_file
+        from training.validate import (
+            ADAPTER_FILE,
+            AdapterInvalidError,
+            check_adapter_folder,
+            safetensors_shapes,
+            shape_problems,
+        )
+
+        folder = Path(path)
+        weights = folder / ADAPTER_FILE
+        check_adapter_folder(folder, sha256=sha256, digest=sha256_file(weights) if weights.is_file() else "")
+        try:
+            rank = int(_json.loads((folder / "adapter_config.json").read_text())["r"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise AdapterInvalidError(f"{folder}: adapter_config.json is missing or unreadable ({exc})") from None
+        problems = shape_problems(safetensors_shapes(weights), self.base_linear, rank)
+        if problems:
+            raise AdapterInvalidError(f"{folder}: does not fit the base model: " + "; ".join(problems[:5]))
 
     def has_version(self, name: str) -> bool:
         return name == BASE_VERSION or name in self._adapters

@@ -57,7 +57,8 @@ class GatewayContext:
     engine: TransformersEngine
     sampling: SamplingConfig
     limits: Limits
-    current_version: Callable[[], str]
+    assign_version: Callable[[str], str | None]  # new conversation -> canary name, or None for live
+    serving_version: Callable[[str | None], str]  # pinned version (or None) -> the version that replies
     rating_limiter: KeyedRateLimiter
     token: str | None = None
 
@@ -68,6 +69,7 @@ class _Connection:
         self.ws = ws
         self.session = ChatSession(new_id=new_id, limits=ctx.limits)
         self.user: str | None = None
+        self.pinned: str | None = None  # the canary this conversation is pinned to, if any
         self.generation: asyncio.Task[None] | None = None
         self.cancel: threading.Event | None = None
 
@@ -105,15 +107,20 @@ class _Connection:
         if self.ctx.token is not None and effect.token != self.ctx.token:
             return self.session.open_failed(ErrorCode.UNAUTHORIZED, "hello.token is missing or wrong")
         self.user = effect.user
-        version = self.ctx.current_version()
         if effect.conversation_id is None:
-            conversation = await self.ctx.store.create_conversation(new_id(), user_id=effect.user)
-            return self.session.opened(conversation.id, [], set(), version)
+            conversation_id = new_id()
+            self.pinned = self.ctx.assign_version(conversation_id)
+            await self.ctx.store.create_conversation(conversation_id, user_id=effect.user, model_version=self.pinned)
+            return self.session.opened(conversation_id, [], set(), self.ctx.serving_version(self.pinned))
         try:
-            await self.ctx.store.get_conversation(effect.conversation_id)
+            conversation = await self.ctx.store.get_conversation(effect.conversation_id)
         except NotFoundError:
             return self.session.open_failed(ErrorCode.NOT_FOUND, f"no conversation {effect.conversation_id!r}")
-        messages = await self.ctx.store.conversation_messages(effect.conversation_id)
+        self.pinned = conversation.model_version
+        version = self.ctx.serving_version(self.pinned)
+        messages = [
+            m for m in await self.ctx.store.conversation_messages(effect.conversation_id) if m.finish_reason != "error"
+        ]
         by_id = {m.id: m for m in messages}
         branch: list[Turn] = []
         node = messages[-1] if messages else None
@@ -154,7 +161,7 @@ class _Connection:
     async def generate(self, g: Generate, cancel: threading.Event) -> None:
         store, conversation_id = self.ctx.store, self.session.conversation_id
         assert conversation_id is not None
-        version = self.ctx.current_version()
+        version = self.ctx.serving_version(self.pinned)
         try:
             if g.user_turn is not None:
                 await store.add_message(
@@ -181,6 +188,16 @@ class _Connection:
                 if chunk.finish_reason is not None:
                     finish_reason, n_tokens = chunk.finish_reason, chunk.n_tokens
             if finish_reason == "error":
+                # recorded (empty, never trained on) so that error rates per version can be compared
+                await store.add_message(
+                    message_id=g.message_id,
+                    conversation_id=conversation_id,
+                    role=Role.ASSISTANT,
+                    text="",
+                    parent_id=g.parent_id,
+                    model_version=version,
+                    finish_reason="error",
+                )
                 await self.apply(self.session.failed(g.message_id, ErrorCode.INTERNAL, "generation failed"))
                 return
             text = "".join(parts)

@@ -1,7 +1,7 @@
 """Settings: read once, in one place. Defaults < TOML file < environment < command line.
 
 The file (``--config PATH`` or ``$LEARNLOOP_CONFIG``) has a top-level ``data_dir`` and
-the sections ``[server]``, ``[model]``, ``[schedule]``, ``[training]``, ``[gate]`` and ``[trust]``.
+the sections ``[server]``, ``[model]``, ``[schedule]``, ``[training]``, ``[gate]``, ``[trust]`` and ``[canary]``.
 Every key can be set from the environment as ``LEARNLOOP_<SECTION>_<KEY>`` (upper case),
 for example ``LEARNLOOP_SERVER_PORT=9000`` or ``LEARNLOOP_TRAINING_MAX_STEPS=20``; the
 top-level ``data_dir`` is ``LEARNLOOP_DATA_DIR``. Unknown keys are errors, not ignored.
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.canary import CanaryConfig
 from training.config import TrainConfig
 from training.gate import GateConfig
 from training.models import DEFAULT_MODEL
@@ -100,6 +101,7 @@ class Settings:
     training: TrainConfig = field(default_factory=TrainConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
 
     @property
     def db_path(self) -> Path:
@@ -113,6 +115,7 @@ SECTIONS: dict[str, type] = {
     "training": TrainConfig,
     "gate": GateConfig,
     "trust": TrustConfig,
+    "canary": CanaryConfig,
 }
 
 

@@ -41,6 +41,7 @@ def settings_for(model: str, data_dir: Path, **training: Any) -> Any:
             "model": {"name": model, "max_new_tokens": 16, "dtype": "float32"},
             "schedule": {"enabled": False, "min_new_feedback": 1, "heldout_fraction": 0.3, "version_poll_s": 0.2},
             "training": training,
+            "canary": {"share": 0.0},  # these tests take the direct path: gate -> live
         },
     )
 
@@ -49,7 +50,7 @@ def env_for(settings: Any) -> dict[str, str]:
     """The same settings as LEARNLOOP_* variables, for a `learnloop` process beside the server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEARNLOOP_")}
     env["LEARNLOOP_DATA_DIR"] = str(settings.data_dir)
-    for section in ("model", "schedule", "training", "gate"):
+    for section in ("model", "schedule", "training", "gate", "trust", "canary"):
         for key, value in dataclasses.asdict(getattr(settings, section)).items():
             if value is not None:
                 value = ",".join(value) if isinstance(value, list | tuple) else value

@@ -31,6 +31,13 @@ class TrainConfig:
     )
     max_length: int = field(default=512, metadata={"help": "Longest tokenized prompt+answer; longer ones are cut."})
     seed: int = field(default=0, metadata={"help": "Random seed of the run."})
+    init_from: str = field(
+        default="base",
+        metadata={
+            "help": "Start each run from a fresh LoRA on the base model ('base', on all accepted data so far) "
+            "or from the live adapter ('live')."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -39,6 +46,8 @@ class TrainConfig:
             raise ValueError(f"training.learning_rate {self.learning_rate} is out of range; LoRA runs use 1e-5..1e-3")
         if self.batch_size < 1:
             raise ValueError("training.batch_size must be at least 1")
+        if self.init_from not in ("base", "live"):
+            raise ValueError(f"training.init_from {self.init_from!r}: use 'base' or 'live'")
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,7 @@ class CycleConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    canary_share: float = 0.0  # > 0: a version that passes the gate becomes a canary first
 
     @property
     def adapters_dir(self) -> Path:

@@ -18,9 +18,12 @@ import collections
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -38,11 +41,14 @@ from training.trust import TrustReport, filter_snapshot, weight_reviewed
 log = logging.getLogger("learnloop.training")
 
 ADAPTER_FILE = "adapter_model.safetensors"
+LEASE = "training"
+LEASE_TTL_S = 60.0
 
 
 class CycleStatus(StrEnum):
     SKIPPED = "skipped"
-    PROMOTED = "promoted"
+    PROMOTED = "promoted"  # straight to live (canary.share = 0)
+    CANARY = "canary"  # passed the gate; serves a share of new conversations
     REJECTED = "rejected"
     FAILED = "failed"
 
@@ -113,16 +119,34 @@ class TrainingCycle:
         self.config = config
         self.on_progress = on_progress
         self._lock = asyncio.Lock()
+        self.job_pid: int | None = None  # the training subprocess while one runs
 
     @property
     def running(self) -> bool:
         return self._lock.locked()
 
     async def run(self, *, force: bool = False) -> CycleResult:
+        """One cycle, unless one runs already here or in any other process on this store."""
         if self._lock.locked():
             return CycleResult(CycleStatus.SKIPPED, "a training run is already in progress")
         async with self._lock:
-            return await self._run(force=force)
+            holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+            if not await self.store.acquire_lease(LEASE, holder, LEASE_TTL_S):
+                return CycleResult(CycleStatus.SKIPPED, "another process holds the training lease")
+            renew = asyncio.create_task(self._renew(holder))
+            try:
+                # the lease was free, so any run still marked running lost its process
+                if n := await self.store.fail_interrupted_runs():
+                    log.warning("%d interrupted training runs marked failed", n)
+                return await self._run(force=force)
+            finally:
+                renew.cancel()
+                await self.store.release_lease(LEASE, holder)
+
+    async def _renew(self, holder: str) -> None:
+        while True:
+            await asyncio.sleep(LEASE_TTL_S / 4)
+            await self.store.acquire_lease(LEASE, holder, LEASE_TTL_S)
 
     async def _run(self, *, force: bool) -> CycleResult:
         started = time.monotonic()
@@ -143,7 +167,7 @@ class TrainingCycle:
             held = await self.store.flag_raters(prepared.trust.new_flags)
             log.warning("held %d raters for review: %s", len(held), ", ".join(held[:10]))
         data, train, heldout, counts = prepared.data, prepared.train, prepared.heldout, prepared.counts
-        if not train.dpo and not pairs.class_balance_ok(train):
+        if not train.dpo and not pairs.class_balance_ok(train) and not train.sft:
             return CycleResult(CycleStatus.SKIPPED, f"no trainable rows yet ({counts})", counts=counts)
 
         run_id = await self.store.start_run(
@@ -158,8 +182,10 @@ class TrainingCycle:
             "train": asdict(cfg.train),
             "output_dir": str(adapter_tmp),
             "live_adapter": live.adapter_path,
+            "init_adapter": live.adapter_path if cfg.train.init_from == "live" else None,
             "dpo": _write_jsonl(run_dir / "dpo.jsonl", [r.to_trl() for r in prepared.weighted_train.dpo]),
             "kto": _write_jsonl(run_dir / "kto.jsonl", [r.to_trl() for r in prepared.weighted_train.kto]),
+            "sft": _write_jsonl(run_dir / "sft.jsonl", [r.to_trl() for r in prepared.weighted_train.sft]),
             "heldout": _write_jsonl(
                 run_dir / "heldout.jsonl", [{**r.to_trl(), "source": r.source} for r in heldout.dpo]
             ),
@@ -173,7 +199,7 @@ class TrainingCycle:
             try:
                 job = await self._run_job(run_id, spec_path)
             finally:  # the rows hold customers' words: keep them no longer than the run
-                for name in ("dpo", "kto", "heldout"):
+                for name in ("dpo", "kto", "sft", "heldout"):
                     Path(spec[name]).unlink(missing_ok=True)
             report = EvalReport.from_dict(job["report"])
             if not (adapter_tmp / ADAPTER_FILE).is_file():
@@ -208,12 +234,16 @@ class TrainingCycle:
                 CycleStatus.FAILED, detail, run_id=run_id, seconds=time.monotonic() - started, counts=counts
             )
         gate = decide(report, cfg.gate)
-        state = VersionState.LIVE if gate.promote else VersionState.REJECTED
+        if not gate.promote:
+            state, status = VersionState.REJECTED, CycleStatus.REJECTED
+        elif cfg.canary_share > 0:
+            state, status = VersionState.CANARY, CycleStatus.CANARY
+        else:
+            state, status = VersionState.LIVE, CycleStatus.PROMOTED
         await self.store.set_version_state(version.name, state, actor="gate", reasons=gate.reasons)
         await self.store.finish_run(
             run_id, state=RunState.SUCCEEDED, version=version.name, detail="; ".join(gate.reasons)
         )
-        status = CycleStatus.PROMOTED if gate.promote else CycleStatus.REJECTED
         log.info("training run %d: %s %s (%s)", run_id, version.name, status, "; ".join(gate.reasons))
         return CycleResult(
             status,
@@ -236,8 +266,19 @@ class TrainingCycle:
             stderr=asyncio.subprocess.PIPE,
         )
         assert proc.stdout is not None and proc.stderr is not None
+        self.job_pid = proc.pid
         stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
         result: dict[str, Any] = {}
+        cancelled = False
+
+        async def watch_cancel() -> None:
+            nonlocal cancelled
+            while proc.returncode is None:
+                await asyncio.sleep(0.5)
+                if (await self.store.get_run(run_id)).state is RunState.CANCELLING:
+                    cancelled = True
+                    proc.kill()
+                    return
 
         async def read_stdout() -> None:
             assert proc.stdout is not None
@@ -269,6 +310,7 @@ class TrainingCycle:
             async for raw in proc.stderr:
                 stderr_tail.append(raw.decode(errors="replace").rstrip())
 
+        watcher = asyncio.create_task(watch_cancel())
         try:
             await asyncio.wait_for(asyncio.gather(read_stdout(), read_stderr(), proc.wait()), self.config.timeout_s)
         except TimeoutError:
@@ -281,6 +323,11 @@ class TrainingCycle:
             proc.kill()
             await proc.wait()
             raise
+        finally:
+            watcher.cancel()
+            self.job_pid = None
+        if cancelled:
+            raise TrainingJobError("cancelled by an operator")
         if proc.returncode != 0 or "report" not in result:
             tail = "\n".join(stderr_tail)
             raise TrainingJobError(f"training job exited with code {proc.returncode}:\n{tail}")

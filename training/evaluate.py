@@ -8,8 +8,10 @@ model or another adapter loaded beside it under the name ``live``.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,30 +54,52 @@ def _as(model: Any, adapter: str | None) -> Iterator[None]:
         yield
 
 
+GENERIC_CHAT = Path(__file__).parent / "data" / "generic_chat.jsonl"
+
+
+def load_generic_chat() -> list[dict[str, Any]]:
+    with open(GENERIC_CHAT, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def evaluate_pairs(
-    model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], *, live_adapter: str | None, beta: float
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[dict[str, Any]],
+    *,
+    live_adapter: str | None,
+    beta: float,
+    generic: Sequence[dict[str, Any]] = (),
 ) -> EvalReport:
-    """``pairs`` are TRL DPO rows (conversational). ``live_adapter`` is None when live is the base model."""
+    """``pairs`` are TRL DPO rows (conversational). ``live_adapter`` is None when live is the base model.
+
+    ``generic`` rows (``{"prompt": [...], "completion": str}``) give each model's perplexity on
+    ordinary chat, the general-ability check.
+    """
     model.eval()
     scores: dict[str, list[tuple[float, int, float, int]]] = {"cand": [], "live": []}
+    ppl: dict[str, float | None] = {"cand": None, "live": None}
     for key, adapter in (("cand", CANDIDATE), ("live", live_adapter)):
         with _as(model, adapter):
             for pair in pairs:
                 c_lp, c_n = completion_logprob(model, tokenizer, pair["prompt"], pair["chosen"][0]["content"])
                 r_lp, r_n = completion_logprob(model, tokenizer, pair["prompt"], pair["rejected"][0]["content"])
                 scores[key].append((c_lp, c_n, r_lp, r_n))
+            if generic:
+                lps = [completion_logprob(model, tokenizer, g["prompt"], g["completion"]) for g in generic]
+                ppl[key] = math.exp(-sum(lp for lp, _ in lps) / max(sum(n for _, n in lps), 1))
     model.set_adapter(CANDIDATE)
 
     # NLL is measured on the operators' corrections (the golden answers) when the held-out
     # set has any: a sibling that a customer merely preferred is no target to imitate.
     golden = [i for i, p in enumerate(pairs) if p.get("source") == "correction"] or list(range(len(pairs)))
 
-    def model_scores(rows: list[tuple[float, int, float, int]]) -> ModelScores:
+    def model_scores(rows: list[tuple[float, int, float, int]], generic_ppl: float | None) -> ModelScores:
         if not rows:
-            return ModelScores(preference_accuracy=0.0, chosen_nll=math.inf)
+            return ModelScores(preference_accuracy=0.0, chosen_nll=math.inf, generic_ppl=generic_ppl)
         wins = sum(1 for c, cn, r, rn in rows if c / max(cn, 1) > r / max(rn, 1))
         nll = sum(-rows[i][0] for i in golden) / max(sum(rows[i][1] for i in golden), 1)
-        return ModelScores(preference_accuracy=wins / len(rows), chosen_nll=nll)
+        return ModelScores(preference_accuracy=wins / len(rows), chosen_nll=nll, generic_ppl=generic_ppl)
 
     margins = [
         beta * ((c - lc) - (r - lr))
@@ -83,8 +107,8 @@ def evaluate_pairs(
     ]
     return EvalReport(
         n_heldout=len(pairs),
-        candidate=model_scores(scores["cand"]),
-        live=model_scores(scores["live"]),
+        candidate=model_scores(scores["cand"], ppl["cand"]),
+        live=model_scores(scores["live"], ppl["live"]),
         reward_margin=sum(margins) / len(margins) if margins else 0.0,
         reward_accuracy=sum(1 for m in margins if m > 0) / len(margins) if margins else 0.0,
         extra={"nll_on": "corrections" if any(p.get("source") == "correction" for p in pairs) else "all pairs"},

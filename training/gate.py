@@ -8,6 +8,8 @@ same held-out preference pairs. Terms, per held-out pair (prompt x, chosen c, re
   averaged over pairs; ``reward_accuracy`` is the share of pairs where it is positive.
 * ``preference_accuracy`` (per model): share of pairs where the model gives the chosen
   answer a higher mean per-token log-probability than the rejected one.
+* ``generic_ppl`` (per model): perplexity of fixed answers to generic chat prompts shipped in
+  ``training/data/generic_chat.jsonl``: an adapter that forgets how to talk fails here.
 * ``chosen_nll`` (per model): mean per-token negative log-likelihood of the chosen answers of
   held-out operator corrections (of all held-out chosen answers when there are none).
 """
@@ -22,6 +24,7 @@ from typing import Any
 class ModelScores:
     preference_accuracy: float
     chosen_nll: float
+    generic_ppl: float | None = None  # perplexity on the generic chat set shipped in training/data
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class GateConfig:
     )
     max_chosen_nll_increase: float = field(
         default=0.0, metadata={"help": "Relative rise allowed in NLL of chosen answers (0.05 = 5%)."}
+    )
+    max_generic_ppl_increase: float = field(
+        default=0.10, metadata={"help": "Relative rise allowed in perplexity on the generic chat set (0.10 = 10%)."}
     )
 
     def __post_init__(self) -> None:
@@ -111,6 +117,15 @@ def decide(report: EvalReport, config: GateConfig) -> GateDecision:
             f"chosen NLL {report.candidate.chosen_nll:.4f} vs live {report.live.chosen_nll:.4f} (need <= {ceiling:.4f})",
         )
     )
+    cand_ppl, live_ppl = report.candidate.generic_ppl, report.live.generic_ppl
+    if cand_ppl is not None and live_ppl is not None:
+        ceiling_ppl = live_ppl * (1.0 + config.max_generic_ppl_increase)
+        checks.append(
+            (
+                cand_ppl <= ceiling_ppl,
+                f"generic-chat perplexity {cand_ppl:.2f} vs live {live_ppl:.2f} (need <= {ceiling_ppl:.2f})",
+            )
+        )
     failed = tuple(f"failed: {text}" for ok, text in checks if not ok)
     if failed:
         return GateDecision(False, failed)

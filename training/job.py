@@ -1,6 +1,8 @@
 """The training subprocess: ``python -m training.job SPEC.json``.
 
-Trains a LoRA adapter with TRL on the rows the cycle wrote, scores it against the live
+Trains a LoRA adapter with TRL on the rows the cycle wrote (the objective follows the data:
+DPO mixed with an SFT loss on the chosen answers when there are preference pairs, KTO when
+there are only thumbs, SFT when there are only demonstrations), scores it against the live
 version on the held-out pairs, saves it with the config and data id that produced it,
 and reports on stdout, one JSON object a line:
 
@@ -42,7 +44,7 @@ def run(spec: dict[str, Any]) -> None:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from training.evaluate import LIVE, evaluate_pairs
+    from training.evaluate import LIVE, evaluate_pairs, load_generic_chat
 
     started = time.monotonic()
     cfg = TrainConfig(**{**spec["train"], "target_modules": tuple(spec["train"]["target_modules"])})
@@ -50,14 +52,19 @@ def run(spec: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(spec["base_model"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(spec["base_model"], dtype=torch.float32)
-    lora = LoraConfig(
+    model: Any = AutoModelForCausalLM.from_pretrained(spec["base_model"], dtype=torch.float32)
+    lora: Any = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.target_modules),
         task_type="CAUSAL_LM",
     )
+    if spec.get("init_adapter"):  # continue from the live adapter instead of a fresh LoRA
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, spec["init_adapter"], is_trainable=True)
+        lora = None
     out = Path(spec["output_dir"])
     common: dict[str, Any] = dict(
         output_dir=str(out.parent / "trainer"),
@@ -66,7 +73,6 @@ def run(spec: dict[str, Any]) -> None:
         learning_rate=cfg.learning_rate,
         lr_scheduler_type="constant",
         warmup_steps=0,
-        beta=cfg.beta,
         max_length=cfg.max_length,
         seed=cfg.seed,
         bf16=False,
@@ -98,13 +104,14 @@ def run(spec: dict[str, Any]) -> None:
 
     dpo_rows = read_jsonl(spec.get("dpo"))
     kto_rows = read_jsonl(spec.get("kto"))
+    sft_rows = read_jsonl(spec.get("sft"))
     if dpo_rows:
         from trl import DPOConfig, DPOTrainer
 
         losses, weights = (["sigmoid", "sft"], [1.0, cfg.sft_weight]) if cfg.sft_weight > 0 else (["sigmoid"], [1.0])
         trainer: Any = DPOTrainer(
             model=model,
-            args=DPOConfig(**common, loss_type=losses, loss_weights=weights),
+            args=DPOConfig(**common, beta=cfg.beta, loss_type=losses, loss_weights=weights),
             train_dataset=Dataset.from_list(dpo_rows),
             processing_class=tokenizer,
             peft_config=lora,
@@ -117,15 +124,27 @@ def run(spec: dict[str, Any]) -> None:
         desirable, undesirable = spec.get("kto_weights") or (1.0, 1.0)
         trainer = KTOTrainer(
             model=model,
-            args=KTOConfig(**common, desirable_weight=desirable, undesirable_weight=undesirable),
+            args=KTOConfig(**common, beta=cfg.beta, desirable_weight=desirable, undesirable_weight=undesirable),
             train_dataset=Dataset.from_list(kto_rows),
             processing_class=tokenizer,
             peft_config=lora,
             callbacks=[Progress()],
         )
         kind = "kto"
+    elif sft_rows:
+        from trl import SFTConfig, SFTTrainer
+
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**common),
+            train_dataset=Dataset.from_list(sft_rows),
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[Progress()],
+        )
+        kind = "sft"
     else:
-        raise SystemExit("nothing to train: the spec names no DPO or KTO rows")
+        raise SystemExit("nothing to train: the spec names no DPO, KTO or SFT rows")
     trainer.train()
     peft_model = trainer.model
 
@@ -138,6 +157,7 @@ def run(spec: dict[str, Any]) -> None:
         read_jsonl(spec.get("heldout")),
         live_adapter=LIVE if live_adapter else None,
         beta=cfg.beta,
+        generic=load_generic_chat(),
     )
 
     if live_adapter:
@@ -148,7 +168,8 @@ def run(spec: dict[str, Any]) -> None:
         "train_config": asdict(cfg),
         "base_model": spec["base_model"],
         "dataset_id": spec.get("dataset_id"),
-        "rows": {"dpo": len(dpo_rows), "kto": len(kto_rows)},
+        "rows": {"dpo": len(dpo_rows), "kto": len(kto_rows), "sft": len(sft_rows)},
+        "init_adapter": spec.get("init_adapter"),
         "report": report.to_dict(),
         "seconds": round(time.monotonic() - started, 1),
     }

@@ -119,9 +119,10 @@ class TrainingData:
 
 def build_training_data(snapshot: FeedbackSnapshot, *, system_prompt: str | None = None) -> TrainingData:
     """Build every DPO, KTO and SFT row the snapshot supports."""
-    messages = {m.id: m for m in snapshot.messages}
+    usable = [m for m in snapshot.messages if m.finish_reason != "error"]  # failed replies never train
+    messages = {m.id: m for m in usable}
     children: dict[str | None, list[Message]] = defaultdict(list)
-    for m in snapshot.messages:
+    for m in usable:
         children[m.parent_id].append(m)
 
     def prompt_for(reply: Message) -> tuple[ChatMessage, ...] | None:

@@ -1,0 +1,83 @@
+"""Adapter files are checked before any of them is loaded. Pure over file facts and shapes.
+
+An adapter folder must hold ``adapter_model.safetensors`` (pickled weights such as
+``adapter_model.bin`` are refused outright: loading a pickle runs code), its sha256 must
+match the registry, and every LoRA matrix must fit the base model's layer it targets:
+``lora_A`` is ``(r, in_features)`` and ``lora_B`` is ``(out_features, r)``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+ADAPTER_FILE = "adapter_model.safetensors"
+_PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_LORA = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.[^.]+)?\.weight$")
+
+
+class AdapterInvalidError(Exception):
+    """The adapter must not be loaded; the message says why."""
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, read from the safetensors header only (no weights loaded)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise AdapterInvalidError(f"{path.name} is truncated (no header)")
+        (size,) = struct.unpack("<Q", head)
+        if size > 100 * 1024 * 1024:
+            raise AdapterInvalidError(f"{path.name} claims a {size}-byte header: not a safetensors file")
+        header = f.read(size)
+        if len(header) != size:
+            raise AdapterInvalidError(f"{path.name} is truncated (header cut short)")
+        try:
+            meta = json.loads(header)
+        except ValueError as exc:
+            raise AdapterInvalidError(f"{path.name} has an unreadable header: {exc}") from None
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+        f.seek(0, 2)
+        if f.tell() < 8 + size + end:
+            raise AdapterInvalidError(f"{path.name} is truncated ({f.tell()} bytes, needs {8 + size + end})")
+    return {k: tuple(v["shape"]) for k, v in meta.items() if k != "__metadata__"}
+
+
+def shape_problems(
+    tensors: dict[str, tuple[int, ...]], base_linear: dict[str, tuple[int, int]], rank: int | None = None
+) -> list[str]:
+    """Mismatches between LoRA tensors and the base model's linear layers ``(out, in)``."""
+    problems: list[str] = []
+    seen = 0
+    for name, shape in sorted(tensors.items()):
+        m = _LORA.match(name)
+        if not m:
+            continue
+        seen += 1
+        module = m["module"]
+        if module not in base_linear:
+            problems.append(f"{name}: the base model has no layer {module}")
+            continue
+        out_features, in_features = base_linear[module]
+        if len(shape) != 2:
+            problems.append(f"{name}: expected a matrix, got shape {shape}")
+        elif m["kind"] == "A" and (shape[1] != in_features or (rank is not None and shape[0] != rank)):
+            problems.append(f"{name}: shape {shape} does not fit ({rank or 'r'}, {in_features})")
+        elif m["kind"] == "B" and (shape[0] != out_features or (rank is not None and shape[1] != rank)):
+            problems.append(f"{name}: shape {shape} does not fit ({out_features}, {rank or 'r'})")
+    if not seen:
+        problems.append("no LoRA weights in the file")
+    return problems
+
+
+def check_adapter_folder(folder: Path, *, sha256: str | None, digest: str) -> None:
+    """File-level checks (presence, no pickles, checksum). Raises AdapterInvalidError."""
+    if not (folder / ADAPTER_FILE).is_file():
+        raise AdapterInvalidError(f"{folder}: {ADAPTER_FILE} is missing")
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLES)
+    if pickles:
+        raise AdapterInvalidError(f"{folder}: pickled weights are refused ({', '.join(pickles)}); use safetensors")
+    if sha256 is None or digest != sha256:
+        raise AdapterInvalidError(f"{folder}: sha256 {digest} does not match the registry ({sha256})")
