@@ -80,6 +80,11 @@ def test_false_alarm_rate_is_near_the_confidence_level() -> None:
     assert rollbacks / 400 < 0.09
 
 
+def test_small_latency_jitter_is_no_regression() -> None:
+    d = decide(stream("live", 400, 0.5, latency=4.0, seed=1), stream("v2", 200, 0.8, latency=9.0, seed=2), CFG)
+    assert d.action is CanaryAction.PROMOTE
+
+
 def test_z_and_assignment() -> None:
     assert z_score(0, 0, 5, 10) == 0.0 and z_score(80, 100, 50, 100) > 4
     share = sum(assign(f"conv-{i}", 0.2) for i in range(5000)) / 5000

@@ -8,7 +8,7 @@ Each check is a one-sided two-proportion z-test at ``confidence`` (pooled varian
   is rolled back when either is significantly higher, with ``min_replies`` on each side;
   it is also rolled back when its thumbs-up rate is significantly lower;
 * latency: rolled back when its mean time to first token exceeds ``max_latency_ratio``
-  times live's (``min_replies`` each side).
+  times live's and by more than ``latency_slack_ms`` (``min_replies`` each side).
 
 Anything else waits for more evidence. Rollback wins over promotion.
 """
@@ -40,6 +40,9 @@ class CanaryConfig:
     confidence: float = field(default=0.95, metadata={"help": "One-sided confidence of each test."})
     max_latency_ratio: float = field(
         default=1.5, metadata={"help": "Roll back when canary latency exceeds live's by this factor."}
+    )
+    latency_slack_ms: float = field(
+        default=100.0, metadata={"help": "Latency differences smaller than this never count as a regression."}
     )
     check_interval_s: float = field(default=30.0, metadata={"help": "How often the server checks the canary."})
 
@@ -99,7 +102,8 @@ def decide(live: VersionStats, canary: VersionStats, config: CanaryConfig) -> Ca
                 worse.append(f"{label} rate {c_hits}/{c_n} vs live {l_hits}/{l_n}, z={z:+.2f}")
         if canary.mean_latency_ms and live.mean_latency_ms:
             ratio = canary.mean_latency_ms / live.mean_latency_ms
-            if ratio > config.max_latency_ratio:
+            slower_by = canary.mean_latency_ms - live.mean_latency_ms
+            if ratio > config.max_latency_ratio and slower_by > config.latency_slack_ms:
                 worse.append(
                     f"latency {canary.mean_latency_ms:.0f} ms vs live {live.mean_latency_ms:.0f} ms "
                     f"({ratio:.2f}x > {config.max_latency_ratio:.2f}x)"

@@ -1,0 +1,211 @@
+"""Faults around training and release: killed jobs, races, cancels, time-outs, bad adapter files."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from feedback import FeedbackStore, RunState, VersionState
+from server.app import AdapterRejectedError, App
+from server.settings import load_settings
+from tests.factories import build_tiny_model
+from tests.test_engine import make_adapter
+from training.config import CycleConfig, TrainConfig
+from training.cycle import CycleStatus, TrainingCycle, sha256_file
+
+ANSWER = "Refunds are accepted within 30 days of delivery."
+
+
+async def seed(store: FeedbackStore, n: int = 6) -> None:
+    await store.ensure_base_version("unused")
+    for i in range(n):
+        cid = uuid.uuid4().hex
+        await store.create_conversation(cid, user_id=f"u{i}")
+        u = await store.add_message(
+            message_id=uuid.uuid4().hex,
+            conversation_id=cid,
+            role="user",  # type: ignore[arg-type]
+            text=f"What is your refund policy, question {i}?",
+            parent_id=None,
+        )
+        a = await store.add_message(
+            message_id=uuid.uuid4().hex,
+            conversation_id=cid,
+            role="assistant",  # type: ignore[arg-type]
+            text=f"no idea {i}",
+            parent_id=u.id,
+            model_version="base",
+        )
+        await store.add_correction(message_id=a.id, text=ANSWER, operator="op")
+
+
+def config(model: Path, data_dir: Path, **train: Any) -> CycleConfig:
+    return CycleConfig(
+        base_model=str(model),
+        data_dir=data_dir,
+        min_new_feedback=1,
+        heldout_fraction=0.3,
+        train=TrainConfig(**{"max_steps": 10, "learning_rate": 1e-3, **train}),
+    )
+
+
+async def wait_for_job(cycle: TrainingCycle, store: FeedbackStore) -> None:
+    for _ in range(600):
+        runs = await store.list_runs()
+        if cycle.job_pid and runs and runs[0].progress:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the training job never reported progress")
+
+
+async def test_killed_job_leaves_live_serving_and_the_next_run_succeeds(tiny_model: Path, tmp_path: Path) -> None:
+    async with await FeedbackStore.open(tmp_path / "db.sqlite") as store:
+        await seed(store)
+        slow = TrainingCycle(store, config(tiny_model, tmp_path, max_steps=100_000))
+        task = asyncio.create_task(slow.run())
+        await wait_for_job(slow, store)
+        os.kill(slow.job_pid, signal.SIGKILL)  # type: ignore[arg-type]
+        result = await task
+        assert result.status is CycleStatus.FAILED and "exited with code -9" in result.reason
+        assert (await store.live_version()).name == "base"
+        assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())
+        assert (await store.list_runs())[0].state is RunState.FAILED
+        # the data was not consumed: the next run trains on it without --force
+        result = await TrainingCycle(store, config(tiny_model, tmp_path)).run()
+        assert result.status is CycleStatus.PROMOTED and result.version == "v1"
+
+
+async def test_two_triggers_train_once(tiny_model: Path, tmp_path: Path) -> None:
+    db = tmp_path / "db.sqlite"
+    async with await FeedbackStore.open(db) as store_a, await FeedbackStore.open(db) as store_b:
+        await seed(store_a)
+        # two "processes" (separate connections and cycles) and a double trigger within one
+        a = TrainingCycle(store_a, config(tiny_model, tmp_path))
+        b = TrainingCycle(store_b, config(tiny_model, tmp_path))
+        results = await asyncio.gather(a.run(), a.run(), b.run())
+        statuses = sorted(r.status for r in results)
+        assert statuses.count(CycleStatus.PROMOTED) == 1 and statuses.count(CycleStatus.SKIPPED) == 2
+        assert any("lease" in r.reason for r in results) and any("in progress" in r.reason for r in results)
+        assert len(await store_a.list_runs()) == 1
+
+
+async def test_cancel_and_timeout_fail_the_run_cleanly(tiny_model: Path, tmp_path: Path) -> None:
+    async with await FeedbackStore.open(tmp_path / "db.sqlite") as store:
+        await seed(store)
+        slow = TrainingCycle(store, config(tiny_model, tmp_path, max_steps=100_000))
+        task = asyncio.create_task(slow.run())
+        await wait_for_job(slow, store)
+        run = (await store.list_runs())[0]
+        assert await store.request_cancel(run.id, actor="op")
+        result = await task
+        assert result.status is CycleStatus.FAILED and result.reason == "cancelled by an operator"
+        hung = TrainingCycle(store, dataclasses.replace(config(tiny_model, tmp_path, max_steps=100_000), timeout_s=8))
+        result = await hung.run()
+        assert result.status is CycleStatus.FAILED and "timed out" in result.reason
+        assert [r.state for r in await store.list_runs()] == [RunState.FAILED, RunState.FAILED]
+        assert (await store.live_version()).name == "base"
+
+
+async def test_interrupted_runs_are_marked_failed_by_the_next_cycle(tiny_model: Path, tmp_path: Path) -> None:
+    async with await FeedbackStore.open(tmp_path / "db.sqlite") as store:
+        await seed(store)
+        orphan = await store.start_run(max_rating_id=0, max_correction_id=0)  # its process "died"
+        result = await TrainingCycle(store, config(tiny_model, tmp_path)).run()
+        assert result.status is CycleStatus.PROMOTED
+        assert (await store.get_run(orphan)).state is RunState.FAILED
+
+
+@pytest.fixture
+def bad_adapters(tiny_model: Path, tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (folder, sha256 registered for it)."""
+    out: dict[str, tuple[Path, str]] = {}
+    good = make_adapter(tiny_model, tmp_path / "good", seed=1)
+    out["good"] = (good, sha256_file(good / "adapter_model.safetensors"))
+    truncated = make_adapter(tiny_model, tmp_path / "truncated", seed=2)
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    out["truncated"] = (truncated, sha256_file(weights))  # the checksum matches: the file is still cut short
+    tampered = make_adapter(tiny_model, tmp_path / "tampered", seed=3)
+    digest = sha256_file(tampered / "adapter_model.safetensors")
+    data = bytearray((tampered / "adapter_model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (tampered / "adapter_model.safetensors").write_bytes(bytes(data))
+    out["tampered"] = (tampered, digest)
+    other = build_tiny_model(tmp_path / "other-model", vocab_size=300)
+    import json
+
+    cfg = json.loads((other / "config.json").read_text())
+    cfg.update(hidden_size=32, intermediate_size=64)
+    (other / "config.json").write_text(json.dumps(cfg))
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(other)).save_pretrained(other)
+    wrong = make_adapter(other, tmp_path / "wrong-shapes", seed=4)
+    out["wrong-shapes"] = (wrong, sha256_file(wrong / "adapter_model.safetensors"))
+    pickled = make_adapter(tiny_model, tmp_path / "pickled", seed=5)
+    (pickled / "adapter_model.bin").write_bytes(b"not today")
+    out["pickled"] = (pickled, sha256_file(pickled / "adapter_model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["truncated", "tampered", "wrong-shapes", "pickled"])
+async def test_bad_adapter_is_refused_and_the_old_version_keeps_serving(
+    kind: str, bad_adapters: dict[str, tuple[Path, str]], tiny_model: Path, tmp_path: Path, open_client: Any
+) -> None:
+    settings = load_settings(
+        env={},
+        data_dir=tmp_path / "data",
+        overrides={
+            "server": {"port": 0},
+            "model": {"name": str(tiny_model), "max_new_tokens": 6},
+            "schedule": {"enabled": False, "version_poll_s": 3600},
+            "canary": {"share": 0.5, "check_interval_s": 3600},
+        },
+    )
+    app = App(settings)
+    async with app.lifespan():
+        assert app.store is not None
+        good, good_sha = bad_adapters["good"]
+        await app.store.register_version(
+            adapter_path=str(good),
+            sha256=good_sha,
+            parent="base",
+            base_model="m",
+            eval_report={},
+            feedback_ids={},
+            training_run_id=None,
+        )
+        await app.promote("v1", actor="test")
+        assert app.live_version == "v1"
+        folder, sha = bad_adapters[kind]
+        await app.store.register_version(
+            adapter_path=str(folder),
+            sha256=sha,
+            parent="v1",
+            base_model="m",
+            eval_report={},
+            feedback_ids={},
+            training_run_id=None,
+        )
+        # as a canary: refused and rolled back automatically
+        await app.store.set_version_state("v2", VersionState.CANARY, actor="gate")
+        await app.sync_versions()
+        v2 = await app.store.get_version("v2")
+        assert v2.state is VersionState.ROLLED_BACK and any("refused" in r for r in v2.gate_reasons)
+        assert app.canary_version is None
+        # promoted by hand: refused, and v1 keeps serving
+        await app.store.set_version_state("v2", VersionState.LIVE, actor="test")
+        with pytest.raises(AdapterRejectedError):
+            await app.sync_versions()
+        assert app.live_version == "v1" and "v2" not in app.engine.versions  # type: ignore[union-attr]
+        client = await open_client(app.port)
+        assert (await client.hello())["model_version"] == "v1"
+        done, _ = await client.chat("still serving?", "x")
+        assert done["model_version"] == "v1"
