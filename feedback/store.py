@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -1003,45 +1004,31 @@ async def _audit(
     )
 
 
+def _record(cls: type[T], r: sqlite3.Row, **convert: Callable[[Any], Any]) -> T:
+    """A record dataclass from a row whose columns carry the fields' names."""
+    columns = set(r.keys())
+    values = {
+        f.name: convert.get(f.name, lambda v: v)(r[f.name])
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.name in columns
+    }
+    return cls(**values)
+
+
 def _message(r: sqlite3.Row) -> Message:
-    return Message(
-        id=r["id"],
-        conversation_id=r["conversation_id"],
-        seq=r["seq"],
-        role=Role(r["role"]),
-        text=r["text"],
-        parent_id=r["parent_id"],
-        regenerated_from=r["regenerated_from"],
-        model_version=r["model_version"],
-        latency_ms=r["latency_ms"],
-        finish_reason=r["finish_reason"],
-        n_tokens=r["n_tokens"],
-        created_at=r["created_at"],
-        author=r["author"],
-    )
+    return _record(Message, r, role=Role)
 
 
 def _conversation(r: sqlite3.Row) -> Conversation:
-    return Conversation(r["id"], r["user_id"], r["channel"], r["created_at"], r["tenant"], r["model_version"])
+    return _record(Conversation, r)
 
 
 def _rating(r: sqlite3.Row) -> Rating:
-    return Rating(
-        id=r["id"],
-        message_id=r["message_id"],
-        value=r["value"],
-        rater=r["rater"],
-        client_id=r["client_id"],
-        reason=r["reason"],
-        comment=r["comment"],
-        created_at=r["created_at"],
-    )
+    return _record(Rating, r)
 
 
 def _correction(r: sqlite3.Row) -> Correction:
-    return Correction(
-        id=r["id"], message_id=r["message_id"], text=r["text"], operator=r["operator"], created_at=r["created_at"]
-    )
+    return _record(Correction, r)
 
 
 def _version(r: sqlite3.Row) -> ModelVersion:
