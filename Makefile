@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test test-fast check bench-serve clean
+.PHONY: install serve test test-fast check bench-serve bench-learning clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ check: install            ## lint, format and types
 
 bench-serve: install      ## single-stream and concurrent decode through the real gateway
 	$(BIN)/python bench/serve.py
+
+bench-learning: install  ## the simulated shop: satisfaction by version over 3 training cycles (about 35 min)
+	$(BIN)/pip install --quiet matplotlib
+	$(BIN)/python bench/learning.py
 
 clean:
 	rm -rf $(VENV) learnloop-data .pytest_cache .mypy_cache .ruff_cache
