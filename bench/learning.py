@@ -116,7 +116,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "system_prompt": SYSTEM_PROMPT,
                 },
                 "schedule": {"enabled": False, "min_new_feedback": 1, "heldout_fraction": 0.2},
-                "training": {"max_steps": args.steps, "learning_rate": args.lr, "sft_weight": args.sft_weight},
+                "training": {
+                    "max_steps": args.steps,
+                    "learning_rate": args.lr,
+                    "sft_weight": args.sft_weight,
+                    "init_from": args.init_from,
+                    "kto_steps": args.kto_steps,
+                },
                 "canary": {"share": 0.0},
             },
         )
@@ -269,9 +275,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--cycles", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--sft-weight", type=float, default=1.0)
+    parser.add_argument("--init-from", choices=["base", "live"], default="live")
+    parser.add_argument("--kto-steps", type=int, default=20)
     parser.add_argument("--correct-share", type=float, default=0.5)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--generic", type=int, default=10)

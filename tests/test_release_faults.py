@@ -209,3 +209,21 @@ async def test_bad_adapter_is_refused_and_the_old_version_keeps_serving(
         assert (await client.hello())["model_version"] == "v1"
         done, _ = await client.chat("still serving?", "x")
         assert done["model_version"] == "v1"
+
+
+async def test_continuing_from_live_with_a_kto_stage(tiny_model: Path, tmp_path: Path) -> None:
+    """init_from=live starts from v1's weights; thumbs both ways add a KTO stage on the same adapter."""
+    async with await FeedbackStore.open(tmp_path / "db.sqlite") as store:
+        await seed(store)
+        first = await TrainingCycle(store, config(tiny_model, tmp_path)).run()
+        assert first.status is CycleStatus.PROMOTED and first.version == "v1"
+        snapshot = await store.export_feedback()
+        replies = [m for m in snapshot.messages if m.role == "assistant"]
+        for n, reply in enumerate(replies):
+            await store.add_rating(message_id=reply.id, value=1 if n % 2 else -1, rater=f"u{n}", client_id="t")
+        again = TrainingCycle(store, config(tiny_model, tmp_path, init_from="live", kto_steps=3))
+        result = await again.run(force=True)
+        assert result.status in (CycleStatus.PROMOTED, CycleStatus.REJECTED), result.reason
+        version = await store.get_version(result.version or "")
+        assert version.eval_report is not None and version.eval_report["trainer"] == "dpo+kto"
+        assert version.parent == "v1"

@@ -31,6 +31,10 @@ class TrainConfig:
     )
     max_length: int = field(default=512, metadata={"help": "Longest tokenized prompt+answer; longer ones are cut."})
     seed: int = field(default=0, metadata={"help": "Random seed of the run."})
+    kto_steps: int = field(
+        default=20,
+        metadata={"help": "KTO steps on thumbs after the DPO stage, on the same adapter (0 = no second stage)."},
+    )
     init_from: str = field(
         default="base",
         metadata={

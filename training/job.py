@@ -146,6 +146,26 @@ def run(spec: dict[str, Any]) -> None:
     else:
         raise SystemExit("nothing to train: the spec names no DPO, KTO or SFT rows")
     trainer.train()
+    if kind == "dpo" and cfg.kto_steps > 0 and len({r["label"] for r in kto_rows}) == 2:
+        # second stage on the same adapter: thumbs (KTO) teach what the pairs cannot, such as
+        # "do not answer a gift-card question with the refund window"
+        from trl import KTOConfig, KTOTrainer
+
+        desirable, undesirable = spec.get("kto_weights") or (1.0, 1.0)
+        stage2 = {**common, "max_steps": cfg.kto_steps, "output_dir": str(out.parent / "trainer-kto")}
+        stage1_model = trainer.model
+        if "ref" in stage1_model.peft_config:  # DPO's frozen copy of a starting adapter; KTO makes its own
+            stage1_model.set_adapter("default")
+            stage1_model.delete_adapter("ref")
+        trainer = KTOTrainer(
+            model=stage1_model,
+            args=KTOConfig(**stage2, beta=cfg.beta, desirable_weight=desirable, undesirable_weight=undesirable),
+            train_dataset=Dataset.from_list(kto_rows),
+            processing_class=tokenizer,
+            callbacks=[Progress()],
+        )
+        trainer.train()
+        kind = "dpo+kto"
     peft_model = trainer.model
 
     live_adapter = spec.get("live_adapter")
