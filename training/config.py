@@ -32,8 +32,11 @@ class TrainConfig:
     max_length: int = field(default=512, metadata={"help": "Longest tokenized prompt+answer; longer ones are cut."})
     seed: int = field(default=0, metadata={"help": "Random seed of the run."})
     kto_steps: int = field(
-        default=20,
-        metadata={"help": "KTO steps on thumbs after the DPO stage, on the same adapter (0 = no second stage)."},
+        default=0,
+        metadata={
+            "help": "KTO steps on thumbs after the DPO stage, on the same adapter (0 = off; at lr 2e-4, 20 steps "
+            "broke SmolLM2: see bench/RESULTS.md)."
+        },
     )
     init_from: str = field(
         default="base",
