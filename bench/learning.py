@@ -45,40 +45,34 @@ SYSTEM_PROMPT = "You are the customer-service assistant of Northwind Goods, an o
 UNCORRECTED = ("gift_card", "stores")
 
 
+async def converse(ws: Any, question: str, user: str) -> tuple[str, dict[str, Any]]:
+    """Say hello, ask one question, collect the streamed reply: (reply text, done frame)."""
+    await ws.send(json.dumps({"type": "hello", "user": user}))
+    json.loads(await ws.recv())
+    await ws.send(json.dumps({"type": "message", "text": question, "client_id": "q"}))
+    parts: list[str] = []
+    while True:
+        frame = json.loads(await ws.recv())
+        if frame["type"] == "token":
+            parts.append(frame["delta"])
+        elif frame["type"] == "done":
+            return "".join(parts), frame
+        elif frame["type"] == "error":
+            raise RuntimeError(frame)
+
+
 async def ask(port: int, question: str, user: str) -> tuple[str, str, str]:
     """One customer, one question, over a real websocket: (reply text, message id, version)."""
     async with connect(f"ws://127.0.0.1:{port}") as ws:
-        await ws.send(json.dumps({"type": "hello", "user": user}))
-        json.loads(await ws.recv())
-        await ws.send(json.dumps({"type": "message", "text": question, "client_id": "q"}))
-        parts: list[str] = []
-        while True:
-            frame = json.loads(await ws.recv())
-            if frame["type"] == "token":
-                parts.append(frame["delta"])
-            elif frame["type"] == "done":
-                return "".join(parts), frame["message_id"], frame["model_version"]
-            elif frame["type"] == "error" and frame["code"] != "rate_limited":
-                raise RuntimeError(frame)
+        reply, done = await converse(ws, question, user)
+        return reply, done["message_id"], done["model_version"]
 
 
 async def ask_and_rate(
     port: int, question: str, user: str, intent: Intent, intents: list[Intent], max_words: int, *, send_rating: bool
 ) -> tuple[bool, str, str, str]:
     async with connect(f"ws://127.0.0.1:{port}") as ws:
-        await ws.send(json.dumps({"type": "hello", "user": user}))
-        json.loads(await ws.recv())
-        await ws.send(json.dumps({"type": "message", "text": question, "client_id": "q"}))
-        parts: list[str] = []
-        while True:
-            frame = json.loads(await ws.recv())
-            if frame["type"] == "token":
-                parts.append(frame["delta"])
-            elif frame["type"] == "done":
-                break
-            elif frame["type"] == "error":
-                raise RuntimeError(frame)
-        reply = "".join(parts)
+        reply, frame = await converse(ws, question, user)
         verdict = rate(intent, reply, intents, max_words)
         if send_rating:
             reason = None if verdict.up else verdict.reasons[0][:200]
