@@ -75,6 +75,7 @@ async def gateway_run(args: argparse.Namespace, data_dir: Path) -> dict[str, flo
         env={},
         data_dir=data_dir,
         overrides={
+            "console": {"port": 0},
             "server": {"port": 0, "rate_per_s": 1000.0},
             "model": {
                 "name": args.model,

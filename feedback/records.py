@@ -105,6 +105,7 @@ class Correction:
     text: str
     operator: str
     created_at: float = 0.0
+    reason: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,12 @@
-"""Schema and migrations. ``PRAGMA user_version`` holds the number of applied steps."""
+"""Schema and migrations. ``PRAGMA user_version`` holds the number of applied steps.
+
+A step is one string of statements separated by ``;``, or a tuple of statements (for
+statements such as triggers that hold ``;`` themselves).
+"""
 
 from __future__ import annotations
 
-MIGRATIONS: tuple[str, ...] = (
+MIGRATIONS: tuple[str | tuple[str, ...], ...] = (
     # 1: the initial schema
     """
     CREATE TABLE conversations (
@@ -118,6 +122,48 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at  REAL NOT NULL
     );
     """,
+    # 4: the operator console: accounts, API tokens, sessions; full-text search; browse indexes
+    (
+        """CREATE TABLE operators (
+            name           TEXT PRIMARY KEY,
+            password_hash  TEXT NOT NULL,
+            role           TEXT NOT NULL CHECK (role IN ('viewer', 'reviewer', 'admin')),
+            disabled       INTEGER NOT NULL DEFAULT 0,
+            created_at     REAL NOT NULL
+        )""",
+        """CREATE TABLE api_tokens (
+            token_hash  TEXT PRIMARY KEY,
+            operator    TEXT NOT NULL REFERENCES operators(name) ON DELETE CASCADE,
+            label       TEXT NOT NULL,
+            created_at  REAL NOT NULL,
+            last_used   REAL
+        )""",
+        """CREATE TABLE console_sessions (
+            session_hash  TEXT PRIMARY KEY,
+            operator      TEXT NOT NULL REFERENCES operators(name) ON DELETE CASCADE,
+            csrf_token    TEXT NOT NULL,
+            created_at    REAL NOT NULL,
+            expires_at    REAL NOT NULL
+        )""",
+        "ALTER TABLE corrections ADD COLUMN reason TEXT",
+        "CREATE INDEX conversations_created ON conversations(created_at, id)",
+        "CREATE INDEX conversations_channel ON conversations(channel, created_at)",
+        "CREATE INDEX messages_regenerated ON messages(regenerated_from)",
+        "CREATE INDEX messages_created ON messages(created_at)",
+        "CREATE INDEX audit_actor ON audit_log(actor)",
+        "CREATE VIRTUAL TABLE messages_fts USING fts5(text, content='messages', content_rowid='rowid')",
+        """CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
+            INSERT INTO messages_fts(rowid, text) VALUES (new.rowid, new.text);
+        END""",
+        """CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+            INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.rowid, old.text);
+        END""",
+        """CREATE TRIGGER messages_fts_update AFTER UPDATE OF text ON messages BEGIN
+            INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.rowid, old.text);
+            INSERT INTO messages_fts(rowid, text) VALUES (new.rowid, new.text);
+        END""",
+        "INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

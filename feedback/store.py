@@ -26,6 +26,9 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from feedback.accounts import AccountsMixin
+from feedback.accounts import write_audit as _audit
+from feedback.browse import BrowseMixin
 from feedback.records import (
     BASE_VERSION,
     Conversation,
@@ -86,7 +89,7 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     return conn
 
 
-class FeedbackStore:
+class FeedbackStore(AccountsMixin, BrowseMixin):
     """The durable store. Open with ``await FeedbackStore.open(path)``; close with ``close()``."""
 
     def __init__(
@@ -310,21 +313,27 @@ class FeedbackStore:
             author,
         )
 
-    async def add_operator_reply(self, *, conversation_id: str, text: str, operator: str, message_id: str) -> Message:
-        """An operator's own answer in a conversation (takeover); it trains as a demonstration."""
+    async def add_operator_reply(
+        self, *, conversation_id: str, text: str, operator: str, message_id: str, live: bool = False
+    ) -> Message:
+        """An operator's own answer in a conversation (takeover); it trains as a demonstration.
+
+        Offline (``live=False``) it answers the customer's latest message, beside any reply the
+        model gave. In a live takeover it continues the conversation after its latest message.
+        """
         text = text.strip()
         if not text:
             raise InvalidError("an operator reply needs a non-empty text")
-        users = [m for m in await self.conversation_messages(conversation_id) if m.role is Role.USER]
+        messages = [m for m in await self.conversation_messages(conversation_id) if m.finish_reason != "error"]
+        users = [m for m in messages if m.role is Role.USER]
         if not users:
             raise NotFoundError(f"conversation {conversation_id!r} has no user message to answer")
-        # the operator answers the customer's latest message (beside any reply the model gave)
         return await self.add_message(
             message_id=message_id,
             conversation_id=conversation_id,
             role=Role.ASSISTANT,
             text=text,
-            parent_id=users[-1].id,
+            parent_id=messages[-1].id if live else users[-1].id,
             author=f"operator:{operator}",
             finish_reason="operator",
         )
@@ -377,24 +386,29 @@ class FeedbackStore:
         result: tuple[Rating, bool] = await self._write(op)
         return result
 
-    async def add_correction(self, *, message_id: str, text: str, operator: str) -> Correction:
-        """Store an operator's better answer for an assistant message."""
+    async def add_correction(
+        self, *, message_id: str, text: str, operator: str, reason: str | None = None
+    ) -> Correction:
+        """Store an operator's better answer for an assistant message (``reason``: a tag, e.g. wrong-fact)."""
         text = text.strip()
         if not text:
             raise InvalidError("a correction needs a non-empty text")
+        reason = (reason or "").strip() or None
+        if reason is not None and len(reason) > 200:
+            raise InvalidError("a correction reason is at most 200 characters")
         now = time.time()
 
         async def op(conn: aiosqlite.Connection) -> int:
             await _require_assistant_message(conn, message_id)
             cursor = await conn.execute(
-                "INSERT INTO corrections (message_id, text, operator, created_at) VALUES (?, ?, ?, ?)",
-                (message_id, text, operator, now),
+                "INSERT INTO corrections (message_id, text, operator, created_at, reason) VALUES (?, ?, ?, ?, ?)",
+                (message_id, text, operator, now, reason),
             )
-            await _audit(conn, operator, "correct", message_id, {"chars": len(text)})
+            await _audit(conn, operator, "correct", message_id, {"chars": len(text), "reason": reason})
             return int(cursor.lastrowid or 0)
 
         correction_id = await self._write(op)
-        return Correction(correction_id, message_id, text, operator, now)
+        return Correction(correction_id, message_id, text, operator, now, reason)
 
     async def count_new_feedback(self, *, after_rating_id: int, after_correction_id: int, after_time: float) -> int:
         rows = await self._read(
@@ -975,7 +989,8 @@ async def _migrate(conn: aiosqlite.Connection) -> None:
     for number in range(current, SCHEMA_VERSION):
         await conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in MIGRATIONS[number].split(";"):
+            step = MIGRATIONS[number]
+            for statement in step.split(";") if isinstance(step, str) else step:
                 if statement.strip():
                     await conn.execute(statement)
             await conn.execute(f"PRAGMA user_version = {number + 1}")
@@ -993,15 +1008,6 @@ async def _require_assistant_message(conn: aiosqlite.Connection, message_id: str
         raise NotFoundError(f"message {message_id!r} does not exist")
     if row["role"] != Role.ASSISTANT:
         raise InvalidError(f"message {message_id!r} is a {row['role']} message; only assistant replies take feedback")
-
-
-async def _audit(
-    conn: aiosqlite.Connection, actor: str, action: str, subject: str | None, detail: dict[str, Any]
-) -> None:
-    await conn.execute(
-        "INSERT INTO audit_log (at, actor, action, subject, detail) VALUES (?, ?, ?, ?, ?)",
-        (time.time(), actor, action, subject, json.dumps(detail)),
-    )
 
 
 def _record(cls: type[T], r: sqlite3.Row, **convert: Callable[[Any], Any]) -> T:

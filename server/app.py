@@ -11,17 +11,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
 from typing import Any
 
 from feedback import BASE_VERSION, FeedbackStore, ModelVersion, VersionState
+from server.console.api import RunningConsole, start_console
 from server.engine import SamplingConfig, TransformersEngine
-from server.gateway import GatewayContext, start_gateway
+from server.gateway import GatewayContext, Presence, start_gateway
 from server.protocol import KeyedRateLimiter, Limits
 from server.settings import Settings
 from training.canary import CanaryAction, CanaryDecision, assign
 from training.canary import decide as decide_canary
 from training.config import CycleConfig
-from training.cycle import CycleResult, CycleStatus, TrainingCycle
+from training.cycle import CycleResult, CycleStatus, TrainingCycle, prepare
 from training.models import resolve_model
 from training.schedule import start_scheduler
 from training.validate import AdapterInvalidError
@@ -58,6 +60,10 @@ class App:
         self.live_version: str = BASE_VERSION
         self.canary_version: str | None = None
         self.port: int | None = None
+        self.console_port: int | None = None
+        self.console: Any = None  # the console's FastAPI app while it serves
+        self.presence: Presence | None = None
+        self._training: asyncio.Task[CycleResult] | None = None
         self._previous_live: str | None = None
         self._swap_lock = asyncio.Lock()
 
@@ -69,6 +75,7 @@ class App:
         scheduler = None
         tasks: list[asyncio.Task[None]] = []
         server = None
+        console: RunningConsole | None = None
         try:
             self.engine = TransformersEngine(
                 base_model,
@@ -84,6 +91,7 @@ class App:
             except AdapterRejectedError:
                 log.exception("the live adapter failed validation; serving the base model")
             self.cycle = TrainingCycle(self.store, cycle_config(s, base_model))
+            self.presence = Presence(self.store)
             ctx = GatewayContext(
                 store=self.store,
                 engine=self.engine,
@@ -101,11 +109,17 @@ class App:
                 rating_limiter=KeyedRateLimiter(
                     per_minute=s.server.ratings_per_minute, burst=max(1, int(s.server.ratings_per_minute))
                 ),
+                presence=self.presence,
             )
             server = await start_gateway(
                 ctx, host=s.server.host, port=s.server.port, max_frame_bytes=s.server.max_frame_bytes
             )
             self.port = next(iter(server.sockets)).getsockname()[1]
+            if s.console.enabled:
+                console = await start_console(self, s.console)
+                self.console_port = console.port
+                self.console = console.app
+                log.info("operator console on http://%s:%d", s.console.host, console.port)
             if s.schedule.enabled:
                 scheduler = start_scheduler(self.scheduled_cycle, interval_s=s.schedule.interval_s)
             tasks.append(
@@ -123,6 +137,12 @@ class App:
         finally:
             for task in tasks:
                 task.cancel()
+            if console is not None:
+                await console.stop()
+            if self._training is not None and not self._training.done():
+                self._training.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._training
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
             if server is not None:
@@ -155,6 +175,47 @@ class App:
         if result.status in (CycleStatus.PROMOTED, CycleStatus.CANARY):
             await self.sync_versions()
         return result
+
+    def start_training(self, *, force: bool, actor: str) -> bool:
+        """Start a cycle in the background (console's "train now"); False while one runs here."""
+        if self._training is not None and not self._training.done():
+            return False
+        log.info("training cycle started by %s", actor)
+        self._training = asyncio.create_task(self._logged_cycle(force=force), name="training")
+        return True
+
+    async def _logged_cycle(self, *, force: bool) -> CycleResult:
+        result = await self.run_training(force=force)
+        log.info("training: %s (%s)", result.status, result.reason)
+        return result
+
+    def preview(self, snapshot: Any, *, rows: bool) -> dict[str, Any]:
+        assert self.cycle is not None
+        return prepare(snapshot, self.cycle.config).summary(rows=rows)
+
+    def training_rows(self, snapshot: Any, kind: str) -> list[dict[str, Any]]:
+        assert self.cycle is not None
+        return [r.to_trl() for r in prepare(snapshot, self.cycle.config).train_rows(kind, heldout_too=True)]
+
+    async def canary_report(self) -> dict[str, Any] | None:
+        """The running canary against live since it started, and what the canary rule says now."""
+        assert self.store is not None
+        canary = await self.store.canary_version()
+        if canary is None:
+            return None
+        live = await self.store.live_version()
+        live_stats = await self.store.version_stats(live.name, since=canary.updated_at)
+        canary_stats = await self.store.version_stats(canary.name, since=canary.updated_at)
+        decision = decide_canary(live_stats, canary_stats, self.settings.canary)
+        return {
+            "version": canary.name,
+            "live": live.name,
+            "share": self.settings.canary.share,
+            "since": canary.updated_at,
+            "live_stats": asdict(live_stats),
+            "canary_stats": asdict(canary_stats),
+            "decision": {"action": str(decision.action), "reasons": list(decision.reasons)},
+        }
 
     async def scheduled_cycle(self) -> None:
         try:

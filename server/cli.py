@@ -8,7 +8,6 @@ import json
 import logging
 import sys
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -152,6 +151,48 @@ def cmd_takeover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_password(args: argparse.Namespace) -> str:
+    import getpass
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("password: ")
+    if first != getpass.getpass("again: "):
+        raise SettingsError("the passwords differ")
+    return first
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    command = args.operator_command
+    if command == "list":
+        operators = asyncio.run(_with_store(settings, lambda s: s.list_operators()))
+        for o in operators:
+            print(f"{o.name:<24}{o.role:<10}{'disabled' if o.disabled else ''}")
+        return 0
+    if command == "add":
+        password = _read_password(args)
+        asyncio.run(_with_store(settings, lambda s: s.add_operator(args.name, password, args.role, actor="cli")))
+        print(f"operator {args.name} ({args.role}) created")
+        return 0
+    if command == "token":
+        token = asyncio.run(
+            _with_store(settings, lambda s: s.create_api_token(args.name, label=args.label, actor="cli"))
+        )
+        print(token)
+        return 0
+    password = _read_password(args) if args.password_stdin else None
+    disabled = True if args.disable else False if args.enable else None
+    asyncio.run(
+        _with_store(
+            settings,
+            lambda s: s.set_operator(args.name, actor="cli", password=password, role=args.role, disabled=disabled),
+        )
+    )
+    print(f"operator {args.name} changed")
+    return 0
+
+
 def cmd_dataset(args: argparse.Namespace) -> int:
     from server.app import cycle_config
     from training.cycle import prepare
@@ -161,23 +202,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     config = cycle_config(settings, settings.model.name)
     if args.dataset_command == "preview":
         snapshot = asyncio.run(_with_store(settings, lambda s: s.export_feedback()))
-        prepared = prepare(snapshot, config)
-        by_source = Counter([r.source for r in prepared.data.dpo] + [r.source for r in prepared.data.sft])
-        out: dict[str, Any] = {
-            "rows": prepared.data.counts(),
-            "by_signal": {**dict(by_source), "thumbs (kto)": len(prepared.data.kto)},
-            "split": prepared.counts,
-            "trust": prepared.trust.summary(),
-            "held_raters": prepared.trust.held_raters,
-            "new_flags": prepared.trust.new_flags,
-            "capped": prepared.trust.capped,
-            "cleaning": prepared.cleaning.summary(),
-            "dropped": [{"row": row, "reason": reason} for row, reason in prepared.cleaning.dropped],
-        }
-        if args.rows:
-            train_rows: tuple[Row, ...] = (*prepared.train.dpo, *prepared.train.kto, *prepared.train.sft)
-            out["train_rows"] = [r.to_trl() for r in train_rows]
-        print(json.dumps(out, indent=2, ensure_ascii=False))
+        print(json.dumps(prepare(snapshot, config).summary(rows=args.rows), indent=2, ensure_ascii=False))
         return 0
 
     async def show(store: FeedbackStore) -> Any:
@@ -329,6 +354,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", type=int)
     p.add_argument("--operator", default="cli")
     p.set_defaults(fn=cmd_cancel)
+
+    p = sub.add_parser("operator", help="console accounts: add, change, list, API tokens")
+    osub = p.add_subparsers(dest="operator_command", required=True)
+    pp = osub.add_parser("add", help="create an operator (asks for the password unless --password-stdin)")
+    pp.add_argument("name")
+    pp.add_argument("--role", choices=["viewer", "reviewer", "admin"], default="viewer")
+    pp.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    pp.set_defaults(fn=cmd_operator)
+    pp = osub.add_parser("set", help="change an operator's role or password, or lock/unlock the account")
+    pp.add_argument("name")
+    pp.add_argument("--role", choices=["viewer", "reviewer", "admin"])
+    pp.add_argument("--password-stdin", action="store_true", help="read a new password from standard input")
+    pp.add_argument("--disable", action="store_true", help="lock the account (ends its sessions and tokens)")
+    pp.add_argument("--enable", action="store_true")
+    pp.set_defaults(fn=cmd_operator)
+    pp = osub.add_parser("token", help="create an API token (printed once)")
+    pp.add_argument("name")
+    pp.add_argument("--label", default="api")
+    pp.set_defaults(fn=cmd_operator)
+    osub.add_parser("list", help="list operators").set_defaults(fn=cmd_operator)
 
     sub.add_parser("versions", help="list model versions").set_defaults(fn=cmd_versions)
     sub.add_parser("runs", help="list training runs").set_defaults(fn=cmd_runs)

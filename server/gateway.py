@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -38,6 +38,7 @@ from server.protocol import (
     OpenConversation,
     Send,
     StoreRating,
+    StoreTurn,
     Turn,
     error_frame,
 )
@@ -47,6 +48,66 @@ log = logging.getLogger("learnloop.gateway")
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Takeover:
+    operator: str
+    since: float
+
+
+class Presence:
+    """Who is connected to which conversation, and which conversations an operator answers.
+
+    Takeovers live in this process only (a restart hands every conversation back to the
+    model); the console and the gateway share one ``Presence``.
+    """
+
+    def __init__(self, store: FeedbackStore) -> None:
+        self.store = store
+        self._connections: dict[str, set[_Connection]] = {}
+        self.takeovers: dict[str, Takeover] = {}
+
+    def connected(self, conversation_id: str) -> int:
+        return len(self._connections.get(conversation_id, ()))
+
+    def attach(self, conversation_id: str, connection: _Connection) -> None:
+        self._connections.setdefault(conversation_id, set()).add(connection)
+
+    def detach(self, conversation_id: str, connection: _Connection) -> None:
+        conns = self._connections.get(conversation_id)
+        if conns is not None:
+            conns.discard(connection)
+            if not conns:
+                del self._connections[conversation_id]
+
+    async def join(self, conversation_id: str, operator: str) -> Takeover:
+        await self.store.get_conversation(conversation_id)  # NotFoundError for an unknown one
+        takeover = self.takeovers.get(conversation_id)
+        if takeover is not None and takeover.operator != operator:
+            raise InvalidError(f"operator {takeover.operator} is already answering this conversation")
+        if takeover is None:
+            takeover = self.takeovers[conversation_id] = Takeover(operator, time.time())
+        for conn in list(self._connections.get(conversation_id, ())):
+            await conn.apply(conn.session.operator_joined(operator))
+        return takeover
+
+    async def reply(self, conversation_id: str, operator: str, text: str) -> Any:
+        takeover = self.takeovers.get(conversation_id)
+        if takeover is None or takeover.operator != operator:
+            raise InvalidError("take the conversation over before answering in it")
+        message = await self.store.add_operator_reply(
+            conversation_id=conversation_id, text=text, operator=operator, message_id=new_id(), live=True
+        )
+        for conn in list(self._connections.get(conversation_id, ())):
+            await conn.apply(conn.session.operator_reply(message.id, message.text))
+        return message
+
+    async def leave(self, conversation_id: str) -> None:
+        if self.takeovers.pop(conversation_id, None) is None:
+            return
+        for conn in list(self._connections.get(conversation_id, ())):
+            await conn.apply(conn.session.operator_left())
 
 
 @dataclass
@@ -61,6 +122,11 @@ class GatewayContext:
     serving_version: Callable[[str | None], str]  # pinned version (or None) -> the version that replies
     rating_limiter: KeyedRateLimiter
     token: str | None = None
+    presence: Presence | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.presence is None:
+            self.presence = Presence(self.store)
 
 
 class _Connection:
@@ -72,6 +138,8 @@ class _Connection:
         self.pinned: str | None = None  # the canary this conversation is pinned to, if any
         self.generation: asyncio.Task[None] | None = None
         self.cancel: threading.Event | None = None
+        assert ctx.presence is not None
+        self.presence: Presence = ctx.presence
 
     async def send(self, frame: dict[str, Any]) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -84,6 +152,8 @@ class _Connection:
         except ConnectionClosed:
             pass
         finally:
+            if self.session.conversation_id is not None:
+                self.presence.detach(self.session.conversation_id, self)
             if self.cancel is not None:
                 self.cancel.set()
             if self.generation is not None:
@@ -98,12 +168,39 @@ class _Connection:
             elif isinstance(effect, Generate):
                 self.cancel = threading.Event()
                 self.generation = asyncio.create_task(self.generate(effect, self.cancel))
+            elif isinstance(effect, StoreTurn):
+                await self.apply(await self.store_turn(effect))
             elif isinstance(effect, StoreRating):
                 await self.apply(await self.rate(effect))
             elif isinstance(effect, Cancel) and self.cancel is not None:
                 self.cancel.set()
 
     async def open(self, effect: OpenConversation) -> list[Effect]:
+        effects = await self._open(effect)
+        conversation_id = self.session.conversation_id
+        if conversation_id is not None:
+            self.presence.attach(conversation_id, self)
+            takeover = self.presence.takeovers.get(conversation_id)
+            if takeover is not None:
+                effects += self.session.operator_joined(takeover.operator)
+        return effects
+
+    async def store_turn(self, effect: StoreTurn) -> list[Effect]:
+        assert self.session.conversation_id is not None
+        try:
+            await self.ctx.store.add_message(
+                message_id=effect.turn.id,
+                conversation_id=self.session.conversation_id,
+                role=Role.USER,
+                text=effect.turn.text,
+                parent_id=effect.parent_id,
+            )
+        except Exception:
+            log.exception("storing a user turn failed")
+            return self.session.turn_failed(effect, ErrorCode.INTERNAL, "internal error")
+        return self.session.turn_stored(effect)
+
+    async def _open(self, effect: OpenConversation) -> list[Effect]:
         if self.ctx.token is not None and effect.token != self.ctx.token:
             return self.session.open_failed(ErrorCode.UNAUTHORIZED, "hello.token is missing or wrong")
         self.user = effect.user

@@ -108,6 +108,15 @@ class Generate:
 
 
 @dataclass(frozen=True)
+class StoreTurn:
+    """An operator is answering: store the user turn and ack it; no model reply."""
+
+    turn: Turn
+    parent_id: str | None
+    client_id: str
+
+
+@dataclass(frozen=True)
 class StoreRating:
     message_id: str
     value: int
@@ -121,7 +130,7 @@ class Cancel:
     message_id: str
 
 
-Effect = Send | OpenConversation | Generate | StoreRating | Cancel
+Effect = Send | OpenConversation | Generate | StoreTurn | StoreRating | Cancel
 
 
 def error_frame(
@@ -195,6 +204,7 @@ class ChatSession:
     _replaced: Turn | None = None  # the reply a regeneration replaces, restored if it fails
     _replies: set[str] = field(default_factory=set)  # assistant ids of this conversation
     _bucket: _Bucket | None = None
+    operator: str | None = None  # an operator took this conversation over: no model replies
 
     # --- input: client frames -------------------------------------------------------------
 
@@ -274,6 +284,10 @@ class ChatSession:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "text is empty")
         self._require_idle()
         user_turn = Turn(self.new_id(), "user", text)
+        if self.operator is not None:
+            parent_id = self.history[-1].id if self.history else None
+            self.history.append(user_turn)
+            return [StoreTurn(user_turn, parent_id, client_id)]
         generate = Generate(
             message_id=self.new_id(),
             parent_id=user_turn.id,
@@ -287,6 +301,8 @@ class ChatSession:
     def _on_regenerate(self, frame: dict[str, Any]) -> list[Effect]:
         message_id = _field(frame, "message_id", str)
         self._require_idle()
+        if self.operator is not None:
+            raise ProtocolError(ErrorCode.CONFLICT, "an operator is answering this conversation")
         if message_id not in self._replies:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"no reply {message_id!r} in this conversation")
         if not self.history or self.history[-1].id != message_id:
@@ -393,6 +409,39 @@ class ChatSession:
     def user_turn_stored(self, generate: Generate) -> list[Effect]:
         assert generate.user_turn is not None
         return [Send({"type": "ack", "id": generate.client_id, "message_id": generate.user_turn.id})]
+
+    def turn_stored(self, effect: StoreTurn) -> list[Effect]:
+        return [Send({"type": "ack", "id": effect.client_id, "message_id": effect.turn.id})]
+
+    def turn_failed(self, effect: StoreTurn, code: ErrorCode, message: str) -> list[Effect]:
+        if self.history and self.history[-1].id == effect.turn.id:
+            self.history.pop()
+        return [Send(error_frame(code, message, id=effect.client_id))]
+
+    # --- input: operator takeover ---------------------------------------------------------
+
+    def operator_joined(self, operator: str) -> list[Effect]:
+        """An operator takes the conversation over; a reply still streaming is stopped."""
+        already = self.operator is not None
+        self.operator = operator
+        effects: list[Effect] = []
+        if self.phase is Phase.GENERATING and self.streaming_id is not None:
+            effects.append(Cancel(self.streaming_id))
+        if not already:
+            effects.append(Send({"type": "operator_joined"}))
+        return effects
+
+    def operator_reply(self, message_id: str, text: str) -> list[Effect]:
+        """The operator's reply (already stored) joins the branch; the customer may rate it."""
+        self.history.append(Turn(message_id, "assistant", text))
+        self._replies.add(message_id)
+        return [Send({"type": "operator_message", "message_id": message_id, "text": text})]
+
+    def operator_left(self) -> list[Effect]:
+        if self.operator is None:
+            return []
+        self.operator = None
+        return [Send({"type": "operator_left"})]
 
     @staticmethod
     def rating_stored(client_id: str) -> list[Effect]:

@@ -1,7 +1,7 @@
 """Settings: read once, in one place. Defaults < TOML file < environment < command line.
 
 The file (``--config PATH`` or ``$LEARNLOOP_CONFIG``) has a top-level ``data_dir`` and
-the sections ``[server]``, ``[model]``, ``[schedule]``, ``[training]``, ``[gate]``, ``[trust]`` and ``[canary]``.
+the sections ``[server]``, ``[model]``, ``[schedule]``, ``[training]``, ``[gate]``, ``[trust]``, ``[canary]`` and ``[console]``.
 Every key can be set from the environment as ``LEARNLOOP_<SECTION>_<KEY>`` (upper case),
 for example ``LEARNLOOP_SERVER_PORT=9000`` or ``LEARNLOOP_TRAINING_MAX_STEPS=20``; the
 top-level ``data_dir`` is ``LEARNLOOP_DATA_DIR``. Unknown keys are errors, not ignored.
@@ -91,6 +91,20 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    enabled: bool = field(default=True, metadata={"help": "Serve the operator console and REST API."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Address of the console listener (loopback by default)."})
+    port: int = field(default=8766, metadata={"help": "Port of the console (0 picks a free one)."})
+    session_ttl_s: float = field(default=43200.0, metadata={"help": "A console login lasts this long."})
+    secure_cookie: bool = field(
+        default=False, metadata={"help": "Mark the session cookie Secure (set when the console is behind HTTPS)."}
+    )
+    login_attempts_per_minute: float = field(
+        default=10.0, metadata={"help": "Failed logins allowed per minute per name and per client address."}
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = field(
         default=Path("learnloop-data"), metadata={"help": "Database, adapters and training runs live here."}
@@ -102,6 +116,7 @@ class Settings:
     gate: GateConfig = field(default_factory=GateConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     canary: CanaryConfig = field(default_factory=CanaryConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
 
     @property
     def db_path(self) -> Path:
@@ -116,6 +131,7 @@ SECTIONS: dict[str, type] = {
     "gate": GateConfig,
     "trust": TrustConfig,
     "canary": CanaryConfig,
+    "console": ConsoleConfig,
 }
 
 

@@ -21,6 +21,7 @@ async def test_readme_client_example_runs(tiny_model: Path, tmp_path: Path) -> N
         env={},
         data_dir=tmp_path,
         overrides={
+            "console": {"port": 0},
             "server": {"port": 0},
             "model": {"name": str(tiny_model), "max_new_tokens": 8, "dtype": "float32"},
             "schedule": {"enabled": False},

@@ -38,6 +38,8 @@ from training.gate import EvalReport, decide
 from training.policy import should_train
 from training.trust import TrustReport, filter_snapshot, weight_reviewed
 
+MAX_LOSS_POINTS = 1000
+
 log = logging.getLogger("learnloop.training")
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -79,6 +81,35 @@ class PreparedData:
     @property
     def counts(self) -> dict[str, int]:
         return {**{f"train_{k}": v for k, v in self.train.counts().items()}, "heldout_dpo": len(self.heldout.dpo)}
+
+    def summary(self, *, rows: bool = False) -> dict[str, Any]:
+        """The dataset preview (CLI and console): counts per signal, split, what was dropped and why."""
+        by_source = collections.Counter([r.source for r in self.data.dpo] + [r.source for r in self.data.sft])
+        out: dict[str, Any] = {
+            "rows": self.data.counts(),
+            "by_signal": {**dict(by_source), "thumbs (kto)": len(self.data.kto)},
+            "split": self.counts,
+            "trust": self.trust.summary(),
+            "held_raters": self.trust.held_raters,
+            "new_flags": self.trust.new_flags,
+            "capped": self.trust.capped,
+            "cleaning": self.cleaning.summary(),
+            "dropped": [{"row": row, "reason": reason} for row, reason in self.cleaning.dropped],
+        }
+        if rows:
+            out["train_rows"] = [r.to_trl() for r in self.train_rows()]
+        return out
+
+    def train_rows(self, kind: str | None = None, *, heldout_too: bool = False) -> list[pairs.Row]:
+        """The rows the next run trains on (before weighting), optionally of one kind: dpo, kto or sft.
+
+        ``heldout_too`` adds the rows held out for the gate (an export wants every clean row).
+        """
+        data = self.data if heldout_too else self.train
+        kinds: dict[str, tuple[pairs.Row, ...]] = {"dpo": data.dpo, "kto": data.kto, "sft": data.sft}
+        if kind is not None and kind not in kinds:
+            raise ValueError("kind must be dpo, kto or sft")
+        return [r for k, rows in kinds.items() if kind in (None, k) for r in rows]
 
 
 def prepare(snapshot: FeedbackSnapshot, cfg: CycleConfig) -> PreparedData:
@@ -280,6 +311,8 @@ class TrainingCycle:
                     proc.kill()
                     return
 
+        history: list[dict[str, Any]] = []  # the loss curve the console draws
+
         async def read_stdout() -> None:
             assert proc.stdout is not None
             async for raw in proc.stdout:
@@ -291,7 +324,10 @@ class TrainingCycle:
                 except json.JSONDecodeError:
                     continue
                 if event.get("event") == "progress":
-                    await self.store.update_run(run_id, progress=event)
+                    if isinstance(event.get("loss"), int | float):
+                        history.append({"step": event.get("step"), "loss": event["loss"]})
+                        del history[:-MAX_LOSS_POINTS]
+                    await self.store.update_run(run_id, progress={**event, "history": history})
                     if self.on_progress:
                         self.on_progress(event)
                     log.info(

@@ -1,0 +1,540 @@
+"""The operator console: a JSON REST API (FastAPI) and the static pages that use it.
+
+Runs in the server process beside the websocket gateway (``start_console``), so a
+takeover reaches the customer's open socket and a promote reaches the engine at once.
+
+Auth: a console session cookie (HttpOnly, SameSite=Strict) plus an ``X-CSRF-Token`` header
+on every unsafe request, or ``Authorization: Bearer <api token>``. Each route states the
+lowest role it allows (``_ROLE`` in its OpenAPI extra, read by the route-walk test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol
+
+import uvicorn
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from feedback import FeedbackStore, InvalidError, NotFoundError, RaterState, StoreError
+from feedback.accounts import AccountError, ConsoleSession, Operator, OperatorRole
+from feedback.browse import BrowseError, ConversationFilter
+from server.gateway import Presence
+from server.protocol import KeyedRateLimiter
+from server.settings import ConsoleConfig
+
+log = logging.getLogger("learnloop.console")
+
+STATIC = Path(__file__).parent / "static"
+COOKIE = "learnloop_session"
+ROLE_KEY = "x-learnloop-role"
+UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
+PAGES = (
+    ("/conversations", OperatorRole.VIEWER),
+    ("/conversations/{conversation_id}", OperatorRole.VIEWER),
+    ("/review", OperatorRole.VIEWER),
+    ("/dataset", OperatorRole.VIEWER),
+    ("/runs", OperatorRole.VIEWER),
+    ("/runs/{run_id}", OperatorRole.VIEWER),
+    ("/versions", OperatorRole.VIEWER),
+    ("/charts", OperatorRole.VIEWER),
+    ("/audit", OperatorRole.ADMIN),
+)
+
+
+class Loop(Protocol):
+    """What the console needs from the running server (``server.app.App`` provides it)."""
+
+    store: FeedbackStore | None
+    presence: Presence | None
+
+    async def promote(self, name: str, *, actor: str) -> None: ...
+    async def rollback(self, name: str, *, actor: str) -> None: ...
+    def start_training(self, *, force: bool, actor: str) -> bool: ...
+    def preview(self, snapshot: Any, *, rows: bool) -> dict[str, Any]: ...
+    def training_rows(self, snapshot: Any, kind: str) -> list[dict[str, Any]]: ...
+    async def canary_report(self) -> dict[str, Any] | None: ...
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+@dataclass(frozen=True)
+class Principal:
+    operator: Operator
+    csrf_token: str | None  # None when authenticated by an API token
+    session_id: str | None = None
+
+
+# --- request bodies ---------------------------------------------------------------------
+
+
+class LoginBody(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class CorrectionBody(BaseModel):
+    text: str = Field(min_length=1, max_length=8000)
+    reason: str | None = Field(default=None, max_length=200)
+
+
+class ExclusionBody(BaseModel):
+    reason: str = Field(min_length=1, max_length=200)
+
+
+class ReviewBody(BaseModel):
+    state: Literal["approved", "rejected"]
+
+
+class ReplyBody(BaseModel):
+    text: str = Field(min_length=1, max_length=8000)
+
+
+class TrainBody(BaseModel):
+    force: bool = False
+
+
+# --- auth -------------------------------------------------------------------------------
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+async def authenticate(request: Request, store: FeedbackStore) -> Principal | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        operator = await store.operator_for_token(header[7:].strip())
+        if operator is None:
+            raise ApiError(401, "unauthorized", "the API token is unknown or revoked")
+        return Principal(operator, None)
+    session_id = request.cookies.get(COOKIE)
+    if not session_id:
+        return None
+    session: ConsoleSession | None = await store.get_session(session_id)
+    if session is None:
+        return None
+    return Principal(session.operator, session.csrf_token, session_id)
+
+
+def require(role: OperatorRole) -> Callable[[Request], Awaitable[Principal]]:
+    async def dependency(request: Request) -> Principal:
+        store: FeedbackStore = request.app.state.store
+        principal = await authenticate(request, store)
+        if principal is None:
+            raise ApiError(401, "unauthorized", "log in, or send Authorization: Bearer <api token>")
+        if request.method in UNSAFE and principal.csrf_token is not None:
+            sent = request.headers.get("x-csrf-token", "")
+            if not hmac.compare_digest(sent, principal.csrf_token):
+                raise ApiError(403, "csrf", "missing or wrong X-CSRF-Token header")
+        if not principal.operator.role.allows(role):
+            raise ApiError(403, "forbidden", f"this needs the {role} role; you are {principal.operator.role}")
+        return principal
+
+    return dependency
+
+
+_REQUIRE = {r: require(r) for r in OperatorRole}  # one callable per role: FastAPI runs it once a request
+
+
+def role(required: OperatorRole) -> dict[str, Any]:
+    """Route options: the auth dependency and the role, recorded in the OpenAPI document."""
+    return {"dependencies": [Depends(_REQUIRE[required])], "openapi_extra": {ROLE_KEY: str(required)}}
+
+
+# the authenticated operator as a parameter (the same dependency as ``role``: evaluated once)
+AsViewer = Annotated[Principal, Depends(_REQUIRE[OperatorRole.VIEWER])]
+AsReviewer = Annotated[Principal, Depends(_REQUIRE[OperatorRole.REVIEWER])]
+AsAdmin = Annotated[Principal, Depends(_REQUIRE[OperatorRole.ADMIN])]
+
+
+# --- the app ----------------------------------------------------------------------------
+
+
+def create_console(loop: Loop, config: ConsoleConfig) -> FastAPI:
+    assert loop.store is not None and loop.presence is not None
+    store: FeedbackStore = loop.store
+    presence: Presence = loop.presence
+    login_limiter = KeyedRateLimiter(
+        per_minute=config.login_attempts_per_minute, burst=max(1, int(config.login_attempts_per_minute))
+    )
+    app = FastAPI(
+        title="learnloop console API",
+        version="1",
+        description="Review feedback, correct answers, steer training and releases. See docs/console.md.",
+        openapi_url=None,  # served below, behind the login
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.store = store
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if exc.status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, exc.message)
+        return _error(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return _error(422, "invalid", "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(NotFoundError)
+    async def not_found(request: Request, exc: NotFoundError) -> JSONResponse:
+        return _error(404, "not_found", str(exc))
+
+    @app.exception_handler(InvalidError)
+    @app.exception_handler(AccountError)
+    async def conflict(request: Request, exc: Exception) -> JSONResponse:
+        return _error(409, "conflict", str(exc))
+
+    @app.exception_handler(BrowseError)
+    async def bad_filter(request: Request, exc: BrowseError) -> JSONResponse:
+        return _error(400, "bad_request", str(exc))
+
+    @app.exception_handler(StoreError)
+    async def store_error(request: Request, exc: StoreError) -> JSONResponse:
+        log.exception("store error on %s %s", request.method, request.url.path)
+        return _error(503, "unavailable", "the feedback store failed; see the server log")
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault(
+            "Content-Security-Policy", "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
+        )
+        return response
+
+    viewer, reviewer, admin = OperatorRole.VIEWER, OperatorRole.REVIEWER, OperatorRole.ADMIN
+
+    @app.get("/api/openapi.json", include_in_schema=False, **role(viewer))
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    # --- session ------------------------------------------------------------------------
+
+    @app.post("/api/v1/session", openapi_extra={ROLE_KEY: "public"})
+    async def login(body: LoginBody, request: Request, response: Response) -> dict[str, Any]:
+        client = request.client.host if request.client else "?"
+        now = time.monotonic()
+        for key in (f"name:{body.name}", f"addr:{client}"):
+            retry = login_limiter.check(key, now)
+            if retry is not None:
+                raise ApiError(429, "rate_limited", "too many login attempts", {"Retry-After": str(int(retry) + 1)})
+        operator = await store.check_login(body.name, body.password)
+        if operator is None:
+            log.warning("failed console login for %r from %s", body.name, client)
+            raise ApiError(401, "unauthorized", "wrong name or password")
+        session_id, session = await store.create_session(operator, ttl_s=config.session_ttl_s)
+        response.set_cookie(
+            COOKIE,
+            session_id,
+            max_age=int(config.session_ttl_s),
+            httponly=True,
+            samesite="strict",
+            secure=config.secure_cookie,
+            path="/",
+        )
+        return {"operator": operator.name, "role": str(operator.role), "csrf_token": session.csrf_token}
+
+    @app.delete("/api/v1/session", **role(viewer))
+    async def logout(response: Response, p: AsViewer) -> dict[str, Any]:
+        if p.session_id is not None:
+            await store.end_session(p.session_id, actor=p.operator.name)
+        response.delete_cookie(COOKIE, path="/")
+        return {"ok": True}
+
+    @app.get("/api/v1/me", **role(viewer))
+    async def me(p: AsViewer) -> dict[str, Any]:
+        return {"operator": p.operator.name, "role": str(p.operator.role), "csrf_token": p.csrf_token}
+
+    # --- conversations ------------------------------------------------------------------
+
+    @app.get("/api/v1/conversations", **role(viewer))
+    async def conversations(
+        rating: Literal["up", "down", "none"] | None = None,
+        version: str | None = None,
+        channel: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        has_correction: bool | None = None,
+        flagged: bool | None = None,
+        q: str | None = Query(default=None, max_length=200),
+        limit: int = Query(default=50, ge=1, le=200),
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        f = ConversationFilter(
+            rating, version or None, channel or None, since, until, has_correction, flagged, q or None
+        )
+        items, next_cursor = await store.list_conversations(f, limit=limit, cursor=cursor)
+        return {"items": items, "next_cursor": next_cursor}
+
+    @app.get("/api/v1/conversations/{conversation_id}", **role(viewer))
+    async def transcript(conversation_id: str) -> dict[str, Any]:
+        t = await store.transcript(conversation_id)
+        if t is None:
+            raise ApiError(404, "not_found", f"no conversation {conversation_id!r}")
+        takeover = presence.takeovers.get(conversation_id)
+        return {
+            **t,
+            "takeover": asdict(takeover) if takeover else None,
+            "connected": presence.connected(conversation_id),
+        }
+
+    @app.post("/api/v1/messages/{message_id}/correction", status_code=201, **role(reviewer))
+    async def correct(message_id: str, body: CorrectionBody, p: AsReviewer) -> dict[str, Any]:
+        c = await store.add_correction(
+            message_id=message_id, text=body.text, operator=p.operator.name, reason=body.reason
+        )
+        return {"id": c.id, "message_id": c.message_id, "reason": c.reason}
+
+    @app.post("/api/v1/messages/{message_id}/exclusion", **role(reviewer))
+    async def exclude(message_id: str, body: ExclusionBody, p: AsReviewer) -> dict[str, Any]:
+        await store.exclude_message(message_id, reason=body.reason, operator=p.operator.name)
+        return {"message_id": message_id, "excluded": True}
+
+    @app.delete("/api/v1/messages/{message_id}/exclusion", **role(reviewer))
+    async def include(message_id: str, p: AsReviewer) -> dict[str, Any]:
+        await store.get_message(message_id)
+        await store.include_message(message_id, operator=p.operator.name)
+        return {"message_id": message_id, "excluded": False}
+
+    @app.get("/api/v1/raters", **role(viewer))
+    async def raters() -> dict[str, Any]:
+        return {"items": await store.rater_reviews()}
+
+    @app.post("/api/v1/raters/{rater}/review", **role(reviewer))
+    async def review(rater: str, body: ReviewBody, p: AsReviewer) -> dict[str, Any]:
+        await store.review_rater(rater, RaterState(body.state), reviewer=p.operator.name)
+        return {"rater": rater, "state": body.state}
+
+    # --- takeover -----------------------------------------------------------------------
+
+    @app.post("/api/v1/conversations/{conversation_id}/takeover", **role(reviewer))
+    async def take_over(conversation_id: str, p: AsReviewer) -> dict[str, Any]:
+        t = await presence.join(conversation_id, p.operator.name)
+        await store.audit(p.operator.name, "takeover.join", conversation_id, {})
+        return {"conversation_id": conversation_id, **asdict(t), "connected": presence.connected(conversation_id)}
+
+    @app.post("/api/v1/conversations/{conversation_id}/replies", status_code=201, **role(reviewer))
+    async def operator_reply(conversation_id: str, body: ReplyBody, p: AsReviewer) -> dict[str, Any]:
+        m = await presence.reply(conversation_id, p.operator.name, body.text)
+        await store.audit(p.operator.name, "takeover.reply", conversation_id, {"message_id": m.id})
+        return {"id": m.id, "conversation_id": conversation_id, "text": m.text, "author": m.author}
+
+    @app.delete("/api/v1/conversations/{conversation_id}/takeover", **role(reviewer))
+    async def hand_back(conversation_id: str, p: AsReviewer) -> dict[str, Any]:
+        await presence.leave(conversation_id)
+        await store.audit(p.operator.name, "takeover.leave", conversation_id, {})
+        return {"conversation_id": conversation_id, "takeover": None}
+
+    # --- the loop -----------------------------------------------------------------------
+
+    @app.get("/api/v1/dataset/preview", **role(viewer))
+    async def dataset_preview(rows: bool = False) -> dict[str, Any]:
+        snapshot = await store.export_feedback()
+        return await asyncio.to_thread(loop.preview, snapshot, rows=rows)
+
+    @app.get("/api/v1/runs", **role(viewer))
+    async def runs(limit: int = Query(default=50, ge=1, le=500)) -> dict[str, Any]:
+        return {"items": [_run(r) for r in await store.list_runs(limit)]}
+
+    @app.get("/api/v1/runs/{run_id}", **role(viewer))
+    async def run(run_id: int) -> dict[str, Any]:
+        return _run(await store.get_run(run_id))
+
+    @app.post("/api/v1/runs", status_code=202, **role(admin))
+    async def start_run(body: TrainBody, p: AsAdmin) -> dict[str, Any]:
+        if not loop.start_training(force=body.force, actor=p.operator.name):
+            raise ApiError(409, "conflict", "a training run is already in progress")
+        await store.audit(p.operator.name, "train", None, {"force": body.force})
+        return {"started": True}
+
+    @app.post("/api/v1/runs/{run_id}/cancel", **role(admin))
+    async def cancel_run(run_id: int, p: AsAdmin) -> dict[str, Any]:
+        await store.get_run(run_id)
+        if not await store.request_cancel(run_id, actor=p.operator.name):
+            raise ApiError(409, "conflict", f"run {run_id} is not running")
+        return {"run_id": run_id, "cancel_requested": True}
+
+    @app.get("/api/v1/versions", **role(viewer))
+    async def versions() -> dict[str, Any]:
+        out = []
+        for v in await store.list_versions():
+            out.append({**_version(v), "stats": asdict(await store.version_stats(v.name))})
+        return {"items": out}
+
+    @app.get("/api/v1/versions/{name}", **role(viewer))
+    async def version(name: str) -> dict[str, Any]:
+        v = await store.get_version(name)
+        return {**_version(v), "stats": asdict(await store.version_stats(v.name))}
+
+    @app.post("/api/v1/versions/{name}/promote", **role(admin))
+    async def promote(name: str, p: AsAdmin) -> dict[str, Any]:
+        await store.get_version(name)
+        await loop.promote(name, actor=p.operator.name)
+        return _version(await store.get_version(name))
+
+    @app.post("/api/v1/versions/{name}/rollback", **role(admin))
+    async def rollback(name: str, p: AsAdmin) -> dict[str, Any]:
+        await store.get_version(name)
+        await loop.rollback(name, actor=p.operator.name)
+        return {"rolled_back": name, "live": (await store.live_version()).name}
+
+    @app.get("/api/v1/canary", **role(viewer))
+    async def canary() -> dict[str, Any]:
+        return {"canary": await loop.canary_report()}
+
+    @app.get("/api/v1/stats/versions", **role(viewer))
+    async def stats(
+        bucket_s: float = Query(default=3600.0, ge=60.0, le=30 * 86400.0), since: float = 0.0
+    ) -> dict[str, Any]:
+        return {"bucket_s": bucket_s, "series": await store.version_series(bucket_s=bucket_s, since=since)}
+
+    @app.get("/api/v1/audit", **role(admin))
+    async def audit(limit: int = Query(default=100, ge=1, le=1000), before_id: int | None = None) -> dict[str, Any]:
+        return {"items": await store.audit_log(limit=limit, before_id=before_id)}
+
+    # --- exports ------------------------------------------------------------------------
+
+    @app.get("/api/v1/export/conversations.jsonl", **role(admin))
+    async def export_conversations(p: AsAdmin) -> StreamingResponse:
+        await store.audit(p.operator.name, "export.conversations", None, {})
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for t in store.iter_conversations():
+                yield (json.dumps(t, ensure_ascii=False) + "\n").encode()
+
+        return StreamingResponse(
+            lines(),
+            media_type="application/x-ndjson",
+            headers={"Content-Disposition": 'attachment; filename="conversations.jsonl"'},
+        )
+
+    @app.get("/api/v1/export/training.jsonl", **role(admin))
+    async def export_training(kind: Literal["dpo", "kto", "sft"], p: AsAdmin) -> StreamingResponse:
+        snapshot = await store.export_feedback()
+        rows = await asyncio.to_thread(loop.training_rows, snapshot, kind)
+        await store.audit(p.operator.name, "export.training", kind, {"rows": len(rows)})
+
+        def lines() -> Iterator[bytes]:
+            for row in rows:
+                yield (json.dumps(row, ensure_ascii=False) + "\n").encode()
+
+        return StreamingResponse(
+            lines(),
+            media_type="application/x-ndjson",
+            headers={"Content-Disposition": f'attachment; filename="training-{kind}.jsonl"'},
+        )
+
+    # --- pages --------------------------------------------------------------------------
+
+    index = STATIC / "index.html"
+
+    def page(required: OperatorRole) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            principal = await authenticate(request, store)
+            if principal is None:
+                return FileResponse(index, status_code=401, media_type="text/html")
+            if not principal.operator.role.allows(required):
+                return FileResponse(index, status_code=403, media_type="text/html")
+            return FileResponse(index, media_type="text/html")
+
+        return handler
+
+    for path, required in PAGES:
+        app.add_api_route(
+            path,
+            page(required),
+            methods=["GET"],
+            include_in_schema=False,
+            openapi_extra={ROLE_KEY: str(required)},
+        )
+
+    @app.get("/login", include_in_schema=False, openapi_extra={ROLE_KEY: "public"})
+    async def login_page() -> FileResponse:
+        return FileResponse(index, media_type="text/html")
+
+    @app.get("/", include_in_schema=False, openapi_extra={ROLE_KEY: "public"})
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/conversations", status_code=303)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _run(r: Any) -> dict[str, Any]:
+    d = asdict(r)
+    d["state"] = str(r.state)
+    return d
+
+
+def _version(v: Any) -> dict[str, Any]:
+    d = asdict(v)
+    d["state"] = str(v.state)
+    return d
+
+
+# --- serving ----------------------------------------------------------------------------
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the app's event loop: the app owns the signals, not uvicorn."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class RunningConsole:
+    app: FastAPI
+    server: _EmbeddedServer
+    task: asyncio.Task[None]
+    port: int
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+async def start_console(loop: Loop, config: ConsoleConfig) -> RunningConsole:
+    app = create_console(loop, config)
+    sock = socket.create_server((config.host, config.port), reuse_port=False)  # a bind error surfaces here
+    server = _EmbeddedServer(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", lifespan="off", access_log=False)
+    )
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="console")
+    while not server.started:
+        if task.done():
+            sock.close()
+            raise RuntimeError(f"the console could not start on {config.host}:{config.port}")
+        await asyncio.sleep(0.01)
+    return RunningConsole(app, server, task, int(sock.getsockname()[1]))

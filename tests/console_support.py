@@ -1,0 +1,106 @@
+"""Shared by the console's API and browser tests: a running server with operators and history."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from feedback import FeedbackStore, Role
+from server.app import App
+from server.settings import Settings, load_settings
+from training.cycle import sha256_file
+
+PASSWORD = "correct-horse-9"
+OPERATORS = {"alice": "admin", "rita": "reviewer", "vic": "viewer"}
+
+
+def console_settings(tiny_model: Path, tmp_path: Path) -> Settings:
+    return load_settings(
+        env={},
+        data_dir=tmp_path / "data",
+        overrides={
+            "console": {"port": 0},
+            "server": {"port": 0},
+            "model": {"name": str(tiny_model), "max_new_tokens": 6, "dtype": "float32"},
+            "schedule": {"enabled": False, "version_poll_s": 0.2},
+            "canary": {"share": 0.0},
+        },
+    )
+
+
+async def add_operators(store: FeedbackStore) -> None:
+    for name, role in OPERATORS.items():
+        await store.add_operator(name, PASSWORD, role, actor="test")
+
+
+@dataclass(frozen=True)
+class Seeded:
+    refund: str  # conversation ids
+    shipping: str
+    telegram: str
+    refund_reply: str  # the assistant message in the refund conversation
+
+
+async def _conversation(
+    store: FeedbackStore, turns: list[tuple[str, str]], *, user: str, channel: str = "websocket"
+) -> tuple[str, list[str]]:
+    cid = uuid.uuid4().hex
+    await store.create_conversation(cid, user_id=user, channel=channel)
+    ids: list[str] = []
+    for role, text in turns:
+        mid = uuid.uuid4().hex
+        await store.add_message(
+            message_id=mid,
+            conversation_id=cid,
+            role=Role(role),
+            text=text,
+            parent_id=ids[-1] if ids else None,
+            model_version="base" if role == "assistant" else None,
+            latency_ms=120.0 if role == "assistant" else None,
+            finish_reason="stop" if role == "assistant" else None,
+        )
+        ids.append(mid)
+    return cid, ids
+
+
+async def seed(store: FeedbackStore) -> Seeded:
+    refund, r_ids = await _conversation(
+        store,
+        [("user", "How do I get a refund for my blender?"), ("assistant", "Refunds are not possible, sorry.")],
+        user="cust-1",
+    )
+    await store.add_rating(message_id=r_ids[1], value=-1, rater="cust-1", client_id="r1", reason="wrong")
+    shipping, s_ids = await _conversation(
+        store,
+        [("user", "How long does shipping take?"), ("assistant", "Standard shipping takes 3-5 business days.")],
+        user="cust-2",
+    )
+    await store.add_rating(message_id=s_ids[1], value=1, rater="cust-2", client_id="r2")
+    telegram, _ = await _conversation(
+        store, [("user", "Are you open on Sunday?"), ("assistant", "Yes.")], user="cust-3", channel="telegram"
+    )
+    return Seeded(refund, shipping, telegram, r_ids[1])
+
+
+async def register_adapter(app: App, tiny_model: Path, out: Path, seed_value: int = 3) -> str:
+    """A real (random) LoRA adapter registered as a candidate version; returns its name."""
+    from tests.test_engine import make_adapter
+
+    assert app.store is not None
+    adapter = make_adapter(tiny_model, out, seed=seed_value)
+    version = await app.store.register_version(
+        adapter_path=str(adapter),
+        sha256=sha256_file(adapter / "adapter_model.safetensors"),
+        parent="base",
+        base_model=str(tiny_model),
+        eval_report={"reward_accuracy": 0.9, "heldout_pairs": 4},
+        feedback_ids={},
+        training_run_id=None,
+    )
+    return version.name
+
+
+def bearer(token: str) -> dict[str, Any]:
+    return {"Authorization": f"Bearer {token}"}

@@ -1,0 +1,267 @@
+"""The console's REST API against a real running server (uvicorn on loopback, tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.routing import APIRoute
+
+from feedback.accounts import OperatorRole
+from server.app import App
+from server.console.api import ROLE_KEY
+from tests.console_support import (
+    OPERATORS,
+    PASSWORD,
+    Seeded,
+    add_operators,
+    bearer,
+    console_settings,
+    register_adapter,
+    seed,
+)
+
+
+@pytest.fixture
+async def app(tiny_model: Path, tmp_path: Path) -> AsyncIterator[App]:
+    a = App(console_settings(tiny_model, tmp_path))
+    async with a.lifespan():
+        assert a.store is not None
+        await add_operators(a.store)
+        yield a
+
+
+@pytest.fixture
+async def seeded(app: App) -> Seeded:
+    assert app.store is not None
+    return await seed(app.store)
+
+
+async def login(app: App, name: str) -> httpx.AsyncClient:
+    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.console_port}", timeout=30)
+    r = await client.post("/api/v1/session", json={"name": name, "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    client.headers["X-CSRF-Token"] = r.json()["csrf_token"]
+    return client
+
+
+def _concrete(path: str) -> str:
+    return re.sub(r"\{[^}]+\}", "1", path)
+
+
+async def test_every_route_refuses_strangers_and_lower_roles(app: App) -> None:
+    """Walk every API and page route: no credentials -> 401; a role below the route's -> 403."""
+    assert app.console is not None
+    routes = [r for r in app.console.routes if isinstance(r, APIRoute)]
+    assert len(routes) > 30
+    clients = {name: await login(app, name) for name in OPERATORS}
+    stranger = httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.console_port}", timeout=30)
+    checked = 0
+    try:
+        for route in routes:
+            required = (route.openapi_extra or {}).get(ROLE_KEY)
+            assert required is not None, f"{route.path} declares no role"
+            if required == "public":
+                continue
+            for method in route.methods:
+                path = _concrete(route.path)
+                r = await stranger.request(method, path, json={})
+                assert r.status_code == 401, (method, path, r.status_code, r.text)
+                for name, role in OPERATORS.items():
+                    if not OperatorRole(role).allows(OperatorRole(required)):
+                        r = await clients[name].request(method, path, json={})
+                        assert r.status_code == 403, (name, method, path, r.status_code, r.text)
+                        checked += 1
+        # the OpenAPI document is behind the same login
+        assert (await stranger.get("/api/openapi.json")).status_code == 401
+        spec = (await clients["vic"].get("/api/openapi.json")).json()
+        assert "/api/v1/conversations" in spec["paths"]
+    finally:
+        await stranger.aclose()
+        for c in clients.values():
+            await c.aclose()
+    assert checked > 15
+
+
+async def test_login_csrf_tokens_and_rate_limit(app: App) -> None:
+    base = f"http://127.0.0.1:{app.console_port}"
+    async with httpx.AsyncClient(base_url=base) as c:
+        r = await c.post("/api/v1/session", json={"name": "alice", "password": "wrong-password"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        r = await c.post("/api/v1/session", json={"name": "alice", "password": PASSWORD})
+        assert r.status_code == 200
+        cookie = r.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        csrf = r.json()["csrf_token"]
+        # a cookie-authenticated change without the CSRF header is refused, with it accepted
+        r = await c.post("/api/v1/runs", json={"force": False})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "csrf"
+        r = await c.post("/api/v1/runs", json={"force": False}, headers={"X-CSRF-Token": "forged"})
+        assert r.status_code == 403
+        r = await c.delete("/api/v1/session", headers={"X-CSRF-Token": csrf})
+        assert r.status_code == 200
+        assert (await c.get("/api/v1/me")).status_code == 401
+    assert app.store is not None
+    token = await app.store.create_api_token("rita", label="test", actor="test")
+    async with httpx.AsyncClient(base_url=base) as c:
+        r = await c.get("/api/v1/me", headers=bearer(token))
+        assert r.json()["operator"] == "rita" and r.json()["csrf_token"] is None
+        assert (await c.get("/api/v1/me", headers=bearer("ll_revoked"))).status_code == 401
+        statuses = [
+            (await c.post("/api/v1/session", json={"name": "vic", "password": "nope-nope"})).status_code
+            for _ in range(12)
+        ]
+        assert statuses[0] == 401 and statuses[-1] == 429
+    await app.store.set_operator("rita", actor="test", disabled=True)
+    async with httpx.AsyncClient(base_url=base) as c:
+        assert (await c.get("/api/v1/me", headers=bearer(token))).status_code == 401
+
+
+async def test_filters_search_and_paging(app: App, seeded: Seeded) -> None:
+    c = await login(app, "vic")
+    try:
+
+        async def ids(**params: Any) -> list[str]:
+            r = await c.get("/api/v1/conversations", params=params)
+            assert r.status_code == 200, r.text
+            return [i["id"] for i in r.json()["items"]]
+
+        assert set(await ids()) == {seeded.refund, seeded.shipping, seeded.telegram}
+        assert await ids(rating="down") == [seeded.refund]
+        assert await ids(rating="up") == [seeded.shipping]
+        assert await ids(rating="none") == [seeded.telegram]
+        assert await ids(channel="telegram") == [seeded.telegram]
+        assert await ids(q="blender") == [seeded.refund]
+        assert await ids(q="ship") == [seeded.shipping]  # the last word matches as a prefix
+        assert await ids(q='NEAR("x" AND') == []  # search syntax is text, not an error
+        assert await ids(version="v9") == []
+        assert len(await ids(version="base")) == 3
+        assert await ids(has_correction="true") == []
+        # keyset paging: two pages of one and one of one, newest first, no repeats
+        r1 = (await c.get("/api/v1/conversations", params={"limit": 2})).json()
+        r2 = (await c.get("/api/v1/conversations", params={"limit": 2, "cursor": r1["next_cursor"]})).json()
+        assert r2["next_cursor"] is None
+        assert [i["id"] for i in r1["items"] + r2["items"]] == [seeded.telegram, seeded.shipping, seeded.refund]
+        bad = await c.get("/api/v1/conversations", params={"cursor": "garbage"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_request"
+        bad = await c.get("/api/v1/conversations", params={"rating": "sideways"})
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid"
+        t = (await c.get(f"/api/v1/conversations/{seeded.refund}")).json()
+        reply = t["messages"][1]
+        assert reply["ratings"][0]["value"] == -1 and reply["ratings"][0]["reason"] == "wrong"
+        assert reply["model_version"] == "base" and t["takeover"] is None
+        assert (await c.get("/api/v1/conversations/nope")).status_code == 404
+    finally:
+        await c.aclose()
+
+
+async def test_review_actions_feed_the_next_run_and_are_audited(app: App, seeded: Seeded) -> None:
+    rita, alice = await login(app, "rita"), await login(app, "alice")
+    try:
+        before = (await rita.get("/api/v1/dataset/preview")).json()["rows"]
+        r = await rita.post(
+            f"/api/v1/messages/{seeded.refund_reply}/correction",
+            json={"text": "You can return it within 30 days for a full refund.", "reason": "wrong-fact"},
+        )
+        assert r.status_code == 201, r.text
+        preview = (await rita.get("/api/v1/dataset/preview", params={"rows": "true"})).json()
+        assert preview["rows"]["sft"] == before["sft"] + 1 and preview["rows"]["dpo"] >= 1
+        assert any("30 days" in json.dumps(row) for row in preview["train_rows"]) or preview["split"]["heldout_dpo"]
+        conv = (await rita.get("/api/v1/conversations", params={"has_correction": "true"})).json()["items"]
+        assert [i["id"] for i in conv] == [seeded.refund] and conv[0]["corrections"] == 1
+        # exclude, then include again
+        r = await rita.post(f"/api/v1/messages/{seeded.refund_reply}/exclusion", json={"reason": "contains PII"})
+        assert r.status_code == 200
+        assert (await rita.get("/api/v1/dataset/preview")).json()["rows"]["sft"] == before["sft"]
+        assert (await rita.delete(f"/api/v1/messages/{seeded.refund_reply}/exclusion")).status_code == 200
+        # an empty correction is a typed error
+        r = await rita.post(f"/api/v1/messages/{seeded.refund_reply}/correction", json={"text": ""})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid"
+        # exports in TRL's formats
+        r = await alice.get("/api/v1/export/training.jsonl", params={"kind": "sft"})
+        rows = [json.loads(line) for line in r.text.splitlines()]
+        assert r.status_code == 200 and rows and all(row["messages"][-1]["role"] == "assistant" for row in rows)
+        assert any("30 days" in row["messages"][-1]["content"] for row in rows)
+        r = await alice.get("/api/v1/export/conversations.jsonl")
+        exported = [json.loads(line) for line in r.text.splitlines()]
+        assert {e["conversation"]["id"] for e in exported} == {seeded.refund, seeded.shipping, seeded.telegram}
+        audit = (await alice.get("/api/v1/audit")).json()["items"]
+        actions = {(e["actor"], e["action"]) for e in audit}
+        assert {("rita", "correct"), ("rita", "exclude"), ("rita", "include"), ("alice", "export.training")} <= actions
+        stats = (await rita.get("/api/v1/stats/versions", params={"bucket_s": 3600})).json()["series"]
+        assert stats and stats[0]["version"] == "base" and stats[0]["replies"] == 3 and stats[0]["up_rate"] == 0.5
+    finally:
+        await rita.aclose()
+        await alice.aclose()
+
+
+async def test_promote_and_roll_back_through_the_api(app: App, tiny_model: Path, tmp_path: Path) -> None:
+    name = await register_adapter(app, tiny_model, tmp_path / "adapters" / "v1")
+    alice = await login(app, "alice")
+    try:
+        r = await alice.post(f"/api/v1/versions/{name}/promote")
+        assert r.status_code == 200 and r.json()["state"] == "live", r.text
+        assert app.live_version == name
+        r = await alice.post(f"/api/v1/versions/{name}/rollback")
+        assert r.status_code == 200 and r.json()["live"] == "base"
+        assert app.live_version == "base"
+        versions = {v["name"]: v["state"] for v in (await alice.get("/api/v1/versions")).json()["items"]}
+        assert versions == {"base": "live", name: "rolled_back"}
+        assert (await alice.post("/api/v1/versions/v99/promote")).status_code == 404
+    finally:
+        await alice.aclose()
+
+
+async def test_takeover_reaches_the_customer_socket(app: App, open_client: Any) -> None:
+    customer = await open_client(app.port)
+    ready = await customer.hello(user="cust-9")
+    cid = ready["conversation_id"]
+    await customer.chat("Where is my parcel?", "m1")
+    rita = await login(app, "rita")
+    try:
+        r = await rita.post(f"/api/v1/conversations/{cid}/takeover")
+        assert r.status_code == 200 and r.json()["connected"] == 1
+        joined, _ = await customer.until("operator_joined")
+        # while an operator answers, a customer message is stored and acknowledged, and no model reply starts
+        await customer.send(type="message", text="Hello? Anyone?", client_id="m2")
+        ack, _ = await customer.until("ack")
+        assert ack["id"] == "m2"
+        r = await rita.post(f"/api/v1/conversations/{cid}/replies", json={"text": "Hi, I am Rita. It ships today."})
+        assert r.status_code == 201, r.text
+        pushed, seen = await customer.until("operator_message")
+        assert pushed["text"] == "Hi, I am Rita. It ships today." and pushed["message_id"] == r.json()["id"]
+        assert not [f for f in seen if f["type"] in ("token", "done")]
+        # the customer may rate the operator's reply like any other
+        await customer.send(type="rating", message_id=pushed["message_id"], value=1, id="rr")
+        await customer.until("ack")
+        t = (await rita.get(f"/api/v1/conversations/{cid}")).json()
+        assert t["takeover"]["operator"] == "rita"
+        assert [m["author"] for m in t["messages"]][-2:] == [None, "operator:rita"]
+        assert (await rita.delete(f"/api/v1/conversations/{cid}/takeover")).status_code == 200
+        await customer.until("operator_left")
+        done, _ = await customer.chat("Thanks!", "m3")
+        assert done["model_version"] == "base"
+        preview = (await rita.get("/api/v1/dataset/preview")).json()
+        assert preview["by_signal"].get("takeover", 0) >= 1
+    finally:
+        await rita.aclose()
+
+
+async def test_a_second_operator_cannot_hijack_a_takeover(app: App, seeded: Seeded) -> None:
+    rita, alice = await login(app, "rita"), await login(app, "alice")
+    try:
+        assert (await rita.post(f"/api/v1/conversations/{seeded.shipping}/takeover")).status_code == 200
+        r = await alice.post(f"/api/v1/conversations/{seeded.shipping}/takeover")
+        assert r.status_code == 409 and "rita" in r.json()["error"]["message"]
+        r = await alice.post(f"/api/v1/conversations/{seeded.shipping}/replies", json={"text": "hi"})
+        assert r.status_code == 409
+        await asyncio.sleep(0)
+    finally:
+        await rita.aclose()
+        await alice.aclose()
