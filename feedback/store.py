@@ -555,6 +555,7 @@ class FeedbackStore(AccountsMixin, BrowseMixin):
         digest = subject_hash(user_id)
         self._append_tombstone(digest)
         result = await self._erase(user_id, digest, actor=actor)
+        await self._purge_search_index()
         await self._checkpoint()
         return result
 
@@ -623,6 +624,14 @@ class FeedbackStore(AccountsMixin, BrowseMixin):
         result: dict[str, Any] = await self._write(op)
         return result
 
+    async def _purge_search_index(self) -> None:
+        """Merge the full-text index: FTS5 keeps deleted terms in old segments until a merge."""
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('optimize')")
+
+        await self._write(op)
+
     async def _checkpoint(self) -> None:
         """Copy the WAL into the database file and truncate the WAL to zero bytes."""
 
@@ -664,7 +673,8 @@ class FeedbackStore(AccountsMixin, BrowseMixin):
 
             await self._write(op)
         if back:
-            await self._checkpoint()
+            await self._purge_search_index()
+        await self._checkpoint()
 
     # --- model versions ---------------------------------------------------------------
 

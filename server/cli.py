@@ -181,12 +181,12 @@ def cmd_operator(args: argparse.Namespace) -> int:
         )
         print(token)
         return 0
-    password = _read_password(args) if args.password_stdin else None
+    new_password = _read_password(args) if args.password_stdin else None
     disabled = True if args.disable else False if args.enable else None
     asyncio.run(
         _with_store(
             settings,
-            lambda s: s.set_operator(args.name, actor="cli", password=password, role=args.role, disabled=disabled),
+            lambda s: s.set_operator(args.name, actor="cli", password=new_password, role=args.role, disabled=disabled),
         )
     )
     print(f"operator {args.name} changed")

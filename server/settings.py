@@ -100,7 +100,7 @@ class ConsoleConfig:
         default=False, metadata={"help": "Mark the session cookie Secure (set when the console is behind HTTPS)."}
     )
     login_attempts_per_minute: float = field(
-        default=10.0, metadata={"help": "Failed logins allowed per minute per name and per client address."}
+        default=10.0, metadata={"help": "Login attempts allowed per minute per name and per client address."}
     )
 
 

@@ -91,3 +91,27 @@ async def test_dataset_show_prints_lineage(tmp_path: Path) -> None:
     assert [r["chosen"][0]["content"] for r in lineage["rows_still_in_store"] if "chosen" in r] == [
         "Order 1 arrives on Friday."
     ]
+
+
+def test_operator_accounts_from_the_command_line(tmp_path: Path, monkeypatch: Any) -> None:
+    data = tmp_path / "data"
+    monkeypatch.setattr("sys.stdin", io.StringIO("a-long-password\n"))
+    assert run_cli(data, "operator", "add", "alice", "--role", "admin", "--password-stdin")[0] == 0
+    code, token = run_cli(data, "operator", "token", "alice", "--label", "ci")
+    assert code == 0 and token.strip().startswith("ll_")
+    assert run_cli(data, "operator", "set", "alice", "--role", "viewer")[0] == 0
+    code, out = run_cli(data, "operator", "list")
+    assert out.split() == ["alice", "viewer"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert run_cli(data, "operator", "add", "bob", "--password-stdin")[0] != 0  # too short: a clear error
+
+    async def check() -> None:
+        async with await FeedbackStore.open(data / "learnloop.db") as store:
+            operator = await store.operator_for_token(token.strip())
+            assert operator is not None and operator.name == "alice"
+            assert await store.check_login("alice", "a-long-password") is not None
+            await store.set_operator("alice", actor="t", disabled=True)
+            assert await store.operator_for_token(token.strip()) is None
+            assert await store.check_login("alice", "a-long-password") is None
+
+    asyncio.run(check())

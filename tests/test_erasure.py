@@ -105,6 +105,8 @@ async def test_erase_removes_every_byte_and_keeps_them_out(tmp_path: Path) -> No
     raw = raw_bytes(db)
     for needle in (SECRET, "ZEBRA-QUOKKA", COMMENT, FIX, "eve-on-bob"):
         assert needle.encode() not in raw, needle
+    # nor in the full-text search index, which holds lower-cased terms
+    assert b"zebra" not in raw.lower() and b"quokka" not in raw.lower()
     assert b"eve" not in db.with_name("learnloop.db.erasures").read_bytes()  # tombstones hold hashes only
 
     async with await FeedbackStore.open(db) as store:

@@ -176,3 +176,37 @@ def test_open_failed_allows_a_new_hello() -> None:
     (err,) = s.open_failed(ErrorCode.NOT_FOUND, "no such conversation")
     assert err.frame["code"] == ErrorCode.NOT_FOUND  # type: ignore[union-attr]
     assert isinstance(s.receive(frame(type="hello"), 0.0)[0], OpenConversation)
+
+
+def test_takeover_stores_turns_without_model_replies_and_hands_back() -> None:
+    from server.protocol import StoreTurn
+
+    s = ready(session())
+    [g] = s.receive(frame(type="message", text="hi", client_id="c1"), 0.0)
+    assert isinstance(g, Generate)
+    # an operator joins while the model streams: the reply is stopped, the customer told
+    assert s.operator_joined("rita") == [Cancel(g.message_id), Send({"type": "operator_joined"})]
+    s.finished(g.message_id, "partial", "base", "cancelled")
+    assert s.operator_joined("rita") == []  # joining twice says nothing new
+    [turn] = s.receive(frame(type="message", text="hello?", client_id="c2"), 0.0)
+    assert isinstance(turn, StoreTurn) and turn.parent_id == g.message_id and turn.client_id == "c2"
+    assert s.turn_stored(turn) == [Send({"type": "ack", "id": "c2", "message_id": turn.turn.id})]
+    assert error_code(s.receive(frame(type="regenerate", message_id=g.message_id), 0.0)) == ErrorCode.CONFLICT
+    pushed = s.operator_reply("op1", "Rita here.")
+    assert pushed == [Send({"type": "operator_message", "message_id": "op1", "text": "Rita here."})]
+    assert [t.id for t in s.history][-2:] == [turn.turn.id, "op1"]
+    assert s.receive(frame(type="rating", message_id="op1", value=1, id="r"), 0.0) == [
+        StoreRating("op1", 1, "r", None, None)
+    ]
+    assert s.operator_left() == [Send({"type": "operator_left"})]
+    assert s.operator_left() == []
+    [g2] = s.receive(frame(type="message", text="thanks", client_id="c3"), 0.0)
+    assert isinstance(g2, Generate) and g2.context[-2].id == "op1"
+
+
+def test_a_turn_that_fails_to_store_leaves_the_branch_as_it_was() -> None:
+    s = ready(session())
+    s.operator_joined("rita")
+    [turn] = s.receive(frame(type="message", text="hello?", client_id="c2"), 0.0)
+    effects = s.turn_failed(turn, ErrorCode.INTERNAL, "internal error")  # type: ignore[arg-type]
+    assert error_code(effects) == ErrorCode.INTERNAL and s.history == []

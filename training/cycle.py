@@ -97,7 +97,12 @@ class PreparedData:
             "dropped": [{"row": row, "reason": reason} for row, reason in self.cleaning.dropped],
         }
         if rows:
-            out["train_rows"] = [r.to_trl() for r in self.train_rows()]
+            out["train_rows"] = [
+                {"kind": kind, "source": getattr(r, "source", "thumbs"), "split": split, **r.to_trl()}
+                for split, data in (("train", self.train), ("heldout", self.heldout))
+                for kind, rs in (("dpo", data.dpo), ("kto", data.kto), ("sft", data.sft))
+                for r in rs
+            ]
         return out
 
     def train_rows(self, kind: str | None = None, *, heldout_too: bool = False) -> list[pairs.Row]:

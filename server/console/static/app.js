@@ -502,7 +502,7 @@
     const f = Object.fromEntries(FILTER_KEYS.map((k) => [k, params.get(k) || '']));
 
     const rating = select({ id: 'filter-rating', name: 'rating' },
-      [['', 'any'], ['up', '👍 up'], ['down', '👎 down'], ['none', 'none']], f.rating);
+      [['', 'any'], ['up', 'up'], ['down', 'down'], ['none', 'none']], f.rating);
     const version = el('input', { id: 'filter-version', name: 'version', value: f.version, placeholder: 'e.g. v3', size: 8 });
     const channel = el('input', { id: 'filter-channel', name: 'channel', value: f.channel, placeholder: 'channel', size: 10 });
     const since = el('input', { id: 'filter-since', name: 'since', type: 'date', value: f.since });
@@ -546,7 +546,7 @@
     const tbl = el(
       'table',
       { id: 'conversations', class: 'data' },
-      el('thead', {}, el('tr', {}, ['Date', 'User', 'Channel', 'Versions', '👍', '👎', 'Corr.', 'Flag', 'Msgs', 'First message']
+      el('thead', {}, el('tr', {}, ['Date', 'User', 'Channel', 'Versions', 'Up', 'Down', 'Corr.', 'Flag', 'Msgs', 'First message']
         .map((h) => el('th', {}, h)))),
       tbody,
     );
@@ -610,8 +610,8 @@
       el('td', { class: 'conv-user' }, c.user_id || '—'),
       el('td', { class: 'conv-channel' }, c.channel || ''),
       el('td', { class: 'conv-versions' }, versions),
-      el('td', { class: 'conv-ups num' }, `👍 ${c.ups ?? 0}`),
-      el('td', { class: 'conv-downs num' }, `👎 ${c.downs ?? 0}`),
+      el('td', { class: 'conv-ups num' }, String(c.ups ?? 0)),
+      el('td', { class: 'conv-downs num' }, String(c.downs ?? 0)),
       el('td', { class: 'conv-corrections num' }, String(c.corrections ?? 0)),
       el('td', { class: 'conv-flagged' }, c.flagged ? el('span', { class: 'badge flag', title: 'rated by a rater held for review' }, '⚑ flagged') : ''),
       el('td', { class: 'conv-messages num' }, c.n_messages === undefined ? '' : String(c.n_messages)),
@@ -774,7 +774,7 @@
         node.append(el('ul', { class: 'msg-ratings' }, ratings.map((r) => el(
           'li',
           { class: `rating ${r.value > 0 ? 'up' : 'down'}`, dataset: { value: r.value, rater: r.rater || '' } },
-          el('span', { class: 'rating-value' }, r.value > 0 ? '👍' : '👎'),
+          el('span', { class: 'rating-value' }, r.value > 0 ? '▲ up' : '▼ down'),
           r.reason ? el('span', { class: 'rating-reason' }, r.reason) : null,
           r.comment ? el('span', { class: 'rating-comment' }, `“${r.comment}”`) : null,
           el('span', { class: 'rating-rater muted' }, `by ${r.rater || '?'}`),
@@ -1093,7 +1093,7 @@
     if (row.chosen !== undefined) parts.push(field('chosen', answerText(row.chosen)));
     if (row.rejected !== undefined) parts.push(field('rejected', answerText(row.rejected)));
     if (completion !== undefined) parts.push(field('completion', answerText(completion)));
-    if (row.label !== undefined) parts.push(field('label', row.label === true ? 'true 👍' : row.label === false ? 'false 👎' : fmtValue(row.label)));
+    if (row.label !== undefined) parts.push(field('label', row.label === true ? 'true (desirable)' : row.label === false ? 'false (undesirable)' : fmtValue(row.label)));
     const extra = ['source', 'signal', 'group', 'split', 'weight'].filter((k) => row[k] !== undefined && row[k] !== null);
     return el(
       'div',
