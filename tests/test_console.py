@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -265,3 +266,26 @@ async def test_a_second_operator_cannot_hijack_a_takeover(app: App, seeded: Seed
     finally:
         await rita.aclose()
         await alice.aclose()
+
+
+async def test_flagged_raters_date_ranges_and_rater_review(app: App, seeded: Seeded) -> None:
+    assert app.store is not None
+    await app.store.flag_raters({"cust-1": ["burst: 40 ratings in 60 s"]})
+    rita = await login(app, "rita")
+    try:
+        r = await rita.get("/api/v1/conversations", params={"flagged": "true"})
+        assert [i["id"] for i in r.json()["items"]] == [seeded.refund] and r.json()["items"][0]["flagged"]
+        t = (await rita.get(f"/api/v1/conversations/{seeded.refund}")).json()
+        assert t["messages"][1]["ratings"][0]["rater_state"] == "pending"
+        now = time.time()
+        assert len((await rita.get("/api/v1/conversations", params={"since": now - 3600})).json()["items"]) == 3
+        assert (await rita.get("/api/v1/conversations", params={"until": now - 3600})).json()["items"] == []
+        raters = (await rita.get("/api/v1/raters")).json()["items"]
+        assert [(x["rater"], x["state"]) for x in raters] == [("cust-1", "pending")]
+        r = await rita.post("/api/v1/raters/cust-1/review", json={"state": "approved"})
+        assert r.status_code == 200
+        assert (await rita.get("/api/v1/conversations", params={"flagged": "true"})).json()["items"] == []
+        bad = await rita.post("/api/v1/raters/cust-1/review", json={"state": "maybe"})
+        assert bad.status_code == 422
+    finally:
+        await rita.aclose()

@@ -127,3 +127,31 @@ async def test_prompt_trimming_keeps_system_and_last_turn(tiny_model: Path) -> N
     assert text.startswith("<|im_start|>system\nBe brief.") and "last question" in text and "question 0" not in text
     huge = [{"role": "user", "content": "refund " * 500}]
     assert len(e.prompt_ids(huge)) == 60
+
+
+async def test_concurrent_replies_decode_as_one_batch_and_match_solo(engine: TransformersEngine) -> None:
+    """Prompts of different lengths, greedy: batched replies are the replies each gets alone."""
+    chats = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "Tell me about refunds for orders that arrived damaged, please."}],
+        [
+            {"role": "user", "content": "Shipping?"},
+            {"role": "assistant", "content": "3 days."},
+            {"role": "user", "content": "And abroad?"},
+        ],
+    ]
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.0)
+
+    async def one(chat: list[dict[str, str]]) -> tuple[str, int]:
+        parts, n = [], 0
+        async for chunk in engine.stream(chat, version="base", sampling=sampling):
+            parts.append(chunk.delta)
+            n = chunk.n_tokens
+        return "".join(parts), n
+
+    solo = [await one(c) for c in chats]
+    steps_before, tokens_before = engine.stats.decode_steps, engine.stats.tokens
+    together = await asyncio.gather(*(one(c) for c in chats))
+    assert list(together) == solo
+    decode_tokens = engine.stats.tokens - tokens_before - len(chats)  # minus one token per prefill
+    assert engine.stats.decode_steps - steps_before < decode_tokens  # steps were shared: a batch
