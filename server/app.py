@@ -66,6 +66,8 @@ class App:
         self._training: asyncio.Task[CycleResult] | None = None
         self._previous_live: str | None = None
         self._swap_lock = asyncio.Lock()
+        m = settings.model
+        self.sampling = SamplingConfig(max_new_tokens=m.max_new_tokens, temperature=m.temperature, top_p=m.top_p)
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[App]:
@@ -82,6 +84,7 @@ class App:
                 dtype=s.model.dtype,
                 max_prompt_tokens=s.model.max_prompt_tokens,
                 max_pending=s.model.max_pending,
+                max_active=s.model.max_active,
                 system_prompt=s.model.system_prompt,
             )
             await asyncio.to_thread(self.engine.load)
@@ -97,9 +100,7 @@ class App:
                 engine=self.engine,
                 assign_version=self.assign_version,
                 serving_version=self.serving_version,
-                sampling=SamplingConfig(
-                    max_new_tokens=s.model.max_new_tokens, temperature=s.model.temperature, top_p=s.model.top_p
-                ),
+                sampling=self.sampling,
                 limits=Limits(
                     max_text_chars=s.server.max_text_chars,
                     rate_per_s=s.server.rate_per_s,

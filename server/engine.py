@@ -108,12 +108,14 @@ class TransformersEngine:
         dtype: str = "float32",
         max_prompt_tokens: int = 1536,
         max_pending: int = 64,
+        max_active: int = 16,
         system_prompt: str | None = None,
     ) -> None:
         self.model_path = model_path
         self.dtype = dtype
         self.max_prompt_tokens = max_prompt_tokens
-        self.max_pending = max_pending
+        self.max_pending = max_pending  # generating + queued; past it, ``OverloadedError`` at once
+        self.max_active = max_active  # generating at once (the batch); the rest wait in the queue
         self.system_prompt = system_prompt
         self.stats = EngineStats()
         self.model: Any = None
@@ -296,7 +298,9 @@ class TransformersEngine:
             raise UnknownVersionError(f"version {version!r} is not loaded")
         with self._pending_lock:
             if self._pending >= self.max_pending:
-                raise OverloadedError(f"{self._pending} replies in progress; limit {self.max_pending}", retry_after=1.0)
+                raise OverloadedError(
+                    f"{self._pending} replies generating or queued; limit {self.max_pending}", retry_after=1.0
+                )
             self._pending += 1
         try:
             loop = asyncio.get_running_loop()
@@ -340,7 +344,7 @@ class TransformersEngine:
                     except Exception as exc:
                         log.exception("engine command failed")
                         future.set_exception(exc)
-                while True:
+                while len(active) < self.max_active:
                     try:
                         active.append(self._inbox.get_nowait())
                     except queue.Empty:

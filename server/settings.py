@@ -70,6 +70,9 @@ class ModelConfig:
     max_pending: int = field(
         default=64, metadata={"help": "Replies in progress or queued before new ones get 'overloaded'."}
     )
+    max_active: int = field(
+        default=16, metadata={"help": "Replies generated at once (one batch); the others wait in the queue."}
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bfloat16", "float32", "float16"):

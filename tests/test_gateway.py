@@ -208,3 +208,103 @@ async def test_ratings_are_limited_per_rater_across_connections(
         done, _ = await other.chat("hi", "s")
         await other.send(type="rating", message_id=done["message_id"], value=1, id="s1")
         await other.until("ack")
+
+
+async def test_five_times_capacity_excess_refused_fast_the_rest_complete(
+    tiny_model: Path, tmp_path: Path, open_client: Any
+) -> None:
+    """Capacity 4 (2 generating + 2 queued); 20 sessions at once: 16 get `overloaded` fast, 4 finish."""
+    import resource
+
+    s = settings(tiny_model, tmp_path)
+    s = dataclasses.replace(s, model=dataclasses.replace(s.model, max_new_tokens=24, max_pending=4, max_active=2))
+    a = App(s)
+    async with a.lifespan():
+        assert a.engine is not None
+        clients = [await open_client(a.port) for _ in range(20)]
+        for c in clients:
+            await c.hello()
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+        async def ask(c: Any, i: int) -> tuple[str, float]:
+            await c.send(type="message", text=f"question {i}", client_id=f"q{i}")
+            sent = time.monotonic()
+            while True:
+                frame = await c.recv()
+                if frame["type"] == "error":
+                    assert frame["code"] == "overloaded" and frame["retry_after"] > 0, frame
+                    return "overloaded", time.monotonic() - sent
+                if frame["type"] == "done":
+                    return frame["finish_reason"], time.monotonic() - sent
+
+        results = await asyncio.gather(*(ask(c, i) for i, c in enumerate(clients)))
+        refused = [t for outcome, t in results if outcome == "overloaded"]
+        completed = [outcome for outcome, _ in results if outcome != "overloaded"]
+        assert len(refused) == 16 and len(completed) == 4
+        assert all(outcome in ("stop", "length") for outcome in completed)
+        assert max(refused) < 0.1, f"slowest refusal {max(refused) * 1000:.0f} ms"
+        assert a.engine._inbox.qsize() == 0 and a.engine._pending == 0  # nothing left behind
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+        assert grown_mb < 200, f"peak memory grew {grown_mb:.0f} MB"
+        # capacity is back for the next wave
+        done, _ = await clients[0].chat("again", "again")
+        assert done["finish_reason"] in ("stop", "length")
+
+
+async def test_hot_swap_under_load_eight_sessions(tiny_model: Path, tmp_path: Path, open_client: Any) -> None:
+    """8 sessions stream while v1 is promoted: none fails or is cut short, each reply has one
+    version, and replies after the swap are exactly what the v1 adapter writes (greedy)."""
+    s = settings(tiny_model, tmp_path)
+    s = dataclasses.replace(
+        s, model=dataclasses.replace(s.model, max_new_tokens=40, temperature=0.0, max_pending=16, max_active=16)
+    )
+    a = App(s)
+    async with a.lifespan():
+        assert a.store is not None and a.engine is not None
+        clients = [await open_client(a.port) for _ in range(8)]
+        for c in clients:
+            await c.hello()
+        question = "Where is my order?"
+
+        async def ask(c: Any, cid: str) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+            await c.send(type="message", text=question, client_id=cid)
+            await c.until("ack")
+            done, frames = await c.until("done")  # an error frame fails the test
+            text = "".join(f["delta"] for f in frames if f["type"] == "token")
+            return done, text, frames
+
+        before = [asyncio.create_task(ask(c, "before")) for c in clients]
+        while a.engine.stats.tokens < 16:  # every session is streaming now
+            await asyncio.sleep(0.01)
+        adapter = make_adapter(tiny_model, tmp_path / "adapters" / "v1", seed=5)
+        await a.store.register_version(
+            adapter_path=str(adapter),
+            sha256=sha256_file(adapter / "adapter_model.safetensors"),
+            parent="base",
+            base_model=str(tiny_model),
+            eval_report={},
+            feedback_ids={},
+            training_run_id=None,
+        )
+        await a.promote("v1", actor="test")
+        first_wave = await asyncio.gather(*before)
+        for done, text, frames in first_wave:
+            assert done["model_version"] == "base" and done["finish_reason"] in ("stop", "length")
+            assert done["usage"]["completion_tokens"] >= 1 and text
+            assert {f["message_id"] for f in frames if f["type"] == "token"} == {done["message_id"]}
+        # what v1 writes for this conversation, straight from the engine (greedy: deterministic)
+        history = [{"role": "user", "content": question}]
+        expected_v1 = "".join(
+            [chunk.delta async for chunk in a.engine.stream(history, version="v1", sampling=a.sampling)]
+        )
+        expected_base = "".join(
+            [chunk.delta async for chunk in a.engine.stream(history, version="base", sampling=a.sampling)]
+        )
+        assert expected_v1 != expected_base
+        assert all(text == expected_base for _, text, _ in first_wave)
+        fresh = [await open_client(a.port) for _ in range(8)]
+        for c in fresh:
+            assert (await c.hello())["model_version"] == "v1"
+        second_wave = await asyncio.gather(*(ask(c, "after") for c in fresh))
+        for done, text, _ in second_wave:
+            assert done["model_version"] == "v1" and text == expected_v1
