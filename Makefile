@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test test-fast check bench-serve bench-learning clean
+.PHONY: install install-llamacpp serve test test-fast check bench-serve bench-learning clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+install-llamacpp: install  ## llama-cpp-python[server] (builds once, ~6 min; pip's wheel cache reuses it after)
+	$(BIN)/pip install --quiet -e '.[llamacpp]'
 
 serve: install            ## start the chat server on the default model (pulled on first use)
 	$(BIN)/learnloop serve

@@ -1,17 +1,30 @@
 """Serving benchmark: single-stream and concurrent decode through the real websocket gateway.
 
-    python bench/serve.py [--model smollm2-135m-instruct] [--dtype float32] [--max-new-tokens 128]
-                          [--levels 1,4,8,16]
+    python bench/serve.py [--engine llamacpp|transformers] [--model smollm2-135m-instruct]
+                          [--dtype float32] [--max-new-tokens 128] [--levels 1,4,8,16]
+
+``--engine`` defaults to the fastest installed: ``llamacpp`` when llama-cpp-python imports
+(the default model's GGUF, ``model.gguf``), else ``transformers``.
 
 Measured in one run, on the same prompts:
-  * baseline: ``model.generate`` called directly (no server), greedy, same dtype;
+  * baseline: ``model.generate`` called directly (no server), greedy, same dtype (transformers
+    engine); with the llamacpp engine the baseline is the raw llama.cpp single stream below;
+  * llama.cpp reference (whenever llama-cpp-python is installed): the LONG_PROMPTS through raw
+    llama-cpp-python, no gateway and no engine: our own ``llama_decode`` loop on a fresh context
+    (greedy, every reply forced to ``--max-new-tokens``): single-stream decode tokens/s after the
+    first token (median over the prompts), and the aggregate of 8 sequences decoded as one batch
+    per step (all tokens over the wall time from the first prefill to the last token);
   * gateway: one websocket client, reply by reply (decode tokens/s after the first token, TTFT);
   * concurrency: N websocket sessions at once (each its own connection, one reply each),
     for each N in ``--levels``: aggregate tokens/s (all tokens over the wall time from the
     first send to the last ``done``), TTFT p50/p95, inter-token p95, and the ratio of the
     aggregate to the single-session aggregate of the same sweep;
   * swap: a LoRA adapter (r=16, all projections) loaded while a reply streams; the longest
-    gap between two tokens of that reply against the p95 gap of steady decoding.
+    gap between two tokens of that reply against the p95 gap of steady decoding (llamacpp: the
+    adapter is converted to GGUF first, timed apart as ``adapter_convert_s``);
+  * llamacpp only, through the engine without the gateway: 8 replies on one version against 4
+    on base and 4 on the adapter at once (two ``llama_decode`` calls per step and an adapter
+    switch before each): what serving two versions side by side costs.
 The last line is one JSON object with the figures.
 """
 
@@ -32,8 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from websockets.asyncio.client import connect  # noqa: E402
 
 from server.app import App  # noqa: E402
+from server.engine import SamplingConfig  # noqa: E402
+from server.llamacpp_engine import LlamaCppEngine, convert_adapter, llama_cpp_available  # noqa: E402
 from server.settings import load_settings  # noqa: E402
-from training.models import resolve_model  # noqa: E402
+from training.models import default_gguf, resolve_model  # noqa: E402
 
 # open-ended prompts: greedy replies run to the token limit, so every session decodes as long
 LONG_PROMPTS = [
@@ -71,6 +86,109 @@ def baseline_tps(model_path: str, dtype: str, max_new_tokens: int) -> float:
             elapsed = time.perf_counter() - started
         rates.append((out.shape[1] - ids["input_ids"].shape[1]) / elapsed)
     return statistics.median(rates)
+
+
+def llamacpp_reference(gguf: str, model_path: str, max_new_tokens: int, sequences: int = 8) -> tuple[float, float]:
+    """Raw llama-cpp-python on LONG_PROMPTS: (single-stream decode tok/s, aggregate tok/s of ``sequences``)."""
+    import os
+
+    import llama_cpp.llama_cpp as ll
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from server.llamacpp_engine import _route_llama_log, extra_buffers_usable
+
+    _route_llama_log(ll)  # llama.cpp's log to Python logging, not the terminal
+    tok = AutoTokenizer.from_pretrained(model_path)
+    prompts = []
+    for text in LONG_PROMPTS:
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        prompts.append(tok(rendered, add_special_tokens=False)["input_ids"])
+    ll.llama_backend_init()
+    mparams = ll.llama_model_default_params()
+    mparams.use_extra_bufts = extra_buffers_usable(gguf)
+    model = ll.llama_model_load_from_file(gguf.encode(), mparams)
+    vocab = ll.llama_model_get_vocab(model)
+    n_vocab = ll.llama_vocab_n_tokens(vocab)
+    per_seq = -(-(max(len(p) for p in prompts) + max_new_tokens) // 256) * 256
+    cparams = ll.llama_context_default_params()
+    cparams.n_seq_max = sequences
+    cparams.n_ctx = per_seq * sequences
+    cparams.n_batch = max(per_seq, sequences)
+    cparams.n_threads = cparams.n_threads_batch = os.cpu_count() or 1
+    cparams.kv_unified = False
+    ctx = ll.llama_init_from_model(model, cparams)
+    mem = ll.llama_get_memory(ctx)
+    batch = ll.llama_batch_init(cparams.n_batch, 0, 1)
+
+    def decode(items: list[tuple[int, int, int, bool]]) -> None:  # (token, pos, seq, logits)
+        for i, (token, pos, seq, logits) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(items)
+        if ll.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def argmax(i: int) -> int:
+        return int(np.argmax(np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, i), shape=(n_vocab,))))
+
+    def prefill(ids: list[int], seq: int) -> int:
+        decode([(t, p, seq, p == len(ids) - 1) for p, t in enumerate(ids)])
+        return argmax(len(ids) - 1)
+
+    try:
+        rates = []
+        for ids in prompts:
+            ll.llama_memory_seq_rm(mem, 0, -1, -1)
+            token = prefill(ids, 0)
+            started = time.perf_counter()
+            for step in range(max_new_tokens - 1):
+                decode([(token, len(ids) + step, 0, True)])
+                token = argmax(0)
+            rates.append((max_new_tokens - 1) / (time.perf_counter() - started))
+        ll.llama_memory_clear(mem, True)
+        started = time.perf_counter()
+        seqs = [prompts[i % len(prompts)] for i in range(sequences)]
+        last = [prefill(ids, seq) for seq, ids in enumerate(seqs)]
+        for step in range(max_new_tokens - 1):
+            decode([(last[seq], len(ids) + step, seq, True) for seq, ids in enumerate(seqs)])
+            last = [argmax(i) for i in range(sequences)]
+        aggregate = sequences * max_new_tokens / (time.perf_counter() - started)
+    finally:
+        ll.llama_batch_free(batch)
+        ll.llama_free(ctx)
+        ll.llama_model_free(model)
+    return statistics.median(rates), aggregate
+
+
+async def mixed_versions(engine: LlamaCppEngine, adapter: str, max_new_tokens: int) -> dict[str, float]:
+    """8 replies on base, then 4 on base and 4 on ``adapter`` at once, through the engine (no gateway)."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+
+    async def one(i: int, version: str) -> int:
+        n = 0
+        chat = [{"role": "user", "content": LONG_PROMPTS[i % len(LONG_PROMPTS)]}]
+        async for chunk in engine.stream(chat, version=version, sampling=sampling):
+            n = chunk.n_tokens
+        return n
+
+    async def run(versions: list[str]) -> float:
+        started = time.perf_counter()
+        tokens = await asyncio.gather(*(one(i, v) for i, v in enumerate(versions)))
+        return sum(tokens) / (time.perf_counter() - started)
+
+    same = await run(["base"] * 8)
+    switches, switch_s = engine.adapter_switches, engine.adapter_switch_s
+    mixed = await run(["base", adapter] * 4)
+    n = engine.adapter_switches - switches
+    return {
+        "same_version_agg_tps_8": same,
+        "mixed_versions_agg_tps_8": mixed,
+        "adapter_switches": n,
+        "adapter_switch_call_ms": 1000 * (engine.adapter_switch_s - switch_s) / max(n, 1),
+    }
 
 
 def make_adapter(model_path: str, out: Path) -> Path:
@@ -146,13 +264,14 @@ async def gateway_run(args: argparse.Namespace, data_dir: Path) -> dict[str, flo
             "console": {"port": 0},
             "server": {"port": 0, "rate_per_s": 1000.0},
             "model": {
+                "engine": args.engine,
                 "name": args.model,
                 "dtype": args.dtype,
                 "max_new_tokens": args.max_new_tokens,
                 "temperature": 0.0,
                 "max_pending": max(64, 2 * max(args.levels)),
             },
-            "schedule": {"enabled": False},
+            "schedule": {"enabled": False, "version_poll_s": 3600.0},  # the bench adapter is loaded by hand
         },
     )
     app = App(settings)
@@ -184,13 +303,21 @@ async def gateway_run(args: argparse.Namespace, data_dir: Path) -> dict[str, flo
             gaps += [b - a for a, b in zip(times, times[1:], strict=False)]
         levels = {n: await concurrent_level(app.port, n) for n in args.levels}
 
-        adapter = await asyncio.to_thread(make_adapter, resolve_model(args.model), data_dir / "bench-adapter")
+        model_path = resolve_model(args.model)
+        adapter = await asyncio.to_thread(make_adapter, model_path, data_dir / "bench-adapter")
+        extra: dict[str, Any] = {}
+        if args.engine == "llamacpp":  # convert before the swap: the conversion runs off the worker anyway
+            started = time.perf_counter()
+            await asyncio.to_thread(convert_adapter, adapter, model_path)
+            extra["adapter_convert_s"] = time.perf_counter() - started
         assert app.engine is not None
         task = asyncio.create_task(one(PROMPTS[3], 99))
         await asyncio.sleep(1.0)  # let it stream steadily first
         pause = await app.engine.load_adapter("bench", str(adapter))
         times = await task
         swap_gap = max(b - a for a, b in zip(times, times[1:], strict=False))
+        if isinstance(app.engine, LlamaCppEngine):
+            extra["switch"] = await mixed_versions(app.engine, "bench", args.max_new_tokens)
     gaps.sort()
     return {
         "levels": levels,  # type: ignore[dict-item]
@@ -199,11 +326,18 @@ async def gateway_run(args: argparse.Namespace, data_dir: Path) -> dict[str, flo
         "inter_token_p95_s": gaps[int(0.95 * (len(gaps) - 1))],
         "swap_load_s": pause,
         "swap_max_gap_s": swap_gap,
+        **extra,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--engine",
+        choices=("transformers", "llamacpp"),
+        default="llamacpp" if llama_cpp_available() else "transformers",
+        help="engine behind the gateway (default: the fastest installed)",
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -211,12 +345,20 @@ def main() -> None:
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     model_path = resolve_model(args.model)
-    base = baseline_tps(model_path, args.dtype, args.max_new_tokens)
-    print(f"baseline model.generate single stream: {base:.1f} tok/s ({args.dtype})")
+    raw: tuple[float, float] | None = None
+    if llama_cpp_available():
+        raw = llamacpp_reference(str(default_gguf()), model_path, args.max_new_tokens)
+        print(f"raw llama.cpp: single stream {raw[0]:.1f} tok/s, 8 sequences batched {raw[1]:.1f} tok/s")
+    if args.engine == "llamacpp":
+        assert raw is not None, "the llamacpp engine needs llama-cpp-python"
+        base, baseline_kind = raw[0], "llama.cpp raw decode loop"
+    else:
+        base, baseline_kind = baseline_tps(model_path, args.dtype, args.max_new_tokens), "model.generate"
+    print(f"baseline ({baseline_kind}) single stream: {base:.1f} tok/s")
     with tempfile.TemporaryDirectory() as tmp:
         result = asyncio.run(gateway_run(args, Path(tmp)))
     print(
-        f"gateway single stream: {result['gateway_single_tps']:.1f} tok/s, "
+        f"gateway single stream ({args.engine}): {result['gateway_single_tps']:.1f} tok/s, "
         f"ratio to baseline {result['gateway_single_tps'] / base:.2f}"
     )
     print(f"TTFT p50 {result['ttft_p50_s'] * 1000:.0f} ms, inter-token p95 {result['inter_token_p95_s'] * 1000:.0f} ms")
@@ -224,6 +366,15 @@ def main() -> None:
         f"adapter hot-swap: load {result['swap_load_s'] * 1000:.0f} ms; longest gap in a reply streaming "
         f"through it {result['swap_max_gap_s'] * 1000:.0f} ms"
     )
+    if "adapter_convert_s" in result:
+        print(f"adapter conversion to GGUF (r=16, all projections): {result['adapter_convert_s']:.1f} s")
+    switch: dict[str, float] | None = result.pop("switch", None)  # type: ignore[assignment]
+    if switch:
+        print(
+            f"8 replies at once, one version: {switch['same_version_agg_tps_8']:.1f} tok/s; 4 base + 4 adapter: "
+            f"{switch['mixed_versions_agg_tps_8']:.1f} tok/s ({switch['adapter_switches']} adapter switches, "
+            f"{switch['adapter_switch_call_ms']:.3f} ms per llama_set_adapters_lora call)"
+        )
     levels: dict[int, dict[str, float]] = result.pop("levels")  # type: ignore[assignment]
     single = levels[1]["agg_tps"] if 1 in levels else result["gateway_single_tps"]
     print(f"{'sessions':>8} {'agg tok/s':>10} {'ratio':>6} {'TTFT p50':>9} {'TTFT p95':>9} {'gap p95':>8}")
@@ -233,9 +384,15 @@ def main() -> None:
             f" {lv['ttft_p95_s'] * 1000:>7.0f}ms {lv['inter_token_p95_s'] * 1000:>6.0f}ms"
         )
     eight = levels.get(8)
+    if raw is not None:
+        print(
+            f"gateway / raw llama.cpp: single stream {result['gateway_single_tps'] / raw[0]:.2f}"
+            + (f", 8 sessions {eight['agg_tps'] / raw[1]:.2f}" if eight else "")
+        )
     summary = {
-        "engine": "transformers",
-        "dtype": args.dtype,
+        "engine": args.engine,
+        "dtype": args.dtype if args.engine == "transformers" else "gguf",
+        "baseline": baseline_kind,
         "baseline_single_tps": round(base, 2),
         **{k: round(v, 4) for k, v in result.items()},
         "ratio_to_baseline": round(result["gateway_single_tps"] / base, 3),
@@ -244,8 +401,11 @@ def main() -> None:
         "ratio_8": round(eight["agg_tps"] / single, 2) if eight else None,
         "ttft_p95_8_s": round(eight["ttft_p95_s"], 3) if eight else None,
         "levels": {str(n): {k: round(v, 4) for k, v in lv.items()} for n, lv in levels.items()},
-        "llamacpp_single_tps": None,  # the llama.cpp reference: not installed in this run
-        "llamacpp_agg_tps_8": None,
+        "llamacpp_single_tps": round(raw[0], 2) if raw else None,  # raw llama.cpp (None: not installed)
+        "llamacpp_agg_tps_8": round(raw[1], 2) if raw else None,
+        "gateway_to_llamacpp_single": round(result["gateway_single_tps"] / raw[0], 3) if raw else None,
+        "gateway_to_llamacpp_agg_8": round(eight["agg_tps"] / raw[1], 3) if raw and eight else None,
+        "switch": {k: round(v, 4) for k, v in switch.items()} if switch else None,
     }
     print(json.dumps(summary))
 

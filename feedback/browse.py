@@ -1,10 +1,13 @@
 """Read side for operators: filtered, paged conversation lists, transcripts, per-version series.
 
 Built to stay fast at 100,000+ conversations: keyset paging on ``(created_at, id)`` (no
-OFFSET, no total count), filters that drive from the selective table through an index,
-full-text search through the ``messages_fts`` FTS5 index, and per-row aggregates computed
-only for the rows of the page. The query builder (``conversation_filter``) and the cursor
-and search-string rules are pure functions.
+OFFSET, no total count); filters on what a conversation holds (ratings, versions,
+corrections, text) checked one conversation at a time over the newest ``PROBE_WINDOW``
+candidates, where a common filter fills its page, and queried as one indexed set only
+beyond them; full-text search through the ``messages_fts`` FTS5 index, bounded by rowid
+to the window's messages; and per-row aggregates computed only for the rows of the page.
+The query builder (``conversation_filter``) and the cursor and search-string rules are
+pure functions. ``bench/console.py`` measures it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 PAGE_MAX = 200
+PROBE_WINDOW = 2000  # newest candidates a filter checks one by one before it queries whole sets
+COMMON_MATCHES = 10000  # a search matching this many messages builds a set slower than the other filters
 PREVIEW_CHARS = 160
 
 
@@ -64,22 +69,10 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise BrowseError(f"not a cursor from this API: {cursor!r}") from None
 
 
-def conversation_filter(f: ConversationFilter) -> tuple[list[str], list[Any]]:
-    """WHERE clauses (on conversations ``c``) and their parameters for a filter."""
+def _column_filter(f: ConversationFilter) -> tuple[list[str], list[Any]]:
+    """Clauses on the conversation's own columns (answered through its indexes)."""
     where: list[str] = []
     params: list[Any] = []
-    rated = "SELECT m.conversation_id FROM ratings r JOIN messages m ON m.id = r.message_id"
-    if f.rating == "up":
-        where.append(f"c.id IN ({rated} WHERE r.value = 1)")
-    elif f.rating == "down":
-        where.append(f"c.id IN ({rated} WHERE r.value = -1)")
-    elif f.rating == "none":
-        where.append(f"c.id NOT IN ({rated})")
-    elif f.rating is not None:
-        raise BrowseError("rating must be up, down or none")
-    if f.version:
-        where.append("c.id IN (SELECT conversation_id FROM messages WHERE model_version = ?)")
-        params.append(f.version)
     if f.channel:
         where.append("c.channel = ?")
         params.append(f.channel)
@@ -89,20 +82,143 @@ def conversation_filter(f: ConversationFilter) -> tuple[list[str], list[Any]]:
     if f.until is not None:
         where.append("c.created_at < ?")
         params.append(f.until)
-    corrected = "SELECT m.conversation_id FROM corrections k JOIN messages m ON m.id = k.message_id"
-    if f.has_correction is True:
-        where.append(f"c.id IN ({corrected})")
-    elif f.has_correction is False:
-        where.append(f"c.id NOT IN ({corrected})")
-    if f.flagged:
-        where.append(f"c.id IN ({rated} WHERE r.rater IN (SELECT rater FROM rater_reviews WHERE state = 'pending'))")
-    if f.q:
-        where.append(
-            "c.id IN (SELECT m.conversation_id FROM messages m WHERE m.rowid IN"
-            " (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?))"
-        )
-        params.append(fts_query(f.q))
     return where, params
+
+
+_RATED = "SELECT m.conversation_id FROM ratings r JOIN messages m ON m.id = r.message_id"
+_CORRECTED = "SELECT m.conversation_id FROM corrections k JOIN messages m ON m.id = k.message_id"
+_MATCHED = (  # left open: the probe adds a rowid range
+    "SELECT m.conversation_id FROM messages m"
+    " WHERE m.rowid IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?"
+)
+_CORRECTED_PROBE = (
+    "EXISTS (SELECT 1 FROM messages m JOIN corrections k ON k.message_id = m.id WHERE m.conversation_id = c.id)"
+)
+
+
+def _rated_probe(condition: str) -> str:
+    return (
+        "EXISTS (SELECT 1 FROM messages m JOIN ratings r ON r.message_id = m.id"
+        f" WHERE m.conversation_id = c.id{condition})"
+    )
+
+
+@dataclass(frozen=True)
+class _Clause:
+    """One condition on what a conversation holds (ratings, replies, corrections, text), in two forms.
+
+    ``as_set`` (``c.id [NOT] IN (...)``) builds the whole set once: right when the set is
+    small, or when the matches lie far back. ``as_probe`` checks one conversation at a time
+    (``EXISTS`` through ``messages(conversation_id, seq)``): right for the newest
+    conversations, where a common filter fills a page after a few checks.
+    """
+
+    as_set: str
+    as_probe: str
+    params: tuple[Any, ...]
+    # rank among the sets that may drive the query over older conversations, smallest set
+    # first; None for a negation, which never narrows
+    drive: int | None
+    # when it drives: True to walk conversations_created in page order and only look the set
+    # up (the walk stops when the page is full); False to let SQLite walk the set (small
+    # whenever it gets to drive); None: in page order only when other conditions are probed
+    in_page_order: bool | None = True
+    # the search's set holds every match, so when it does not drive it is still matched as a set
+    set_only: bool = False
+    probe_params: tuple[Any, ...] | None = None  # when the probe has parameters of its own
+
+    def probe(self) -> tuple[str, tuple[Any, ...]]:
+        return self.as_probe, self.params if self.probe_params is None else self.probe_params
+
+
+_COMMON_SEARCH_RANK = 6
+
+
+def _clauses(f: ConversationFilter, *, rowids: tuple[int | None, int | None] = (None, None)) -> list[_Clause]:
+    """The membership conditions of a filter. The search's probe matches only the messages with a
+    rowid in ``rowids`` (first, last): those of the conversations it checks (FTS5 seeks to them)."""
+    out: list[_Clause] = []
+    if f.rating == "up":
+        out.append(_Clause(f"c.id IN ({_RATED} WHERE r.value = 1)", _rated_probe(" AND r.value = 1"), (), 5))
+    elif f.rating == "down":
+        out.append(_Clause(f"c.id IN ({_RATED} WHERE r.value = -1)", _rated_probe(" AND r.value = -1"), (), 4))
+    elif f.rating == "none":
+        out.append(_Clause(f"c.id NOT IN ({_RATED})", "NOT " + _rated_probe(""), (), None))
+    elif f.rating is not None:
+        raise BrowseError("rating must be up, down or none")
+    if f.version:
+        out.append(
+            _Clause(
+                "c.id IN (SELECT conversation_id FROM messages WHERE model_version = ?)",
+                # unary +: the probe goes through messages(conversation_id, seq), not the version index
+                "EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id AND +m.model_version = ?)",
+                (f.version,),
+                3,
+            )
+        )
+    if f.has_correction is True:
+        out.append(_Clause(f"c.id IN ({_CORRECTED})", _CORRECTED_PROBE, (), 1))
+    elif f.has_correction is False:
+        out.append(_Clause(f"c.id NOT IN ({_CORRECTED})", "NOT " + _CORRECTED_PROBE, (), None))
+    if f.flagged:  # few raters are held for review: the set is small, so it is also the probe
+        flagged = f"c.id IN ({_RATED} WHERE r.rater IN (SELECT rater FROM rater_reviews WHERE state = 'pending'))"
+        out.append(_Clause(flagged, flagged, (), 0, in_page_order=False))
+    if f.q:
+        match = fts_query(f.q)
+        out.append(
+            _Clause(
+                f"c.id IN ({_MATCHED}))",
+                f"c.id IN ({_MATCHED} AND rowid BETWEEN ? AND ?))",
+                (match,),
+                2,
+                in_page_order=None,  # a common word fills the page among the newest conversations
+                set_only=True,
+                probe_params=(match, *rowids),
+            )
+        )
+    return out
+
+
+def conversation_filter(f: ConversationFilter) -> tuple[list[str], list[Any]]:
+    """WHERE clauses (on conversations ``c``) and their parameters for a filter (set forms)."""
+    where, params = _column_filter(f)
+    for clause in _clauses(f):
+        where.append(clause.as_set)
+        params.extend(clause.params)
+    return where, params
+
+
+def _older_filter(f: ConversationFilter, *, common_search: bool = False) -> tuple[list[str], list[Any]]:
+    """The membership clauses for the conversations older than the probe window: the smallest
+    set drives, the other conditions are probed on its members (negations alone: their sets).
+    A search matching at least ``COMMON_MATCHES`` messages drives last."""
+    clauses = _clauses(f)
+    ranked = [c for c in clauses if c.drive is not None]
+
+    def rank(c: _Clause) -> int:
+        return _COMMON_SEARCH_RANK if c.set_only and common_search else (c.drive or 0)
+
+    driver = min(ranked, key=rank) if ranked else None
+    where: list[str] = []
+    params: list[Any] = []
+    for clause in sorted(clauses, key=lambda c: c is not driver):  # the driver first
+        if driver is None:
+            where.append(clause.as_set)
+        elif clause is driver:
+            in_page_order = len(clauses) > 1 if clause.in_page_order is None else clause.in_page_order
+            # unary +: SQLite only looks the set up, the scan follows the page order and stops early
+            where.append(("+" if in_page_order else "") + clause.as_set)
+        elif clause.set_only:
+            where.append("+" + clause.as_set)
+        else:
+            where.append(clause.as_probe)
+        params.extend(clause.params)
+    return where, params
+
+
+def _has_probes(f: ConversationFilter) -> bool:
+    """Whether the filter has a condition whose probe differs from its set."""
+    return f.rating is not None or bool(f.version) or f.has_correction is not None or bool(f.q)
 
 
 _ROW_AGGREGATES = """
@@ -161,15 +277,14 @@ class BrowseMixin:
         """One page, newest first, and the cursor of the next page (None on the last)."""
         if not 1 <= limit <= PAGE_MAX:
             raise BrowseError(f"limit must be 1-{PAGE_MAX}")
-        where, params = conversation_filter(f)
-        if cursor is not None:
-            where.append("(c.created_at, c.id) < (?, ?)")
-            params.extend(decode_cursor(cursor))
-        sql = "SELECT c.id, c.created_at FROM conversations c"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY c.created_at DESC, c.id DESC LIMIT ?"
-        page = await self._read(sql, (*params, limit + 1))
+        where, params = conversation_filter(f)  # BrowseError for a filter it cannot understand
+        if _has_probes(f):
+            page = await self._probed_page(f, cursor, limit + 1)
+        else:
+            if cursor is not None:
+                where.append("(c.created_at, c.id) < (?, ?)")
+                params.extend(decode_cursor(cursor))
+            page = await self._page(where, params, limit + 1)
         more = len(page) > limit
         page = page[:limit]
         if not page:
@@ -181,6 +296,67 @@ class BrowseMixin:
         items = [by_id[i] for i in ids if i in by_id]
         last = page[-1]
         return items, encode_cursor(last["created_at"], last["id"]) if more else None
+
+    async def _page(self, where: list[str], params: list[Any], n: int) -> list[sqlite3.Row]:
+        sql = "SELECT c.id, c.created_at FROM conversations c"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY c.created_at DESC, c.id DESC LIMIT ?"
+        return await self._read(sql, (*params, n))
+
+    async def _probed_page(self, f: ConversationFilter, cursor: str | None, n: int) -> list[sqlite3.Row]:
+        """The first ``n`` matches in two steps, each exact for its own range of conversations.
+
+        1. The newest ``PROBE_WINDOW`` candidates (those the column filters and the cursor
+           let through) are checked one by one with the probes; a common filter stops here.
+        2. When the page is not full yet, the older candidates are queried once, driven by
+           the smallest set of the filter, the other conditions probed on its members.
+
+        So a common filter never builds a big set, and a rare one never probes every
+        conversation.
+        """
+        columns, column_params = _column_filter(f)
+        if cursor is not None:
+            columns.append("(c.created_at, c.id) < (?, ?)")
+            column_params.extend(decode_cursor(cursor))
+        head = "SELECT c.created_at, c.id FROM conversations c"
+        if columns:
+            head += " WHERE " + " AND ".join(columns)
+        edge = await self._read(
+            head + " ORDER BY c.created_at DESC, c.id DESC LIMIT 1 OFFSET ?", (*column_params, PROBE_WINDOW - 1)
+        )
+        window, window_params = list(columns), list(column_params)
+        if edge:  # the oldest candidate of the window
+            window += ["c.created_at >= ?", "(c.created_at, c.id) >= (?, ?)"]
+            window_params += [edge[0]["created_at"], edge[0]["created_at"], edge[0]["id"]]
+        rowids: tuple[int | None, int | None] = (None, None)
+        if f.q:  # the rowids of every message of the window's conversations lie between these two
+            rows = await self._read(
+                "SELECT MIN(m.rowid) AS first, MAX(m.rowid) AS last FROM conversations c"
+                " CROSS JOIN messages m ON m.conversation_id = c.id"  # CROSS: from the window's conversations
+                + (" WHERE " + " AND ".join(window) if window else ""),
+                window_params,
+            )
+            rowids = (rows[0]["first"], rows[0]["last"])
+        where, params = list(window), list(window_params)
+        for clause in _clauses(f, rowids=rowids):
+            sql, clause_params = clause.probe()
+            where.append(sql)
+            params.extend(clause_params)
+        page = await self._page(where, params, n)
+        if not edge or len(page) >= n:
+            return page
+        common_search = False
+        if f.q:
+            rows = await self._read(
+                "SELECT COUNT(*) AS n FROM (SELECT 1 FROM messages_fts WHERE messages_fts MATCH ? LIMIT ?)",
+                (fts_query(f.q), COMMON_MATCHES),
+            )
+            common_search = rows[0]["n"] >= COMMON_MATCHES
+        older, older_params = _older_filter(f, common_search=common_search)
+        where = columns + ["c.created_at <= ?", "(c.created_at, c.id) < (?, ?)"] + older
+        params = [*column_params, edge[0]["created_at"], edge[0]["created_at"], edge[0]["id"], *older_params]
+        return page + await self._page(where, params, n - len(page))
 
     async def transcript(self, conversation_id: str) -> dict[str, Any] | None:
         """A conversation with every message, its ratings, corrections, exclusion and siblings."""

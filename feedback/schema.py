@@ -150,6 +150,8 @@ MIGRATIONS: tuple[str | tuple[str, ...], ...] = (
         "CREATE INDEX conversations_channel ON conversations(channel, created_at)",
         "CREATE INDEX messages_regenerated ON messages(regenerated_from)",
         "CREATE INDEX messages_created ON messages(created_at)",
+        # covers the version filter's set (the conversations a version answered in) without the table
+        "CREATE INDEX messages_version_conversation ON messages(model_version, conversation_id)",
         "CREATE INDEX audit_actor ON audit_log(actor)",
         "CREATE VIRTUAL TABLE messages_fts USING fts5(text, content='messages', content_rowid='rowid')",
         """CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN

@@ -16,15 +16,16 @@ from typing import Any
 
 from feedback import BASE_VERSION, FeedbackStore, ModelVersion, VersionState
 from server.console.api import RunningConsole, start_console
-from server.engine import SamplingConfig, TransformersEngine
+from server.engine import Engine, SamplingConfig, TransformersEngine
 from server.gateway import GatewayContext, Presence, start_gateway
+from server.openai_engine import OpenAIEngine
 from server.protocol import KeyedRateLimiter, Limits
 from server.settings import Settings
 from training.canary import CanaryAction, CanaryDecision, assign
 from training.canary import decide as decide_canary
 from training.config import CycleConfig
 from training.cycle import CycleResult, CycleStatus, TrainingCycle, prepare
-from training.models import resolve_model
+from training.models import default_gguf, resolve_model
 from training.schedule import start_scheduler
 from training.validate import AdapterInvalidError
 
@@ -51,11 +52,44 @@ def cycle_config(settings: Settings, base_model: str) -> CycleConfig:
     )
 
 
+def make_engine(s: Settings, base_model: str) -> Engine:
+    m = s.model
+    if m.engine == "openai":
+        return OpenAIEngine(
+            m.openai_url,
+            m.openai_model or m.name,
+            api_key=m.openai_api_key,
+            max_prompt_tokens=m.max_prompt_tokens,
+            max_pending=m.max_pending,
+            system_prompt=m.system_prompt,
+        )
+    if m.engine == "llamacpp":
+        from server.llamacpp_engine import LlamaCppEngine
+
+        return LlamaCppEngine(
+            m.gguf or str(default_gguf()),
+            base_model_dir=base_model,
+            max_prompt_tokens=m.max_prompt_tokens,
+            max_new_tokens=m.max_new_tokens,
+            max_pending=m.max_pending,
+            max_active=m.max_active,
+            system_prompt=m.system_prompt,
+        )
+    return TransformersEngine(
+        base_model,
+        dtype=m.dtype,
+        max_prompt_tokens=m.max_prompt_tokens,
+        max_pending=m.max_pending,
+        max_active=m.max_active,
+        system_prompt=m.system_prompt,
+    )
+
+
 class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store: FeedbackStore | None = None
-        self.engine: TransformersEngine | None = None
+        self.engine: Engine | None = None
         self.cycle: TrainingCycle | None = None
         self.live_version: str = BASE_VERSION
         self.canary_version: str | None = None
@@ -79,14 +113,7 @@ class App:
         server = None
         console: RunningConsole | None = None
         try:
-            self.engine = TransformersEngine(
-                base_model,
-                dtype=s.model.dtype,
-                max_prompt_tokens=s.model.max_prompt_tokens,
-                max_pending=s.model.max_pending,
-                max_active=s.model.max_active,
-                system_prompt=s.model.system_prompt,
-            )
+            self.engine = make_engine(s, base_model)
             await asyncio.to_thread(self.engine.load)
             await self.store.ensure_base_version(base_model)
             try:
@@ -151,6 +178,8 @@ class App:
                 await server.wait_closed()
             if self.engine is not None:
                 await asyncio.to_thread(self.engine.close)
+                if isinstance(self.engine, OpenAIEngine):
+                    await self.engine.aclose()
             await self.store.close()
 
     # --- routing: which version writes a reply ------------------------------------------

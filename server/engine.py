@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from feedback.records import BASE_VERSION
 
@@ -64,6 +64,29 @@ class SamplingConfig:
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int | None = None
+
+
+class Engine(Protocol):
+    """What the gateway and the app need from an engine (transformers, openai)."""
+
+    stats: EngineStats
+
+    def load(self) -> None: ...
+    def close(self) -> None: ...
+    def validate_adapter(self, path: str, sha256: str | None) -> None: ...
+    def has_version(self, name: str) -> bool: ...
+    @property
+    def versions(self) -> set[str]: ...
+    async def load_adapter(self, name: str, path: str) -> float: ...
+    async def unload_adapter(self, name: str) -> None: ...
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        version: str,
+        sampling: SamplingConfig,
+        cancel: threading.Event | None = None,
+    ) -> AsyncIterator[Chunk]: ...
 
 
 @dataclass

@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from feedback import FeedbackStore, InvalidError, NotFoundError, Role
-from server.engine import OverloadedError, SamplingConfig, TransformersEngine, UnknownVersionError
+from server.engine import Engine, OverloadedError, SamplingConfig, UnknownVersionError
 from server.protocol import (
     Cancel,
     ChatSession,
@@ -115,7 +115,7 @@ class GatewayContext:
     """What the gateway needs from the app (the composition root fills it)."""
 
     store: FeedbackStore
-    engine: TransformersEngine
+    engine: Engine
     sampling: SamplingConfig
     limits: Limits
     assign_version: Callable[[str], str | None]  # new conversation -> canary name, or None for live

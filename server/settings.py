@@ -46,8 +46,33 @@ class ServerConfig:
     )
 
 
+ENGINES = ("transformers", "llamacpp", "openai")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    engine: str = field(
+        default="transformers",
+        metadata={
+            "help": "transformers (in process, continuous batching, LoRA per request), llamacpp (in process: "
+            "the GGUF model.gguf through llama.cpp, continuous batching, LoRA per request) or openai (an "
+            "OpenAI-compatible server such as vLLM: model.openai_url)."
+        },
+    )
+    gguf: str | None = field(
+        default=None,
+        metadata={"help": "GGUF file for the llamacpp engine; default: the default model's GGUF."},
+    )
+    openai_url: str = field(
+        default="http://127.0.0.1:8000/v1",
+        metadata={"help": "Base URL of the OpenAI-compatible server (openai engine)."},
+    )
+    openai_model: str | None = field(
+        default=None, metadata={"help": "Model name the OpenAI-compatible server serves (default: model.name)."}
+    )
+    openai_api_key: str | None = field(
+        default=None, metadata={"help": "Bearer token for that server, if it needs one."}
+    )
     name: str = field(
         default=DEFAULT_MODEL,
         metadata={"help": "Base model: 'smollm2-135m-instruct' (from PyPI), a local folder, or a hub id."},
@@ -75,6 +100,13 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise SettingsError(f"model.engine {self.engine!r}: use one of {', '.join(ENGINES)}")
+        if self.engine == "llamacpp" and self.gguf is None and self.name.lower() != DEFAULT_MODEL:
+            raise SettingsError(
+                f"model.gguf: the llamacpp engine serves a GGUF file; set it for model.name {self.name!r} "
+                "(only the default model's GGUF is found by itself)"
+            )
         if self.dtype not in ("bfloat16", "float32", "float16"):
             raise SettingsError(f"model.dtype {self.dtype!r}: use bfloat16 or float32")
 

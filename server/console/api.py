@@ -528,6 +528,9 @@ class RunningConsole:
 async def start_console(loop: Loop, config: ConsoleConfig) -> RunningConsole:
     app = create_console(loop, config)
     sock = socket.create_server((config.host, config.port), reuse_port=False)  # a bind error surfaces here
+    # asyncio sets TCP_NODELAY only on sockets it creates; without it every response waits
+    # for the client's delayed ACK (Nagle), about 40 ms
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     server = _EmbeddedServer(
         uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", lifespan="off", access_log=False)
     )

@@ -1,0 +1,329 @@
+"""The llamacpp engine on the real SmolLM2-135M-Instruct GGUF: streaming, stop, batching, versions.
+
+Needs llama-cpp-python (``pip install -e '.[llamacpp]'``): skipped without it, except under CI
+(``$CI`` set), where a missing llama_cpp fails the module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.engine import Chunk, EngineError, OverloadedError, SamplingConfig, UnknownVersionError
+from server.llamacpp_engine import ADAPTER_GGUF, LlamaCppEngine, convert_adapter, llama_cpp_available
+
+if not llama_cpp_available():
+    if os.environ.get("CI"):
+        pytest.fail("llama_cpp does not import, and CI is set: install llama-cpp-python", pytrace=False)
+    pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]')", allow_module_level=True)
+
+from server.app import App  # noqa: E402
+from server.settings import load_settings  # noqa: E402
+from tests.test_engine import make_adapter  # noqa: E402
+from training.cycle import sha256_file  # noqa: E402
+from training.models import default_gguf, resolve_model  # noqa: E402
+
+GREEDY = SamplingConfig(max_new_tokens=16, temperature=0.0)
+CHAT = [{"role": "user", "content": "What is your refund policy?"}]
+
+
+@pytest.fixture(scope="module")
+def smollm() -> tuple[str, str]:
+    """(GGUF file, transformers folder) of the default model."""
+    return str(default_gguf()), resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def adapter_v1(smollm: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random r=4 LoRA on q_proj and v_proj of SmolLM2, strong enough to change replies."""
+    return make_adapter(Path(smollm[1]), tmp_path_factory.mktemp("adapters") / "v1", seed=1)
+
+
+@pytest.fixture
+async def engine(smollm: tuple[str, str]) -> AsyncIterator[LlamaCppEngine]:
+    e = LlamaCppEngine(
+        smollm[0], base_model_dir=smollm[1], max_prompt_tokens=256, max_new_tokens=64, max_pending=6, max_active=4
+    )
+    await asyncio.to_thread(e.load)
+    yield e
+    await asyncio.to_thread(e.close)
+
+
+async def collect(
+    engine: LlamaCppEngine,
+    version: str = "base",
+    sampling: SamplingConfig = GREEDY,
+    cancel: threading.Event | None = None,
+    chat: list[dict[str, str]] = CHAT,
+) -> tuple[str, Chunk]:
+    parts, last = [], None
+    async for chunk in engine.stream(chat, version=version, sampling=sampling, cancel=cancel):
+        parts.append(chunk.delta)
+        last = chunk
+    assert last is not None
+    return "".join(parts), last
+
+
+async def test_stream_greedy_reply_with_reason_and_count(engine: LlamaCppEngine) -> None:
+    text, last = await collect(engine)
+    assert last.finish_reason in ("stop", "length") and 0 < last.n_tokens <= 16
+    assert text.strip() and "<|im_end|>" not in text
+    again, last_again = await collect(engine)
+    assert (again, last_again.n_tokens) == (text, last.n_tokens)  # greedy is deterministic
+    short, last_short = await collect(engine, sampling=SamplingConfig(max_new_tokens=3, temperature=0.0))
+    assert (last_short.finish_reason, last_short.n_tokens) == ("length", 3) and text.startswith(short)
+
+
+async def test_prompt_is_the_models_chat_template(engine: LlamaCppEngine, smollm: tuple[str, str]) -> None:
+    """Same ids as the transformers tokenizer gives for the chat template of the same model."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm[1])
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Héllo, where's my parcel? 📦"},
+        {"role": "assistant", "content": "On its way."},
+        {"role": "user", "content": "When?"},
+    ]
+    for msgs in (chat, CHAT):
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert engine.render(msgs) == text
+        assert engine.prompt_ids(msgs) == tok(text, add_special_tokens=False)["input_ids"]
+
+
+async def test_prompt_trimming_keeps_system_and_last_turn(engine: LlamaCppEngine) -> None:
+    engine.max_prompt_tokens, engine.system_prompt = 60, "Be brief."
+    history = []
+    for i in range(20):
+        history += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+    history.append({"role": "user", "content": "last question"})
+    ids = engine.prompt_ids(history)
+    text = engine.detokenize(ids)
+    assert len(ids) <= 60
+    assert "Be brief." in text and "last question" in text and "question 0" not in text
+    assert len(engine.prompt_ids([{"role": "user", "content": "refund " * 500}])) == 60
+
+
+async def test_multibyte_text_streams_whole_characters(engine: LlamaCppEngine) -> None:
+    """Deltas never split a UTF-8 character, even when tokens do; together they are the text."""
+    from server.llamacpp_engine import _Request
+
+    text = "Héllo wörld, ça coûte 5 € 😀👍🏽 中文字符"
+    ids = engine.tokenize(text)
+    r = _Request(prompt_ids=[], version="base", sampling=GREEDY, emit=lambda c: None)
+    deltas = []
+    for token in ids:
+        r.generated.append(token)
+        deltas.append(engine._flush(r, final=False))
+    deltas.append(engine._flush(r, final=True))
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+async def test_sampling_is_seeded(engine: LlamaCppEngine) -> None:
+    hot = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    a, _ = await collect(engine, sampling=hot)
+    b, _ = await collect(engine, sampling=hot)
+    assert a == b
+    others = {(await collect(engine, sampling=dataclasses.replace(hot, seed=s)))[0] for s in (1, 2, 3)}
+    assert len(others | {a}) > 1
+
+
+async def test_stop_cancels_within_a_step(engine: LlamaCppEngine) -> None:
+    endless = SamplingConfig(max_new_tokens=10_000, temperature=1.0, seed=0)
+    cancel = threading.Event()
+    cancel.set()  # the flag is checked before every step: a request cancelled up front makes no token
+    _, last = await collect(engine, sampling=endless, cancel=cancel)
+    assert (last.finish_reason, last.n_tokens) == ("cancelled", 0)
+    cancel = threading.Event()
+    chunks: list[Chunk] = []
+    at_cancel = 0
+    async for chunk in engine.stream(CHAT, version="base", sampling=endless, cancel=cancel):
+        chunks.append(chunk)
+        if len(chunks) == 3:
+            at_cancel = engine.stats.tokens
+            cancel.set()
+    assert chunks[-1].finish_reason == "cancelled"
+    assert engine.stats.tokens - at_cancel <= 2  # the step in flight, at most one more
+
+
+async def test_concurrent_replies_decode_as_one_batch_and_match_solo(engine: LlamaCppEngine) -> None:
+    """4 prompts of different lengths, greedy: batched replies are the replies each gets alone."""
+    chats = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "Tell me about refunds for orders that arrived damaged, please."}],
+        [
+            {"role": "user", "content": "Shipping?"},
+            {"role": "assistant", "content": "3 days."},
+            {"role": "user", "content": "And abroad?"},
+        ],
+        [{"role": "user", "content": "Write a haiku about parcels."}],
+    ]
+    sampling = SamplingConfig(max_new_tokens=16, temperature=0.0)
+
+    async def one(chat: list[dict[str, str]]) -> tuple[str, int]:
+        text, last = await collect(engine, sampling=sampling, chat=chat)
+        return text, last.n_tokens
+
+    solo = [await one(c) for c in chats]
+    assert len({t for t, _ in solo}) == len(chats)
+    steps_before, tokens_before = engine.stats.decode_steps, engine.stats.tokens
+    together = await asyncio.gather(*(one(c) for c in chats))
+    assert list(together) == solo
+    decode_tokens = engine.stats.tokens - tokens_before - len(chats)  # minus one token per prefill
+    assert engine.stats.decode_steps - steps_before < decode_tokens  # steps were shared: a batch
+
+
+async def test_overload_is_refused_at_once(engine: LlamaCppEngine) -> None:
+    long = SamplingConfig(max_new_tokens=10_000, temperature=1.0, seed=0)
+    cancels = [threading.Event() for _ in range(engine.max_pending)]  # 4 active, 2 queued
+    streams = [engine.stream(CHAT, version="base", sampling=long, cancel=c) for c in cancels]
+    firsts = await asyncio.gather(*(s.__anext__() for s in streams[: engine.max_active]))
+    assert all(isinstance(c, Chunk) for c in firsts)
+    queued = [asyncio.ensure_future(s.__anext__()) for s in streams[engine.max_active :]]
+    await asyncio.sleep(0.2)
+    assert not any(q.done() for q in queued)  # waiting for a free sequence
+    with pytest.raises(OverloadedError) as info:
+        await collect(engine)
+    assert info.value.retry_after > 0
+    for c in cancels:
+        c.set()
+    await asyncio.gather(*queued)
+    for s in streams:
+        async for _ in s:
+            pass
+    await collect(engine)  # capacity is back
+
+
+async def test_validate_adapter_checks_shapes(
+    engine: LlamaCppEngine, adapter_v1: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    from training.validate import AdapterInvalidError
+
+    engine.validate_adapter(str(adapter_v1), sha256_file(adapter_v1 / "adapter_model.safetensors"))
+    wrong = make_adapter(tiny_model, tmp_path / "tiny", seed=1)  # another model's shapes
+    with pytest.raises(AdapterInvalidError, match="does not fit"):
+        engine.validate_adapter(str(wrong), sha256_file(wrong / "adapter_model.safetensors"))
+
+
+async def test_versions_are_served_side_by_side(engine: LlamaCppEngine, adapter_v1: Path) -> None:
+    base_alone, _ = await collect(engine)
+    pause = await engine.load_adapter("v1", str(adapter_v1))
+    assert pause > 0 and (adapter_v1 / ADAPTER_GGUF).is_file()
+    v1_alone, _ = await collect(engine, "v1")
+    assert v1_alone != base_alone
+    # both versions in flight at once: each group is decoded with its own adapter set
+    switches = engine.adapter_switches
+    both = await asyncio.gather(
+        collect(engine, "base"), collect(engine, "v1"), collect(engine, "base"), collect(engine, "v1")
+    )
+    assert [t for t, _ in both] == [base_alone, v1_alone, base_alone, v1_alone]
+    assert engine.adapter_switches > switches
+    with pytest.raises(EngineError, match="immutable"):
+        await engine.load_adapter("v1", str(adapter_v1))
+    with pytest.raises(UnknownVersionError):
+        await collect(engine, "v7")
+    # unloading while a v1 reply streams: the reply finishes on v1, then the adapter is freed
+    cancel = threading.Event()
+    stream = engine.stream(CHAT, version="v1", sampling=GREEDY, cancel=cancel)
+    first = await stream.__anext__()
+    await engine.unload_adapter("v1")
+    assert engine.versions == {"base"}
+    rest = [first.delta] + [c.delta async for c in stream]
+    assert "".join(rest) == v1_alone
+    assert (await collect(engine))[0] == base_alone
+    # a second load reuses the converted file
+    mtime = (adapter_v1 / ADAPTER_GGUF).stat().st_mtime
+    await engine.load_adapter("v1b", str(adapter_v1))
+    assert (adapter_v1 / ADAPTER_GGUF).stat().st_mtime == mtime
+    assert (await collect(engine, "v1b"))[0] == v1_alone
+
+
+@pytest.fixture
+def gateway_settings(smollm: tuple[str, str], tmp_path: Path) -> Iterator[Any]:
+    yield load_settings(
+        env={},
+        data_dir=tmp_path / "data",
+        overrides={
+            "console": {"port": 0},
+            "server": {"port": 0},
+            "model": {
+                "engine": "llamacpp",
+                "gguf": smollm[0],
+                "name": smollm[1],
+                "max_new_tokens": 24,
+                "max_prompt_tokens": 256,
+                "temperature": 0.0,
+                "max_pending": 16,
+                "max_active": 16,
+            },
+            "schedule": {"enabled": False, "version_poll_s": 0.1},
+        },
+    )
+
+
+async def test_hot_swap_under_load_eight_sessions(
+    gateway_settings: Any, adapter_v1: Path, tmp_path: Path, open_client: Any
+) -> None:
+    """Through the real gateway: 8 sessions stream while v1 is promoted; none fails or is cut
+    short, and replies after the swap are exactly what the v1 adapter writes alone (greedy)."""
+    import shutil
+
+    a = App(gateway_settings)
+    async with a.lifespan():
+        assert a.store is not None and a.engine is not None
+        assert isinstance(a.engine, LlamaCppEngine)
+        clients = [await open_client(a.port) for _ in range(8)]
+        for c in clients:
+            await c.hello()
+        question = "Where is my order?"
+
+        async def ask(c: Any, cid: str) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+            await c.send(type="message", text=question, client_id=cid)
+            await c.until("ack")
+            done, frames = await c.until("done")  # an error frame fails the test
+            text = "".join(f["delta"] for f in frames if f["type"] == "token")
+            return done, text, frames
+
+        adapter = Path(shutil.copytree(adapter_v1, tmp_path / "adapters" / "v1"))
+        # converted (seconds) and the base shapes read ahead, so that the swap itself lands mid-reply
+        await asyncio.to_thread(convert_adapter, adapter, gateway_settings.model.name)
+        digest = sha256_file(adapter / "adapter_model.safetensors")
+        await asyncio.to_thread(a.engine.validate_adapter, str(adapter), digest)
+        before = [asyncio.create_task(ask(c, "before")) for c in clients]
+        while a.engine.stats.tokens < 16:  # every session is streaming now
+            await asyncio.sleep(0.01)
+        await a.store.register_version(
+            adapter_path=str(adapter),
+            sha256=digest,
+            parent="base",
+            base_model=gateway_settings.model.name,
+            eval_report={},
+            feedback_ids={},
+            training_run_id=None,
+        )
+        await a.promote("v1", actor="test")
+        assert not all(t.done() for t in before)  # the adapter was loaded while replies streamed
+        first_wave = await asyncio.gather(*before)
+        for done, text, frames in first_wave:
+            assert done["model_version"] == "base" and done["finish_reason"] in ("stop", "length")
+            assert done["usage"]["completion_tokens"] >= 1 and text
+            assert {f["message_id"] for f in frames if f["type"] == "token"} == {done["message_id"]}
+        history = [{"role": "user", "content": question}]
+        expected_v1 = "".join([c.delta async for c in a.engine.stream(history, version="v1", sampling=a.sampling)])
+        expected_base = "".join([c.delta async for c in a.engine.stream(history, version="base", sampling=a.sampling)])
+        assert expected_v1 != expected_base
+        assert all(text == expected_base for _, text, _ in first_wave)
+        fresh = [await open_client(a.port) for _ in range(8)]
+        for c in fresh:
+            assert (await c.hello())["model_version"] == "v1"
+        second_wave = await asyncio.gather(*(ask(c, "after") for c in fresh))
+        for done, text, _ in second_wave:
+            assert done["model_version"] == "v1" and text == expected_v1
