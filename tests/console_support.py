@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,16 @@ from training.cycle import sha256_file
 
 PASSWORD = "correct-horse-9"
 OPERATORS = {"alice": "admin", "rita": "reviewer", "vic": "viewer"}
+
+
+@contextlib.asynccontextmanager
+async def running_app(tiny_model: Path, tmp_path: Path) -> AsyncIterator[App]:
+    """A running server (gateway + console) on the tiny model with the three operators."""
+    a = App(console_settings(tiny_model, tmp_path))
+    async with a.lifespan():
+        assert a.store is not None
+        await add_operators(a.store)
+        yield a
 
 
 def console_settings(tiny_model: Path, tmp_path: Path) -> Settings:

@@ -21,20 +21,16 @@ from tests.console_support import (
     OPERATORS,
     PASSWORD,
     Seeded,
-    add_operators,
     bearer,
-    console_settings,
     register_adapter,
+    running_app,
     seed,
 )
 
 
 @pytest.fixture
 async def app(tiny_model: Path, tmp_path: Path) -> AsyncIterator[App]:
-    a = App(console_settings(tiny_model, tmp_path))
-    async with a.lifespan():
-        assert a.store is not None
-        await add_operators(a.store)
+    async with running_app(tiny_model, tmp_path) as a:
         yield a
 
 

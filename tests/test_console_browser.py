@@ -19,7 +19,7 @@ import pytest
 
 from feedback import RunState
 from server.app import App
-from tests.console_support import PASSWORD, Seeded, add_operators, console_settings, register_adapter, seed
+from tests.console_support import PASSWORD, Seeded, register_adapter, running_app, seed
 
 CHROMIUM = os.environ.get("LEARNLOOP_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("LEARNLOOP_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
@@ -34,10 +34,7 @@ playwright_api = pytest.importorskip("playwright.async_api")
 
 @pytest.fixture
 async def app(tiny_model: Path, tmp_path: Path) -> AsyncIterator[App]:
-    a = App(console_settings(tiny_model, tmp_path))
-    async with a.lifespan():
-        assert a.store is not None
-        await add_operators(a.store)
+    async with running_app(tiny_model, tmp_path) as a:
         yield a
 
 
