@@ -197,27 +197,10 @@ class TransformersEngine:
 
     def validate_adapter(self, path: str, sha256: str | None) -> None:
         """Refuse an adapter folder before loading: safetensors only, checksum, shapes (blocking I/O)."""
-        import json as _json
-
-        from training.cycle import sha256_file
-        from training.validate import (
-            ADAPTER_FILE,
-            AdapterInvalidError,
-            check_adapter_folder,
-            safetensors_shapes,
-            shape_problems,
-        )
+        from training.validate import check_fits, read_adapter_config
 
         folder = Path(path)
-        weights = folder / ADAPTER_FILE
-        check_adapter_folder(folder, sha256=sha256, digest=sha256_file(weights) if weights.is_file() else "")
-        try:
-            rank = int(_json.loads((folder / "adapter_config.json").read_text())["r"])
-        except (OSError, ValueError, KeyError) as exc:
-            raise AdapterInvalidError(f"{folder}: adapter_config.json is missing or unreadable ({exc})") from None
-        problems = shape_problems(safetensors_shapes(weights), self.base_linear, rank)
-        if problems:
-            raise AdapterInvalidError(f"{folder}: does not fit the base model: " + "; ".join(problems[:5]))
+        check_fits(folder, read_adapter_config(folder, sha256=sha256), self.base_linear)
 
     def has_version(self, name: str) -> bool:
         return name == BASE_VERSION or name in self._adapters

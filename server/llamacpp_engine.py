@@ -336,31 +336,16 @@ class LlamaCppEngine:
 
     def validate_adapter(self, path: str, sha256: str | None) -> None:
         """Refuse an adapter folder before loading: safetensors only, checksum, LoRA kind, shapes."""
-        from training.cycle import sha256_file
-        from training.validate import (
-            ADAPTER_FILE,
-            AdapterInvalidError,
-            check_adapter_folder,
-            safetensors_shapes,
-            shape_problems,
-        )
+        from training.validate import AdapterInvalidError, check_fits, read_adapter_config
 
         folder = Path(path)
-        weights = folder / ADAPTER_FILE
-        check_adapter_folder(folder, sha256=sha256, digest=sha256_file(weights) if weights.is_file() else "")
-        try:
-            config = json.loads((folder / "adapter_config.json").read_text())
-            rank = int(config["r"])
-        except (OSError, ValueError, KeyError) as exc:
-            raise AdapterInvalidError(f"{folder}: adapter_config.json is missing or unreadable ({exc})") from None
+        config = read_adapter_config(folder, sha256=sha256)
         if config.get("use_dora"):
             raise AdapterInvalidError(f"{folder}: DoRA adapters cannot be served by llama.cpp")
         if not self.base_linear:
             self.base_linear = gguf_linear_shapes(self.gguf_path)
         if self.base_linear:
-            problems = shape_problems(safetensors_shapes(weights), self.base_linear, rank)
-            if problems:
-                raise AdapterInvalidError(f"{folder}: does not fit the base model: " + "; ".join(problems[:5]))
+            check_fits(folder, config, self.base_linear)
 
     def has_version(self, name: str) -> bool:
         return name == BASE_VERSION or name in self._adapters

@@ -111,12 +111,9 @@ class OpenAIEngine:
         return {BASE_VERSION, *self._adapters}
 
     def validate_adapter(self, path: str, sha256: str | None) -> None:
-        from training.cycle import sha256_file
-        from training.validate import ADAPTER_FILE, check_adapter_folder
+        from training.validate import check_adapter_files
 
-        folder = Path(path)
-        weights = folder / ADAPTER_FILE
-        check_adapter_folder(folder, sha256=sha256, digest=sha256_file(weights) if weights.is_file() else "")
+        check_adapter_files(Path(path), sha256=sha256)
 
     async def load_adapter(self, name: str, path: str) -> float:
         """Ask the server to load the adapter (vLLM's runtime LoRA API) under an immutable name."""

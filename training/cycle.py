@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import json
 import logging
 import os
@@ -37,12 +36,12 @@ from training.config import CycleConfig
 from training.gate import EvalReport, decide
 from training.policy import should_train
 from training.trust import TrustReport, filter_snapshot, weight_reviewed
+from training.validate import ADAPTER_FILE, sha256_file
 
 MAX_LOSS_POINTS = 1000
 
 log = logging.getLogger("learnloop.training")
 
-ADAPTER_FILE = "adapter_model.safetensors"
 LEASE = "training"
 LEASE_TTL_S = 60.0
 
@@ -128,14 +127,6 @@ def prepare(snapshot: FeedbackSnapshot, cfg: CycleConfig) -> PreparedData:
 
 class TrainingJobError(Exception):
     """The training subprocess failed; ``detail`` holds the end of its stderr."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:

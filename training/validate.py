@@ -8,10 +8,12 @@ match the registry, and every LoRA matrix must fit the base model's layer it tar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
 from pathlib import Path
+from typing import Any
 
 ADAPTER_FILE = "adapter_model.safetensors"
 _PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -81,3 +83,35 @@ def check_adapter_folder(folder: Path, *, sha256: str | None, digest: str) -> No
         raise AdapterInvalidError(f"{folder}: pickled weights are refused ({', '.join(pickles)}); use safetensors")
     if sha256 is None or digest != sha256:
         raise AdapterInvalidError(f"{folder}: sha256 {digest} does not match the registry ({sha256})")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_adapter_files(folder: Path, *, sha256: str | None) -> None:
+    """``check_adapter_folder`` against the weights' actual digest (blocking I/O)."""
+    weights = folder / ADAPTER_FILE
+    check_adapter_folder(folder, sha256=sha256, digest=sha256_file(weights) if weights.is_file() else "")
+
+
+def read_adapter_config(folder: Path, *, sha256: str | None) -> dict[str, Any]:
+    """The file checks, then ``adapter_config.json`` (which must name an integer rank ``r``)."""
+    check_adapter_files(folder, sha256=sha256)
+    try:
+        config: dict[str, Any] = json.loads((folder / "adapter_config.json").read_text())
+        int(config["r"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise AdapterInvalidError(f"{folder}: adapter_config.json is missing or unreadable ({exc})") from None
+    return config
+
+
+def check_fits(folder: Path, config: dict[str, Any], base_linear: dict[str, tuple[int, int]]) -> None:
+    """Every LoRA matrix of the folder's weights fits the base model's linear layers."""
+    problems = shape_problems(safetensors_shapes(folder / ADAPTER_FILE), base_linear, int(config["r"]))
+    if problems:
+        raise AdapterInvalidError(f"{folder}: does not fit the base model: " + "; ".join(problems[:5]))
