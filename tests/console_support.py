@@ -12,7 +12,7 @@ from typing import Any
 from feedback import FeedbackStore, Role
 from server.app import App
 from server.settings import Settings, load_settings
-from training.cycle import sha256_file
+from tests.factories import register_candidate
 
 PASSWORD = "correct-horse-9"
 OPERATORS = {"alice": "admin", "rita": "reviewer", "vic": "viewer"}
@@ -102,16 +102,9 @@ async def register_adapter(app: App, tiny_model: Path, out: Path, seed_value: in
 
     assert app.store is not None
     adapter = make_adapter(tiny_model, out, seed=seed_value)
-    version = await app.store.register_version(
-        adapter_path=str(adapter),
-        sha256=sha256_file(adapter / "adapter_model.safetensors"),
-        parent="base",
-        base_model=str(tiny_model),
-        eval_report={"reward_accuracy": 0.9, "heldout_pairs": 4},
-        feedback_ids={},
-        training_run_id=None,
+    return await register_candidate(
+        app.store, adapter, str(tiny_model), eval_report={"reward_accuracy": 0.9, "heldout_pairs": 4}
     )
-    return version.name
 
 
 def bearer(token: str) -> dict[str, Any]:

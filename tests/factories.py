@@ -7,6 +7,9 @@ and TRL code paths without downloading anything.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+from feedback import FeedbackStore
 
 CHATML = (
     "{% for message in messages %}"
@@ -70,3 +73,21 @@ def build_tiny_model(path: Path, *, vocab_size: int = 512, seed: int = 0) -> Pat
     )
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+async def register_candidate(
+    store: FeedbackStore, adapter: Path, base_model: str, *, eval_report: dict[str, Any] | None = None
+) -> str:
+    """Register an adapter folder (with its real sha256) as a candidate version; returns its name."""
+    from training.validate import ADAPTER_FILE, sha256_file
+
+    version = await store.register_version(
+        adapter_path=str(adapter),
+        sha256=sha256_file(adapter / ADAPTER_FILE),
+        parent="base",
+        base_model=base_model,
+        eval_report=eval_report or {},
+        feedback_ids={},
+        training_run_id=None,
+    )
+    return version.name

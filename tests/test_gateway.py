@@ -15,8 +15,8 @@ import pytest
 from feedback import VersionState
 from server.app import App
 from server.settings import load_settings
+from tests.factories import register_candidate
 from tests.test_engine import make_adapter
-from training.cycle import sha256_file
 
 
 def settings(tiny_model: Path, tmp_path: Path, **server: Any) -> Any:
@@ -132,15 +132,7 @@ async def test_reply_in_flight_finishes_on_its_version_during_a_swap(
         await streaming.send(type="message", text="long one", client_id="l")
         await streaming.until("token")
         adapter = make_adapter(tiny_model, tmp_path / "adapters" / "v1", seed=3)
-        await a.store.register_version(
-            adapter_path=str(adapter),
-            sha256=sha256_file(adapter / "adapter_model.safetensors"),
-            parent="base",
-            base_model=str(tiny_model),
-            eval_report={},
-            feedback_ids={},
-            training_run_id=None,
-        )
+        await register_candidate(a.store, adapter, str(tiny_model))
         await a.store.set_version_state("v1", VersionState.LIVE, actor="test")
         for _ in range(100):  # the poller picks up a version promoted by another process
             if a.live_version == "v1":
@@ -277,15 +269,7 @@ async def test_hot_swap_under_load_eight_sessions(tiny_model: Path, tmp_path: Pa
         while a.engine.stats.tokens < 16:  # every session is streaming now
             await asyncio.sleep(0.01)
         adapter = make_adapter(tiny_model, tmp_path / "adapters" / "v1", seed=5)
-        await a.store.register_version(
-            adapter_path=str(adapter),
-            sha256=sha256_file(adapter / "adapter_model.safetensors"),
-            parent="base",
-            base_model=str(tiny_model),
-            eval_report={},
-            feedback_ids={},
-            training_run_id=None,
-        )
+        await register_candidate(a.store, adapter, str(tiny_model))
         await a.promote("v1", actor="test")
         first_wave = await asyncio.gather(*before)
         for done, text, frames in first_wave:

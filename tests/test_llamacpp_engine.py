@@ -26,6 +26,7 @@ if not llama_cpp_available():
 
 from server.app import App  # noqa: E402
 from server.settings import load_settings  # noqa: E402
+from tests.factories import register_candidate  # noqa: E402
 from tests.test_engine import make_adapter  # noqa: E402
 from training.cycle import sha256_file  # noqa: E402
 from training.models import default_gguf, resolve_model  # noqa: E402
@@ -300,15 +301,7 @@ async def test_hot_swap_under_load_eight_sessions(
         before = [asyncio.create_task(ask(c, "before")) for c in clients]
         while a.engine.stats.tokens < 16:  # every session is streaming now
             await asyncio.sleep(0.01)
-        await a.store.register_version(
-            adapter_path=str(adapter),
-            sha256=digest,
-            parent="base",
-            base_model=gateway_settings.model.name,
-            eval_report={},
-            feedback_ids={},
-            training_run_id=None,
-        )
+        await register_candidate(a.store, adapter, gateway_settings.model.name)
         await a.promote("v1", actor="test")
         assert not all(t.done() for t in before)  # the adapter was loaded while replies streamed
         first_wave = await asyncio.gather(*before)
