@@ -363,11 +363,11 @@ def create_console(loop: Loop, config: ConsoleConfig) -> FastAPI:
 
     @app.get("/api/v1/runs", **role(viewer))
     async def runs(limit: int = Query(default=50, ge=1, le=500)) -> dict[str, Any]:
-        return {"items": [_run(r) for r in await store.list_runs(limit)]}
+        return {"items": [_plain(r) for r in await store.list_runs(limit)]}
 
     @app.get("/api/v1/runs/{run_id}", **role(viewer))
     async def run(run_id: int) -> dict[str, Any]:
-        return _run(await store.get_run(run_id))
+        return _plain(await store.get_run(run_id))
 
     @app.post("/api/v1/runs", status_code=202, **role(admin))
     async def start_run(body: TrainBody, p: AsAdmin) -> dict[str, Any]:
@@ -387,19 +387,19 @@ def create_console(loop: Loop, config: ConsoleConfig) -> FastAPI:
     async def versions() -> dict[str, Any]:
         out = []
         for v in await store.list_versions():
-            out.append({**_version(v), "stats": asdict(await store.version_stats(v.name))})
+            out.append({**_plain(v), "stats": asdict(await store.version_stats(v.name))})
         return {"items": out}
 
     @app.get("/api/v1/versions/{name}", **role(viewer))
     async def version(name: str) -> dict[str, Any]:
         v = await store.get_version(name)
-        return {**_version(v), "stats": asdict(await store.version_stats(v.name))}
+        return {**_plain(v), "stats": asdict(await store.version_stats(v.name))}
 
     @app.post("/api/v1/versions/{name}/promote", **role(admin))
     async def promote(name: str, p: AsAdmin) -> dict[str, Any]:
         await store.get_version(name)
         await loop.promote(name, actor=p.operator.name)
-        return _version(await store.get_version(name))
+        return _plain(await store.get_version(name))
 
     @app.post("/api/v1/versions/{name}/rollback", **role(admin))
     async def rollback(name: str, p: AsAdmin) -> dict[str, Any]:
@@ -489,15 +489,10 @@ def create_console(loop: Loop, config: ConsoleConfig) -> FastAPI:
     return app
 
 
-def _run(r: Any) -> dict[str, Any]:
-    d = asdict(r)
-    d["state"] = str(r.state)
-    return d
-
-
-def _version(v: Any) -> dict[str, Any]:
-    d = asdict(v)
-    d["state"] = str(v.state)
+def _plain(record: Any) -> dict[str, Any]:
+    """A run or version record as JSON-ready fields (its state as a plain string)."""
+    d = asdict(record)
+    d["state"] = str(record.state)
     return d
 
 
