@@ -168,3 +168,38 @@ def test_split_keeps_conversations_whole_and_both_sides_nonempty() -> None:
     assert train.dpo and heldout.dpo
     assert not {r.group for r in train.dpo} & {r.group for r in heldout.dpo}
     assert {r.group for r in heldout.sft} <= {r.group for r in heldout.dpo}
+
+
+def _corrected_chats(n: int) -> FeedbackSnapshot:
+    messages, corrections = [], []
+    for k in range(n):
+        messages += [
+            msg(f"u{k}", U, f"question {k}", None, 1, conv=f"c{k}"),
+            msg(f"a{k}", A, "meh", f"u{k}", 2, conv=f"c{k}"),
+        ]
+        corrections.append(Correction(k + 1, f"a{k}", f"answer {k % 3}", "op"))  # three distinct answers
+    return FeedbackSnapshot(tuple(messages), (), tuple(corrections))
+
+
+def test_contrast_pairs_reject_other_questions_corrections_only() -> None:
+    snap = _corrected_chats(6)
+    plain = build_training_data(snap)
+    assert {r.source for r in plain.dpo} == {"correction"}
+    data = build_training_data(snap, contrast=5)
+    contrast = [r for r in data.dpo if r.source == "contrast"]
+    # each corrected reply gets one pair per OTHER distinct answer: 2 of them, capped by the text count not 5
+    assert len(contrast) == 6 * 2
+    for row in contrast:
+        k = int(row.prompt[-1]["content"].split()[-1])
+        assert row.chosen == f"answer {k % 3}" and row.rejected != row.chosen and row.rejected.startswith("answer ")
+        assert row.group == f"c{k}" and len(row.refs.corrections) == 2
+    assert len(data.sft) == 6  # demonstrations are not repeated
+    assert build_training_data(snap, contrast=5) == data  # stable: no randomness
+
+
+def test_contrast_pairs_are_capped_and_picked_stably() -> None:
+    snap = _corrected_chats(6)
+    one = [r for r in build_training_data(snap, contrast=1).dpo if r.source == "contrast"]
+    assert len(one) == 6
+    two = [r for r in build_training_data(snap, contrast=2).dpo if r.source == "contrast"]
+    assert {(r.prompt[-1]["content"], r.rejected) for r in one} <= {(r.prompt[-1]["content"], r.rejected) for r in two}

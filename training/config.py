@@ -22,6 +22,13 @@ class TrainConfig:
     sft_weight: float = field(
         default=1.0, metadata={"help": "Weight of the SFT loss on chosen answers, mixed with the DPO loss."}
     )
+    contrast_pairs: int = field(
+        default=0,
+        metadata={
+            "help": "Per corrected reply, this many extra DPO pairs rejecting other questions' corrections "
+            "(teaches that an answer belongs to its question; 0 = off)."
+        },
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -53,6 +60,8 @@ class TrainConfig:
             raise ValueError(f"training.learning_rate {self.learning_rate} is out of range; LoRA runs use 1e-5..1e-3")
         if self.batch_size < 1:
             raise ValueError("training.batch_size must be at least 1")
+        if self.contrast_pairs < 0:
+            raise ValueError("training.contrast_pairs must be 0 or more")
         if self.init_from not in ("base", "live"):
             raise ValueError(f"training.init_from {self.init_from!r}: use 'base' or 'live'")
 

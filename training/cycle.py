@@ -119,7 +119,9 @@ class PreparedData:
 def prepare(snapshot: FeedbackSnapshot, cfg: CycleConfig) -> PreparedData:
     """Snapshot -> trust filter -> rows -> cleaning -> split -> weighting. Pure."""
     trusted, trust_report = filter_snapshot(snapshot, cfg.trust)
-    data, cleaning = clean(pairs.build_training_data(trusted, system_prompt=cfg.system_prompt))
+    data, cleaning = clean(
+        pairs.build_training_data(trusted, system_prompt=cfg.system_prompt, contrast=cfg.train.contrast_pairs)
+    )
     train, heldout = pairs.split(data, cfg.heldout_fraction)
     weighted = weight_reviewed(train, cfg.trust.operator_weight)
     return PreparedData(data, train, weighted, heldout, trust_report, cleaning)

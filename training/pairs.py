@@ -14,6 +14,13 @@ Signals (DESIGN.md, "Feedback signals -> training data"):
 >>> # thumbs on a reply                     -> KTO(label = majority of raters' latest votes)
 >>> # up and down on answers to one context -> DPO(chosen=up, rejected=down)
 >>> # operator takeover reply               -> SFT(the operator's reply)
+>>> # correction C of a reply to Q, with other corrections D (``contrast`` > 0)
+>>> #                                       -> DPO(Q, chosen=C, rejected=D) for up to ``contrast`` of them
+
+Contrast pairs teach that an answer belongs to its question: without them the SFT loss on a
+few short policy answers makes the model answer any shop question with the nearest one it
+learned (bench/RESULTS.md, "leaks"). Their rejected side is another context's correction
+whose text differs, picked by a stable hash, so the rows stay reproducible.
 """
 
 from __future__ import annotations
@@ -117,8 +124,14 @@ class TrainingData:
         return 1.0, n_up / n_down
 
 
-def build_training_data(snapshot: FeedbackSnapshot, *, system_prompt: str | None = None) -> TrainingData:
-    """Build every DPO, KTO and SFT row the snapshot supports."""
+def build_training_data(
+    snapshot: FeedbackSnapshot, *, system_prompt: str | None = None, contrast: int = 0
+) -> TrainingData:
+    """Build every DPO, KTO and SFT row the snapshot supports.
+
+    ``contrast``: for every corrected reply, up to this many extra pairs whose rejected side is
+    the correction written for another question (a different text).
+    """
     usable = [m for m in snapshot.messages if m.finish_reason != "error"]  # failed replies never train
     messages = {m.id: m for m in usable}
     children: dict[str | None, list[Message]] = defaultdict(list)
@@ -188,6 +201,23 @@ def build_training_data(snapshot: FeedbackSnapshot, *, system_prompt: str | None
         refs = FeedbackRef(corrections=(c.id,), messages=(reply.id,))
         add_pair(prompt, c.text, reply.text, "correction", reply.conversation_id, refs)
         sft.append(SFTRow(prompt, c.text, "correction", reply.conversation_id, refs))
+
+    # 1b. contrast: a correction beats the answers written for other questions
+    if contrast > 0:
+        corrected = [(c, messages[mid]) for mid, c in latest_correction.items()]
+        for c, reply in corrected:
+            prompt = prompt_for(reply)
+            if prompt is None:
+                continue
+            own = c.text.strip()
+            others: dict[str, Correction] = {}
+            for other, _ in corrected:  # one candidate per distinct text
+                if other.text.strip() != own:
+                    others.setdefault(other.text.strip(), other)
+            ranked = sorted(others.values(), key=lambda o: _bucket(f"{reply.id}\x00{o.text.strip()}"))
+            for other in ranked[:contrast]:
+                refs = FeedbackRef(corrections=(c.id, other.id), messages=(reply.id,))
+                add_pair(prompt, c.text, other.text, "contrast", reply.conversation_id, refs)
 
     # 2 and 4. siblings: answers to one context (regenerations, or up and down votes)
     for parent_id, group in children.items():
