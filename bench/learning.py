@@ -276,7 +276,7 @@ def main() -> None:
     parser.add_argument("--sft-weight", type=float, default=1.0)
     parser.add_argument("--init-from", choices=["base", "live"], default="base")
     parser.add_argument("--kto-steps", type=int, default=0)
-    parser.add_argument("--contrast", type=int, default=0, help="training.contrast_pairs")
+    parser.add_argument("--contrast", type=int, default=3, help="training.contrast_pairs")
     parser.add_argument("--correct-share", type=float, default=0.5)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--generic", type=int, default=10)
