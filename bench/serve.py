@@ -1,24 +1,29 @@
 """Serving benchmark: single-stream and concurrent decode through the real websocket gateway.
 
     python bench/serve.py [--engine llamacpp|transformers] [--model smollm2-135m-instruct]
-                          [--dtype float32] [--max-new-tokens 128] [--levels 1,4,8,16]
+                          [--gguf-quant q8_0] [--dtype float32] [--max-new-tokens 128]
+                          [--levels 1,4,8,16]
 
 ``--engine`` defaults to the fastest installed: ``llamacpp`` when llama-cpp-python imports
-(the default model's GGUF, ``model.gguf``), else ``transformers``.
+(the default model's GGUF, ``model.gguf``, requantized to ``--gguf-quant``), else ``transformers``.
 
 Measured in one run, on the same prompts:
   * baseline: ``model.generate`` called directly (no server), greedy, same dtype (transformers
     engine); with the llamacpp engine the baseline is the raw llama.cpp single stream below;
-  * llama.cpp reference (whenever llama-cpp-python is installed): the LONG_PROMPTS through raw
-    llama-cpp-python, no gateway and no engine: our own ``llama_decode`` loop on a fresh context
-    (greedy, every reply forced to ``--max-new-tokens``): single-stream decode tokens/s after the
-    first token (median over the prompts), and the aggregate of 8 sequences decoded as one batch
-    per step (all tokens over the wall time from the first prefill to the last token);
-  * gateway: one websocket client, reply by reply (decode tokens/s after the first token, TTFT);
+  * llama.cpp reference (whenever llama-cpp-python is installed; ``RawLlama``): the LONG_PROMPTS
+    through raw llama-cpp-python on the GGUF the engine serves, no gateway and no engine: our own
+    ``llama_decode`` loop (greedy, every reply forced to ``--max-new-tokens``): single-stream decode
+    tokens/s after the first token (median), and the aggregate of 8 sequences prefilled in one
+    call and decoded as one batch per step (all tokens over the wall time from the prefill to the
+    last token; median of 3). It runs interleaved with the gateway measurements below: prompt by
+    prompt for the single stream, batch by batch against the 8-session level, so that the
+    machine's drift in speed (often 20% here) hits both sides of each ratio alike;
+  * gateway: the same LONG_PROMPTS through the websocket gateway, one at a time, each in a new
+    conversation, twice over (decode tokens/s from the first to the last token, median; TTFT);
   * concurrency: N websocket sessions at once (each its own connection, one reply each),
     for each N in ``--levels``: aggregate tokens/s (all tokens over the wall time from the
     first send to the last ``done``), TTFT p50/p95, inter-token p95, and the ratio of the
-    aggregate to the single-session aggregate of the same sweep;
+    aggregate to the single-session aggregate of the same sweep (8 sessions: the median of 3);
   * swap: a LoRA adapter (r=16, all projections) loaded while a reply streams; the longest
     gap between two tokens of that reply against the p95 gap of steady decoding (llamacpp: the
     adapter is converted to GGUF first, timed apart as ``adapter_convert_s``);
@@ -46,7 +51,7 @@ from websockets.asyncio.client import connect  # noqa: E402
 
 from server.app import App  # noqa: E402
 from server.engine import SamplingConfig  # noqa: E402
-from server.llamacpp_engine import LlamaCppEngine, convert_adapter, llama_cpp_available  # noqa: E402
+from server.llamacpp_engine import LlamaCppEngine, convert_adapter, llama_cpp_available, requantize  # noqa: E402
 from server.settings import load_settings  # noqa: E402
 from training.models import default_gguf, resolve_model  # noqa: E402
 
@@ -74,7 +79,7 @@ def baseline_tps(model_path: str, dtype: str, max_new_tokens: int) -> float:
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
     rates = []
-    for prompt in PROMPTS:
+    for prompt in LONG_PROMPTS:
         text = tok.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
@@ -88,79 +93,98 @@ def baseline_tps(model_path: str, dtype: str, max_new_tokens: int) -> float:
     return statistics.median(rates)
 
 
-def llamacpp_reference(gguf: str, model_path: str, max_new_tokens: int, sequences: int = 8) -> tuple[float, float]:
-    """Raw llama-cpp-python on LONG_PROMPTS: (single-stream decode tok/s, aggregate tok/s of ``sequences``)."""
-    import os
+ref_sequences = 8  # the batched reference and the concurrency level it is held against
 
-    import llama_cpp.llama_cpp as ll
-    import numpy as np
-    from transformers import AutoTokenizer
 
-    from server.llamacpp_engine import _route_llama_log, extra_buffers_usable
+class RawLlama:
+    """Raw llama-cpp-python on LONG_PROMPTS (no gateway, no engine): the reference the gateway is held to.
 
-    _route_llama_log(ll)  # llama.cpp's log to Python logging, not the terminal
-    tok = AutoTokenizer.from_pretrained(model_path)
-    prompts = []
-    for text in LONG_PROMPTS:
-        rendered = tok.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-        prompts.append(tok(rendered, add_special_tokens=False)["input_ids"])
-    ll.llama_backend_init()
-    mparams = ll.llama_model_default_params()
-    mparams.use_extra_bufts = extra_buffers_usable(gguf)
-    model = ll.llama_model_load_from_file(gguf.encode(), mparams)
-    vocab = ll.llama_model_get_vocab(model)
-    n_vocab = ll.llama_vocab_n_tokens(vocab)
-    per_seq = -(-(max(len(p) for p in prompts) + max_new_tokens) // 256) * 256
-    cparams = ll.llama_context_default_params()
-    cparams.n_seq_max = sequences
-    cparams.n_ctx = per_seq * sequences
-    cparams.n_batch = max(per_seq, sequences)
-    cparams.n_threads = cparams.n_threads_batch = os.cpu_count() or 1
-    cparams.kv_unified = False
-    ctx = ll.llama_init_from_model(model, cparams)
-    mem = ll.llama_get_memory(ctx)
-    batch = ll.llama_batch_init(cparams.n_batch, 0, 1)
+    Our own ``llama_decode`` loop on one context, greedy, every reply forced to ``max_new_tokens``:
+    ``single(i)`` decodes prompt ``i`` alone (decode tokens/s after the first token); ``batched()``
+    runs ``sequences`` prompts as one batch: all prompts prefilled in one ``llama_decode``, then one
+    token per sequence per step (all tokens over the wall time from the prefill to the last token).
+    Sequence ids are consecutive, as llama.cpp's split KV cache needs to batch them.
+    """
 
-    def decode(items: list[tuple[int, int, int, bool]]) -> None:  # (token, pos, seq, logits)
+    def __init__(self, gguf: str, model_path: str, max_new_tokens: int, sequences: int = 8) -> None:
+        import os
+
+        import llama_cpp.llama_cpp as ll
+        from transformers import AutoTokenizer
+
+        from server.llamacpp_engine import _route_llama_log, extra_buffers_usable
+
+        _route_llama_log(ll)  # llama.cpp's log to Python logging, not the terminal
+        self.ll, self.max_new_tokens, self.sequences = ll, max_new_tokens, sequences
+        tok = AutoTokenizer.from_pretrained(model_path)
+        self.prompts: list[list[int]] = []
+        for text in LONG_PROMPTS:
+            rendered = tok.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            self.prompts.append(tok(rendered, add_special_tokens=False)["input_ids"])
+        ll.llama_backend_init()
+        mparams = ll.llama_model_default_params()
+        mparams.use_extra_bufts = extra_buffers_usable(gguf)
+        self.model = ll.llama_model_load_from_file(gguf.encode(), mparams)
+        self.n_vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(self.model))
+        per_seq = -(-(max(len(p) for p in self.prompts) + max_new_tokens) // 256) * 256
+        cparams = ll.llama_context_default_params()
+        cparams.n_seq_max = sequences
+        cparams.n_ctx = per_seq * sequences
+        cparams.n_batch = per_seq * sequences  # every prompt in one prefill
+        cparams.n_ubatch = 512
+        cparams.n_threads = cparams.n_threads_batch = os.cpu_count() or 1
+        cparams.kv_unified = False
+        self.ctx = ll.llama_init_from_model(self.model, cparams)
+        self.mem = ll.llama_get_memory(self.ctx)
+        self.batch = ll.llama_batch_init(cparams.n_batch, 0, 1)
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:  # (token, pos, seq, logits)
+        batch = self.batch
         for i, (token, pos, seq, logits) in enumerate(items):
             batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
             batch.seq_id[i][0] = seq
         batch.n_tokens = len(items)
-        if ll.llama_decode(ctx, batch) != 0:
+        if self.ll.llama_decode(self.ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
 
-    def argmax(i: int) -> int:
-        return int(np.argmax(np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, i), shape=(n_vocab,))))
+    def _argmax(self, i: int) -> int:
+        import numpy as np
 
-    def prefill(ids: list[int], seq: int) -> int:
-        decode([(t, p, seq, p == len(ids) - 1) for p, t in enumerate(ids)])
-        return argmax(len(ids) - 1)
+        logits = np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+        return int(np.argmax(logits))
 
-    try:
-        rates = []
-        for ids in prompts:
-            ll.llama_memory_seq_rm(mem, 0, -1, -1)
-            token = prefill(ids, 0)
-            started = time.perf_counter()
-            for step in range(max_new_tokens - 1):
-                decode([(token, len(ids) + step, 0, True)])
-                token = argmax(0)
-            rates.append((max_new_tokens - 1) / (time.perf_counter() - started))
-        ll.llama_memory_clear(mem, True)
+    def single(self, i: int) -> float:
+        ids = self.prompts[i % len(self.prompts)]
+        self.ll.llama_memory_clear(self.mem, True)
+        self._decode([(t, p, 0, p == len(ids) - 1) for p, t in enumerate(ids)])
+        token = self._argmax(len(ids) - 1)
         started = time.perf_counter()
-        seqs = [prompts[i % len(prompts)] for i in range(sequences)]
-        last = [prefill(ids, seq) for seq, ids in enumerate(seqs)]
-        for step in range(max_new_tokens - 1):
-            decode([(last[seq], len(ids) + step, seq, True) for seq, ids in enumerate(seqs)])
-            last = [argmax(i) for i in range(sequences)]
-        aggregate = sequences * max_new_tokens / (time.perf_counter() - started)
-    finally:
-        ll.llama_batch_free(batch)
-        ll.llama_free(ctx)
-        ll.llama_model_free(model)
-    return statistics.median(rates), aggregate
+        for step in range(self.max_new_tokens - 1):
+            self._decode([(token, len(ids) + step, 0, True)])
+            token = self._argmax(0)
+        return (self.max_new_tokens - 1) / (time.perf_counter() - started)
+
+    def batched(self) -> float:
+        self.ll.llama_memory_clear(self.mem, True)
+        seqs = [self.prompts[i % len(self.prompts)] for i in range(self.sequences)]
+        started = time.perf_counter()
+        items, ends = [], []
+        for seq, ids in enumerate(seqs):
+            items += [(t, p, seq, p == len(ids) - 1) for p, t in enumerate(ids)]
+            ends.append(len(items) - 1)
+        self._decode(items)
+        last = [self._argmax(i) for i in ends]
+        for step in range(self.max_new_tokens - 1):
+            self._decode([(last[seq], len(ids) + step, seq, True) for seq, ids in enumerate(seqs)])
+            last = [self._argmax(i) for i in range(self.sequences)]
+        return self.sequences * self.max_new_tokens / (time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.ll.llama_batch_free(self.batch)
+        self.ll.llama_free(self.ctx)
+        self.ll.llama_model_free(self.model)
 
 
 async def mixed_versions(engine: LlamaCppEngine, adapter: str, max_new_tokens: int) -> dict[str, float]:
@@ -198,7 +222,7 @@ def make_adapter(model_path: str, out: Path) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets)).save_pretrained(out)
+    get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets)).save_pretrained(str(out))
     return out
 
 
@@ -256,7 +280,10 @@ async def concurrent_level(port: int, sessions: int) -> dict[str, float]:
     }
 
 
-async def gateway_run(args: argparse.Namespace, data_dir: Path) -> dict[str, float]:
+async def gateway_run(args: argparse.Namespace, data_dir: Path, ref: RawLlama | None) -> dict[str, float]:
+    """The gateway figures; with ``ref``, the raw llama.cpp figures too, measured interleaved with
+    them (prompt by prompt, and batch by batch at 8 sessions) so that drift in the machine's speed
+    hits both sides of each ratio alike."""
     settings = load_settings(
         env={},
         data_dir=data_dir,
@@ -266,6 +293,8 @@ async def gateway_run(args: argparse.Namespace, data_dir: Path) -> dict[str, flo
             "model": {
                 "engine": args.engine,
                 "name": args.model,
+                "gguf": args.gguf,
+                "gguf_quant": args.gguf_quant,
                 "dtype": args.dtype,
                 "max_new_tokens": args.max_new_tokens,
                 "temperature": 0.0,
@@ -275,12 +304,12 @@ async def gateway_run(args: argparse.Namespace, data_dir: Path) -> dict[str, flo
         },
     )
     app = App(settings)
-    async with app.lifespan(), connect(f"ws://127.0.0.1:{app.port}") as ws:
-        await ws.send(json.dumps({"type": "hello"}))
-        json.loads(await ws.recv())
+    async with app.lifespan():
+        assert app.port is not None
+        port = app.port
         rates, ttfts, gaps = [], [], []
 
-        async def one(prompt: str, i: int) -> list[float]:
+        async def one(ws: Any, prompt: str, i: int) -> list[float]:
             await ws.send(json.dumps({"type": "message", "text": prompt, "client_id": str(i)}))
             sent = time.perf_counter()
             times: list[float] = []
@@ -290,18 +319,37 @@ async def gateway_run(args: argparse.Namespace, data_dir: Path) -> dict[str, flo
                     times.append(time.perf_counter())
                 elif frame["type"] == "done":
                     n = frame["usage"]["completion_tokens"]
-                    end = time.perf_counter()
-                    if times and n > 1:
-                        rates.append((n - 1) / (end - times[0]))
+                    if len(times) > 1 and n > 1:  # decode rate: first to last token (the store's write comes after)
+                        rates.append((n - 1) / (times[-1] - times[0]))
                         ttfts.append(times[0] - sent)
                     return times
                 elif frame["type"] == "error":
                     raise RuntimeError(frame)
 
-        for i, prompt in enumerate(PROMPTS):
-            times = await one(prompt, i)
+        async def fresh(prompt: str, i: int) -> list[float]:
+            """One prompt in a new conversation (its own connection), as the raw reference runs it."""
+            async with connect(f"ws://127.0.0.1:{app.port}") as ws:
+                await ws.send(json.dumps({"type": "hello"}))
+                json.loads(await ws.recv())
+                return await one(ws, prompt, i)
+
+        raw_single: list[float] = []
+        raw_agg: list[float] = []
+        for i in range(2 * len(LONG_PROMPTS)):  # the raw reference's prompts, one at a time, twice
+            if ref is not None:
+                raw_single.append(ref.single(i))
+            times = await fresh(LONG_PROMPTS[i % len(LONG_PROMPTS)], i)
             gaps += [b - a for a, b in zip(times, times[1:], strict=False)]
-        levels = {n: await concurrent_level(app.port, n) for n in args.levels}
+        levels = {}
+        for n in args.levels:
+            if n == ref_sequences and ref is not None:
+                runs = []
+                for _ in range(3):
+                    raw_agg.append(ref.batched())
+                    runs.append(await concurrent_level(port, n))
+                levels[n] = sorted(runs, key=lambda lv: lv["agg_tps"])[1]  # the median run
+            else:
+                levels[n] = await concurrent_level(port, n)
 
         model_path = resolve_model(args.model)
         adapter = await asyncio.to_thread(make_adapter, model_path, data_dir / "bench-adapter")
@@ -311,7 +359,7 @@ async def gateway_run(args: argparse.Namespace, data_dir: Path) -> dict[str, flo
             await asyncio.to_thread(convert_adapter, adapter, model_path)
             extra["adapter_convert_s"] = time.perf_counter() - started
         assert app.engine is not None
-        task = asyncio.create_task(one(PROMPTS[3], 99))
+        task = asyncio.create_task(fresh(PROMPTS[3], 99))
         await asyncio.sleep(1.0)  # let it stream steadily first
         pause = await app.engine.load_adapter("bench", str(adapter))
         times = await task
@@ -319,6 +367,9 @@ async def gateway_run(args: argparse.Namespace, data_dir: Path) -> dict[str, flo
         if isinstance(app.engine, LlamaCppEngine):
             extra["switch"] = await mixed_versions(app.engine, "bench", args.max_new_tokens)
     gaps.sort()
+    if ref is not None:
+        extra["raw_single_tps"] = statistics.median(raw_single)
+        extra["raw_agg_tps_8"] = statistics.median(raw_agg) if raw_agg else ref.batched()
     return {
         "levels": levels,  # type: ignore[dict-item]
         "gateway_single_tps": statistics.median(rates),
@@ -339,24 +390,38 @@ def main() -> None:
         help="engine behind the gateway (default: the fastest installed)",
     )
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--gguf", default=None, help="GGUF file for llama.cpp (default: the model's own)")
+    parser.add_argument(
+        "--gguf-quant", default="q8_0", help="model.gguf_quant: requantize the GGUF first (q8_0, q4_0; '' = as is)"
+    )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--levels", default="1,4,8,16", help="concurrent sessions to measure, comma-separated")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     model_path = resolve_model(args.model)
-    raw: tuple[float, float] | None = None
+    ref: RawLlama | None = None
     if llama_cpp_available():
-        raw = llamacpp_reference(str(default_gguf()), model_path, args.max_new_tokens)
+        args.gguf = args.gguf or str(default_gguf())
+        served = str(requantize(args.gguf, args.gguf_quant)) if args.gguf_quant else args.gguf  # what the engine serves
+        ref = RawLlama(served, model_path, args.max_new_tokens, sequences=ref_sequences)
+        print(f"GGUF served and measured raw: {Path(served).name}")
+    assert ref is not None or args.engine != "llamacpp", "the llamacpp engine needs llama-cpp-python"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = asyncio.run(gateway_run(args, Path(tmp), ref))
+    finally:
+        if ref is not None:
+            ref.close()
+    raw = (result.pop("raw_single_tps"), result.pop("raw_agg_tps_8")) if ref is not None else None
+    if raw is not None:
         print(f"raw llama.cpp: single stream {raw[0]:.1f} tok/s, 8 sequences batched {raw[1]:.1f} tok/s")
     if args.engine == "llamacpp":
-        assert raw is not None, "the llamacpp engine needs llama-cpp-python"
+        assert raw is not None
         base, baseline_kind = raw[0], "llama.cpp raw decode loop"
     else:
         base, baseline_kind = baseline_tps(model_path, args.dtype, args.max_new_tokens), "model.generate"
     print(f"baseline ({baseline_kind}) single stream: {base:.1f} tok/s")
-    with tempfile.TemporaryDirectory() as tmp:
-        result = asyncio.run(gateway_run(args, Path(tmp)))
     print(
         f"gateway single stream ({args.engine}): {result['gateway_single_tps']:.1f} tok/s, "
         f"ratio to baseline {result['gateway_single_tps'] / base:.2f}"
@@ -391,7 +456,7 @@ def main() -> None:
         )
     summary = {
         "engine": args.engine,
-        "dtype": args.dtype if args.engine == "transformers" else "gguf",
+        "dtype": args.dtype if args.engine == "transformers" else f"gguf {args.gguf_quant or 'as shipped'}",
         "baseline": baseline_kind,
         "baseline_single_tps": round(base, 2),
         **{k: round(v, 4) for k, v in result.items()},

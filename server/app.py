@@ -68,6 +68,7 @@ def make_engine(s: Settings, base_model: str) -> Engine:
 
         return LlamaCppEngine(
             m.gguf or str(default_gguf()),
+            quant=m.gguf_quant or None,
             base_model_dir=base_model,
             max_prompt_tokens=m.max_prompt_tokens,
             max_new_tokens=m.max_new_tokens,

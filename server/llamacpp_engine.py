@@ -1,14 +1,17 @@
 """The ``llamacpp`` engine: a GGUF model served in process by llama.cpp (llama-cpp-python's C API).
 
 Same shape as the transformers engine (``server/engine.py``): one worker thread owns the
-llama.cpp context and runs rounds. In a round, cancelled requests are dropped, new requests
-are prefilled (one ``llama_decode`` each), then every request already decoding advances by
-one token: the requests of one version decode together in ONE ``llama_decode`` (a
-``llama_batch`` with one token per sequence, each request its own ``seq_id``). Requests
-join and leave between rounds; a finished request's KV cells are freed with
-``llama_memory_seq_rm``. The context holds ``max_active`` sequences of up to
-``max_prompt_tokens + max_new_tokens`` tokens each (a non-unified KV cache: one stream per
-sequence, so a sequence attends only to its own cells).
+llama.cpp context and runs rounds. In a round, cancelled requests are dropped, then each
+version in flight gets ONE ``llama_decode``: a ``llama_batch`` holding the next token of each
+of its decoding requests and the whole prompts of its new requests (prefill mixed into the
+decode step; each request its own ``seq_id``). Requests join and leave between rounds; a
+finished request's KV cells are freed with ``llama_memory_seq_rm``. The context holds
+``max_active`` sequences of up to ``max_prompt_tokens + max_new_tokens`` tokens each (a
+non-unified KV cache: one stream per sequence, so a sequence attends only to its own cells).
+Chunks reach the event loop in one ``call_soon_threadsafe`` per ``stream_interval_s`` (40 ms:
+a reader sees 25 updates a second), not one per token; a reply's first and last chunks go at
+once. Each wake-up of the loop thread takes a core from llama.cpp's two compute threads, whose
+barriers then wait for it. A reader that lags gets the pieces it missed as one chunk.
 
 Versions: ``base`` is the GGUF itself; every other version is a PEFT LoRA adapter folder,
 converted once to a GGUF LoRA (``adapter.gguf`` next to it, by llama.cpp's
@@ -28,7 +31,9 @@ The event loop never runs model code: it submits requests and receives ``Chunk``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import heapq
 import json
 import logging
 import math
@@ -137,16 +142,42 @@ def _extract_converter(sdist: Path, dest: Path) -> None:
     staging.rename(dest)
 
 
+def _conversion_record(folder: Path) -> Path:
+    return folder / f"{ADAPTER_GGUF}.json"
+
+
+def converted_adapter_ok(folder: Path) -> bool:
+    """True when ``adapter.gguf`` is the conversion of the folder's current weights, byte for byte.
+
+    The conversion writes ``adapter.gguf.json`` with the SHA-256 of the safetensors it read and of
+    the GGUF it wrote; a GGUF that was replaced, or that belongs to other weights, is not reused.
+    """
+    from training.validate import sha256_file
+
+    out, weights = folder / ADAPTER_GGUF, folder / "adapter_model.safetensors"
+    try:
+        record = json.loads(_conversion_record(folder).read_text())
+        return bool(
+            out.is_file()
+            and weights.is_file()
+            and record.get("source_sha256") == sha256_file(weights)
+            and record.get("sha256") == sha256_file(out)
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def convert_adapter(adapter_dir: str | Path, base_model_dir: str | Path, *, outtype: str = "f16") -> Path:
-    """Convert a PEFT LoRA folder to ``adapter.gguf`` next to it (once; reused when it is newer).
+    """Convert a PEFT LoRA folder to ``adapter.gguf`` next to it (once; reused while its checksums hold).
 
     Blocking (a subprocess that imports torch: seconds). ``base_model_dir`` is the base model as a
     transformers folder (only its config is read).
     """
+    from training.validate import sha256_file
+
     folder = Path(adapter_dir)
     out = folder / ADAPTER_GGUF
-    weights = folder / "adapter_model.safetensors"
-    if out.is_file() and (not weights.is_file() or out.stat().st_mtime >= weights.stat().st_mtime):
+    if converted_adapter_ok(folder):
         return out
     conv = converter_dir()
     tmp = folder / f".{ADAPTER_GGUF}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -155,25 +186,68 @@ def convert_adapter(adapter_dir: str | Path, base_model_dir: str | Path, *, outt
     cmd = [sys.executable, str(conv / "convert_lora_to_gguf.py"), "--outtype", outtype, "--outfile", str(tmp)]
     cmd += ["--base", str(base_model_dir), str(folder)]
     started = time.monotonic()
+    source_sha = sha256_file(folder / "adapter_model.safetensors")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise EngineError(f"converting {folder} to GGUF failed ({proc.returncode}): " + " | ".join(tail))
+    record = {"source_sha256": source_sha, "sha256": sha256_file(tmp), "outtype": outtype}
     tmp.replace(out)  # atomic: a reader never sees half a file
+    tmp_record = folder / f".{ADAPTER_GGUF}.json.{os.getpid()}.{threading.get_ident()}.tmp"
+    tmp_record.write_text(json.dumps(record))
+    tmp_record.replace(_conversion_record(folder))
     log.info("converted %s to %s in %.1f s", folder, out.name, time.monotonic() - started)
+    return out
+
+
+# --- requantizing the served GGUF -----------------------------------------------------------
+
+QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+
+
+def requantize(src: str | Path, quant: str) -> Path:
+    """``src`` requantized to ``quant`` (``q8_0`` or ``q4_0``) next to it, once; reused after.
+
+    llama.cpp's batched kernels (prefill, several sequences per step) cover Q8_0 and Q4_0 but not
+    the Q4_1 the default model ships in. Q8_0 from Q4_1 keeps the Q4_1 values almost exactly (the
+    weights the adapters were trained against); Q4_0 from Q4_1 rounds them a second time.
+    Blocking (about a second for SmolLM2-135M).
+    """
+    import llama_cpp.llama_cpp as ll
+
+    if quant not in QUANT_TYPES:
+        raise EngineError(f"unknown GGUF quantization {quant!r}; use one of {', '.join(QUANT_TYPES)}")
+    source = Path(src)
+    out = source.with_name(f"{source.stem}.{quant}.gguf")
+    if out.is_file() and out.stat().st_mtime >= source.stat().st_mtime:
+        return out
+    _route_llama_log(ll)
+    params = ll.llama_model_quantize_default_params()
+    params.ftype = getattr(ll, QUANT_TYPES[quant])
+    params.allow_requantize = True
+    params.nthread = os.cpu_count() or 1
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    started = time.monotonic()
+    rc = ll.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+    if rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise EngineError(f"llama.cpp could not requantize {source} to {quant} ({rc})")
+    tmp.replace(out)
+    log.info("requantized %s to %s in %.1f s", source.name, out.name, time.monotonic() - started)
     return out
 
 
 # --- the engine ------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two requests are never the same one
 class _Request:
     prompt_ids: list[int]
     version: str
     sampling: SamplingConfig
-    emit: Callable[[Chunk], object]
+    loop: asyncio.AbstractEventLoop  # the caller's loop: chunks go to ``chunks`` through it
+    chunks: asyncio.Queue[Chunk]
     cancel: threading.Event = field(default_factory=threading.Event)
     seq: int = -1  # llama.cpp sequence id while active
     n_past: int = 0  # tokens in this sequence's KV cells
@@ -181,6 +255,7 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     sent_chars: int = 0
     rng: Any = None
+    started: bool = False  # its first chunk was posted (the first token is never held back)
 
 
 @dataclass
@@ -197,6 +272,7 @@ class LlamaCppEngine:
         self,
         gguf_path: str,
         *,
+        quant: str | None = None,
         base_model_dir: str | None = None,
         max_prompt_tokens: int = 1536,
         max_new_tokens: int = 256,
@@ -204,8 +280,10 @@ class LlamaCppEngine:
         max_active: int = 16,
         system_prompt: str | None = None,
         n_threads: int | None = None,
+        stream_interval_s: float = 0.04,
     ) -> None:
-        self.gguf_path = gguf_path
+        self.gguf_path = gguf_path  # the file served (after ``load``, the requantized one when ``quant`` is set)
+        self.quant = quant  # requantize ``gguf_path`` to this type first (see ``requantize``)
         self.base_model_dir = base_model_dir  # transformers folder of the same model: the LoRA converter's --base
         self.max_prompt_tokens = max_prompt_tokens
         self.max_new_tokens = max_new_tokens  # sizes the context: a sequence holds prompt + this many tokens
@@ -213,6 +291,9 @@ class LlamaCppEngine:
         self.max_active = max_active
         self.system_prompt = system_prompt
         self.n_threads = n_threads or os.cpu_count() or 1
+        # tokens after a reply's first are handed to the event loop at most this often (first and
+        # last chunks at once): every wake-up of the loop takes a core from llama.cpp's threads
+        self.stream_interval_s = stream_interval_s
         self.stats = EngineStats()
         self.adapter_switches = 0  # llama_set_adapters_lora calls that changed the context's adapter
         self.adapter_switch_s = 0.0  # time in those calls; the real cost comes after (see the module docstring)
@@ -240,6 +321,10 @@ class LlamaCppEngine:
         self._free_seqs: list[int] = []
         self._pending = 0
         self._lock = threading.Lock()
+        self._n_batch = max_prompt_tokens + max_active  # a whole prompt always fits beside every decode token
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Chunk], Chunk]]] = {}
+        self._urgent = False  # the outbox holds a first or a last chunk
+        self._delivered_at = 0.0
 
     # --- life cycle (blocking; call from a thread) --------------------------------------
 
@@ -248,6 +333,8 @@ class LlamaCppEngine:
 
         _route_llama_log(ll)
         self._ll = ll
+        if self.quant:
+            self.gguf_path = str(requantize(self.gguf_path, self.quant))
         self._extra_buffers = extra_buffers_usable(self.gguf_path)
         ready: Future[None] = Future()
         self._thread = threading.Thread(target=self._worker, args=(ready,), name="llamacpp-worker", daemon=True)
@@ -277,7 +364,7 @@ class LlamaCppEngine:
         cparams = ll.llama_context_default_params()
         cparams.n_seq_max = self.max_active
         cparams.n_ctx = per_seq * self.max_active
-        cparams.n_batch = max(self.max_prompt_tokens, self.max_active)
+        cparams.n_batch = self._n_batch
         cparams.n_ubatch = min(512, cparams.n_batch)
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads
@@ -287,7 +374,7 @@ class LlamaCppEngine:
         if not self._ctx:
             raise EngineError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens")
         self.seq_capacity = int(ll.llama_n_ctx_seq(self._ctx))
-        self._free_seqs = list(range(self.max_active - 1, -1, -1))
+        self._free_seqs = list(range(self.max_active))  # a heap
         self._load_template()
         log.info(
             "loaded %s in %.1f s: %d sequences of %d tokens, %d threads",
@@ -519,7 +606,8 @@ class LlamaCppEngine:
                 prompt_ids=prompt_ids,
                 version=version,
                 sampling=sampling,
-                emit=lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c),
+                loop=loop,
+                chunks=chunks,
                 cancel=cancel or threading.Event(),
             )
             self._inbox.put(request)
@@ -528,6 +616,9 @@ class LlamaCppEngine:
             try:
                 while True:
                     chunk = await chunks.get()
+                    while chunk.finish_reason is None and not chunks.empty():  # the reader lagged: one piece
+                        more = chunks.get_nowait()
+                        chunk = Chunk(chunk.delta + more.delta, more.finish_reason, more.n_tokens, more.error)
                     yield chunk
                     if chunk.finish_reason is not None:
                         return
@@ -548,7 +639,7 @@ class LlamaCppEngine:
             return
         ready.set_result(None)
         active: list[_Request] = []
-        batch = self._ll.llama_batch_init(max(self.max_prompt_tokens, self.max_active), 0, 1)
+        batch = self._ll.llama_batch_init(self._n_batch, 0, 1)
         try:
             while not self._stopping.is_set():
                 while True:
@@ -566,7 +657,7 @@ class LlamaCppEngine:
                         r = self._inbox.get_nowait()
                     except queue.Empty:
                         break
-                    r.seq = self._free_seqs.pop()
+                    r.seq = heapq.heappop(self._free_seqs)  # the lowest free id: busy ids stay consecutive
                     active.append(r)
                 if not active:
                     self._wake.wait(timeout=0.5)
@@ -575,53 +666,50 @@ class LlamaCppEngine:
                 self._round(active, batch)
         finally:
             for r in active:
-                r.emit(Chunk("", "error", len(r.generated), error="EngineClosed"))
+                self._post(r, Chunk("", "error", len(r.generated), error="EngineClosed"))
             while True:
                 try:
-                    self._inbox.get_nowait().emit(Chunk("", "error", 0, error="EngineClosed"))
+                    self._post(self._inbox.get_nowait(), Chunk("", "error", 0, error="EngineClosed"))
                 except queue.Empty:
                     break
+            self._deliver()
             self._ll.llama_batch_free(batch)
             self._free_all()
 
     def _round(self, active: list[_Request], batch: Any) -> None:
-        """One round: drop cancelled requests, prefill new ones, one batched decode step per version."""
+        """One round: drop cancelled requests, then one ``llama_decode`` per version in flight.
+
+        A version's decode holds the next token of each of its decoding requests AND the whole
+        prompt of its new requests (prefill mixed into the decode step), so eight customers who
+        write at once get their first tokens from one forward pass instead of eight.
+        """
         finished: list[_Request] = []
-        for r in active:
-            if r.cancel.is_set():
-                r.emit(Chunk("", "cancelled", len(r.generated)))
-                finished.append(r)
-        for r in active:
-            if not r.prefilled and r not in finished:
-                try:
-                    if self._prefill(r, batch):
-                        finished.append(r)
-                except Exception as exc:
-                    log.exception("prefill failed")
-                    r.emit(Chunk("", "error", len(r.generated), error=type(exc).__name__))
-                    finished.append(r)
         groups: dict[str, list[_Request]] = {}
         for r in active:
-            if r.prefilled and r not in finished:
-                if r.n_past >= self.seq_capacity:  # the sequence is full
-                    r.emit(Chunk(self._flush(r, final=True), "length", len(r.generated)))
-                    finished.append(r)
-                else:
-                    groups.setdefault(r.version, []).append(r)
+            if r.cancel.is_set():
+                self._post(r, Chunk("", "cancelled", len(r.generated)))
+                finished.append(r)
+            elif r.prefilled and r.n_past >= self.seq_capacity:  # the sequence is full
+                self._post(r, Chunk(self._flush(r, final=True), "length", len(r.generated)))
+                finished.append(r)
+            else:
+                groups.setdefault(r.version, []).append(r)
         # the version set on the context goes first: one switch fewer per round
         for version in sorted(groups, key=lambda v: (None if v == BASE_VERSION else v) != self._current):
             group = groups[version]
             try:
-                finished += self._decode_group(group, batch)
+                finished += self._step(group, batch)
             except Exception as exc:
                 log.exception("batched decode failed")
                 for r in group:
-                    r.emit(Chunk("", "error", len(r.generated), error=type(exc).__name__))
+                    self._post(r, Chunk("", "error", len(r.generated), error=type(exc).__name__))
                 finished += group
         for r in finished:
             if r in active:
                 active.remove(r)
                 self._release(r)
+        if self._urgent or time.monotonic() - self._delivered_at >= self.stream_interval_s:
+            self._deliver()
         if self._retired:
             self._free_retired()
 
@@ -629,7 +717,7 @@ class LlamaCppEngine:
         """Free the request's KV cells and sequence id; the version is no longer held by it."""
         mem = self._ll.llama_get_memory(self._ctx)
         self._ll.llama_memory_seq_rm(mem, r.seq, -1, -1)
-        self._free_seqs.append(r.seq)
+        heapq.heappush(self._free_seqs, r.seq)
         r.seq = -1
         with self._lock:
             self._users[r.version] -= 1
@@ -641,39 +729,69 @@ class LlamaCppEngine:
         batch.seq_id[i][0] = seq
         batch.logits[i] = logits
 
-    def _prefill(self, r: _Request, batch: Any) -> bool:
-        """Decode the prompt into the request's sequence and take its first token; True when done."""
-        self._use(r.version)
-        self.stats.requests += 1
-        if r.sampling.temperature > 0:
-            r.rng = np.random.default_rng(r.sampling.seed)
-        ids = r.prompt_ids or [max(self._ll.llama_vocab_bos(self._vocab), 0)]
-        for i, token in enumerate(ids):
-            self._fill(batch, i, token, i, r.seq, i == len(ids) - 1)
-        batch.n_tokens = len(ids)
-        rc = self._ll.llama_decode(self._ctx, batch)
-        if rc != 0:
-            raise EngineError(f"llama_decode failed ({rc}) in prefill")
-        r.n_past = len(ids)
-        r.prefilled = True
-        return self._accept(r, self._sample(self._logits(len(ids) - 1), r))
-
-    def _decode_group(self, group: list[_Request], batch: Any) -> list[_Request]:
-        """One token for every request of one version, in one llama_decode; returns those finished."""
+    def _step(self, group: list[_Request], batch: Any) -> list[_Request]:
+        """One ``llama_decode`` for one version: a token for every decoding request plus the prompts
+        of new ones (as many as fit in the batch; the rest wait a round). Returns those finished.
+        """
         self._use(group[0].version)
-        for i, r in enumerate(group):
-            self._fill(batch, i, r.generated[-1], r.n_past, r.seq, True)
-        batch.n_tokens = len(group)
+        bos = max(self._ll.llama_vocab_bos(self._vocab), 0)
+        room = self._n_batch - sum(1 for r in group if r.prefilled)
+        starting: list[_Request] = []
+        for r in group:  # new requests in arrival order, as many as fit; the batch always fits one
+            if not r.prefilled:
+                if len(r.prompt_ids or [bos]) > room:
+                    break
+                room -= len(r.prompt_ids or [bos])
+                starting.append(r)
+        # in sequence-id order: a non-unified KV cache puts only consecutive sequence ids in one
+        # micro-batch, so any other order splits the step into one graph per sequence
+        rows: list[tuple[_Request, int]] = []  # (request, batch index of its logits)
+        n = 0
+        for r in sorted(group, key=lambda r: r.seq):
+            if r.prefilled:
+                self._fill(batch, n, r.generated[-1], r.n_past, r.seq, True)
+                n += 1
+            elif r in starting:
+                ids = r.prompt_ids or [bos]
+                for i, token in enumerate(ids):
+                    self._fill(batch, n + i, token, i, r.seq, i == len(ids) - 1)
+                n += len(ids)
+            else:
+                continue
+            rows.append((r, n - 1))
+        decoding = [r for r, _ in rows if r.prefilled]
+        batch.n_tokens = n
         rc = self._ll.llama_decode(self._ctx, batch)
         if rc != 0:
             raise EngineError(f"llama_decode failed ({rc})")
-        self.stats.decode_steps += 1
-        finished = []
-        for i, r in enumerate(group):
+        if decoding:
+            self.stats.decode_steps += 1
+        for r in decoding:
             r.n_past += 1
-            if self._accept(r, self._sample(self._logits(i), r)):
-                finished.append(r)
-        return finished
+        for r in starting:
+            self.stats.requests += 1
+            r.n_past = max(len(r.prompt_ids), 1)
+            r.prefilled = True
+            if r.sampling.temperature > 0:
+                r.rng = np.random.default_rng(r.sampling.seed)
+        return [r for r, i in rows if self._accept(r, self._sample(self._logits(i), r))]
+
+    def _post(self, r: _Request, chunk: Chunk) -> None:
+        """Queue a chunk for the request's event loop; ``_deliver`` hands the queued chunks over at once."""
+        self._outbox.setdefault(r.loop, []).append((r.chunks, chunk))
+        if not r.started or chunk.finish_reason is not None:
+            self._urgent = True
+        r.started = True
+
+    def _deliver(self) -> None:
+        """One wake-up per event loop per round (not one per token): the loop thread competes for the
+        same cores as llama.cpp's threads."""
+        for loop, items in self._outbox.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+                loop.call_soon_threadsafe(_put_all, items)
+        self._outbox.clear()
+        self._urgent = False
+        self._delivered_at = time.monotonic()
 
     def _logits(self, i: int) -> Any:
         """The logits of batch position ``i`` (a view on llama.cpp's buffer: use before the next decode)."""
@@ -683,15 +801,15 @@ class LlamaCppEngine:
         """Take a sampled token: stream the new text; True when the reply is finished."""
         self.stats.tokens += 1
         if self._ll.llama_vocab_is_eog(self._vocab, token):
-            r.emit(Chunk(self._flush(r, final=True), "stop", len(r.generated)))
+            self._post(r, Chunk(self._flush(r, final=True), "stop", len(r.generated)))
             return True
         r.generated.append(token)
         if len(r.generated) >= r.sampling.max_new_tokens:
-            r.emit(Chunk(self._flush(r, final=True), "length", len(r.generated)))
+            self._post(r, Chunk(self._flush(r, final=True), "length", len(r.generated)))
             return True
         delta = self._flush(r, final=False)
         if delta:
-            r.emit(Chunk(delta))
+            self._post(r, Chunk(delta))
         return False
 
     def _sample(self, logits: Any, r: _Request) -> int:
@@ -726,6 +844,11 @@ class LlamaCppEngine:
         delta = text[r.sent_chars :]
         r.sent_chars = len(text)
         return delta
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Chunk], Chunk]]) -> None:
+    for chunks, chunk in items:
+        chunks.put_nowait(chunk)
 
 
 _llama_log = logging.getLogger("learnloop.llama.cpp")
