@@ -121,6 +121,45 @@ class EngineStats:
     swap_pauses_s: list[float] = field(default_factory=list)
 
 
+def fit_prompt(
+    messages: list[dict[str, str]],
+    render: Callable[[list[dict[str, str]]], list[int]],
+    max_tokens: int,
+    system_prompt: str | None = None,
+) -> list[int]:
+    """Token ids of the chat as ``render`` writes it, trimmed to ``max_tokens`` (every local engine).
+
+    Rule: the system prompt (``system_prompt`` when the chat has none) and the last turn are
+    always kept; whole older turns are dropped oldest first; if the last turn alone is too long,
+    its start is cut.
+    """
+    msgs = list(messages)
+    if system_prompt and (not msgs or msgs[0]["role"] != "system"):
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    ids = render(msgs)
+    while len(ids) > max_tokens:
+        first = 1 if msgs and msgs[0]["role"] == "system" else 0
+        if len(msgs) - first <= 1:
+            return ids[-max_tokens:]
+        del msgs[first]
+        ids = render(msgs)
+    return ids
+
+
+def run_commands(commands: queue.Queue[tuple[Callable[[], Any], Future[Any]]]) -> None:
+    """Run the commands queued for an engine's worker thread (between rounds) and settle their futures."""
+    while True:
+        try:
+            fn, future = commands.get_nowait()
+        except queue.Empty:
+            return
+        try:
+            future.set_result(fn())
+        except Exception as exc:
+            log.exception("engine command failed")
+            future.set_exception(exc)
+
+
 class TransformersEngine:
     """Serve a causal LM (any ``from_pretrained`` path or id) with versioned LoRA adapters."""
 
@@ -267,27 +306,13 @@ class TransformersEngine:
     # --- prompts -------------------------------------------------------------------------
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render the chat with the model's template; drop the oldest turns past the limit.
-
-        Rule: the system prompt and the last user turn are always kept; whole older turns
-        are dropped oldest first; if the last turn alone is too long, its start is cut.
-        """
-        msgs = list(messages)
-        if self.system_prompt and (not msgs or msgs[0]["role"] != "system"):
-            msgs.insert(0, {"role": "system", "content": self.system_prompt})
+        """Render the chat with the model's template, trimmed by ``fit_prompt``'s rule."""
 
         def render(ms: list[dict[str, str]]) -> list[int]:
             text = self.tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=True)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-        ids = render(msgs)
-        while len(ids) > self.max_prompt_tokens:
-            first = 1 if msgs and msgs[0]["role"] == "system" else 0
-            if len(msgs) - first <= 1:
-                return ids[-self.max_prompt_tokens :]
-            del msgs[first]
-            ids = render(msgs)
-        return ids
+        return fit_prompt(messages, render, self.max_prompt_tokens, self.system_prompt)
 
     # --- generation ------------------------------------------------------------------------
 
@@ -340,16 +365,7 @@ class TransformersEngine:
         batches: dict[str, _Batch] = {}
         with torch.inference_mode():
             while not self._stopping.is_set():
-                while True:
-                    try:
-                        fn, future = self._commands.get_nowait()
-                    except queue.Empty:
-                        break
-                    try:
-                        future.set_result(fn())
-                    except Exception as exc:
-                        log.exception("engine command failed")
-                        future.set_exception(exc)
+                run_commands(self._commands)
                 while len(active) < self.max_active:
                     try:
                         active.append(self._inbox.get_nowait())

@@ -54,7 +54,16 @@ from typing import Any
 import numpy as np
 
 from feedback.records import BASE_VERSION
-from server.engine import Chunk, EngineError, EngineStats, OverloadedError, SamplingConfig, UnknownVersionError
+from server.engine import (
+    Chunk,
+    EngineError,
+    EngineStats,
+    OverloadedError,
+    SamplingConfig,
+    UnknownVersionError,
+    fit_prompt,
+    run_commands,
+)
 
 log = logging.getLogger("learnloop.engine.llamacpp")
 
@@ -545,23 +554,10 @@ class LlamaCppEngine:
         return list(buf[:n])
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render the chat with the model's template; drop the oldest turns past the limit.
-
-        Rule (as the transformers engine): the system prompt and the last user turn are always
-        kept; whole older turns are dropped oldest first; if the last turn alone is too long,
-        its start is cut.
-        """
-        msgs = list(messages)
-        if self.system_prompt and (not msgs or msgs[0]["role"] != "system"):
-            msgs.insert(0, {"role": "system", "content": self.system_prompt})
-        ids = self.tokenize(self.render(msgs))
-        while len(ids) > self.max_prompt_tokens:
-            first = 1 if msgs and msgs[0]["role"] == "system" else 0
-            if len(msgs) - first <= 1:
-                return ids[-self.max_prompt_tokens :]
-            del msgs[first]
-            ids = self.tokenize(self.render(msgs))
-        return ids
+        """Render the chat with the model's template, trimmed by ``fit_prompt``'s rule (as transformers)."""
+        return fit_prompt(
+            messages, lambda ms: self.tokenize(self.render(ms)), self.max_prompt_tokens, self.system_prompt
+        )
 
     def detokenize(self, ids: list[int]) -> str:
         """Text of ``ids`` (special tokens left out); a trailing partial character shows as U+FFFD."""
@@ -642,16 +638,7 @@ class LlamaCppEngine:
         batch = self._ll.llama_batch_init(self._n_batch, 0, 1)
         try:
             while not self._stopping.is_set():
-                while True:
-                    try:
-                        fn, future = self._commands.get_nowait()
-                    except queue.Empty:
-                        break
-                    try:
-                        future.set_result(fn())
-                    except Exception as exc:
-                        log.exception("engine command failed")
-                        future.set_exception(exc)
+                run_commands(self._commands)
                 while len(active) < self.max_active:
                     try:
                         r = self._inbox.get_nowait()

@@ -91,3 +91,11 @@ async def register_candidate(
         training_run_id=None,
     )
     return version.name
+
+
+async def ask_reply(client: Any, text: str, cid: str) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+    """Send one message on a test client; (done frame, reply text, frames up to done). An error frame fails."""
+    await client.send(type="message", text=text, client_id=cid)
+    await client.until("ack")
+    done, frames = await client.until("done")
+    return done, "".join(f["delta"] for f in frames if f["type"] == "token"), frames

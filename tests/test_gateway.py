@@ -15,7 +15,7 @@ import pytest
 from feedback import VersionState
 from server.app import App
 from server.settings import load_settings
-from tests.factories import register_candidate
+from tests.factories import ask_reply, register_candidate
 from tests.test_engine import make_adapter
 
 
@@ -258,14 +258,7 @@ async def test_hot_swap_under_load_eight_sessions(tiny_model: Path, tmp_path: Pa
             await c.hello()
         question = "Where is my order?"
 
-        async def ask(c: Any, cid: str) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
-            await c.send(type="message", text=question, client_id=cid)
-            await c.until("ack")
-            done, frames = await c.until("done")  # an error frame fails the test
-            text = "".join(f["delta"] for f in frames if f["type"] == "token")
-            return done, text, frames
-
-        before = [asyncio.create_task(ask(c, "before")) for c in clients]
+        before = [asyncio.create_task(ask_reply(c, question, "before")) for c in clients]
         while a.engine.stats.tokens < 16:  # every session is streaming now
             await asyncio.sleep(0.01)
         adapter = make_adapter(tiny_model, tmp_path / "adapters" / "v1", seed=5)
@@ -289,6 +282,6 @@ async def test_hot_swap_under_load_eight_sessions(tiny_model: Path, tmp_path: Pa
         fresh = [await open_client(a.port) for _ in range(8)]
         for c in fresh:
             assert (await c.hello())["model_version"] == "v1"
-        second_wave = await asyncio.gather(*(ask(c, "after") for c in fresh))
+        second_wave = await asyncio.gather(*(ask_reply(c, question, "after") for c in fresh))
         for done, text, _ in second_wave:
             assert done["model_version"] == "v1" and text == expected_v1

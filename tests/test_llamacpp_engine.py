@@ -33,7 +33,7 @@ if not llama_cpp_available():
 
 from server.app import App  # noqa: E402
 from server.settings import load_settings  # noqa: E402
-from tests.factories import register_candidate  # noqa: E402
+from tests.factories import ask_reply, register_candidate  # noqa: E402
 from tests.test_engine import make_adapter  # noqa: E402
 from training.cycle import sha256_file  # noqa: E402
 from training.models import default_gguf, resolve_model  # noqa: E402
@@ -327,19 +327,12 @@ async def test_hot_swap_under_load_eight_sessions(
             await c.hello()
         question = "Where is my order?"
 
-        async def ask(c: Any, cid: str) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
-            await c.send(type="message", text=question, client_id=cid)
-            await c.until("ack")
-            done, frames = await c.until("done")  # an error frame fails the test
-            text = "".join(f["delta"] for f in frames if f["type"] == "token")
-            return done, text, frames
-
         adapter = Path(shutil.copytree(adapter_v1, tmp_path / "adapters" / "v1"))
         # converted (seconds) and the base shapes read ahead, so that the swap itself lands mid-reply
         await asyncio.to_thread(convert_adapter, adapter, gateway_settings.model.name)
         digest = sha256_file(adapter / "adapter_model.safetensors")
         await asyncio.to_thread(a.engine.validate_adapter, str(adapter), digest)
-        before = [asyncio.create_task(ask(c, "before")) for c in clients]
+        before = [asyncio.create_task(ask_reply(c, question, "before")) for c in clients]
         while a.engine.stats.tokens < 16:  # every session is streaming now
             await asyncio.sleep(0.01)
         await register_candidate(a.store, adapter, gateway_settings.model.name)
@@ -358,7 +351,7 @@ async def test_hot_swap_under_load_eight_sessions(
         fresh = [await open_client(a.port) for _ in range(8)]
         for c in fresh:
             assert (await c.hello())["model_version"] == "v1"
-        second_wave = await asyncio.gather(*(ask(c, "after") for c in fresh))
+        second_wave = await asyncio.gather(*(ask_reply(c, question, "after") for c in fresh))
         # The 8 replies decode as one batch, and llama.cpp's batched Q8_0 kernels round differently
         # from the one-sequence path: under this random adapter's near-flat logits a greedy reply
         # may fork late. Its start names the version; v1's and base's starts differ.
