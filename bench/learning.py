@@ -118,6 +118,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "init_from": args.init_from,
                     "kto_steps": args.kto_steps,
                     "contrast_pairs": args.contrast,
+                    "anchor_pairs": args.anchors,
+                    "number_pairs": args.numbers,
+                    "hold_down": args.hold_down,
                 },
                 "canary": {"share": 0.0},
             },
@@ -152,6 +155,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     *(limited(ask(port, g, f"generic-{version}-{n}")) for n, g in enumerate(generic))
                 )
                 generic_leaks = sum(1 for text, _, _ in generic_replies if leaks(text, intents))
+                leaked = [
+                    f"{q} -> {r[1]!r} ({', '.join(leaks(r[1], intents, own=i.id))})"
+                    for (i, q), r in zip(pairs, results, strict=True)
+                    if i.id in UNCORRECTED and leaks(r[1], intents, own=i.id)
+                ] + [
+                    f"{g} -> {text!r} ({', '.join(leaks(text, intents))})"
+                    for g, (text, _, _) in zip(generic, generic_replies, strict=True)
+                    if leaks(text, intents)
+                ]
                 uncorrected_ups = sum(r[0] for (i, _), r in zip(pairs, results, strict=True) if i.id in UNCORRECTED)
                 served = {r[3] for r in results}
                 assert served == {version}, served
@@ -160,6 +172,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "heldout_uncorrected": uncorrected_ups / sum(1 for i, _ in pairs if i.id in UNCORRECTED),
                     "leaks_uncorrected": leaked_uncorrected,
                     "leaks_generic": generic_leaks,
+                    "leak_examples": leaked,
                     "samples": {f"{i.id}: {q}": r[1] for (i, q), r in list(zip(pairs, results, strict=True))[::6]},
                 }
 
@@ -230,6 +243,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "best_gain_pp": round((best - base) * 100, 1),
         "minutes": round((time.monotonic() - started) / 60, 1),
         "samples": {k: v["samples"] for k, v in versions.items()},
+        "leak_examples": {k: v["leak_examples"] for k, v in versions.items() if v["leak_examples"]},
     }
     return summary
 
@@ -277,6 +291,9 @@ def main() -> None:
     parser.add_argument("--init-from", choices=["base", "live"], default="base")
     parser.add_argument("--kto-steps", type=int, default=0)
     parser.add_argument("--contrast", type=int, default=3, help="training.contrast_pairs")
+    parser.add_argument("--anchors", type=int, default=0, help="training.anchor_pairs")
+    parser.add_argument("--numbers", type=int, default=0, help="training.number_pairs")
+    parser.add_argument("--hold-down", action="store_true", help="training.hold_down")
     parser.add_argument("--correct-share", type=float, default=0.5)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--generic", type=int, default=10)
@@ -294,6 +311,9 @@ def main() -> None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
     samples = summary.pop("samples")
+    for version, examples in summary.pop("leak_examples").items():
+        for example in examples:
+            print(f"  leak [{version}] {example}")
     for version, replies in samples.items():
         for question, reply in list(replies.items())[:3]:
             print(f"  [{version}] {question} -> {reply[:140]!r}")
