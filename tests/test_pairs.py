@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from feedback.records import Correction, FeedbackSnapshot, Message, Rating, Role
-from training.pairs import build_training_data, split, split_groups, swap_numbers, topic_words
+from training.pairs import build_training_data, split, split_groups, swap_numbers
 
 
 def msg(
@@ -205,78 +205,25 @@ def test_contrast_pairs_are_capped_and_picked_stably() -> None:
     assert {(r.prompt[-1]["content"], r.rejected) for r in one} <= {(r.prompt[-1]["content"], r.rejected) for r in two}
 
 
-_REPLIES = (("gift", "Gift cards do not expire."), ("refund2", "A refund is possible."))
-
-
-def _shop(*, gift_reply: str = "Gift cards do not expire.") -> FeedbackSnapshot:
-    """Two corrected topics (refund, warranty) and three rated replies nobody corrected."""
+def _shop() -> FeedbackSnapshot:
+    """Two corrected replies whose answers hold numbers, and one password question corrected without any."""
     chats = [
-        ("refund", "How long do I have to return something?", "No idea.", -1),
-        ("warranty", "What is the warranty period?", "It depends.", -1),
-        ("gift", "Do gift cards expire?", gift_reply, -1),
-        ("refund2", "Could I send a purchase back?", "A refund is possible.", -1),
-        ("hello", "Hi there!", "Hello! How can I help you today?", 1),
+        ("refund", "How long do I have to return something?", "You can be reimbursed within a year."),
+        ("warranty", "What is the warranty period?", "It depends."),
+        ("password", "How do I reset my password?", "Call us."),
     ]
-    messages, ratings = [], []
-    for n, (conv, question, reply, vote) in enumerate(chats, start=1):
+    messages: list[Message] = []
+    for conv, question, reply in chats:
         messages += [
             msg(f"u-{conv}", U, question, None, 1, conv=conv),
             msg(f"a-{conv}", A, reply, f"u-{conv}", 2, conv=conv),
         ]
-        ratings.append(rating(n, f"a-{conv}", vote))
-    corrections = (
+    corrections = [
         Correction(1, "a-refund", "You can return any item for a full refund within 30 days of delivery.", "op"),
         Correction(2, "a-warranty", "Every product comes with a 2-year warranty against defects.", "op"),
-    )
-    return FeedbackSnapshot(tuple(messages), tuple(ratings), corrections)
-
-
-def test_topic_words_drop_stop_words_and_plurals_keep_numbers() -> None:
-    assert topic_words("Do gift cards expire within 30 days?") == {"gift", "card", "expire", "within", "30", "day"}
-    assert topic_words("Is it the same?") == frozenset()
-
-
-def test_anchor_pairs_keep_uncorrected_questions_from_other_topics_answers() -> None:
-    snap = _shop()
-    assert [r for r in build_training_data(snap).dpo if r.source == "anchor"] == []
-    data = build_training_data(snap, anchors=3)
-    anchors = [r for r in data.dpo if r.source == "anchor"]
-    by_question: dict[str, set[str]] = {}
-    for row in anchors:
-        assert row.anchor  # only the transplanted answer trains: the reply is no target
-        assert row.chosen != row.rejected and row.refs.messages == (f"a-{row.group}",)
-        by_question.setdefault(row.prompt[-1]["content"], set()).add(row.rejected)
-    corrections = {c.text for c in snap.corrections}
-    # the gift-card and greeting replies are anchored against both corrections
-    assert by_question["Do gift cards expire?"] == corrections
-    assert by_question["Hi there!"] == corrections
-    # "A refund is possible.": shares a word with the refund correction and its
-    # question, so only the warranty answer is a safe negative there
-    assert by_question["Could I send a purchase back?"] == {
-        "Every product comes with a 2-year warranty against defects."
-    }
-    # corrected replies anchor nothing; every other row is unchanged and still trains SFT
-    assert not any(r.group in ("refund", "warranty") for r in anchors)
-    assert not any(r.anchor for r in data.dpo if r.source != "anchor")
-    assert build_training_data(snap, anchors=3) == data  # stable: no randomness
-
-
-def test_a_reply_that_repeats_a_correction_anchors_nothing() -> None:
-    leaky = "A gift card expires 30 days after delivery."  # the refund window, transplanted
-    data = build_training_data(_shop(gift_reply=leaky), anchors=3)
-    assert not any(r.group == "gift" for r in data.dpo if r.source == "anchor")
-
-
-def test_a_shared_word_is_enough_to_keep_a_correction_out() -> None:
-    data = build_training_data(_shop(gift_reply="Gift cards are valid for one year."), anchors=3)
-    gift = {r.rejected for r in data.dpo if r.source == "anchor" and r.group == "gift"}
-    assert gift == {"You can return any item for a full refund within 30 days of delivery."}  # "year": not warranty
-
-
-def test_anchor_pairs_are_capped_per_reply() -> None:
-    data = build_training_data(_shop(), anchors=1)
-    anchors = [r for r in data.dpo if r.source == "anchor"]
-    assert len(anchors) == len({r.group for r in anchors}) == 3
+        Correction(3, "a-password", 'Click "Forgot password" on the sign-in page.', "op"),
+    ]
+    return FeedbackSnapshot(tuple(messages), (), tuple(corrections))
 
 
 def test_swap_numbers_replaces_each_number_in_turn() -> None:
@@ -300,17 +247,6 @@ def test_number_pairs_reject_the_correction_with_other_corrections_numbers() -> 
             "Every product comes with a 30-year warranty against defects.",
         ),
     }
-    assert all(not r.anchor and r.refs.corrections for r in rows)  # the chosen side is the operator's: it trains SFT
+    assert all(r.refs.corrections for r in rows)
+    assert not any(r.group == "password" for r in rows)  # its answer holds no number
     assert build_training_data(snap, numbers=3) == build_training_data(snap, numbers=3)
-
-
-def test_hold_down_makes_an_anchor_of_every_uncorrected_reply_rated_down() -> None:
-    snap = _shop()
-    assert [r for r in build_training_data(snap).dpo if r.source == "thumbs_down"] == []
-    rows = [r for r in build_training_data(snap, hold_down=True).dpo if r.source == "thumbs_down"]
-    # rated down: refund and warranty (corrected: their correction pairs push them down already),
-    # gift and refund2; the greeting was rated up
-    assert {r.group for r in rows} == {"gift", "refund2"}
-    for row in rows:
-        assert row.anchor and row.rejected == row.chosen == f"{dict(_REPLIES)[row.group]}"
-        assert row.refs.ratings and row.refs.messages == (f"a-{row.group}",)

@@ -36,20 +36,6 @@ class TrainConfig:
             "correction with another correction's numbers in it (binds each number to its question; 0 = off)."
         },
     )
-    hold_down: bool = field(
-        default=False,
-        metadata={
-            "help": "Replies rated down and not corrected may not get likelier than the base model finds them "
-            "(an anchor row each: no push below the base, no target)."
-        },
-    )
-    anchor_pairs: int = field(
-        default=0,
-        metadata={
-            "help": "Per rated reply nobody corrected, this many anchor rows: a correction on another topic may not "
-            "get likelier on that question than the base model finds it, beyond a slack (0 = off; see bench/RESULTS.md)."
-        },
-    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -85,8 +71,6 @@ class TrainConfig:
             raise ValueError("training.contrast_pairs must be 0 or more")
         if self.number_pairs < 0:
             raise ValueError("training.number_pairs must be 0 or more")
-        if self.anchor_pairs < 0:
-            raise ValueError("training.anchor_pairs must be 0 or more")
         if self.init_from not in ("base", "live"):
             raise ValueError(f"training.init_from {self.init_from!r}: use 'base' or 'live'")
 

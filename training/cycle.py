@@ -108,11 +108,9 @@ class PreparedData:
         """The rows the next run trains on (before weighting), optionally of one kind: dpo, kto or sft.
 
         ``heldout_too`` adds the rows held out for the gate (an export wants every clean row).
-        Anchor rows are learnloop's own (no preference pair for TRL's trainers) and stay out.
         """
         data = self.data if heldout_too else self.train
-        dpo = tuple(r for r in data.dpo if not r.anchor)
-        kinds: dict[str, tuple[pairs.Row, ...]] = {"dpo": dpo, "kto": data.kto, "sft": data.sft}
+        kinds: dict[str, tuple[pairs.Row, ...]] = {"dpo": data.dpo, "kto": data.kto, "sft": data.sft}
         if kind is not None and kind not in kinds:
             raise ValueError("kind must be dpo, kto or sft")
         return [r for k, rows in kinds.items() if kind in (None, k) for r in rows]
@@ -127,8 +125,6 @@ def prepare(snapshot: FeedbackSnapshot, cfg: CycleConfig) -> PreparedData:
             system_prompt=cfg.system_prompt,
             contrast=cfg.train.contrast_pairs,
             numbers=cfg.train.number_pairs,
-            anchors=cfg.train.anchor_pairs,
-            hold_down=cfg.train.hold_down,
         )
     )
     train, heldout = pairs.split(data, cfg.heldout_fraction)
@@ -221,13 +217,11 @@ class TrainingCycle:
             "output_dir": str(adapter_tmp),
             "live_adapter": live.adapter_path,
             "init_adapter": live.adapter_path if cfg.train.init_from == "live" else None,
-            "dpo": _write_jsonl(
-                run_dir / "dpo.jsonl", [{**r.to_trl(), "anchor": r.anchor} for r in prepared.weighted_train.dpo]
-            ),
+            "dpo": _write_jsonl(run_dir / "dpo.jsonl", [r.to_trl() for r in prepared.weighted_train.dpo]),
             "kto": _write_jsonl(run_dir / "kto.jsonl", [r.to_trl() for r in prepared.weighted_train.kto]),
             "sft": _write_jsonl(run_dir / "sft.jsonl", [r.to_trl() for r in prepared.weighted_train.sft]),
             "heldout": _write_jsonl(
-                run_dir / "heldout.jsonl", [{**r.to_trl(), "source": r.source, "anchor": r.anchor} for r in heldout.dpo]
+                run_dir / "heldout.jsonl", [{**r.to_trl(), "source": r.source} for r in heldout.dpo]
             ),
             "kto_weights": list(train.kto_weights()),
             "dataset_id": pairs.dataset_id(data),

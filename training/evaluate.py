@@ -77,13 +77,7 @@ def evaluate_pairs(
     ordinary chat, the general-ability check.
     """
     model.eval()
-    # anchor rows (training.pairs) say "this answer must not get likelier here" (another
-    # topic's correction, or a reply rated down); they are no preference to score by margin,
-    # so they give their own figure
-    anchors = [p for p in pairs if p.get("anchor")]
-    pairs = [p for p in pairs if not p.get("anchor")]
     scores: dict[str, list[tuple[float, int, float, int]]] = {"cand": [], "live": []}
-    transplant: dict[str, list[float]] = {"cand": [], "live": []}
     ppl: dict[str, float | None] = {"cand": None, "live": None}
     for key, adapter in (("cand", CANDIDATE), ("live", live_adapter)):
         with _as(model, adapter):
@@ -91,9 +85,6 @@ def evaluate_pairs(
                 c_lp, c_n = completion_logprob(model, tokenizer, pair["prompt"], pair["chosen"][0]["content"])
                 r_lp, r_n = completion_logprob(model, tokenizer, pair["prompt"], pair["rejected"][0]["content"])
                 scores[key].append((c_lp, c_n, r_lp, r_n))
-            for row in anchors:
-                lp, n = completion_logprob(model, tokenizer, row["prompt"], row["rejected"][0]["content"])
-                transplant[key].append(lp / max(n, 1))
             if generic:
                 lps = [completion_logprob(model, tokenizer, g["prompt"], g["completion"]) for g in generic]
                 ppl[key] = math.exp(-sum(lp for lp, _ in lps) / max(sum(n for _, n in lps), 1))
@@ -120,15 +111,5 @@ def evaluate_pairs(
         live=model_scores(scores["live"], ppl["live"]),
         reward_margin=sum(margins) / len(margins) if margins else 0.0,
         reward_accuracy=sum(1 for m in margins if m > 0) / len(margins) if margins else 0.0,
-        extra={
-            "nll_on": "corrections" if any(p.get("source") == "correction" for p in pairs) else "all pairs",
-            "anchor_rows": len(anchors),
-            # mean per-token log-probability rise, candidate over live, of the anchor rows' rejected
-            # answers: above 0, answers spread to questions they were not for, or bad replies return
-            "transplant_rise": (
-                sum(c - lv for c, lv in zip(transplant["cand"], transplant["live"], strict=True)) / len(anchors)
-                if anchors
-                else None
-            ),
-        },
+        extra={"nll_on": "corrections" if any(p.get("source") == "correction" for p in pairs) else "all pairs"},
     )

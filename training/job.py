@@ -38,102 +38,6 @@ def read_jsonl(path: str | None) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-ANCHOR_SLACK = 0.5  # nats per token another topic's answer may gain before an anchor row pushes back
-
-
-def preference_loss(d_chosen: Any, d_rejected: Any, n_rejected: Any, anchor: Any, beta: float) -> Any:
-    """Per-row loss from the policy-minus-reference log-probabilities of each answer (tensors).
-
-    Pairs: DPO's ``-log sigmoid(beta * (d_chosen - d_rejected))``. Anchor rows:
-    ``max(0, d_rejected / n_rejected - ANCHOR_SLACK)``, the per-token rise of the rejected answer
-    beyond the slack, whatever ``d_chosen`` is.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    rise = d_rejected / n_rejected.clamp(min=1)
-    return torch.where(anchor, F.relu(rise - ANCHOR_SLACK), -F.logsigmoid(beta * (d_chosen - d_rejected)))
-
-
-def dpo_sft_trainer(*, sft_weight: float, **kwargs: Any) -> Any:
-    """TRL's DPOTrainer (data pipeline, forward passes, metrics) with a per-row loss.
-
-    Per row, with ``d(x) = log p_policy(x) - log p_reference(x)`` summed over answer tokens:
-
-    * a pair: DPO's sigmoid loss ``-log sigmoid(beta * (d(chosen) - d(rejected)))`` plus
-      ``sft_weight`` times the SFT loss on the chosen answer (TRL's ``loss_type=["sigmoid",
-      "sft"]``, exactly: a test holds them equal);
-    * an anchor row (``"anchor": true``, ``training.pairs``): ``max(0, d(rejected) / tokens -
-      ANCHOR_SLACK)`` only. A correction written for another topic may gain at most
-      ``ANCHOR_SLACK`` nats per token here over the reference model; below that it costs
-      nothing, so the row does not fight the SFT loss that teaches the same answer on its own
-      question. The chosen side, a reply
-      nobody endorsed, gets neither a DPO push nor the SFT loss. (Pushing the transplant
-      down with ``-log sigmoid(-beta * d(rejected))`` instead kept the model from learning
-      the corrections at all: bench/RESULTS.md, learning run 11.)
-
-    The log-probabilities are read off the two forwards TRL runs anyway (policy with
-    gradients, reference without); TRL's own loss value is dropped, its metrics still log.
-    """
-    import torch
-    from trl import DPOTrainer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
-    class Collator(DataCollatorForPreference):  # type: ignore[misc]
-        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-            out: dict[str, Any] = super().torch_call(examples)
-            out["anchor_rows"] = torch.tensor([bool(e.get("anchor", False)) for e in examples])
-            return out
-
-    class Trainer(DPOTrainer):  # type: ignore[misc]
-        def _set_signature_columns_if_needed(self) -> None:
-            super()._set_signature_columns_if_needed()
-            columns: list[str] = list(self._signature_columns or [])
-            if "anchor" not in columns:
-                self._signature_columns = [*columns, "anchor"]  # type: ignore[assignment]
-
-        def compute_loss(
-            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
-        ) -> Any:
-            anchor = inputs.pop("anchor_rows").bool()
-            forwards: list[tuple[bool, Any]] = []
-
-            def keep(_module: Any, _args: Any, output: Any) -> None:
-                if len(forwards) < 2:
-                    forwards.append((torch.is_grad_enabled(), output))
-
-            handle = model.register_forward_hook(keep)
-            try:
-                super().compute_loss(model, inputs, False, num_items_in_batch)
-            finally:
-                handle.remove()
-            policy = next(out for grad, out in forwards if grad)
-            reference = next(out for grad, out in forwards if not grad)
-            mask = inputs["completion_mask"][..., 1:]
-            n = mask.size(1)
-            logps = (policy.log_probs[:, -n:] * mask).sum(dim=1)
-            ref_logps = (reference.log_probs[:, -n:] * mask).sum(dim=1).detach()
-            d_chosen, d_rejected = (logps - ref_logps).chunk(2, dim=0)
-            anchor = anchor.to(d_chosen.device)
-            _, n_rejected = mask.sum(dim=1).chunk(2, dim=0)
-            loss = preference_loss(d_chosen, d_rejected, n_rejected, anchor, self.beta).mean()
-            chosen_mask, _ = mask.chunk(2, dim=0)
-            sft_mask = chosen_mask.bool() & ~anchor.unsqueeze(1)
-            if sft_weight > 0 and bool(sft_mask.any()):
-                chosen_token_logps, _ = policy.log_probs[:, -n:].chunk(2, dim=0)
-                sft = -chosen_token_logps[sft_mask].mean()
-                self._metrics["train" if model.training else "eval"]["sft_loss"].append(float(sft.detach()))
-                loss = loss + sft_weight * sft
-            return loss
-
-    tokenizer = kwargs["processing_class"]
-    args = kwargs["args"]
-    collator = Collator(
-        pad_token_id=tokenizer.pad_token_id, max_length=args.max_length, truncation_mode=args.truncation_mode
-    )
-    return Trainer(data_collator=collator, **kwargs)
-
-
 def run(spec: dict[str, Any]) -> None:
     import torch
     from datasets import Dataset
@@ -202,13 +106,13 @@ def run(spec: dict[str, Any]) -> None:
     kto_rows = read_jsonl(spec.get("kto"))
     sft_rows = read_jsonl(spec.get("sft"))
     if dpo_rows:
-        from trl import DPOConfig
+        from trl import DPOConfig, DPOTrainer
 
-        trainer: Any = dpo_sft_trainer(
+        losses, weights = (["sigmoid", "sft"], [1.0, cfg.sft_weight]) if cfg.sft_weight > 0 else (["sigmoid"], [1.0])
+        trainer: Any = DPOTrainer(
             model=model,
-            args=DPOConfig(**common, beta=cfg.beta, loss_type=["sigmoid"]),
-            sft_weight=cfg.sft_weight,
-            train_dataset=Dataset.from_list([{"anchor": False, **r} for r in dpo_rows]),
+            args=DPOConfig(**common, beta=cfg.beta, loss_type=losses, loss_weights=weights),
+            train_dataset=Dataset.from_list(dpo_rows),
             processing_class=tokenizer,
             peft_config=lora,
             callbacks=[Progress()],

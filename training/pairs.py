@@ -18,10 +18,6 @@ Signals (DESIGN.md, "Feedback signals -> training data"):
 >>> #                                       -> DPO(Q, chosen=C, rejected=D) for up to ``contrast`` of them
 >>> # correction C with a number, numbers N of other corrections (``numbers`` > 0)
 >>> #                                       -> DPO(Q, chosen=C, rejected=C with its numbers set to N)
->>> # reply R to Q rated down, no correction (``hold_down``)
->>> #                                       -> anchor(Q, rejected=R): R may not get likelier
->>> # rated reply R to Q with no correction, corrections D on other topics (``anchors`` > 0)
->>> #                                       -> anchor(Q, kept=R, rejected=D) for up to ``anchors`` of them
 
 Contrast pairs teach that an answer belongs to its question: without them the SFT loss on a
 few short policy answers makes the model answer any shop question with the nearest one it
@@ -32,16 +28,6 @@ Number pairs teach it fact by fact: the rejected side is the correction itself w
 numbers replaced by another correction's ("within 50 days of delivery"), so the pair differs
 only where the fact is and DPO's gradient lands on those tokens. A number the operator wrote
 is the fact; any other number there is wrong, so these pairs need no guess about topics.
-
-Anchor pairs teach the same on the questions nobody corrected: a gift-card question that was
-rated but never corrected must not be answered with the refund window. Their rejected side
-is a correction on another topic and only that side trains (``DPORow.anchor``: the job pushes
-it below the reference model and leaves the chosen side, the reply the customer got, alone:
-no DPO push and no SFT loss on a reply that was never endorsed).
-"Another topic" is decided conservatively, by words: the correction, and every question it
-was written for, share no content word (``topic_words``) with the question or its reply. A
-reply that itself shares two content words with a correction may be a transplant already and
-anchors nothing.
 """
 
 from __future__ import annotations
@@ -75,7 +61,6 @@ class DPORow:
     source: str
     group: str  # conversation id: rows of one conversation stay on one side of the split
     refs: FeedbackRef = field(default_factory=FeedbackRef)
-    anchor: bool = False  # only the rejected side trains (no DPO push up, no SFT on the chosen side)
 
     def to_trl(self) -> dict[str, Any]:
         return {
@@ -147,28 +132,6 @@ class TrainingData:
         return 1.0, n_up / n_down
 
 
-_STOPWORDS = frozenset(
-    """a about after all also am an and any are as at be been being but by can could did do does doing done
-    for from get gets got had has have having he her here hers him his how i if in into is it its just let me
-    mine more most much my need no not now of off on once one only or our ours out over please same she should
-    so some such than thank thanks that the their theirs them then there these they this those to too under
-    until up us very want was way we were what when where which while who whom whose why will with would yes
-    you your yours""".split()  # noqa: SIM905 (a paragraph reads better than 130 quoted words)
-)
-
-
-def topic_words(text: str) -> frozenset[str]:
-    """Content words of a text: lower case, stop words out, a plural's trailing s dropped, numbers kept."""
-    words = set()
-    for w in re.findall(r"[a-z0-9]+", text.lower()):
-        if w in _STOPWORDS or (len(w) < 3 and not w.isdigit()):
-            continue
-        if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
-            w = w[:-1]
-        words.add(w)
-    return frozenset(words)
-
-
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 
 
@@ -179,24 +142,14 @@ def swap_numbers(text: str, numbers: Sequence[str]) -> str:
 
 
 def build_training_data(
-    snapshot: FeedbackSnapshot,
-    *,
-    system_prompt: str | None = None,
-    contrast: int = 0,
-    numbers: int = 0,
-    anchors: int = 0,
-    hold_down: bool = False,
+    snapshot: FeedbackSnapshot, *, system_prompt: str | None = None, contrast: int = 0, numbers: int = 0
 ) -> TrainingData:
     """Build every DPO, KTO and SFT row the snapshot supports.
 
     ``contrast``: for every corrected reply, up to this many extra pairs whose rejected side is
     the correction written for another question (a different text).
     ``numbers``: for every corrected reply whose correction holds numbers, up to this many
-    pairs whose rejected side is that correction with another correction's numbers in them.
-    ``hold_down``: every reply rated down and not corrected becomes an anchor row whose
-    rejected side is the reply itself (its chosen side repeats it and never trains).
-    ``anchors``: for every rated reply without a correction, up to this many anchor pairs whose
-    chosen side is that reply and whose rejected side is a correction on another topic.
+    pairs whose rejected side is that correction with another correction's numbers in it.
     """
     usable = [m for m in snapshot.messages if m.finish_reason != "error"]  # failed replies never train
     messages = {m.id: m for m in usable}
@@ -250,20 +203,13 @@ def build_training_data(
     seen_pairs: set[tuple[tuple[tuple[str, str], ...], str, str]] = set()
 
     def add_pair(
-        prompt: tuple[ChatMessage, ...],
-        chosen: str,
-        rejected: str,
-        source: str,
-        group: str,
-        refs: FeedbackRef,
-        *,
-        anchor: bool = False,
+        prompt: tuple[ChatMessage, ...], chosen: str, rejected: str, source: str, group: str, refs: FeedbackRef
     ) -> None:
         key = (tuple((m["role"], m["content"]) for m in prompt), chosen.strip(), rejected.strip())
         if chosen.strip() == rejected.strip() or key in seen_pairs:
             return
         seen_pairs.add(key)
-        dpo.append(DPORow(prompt, chosen, rejected, source, group, refs, anchor))
+        dpo.append(DPORow(prompt, chosen, rejected, source, group, refs))
 
     # 1. operator corrections
     for message_id, c in latest_correction.items():
@@ -292,7 +238,7 @@ def build_training_data(
                 refs = FeedbackRef(corrections=(c.id, other.id), messages=(reply.id,))
                 add_pair(prompt, c.text, other.text, "contrast", reply.conversation_id, refs)
 
-    # 1b'. numbers: a correction beats itself with another correction's numbers
+    # 1c. numbers: a correction beats itself with another correction's numbers
     if numbers > 0:
         texts = sorted({c.text.strip() for c in latest_correction.values()})
         for message_id, c in latest_correction.items():
@@ -308,55 +254,6 @@ def build_training_data(
             for alternative in swaps[:numbers]:
                 refs = FeedbackRef(corrections=(c.id,), messages=(reply.id,))
                 add_pair(prompt, c.text, swap_numbers(c.text, alternative), "numbers", reply.conversation_id, refs)
-
-    # 1c. anchors: a rated reply nobody corrected beats a correction written on another topic
-    if anchors > 0 and latest_correction:
-        # one candidate per distinct correction text, with every question it was written for
-        topics: dict[str, tuple[Correction, set[str]]] = {}
-        for mid, c in latest_correction.items():
-            parent = messages.get(messages[mid].parent_id or "")
-            question = parent.text if parent is not None else ""
-            entry = topics.setdefault(c.text.strip(), (c, set(topic_words(c.text))))
-            entry[1].update(topic_words(question))
-        answer_words = [topic_words(text) for text in topics]
-        for message_id, (_label, rating_ids) in sorted(labels.items()):
-            reply = messages[message_id]
-            if (
-                reply.role is not Role.ASSISTANT
-                or reply.by_operator
-                or message_id in latest_correction
-                or not reply.text.strip()
-            ):
-                continue
-            prompt = prompt_for(reply)
-            if prompt is None:
-                continue
-            said = topic_words(reply.text)
-            if any(len(said & words) >= 2 for words in answer_words):  # maybe a transplanted answer already
-                continue
-            about = said | topic_words(prompt[-1]["content"])
-            unrelated = [c for c, words in topics.values() if not about & words]
-            ranked = sorted(unrelated, key=lambda o: _bucket(f"{reply.id}\x00{o.text.strip()}"))
-            for other in ranked[:anchors]:
-                refs = FeedbackRef(ratings=rating_ids, corrections=(other.id,), messages=(reply.id,))
-                add_pair(prompt, reply.text, other.text, "anchor", reply.conversation_id, refs, anchor=True)
-
-    # 1d. thumbs down: a reply customers rated down may not get likelier than the reference finds it
-    if hold_down:
-        for message_id, (label, rating_ids) in sorted(labels.items()):
-            reply = messages[message_id]
-            if (
-                label > 0
-                or reply.role is not Role.ASSISTANT
-                or reply.by_operator
-                or message_id in latest_correction  # its correction pair pushes it down already
-                or not reply.text.strip()
-            ):
-                continue
-            prompt = prompt_for(reply)
-            if prompt is not None:
-                refs = FeedbackRef(ratings=rating_ids, messages=(reply.id,))
-                dpo.append(DPORow(prompt, reply.text, reply.text, "thumbs_down", reply.conversation_id, refs, True))
 
     # 2 and 4. siblings: answers to one context (regenerations, or up and down votes)
     for parent_id, group in children.items():
@@ -479,5 +376,4 @@ __all__ = [
     "split",
     "split_groups",
     "swap_numbers",
-    "topic_words",
 ]
