@@ -144,23 +144,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 results = await asyncio.gather(*jobs)
                 pairs = [(i, q) for i in intents for q in i.heldout]
                 ups = sum(r[0] for r in results)
-                leaked_uncorrected = sum(
-                    1
-                    for (i, _), r in zip(pairs, results, strict=True)
-                    if i.id in UNCORRECTED and leaks(r[1], intents, own=i.id)
-                )
                 generic_replies = await asyncio.gather(
                     *(limited(ask(port, g, f"generic-{version}-{n}")) for n, g in enumerate(generic))
                 )
-                generic_leaks = sum(1 for text, _, _ in generic_replies if leaks(text, intents))
-                leaked = [
-                    f"{q} -> {r[1]!r} ({', '.join(leaks(r[1], intents, own=i.id))})"
+                uncorrected_leaks = [
+                    f"{q} -> {r[1]!r} ({', '.join(found)})"
                     for (i, q), r in zip(pairs, results, strict=True)
-                    if i.id in UNCORRECTED and leaks(r[1], intents, own=i.id)
-                ] + [
-                    f"{g} -> {text!r} ({', '.join(leaks(text, intents))})"
+                    if i.id in UNCORRECTED and (found := leaks(r[1], intents, own=i.id))
+                ]
+                generic_leaks = [
+                    f"{g} -> {text!r} ({', '.join(found)})"
                     for g, (text, _, _) in zip(generic, generic_replies, strict=True)
-                    if leaks(text, intents)
+                    if (found := leaks(text, intents))
                 ]
                 uncorrected_ups = sum(r[0] for (i, _), r in zip(pairs, results, strict=True) if i.id in UNCORRECTED)
                 served = {r[3] for r in results}
@@ -168,9 +163,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 return {
                     "heldout": ups / len(results),
                     "heldout_uncorrected": uncorrected_ups / sum(1 for i, _ in pairs if i.id in UNCORRECTED),
-                    "leaks_uncorrected": leaked_uncorrected,
-                    "leaks_generic": generic_leaks,
-                    "leak_examples": leaked,
+                    "leaks_uncorrected": len(uncorrected_leaks),
+                    "leaks_generic": len(generic_leaks),
+                    "leak_examples": uncorrected_leaks + generic_leaks,
                     "samples": {f"{i.id}: {q}": r[1] for (i, q), r in list(zip(pairs, results, strict=True))[::6]},
                 }
 

@@ -205,7 +205,7 @@ def test_contrast_pairs_are_capped_and_picked_stably() -> None:
     assert {(r.prompt[-1]["content"], r.rejected) for r in one} <= {(r.prompt[-1]["content"], r.rejected) for r in two}
 
 
-def _shop() -> FeedbackSnapshot:
+def _numbered_corrections() -> FeedbackSnapshot:
     """Two corrected replies whose answers hold numbers, and one password question corrected without any."""
     chats = [
         ("refund", "How long do I have to return something?", "You can be reimbursed within a year."),
@@ -232,7 +232,7 @@ def test_swap_numbers_replaces_each_number_in_turn() -> None:
 
 
 def test_number_pairs_reject_the_correction_with_other_corrections_numbers() -> None:
-    snap = _shop()
+    snap = _numbered_corrections()
     assert [r for r in build_training_data(snap).dpo if r.source == "numbers"] == []
     rows = [r for r in build_training_data(snap, numbers=3).dpo if r.source == "numbers"]
     assert {(r.group, r.chosen, r.rejected) for r in rows} == {

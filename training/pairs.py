@@ -33,15 +33,17 @@ is the fact; any other number there is wrong, so these pairs need no guess about
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from feedback.records import Correction, FeedbackSnapshot, Message, Role
 
 ChatMessage = dict[str, str]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 
 def swap_numbers(text: str, numbers: Sequence[str]) -> str:
     """``text`` with its n-th number replaced by ``numbers[n % len(numbers)]``."""
-    count = iter(range(1_000_000))
+    count = itertools.count()
     return _NUMBER.sub(lambda _m: numbers[next(count) % len(numbers)], text)
 
 
@@ -233,25 +235,21 @@ def build_training_data(
             for other, _ in corrected:  # one candidate per distinct text
                 if other.text.strip() != own:
                     others.setdefault(other.text.strip(), other)
-            ranked = sorted(others.values(), key=lambda o: _bucket(f"{reply.id}\x00{o.text.strip()}"))
-            for other in ranked[:contrast]:
+            for other in _stable_pick(reply.id, others.values(), lambda o: o.text.strip(), contrast):
                 refs = FeedbackRef(corrections=(c.id, other.id), messages=(reply.id,))
                 add_pair(prompt, c.text, other.text, "contrast", reply.conversation_id, refs)
 
     # 1c. numbers: a correction beats itself with another correction's numbers
     if numbers > 0:
-        texts = sorted({c.text.strip() for c in latest_correction.values()})
+        number_sets = {tuple(found) for c in latest_correction.values() if (found := _NUMBER.findall(c.text))}
         for message_id, c in latest_correction.items():
             reply = messages[message_id]
             prompt = prompt_for(reply)
-            own_numbers = _NUMBER.findall(c.text)
+            own_numbers = sorted(_NUMBER.findall(c.text))
             if prompt is None or not own_numbers:
                 continue
-            alternatives = {
-                tuple(found) for t in texts if (found := _NUMBER.findall(t)) and sorted(found) != sorted(own_numbers)
-            }
-            swaps = sorted(alternatives, key=lambda a: _bucket(f"{reply.id}\x00{' '.join(a)}"))
-            for alternative in swaps[:numbers]:
+            alternatives = [a for a in number_sets if sorted(a) != own_numbers]
+            for alternative in _stable_pick(reply.id, alternatives, " ".join, numbers):
                 refs = FeedbackRef(corrections=(c.id,), messages=(reply.id,))
                 add_pair(prompt, c.text, swap_numbers(c.text, alternative), "numbers", reply.conversation_id, refs)
 
@@ -309,6 +307,12 @@ def build_training_data(
                 sft.append(SFTRow(prompt, m.text, "takeover", m.conversation_id, FeedbackRef(messages=(m.id,))))
 
     return TrainingData(dpo=tuple(dpo), kto=tuple(kto), sft=tuple(sft))
+
+
+def _stable_pick(seed: str, items: Iterable[T], key: Callable[[T], str], k: int) -> list[T]:
+    """Up to ``k`` of ``items``, ordered by a hash of ``seed`` and each item's ``key``: the same
+    inputs always pick the same items, whatever order they came in."""
+    return sorted(items, key=lambda item: _bucket(f"{seed}\x00{key(item)}"))[:k]
 
 
 def _bucket(group: str) -> float:
