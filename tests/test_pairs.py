@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from feedback.records import Correction, FeedbackSnapshot, Message, Rating, Role
-from training.pairs import build_training_data, split, split_groups, swap_numbers
+from training.pairs import CONTRAST_POOL, build_training_data, pick_likeliest, split, split_groups, swap_numbers
 
 
 def msg(
@@ -250,3 +252,71 @@ def test_number_pairs_reject_the_correction_with_other_corrections_numbers() -> 
     assert all(r.refs.corrections for r in rows)
     assert not any(r.group == "password" for r in rows)  # its answer holds no number
     assert build_training_data(snap, numbers=3) == build_training_data(snap, numbers=3)
+
+
+def _renamed(snap: FeedbackSnapshot, tag: str) -> FeedbackSnapshot:
+    """The same feedback under other ids, stored in the reverse order: what another run of the
+    server (other uuids, other arrival order) would have stored."""
+    ids = {m.id: f"{tag}-{m.id}" for m in snap.messages}
+    messages = tuple(
+        Message(
+            id=ids[m.id],
+            conversation_id=f"{tag}-{m.conversation_id}",
+            seq=m.seq,
+            role=m.role,
+            text=m.text,
+            parent_id=ids.get(m.parent_id) if m.parent_id else None,
+        )
+        for m in reversed(snap.messages)
+    )
+    corrections = tuple(Correction(c.id, ids[c.message_id], c.text, c.operator) for c in reversed(snap.corrections))
+    return FeedbackSnapshot(messages, (), corrections)
+
+
+def test_rows_order_and_split_depend_on_content_not_ids_or_arrival_order() -> None:
+    snap = _corrected_chats(12)
+    a, b = (
+        build_training_data(snap, contrast=2, numbers=1),
+        build_training_data(_renamed(snap, "x"), contrast=2, numbers=1),
+    )
+    assert [r.to_trl() for r in a.dpo] == [r.to_trl() for r in b.dpo]
+    assert [r.to_trl() for r in a.sft] == [r.to_trl() for r in b.sft]
+    for (train_a, held_a), (train_b, held_b) in [(split(a, 0.3), split(b, 0.3))]:
+        assert [r.to_trl() for r in held_a.dpo] == [r.to_trl() for r in held_b.dpo]
+        assert [r.to_trl() for r in train_a.dpo] == [r.to_trl() for r in train_b.dpo]
+        assert held_a.dpo and train_a.dpo
+
+
+def test_a_question_asked_again_lands_on_the_side_of_its_first_asking() -> None:
+    """Ten questions, each asked in three conversations: every copy of a question falls on one side."""
+    messages, corrections = [], []
+    for k in range(30):
+        question = f"question {k % 10}"
+        messages += [
+            msg(f"u{k}", U, question, None, 1, conv=f"c{k}"),
+            msg(f"a{k}", A, f"meh {k}", f"u{k}", 2, conv=f"c{k}"),
+        ]
+        corrections.append(Correction(k + 1, f"a{k}", f"answer {k % 10}", "op"))
+    train, held = split(build_training_data(FeedbackSnapshot(tuple(messages), (), tuple(corrections))), 0.3)
+    held_questions = {r.prompt[-1]["content"] for r in held.dpo}
+    train_questions = {r.prompt[-1]["content"] for r in train.dpo}
+    assert held_questions and train_questions and not held_questions & train_questions
+    assert len(held.dpo) == 3 * len(held_questions)  # all three askings of each held-out question
+
+
+def test_contrast_pool_holds_every_other_answer_and_the_likeliest_are_kept() -> None:
+    snap = _corrected_chats(6)  # three distinct answers
+    pool = [r for r in build_training_data(snap, contrast=1, contrast_pool=True).dpo if r.source == "contrast"]
+    assert len(pool) == 6 * 2 and CONTRAST_POOL >= 2  # both other answers, not just one
+    rows = [r.to_trl() for r in pool]
+    scores = [-1.0 if r["rejected"][0]["content"] == "answer 2" else -3.0 for r in rows]
+    kept = pick_likeliest(rows, scores, 1)
+    by_question = {r["prompt"][-1]["content"]: r["rejected"][0]["content"] for r in kept}
+    assert len(kept) == 6 and len(by_question) == 6
+    for question, rejected in by_question.items():
+        own = f"answer {int(question.split()[-1]) % 3}"
+        assert rejected == ("answer 1" if own == "answer 2" else "answer 2")  # the likeliest other answer
+    assert pick_likeliest(rows, scores, 5) == rows  # k above the pool keeps all, in order
+    assert pick_likeliest(rows, [0.0] * len(rows), 1) == pick_likeliest(rows, [0.0] * len(rows), 1)  # ties: stable
+    with pytest.raises(ValueError, match="scores"):
+        pick_likeliest(rows, scores[:-1], 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import signal
 import uuid
@@ -23,7 +24,7 @@ from training.cycle import CycleStatus, TrainingCycle, sha256_file
 ANSWER = "Refunds are accepted within 30 days of delivery."
 
 
-async def seed(store: FeedbackStore, n: int = 6) -> None:
+async def seed(store: FeedbackStore, n: int = 6, answers: tuple[str, ...] = (ANSWER,)) -> None:
     await store.ensure_base_version("unused")
     for i in range(n):
         cid = uuid.uuid4().hex
@@ -43,7 +44,7 @@ async def seed(store: FeedbackStore, n: int = 6) -> None:
             parent_id=u.id,
             model_version="base",
         )
-        await store.add_correction(message_id=a.id, text=ANSWER, operator="op")
+        await store.add_correction(message_id=a.id, text=answers[i % len(answers)], operator="op")
 
 
 def config(model: Path, data_dir: Path, **train: Any) -> CycleConfig:
@@ -228,3 +229,23 @@ async def test_continuing_from_live_with_a_kto_stage(tiny_model: Path, tmp_path:
         version = await store.get_version(result.version or "")
         assert version.eval_report is not None and version.eval_report["trainer"] == "dpo+kto"
         assert version.parent == "v1"
+
+
+async def test_live_contrast_pick_keeps_the_likeliest_candidates(tiny_model: Path, tmp_path: Path) -> None:
+    """contrast_pick = "live": the cycle hands every other correction to the job as a candidate, and
+    the job keeps the ``contrast_pairs`` likeliest under the live version (the base model, then v1)."""
+    answers = (ANSWER, "Standard shipping takes 3 to 5 business days.", "We accept Visa, Mastercard and PayPal.")
+    async with await FeedbackStore.open(tmp_path / "db.sqlite") as store:
+        await seed(store, n=9, answers=answers)
+        cfg = config(tiny_model, tmp_path, contrast_pairs=1, contrast_pick="live")
+        for expected_live in ("base", "v1"):
+            result = await TrainingCycle(store, cfg).run(force=True)
+            assert result.status is CycleStatus.PROMOTED, result.reason
+            version = await store.get_version(result.version or "")
+            assert version.parent == expected_live
+            meta = json.loads((Path(version.adapter_path or "") / "learnloop.json").read_text())
+            train_corrections = meta["rows"]["contrast_candidates"] // 2  # two other answers each
+            assert train_corrections > 0
+            # each training correction twice (operator weight 2) and its one picked contrast pair
+            assert meta["rows"]["dpo"] == 3 * train_corrections
+            assert version.eval_report is not None and version.eval_report["n_heldout"] == 2 * (9 - train_corrections)

@@ -51,6 +51,7 @@ def test_env_types() -> None:
         ({"LEARNLOOP_SCHEDULE_ENABLED": "maybe"}, "not a valid bool"),
         ({"LEARNLOOP_TRAINING_LEARNING_RATE": "3"}, "out of range"),
         ({"LEARNLOOP_MODEL_DTYPE": "int4"}, "bfloat16 or float32"),
+        ({"LEARNLOOP_TRAINING_CONTRAST_PICK": "random"}, "use one of hash, live"),
     ],
 )
 def test_bad_values_say_what_is_wrong(env: dict[str, str], message: str) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 from training.gate import GateConfig
 from training.trust import TrustConfig
 
+CONTRAST_PICKS = ("hash", "live")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -27,6 +29,13 @@ class TrainConfig:
         metadata={
             "help": "Per corrected reply, this many extra DPO pairs rejecting other questions' corrections "
             "(teaches that an answer belongs to its question; 0 = off; 3 cut leaks from 4 to 1 in bench/learning.py)."
+        },
+    )
+    contrast_pick: str = field(
+        default="hash",
+        metadata={
+            "help": "How the contrast pairs' rejected answers are chosen: 'hash' (a stable hash of the question) or "
+            "'live' (the other corrections the live version finds likeliest for the question, scored in the job)."
         },
     )
     number_pairs: int = field(
@@ -69,6 +78,8 @@ class TrainConfig:
             raise ValueError("training.batch_size must be at least 1")
         if self.contrast_pairs < 0:
             raise ValueError("training.contrast_pairs must be 0 or more")
+        if self.contrast_pick not in CONTRAST_PICKS:
+            raise ValueError(f"training.contrast_pick {self.contrast_pick!r}: use one of {', '.join(CONTRAST_PICKS)}")
         if self.number_pairs < 0:
             raise ValueError("training.number_pairs must be 0 or more")
         if self.init_from not in ("base", "live"):

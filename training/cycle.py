@@ -125,6 +125,7 @@ def prepare(snapshot: FeedbackSnapshot, cfg: CycleConfig) -> PreparedData:
             system_prompt=cfg.system_prompt,
             contrast=cfg.train.contrast_pairs,
             numbers=cfg.train.number_pairs,
+            contrast_pool=cfg.train.contrast_pick == "live",
         )
     )
     train, heldout = pairs.split(data, cfg.heldout_fraction)
@@ -211,17 +212,28 @@ class TrainingCycle:
         run_dir.mkdir(parents=True, exist_ok=True)
         live = await self.store.live_version()
         adapter_tmp = run_dir / "adapter"
+        # with contrast_pick = "live" the contrast rows are candidates: the job keeps the likeliest
+        pool = cfg.train.contrast_pick == "live"
+
+        def rows_of(dpo: tuple[pairs.DPORow, ...], *, contrast: bool, source: bool = False) -> list[dict[str, Any]]:
+            picked = [r for r in dpo if not pool or (r.source == "contrast") == contrast]
+            return [{**r.to_trl(), "source": r.source} if source else r.to_trl() for r in picked]
+
         spec: dict[str, Any] = {
             "base_model": cfg.base_model,
             "train": asdict(cfg.train),
             "output_dir": str(adapter_tmp),
             "live_adapter": live.adapter_path,
             "init_adapter": live.adapter_path if cfg.train.init_from == "live" else None,
-            "dpo": _write_jsonl(run_dir / "dpo.jsonl", [r.to_trl() for r in prepared.weighted_train.dpo]),
+            "dpo": _write_jsonl(run_dir / "dpo.jsonl", rows_of(prepared.weighted_train.dpo, contrast=False)),
             "kto": _write_jsonl(run_dir / "kto.jsonl", [r.to_trl() for r in prepared.weighted_train.kto]),
             "sft": _write_jsonl(run_dir / "sft.jsonl", [r.to_trl() for r in prepared.weighted_train.sft]),
-            "heldout": _write_jsonl(
-                run_dir / "heldout.jsonl", [{**r.to_trl(), "source": r.source} for r in heldout.dpo]
+            "heldout": _write_jsonl(run_dir / "heldout.jsonl", rows_of(heldout.dpo, contrast=False, source=True)),
+            "contrast": _write_jsonl(
+                run_dir / "contrast.jsonl", rows_of(prepared.weighted_train.dpo, contrast=True) if pool else []
+            ),
+            "heldout_contrast": _write_jsonl(
+                run_dir / "heldout_contrast.jsonl", rows_of(heldout.dpo, contrast=True, source=True) if pool else []
             ),
             "kto_weights": list(train.kto_weights()),
             "dataset_id": pairs.dataset_id(data),
@@ -233,7 +245,7 @@ class TrainingCycle:
             try:
                 job = await self._run_job(run_id, spec_path)
             finally:  # the rows hold customers' words: keep them no longer than the run
-                for name in ("dpo", "kto", "sft", "heldout"):
+                for name in ("dpo", "kto", "sft", "heldout", "contrast", "heldout_contrast"):
                     Path(spec[name]).unlink(missing_ok=True)
             report = EvalReport.from_dict(job["report"])
             if not (adapter_tmp / ADAPTER_FILE).is_file():

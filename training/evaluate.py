@@ -43,6 +43,16 @@ def completion_logprob(
     return float(token_lp.sum()), len(completion_ids)
 
 
+def rejected_scores(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]]) -> list[float]:
+    """Mean log-probability per token of each DPO row's rejected answer under ``model``."""
+    model.eval()
+    scores = []
+    for row in rows:
+        lp, n = completion_logprob(model, tokenizer, row["prompt"], row["rejected"][0]["content"])
+        scores.append(lp / max(n, 1))
+    return scores
+
+
 @contextlib.contextmanager
 def _as(model: Any, adapter: str | None) -> Iterator[None]:
     """Run the block with ``adapter`` active, or with adapters disabled for ``None`` (the base model)."""

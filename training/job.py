@@ -44,7 +44,8 @@ def run(spec: dict[str, Any]) -> None:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from training.evaluate import LIVE, evaluate_pairs, load_generic_chat
+    from training.evaluate import LIVE, evaluate_pairs, load_generic_chat, rejected_scores
+    from training.pairs import pick_likeliest
 
     started = time.monotonic()
     cfg = TrainConfig(**{**spec["train"], "target_modules": tuple(spec["train"]["target_modules"])})
@@ -105,6 +106,19 @@ def run(spec: dict[str, Any]) -> None:
     dpo_rows = read_jsonl(spec.get("dpo"))
     kto_rows = read_jsonl(spec.get("kto"))
     sft_rows = read_jsonl(spec.get("sft"))
+    heldout_rows = read_jsonl(spec.get("heldout"))
+    contrast_rows, heldout_contrast = read_jsonl(spec.get("contrast")), read_jsonl(spec.get("heldout_contrast"))
+    if contrast_rows or heldout_contrast:  # contrast_pick = "live": keep the live version's likeliest mistakes
+        scorer: Any = AutoModelForCausalLM.from_pretrained(spec["base_model"], dtype=torch.float32)
+        if spec.get("live_adapter"):
+            from peft import PeftModel
+
+            scorer = PeftModel.from_pretrained(scorer, spec["live_adapter"])
+        dpo_rows += pick_likeliest(contrast_rows, rejected_scores(scorer, tokenizer, contrast_rows), cfg.contrast_pairs)
+        heldout_rows += pick_likeliest(
+            heldout_contrast, rejected_scores(scorer, tokenizer, heldout_contrast), cfg.contrast_pairs
+        )
+        del scorer
     if dpo_rows:
         from trl import DPOConfig, DPOTrainer
 
@@ -174,7 +188,7 @@ def run(spec: dict[str, Any]) -> None:
     report = evaluate_pairs(
         peft_model,
         tokenizer,
-        read_jsonl(spec.get("heldout")),
+        heldout_rows,
         live_adapter=LIVE if live_adapter else None,
         beta=cfg.beta,
         generic=load_generic_chat(),
@@ -188,7 +202,12 @@ def run(spec: dict[str, Any]) -> None:
         "train_config": asdict(cfg),
         "base_model": spec["base_model"],
         "dataset_id": spec.get("dataset_id"),
-        "rows": {"dpo": len(dpo_rows), "kto": len(kto_rows), "sft": len(sft_rows)},
+        "rows": {
+            "dpo": len(dpo_rows),
+            "kto": len(kto_rows),
+            "sft": len(sft_rows),
+            "contrast_candidates": len(contrast_rows),
+        },
         "init_adapter": spec.get("init_adapter"),
         "report": report.to_dict(),
         "seconds": round(time.monotonic() - started, 1),

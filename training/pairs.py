@@ -24,6 +24,13 @@ few short policy answers makes the model answer any shop question with the neare
 learned (bench/RESULTS.md, "leaks"). Their rejected side is another context's correction
 whose text differs, picked by a stable hash, so the rows stay reproducible.
 
+Everything here is keyed by content, never by ids or arrival order: the same feedback gives
+the same rows, in the same order, split the same way, whatever conversation ids the server
+drew and in whatever order replies were stored. The split keeps every conversation whole and
+puts conversations that open the same way (the same context before their first pair) on one
+side, so a question asked again in a later conversation never sits in training and in the
+gate's held-out set at once.
+
 Number pairs teach it fact by fact: the rejected side is the correction itself with its
 numbers replaced by another correction's ("within 50 days of delivery"), so the pair differs
 only where the fact is and DPO's gradient lands on those tokens. A number the operator wrote
@@ -101,6 +108,7 @@ class SFTRow:
 
 
 Row = DPORow | KTORow | SFTRow
+R = TypeVar("R", DPORow, KTORow, SFTRow)
 
 
 @dataclass(frozen=True)
@@ -143,13 +151,23 @@ def swap_numbers(text: str, numbers: Sequence[str]) -> str:
     return _NUMBER.sub(lambda _m: numbers[next(count) % len(numbers)], text)
 
 
+CONTRAST_POOL = 16  # most contrast candidates per corrected reply when the training job picks
+
+
 def build_training_data(
-    snapshot: FeedbackSnapshot, *, system_prompt: str | None = None, contrast: int = 0, numbers: int = 0
+    snapshot: FeedbackSnapshot,
+    *,
+    system_prompt: str | None = None,
+    contrast: int = 0,
+    numbers: int = 0,
+    contrast_pool: bool = False,
 ) -> TrainingData:
     """Build every DPO, KTO and SFT row the snapshot supports.
 
     ``contrast``: for every corrected reply, up to this many extra pairs whose rejected side is
-    the correction written for another question (a different text).
+    the correction written for another question (a different text). With ``contrast_pool``
+    the rows hold every candidate instead (up to ``CONTRAST_POOL``), and the training job keeps
+    the ``contrast`` likeliest under the live model (``pick_likeliest``).
     ``numbers``: for every corrected reply whose correction holds numbers, up to this many
     pairs whose rejected side is that correction with another correction's numbers in it.
     """
@@ -235,7 +253,9 @@ def build_training_data(
             for other, _ in corrected:  # one candidate per distinct text
                 if other.text.strip() != own:
                     others.setdefault(other.text.strip(), other)
-            for other in _stable_pick(reply.id, others.values(), lambda o: o.text.strip(), contrast):
+            seed = f"{_prompt_key(prompt)}\x00{own}"
+            cap = CONTRAST_POOL if contrast_pool else contrast
+            for other in _stable_pick(seed, others.values(), lambda o: o.text.strip(), cap):
                 refs = FeedbackRef(corrections=(c.id, other.id), messages=(reply.id,))
                 add_pair(prompt, c.text, other.text, "contrast", reply.conversation_id, refs)
 
@@ -249,7 +269,8 @@ def build_training_data(
             if prompt is None or not own_numbers:
                 continue
             alternatives = [a for a in number_sets if sorted(a) != own_numbers]
-            for alternative in _stable_pick(reply.id, alternatives, " ".join, numbers):
+            seed = f"{_prompt_key(prompt)}\x00{c.text.strip()}"
+            for alternative in _stable_pick(seed, alternatives, " ".join, numbers):
                 refs = FeedbackRef(corrections=(c.id,), messages=(reply.id,))
                 add_pair(prompt, c.text, swap_numbers(c.text, alternative), "numbers", reply.conversation_id, refs)
 
@@ -306,7 +327,33 @@ def build_training_data(
             if prompt is not None:
                 sft.append(SFTRow(prompt, m.text, "takeover", m.conversation_id, FeedbackRef(messages=(m.id,))))
 
-    return TrainingData(dpo=tuple(dpo), kto=tuple(kto), sft=tuple(sft))
+    return TrainingData(dpo=_canonical(dpo), kto=_canonical(kto), sft=_canonical(sft))
+
+
+def pick_likeliest(rows: Sequence[dict[str, Any]], scores: Sequence[float], k: int) -> list[dict[str, Any]]:
+    """Hard negatives: of the contrast candidates of each question (TRL DPO rows sharing a prompt
+    and a chosen answer), the ``k`` whose rejected answer scored highest (the scoring model's
+    mean log-probability per token): the other answers that model is likeliest to give there.
+    Ties go by a stable hash; the rows keep their input order."""
+    if len(rows) != len(scores):
+        raise ValueError(f"{len(rows)} contrast rows but {len(scores)} scores")
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        groups[f"{_prompt_key(row['prompt'])}\x00{row['chosen'][0]['content']}"].append(i)
+    keep: set[int] = set()
+    for key, members in groups.items():
+        ranked = sorted(members, key=lambda i: (-scores[i], _bucket(f"{key}\x00{rows[i]['rejected'][0]['content']}")))
+        keep.update(ranked[:k])
+    return [row for i, row in enumerate(rows) if i in keep]
+
+
+def _prompt_key(prompt: Sequence[ChatMessage]) -> str:
+    return "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in prompt)
+
+
+def _canonical(rows: Sequence[R]) -> tuple[R, ...]:
+    """Rows in an order fixed by their content alone (a hash, so kinds and topics interleave)."""
+    return tuple(sorted(rows, key=lambda r: _bucket(f"{getattr(r, 'source', '')}\x00{r.to_trl()!r}")))
 
 
 def _stable_pick(seed: str, items: Iterable[T], key: Callable[[T], str], k: int) -> list[T]:
@@ -341,9 +388,17 @@ def split(data: TrainingData, fraction: float) -> tuple[TrainingData, TrainingDa
     """(train, held-out), split by conversation so no conversation sits on both sides.
 
     The split is over the DPO pairs' conversations (the gate's evidence); other rows of a
-    held-out conversation are held out with them.
+    held-out conversation are held out with them. A conversation's side is decided by its
+    content (the smallest context among its pairs), not its id, so conversations that open
+    alike fall on one side and the same feedback always splits the same way.
     """
-    held = split_groups((r.group for r in data.dpo), fraction)
+    keys: dict[str, str] = {}
+    for row in data.dpo:
+        key = _prompt_key(row.prompt)
+        if row.group not in keys or key < keys[row.group]:
+            keys[row.group] = key
+    held_keys = split_groups(keys.values(), fraction)
+    held = {group for group, key in keys.items() if key in held_keys}
 
     def part(rows: Sequence[Any], keep_held: bool) -> tuple[Any, ...]:
         return tuple(r for r in rows if (r.group in held) == keep_held)
@@ -377,6 +432,7 @@ __all__ = [
     "build_training_data",
     "class_balance_ok",
     "dataset_id",
+    "pick_likeliest",
     "split",
     "split_groups",
     "swap_numbers",
