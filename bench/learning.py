@@ -119,6 +119,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "kto_steps": args.kto_steps,
                     "contrast_pairs": args.contrast,
                     "contrast_pick": args.contrast_pick,
+                    "replay_pairs": args.replay,
                     "number_pairs": args.numbers,
                 },
                 "canary": {"share": 0.0},
@@ -286,6 +287,7 @@ def main() -> None:
     parser.add_argument("--kto-steps", type=int, default=0)
     parser.add_argument("--contrast", type=int, default=3, help="training.contrast_pairs")
     parser.add_argument("--contrast-pick", choices=["hash", "live"], default="hash", help="training.contrast_pick")
+    parser.add_argument("--replay", type=int, default=0, help="training.replay_pairs")
     parser.add_argument("--numbers", type=int, default=0, help="training.number_pairs")
     parser.add_argument("--correct-share", type=float, default=0.5)
     parser.add_argument("--max-new-tokens", type=int, default=48)

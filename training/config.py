@@ -38,6 +38,14 @@ class TrainConfig:
             "'live' (the other corrections the live version finds likeliest for the question, scored in the job)."
         },
     )
+    replay_pairs: int = field(
+        default=0,
+        metadata={
+            "help": "Generic chat prompts (training/data/replay_chat.jsonl, up to 40) added to each run as DPO pairs: "
+            "chosen = the base model's own reply, rejected = an operator correction picked as contrast_pick says "
+            "(keeps ordinary chat as it was and teaches that shop answers do not belong there; 0 = off)."
+        },
+    )
     number_pairs: int = field(
         default=0,
         metadata={
@@ -80,6 +88,8 @@ class TrainConfig:
             raise ValueError("training.contrast_pairs must be 0 or more")
         if self.contrast_pick not in CONTRAST_PICKS:
             raise ValueError(f"training.contrast_pick {self.contrast_pick!r}: use one of {', '.join(CONTRAST_PICKS)}")
+        if self.replay_pairs < 0:
+            raise ValueError("training.replay_pairs must be 0 or more")
         if self.number_pairs < 0:
             raise ValueError("training.number_pairs must be 0 or more")
         if self.init_from not in ("base", "live"):

@@ -15,6 +15,7 @@ in this process so the server never pays for them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -45,7 +46,8 @@ def run(spec: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from training.evaluate import LIVE, evaluate_pairs, load_generic_chat, rejected_scores
-    from training.pairs import pick_likeliest
+    from training.pairs import pick_likeliest, replay_rows
+    from training.replay import base_replies, load_replay_prompts
 
     started = time.monotonic()
     cfg = TrainConfig(**{**spec["train"], "target_modules": tuple(spec["train"]["target_modules"])})
@@ -108,16 +110,39 @@ def run(spec: dict[str, Any]) -> None:
     sft_rows = read_jsonl(spec.get("sft"))
     heldout_rows = read_jsonl(spec.get("heldout"))
     contrast_rows, heldout_contrast = read_jsonl(spec.get("contrast")), read_jsonl(spec.get("heldout_contrast"))
-    if contrast_rows or heldout_contrast:  # contrast_pick = "live": keep the live version's likeliest mistakes
-        scorer: Any = AutoModelForCausalLM.from_pretrained(spec["base_model"], dtype=torch.float32)
-        if spec.get("live_adapter"):
-            from peft import PeftModel
-
-            scorer = PeftModel.from_pretrained(scorer, spec["live_adapter"])
-        dpo_rows += pick_likeliest(contrast_rows, rejected_scores(scorer, tokenizer, contrast_rows), cfg.contrast_pairs)
-        heldout_rows += pick_likeliest(
-            heldout_contrast, rejected_scores(scorer, tokenizer, heldout_contrast), cfg.contrast_pairs
+    replay = spec.get("replay") or {}
+    replay_candidates: list[dict[str, Any]] = []
+    if replay.get("n") and replay.get("corrections") and dpo_rows:
+        prompts = load_replay_prompts(int(replay["n"]))
+        with model.disable_adapter() if spec.get("init_adapter") else contextlib.nullcontext():
+            replies = base_replies(
+                model,
+                tokenizer,
+                prompts,
+                system_prompt=replay.get("system_prompt"),
+                cache_dir=Path(replay["cache_dir"]) if replay.get("cache_dir") else None,
+                base=spec["base_model"],
+            )
+        replay_candidates = replay_rows(
+            prompts, replies, replay["corrections"], system_prompt=replay.get("system_prompt")
         )
+    if contrast_rows or heldout_contrast or replay_candidates:
+        # contrast_pick = "live": keep the answers the live version is likeliest to give wrongly;
+        # "hash": all scores tie and a stable hash picks
+        scorer: Any = None
+        if cfg.contrast_pick == "live":
+            scorer = AutoModelForCausalLM.from_pretrained(spec["base_model"], dtype=torch.float32)
+            if spec.get("live_adapter"):
+                from peft import PeftModel
+
+                scorer = PeftModel.from_pretrained(scorer, spec["live_adapter"])
+
+        def pick(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+            scores = rejected_scores(scorer, tokenizer, rows) if scorer is not None else [0.0] * len(rows)
+            return pick_likeliest(rows, scores, k)
+
+        dpo_rows += pick(contrast_rows, cfg.contrast_pairs) + pick(replay_candidates, 1)
+        heldout_rows += pick(heldout_contrast, cfg.contrast_pairs)
         del scorer
     if dpo_rows:
         from trl import DPOConfig, DPOTrainer
@@ -207,6 +232,7 @@ def run(spec: dict[str, Any]) -> None:
             "kto": len(kto_rows),
             "sft": len(sft_rows),
             "contrast_candidates": len(contrast_rows),
+            "replay_candidates": len(replay_candidates),
         },
         "init_adapter": spec.get("init_adapter"),
         "report": report.to_dict(),

@@ -330,6 +330,32 @@ def build_training_data(
     return TrainingData(dpo=_canonical(dpo), kto=_canonical(kto), sft=_canonical(sft))
 
 
+def replay_rows(
+    prompts: Sequence[str], replies: Sequence[str], corrections: Iterable[str], *, system_prompt: str | None
+) -> list[dict[str, Any]]:
+    """Contrast candidates on generic chat: for each ordinary prompt, the base model's own reply
+    (chosen) against every distinct operator correction (rejected), as TRL DPO rows. The job
+    keeps one per prompt (``pick_likeliest``); an empty reply gives no rows."""
+    texts = sorted({c.strip() for c in corrections if c.strip()})
+    rows = []
+    for prompt, reply in zip(prompts, replies, strict=True):
+        if not reply.strip():
+            continue
+        chat = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        rows += [
+            {
+                "prompt": chat,
+                "chosen": [{"role": "assistant", "content": reply}],
+                "rejected": [{"role": "assistant", "content": t}],
+            }
+            for t in texts
+            if t != reply.strip()
+        ]
+    return rows
+
+
 def pick_likeliest(rows: Sequence[dict[str, Any]], scores: Sequence[float], k: int) -> list[dict[str, Any]]:
     """Hard negatives: of the contrast candidates of each question (TRL DPO rows sharing a prompt
     and a chosen answer), the ``k`` whose rejected answer scored highest (the scoring model's
@@ -433,6 +459,7 @@ __all__ = [
     "class_balance_ok",
     "dataset_id",
     "pick_likeliest",
+    "replay_rows",
     "split",
     "split_groups",
     "swap_numbers",
