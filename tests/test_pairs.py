@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from feedback.records import Correction, FeedbackSnapshot, Message, Rating, Role
-from training.evaluate import load_generic_chat
+from training.evaluate import REPLAY_CHAT, load_generic_chat
 from training.pairs import (
     CONTRAST_POOL,
     build_training_data,
@@ -15,7 +15,6 @@ from training.pairs import (
     split_groups,
     swap_numbers,
 )
-from training.replay import load_replay_prompts, whole_sentences
 
 
 def msg(
@@ -332,10 +331,10 @@ def test_contrast_pool_holds_every_other_answer_and_the_likeliest_are_kept() -> 
         pick_likeliest(rows, scores[:-1], 1)
 
 
-def test_replay_rows_pit_the_base_reply_against_every_correction() -> None:
+def test_replay_rows_pit_the_shipped_answer_against_every_correction() -> None:
     rows = replay_rows(
-        ["How many legs does a spider have?", "Hello!"],
-        ["A spider has eight legs.", ""],  # an empty reply gives no rows
+        ["How many legs does a spider have?"],
+        ["A spider has eight legs."],
         ["Within 30 days.", "3 to 5 business days.", "Within 30 days. "],
         system_prompt="Be brief.",
     )
@@ -348,14 +347,8 @@ def test_replay_rows_pit_the_base_reply_against_every_correction() -> None:
     assert len(pick_likeliest(rows, [-2.0, -1.0], 1)) == 1
 
 
-def test_replay_prompts_never_overlap_the_gates_generic_set() -> None:
-    replay = load_replay_prompts(1000)
+def test_replay_chat_never_overlaps_the_gates_generic_set() -> None:
+    replay = [r["prompt"][-1]["content"].strip().lower() for r in load_generic_chat(REPLAY_CHAT)]
     generic = {g["prompt"][-1]["content"].strip().lower() for g in load_generic_chat()}
     assert len(replay) == 40 and len(set(replay)) == 40
-    assert not {p.strip().lower() for p in replay} & generic
-
-
-def test_a_cut_reply_is_trimmed_to_its_last_sentence() -> None:
-    assert whole_sentences("It has eight legs. Most spiders also have eight ey") == "It has eight legs."
-    assert whole_sentences("Pi is 3.14 or so! Really") == "Pi is 3.14 or so!"
-    assert whole_sentences("no full stop at all") == "no full stop at all"
+    assert not set(replay) & generic

@@ -20,7 +20,6 @@ from tests.factories import build_tiny_model
 from tests.test_engine import make_adapter
 from training.config import CycleConfig, TrainConfig
 from training.cycle import CycleStatus, TrainingCycle, sha256_file
-from training.replay import base_replies, cache_key, load_replay_prompts
 
 ANSWER = "Refunds are accepted within 30 days of delivery."
 
@@ -252,14 +251,9 @@ async def test_live_contrast_pick_keeps_the_likeliest_candidates(tiny_model: Pat
             assert version.eval_report is not None and version.eval_report["n_heldout"] == 2 * (9 - train_corrections)
 
 
-async def test_replay_pairs_answer_generic_chat_as_the_base_model_did(tiny_model: Path, tmp_path: Path) -> None:
-    """replay_pairs: generic prompts get the base model's own reply as chosen and one operator
-    correction as rejected. The replies are generated once and cached; here the cache is
-    filled first with readable replies (the tiny random model only writes newlines)."""
-    prompts = load_replay_prompts(4)
-    cache = tmp_path / "replay-cache" / f"replay-{cache_key(str(tiny_model), None, prompts)}.json"
-    cache.parent.mkdir()
-    cache.write_text(json.dumps(["Eight.", "Tokyo.", "Three minutes.", ""]))  # an empty reply gives no pair
+async def test_replay_pairs_add_ordinary_chat_against_a_correction(tiny_model: Path, tmp_path: Path) -> None:
+    """replay_pairs: ordinary chat prompts with their shipped answers as chosen, one operator
+    correction (the live version's likeliest there) as rejected."""
     answers = (ANSWER, "Standard shipping takes 3 to 5 business days.")
     async with await FeedbackStore.open(tmp_path / "db.sqlite") as store:
         await seed(store, n=6, answers=answers)
@@ -268,19 +262,6 @@ async def test_replay_pairs_answer_generic_chat_as_the_base_model_did(tiny_model
         assert result.status is CycleStatus.PROMOTED, result.reason
         version = await store.get_version(result.version or "")
         meta = json.loads((Path(version.adapter_path or "") / "learnloop.json").read_text())
-        assert meta["rows"]["replay_candidates"] == 3 * 2  # three replies, each against both answers
-        corrections = meta["rows"]["dpo"] - 3  # one replay pair per reply, the rest operator rows (x2)
+        assert meta["rows"]["replay_candidates"] == 4 * 2  # four prompts, each against both answers
+        corrections = meta["rows"]["dpo"] - 4  # one replay pair per prompt, the rest operator rows (x2)
         assert corrections > 0 and corrections % 2 == 0
-
-
-def test_base_replies_are_generated_once_then_read_from_the_cache(tiny_model: Path, tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    prompts = load_replay_prompts(3)
-    first = base_replies(model, tokenizer, prompts, system_prompt="Be brief.", cache_dir=tmp_path, base="tiny")
-    assert len(first) == 3 and all(isinstance(r, str) for r in first)
-    assert tokenizer.padding_side == "right"  # restored after the left-padded batch
-    again = base_replies(None, None, prompts, system_prompt="Be brief.", cache_dir=tmp_path, base="tiny")
-    assert again == first and len(list(tmp_path.iterdir())) == 1

@@ -41,9 +41,9 @@ class TrainConfig:
     replay_pairs: int = field(
         default=0,
         metadata={
-            "help": "Generic chat prompts (training/data/replay_chat.jsonl, up to 40) added to each run as DPO pairs: "
-            "chosen = the base model's own reply, rejected = an operator correction picked as contrast_pick says "
-            "(keeps ordinary chat as it was and teaches that shop answers do not belong there; 0 = off)."
+            "help": "Ordinary chat rows (training/data/replay_chat.jsonl, up to 40, none in the gate's generic set) "
+            "added to each run as DPO pairs: chosen = the shipped answer, rejected = an operator correction picked as "
+            "contrast_pick says (replays ordinary chat and teaches that shop answers do not belong there; 0 = off)."
         },
     )
     number_pairs: int = field(

@@ -239,7 +239,6 @@ class TrainingCycle:
                 "n": cfg.train.replay_pairs,
                 "system_prompt": cfg.system_prompt,
                 "corrections": sorted({r.chosen for r in train.dpo if r.source == "correction"}),
-                "cache_dir": str(cfg.data_dir / "replay-cache"),
             },
             "kto_weights": list(train.kto_weights()),
             "dataset_id": pairs.dataset_id(data),

@@ -65,10 +65,14 @@ def _as(model: Any, adapter: str | None) -> Iterator[None]:
 
 
 GENERIC_CHAT = Path(__file__).parent / "data" / "generic_chat.jsonl"
+# ordinary chat for training (training.replay_pairs), none of it in GENERIC_CHAT: the gate's
+# perplexity check must stay on prompts the adapter never trained on
+REPLAY_CHAT = Path(__file__).parent / "data" / "replay_chat.jsonl"
 
 
-def load_generic_chat() -> list[dict[str, Any]]:
-    with open(GENERIC_CHAT, encoding="utf-8") as f:
+def load_generic_chat(path: Path = GENERIC_CHAT) -> list[dict[str, Any]]:
+    """``{"prompt": [messages], "completion": str}`` rows of ordinary chat."""
+    with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

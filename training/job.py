@@ -15,7 +15,6 @@ in this process so the server never pays for them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -45,9 +44,8 @@ def run(spec: dict[str, Any]) -> None:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from training.evaluate import LIVE, evaluate_pairs, load_generic_chat, rejected_scores
+    from training.evaluate import LIVE, REPLAY_CHAT, evaluate_pairs, load_generic_chat, rejected_scores
     from training.pairs import pick_likeliest, replay_rows
-    from training.replay import base_replies, load_replay_prompts
 
     started = time.monotonic()
     cfg = TrainConfig(**{**spec["train"], "target_modules": tuple(spec["train"]["target_modules"])})
@@ -112,19 +110,13 @@ def run(spec: dict[str, Any]) -> None:
     contrast_rows, heldout_contrast = read_jsonl(spec.get("contrast")), read_jsonl(spec.get("heldout_contrast"))
     replay = spec.get("replay") or {}
     replay_candidates: list[dict[str, Any]] = []
-    if replay.get("n") and replay.get("corrections") and dpo_rows:
-        prompts = load_replay_prompts(int(replay["n"]))
-        with model.disable_adapter() if spec.get("init_adapter") else contextlib.nullcontext():
-            replies = base_replies(
-                model,
-                tokenizer,
-                prompts,
-                system_prompt=replay.get("system_prompt"),
-                cache_dir=Path(replay["cache_dir"]) if replay.get("cache_dir") else None,
-                base=spec["base_model"],
-            )
+    if replay.get("n") and dpo_rows:
+        chat = load_generic_chat(REPLAY_CHAT)[: int(replay["n"])]
         replay_candidates = replay_rows(
-            prompts, replies, replay["corrections"], system_prompt=replay.get("system_prompt")
+            [g["prompt"][-1]["content"] for g in chat],
+            [g["completion"] for g in chat],
+            replay.get("corrections", []),
+            system_prompt=replay.get("system_prompt"),
         )
     if contrast_rows or heldout_contrast or replay_candidates:
         # contrast_pick = "live": keep the answers the live version is likeliest to give wrongly;

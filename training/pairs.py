@@ -331,27 +331,25 @@ def build_training_data(
 
 
 def replay_rows(
-    prompts: Sequence[str], replies: Sequence[str], corrections: Iterable[str], *, system_prompt: str | None
+    prompts: Sequence[str], answers: Sequence[str], corrections: Iterable[str], *, system_prompt: str | None
 ) -> list[dict[str, Any]]:
-    """Contrast candidates on generic chat: for each ordinary prompt, the base model's own reply
-    (chosen) against every distinct operator correction (rejected), as TRL DPO rows. The job
-    keeps one per prompt (``pick_likeliest``); an empty reply gives no rows."""
+    """Contrast candidates on ordinary chat: each prompt's shipped answer (chosen) against every
+    distinct operator correction (rejected), as TRL DPO rows. The job keeps one per prompt
+    (``pick_likeliest``). The SFT half of the loss replays ordinary chat, so the adapter keeps
+    talking as it did; the DPO half says a shop answer does not belong there."""
     texts = sorted({c.strip() for c in corrections if c.strip()})
     rows = []
-    for prompt, reply in zip(prompts, replies, strict=True):
-        if not reply.strip():
-            continue
-        chat = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": prompt}
-        ]
+    for prompt, answer in zip(prompts, answers, strict=True):
+        chat = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        chat.append({"role": "user", "content": prompt})
         rows += [
             {
                 "prompt": chat,
-                "chosen": [{"role": "assistant", "content": reply}],
+                "chosen": [{"role": "assistant", "content": answer}],
                 "rejected": [{"role": "assistant", "content": t}],
             }
             for t in texts
-            if t != reply.strip()
+            if t != answer.strip()
         ]
     return rows
 
