@@ -120,6 +120,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "contrast_pairs": args.contrast,
                     "contrast_pick": args.contrast_pick,
                     "replay_pairs": args.replay,
+                    "transplant_pairs": args.transplants,
                     "number_pairs": args.numbers,
                 },
                 "canary": {"share": 0.0},
@@ -288,6 +289,7 @@ def main() -> None:
     parser.add_argument("--contrast", type=int, default=3, help="training.contrast_pairs")
     parser.add_argument("--contrast-pick", choices=["hash", "live"], default="hash", help="training.contrast_pick")
     parser.add_argument("--replay", type=int, default=0, help="training.replay_pairs")
+    parser.add_argument("--transplants", action="store_true", help="training.transplant_pairs")
     parser.add_argument("--numbers", type=int, default=0, help="training.number_pairs")
     parser.add_argument("--correct-share", type=float, default=0.5)
     parser.add_argument("--max-new-tokens", type=int, default=48)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from feedback.records import Correction, FeedbackSnapshot, Message, Rating, Role
@@ -9,6 +11,7 @@ from training.evaluate import REPLAY_CHAT, load_generic_chat
 from training.pairs import (
     CONTRAST_POOL,
     build_training_data,
+    fact_fragments,
     pick_likeliest,
     replay_rows,
     split,
@@ -352,3 +355,44 @@ def test_replay_chat_never_overlaps_the_gates_generic_set() -> None:
     generic = {g["prompt"][-1]["content"].strip().lower() for g in load_generic_chat()}
     assert len(replay) == 40 and len(set(replay)) == 40
     assert not set(replay) & generic
+
+
+def test_fact_fragments_are_numbers_with_their_word_or_five_word_runs() -> None:
+    assert fact_fragments("Refunds within 30 days of delivery.") == {"30 day"}
+    assert fact_fragments("A 2-year warranty; shipping costs 4.99 dollars.") == {"2 year", "4.99 dollar"}
+    assert "forgot password on the sign" in fact_fragments('Click "Forgot password" on the sign-in page.')
+    assert fact_fragments("Too short.") == set()
+
+
+def _transplant_snapshot(v1_reply: str, v1_vote: int) -> FeedbackSnapshot:
+    """A refund question corrected; a gift-card question asked of base, then of v1."""
+
+    def v(m: Message, version: str) -> Message:
+        return dataclasses.replace(m, model_version=version)
+
+    messages = (
+        msg("u1", U, "How long do I have to return something?", None, 1, conv="c1"),
+        v(msg("a1", A, "Whenever you like.", "u1", 2, conv="c1"), "base"),
+        msg("u2", U, "When does a gift card run out?", None, 1, conv="c2"),
+        v(msg("a2", A, "Gift cards never run out.", "u2", 2, conv="c2"), "base"),
+        msg("u3", U, "When does a gift card run out?", None, 1, conv="c3"),
+        v(msg("a3", A, v1_reply, "u3", 2, conv="c3"), "v1"),
+    )
+    ratings = (rating(1, "a2", -1), rating(2, "a3", v1_vote))
+    correction = Correction(1, "a1", "You can return any item for a full refund within 30 days of delivery.", "op")
+    return FeedbackSnapshot(messages, ratings, (correction,))
+
+
+def test_a_rated_down_reply_stating_a_corrections_fact_loses_to_another_versions_reply() -> None:
+    snap = _transplant_snapshot("Gift cards expire 30 days after purchase.", -1)
+    assert not [r for r in build_training_data(snap).dpo if r.source == "transplant"]  # off by default
+    (row,) = [r for r in build_training_data(snap, transplants=True).dpo if r.source == "transplant"]
+    assert (row.chosen, row.rejected) == ("Gift cards never run out.", "Gift cards expire 30 days after purchase.")
+    assert row.prompt[-1]["content"] == "When does a gift card run out?" and row.group == "c3"
+
+
+def test_no_transplant_pair_for_a_liked_reply_or_one_without_a_corrections_fact() -> None:
+    liked = _transplant_snapshot("Gift cards expire 30 days after purchase.", 1)
+    other = _transplant_snapshot("Gift cards expire after 5 years.", -1)
+    for snap in (liked, other):
+        assert not [r for r in build_training_data(snap, transplants=True).dpo if r.source == "transplant"]

@@ -46,6 +46,13 @@ class TrainConfig:
             "contrast_pick says (replays ordinary chat and teaches that shop answers do not belong there; 0 = off)."
         },
     )
+    transplant_pairs: bool = field(
+        default=False,
+        metadata={
+            "help": "Pairs against transplants: a reply customers rated down that repeats a fact of an operator "
+            "correction (its numbers, or five words in a row) loses to another version's reply in the same context."
+        },
+    )
     number_pairs: int = field(
         default=0,
         metadata={

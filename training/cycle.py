@@ -126,6 +126,7 @@ def prepare(snapshot: FeedbackSnapshot, cfg: CycleConfig) -> PreparedData:
             contrast=cfg.train.contrast_pairs,
             numbers=cfg.train.number_pairs,
             contrast_pool=cfg.train.contrast_pick == "live",
+            transplants=cfg.train.transplant_pairs,
         )
     )
     train, heldout = pairs.split(data, cfg.heldout_fraction)

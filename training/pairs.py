@@ -14,6 +14,8 @@ Signals (DESIGN.md, "Feedback signals -> training data"):
 >>> # thumbs on a reply                     -> KTO(label = majority of raters' latest votes)
 >>> # up and down on answers to one context -> DPO(chosen=up, rejected=down)
 >>> # operator takeover reply               -> SFT(the operator's reply)
+>>> # reply R rated down, not corrected, stating a correction's fact (``transplants``)
+>>> #                                       -> DPO(chosen=another version's reply in that context without it, rejected=R)
 >>> # correction C of a reply to Q, with other corrections D (``contrast`` > 0)
 >>> #                                       -> DPO(Q, chosen=C, rejected=D) for up to ``contrast`` of them
 >>> # correction C with a number, numbers N of other corrections (``numbers`` > 0)
@@ -145,6 +147,20 @@ class TrainingData:
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 
 
+_WORD = re.compile(r"[a-z]+|\d+(?:[.,]\d+)?")
+
+
+def fact_fragments(text: str) -> set[str]:
+    """What a reply must repeat to state a correction's fact: each number with the word after it
+    ("30 day", "4.99 dollar", plural s dropped) and, for answers without numbers, every run of
+    five words ("forgot password on the sign")."""
+    words = [w[:-1] if len(w) > 3 and w.endswith("s") else w for w in _WORD.findall(text.lower().replace("-", " "))]
+    numbered = {f"{a} {b}" for a, b in itertools.pairwise(words) if a[0].isdigit() and not b[0].isdigit()}
+    if numbered or any(w[0].isdigit() for w in words):
+        return numbered
+    return {" ".join(words[i : i + 5]) for i in range(len(words) - 4)}
+
+
 def swap_numbers(text: str, numbers: Sequence[str]) -> str:
     """``text`` with its n-th number replaced by ``numbers[n % len(numbers)]``."""
     count = itertools.count()
@@ -161,6 +177,7 @@ def build_training_data(
     contrast: int = 0,
     numbers: int = 0,
     contrast_pool: bool = False,
+    transplants: bool = False,
 ) -> TrainingData:
     """Build every DPO, KTO and SFT row the snapshot supports.
 
@@ -168,6 +185,9 @@ def build_training_data(
     the correction written for another question (a different text). With ``contrast_pool``
     the rows hold every candidate instead (up to ``CONTRAST_POOL``), and the training job keeps
     the ``contrast`` likeliest under the live model (``pick_likeliest``).
+    ``transplants``: a reply rated down, not corrected, that states a fact of an operator
+    correction (``fact_fragments``) loses to a reply another model version gave in the same
+    context without such a fact.
     ``numbers``: for every corrected reply whose correction holds numbers, up to this many
     pairs whose rejected side is that correction with another correction's numbers in it.
     """
@@ -301,6 +321,30 @@ def build_training_data(
             )
             source = "regeneration" if loser.id in regenerated_away else "thumbs_pair"
             add_pair(prompt, chosen_reply.text, loser.text, source, chosen_reply.conversation_id, refs)
+
+    # 2b. transplants: a reply customers rated down that states another correction's fact loses
+    # to a reply another version gave in the same context without it
+    if transplants:
+        facts = {text: fact_fragments(text) for text in {c.text.strip() for c in latest_correction.values()}}
+        by_context: dict[str, list[Message]] = defaultdict(list)
+        contexts: dict[str, tuple[ChatMessage, ...]] = {}
+        for m in usable:
+            if m.role is Role.ASSISTANT and not m.by_operator and m.text.strip() and m.id not in latest_correction:
+                context = prompt_for(m)
+                if context is not None:
+                    by_context[_prompt_key(context)].append(m)
+                    contexts[m.id] = context
+        for key, replies in by_context.items():
+            stated = {m.id: [t for t, f in facts.items() if f & fact_fragments(m.text)] for m in replies}
+            for m in replies:
+                if labels.get(m.id, (0,))[0] != -1 or not stated[m.id]:
+                    continue
+                clean = [o for o in replies if o.model_version != m.model_version and not stated[o.id]]
+                if not clean:
+                    continue
+                (chosen_reply,) = _stable_pick(key, clean, lambda o: o.text, 1)
+                refs = FeedbackRef(ratings=rating_ids_of(m.id), messages=(chosen_reply.id, m.id))
+                add_pair(contexts[m.id], chosen_reply.text, m.text, "transplant", m.conversation_id, refs)
 
     # 3. thumbs -> KTO
     for message_id, (label, rating_ids) in labels.items():
@@ -456,6 +500,7 @@ __all__ = [
     "build_training_data",
     "class_balance_ok",
     "dataset_id",
+    "fact_fragments",
     "pick_likeliest",
     "replay_rows",
     "split",
