@@ -203,8 +203,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 version = app.live_version
                 report = result.report or {}
-                if live == "base" and report:
-                    by_version["base"].setdefault("generic_ppl", report["live"].get("generic_ppl"))
+                if report.get("base_generic_ppl"):
+                    by_version["base"].setdefault("generic_ppl", report["base_generic_ppl"])
                 if version not in by_version:
                     by_version[version] = await evaluate(version)
                     by_version[version]["generic_ppl"] = report.get("candidate", {}).get("generic_ppl")

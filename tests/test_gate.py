@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from training.gate import EvalReport, GateConfig, ModelScores, decide
@@ -44,6 +46,16 @@ def test_thresholds_are_configurable() -> None:
     assert not decide(report(n_heldout=3), GateConfig(min_heldout_pairs=4)).promote
 
 
+def test_generic_perplexity_is_judged_against_the_base_model() -> None:
+    """A live version below base does not tighten the limit; without a base figure, live's is used."""
+    low_live = report(candidate=ModelScores(0.8, 2.0, generic_ppl=7.0), live=ModelScores(0.6, 2.5, generic_ppl=6.0))
+    assert decide(dataclasses.replace(low_live, base_generic_ppl=7.5), GateConfig()).promote
+    assert not decide(low_live, GateConfig()).promote  # 7.0 > 6.0 * 1.1
+    too_high = dataclasses.replace(low_live, candidate=ModelScores(0.8, 2.0, generic_ppl=8.3), base_generic_ppl=7.5)
+    d = decide(too_high, GateConfig())
+    assert not d.promote and any("perplexity 8.30 vs base 7.50" in r for r in d.reasons)
+
+
 def test_gate_config_rejects_a_gate_without_evidence() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         GateConfig(min_heldout_pairs=0)
@@ -52,6 +64,7 @@ def test_gate_config_rejects_a_gate_without_evidence() -> None:
 def test_report_round_trips() -> None:
     r = report()
     assert EvalReport.from_dict(r.to_dict()) == r
+    assert EvalReport.from_dict(dataclasses.replace(r, base_generic_ppl=7.5).to_dict()).base_generic_ppl == 7.5
 
 
 def test_policy() -> None:

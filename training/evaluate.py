@@ -102,6 +102,11 @@ def evaluate_pairs(
             if generic:
                 lps = [completion_logprob(model, tokenizer, g["prompt"], g["completion"]) for g in generic]
                 ppl[key] = math.exp(-sum(lp for lp, _ in lps) / max(sum(n for _, n in lps), 1))
+    base_ppl = ppl["live"] if live_adapter is None else None
+    if generic and live_adapter is not None:
+        with _as(model, None):
+            lps = [completion_logprob(model, tokenizer, g["prompt"], g["completion"]) for g in generic]
+            base_ppl = math.exp(-sum(lp for lp, _ in lps) / max(sum(n for _, n in lps), 1))
     model.set_adapter(CANDIDATE)
 
     # NLL is measured on the operators' corrections (the golden answers) when the held-out
@@ -126,4 +131,5 @@ def evaluate_pairs(
         reward_margin=sum(margins) / len(margins) if margins else 0.0,
         reward_accuracy=sum(1 for m in margins if m > 0) / len(margins) if margins else 0.0,
         extra={"nll_on": "corrections" if any(p.get("source") == "correction" for p in pairs) else "all pairs"},
+        base_generic_ppl=base_ppl,
     )

@@ -9,7 +9,10 @@ same held-out preference pairs. Terms, per held-out pair (prompt x, chosen c, re
 * ``preference_accuracy`` (per model): share of pairs where the model gives the chosen
   answer a higher mean per-token log-probability than the rejected one.
 * ``generic_ppl`` (per model): perplexity of fixed answers to generic chat prompts shipped in
-  ``training/data/generic_chat.jsonl``: an adapter that forgets how to talk fails here.
+  ``training/data/generic_chat.jsonl``: an adapter that forgets how to talk fails here. The
+  limit is relative to the base model (``base_generic_ppl``), which defines how the
+  deployment talks: a live version that happens to sit below base does not tighten it for the
+  next candidate.
 * ``chosen_nll`` (per model): mean per-token negative log-likelihood of the chosen answers of
   held-out operator corrections (of all held-out chosen answers when there are none).
 """
@@ -35,6 +38,7 @@ class EvalReport:
     reward_margin: float
     reward_accuracy: float
     extra: dict[str, Any] = field(default_factory=dict)
+    base_generic_ppl: float | None = None  # the base model's; None: judge against live's
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,6 +52,7 @@ class EvalReport:
             reward_margin=float(d["reward_margin"]),
             reward_accuracy=float(d["reward_accuracy"]),
             extra=dict(d.get("extra") or {}),
+            base_generic_ppl=d.get("base_generic_ppl"),
         )
 
 
@@ -67,7 +72,10 @@ class GateConfig:
         default=0.0, metadata={"help": "Relative rise allowed in NLL of chosen answers (0.05 = 5%)."}
     )
     max_generic_ppl_increase: float = field(
-        default=0.10, metadata={"help": "Relative rise allowed in perplexity on the generic chat set (0.10 = 10%)."}
+        default=0.10,
+        metadata={
+            "help": "Relative rise allowed in perplexity on the generic chat set over the base model's (0.10 = 10%)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -117,13 +125,16 @@ def decide(report: EvalReport, config: GateConfig) -> GateDecision:
             f"chosen NLL {report.candidate.chosen_nll:.4f} vs live {report.live.chosen_nll:.4f} (need <= {ceiling:.4f})",
         )
     )
-    cand_ppl, live_ppl = report.candidate.generic_ppl, report.live.generic_ppl
-    if cand_ppl is not None and live_ppl is not None:
-        ceiling_ppl = live_ppl * (1.0 + config.max_generic_ppl_increase)
+    cand_ppl = report.candidate.generic_ppl
+    ref_ppl, ref_name = (
+        (report.base_generic_ppl, "base") if report.base_generic_ppl is not None else (report.live.generic_ppl, "live")
+    )
+    if cand_ppl is not None and ref_ppl is not None:
+        ceiling_ppl = ref_ppl * (1.0 + config.max_generic_ppl_increase)
         checks.append(
             (
                 cand_ppl <= ceiling_ppl,
-                f"generic-chat perplexity {cand_ppl:.2f} vs live {live_ppl:.2f} (need <= {ceiling_ppl:.2f})",
+                f"generic-chat perplexity {cand_ppl:.2f} vs {ref_name} {ref_ppl:.2f} (need <= {ceiling_ppl:.2f})",
             )
         )
     failed = tuple(f"failed: {text}" for ok, text in checks if not ok)
