@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,14 +39,55 @@ def read_jsonl(path: str | None) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def replay_candidate_rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """training.replay_pairs: ordinary chat prompts, each against every operator correction."""
+    from training.evaluate import REPLAY_CHAT, load_generic_chat
+    from training.pairs import replay_rows
+
+    replay = spec.get("replay") or {}
+    if not replay.get("n"):
+        return []
+    chat = load_generic_chat(REPLAY_CHAT)[: int(replay["n"])]
+    return replay_rows(
+        [g["prompt"][-1]["content"] for g in chat],
+        [g["completion"] for g in chat],
+        replay.get("corrections", []),
+        system_prompt=replay.get("system_prompt"),
+    )
+
+
+def picker(spec: dict[str, Any], cfg: TrainConfig, tokenizer: Any) -> Callable[[list[dict[str, Any]], int], list[Any]]:
+    """How candidate rows are narrowed to ``k`` per question. ``contrast_pick = "live"``: the
+    rejected answers the live version finds likeliest there (it is loaded once, beside the
+    model in training); ``"hash"``: every score ties and a stable hash picks."""
+    from training.evaluate import rejected_scores
+    from training.pairs import pick_likeliest
+
+    scorer: Any = None
+    if cfg.contrast_pick == "live":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        scorer = AutoModelForCausalLM.from_pretrained(spec["base_model"], dtype=torch.float32)
+        if spec.get("live_adapter"):
+            from peft import PeftModel
+
+            scorer = PeftModel.from_pretrained(scorer, spec["live_adapter"])
+
+    def pick(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+        scores = rejected_scores(scorer, tokenizer, rows) if scorer is not None and rows else [0.0] * len(rows)
+        return pick_likeliest(rows, scores, k)
+
+    return pick
+
+
 def run(spec: dict[str, Any]) -> None:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from training.evaluate import LIVE, REPLAY_CHAT, evaluate_pairs, load_generic_chat, rejected_scores
-    from training.pairs import pick_likeliest, replay_rows
+    from training.evaluate import LIVE, evaluate_pairs, load_generic_chat
 
     started = time.monotonic()
     cfg = TrainConfig(**{**spec["train"], "target_modules": tuple(spec["train"]["target_modules"])})
@@ -108,34 +150,12 @@ def run(spec: dict[str, Any]) -> None:
     sft_rows = read_jsonl(spec.get("sft"))
     heldout_rows = read_jsonl(spec.get("heldout"))
     contrast_rows, heldout_contrast = read_jsonl(spec.get("contrast")), read_jsonl(spec.get("heldout_contrast"))
-    replay = spec.get("replay") or {}
-    replay_candidates: list[dict[str, Any]] = []
-    if replay.get("n") and dpo_rows:
-        chat = load_generic_chat(REPLAY_CHAT)[: int(replay["n"])]
-        replay_candidates = replay_rows(
-            [g["prompt"][-1]["content"] for g in chat],
-            [g["completion"] for g in chat],
-            replay.get("corrections", []),
-            system_prompt=replay.get("system_prompt"),
-        )
+    replay_candidates = replay_candidate_rows(spec) if dpo_rows else []
     if contrast_rows or heldout_contrast or replay_candidates:
-        # contrast_pick = "live": keep the answers the live version is likeliest to give wrongly;
-        # "hash": all scores tie and a stable hash picks
-        scorer: Any = None
-        if cfg.contrast_pick == "live":
-            scorer = AutoModelForCausalLM.from_pretrained(spec["base_model"], dtype=torch.float32)
-            if spec.get("live_adapter"):
-                from peft import PeftModel
-
-                scorer = PeftModel.from_pretrained(scorer, spec["live_adapter"])
-
-        def pick(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
-            scores = rejected_scores(scorer, tokenizer, rows) if scorer is not None else [0.0] * len(rows)
-            return pick_likeliest(rows, scores, k)
-
+        pick = picker(spec, cfg, tokenizer)
         dpo_rows += pick(contrast_rows, cfg.contrast_pairs) + pick(replay_candidates, 1)
         heldout_rows += pick(heldout_contrast, cfg.contrast_pairs)
-        del scorer
+        del pick  # and the scorer model with it
     if dpo_rows:
         from trl import DPOConfig, DPOTrainer
 
