@@ -287,9 +287,11 @@ def main() -> None:
     parser.add_argument("--init-from", choices=["base", "live"], default="base")
     parser.add_argument("--kto-steps", type=int, default=0)
     parser.add_argument("--contrast", type=int, default=3, help="training.contrast_pairs")
-    parser.add_argument("--contrast-pick", choices=["hash", "live"], default="hash", help="training.contrast_pick")
-    parser.add_argument("--replay", type=int, default=0, help="training.replay_pairs")
-    parser.add_argument("--transplants", action="store_true", help="training.transplant_pairs")
+    parser.add_argument("--contrast-pick", choices=["hash", "live"], default="live", help="training.contrast_pick")
+    parser.add_argument("--replay", type=int, default=20, help="training.replay_pairs")
+    parser.add_argument(
+        "--transplants", action=argparse.BooleanOptionalAction, default=True, help="training.transplant_pairs"
+    )
     parser.add_argument("--numbers", type=int, default=0, help="training.number_pairs")
     parser.add_argument("--correct-share", type=float, default=0.5)
     parser.add_argument("--max-new-tokens", type=int, default=48)

@@ -53,7 +53,8 @@ def config(model: Path, data_dir: Path, **train: Any) -> CycleConfig:
         data_dir=data_dir,
         min_new_feedback=1,
         heldout_fraction=0.3,
-        train=TrainConfig(**{"max_steps": 10, "learning_rate": 1e-3, **train}),
+        # replay rows off: on a random tiny model they would only dilute the few seeded pairs
+        train=TrainConfig(**{"max_steps": 10, "learning_rate": 1e-3, "replay_pairs": 0, **train}),
     )
 
 

@@ -15,7 +15,7 @@ CONTRAST_PICKS = ("hash", "live")
 class TrainConfig:
     """Hyperparameters of one LoRA training run (TRL)."""
 
-    max_steps: int = field(default=40, metadata={"help": "Optimizer steps per run."})
+    max_steps: int = field(default=60, metadata={"help": "Optimizer steps per run."})
     learning_rate: float = field(
         default=2e-4, metadata={"help": "LoRA learning rate. TRL's 1e-6 default is far too low for LoRA."}
     )
@@ -28,18 +28,18 @@ class TrainConfig:
         default=3,
         metadata={
             "help": "Per corrected reply, this many extra DPO pairs rejecting other questions' corrections "
-            "(teaches that an answer belongs to its question; 0 = off; 3 cut leaks from 4 to 1 in bench/learning.py)."
+            "(teaches that an answer belongs to its question; 0 = off)."
         },
     )
     contrast_pick: str = field(
-        default="hash",
+        default="live",
         metadata={
             "help": "How the contrast pairs' rejected answers are chosen: 'hash' (a stable hash of the question) or "
             "'live' (the other corrections the live version finds likeliest for the question, scored in the job)."
         },
     )
     replay_pairs: int = field(
-        default=0,
+        default=20,
         metadata={
             "help": "Ordinary chat rows (training/data/replay_chat.jsonl, up to 40, none in the gate's generic set) "
             "added to each run as DPO pairs: chosen = the shipped answer, rejected = an operator correction picked as "
@@ -47,7 +47,7 @@ class TrainConfig:
         },
     )
     transplant_pairs: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Pairs against transplants: a reply customers rated down that repeats a fact of an operator "
             "correction (its numbers, or five words in a row) loses to another version's reply in the same context."
