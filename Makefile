@@ -36,7 +36,7 @@ check: install            ## lint, format and types
 bench-serve: install      ## single-stream and concurrent decode through the real gateway
 	$(BIN)/python bench/serve.py
 
-bench-learning: install  ## the simulated shop: satisfaction by version over 3 training cycles (12-30 min)
+bench-learning: install  ## the simulated shop: satisfaction by version over 3 training cycles (about 15 min)
 	$(BIN)/pip install --quiet matplotlib
 	$(BIN)/python bench/learning.py
 
