@@ -24,7 +24,19 @@ Signals (DESIGN.md, "Feedback signals -> training data"):
 Contrast pairs teach that an answer belongs to its question: without them the SFT loss on a
 few short policy answers makes the model answer any shop question with the nearest one it
 learned (bench/RESULTS.md, "leaks"). Their rejected side is another context's correction
-whose text differs, picked by a stable hash, so the rows stay reproducible.
+whose text differs, picked by a stable hash, or, with ``contrast_pool``, every such
+correction, of which the training job keeps the ones the live version finds likeliest there
+(``pick_likeliest``: hard negatives).
+
+Number pairs teach it fact by fact: the rejected side is the correction itself with its
+numbers replaced by another correction's ("within 50 days of delivery"), so the pair differs
+only where the fact is and DPO's gradient lands on those tokens. A number the operator wrote
+is the fact; any other number there is wrong, so these pairs need no guess about topics.
+
+Transplant pairs need none either. A trained answer given to its own question is what the
+customer asked for, so a reply rated down that repeats a correction's fact (``fact_fragments``)
+is most likely that answer transplanted to a question it was not written for, as on a topic
+operators never correct; it loses to what another version said in the same context.
 
 Everything here is keyed by content, never by ids or arrival order: the same feedback gives
 the same rows, in the same order, split the same way, whatever conversation ids the server
@@ -32,11 +44,6 @@ drew and in whatever order replies were stored. The split keeps every conversati
 puts conversations that open the same way (the same context before their first pair) on one
 side, so a question asked again in a later conversation never sits in training and in the
 gate's held-out set at once.
-
-Number pairs teach it fact by fact: the rejected side is the correction itself with its
-numbers replaced by another correction's ("within 50 days of delivery"), so the pair differs
-only where the fact is and DPO's gradient lands on those tokens. A number the operator wrote
-is the fact; any other number there is wrong, so these pairs need no guess about topics.
 """
 
 from __future__ import annotations
