@@ -25,7 +25,8 @@ def settings(tiny_model: Path, tmp_path: Path) -> Any:
             "server": {"port": 0, "rate_per_s": 100.0},
             "model": {"name": str(tiny_model), "max_new_tokens": 6},
             "schedule": {"enabled": False, "min_new_feedback": 1, "heldout_fraction": 0.3, "version_poll_s": 3600},
-            "training": {"max_steps": 10, "learning_rate": 1e-3},
+            # replay rows off: on a random tiny model they only dilute the few seeded pairs
+            "training": {"max_steps": 10, "learning_rate": 1e-3, "replay_pairs": 0},
             "canary": {"share": 0.5, "min_ratings": 10, "min_replies": 10, "check_interval_s": 0.3},
         },
     )
