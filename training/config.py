@@ -84,6 +84,11 @@ class TrainConfig:
         },
     )
 
+    @property
+    def picks_in_job(self) -> bool:
+        """Contrast rows are candidates, narrowed in the training job by the live version's scores."""
+        return self.contrast_pick == "live"
+
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise ValueError("training.max_steps must be at least 1")

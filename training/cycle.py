@@ -125,7 +125,7 @@ def prepare(snapshot: FeedbackSnapshot, cfg: CycleConfig) -> PreparedData:
             system_prompt=cfg.system_prompt,
             contrast=cfg.train.contrast_pairs,
             numbers=cfg.train.number_pairs,
-            contrast_pool=cfg.train.contrast_pick == "live",
+            contrast_pool=cfg.train.picks_in_job,
             transplants=cfg.train.transplant_pairs,
         )
     )
@@ -213,8 +213,7 @@ class TrainingCycle:
         run_dir.mkdir(parents=True, exist_ok=True)
         live = await self.store.live_version()
         adapter_tmp = run_dir / "adapter"
-        # with contrast_pick = "live" the contrast rows are candidates: the job keeps the likeliest
-        pool = cfg.train.contrast_pick == "live"
+        pool = cfg.train.picks_in_job  # contrast rows are candidates: the job keeps the likeliest
 
         def rows_of(dpo: tuple[pairs.DPORow, ...], *, contrast: bool, source: bool = False) -> list[dict[str, Any]]:
             picked = [r for r in dpo if not pool or (r.source == "contrast") == contrast]

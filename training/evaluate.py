@@ -76,6 +76,14 @@ def load_generic_chat(path: Path = GENERIC_CHAT) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _perplexity(model: Any, tokenizer: Any, generic: Sequence[dict[str, Any]]) -> float | None:
+    """Perplexity of the ``generic`` rows' fixed answers under the active model; None without rows."""
+    if not generic:
+        return None
+    lps = [completion_logprob(model, tokenizer, g["prompt"], g["completion"]) for g in generic]
+    return math.exp(-sum(lp for lp, _ in lps) / max(sum(n for _, n in lps), 1))
+
+
 def evaluate_pairs(
     model: Any,
     tokenizer: Any,
@@ -99,14 +107,11 @@ def evaluate_pairs(
                 c_lp, c_n = completion_logprob(model, tokenizer, pair["prompt"], pair["chosen"][0]["content"])
                 r_lp, r_n = completion_logprob(model, tokenizer, pair["prompt"], pair["rejected"][0]["content"])
                 scores[key].append((c_lp, c_n, r_lp, r_n))
-            if generic:
-                lps = [completion_logprob(model, tokenizer, g["prompt"], g["completion"]) for g in generic]
-                ppl[key] = math.exp(-sum(lp for lp, _ in lps) / max(sum(n for _, n in lps), 1))
-    base_ppl = ppl["live"] if live_adapter is None else None
-    if generic and live_adapter is not None:
+            ppl[key] = _perplexity(model, tokenizer, generic)
+    base_ppl = ppl["live"]  # the base model is live, or is measured on its own:
+    if live_adapter is not None:
         with _as(model, None):
-            lps = [completion_logprob(model, tokenizer, g["prompt"], g["completion"]) for g in generic]
-            base_ppl = math.exp(-sum(lp for lp, _ in lps) / max(sum(n for _, n in lps), 1))
+            base_ppl = _perplexity(model, tokenizer, generic)
     model.set_adapter(CANDIDATE)
 
     # NLL is measured on the operators' corrections (the golden answers) when the held-out

@@ -64,7 +64,7 @@ def picker(spec: dict[str, Any], cfg: TrainConfig, tokenizer: Any) -> Callable[[
     from training.pairs import pick_likeliest
 
     scorer: Any = None
-    if cfg.contrast_pick == "live":
+    if cfg.picks_in_job:
         import torch
         from transformers import AutoModelForCausalLM
 
