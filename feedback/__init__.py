@@ -3,11 +3,22 @@
 This package is the data layer. It imports neither ``training`` nor ``server``.
 """
 
+from feedback.exceptions import (
+    AccountError,
+    BrowseError,
+    ErrorCode,
+    InvalidError,
+    LearnloopError,
+    NotFoundError,
+    StorageFullError,
+    StoreError,
+)
 from feedback.records import (
     BASE_VERSION,
     Conversation,
     Correction,
     FeedbackSnapshot,
+    FinishReason,
     Message,
     ModelVersion,
     RaterState,
@@ -19,14 +30,20 @@ from feedback.records import (
     VersionStats,
     subject_hash,
 )
-from feedback.store import FeedbackStore, InvalidError, NotFoundError, StoreError
+from feedback.store import FeedbackStore
 
 __all__ = [
+    "AccountError",
+    "BrowseError",
+    "ErrorCode",
+    "LearnloopError",
+    "StorageFullError",
     "BASE_VERSION",
     "Conversation",
     "Correction",
     "FeedbackSnapshot",
     "FeedbackStore",
+    "FinishReason",
     "InvalidError",
     "Message",
     "ModelVersion",

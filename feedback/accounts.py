@@ -23,6 +23,8 @@ from typing import Any
 
 import aiosqlite
 
+from feedback.exceptions import AccountError
+
 NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 MIN_PASSWORD_CHARS = 8
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
@@ -43,10 +45,6 @@ class OperatorRole(StrEnum):
 
 
 _RANKS = {OperatorRole.VIEWER: 0, OperatorRole.REVIEWER: 1, OperatorRole.ADMIN: 2}
-
-
-class AccountError(ValueError):
-    """A bad name, a short password, an unknown role or operator."""
 
 
 @dataclass(frozen=True)

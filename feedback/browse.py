@@ -19,14 +19,12 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from feedback.exceptions import BrowseError
+
 PAGE_MAX = 200
 PROBE_WINDOW = 2000  # newest candidates a filter checks one by one before it queries whole sets
 COMMON_MATCHES = 10000  # a search matching this many messages builds a set slower than the other filters
 PREVIEW_CHARS = 160
-
-
-class BrowseError(ValueError):
-    """A filter or cursor that cannot be understood."""
 
 
 @dataclass(frozen=True)

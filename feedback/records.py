@@ -19,6 +19,28 @@ class Role(StrEnum):
     ASSISTANT = "assistant"
 
 
+class FinishReason(StrEnum):
+    """Why a stored reply ended (``done.finish_reason`` on the wire, ``messages.finish_reason`` on disk)."""
+
+    STOP = "stop"  # the model ended its turn
+    LENGTH = "length"  # max_new_tokens or the context was reached
+    CANCELLED = "cancelled"  # the client sent stop
+    ERROR = "error"  # generation failed: stored empty, never trained on, counted per version
+    OPERATOR = "operator"  # an operator wrote it (takeover)
+
+
+OPERATOR_AUTHOR_PREFIX = "operator:"
+
+
+def operator_author(name: str) -> str:
+    """The ``author`` of a reply an operator wrote."""
+    return f"{OPERATOR_AUTHOR_PREFIX}{name}"
+
+
+def is_operator_author(author: str | None) -> bool:
+    return bool(author and author.startswith(OPERATOR_AUTHOR_PREFIX))
+
+
 class VersionState(StrEnum):
     """Life cycle of a model version (see DESIGN.md, "Model versions")."""
 
@@ -76,14 +98,14 @@ class Message:
     regenerated_from: str | None = None
     model_version: str | None = None
     latency_ms: float | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     n_tokens: int | None = None
     created_at: float = 0.0
-    author: str | None = None  # "operator:<name>" for a reply an operator wrote (takeover)
+    author: str | None = None  # operator_author(name) for a reply an operator wrote (takeover)
 
     @property
     def by_operator(self) -> bool:
-        return bool(self.author and self.author.startswith("operator:"))
+        return is_operator_author(self.author)
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,13 @@ import aiosqlite
 from feedback.accounts import AccountsMixin
 from feedback.accounts import write_audit as _audit
 from feedback.browse import BrowseMixin
+from feedback.exceptions import InvalidError, NotFoundError, StoreError
 from feedback.records import (
     BASE_VERSION,
     Conversation,
     Correction,
     FeedbackSnapshot,
+    FinishReason,
     Message,
     ModelVersion,
     RaterState,
@@ -43,6 +45,7 @@ from feedback.records import (
     TrainingRun,
     VersionState,
     VersionStats,
+    operator_author,
     subject_hash,
 )
 from feedback.schema import MIGRATIONS, SCHEMA_VERSION
@@ -51,18 +54,6 @@ log = logging.getLogger("learnloop.feedback")
 
 T = TypeVar("T")
 WriteOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
-
-
-class StoreError(Exception):
-    """Base class of the store's errors."""
-
-
-class NotFoundError(StoreError):
-    """The referenced conversation, message or version does not exist."""
-
-
-class InvalidError(StoreError):
-    """The request is well formed but not allowed (for example: rating a user message)."""
 
 
 @dataclass
@@ -262,6 +253,7 @@ class FeedbackStore(AccountsMixin, BrowseMixin):
         author: str | None = None,
     ) -> Message:
         now = time.time()
+        finish = None if finish_reason is None else FinishReason(finish_reason)  # ValueError for an unknown one
 
         async def op(conn: aiosqlite.Connection) -> int:
             cursor = await conn.execute(
@@ -307,7 +299,7 @@ class FeedbackStore(AccountsMixin, BrowseMixin):
             regenerated_from,
             model_version,
             latency_ms,
-            finish_reason,
+            finish,
             n_tokens,
             now,
             author,
@@ -324,7 +316,9 @@ class FeedbackStore(AccountsMixin, BrowseMixin):
         text = text.strip()
         if not text:
             raise InvalidError("an operator reply needs a non-empty text")
-        messages = [m for m in await self.conversation_messages(conversation_id) if m.finish_reason != "error"]
+        messages = [
+            m for m in await self.conversation_messages(conversation_id) if m.finish_reason is not FinishReason.ERROR
+        ]
         users = [m for m in messages if m.role is Role.USER]
         if not users:
             raise NotFoundError(f"conversation {conversation_id!r} has no user message to answer")
@@ -334,8 +328,8 @@ class FeedbackStore(AccountsMixin, BrowseMixin):
             role=Role.ASSISTANT,
             text=text,
             parent_id=messages[-1].id if live else users[-1].id,
-            author=f"operator:{operator}",
-            finish_reason="operator",
+            author=operator_author(operator),
+            finish_reason=FinishReason.OPERATOR,
         )
 
     async def get_message(self, message_id: str) -> Message:
@@ -1032,7 +1026,7 @@ def _record(cls: type[T], r: sqlite3.Row, **convert: Callable[[Any], Any]) -> T:
 
 
 def _message(r: sqlite3.Row) -> Message:
-    return _record(Message, r, role=Role)
+    return _record(Message, r, role=Role, finish_reason=lambda v: None if v is None else FinishReason(v))
 
 
 def _conversation(r: sqlite3.Row) -> Conversation:

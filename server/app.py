@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
-from feedback import BASE_VERSION, FeedbackStore, ModelVersion, VersionState
+from feedback import BASE_VERSION, FeedbackStore, LearnloopError, ModelVersion, VersionState
 from server.console.api import RunningConsole, start_console
 from server.engine import Engine, SamplingConfig, TransformersEngine
 from server.gateway import GatewayContext, Presence, start_gateway
@@ -32,7 +32,7 @@ from training.validate import AdapterInvalidError
 log = logging.getLogger("learnloop.app")
 
 
-class AdapterRejectedError(Exception):
+class AdapterRejectedError(LearnloopError):
     """An adapter file failed validation; the old version keeps serving."""
 
 

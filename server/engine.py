@@ -27,21 +27,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from feedback.exceptions import ErrorCode, LearnloopError
 from feedback.records import BASE_VERSION
 
 log = logging.getLogger("learnloop.engine")
 
 
-class EngineError(Exception):
+class EngineError(LearnloopError):
     """Base class of engine errors."""
 
 
 class OverloadedError(EngineError):
     """Too many requests queued; retry after ``retry_after`` seconds."""
 
+    code = ErrorCode.OVERLOADED
+    public = True
+
     def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+        super().__init__(message, retry_after=retry_after)
 
 
 class UnknownVersionError(EngineError):

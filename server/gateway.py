@@ -25,7 +25,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from feedback import FeedbackStore, InvalidError, NotFoundError, Role
+from feedback import FeedbackStore, FinishReason, InvalidError, NotFoundError, Role
 from server.engine import Engine, OverloadedError, SamplingConfig, UnknownVersionError
 from server.protocol import (
     Cancel,
@@ -216,7 +216,9 @@ class _Connection:
         self.pinned = conversation.model_version
         version = self.ctx.serving_version(self.pinned)
         messages = [
-            m for m in await self.ctx.store.conversation_messages(effect.conversation_id) if m.finish_reason != "error"
+            m
+            for m in await self.ctx.store.conversation_messages(effect.conversation_id)
+            if m.finish_reason is not FinishReason.ERROR
         ]
         by_id = {m.id: m for m in messages}
         branch: list[Turn] = []

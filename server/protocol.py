@@ -26,34 +26,21 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum, StrEnum
+from enum import Enum
 from typing import Any
+
+from feedback.exceptions import ErrorCode, LearnloopError
 
 PROTOCOL_VERSION = 1
 
 
-class ErrorCode(StrEnum):
-    BAD_REQUEST = "bad_request"  # not JSON, wrong field types, missing fields
-    UNKNOWN_TYPE = "unknown_type"  # a frame type this protocol does not have
-    HELLO_REQUIRED = "hello_required"  # anything but hello before ready
-    TOO_LARGE = "too_large"  # text over the configured limit
-    BUSY = "busy"  # a reply is streaming; send stop or wait for done
-    NOT_FOUND = "not_found"  # unknown message or conversation id
-    CONFLICT = "conflict"  # e.g. regenerate a reply that is not the latest
-    RATE_LIMITED = "rate_limited"  # too many frames; retry_after says when
-    OVERLOADED = "overloaded"  # the server cannot take more generations now
-    UNAUTHORIZED = "unauthorized"  # hello token missing or wrong
-    INTERNAL = "internal"  # unexpected: details stay in the server log
-
-
-class ProtocolError(Exception):
+class ProtocolError(LearnloopError):
     """A client frame was rejected; becomes an ``error`` frame."""
 
+    public = True
+
     def __init__(self, code: ErrorCode, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after
+        super().__init__(message, code=code, retry_after=retry_after)
 
 
 class Phase(Enum):

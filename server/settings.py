@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from feedback.exceptions import ErrorCode, LearnloopError
 from training.canary import CanaryConfig
 from training.config import TrainConfig
 from training.gate import GateConfig
@@ -26,8 +27,11 @@ from training.models import DEFAULT_MODEL
 from training.trust import TrustConfig
 
 
-class SettingsError(ValueError):
+class SettingsError(LearnloopError, ValueError):
     """A setting is unknown or has a value of the wrong type."""
+
+    code = ErrorCode.BAD_REQUEST
+    public = True
 
 
 @dataclass(frozen=True)

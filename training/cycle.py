@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from feedback import FeedbackSnapshot, FeedbackStore, RunState, VersionState
+from feedback.exceptions import LearnloopError
 from training import pairs
 from training.clean import CleanReport, clean
 from training.config import CycleConfig
@@ -134,7 +135,7 @@ def prepare(snapshot: FeedbackSnapshot, cfg: CycleConfig) -> PreparedData:
     return PreparedData(data, train, weighted, heldout, trust_report, cleaning)
 
 
-class TrainingJobError(Exception):
+class TrainingJobError(LearnloopError):
     """The training subprocess failed; ``detail`` holds the end of its stderr."""
 
 

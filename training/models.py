@@ -19,6 +19,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from feedback.exceptions import LearnloopError
+
 log = logging.getLogger("learnloop.models")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -28,7 +30,7 @@ _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FOLDER_NAME = "SmolLM2-135M-Instruct"
 
 
-class ModelError(Exception):
+class ModelError(LearnloopError):
     """The model cannot be found, fetched or converted."""
 
 

@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from feedback.records import Correction, FeedbackSnapshot, Message, Role
+from feedback.records import Correction, FeedbackSnapshot, FinishReason, Message, Role
 
 ChatMessage = dict[str, str]
 T = TypeVar("T")
@@ -198,7 +198,7 @@ def build_training_data(
     ``numbers``: for every corrected reply whose correction holds numbers, up to this many
     pairs whose rejected side is that correction with another correction's numbers in it.
     """
-    usable = [m for m in snapshot.messages if m.finish_reason != "error"]  # failed replies never train
+    usable = [m for m in snapshot.messages if m.finish_reason is not FinishReason.ERROR]  # failed replies never train
     messages = {m.id: m for m in usable}
     children: dict[str | None, list[Message]] = defaultdict(list)
     for m in usable:

@@ -15,12 +15,14 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from feedback.exceptions import LearnloopError
+
 ADAPTER_FILE = "adapter_model.safetensors"
 _PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _LORA = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.[^.]+)?\.weight$")
 
 
-class AdapterInvalidError(Exception):
+class AdapterInvalidError(LearnloopError):
     """The adapter must not be loaded; the message says why."""
 
 
