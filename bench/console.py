@@ -38,7 +38,7 @@ import httpx  # noqa: E402
 from feedback import FeedbackStore  # noqa: E402
 from feedback.browse import ConversationFilter, fts_query  # noqa: E402
 from server.console.api import start_console  # noqa: E402
-from server.gateway import Presence  # noqa: E402
+from server.presence import Presence  # noqa: E402
 from server.settings import ConsoleConfig  # noqa: E402
 
 TARGET_MS = 300.0
@@ -410,32 +410,6 @@ def seed(path: Path, n: int, *, rng: random.Random, now: float) -> Seeded:
     return out
 
 
-class BenchLoop:
-    """The console's ``Loop`` with only ``store`` and ``presence``; training and releases are not used."""
-
-    def __init__(self, store: FeedbackStore) -> None:
-        self.store: FeedbackStore | None = store
-        self.presence: Presence | None = Presence(store)
-
-    async def promote(self, name: str, *, actor: str) -> None:
-        raise NotImplementedError
-
-    async def rollback(self, name: str, *, actor: str) -> None:
-        raise NotImplementedError
-
-    def start_training(self, *, force: bool, actor: str) -> bool:
-        raise NotImplementedError
-
-    def preview(self, snapshot: Any, *, rows: bool) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def training_rows(self, snapshot: Any, kind: str) -> list[dict[str, Any]]:
-        raise NotImplementedError
-
-    async def canary_report(self) -> dict[str, Any] | None:
-        return None
-
-
 @dataclass
 class Kind:
     name: str
@@ -496,7 +470,7 @@ async def measure(path: Path, s: Seeded, reps: int) -> list[Kind]:
     try:
         await store.add_operator("bench", "bench-password-1", "viewer", actor="bench")
         token = await store.create_api_token("bench", label="bench", actor="bench")
-        console = await start_console(BenchLoop(store), ConsoleConfig(port=0))
+        console = await start_console(ConsoleConfig(port=0), store=store, presence=Presence(store))
         try:
             base = f"http://127.0.0.1:{console.port}"
             async with httpx.AsyncClient(

@@ -11,7 +11,7 @@ websockets on loopback). Each cycle:
 2. a simulated operator writes the policy answer for ``--correct-share`` of the
    thumbs-down replies, as in the console, except for two intents they never correct
    (``gift_card``, ``stores``), which measure leakage;
-3. the training job the scheduler runs (``App.scheduled_cycle``) trains, gates and
+3. the training job the scheduler runs (``Trainer.scheduled``) trains, gates and
    promotes a version;
 4. the new live version answers every held-out paraphrase and a set of generic chat
    prompts; satisfaction is the share of thumbs up.
@@ -176,7 +176,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"base: held-out satisfaction {by_version['base']['heldout']:.0%}", flush=True)
             for cycle in range(1, args.cycles + 1):
                 t0 = time.monotonic()
-                live = app.live_version
+                live = app.release.live_version
                 jobs = []
                 for i in intents:
                     for k, q in enumerate(i.train):
@@ -194,14 +194,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     if not up and intent.id not in UNCORRECTED and rng.random() < args.correct_share:
                         await app.store.add_correction(message_id=message_id, text=intent.answer, operator="sim-op")
                         corrected += 1
-                result = await app.run_training(force=True)
+                result = await app.trainer.run(force=True)
                 train_s = time.monotonic() - t0
                 print(
                     f"cycle {cycle}: {live} training satisfaction {train_sat:.0%}, {corrected} corrections; "
                     f"training -> {result.status} {result.version} ({result.reason[:160]})",
                     flush=True,
                 )
-                version = app.live_version
+                version = app.release.live_version
                 report = result.report or {}
                 if report.get("base_generic_ppl"):
                     by_version["base"].setdefault("generic_ppl", report["base_generic_ppl"])

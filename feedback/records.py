@@ -42,7 +42,7 @@ def is_operator_author(author: str | None) -> bool:
 
 
 class VersionState(StrEnum):
-    """Life cycle of a model version (see DESIGN.md, "Model versions")."""
+    """Life cycle of a model version (docs/architecture.md, "Model versions")."""
 
     CANDIDATE = "candidate"
     REJECTED = "rejected"

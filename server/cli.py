@@ -50,7 +50,7 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from server.app import cycle_config, describe
+    from server.trainer import cycle_config, describe
     from training.cycle import CycleStatus, TrainingCycle
     from training.models import resolve_model
 
@@ -194,7 +194,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
-    from server.app import cycle_config
+    from server.trainer import cycle_config
     from training.cycle import prepare
     from training.pairs import Row
 

@@ -25,15 +25,15 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from feedback import FeedbackStore, FinishReason, InvalidError, NotFoundError, Role
-from server.engine import Engine, OverloadedError, SamplingConfig, UnknownVersionError
+from feedback import ErrorCode, FeedbackStore, FinishReason, NotFoundError, Role
+from server.engine import Engine, SamplingConfig
+from server.errors import error_frame_for, public_view
+from server.presence import Presence
 from server.protocol import (
     Cancel,
     ChatSession,
     Effect,
-    ErrorCode,
     Generate,
-    KeyedRateLimiter,
     Limits,
     OpenConversation,
     Send,
@@ -42,72 +42,13 @@ from server.protocol import (
     Turn,
     error_frame,
 )
+from server.ratelimit import KeyedRateLimiter
 
 log = logging.getLogger("learnloop.gateway")
 
 
 def new_id() -> str:
     return uuid.uuid4().hex
-
-
-@dataclass(frozen=True)
-class Takeover:
-    operator: str
-    since: float
-
-
-class Presence:
-    """Who is connected to which conversation, and which conversations an operator answers.
-
-    Takeovers live in this process only (a restart hands every conversation back to the
-    model); the console and the gateway share one ``Presence``.
-    """
-
-    def __init__(self, store: FeedbackStore) -> None:
-        self.store = store
-        self._connections: dict[str, set[_Connection]] = {}
-        self.takeovers: dict[str, Takeover] = {}
-
-    def connected(self, conversation_id: str) -> int:
-        return len(self._connections.get(conversation_id, ()))
-
-    def attach(self, conversation_id: str, connection: _Connection) -> None:
-        self._connections.setdefault(conversation_id, set()).add(connection)
-
-    def detach(self, conversation_id: str, connection: _Connection) -> None:
-        conns = self._connections.get(conversation_id)
-        if conns is not None:
-            conns.discard(connection)
-            if not conns:
-                del self._connections[conversation_id]
-
-    async def join(self, conversation_id: str, operator: str) -> Takeover:
-        await self.store.get_conversation(conversation_id)  # NotFoundError for an unknown one
-        takeover = self.takeovers.get(conversation_id)
-        if takeover is not None and takeover.operator != operator:
-            raise InvalidError(f"operator {takeover.operator} is already answering this conversation")
-        if takeover is None:
-            takeover = self.takeovers[conversation_id] = Takeover(operator, time.time())
-        for conn in list(self._connections.get(conversation_id, ())):
-            await conn.apply(conn.session.operator_joined(operator))
-        return takeover
-
-    async def reply(self, conversation_id: str, operator: str, text: str) -> Any:
-        takeover = self.takeovers.get(conversation_id)
-        if takeover is None or takeover.operator != operator:
-            raise InvalidError("take the conversation over before answering in it")
-        message = await self.store.add_operator_reply(
-            conversation_id=conversation_id, text=text, operator=operator, message_id=new_id(), live=True
-        )
-        for conn in list(self._connections.get(conversation_id, ())):
-            await conn.apply(conn.session.operator_reply(message.id, message.text))
-        return message
-
-    async def leave(self, conversation_id: str) -> None:
-        if self.takeovers.pop(conversation_id, None) is None:
-            return
-        for conn in list(self._connections.get(conversation_id, ())):
-            await conn.apply(conn.session.operator_left())
 
 
 @dataclass
@@ -186,19 +127,22 @@ class _Connection:
         return effects
 
     async def store_turn(self, effect: StoreTurn) -> list[Effect]:
-        assert self.session.conversation_id is not None
         try:
-            await self.ctx.store.add_message(
-                message_id=effect.turn.id,
-                conversation_id=self.session.conversation_id,
-                role=Role.USER,
-                text=effect.turn.text,
-                parent_id=effect.parent_id,
-            )
-        except Exception:
-            log.exception("storing a user turn failed")
-            return self.session.turn_failed(effect, ErrorCode.INTERNAL, "internal error")
+            await self._store_user_turn(effect.turn, effect.parent_id)
+        except Exception as exc:
+            code, message, _ = public_view(exc, where="storing a user turn")
+            return self.session.turn_failed(effect, code, message)
         return self.session.turn_stored(effect)
+
+    async def _store_user_turn(self, turn: Turn, parent_id: str | None) -> None:
+        assert self.session.conversation_id is not None
+        await self.ctx.store.add_message(
+            message_id=turn.id,
+            conversation_id=self.session.conversation_id,
+            role=Role.USER,
+            text=turn.text,
+            parent_id=parent_id,
+        )
 
     async def _open(self, effect: OpenConversation) -> list[Effect]:
         if self.ctx.token is not None and effect.token != self.ctx.token:
@@ -253,28 +197,22 @@ class _Connection:
                 reason=effect.reason,
                 comment=effect.comment,
             )
-        except (NotFoundError, InvalidError) as exc:
-            return [Send({"type": "error", "code": ErrorCode.NOT_FOUND, "message": str(exc), "id": effect.client_id})]
+        except Exception as exc:  # never an ack for a rating that is not on disk
+            return [Send(error_frame_for(exc, id=effect.client_id, where="storing a rating"))]
         return self.session.rating_stored(effect.client_id)
 
     async def generate(self, g: Generate, cancel: threading.Event) -> None:
-        store, conversation_id = self.ctx.store, self.session.conversation_id
-        assert conversation_id is not None
+        """Store the user turn (ack), stream the reply, store it (done); a failure rolls the session back."""
+        assert self.session.conversation_id is not None
         version = self.ctx.serving_version(self.pinned)
         try:
             if g.user_turn is not None:
-                await store.add_message(
-                    message_id=g.user_turn.id,
-                    conversation_id=conversation_id,
-                    role=Role.USER,
-                    text=g.user_turn.text,
-                    parent_id=g.context[-2].id if len(g.context) > 1 else None,
-                )
+                await self._store_user_turn(g.user_turn, g.context[-2].id if len(g.context) > 1 else None)
                 await self.apply(self.session.user_turn_stored(g))
             started = time.monotonic()
             first_token_s: float | None = None
             parts: list[str] = []
-            finish_reason, n_tokens = "error", 0
+            finish_reason, n_tokens = FinishReason.ERROR, 0
             messages = [{"role": t.role, "content": t.text} for t in g.context]
             async for chunk in self.ctx.engine.stream(
                 messages, version=version, sampling=self.ctx.sampling, cancel=cancel
@@ -285,48 +223,32 @@ class _Connection:
                     parts.append(chunk.delta)
                     await self.send({"type": "token", "message_id": g.message_id, "delta": chunk.delta})
                 if chunk.finish_reason is not None:
-                    finish_reason, n_tokens = chunk.finish_reason, chunk.n_tokens
-            if finish_reason == "error":
-                # recorded (empty, never trained on) so that error rates per version can be compared
-                await store.add_message(
-                    message_id=g.message_id,
-                    conversation_id=conversation_id,
-                    role=Role.ASSISTANT,
-                    text="",
-                    parent_id=g.parent_id,
-                    model_version=version,
-                    finish_reason="error",
-                )
-                await self.apply(self.session.failed(g.message_id, ErrorCode.INTERNAL, "generation failed"))
-                return
-            text = "".join(parts)
-            await store.add_message(
+                    finish_reason, n_tokens = FinishReason(chunk.finish_reason), chunk.n_tokens
+            failed = finish_reason is FinishReason.ERROR
+            text = "" if failed else "".join(parts)
+            # a failed reply is recorded too (empty, never trained on): error rates per version are compared
+            await self.ctx.store.add_message(
                 message_id=g.message_id,
-                conversation_id=conversation_id,
+                conversation_id=self.session.conversation_id,
                 role=Role.ASSISTANT,
                 text=text,
                 parent_id=g.parent_id,
-                regenerated_from=g.regenerated_from,
+                regenerated_from=None if failed else g.regenerated_from,
                 model_version=version,
-                latency_ms=(first_token_s or 0.0) * 1000,
+                latency_ms=None if failed else (first_token_s or 0.0) * 1000,
                 finish_reason=finish_reason,
-                n_tokens=n_tokens,
+                n_tokens=None if failed else n_tokens,
             )
-            await self.apply(
-                self.session.finished(g.message_id, text, version, finish_reason, completion_tokens=n_tokens)
-            )
-        except OverloadedError as exc:
-            await self.apply(
-                self.session.failed(g.message_id, ErrorCode.OVERLOADED, str(exc), retry_after=exc.retry_after)
-            )
-        except UnknownVersionError:
-            log.exception("reply %s asked for a version that is not loaded", g.message_id)
-            await self.apply(self.session.failed(g.message_id, ErrorCode.INTERNAL, "internal error"))
+            if failed:
+                effects = self.session.failed(g.message_id, ErrorCode.INTERNAL, "generation failed")
+            else:
+                effects = self.session.finished(g.message_id, text, version, finish_reason, completion_tokens=n_tokens)
+            await self.apply(effects)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("reply %s failed", g.message_id)
-            await self.apply(self.session.failed(g.message_id, ErrorCode.INTERNAL, "internal error"))
+        except Exception as exc:
+            code, message, retry_after = public_view(exc, where=f"reply {g.message_id}")
+            await self.apply(self.session.failed(g.message_id, code, message, retry_after=retry_after))
 
 
 def _health(connection: ServerConnection, request: Request) -> Response | None:

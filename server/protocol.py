@@ -30,6 +30,7 @@ from enum import Enum
 from typing import Any
 
 from feedback.exceptions import ErrorCode, LearnloopError
+from server.ratelimit import TokenBucket
 
 PROTOCOL_VERSION = 1
 
@@ -144,40 +145,6 @@ def _field(frame: dict[str, Any], name: str, kind: type | tuple[type, ...], *, r
 
 
 @dataclass
-class _Bucket:
-    tokens: float
-    updated: float
-
-
-@dataclass
-class KeyedRateLimiter:
-    """Token buckets per key (a rater identity across all its connections). Pure: ``now`` comes in."""
-
-    per_minute: float | None
-    burst: int = 30
-    max_keys: int = 100_000
-    _buckets: dict[str, _Bucket] = field(default_factory=dict)
-
-    def check(self, key: str, now: float) -> float | None:
-        """None if allowed (and counted), else seconds until it would be."""
-        if self.per_minute is None:
-            return None
-        rate = self.per_minute / 60.0
-        b = self._buckets.get(key) or _Bucket(float(self.burst), now)
-        b.tokens = min(float(self.burst), b.tokens + (now - b.updated) * rate)
-        b.updated = now
-        self._buckets[key] = b
-        if b.tokens < 1.0:
-            return (1.0 - b.tokens) / rate
-        b.tokens -= 1.0
-        if len(self._buckets) > self.max_keys:  # forget keys whose buckets have refilled
-            full = [k for k, v in self._buckets.items() if v.tokens + (now - v.updated) * rate >= self.burst]
-            for k in full:
-                del self._buckets[k]
-        return None
-
-
-@dataclass
 class ChatSession:
     """State of one client connection. Feed it frames; carry out what it returns."""
 
@@ -190,7 +157,7 @@ class ChatSession:
     _pending: Generate | None = None
     _replaced: Turn | None = None  # the reply a regeneration replaces, restored if it fails
     _replies: set[str] = field(default_factory=set)  # assistant ids of this conversation
-    _bucket: _Bucket | None = None
+    _bucket: TokenBucket | None = None  # frames of this connection (limits.rate_per_s)
     operator: str | None = None  # an operator took this conversation over: no model replies
 
     # --- input: client frames -------------------------------------------------------------
@@ -212,15 +179,11 @@ class ChatSession:
         rate = self.limits.rate_per_s
         if rate is None:
             return
-        b = self._bucket or _Bucket(float(self.limits.rate_burst), now)
-        b.tokens = min(float(self.limits.rate_burst), b.tokens + (now - b.updated) * rate)
-        b.updated = now
-        self._bucket = b
-        if b.tokens < 1.0:
-            raise ProtocolError(
-                ErrorCode.RATE_LIMITED, f"more than {rate:g} frames/s", retry_after=(1.0 - b.tokens) / rate
-            )
-        b.tokens -= 1.0
+        if self._bucket is None:
+            self._bucket = TokenBucket(rate, float(self.limits.rate_burst))
+        retry_after = self._bucket.take(now)
+        if retry_after is not None:
+            raise ProtocolError(ErrorCode.RATE_LIMITED, f"more than {rate:g} frames/s", retry_after=retry_after)
 
     def _parse(self, raw: str | bytes) -> dict[str, Any]:
         if isinstance(raw, bytes):

@@ -38,9 +38,9 @@ async def train_a_canary(app: App, open_client: Any) -> None:
         await c.hello(user=f"teacher{i}")
         done, _ = await c.chat(f"What is your refund policy? ({i})", f"t{i}")
         await app.store.add_correction(message_id=done["message_id"], text=ANSWER, operator="op")  # type: ignore[union-attr]
-    result = await app.run_training()
+    result = await app.trainer.run()
     assert result.status is CycleStatus.CANARY, result
-    assert app.canary_version == "v1" and app.live_version == "base"
+    assert app.release.canary_version == "v1" and app.release.live_version == "base"
 
 
 async def chat_and_rate(app: App, open_client: Any, *, canary_vote: int, n: int = 50) -> dict[str, int]:
@@ -85,19 +85,19 @@ async def test_canary_is_promoted_or_rolled_back_by_customers(
         assert arms.get("v1", 0) >= 10 and arms.get("base", 0) >= 10
 
         # the server's own canary check acts (every 0.3 s here)
-        await wait_for(lambda: app.canary_version is None)
+        await wait_for(lambda: app.release.canary_version is None)
         v1 = await app.store.get_version("v1")
         if expected == "promote":
-            assert v1.state is VersionState.LIVE and app.live_version == "v1"
+            assert v1.state is VersionState.LIVE and app.release.live_version == "v1"
             assert any(r.startswith("better: thumbs-up") for r in v1.gate_reasons)
         else:
-            assert v1.state is VersionState.ROLLED_BACK and app.live_version == "base"
+            assert v1.state is VersionState.ROLLED_BACK and app.release.live_version == "base"
             assert any(r.startswith("worse: thumbs-up") for r in v1.gate_reasons)
         # the conversation pinned to the canary now gets whatever is live
         done, _ = await pinned.chat("and now?", "after")
-        assert done["model_version"] == app.live_version
+        assert done["model_version"] == app.release.live_version
         audit = [e["action"] for e in await app.store.audit_entries()]
         assert "state:canary" in audit and ("state:live" in audit or "state:rolled_back" in audit)
-        assert (await app.check_canary()) is None  # nothing left to judge
+        assert (await app.release.check_canary()) is None  # nothing left to judge
         fresh = await open_client(app.port)
-        assert (await fresh.hello())["model_version"] == app.live_version
+        assert (await fresh.hello())["model_version"] == app.release.live_version

@@ -204,10 +204,10 @@ async def test_promote_and_roll_back_through_the_api(app: App, tiny_model: Path,
     try:
         r = await alice.post(f"/api/v1/versions/{name}/promote")
         assert r.status_code == 200 and r.json()["state"] == "live", r.text
-        assert app.live_version == name
+        assert app.release.live_version == name
         r = await alice.post(f"/api/v1/versions/{name}/rollback")
         assert r.status_code == 200 and r.json()["live"] == "base"
-        assert app.live_version == "base"
+        assert app.release.live_version == "base"
         versions = {v["name"]: v["state"] for v in (await alice.get("/api/v1/versions")).json()["items"]}
         assert versions == {"base": "live", name: "rolled_back"}
         assert (await alice.post("/api/v1/versions/v99/promote")).status_code == 404

@@ -127,14 +127,14 @@ async def test_review_correct_and_release_in_the_browser(app: App, page: Any, ti
     await page.wait_for_function(
         f"document.querySelector(\"tr.version-row[data-name='{version}'] .version-state\").textContent.includes('live')"
     )
-    assert app.live_version == version
+    assert app.release.live_version == version
     await shot(page, "05-promoted")
     await row.locator(".rollback-btn").click()
     await page.wait_for_function(
         f"document.querySelector(\"tr.version-row[data-name='{version}'] .version-state\")"
         ".textContent.includes('rolled_back')"
     )
-    assert app.live_version == "base"
+    assert app.release.live_version == "base"
     assert "live" in await page.locator("tr.version-row[data-name='base'] .version-state").inner_text()
     await shot(page, "06-rolled-back")
     audit = {e["action"] for e in await app.store.audit_log(limit=50)}

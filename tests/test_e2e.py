@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from feedback import VersionState
-from server.app import App, describe
+from server.app import App
 from server.cli import main as cli_main
 from server.settings import load_settings
+from server.trainer import describe
 from training.cycle import CycleStatus
 
 CORRECT = "Refunds are accepted within 30 days of delivery."
@@ -115,13 +116,13 @@ async def run_loop(settings: Any, open_client: Any, n_conversations: int, *, tra
             # `learnloop train` in its own process; the server notices the promotion by polling
             result = await train_in_another_process(settings)
             for _ in range(100):
-                if app.live_version == "v1":
+                if app.release.live_version == "v1":
                     break
                 await asyncio.sleep(0.1)
         else:
-            result = describe(await app.run_training())
+            result = describe(await app.trainer.run())
         assert result["status"] == CycleStatus.PROMOTED, result
-        assert result["version"] == "v1" and app.live_version == "v1"
+        assert result["version"] == "v1" and app.release.live_version == "v1"
         assert result["report"]["candidate"]["chosen_nll"] < result["report"]["live"]["chosen_nll"]
         assert result["counts"]["heldout_dpo"] >= 1
 
@@ -159,10 +160,10 @@ async def test_scheduled_cycle_promotes_inside_the_server(tiny_model: Path, tmp_
             done, _ = await c.chat(question, f"q{i}")
             await app.store.add_correction(message_id=done["message_id"], text=CORRECT, operator="op")  # type: ignore[union-attr]
         for _ in range(600):  # the APScheduler job trains and promotes on its own
-            if app.live_version == "v1":
+            if app.release.live_version == "v1":
                 break
             await asyncio.sleep(0.1)
-        assert app.live_version == "v1"
+        assert app.release.live_version == "v1"
         runs = await app.store.list_runs()  # type: ignore[union-attr]
         assert [r.state for r in runs] == ["succeeded"] and runs[0].progress and runs[0].progress["step"] == 10
         done, _ = await main.chat("What is your refund policy?", "after")

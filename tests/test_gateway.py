@@ -135,10 +135,10 @@ async def test_reply_in_flight_finishes_on_its_version_during_a_swap(
         await register_candidate(a.store, adapter, str(tiny_model))
         await a.store.set_version_state("v1", VersionState.LIVE, actor="test")
         for _ in range(100):  # the poller picks up a version promoted by another process
-            if a.live_version == "v1":
+            if a.release.live_version == "v1":
                 break
             await asyncio.sleep(0.05)
-        assert a.live_version == "v1"
+        assert a.release.live_version == "v1"
         await streaming.until("token")  # the reply kept streaming across the swap
         await streaming.send(type="stop")
         frame, _ = await streaming.until("done")
@@ -169,8 +169,8 @@ async def test_tampered_adapter_is_refused_and_old_version_keeps_serving(
         from server.app import AdapterRejectedError
 
         with pytest.raises(AdapterRejectedError, match="sha256"):
-            await a.sync_live_version()
-        assert a.live_version == "base"
+            await a.release.sync()
+        assert a.release.live_version == "base"
         c = await open_client(a.port)
         await c.hello()
         done, _ = await c.chat("hi", "h")
@@ -263,7 +263,7 @@ async def test_hot_swap_under_load_eight_sessions(tiny_model: Path, tmp_path: Pa
             await asyncio.sleep(0.01)
         adapter = make_adapter(tiny_model, tmp_path / "adapters" / "v1", seed=5)
         await register_candidate(a.store, adapter, str(tiny_model))
-        await a.promote("v1", actor="test")
+        await a.release.promote("v1", actor="test")
         first_wave = await asyncio.gather(*before)
         for done, text, frames in first_wave:
             assert done["model_version"] == "base" and done["finish_reason"] in ("stop", "length")

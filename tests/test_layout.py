@@ -26,3 +26,27 @@ def test_no_import_points_backwards(package: str) -> None:
     for path in sorted((ROOT / package).rglob("*.py")):
         bad = imported_packages(path) & FORBIDDEN[package]
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}: {package} must not depend on them"
+
+
+def _error_classes() -> list[tuple[str, str]]:
+    """(module, class) of every class defined in our packages whose name ends in Error."""
+    found = []
+    for package in ("feedback", "training", "server"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef) and node.name.endswith("Error"):
+                    module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+                    found.append((module, node.name))
+    return found
+
+
+def test_every_error_has_the_one_root() -> None:
+    import importlib
+
+    from feedback.exceptions import LearnloopError
+
+    classes = _error_classes()
+    assert len(classes) >= 14
+    for module, name in classes:
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, LearnloopError), f"{module}.{name} does not derive from LearnloopError"

@@ -336,7 +336,7 @@ async def test_hot_swap_under_load_eight_sessions(
         while a.engine.stats.tokens < 16:  # every session is streaming now
             await asyncio.sleep(0.01)
         await register_candidate(a.store, adapter, gateway_settings.model.name)
-        await a.promote("v1", actor="test")
+        await a.release.promote("v1", actor="test")
         assert not all(t.done() for t in before)  # the adapter was loaded while replies streamed
         first_wave = await asyncio.gather(*before)
         for done, text, frames in first_wave:

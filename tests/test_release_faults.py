@@ -185,8 +185,8 @@ async def test_bad_adapter_is_refused_and_the_old_version_keeps_serving(
             feedback_ids={},
             training_run_id=None,
         )
-        await app.promote("v1", actor="test")
-        assert app.live_version == "v1"
+        await app.release.promote("v1", actor="test")
+        assert app.release.live_version == "v1"
         folder, sha = bad_adapters[kind]
         await app.store.register_version(
             adapter_path=str(folder),
@@ -199,15 +199,15 @@ async def test_bad_adapter_is_refused_and_the_old_version_keeps_serving(
         )
         # as a canary: refused and rolled back automatically
         await app.store.set_version_state("v2", VersionState.CANARY, actor="gate")
-        await app.sync_versions()
+        await app.release.sync()
         v2 = await app.store.get_version("v2")
         assert v2.state is VersionState.ROLLED_BACK and any("refused" in r for r in v2.gate_reasons)
-        assert app.canary_version is None
+        assert app.release.canary_version is None
         # promoted by hand: refused, and v1 keeps serving
         await app.store.set_version_state("v2", VersionState.LIVE, actor="test")
         with pytest.raises(AdapterRejectedError):
-            await app.sync_versions()
-        assert app.live_version == "v1" and "v2" not in app.engine.versions  # type: ignore[union-attr]
+            await app.release.sync()
+        assert app.release.live_version == "v1" and "v2" not in app.engine.versions  # type: ignore[union-attr]
         client = await open_client(app.port)
         assert (await client.hello())["model_version"] == "v1"
         done, _ = await client.chat("still serving?", "x")

@@ -30,11 +30,12 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from feedback import FeedbackStore, InvalidError, NotFoundError, RaterState, StoreError
-from feedback.accounts import AccountError, ConsoleSession, Operator, OperatorRole
-from feedback.browse import BrowseError, ConversationFilter
-from server.gateway import Presence
-from server.protocol import KeyedRateLimiter
+from feedback import ErrorCode, FeedbackStore, LearnloopError, RaterState
+from feedback.accounts import ConsoleSession, Operator, OperatorRole
+from feedback.browse import ConversationFilter
+from server.errors import ApiError, error_body, http_error
+from server.presence import Presence
+from server.ratelimit import KeyedRateLimiter
 from server.settings import ConsoleConfig
 
 log = logging.getLogger("learnloop.console")
@@ -56,24 +57,20 @@ PAGES = (
 )
 
 
-class Loop(Protocol):
-    """What the console needs from the running server (``server.app.App`` provides it)."""
-
-    store: FeedbackStore | None
-    presence: Presence | None
+class Releases(Protocol):
+    """Version moves the console asks for (``server.release.Release``)."""
 
     async def promote(self, name: str, *, actor: str) -> None: ...
     async def rollback(self, name: str, *, actor: str) -> None: ...
-    def start_training(self, *, force: bool, actor: str) -> bool: ...
-    def preview(self, snapshot: Any, *, rows: bool) -> dict[str, Any]: ...
-    def training_rows(self, snapshot: Any, kind: str) -> list[dict[str, Any]]: ...
     async def canary_report(self) -> dict[str, Any] | None: ...
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
+class Training(Protocol):
+    """Training the console starts and previews (``server.trainer.Trainer``)."""
+
+    def start(self, *, force: bool, actor: str) -> bool: ...
+    def preview(self, snapshot: Any, *, rows: bool) -> dict[str, Any]: ...
+    def rows(self, snapshot: Any, kind: str) -> list[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -115,16 +112,12 @@ class TrainBody(BaseModel):
 # --- auth -------------------------------------------------------------------------------
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
 async def authenticate(request: Request, store: FeedbackStore) -> Principal | None:
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
         operator = await store.operator_for_token(header[7:].strip())
         if operator is None:
-            raise ApiError(401, "unauthorized", "the API token is unknown or revoked")
+            raise ApiError("the API token is unknown or revoked", code=ErrorCode.UNAUTHORIZED)
         return Principal(operator, None)
     session_id = request.cookies.get(COOKIE)
     if not session_id:
@@ -140,13 +133,13 @@ def require(role: OperatorRole) -> Callable[[Request], Awaitable[Principal]]:
         store: FeedbackStore = request.app.state.store
         principal = await authenticate(request, store)
         if principal is None:
-            raise ApiError(401, "unauthorized", "log in, or send Authorization: Bearer <api token>")
+            raise ApiError("log in, or send Authorization: Bearer <api token>", code=ErrorCode.UNAUTHORIZED)
         if request.method in UNSAFE and principal.csrf_token is not None:
             sent = request.headers.get("x-csrf-token", "")
             if not hmac.compare_digest(sent, principal.csrf_token):
-                raise ApiError(403, "csrf", "missing or wrong X-CSRF-Token header")
+                raise ApiError("missing or wrong X-CSRF-Token header", code=ErrorCode.CSRF)
         if not principal.operator.role.allows(role):
-            raise ApiError(403, "forbidden", f"this needs the {role} role; you are {principal.operator.role}")
+            raise ApiError(f"this needs the {role} role; you are {principal.operator.role}", code=ErrorCode.FORBIDDEN)
         return principal
 
     return dependency
@@ -169,10 +162,27 @@ AsAdmin = Annotated[Principal, Depends(_REQUIRE[OperatorRole.ADMIN])]
 # --- the app ----------------------------------------------------------------------------
 
 
-def create_console(loop: Loop, config: ConsoleConfig) -> FastAPI:
-    assert loop.store is not None and loop.presence is not None
-    store: FeedbackStore = loop.store
-    presence: Presence = loop.presence
+def create_console(
+    config: ConsoleConfig,
+    *,
+    store: FeedbackStore,
+    presence: Presence,
+    release: Releases | None,
+    trainer: Training | None,
+) -> FastAPI:
+    """The console's app. Without ``release``/``trainer`` (a console over a store alone), the routes
+    that move versions or start training answer ``unavailable``."""
+
+    def releases() -> Releases:
+        if release is None:
+            raise ApiError("this console does not manage releases", code=ErrorCode.UNAVAILABLE)
+        return release
+
+    def training() -> Training:
+        if trainer is None:
+            raise ApiError("this console does not run training", code=ErrorCode.UNAVAILABLE)
+        return trainer
+
     login_limiter = KeyedRateLimiter(
         per_minute=config.login_attempts_per_minute, burst=max(1, int(config.login_attempts_per_minute))
     )
@@ -186,39 +196,15 @@ def create_console(loop: Loop, config: ConsoleConfig) -> FastAPI:
     )
     app.state.store = store
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        if exc.status >= 500:
-            log.error("%s %s: %s", request.method, request.url.path, exc.message)
-        return _error(exc.status, exc.code, exc.message, exc.headers)
+    @app.exception_handler(LearnloopError)
+    @app.exception_handler(StarletteHTTPException)
+    async def known_error(request: Request, exc: Exception) -> JSONResponse:
+        return http_error(exc, where=f"{request.method} {request.url.path}")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return _error(422, "invalid", "; ".join(parts))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-        return _error(exc.status_code, code, str(exc.detail))
-
-    @app.exception_handler(NotFoundError)
-    async def not_found(request: Request, exc: NotFoundError) -> JSONResponse:
-        return _error(404, "not_found", str(exc))
-
-    @app.exception_handler(InvalidError)
-    @app.exception_handler(AccountError)
-    async def conflict(request: Request, exc: Exception) -> JSONResponse:
-        return _error(409, "conflict", str(exc))
-
-    @app.exception_handler(BrowseError)
-    async def bad_filter(request: Request, exc: BrowseError) -> JSONResponse:
-        return _error(400, "bad_request", str(exc))
-
-    @app.exception_handler(StoreError)
-    async def store_error(request: Request, exc: StoreError) -> JSONResponse:
-        log.exception("store error on %s %s", request.method, request.url.path)
-        return _error(503, "unavailable", "the feedback store failed; see the server log")
+        return JSONResponse(error_body(ErrorCode.INVALID, "; ".join(parts)), status_code=422)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -246,11 +232,11 @@ def create_console(loop: Loop, config: ConsoleConfig) -> FastAPI:
         for key in (f"name:{body.name}", f"addr:{client}"):
             retry = login_limiter.check(key, now)
             if retry is not None:
-                raise ApiError(429, "rate_limited", "too many login attempts", {"Retry-After": str(int(retry) + 1)})
+                raise ApiError("too many login attempts", code=ErrorCode.RATE_LIMITED, retry_after=retry)
         operator = await store.check_login(body.name, body.password)
         if operator is None:
             log.warning("failed console login for %r from %s", body.name, client)
-            raise ApiError(401, "unauthorized", "wrong name or password")
+            raise ApiError("wrong name or password", code=ErrorCode.UNAUTHORIZED)
         session_id, session = await store.create_session(operator, ttl_s=config.session_ttl_s)
         response.set_cookie(
             COOKIE,
@@ -299,7 +285,7 @@ def create_console(loop: Loop, config: ConsoleConfig) -> FastAPI:
     async def transcript(conversation_id: str) -> dict[str, Any]:
         t = await store.transcript(conversation_id)
         if t is None:
-            raise ApiError(404, "not_found", f"no conversation {conversation_id!r}")
+            raise ApiError(f"no conversation {conversation_id!r}", code=ErrorCode.NOT_FOUND)
         takeover = presence.takeovers.get(conversation_id)
         return {
             **t,
@@ -359,7 +345,7 @@ def create_console(loop: Loop, config: ConsoleConfig) -> FastAPI:
     @app.get("/api/v1/dataset/preview", **role(viewer))
     async def dataset_preview(rows: bool = False) -> dict[str, Any]:
         snapshot = await store.export_feedback()
-        return await asyncio.to_thread(loop.preview, snapshot, rows=rows)
+        return await asyncio.to_thread(training().preview, snapshot, rows=rows)
 
     @app.get("/api/v1/runs", **role(viewer))
     async def runs(limit: int = Query(default=50, ge=1, le=500)) -> dict[str, Any]:
@@ -371,8 +357,8 @@ def create_console(loop: Loop, config: ConsoleConfig) -> FastAPI:
 
     @app.post("/api/v1/runs", status_code=202, **role(admin))
     async def start_run(body: TrainBody, p: AsAdmin) -> dict[str, Any]:
-        if not loop.start_training(force=body.force, actor=p.operator.name):
-            raise ApiError(409, "conflict", "a training run is already in progress")
+        if not training().start(force=body.force, actor=p.operator.name):
+            raise ApiError("a training run is already in progress", code=ErrorCode.CONFLICT)
         await store.audit(p.operator.name, "train", None, {"force": body.force})
         return {"started": True}
 
@@ -380,7 +366,7 @@ def create_console(loop: Loop, config: ConsoleConfig) -> FastAPI:
     async def cancel_run(run_id: int, p: AsAdmin) -> dict[str, Any]:
         await store.get_run(run_id)
         if not await store.request_cancel(run_id, actor=p.operator.name):
-            raise ApiError(409, "conflict", f"run {run_id} is not running")
+            raise ApiError(f"run {run_id} is not running", code=ErrorCode.CONFLICT)
         return {"run_id": run_id, "cancel_requested": True}
 
     @app.get("/api/v1/versions", **role(viewer))
@@ -398,18 +384,18 @@ def create_console(loop: Loop, config: ConsoleConfig) -> FastAPI:
     @app.post("/api/v1/versions/{name}/promote", **role(admin))
     async def promote(name: str, p: AsAdmin) -> dict[str, Any]:
         await store.get_version(name)
-        await loop.promote(name, actor=p.operator.name)
+        await releases().promote(name, actor=p.operator.name)
         return _plain(await store.get_version(name))
 
     @app.post("/api/v1/versions/{name}/rollback", **role(admin))
     async def rollback(name: str, p: AsAdmin) -> dict[str, Any]:
         await store.get_version(name)
-        await loop.rollback(name, actor=p.operator.name)
+        await releases().rollback(name, actor=p.operator.name)
         return {"rolled_back": name, "live": (await store.live_version()).name}
 
     @app.get("/api/v1/canary", **role(viewer))
     async def canary() -> dict[str, Any]:
-        return {"canary": await loop.canary_report()}
+        return {"canary": await releases().canary_report()}
 
     @app.get("/api/v1/stats/versions", **role(viewer))
     async def stats(
@@ -440,7 +426,7 @@ def create_console(loop: Loop, config: ConsoleConfig) -> FastAPI:
     @app.get("/api/v1/export/training.jsonl", **role(admin))
     async def export_training(kind: Literal["dpo", "kto", "sft"], p: AsAdmin) -> StreamingResponse:
         snapshot = await store.export_feedback()
-        rows = await asyncio.to_thread(loop.training_rows, snapshot, kind)
+        rows = await asyncio.to_thread(training().rows, snapshot, kind)
         await store.audit(p.operator.name, "export.training", kind, {"rows": len(rows)})
 
         def lines() -> Iterator[bytes]:
@@ -520,8 +506,15 @@ class RunningConsole:
             await self.task
 
 
-async def start_console(loop: Loop, config: ConsoleConfig) -> RunningConsole:
-    app = create_console(loop, config)
+async def start_console(
+    config: ConsoleConfig,
+    *,
+    store: FeedbackStore,
+    presence: Presence,
+    release: Releases | None = None,
+    trainer: Training | None = None,
+) -> RunningConsole:
+    app = create_console(config, store=store, presence=presence, release=release, trainer=trainer)
     sock = socket.create_server((config.host, config.port), reuse_port=False)  # a bind error surfaces here
     # asyncio sets TCP_NODELAY only on sockets it creates; without it every response waits
     # for the client's delayed ACK (Nagle), about 40 ms

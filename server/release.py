@@ -1,0 +1,179 @@
+"""Releases: which model versions serve, and moving versions between states.
+
+The store says which version is live and which is the canary; ``Release.sync`` makes the
+engine serve exactly that: it loads (validated) adapters that are missing, routes new
+replies, and unloads what is no longer needed. What stays loaded is a pure rule
+(``adapters_to_unload``): base, live, the canary, and the previous live version (kept for
+an instant rollback). The canary check (``check_canary``) compares the canary with live on
+what customers did since it started (``training.canary.decide``) and promotes or rolls it
+back; operators do the same by hand (``promote``, ``rollback``).
+
+Routing: a new conversation falls in the canary's share or not (``assign_version``); a
+conversation pinned to the running canary stays on it, every other follows live
+(``serving_version``). Replies already streaming finish on the version they started on:
+the engine keeps an unloaded adapter until its last reply ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from feedback import BASE_VERSION, FeedbackStore, LearnloopError, ModelVersion, VersionState, VersionStats
+from server.engine import Engine
+from training.canary import CanaryAction, CanaryConfig, CanaryDecision, assign
+from training.canary import decide as decide_canary
+from training.validate import AdapterInvalidError
+
+log = logging.getLogger("learnloop.release")
+
+
+class AdapterRejectedError(LearnloopError):
+    """An adapter file failed validation; the old version keeps serving."""
+
+
+def adapters_to_unload(loaded: Iterable[str], *, live: str, canary: str | None, previous_live: str | None) -> list[str]:
+    """Loaded versions that are neither base, live, the canary nor the previous live (sorted)."""
+    keep = {BASE_VERSION, live, canary, previous_live}
+    return sorted(set(loaded) - keep)
+
+
+def previous_live_after(old_live: str, new_live: str, previous_live: str | None) -> str | None:
+    """The version an instant rollback goes back to: the live one just replaced, else the same as before."""
+    return old_live if old_live != new_live else previous_live
+
+
+@dataclass(frozen=True)
+class CanaryVerdict:
+    """The running canary against live since it started, and what the canary rule says."""
+
+    canary: ModelVersion
+    live: ModelVersion
+    live_stats: VersionStats
+    canary_stats: VersionStats
+    decision: CanaryDecision
+
+
+class Release:
+    """Keeps the engine serving what the store says; one swap at a time."""
+
+    def __init__(self, store: FeedbackStore, engine: Engine, canary: CanaryConfig) -> None:
+        self.store = store
+        self.engine = engine
+        self.canary_config = canary
+        self.live_version: str = BASE_VERSION
+        self.canary_version: str | None = None
+        self.previous_live: str | None = None
+        self._lock = asyncio.Lock()
+
+    # --- routing -------------------------------------------------------------------------
+
+    def assign_version(self, conversation_id: str) -> str | None:
+        """For a new conversation: the canary's name if it falls in the canary's share, else None (live)."""
+        if self.canary_version and assign(conversation_id, self.canary_config.share):
+            return self.canary_version
+        return None
+
+    def serving_version(self, pinned: str | None) -> str:
+        """A conversation pinned to the running canary stays on it; every other follows live."""
+        if pinned is not None and pinned == self.canary_version:
+            return pinned
+        return self.live_version
+
+    # --- serving what the store says -------------------------------------------------------
+
+    async def sync(self) -> None:
+        """Load the live and canary adapters (validated), route to them, unload the rest.
+
+        A canary whose adapter fails validation is rolled back; a live one raises
+        AdapterRejectedError and the version that was serving keeps serving.
+        """
+        async with self._lock:
+            live = await self.store.live_version()
+            canary = await self.store.canary_version()
+            if canary is not None and not self.engine.has_version(canary.name):
+                try:
+                    await self._load(canary)
+                except AdapterRejectedError as exc:
+                    log.error("canary %s refused: %s", canary.name, exc)
+                    await self.store.rollback(canary.name, actor="validation", reasons=[f"adapter refused: {exc}"])
+                    canary = None
+            if live.name != BASE_VERSION and not self.engine.has_version(live.name):
+                await self._load(live)  # raises: the old version keeps serving
+            old = self.live_version
+            self.live_version = live.name
+            self.canary_version = canary.name if canary else None
+            self.previous_live = previous_live_after(old, live.name, self.previous_live)
+            if old != live.name:
+                log.info("new replies now use version %s (was %s)", live.name, old)
+            unload = adapters_to_unload(
+                self.engine.versions, live=live.name, canary=self.canary_version, previous_live=self.previous_live
+            )
+            for name in unload:
+                await self.engine.unload_adapter(name)
+
+    async def _load(self, version: ModelVersion) -> None:
+        if not version.adapter_path:
+            raise AdapterRejectedError(f"version {version.name} has no adapter path")
+        try:
+            await asyncio.to_thread(self.engine.validate_adapter, version.adapter_path, version.sha256)
+        except AdapterInvalidError as exc:
+            raise AdapterRejectedError(f"version {version.name}: {exc}") from exc
+        pause = await self.engine.load_adapter(version.name, version.adapter_path)
+        log.info("version %s loaded; decoding paused %.0f ms", version.name, pause * 1000)
+
+    # --- the canary ------------------------------------------------------------------------
+
+    async def canary_verdict(self) -> CanaryVerdict | None:
+        """What the canary rule says now about the running canary (None when there is none)."""
+        canary = await self.store.canary_version()
+        if canary is None:
+            return None
+        live = await self.store.live_version()
+        live_stats = await self.store.version_stats(live.name, since=canary.updated_at)
+        canary_stats = await self.store.version_stats(canary.name, since=canary.updated_at)
+        decision = decide_canary(live_stats, canary_stats, self.canary_config)
+        return CanaryVerdict(canary, live, live_stats, canary_stats, decision)
+
+    async def canary_report(self) -> dict[str, Any] | None:
+        """The verdict as JSON for the console."""
+        verdict = await self.canary_verdict()
+        if verdict is None:
+            return None
+        return {
+            "version": verdict.canary.name,
+            "live": verdict.live.name,
+            "share": self.canary_config.share,
+            "since": verdict.canary.updated_at,
+            "live_stats": asdict(verdict.live_stats),
+            "canary_stats": asdict(verdict.canary_stats),
+            "decision": {"action": str(verdict.decision.action), "reasons": list(verdict.decision.reasons)},
+        }
+
+    async def check_canary(self) -> CanaryDecision | None:
+        """Act on the verdict: promote, roll back, or wait for more evidence."""
+        verdict = await self.canary_verdict()
+        if verdict is None:
+            return None
+        decision, name = verdict.decision, verdict.canary.name
+        if decision.action is CanaryAction.PROMOTE:
+            await self.store.set_version_state(name, VersionState.LIVE, actor="canary", reasons=decision.reasons)
+        elif decision.action is CanaryAction.ROLLBACK:
+            await self.store.rollback(name, actor="canary", reasons=decision.reasons)
+        if decision.action is not CanaryAction.WAIT:
+            log.info("canary %s: %s (%s)", name, decision.action, "; ".join(decision.reasons))
+            await self.sync()
+        return decision
+
+    # --- by hand ---------------------------------------------------------------------------
+
+    async def promote(self, name: str, *, actor: str) -> None:
+        await self.store.set_version_state(name, VersionState.LIVE, actor=actor, reasons=[f"promoted by {actor}"])
+        await self.sync()
+
+    async def rollback(self, name: str, *, actor: str) -> None:
+        await self.store.rollback(name, actor=actor, reasons=[f"rolled back by {actor}"])
+        await self.sync()
