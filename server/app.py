@@ -116,7 +116,7 @@ class App:
         try:
             self.engine = make_engine(s, base_model)
             await asyncio.to_thread(self.engine.load)
-            await self.store.ensure_base_version(base_model)
+            await self.store.versions.ensure_base(base_model)
             try:
                 await self.sync_versions()
             except AdapterRejectedError:
@@ -231,12 +231,12 @@ class App:
     async def canary_report(self) -> dict[str, Any] | None:
         """The running canary against live since it started, and what the canary rule says now."""
         assert self.store is not None
-        canary = await self.store.canary_version()
+        canary = await self.store.versions.canary()
         if canary is None:
             return None
-        live = await self.store.live_version()
-        live_stats = await self.store.version_stats(live.name, since=canary.updated_at)
-        canary_stats = await self.store.version_stats(canary.name, since=canary.updated_at)
+        live = await self.store.versions.live()
+        live_stats = await self.store.versions.stats(live.name, since=canary.updated_at)
+        canary_stats = await self.store.versions.stats(canary.name, since=canary.updated_at)
         decision = decide_canary(live_stats, canary_stats, self.settings.canary)
         return {
             "version": canary.name,
@@ -266,20 +266,22 @@ class App:
     async def check_canary(self) -> CanaryDecision | None:
         """Compare the canary with live on what customers did since it started; act on the verdict."""
         assert self.store is not None
-        canary = await self.store.canary_version()
+        canary = await self.store.versions.canary()
         if canary is None:
             return None
-        live = await self.store.live_version()
+        live = await self.store.versions.live()
         since = canary.updated_at
         decision = decide_canary(
-            await self.store.version_stats(live.name, since=since),
-            await self.store.version_stats(canary.name, since=since),
+            await self.store.versions.stats(live.name, since=since),
+            await self.store.versions.stats(canary.name, since=since),
             self.settings.canary,
         )
         if decision.action is CanaryAction.PROMOTE:
-            await self.store.set_version_state(canary.name, VersionState.LIVE, actor="canary", reasons=decision.reasons)
+            await self.store.versions.set_state(
+                canary.name, VersionState.LIVE, actor="canary", reasons=decision.reasons
+            )
         elif decision.action is CanaryAction.ROLLBACK:
-            await self.store.rollback(canary.name, actor="canary", reasons=decision.reasons)
+            await self.store.versions.rollback(canary.name, actor="canary", reasons=decision.reasons)
         if decision.action is not CanaryAction.WAIT:
             log.info("canary %s: %s (%s)", canary.name, decision.action, "; ".join(decision.reasons))
             await self.sync_versions()
@@ -287,12 +289,12 @@ class App:
 
     async def promote(self, name: str, *, actor: str) -> None:
         assert self.store is not None
-        await self.store.set_version_state(name, VersionState.LIVE, actor=actor, reasons=[f"promoted by {actor}"])
+        await self.store.versions.set_state(name, VersionState.LIVE, actor=actor, reasons=[f"promoted by {actor}"])
         await self.sync_versions()
 
     async def rollback(self, name: str, *, actor: str) -> None:
         assert self.store is not None
-        await self.store.rollback(name, actor=actor, reasons=[f"rolled back by {actor}"])
+        await self.store.versions.rollback(name, actor=actor, reasons=[f"rolled back by {actor}"])
         await self.sync_versions()
 
     async def sync_live_version(self) -> str:
@@ -307,14 +309,16 @@ class App:
         """
         assert self.store is not None and self.engine is not None
         async with self._swap_lock:
-            live = await self.store.live_version()
-            canary = await self.store.canary_version()
+            live = await self.store.versions.live()
+            canary = await self.store.versions.canary()
             if canary is not None and not self.engine.has_version(canary.name):
                 try:
                     await self._load(canary)
                 except AdapterRejectedError as exc:
                     log.error("canary %s refused: %s", canary.name, exc)
-                    await self.store.rollback(canary.name, actor="validation", reasons=[f"adapter refused: {exc}"])
+                    await self.store.versions.rollback(
+                        canary.name, actor="validation", reasons=[f"adapter refused: {exc}"]
+                    )
                     canary = None
             if live.name != BASE_VERSION and not self.engine.has_version(live.name):
                 await self._load(live)  # raises: the old version keeps serving

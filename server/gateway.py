@@ -82,7 +82,7 @@ class Presence:
                 del self._connections[conversation_id]
 
     async def join(self, conversation_id: str, operator: str) -> Takeover:
-        await self.store.get_conversation(conversation_id)  # NotFoundError for an unknown one
+        await self.store.conversations.get(conversation_id)  # NotFoundError for an unknown one
         takeover = self.takeovers.get(conversation_id)
         if takeover is not None and takeover.operator != operator:
             raise InvalidError(f"operator {takeover.operator} is already answering this conversation")
@@ -96,7 +96,7 @@ class Presence:
         takeover = self.takeovers.get(conversation_id)
         if takeover is None or takeover.operator != operator:
             raise InvalidError("take the conversation over before answering in it")
-        message = await self.store.add_operator_reply(
+        message = await self.store.conversations.add_operator_reply(
             conversation_id=conversation_id, text=text, operator=operator, message_id=new_id(), live=True
         )
         for conn in list(self._connections.get(conversation_id, ())):
@@ -188,7 +188,7 @@ class _Connection:
     async def store_turn(self, effect: StoreTurn) -> list[Effect]:
         assert self.session.conversation_id is not None
         try:
-            await self.ctx.store.add_message(
+            await self.ctx.store.conversations.add_message(
                 message_id=effect.turn.id,
                 conversation_id=self.session.conversation_id,
                 role=Role.USER,
@@ -207,17 +207,17 @@ class _Connection:
         if effect.conversation_id is None:
             conversation_id = new_id()
             self.pinned = self.ctx.assign_version(conversation_id)
-            await self.ctx.store.create_conversation(conversation_id, user_id=effect.user, model_version=self.pinned)
+            await self.ctx.store.conversations.create(conversation_id, user_id=effect.user, model_version=self.pinned)
             return self.session.opened(conversation_id, [], set(), self.ctx.serving_version(self.pinned))
         try:
-            conversation = await self.ctx.store.get_conversation(effect.conversation_id)
+            conversation = await self.ctx.store.conversations.get(effect.conversation_id)
         except NotFoundError:
             return self.session.open_failed(ErrorCode.NOT_FOUND, f"no conversation {effect.conversation_id!r}")
         self.pinned = conversation.model_version
         version = self.ctx.serving_version(self.pinned)
         messages = [
             m
-            for m in await self.ctx.store.conversation_messages(effect.conversation_id)
+            for m in await self.ctx.store.conversations.messages(effect.conversation_id)
             if m.finish_reason is not FinishReason.ERROR
         ]
         by_id = {m.id: m for m in messages}
@@ -245,7 +245,7 @@ class _Connection:
                 )
             ]
         try:
-            await self.ctx.store.add_rating(
+            await self.ctx.store.conversations.add_rating(
                 message_id=effect.message_id,
                 value=effect.value,
                 client_id=effect.client_id,
@@ -263,7 +263,7 @@ class _Connection:
         version = self.ctx.serving_version(self.pinned)
         try:
             if g.user_turn is not None:
-                await store.add_message(
+                await store.conversations.add_message(
                     message_id=g.user_turn.id,
                     conversation_id=conversation_id,
                     role=Role.USER,
@@ -288,7 +288,7 @@ class _Connection:
                     finish_reason, n_tokens = chunk.finish_reason, chunk.n_tokens
             if finish_reason == "error":
                 # recorded (empty, never trained on) so that error rates per version can be compared
-                await store.add_message(
+                await store.conversations.add_message(
                     message_id=g.message_id,
                     conversation_id=conversation_id,
                     role=Role.ASSISTANT,
@@ -300,7 +300,7 @@ class _Connection:
                 await self.apply(self.session.failed(g.message_id, ErrorCode.INTERNAL, "generation failed"))
                 return
             text = "".join(parts)
-            await store.add_message(
+            await store.conversations.add_message(
                 message_id=g.message_id,
                 conversation_id=conversation_id,
                 role=Role.ASSISTANT,

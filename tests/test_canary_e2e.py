@@ -37,7 +37,7 @@ async def train_a_canary(app: App, open_client: Any) -> None:
         c = await open_client(app.port)
         await c.hello(user=f"teacher{i}")
         done, _ = await c.chat(f"What is your refund policy? ({i})", f"t{i}")
-        await app.store.add_correction(message_id=done["message_id"], text=ANSWER, operator="op")  # type: ignore[union-attr]
+        await app.store.conversations.add_correction(message_id=done["message_id"], text=ANSWER, operator="op")  # type: ignore[union-attr]
     result = await app.run_training()
     assert result.status is CycleStatus.CANARY, result
     assert app.canary_version == "v1" and app.live_version == "base"
@@ -86,7 +86,7 @@ async def test_canary_is_promoted_or_rolled_back_by_customers(
 
         # the server's own canary check acts (every 0.3 s here)
         await wait_for(lambda: app.canary_version is None)
-        v1 = await app.store.get_version("v1")
+        v1 = await app.store.versions.get("v1")
         if expected == "promote":
             assert v1.state is VersionState.LIVE and app.live_version == "v1"
             assert any(r.startswith("better: thumbs-up") for r in v1.gate_reasons)
@@ -96,7 +96,7 @@ async def test_canary_is_promoted_or_rolled_back_by_customers(
         # the conversation pinned to the canary now gets whatever is live
         done, _ = await pinned.chat("and now?", "after")
         assert done["model_version"] == app.live_version
-        audit = [e["action"] for e in await app.store.audit_entries()]
+        audit = [e["action"] for e in await app.store.browse.audit_log(limit=50)]
         assert "state:canary" in audit and ("state:live" in audit or "state:rolled_back" in audit)
         assert (await app.check_canary()) is None  # nothing left to judge
         fresh = await open_client(app.port)
