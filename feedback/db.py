@@ -10,7 +10,8 @@ second connection and never wait for the writer (WAL).
 
 This is the SQLite database. What is SQLite's own stays in this module: the pragmas, WAL
 checkpoints, ``BEGIN IMMEDIATE``, the FTS5 merge after an erasure, and the mapping of
-SQLite's ``IntegrityError`` (``constraint_errors``). Outside it, the SQL the concept modules write is plain SQL with
+SQLite's errors (``IntegrityError`` through ``constraint_errors``, ``SQLITE_FULL`` to
+``StorageFullError``). Outside it, the SQL the concept modules write is plain SQL with
 ``?`` parameters, except the console's full-text search (``feedback/browse.py``, marked
 there). A second backend would be a class beside ``Database`` with the same methods.
 """
@@ -28,7 +29,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import aiosqlite
 
-from feedback.exceptions import LearnloopError, StoreError
+from feedback.exceptions import LearnloopError, StorageFullError, StoreError
 from feedback.schema import MIGRATIONS, SCHEMA_VERSION
 
 log = logging.getLogger("learnloop.feedback")
@@ -87,6 +88,20 @@ def constraint_errors(error: Callable[[str], LearnloopError]) -> Iterator[None]:
         yield
     except sqlite3.IntegrityError as exc:
         raise error(str(exc)) from exc
+
+
+def _storage_full(exc: BaseException) -> StorageFullError | None:
+    """``SQLITE_FULL`` (a full disk, or the database at ``max_page_count``) anywhere in ``exc``'s chain.
+
+    SQLite may roll the whole transaction back on it, so the ``ROLLBACK TO`` that follows
+    fails too: the full error is then that failure's context.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sqlite3.OperationalError) and seen.sqlite_errorcode == sqlite3.SQLITE_FULL:
+            return StorageFullError("the disk or the database is full: nothing was stored")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class Snapshot:
@@ -177,7 +192,7 @@ class Database:
         try:
             item.future.set_result(await item.op(self._writer))
         except Exception as exc:
-            item.future.set_exception(exc)
+            item.future.set_exception(_storage_full(exc) or exc)
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         conn = self._writer
@@ -191,7 +206,7 @@ class Database:
                 except Exception as exc:  # the caller gets it; the batch goes on
                     await conn.execute("ROLLBACK TO op")
                     await conn.execute("RELEASE op")
-                    results.append((item, None, exc))
+                    results.append((item, None, _storage_full(exc) or exc))
                 else:
                     await conn.execute("RELEASE op")
                     results.append((item, result, None))
@@ -203,7 +218,7 @@ class Database:
                 await conn.execute("ROLLBACK")
             for item in batch:
                 if not item.future.done():
-                    item.future.set_exception(StoreError(f"commit failed: {exc}"))
+                    item.future.set_exception(_storage_full(exc) or StoreError(f"commit failed: {exc}"))
             return
         for item, result, error in results:
             if item.future.done():

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,9 +21,11 @@ from feedback import (
     InvalidError,
     NotFoundError,
     Role,
+    StorageFullError,
     StoreError,
     VersionState,
 )
+from feedback.db import Connection
 from feedback.schema import SCHEMA_VERSION
 
 
@@ -155,6 +158,63 @@ async def test_new_feedback_counts_and_run_watermarks(tmp_path: Path) -> None:
             )
             == 0
         )
+
+
+async def limit_pages(store: FeedbackStore, pages: int | None) -> None:
+    """``PRAGMA max_page_count`` on the writer connection; None: the pages it has now (it is full)."""
+
+    async def op(conn: Connection) -> None:
+        limit = pages
+        if limit is None:
+            cursor = await conn.execute("PRAGMA page_count")
+            row = await cursor.fetchone()
+            assert row is not None
+            limit = int(row[0])
+        cursor = await conn.execute(f"PRAGMA max_page_count = {limit}")
+        row = await cursor.fetchone()
+        assert row is not None and row[0] == limit
+
+    await store.db.write(op, outside_transaction=True)
+
+
+async def test_a_full_database_refuses_writes_and_takes_them_again_once_there_is_room(tmp_path: Path) -> None:
+    big = "a long question " * 20_000  # hundreds of pages
+    async with await FeedbackStore.open(tmp_path / "x.db") as store:
+        user_id, reply_id = await seed(store)
+        run_id = await store.runs.start(max_rating_id=0, max_correction_id=0)
+
+        def ask(message_id: str) -> Any:
+            return store.conversations.add_message(
+                message_id=message_id, conversation_id="c1", role=Role.USER, text=big, parent_id=reply_id
+            )
+
+        await limit_pages(store, None)
+        with pytest.raises(StorageFullError) as raised:  # SQLite undoes the statement
+            await ask("big")
+        assert raised.value.code == "storage_full" and raised.value.public
+        # here SQLite rolls the whole group commit back: the rating that shared it is refused too
+        results = await asyncio.gather(
+            store.runs.update(run_id, progress={"log": big}),
+            store.conversations.add_rating(message_id=reply_id, value=1, rater="alice", client_id="r1"),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], StorageFullError)
+        ratings = [r.client_id for r in (await store.conversations.export_feedback()).ratings]
+        if isinstance(results[1], BaseException):
+            assert isinstance(results[1], StorageFullError) and ratings == []
+        else:  # a SQLite that undid only the statement: then it is stored, as acknowledged
+            assert ratings == ["r1"]
+        assert [m.id for m in await store.conversations.messages("c1")] == [user_id, reply_id]
+        with pytest.raises(NotFoundError):
+            await store.conversations.get_message("big")
+        assert (await store.runs.get(run_id)).progress is None
+
+        await limit_pages(store, 1_000_000)  # room again: the same open store takes the writes
+        stored = await ask("big")
+        await store.runs.update(run_id, progress={"log": big})
+        assert (await store.conversations.get_message("big")) == stored
+        assert [m.id for m in await store.conversations.messages("c1")] == [user_id, reply_id, "big"]
+        assert (await store.runs.get(run_id)).progress == {"log": big}
 
 
 WRITER = textwrap.dedent(
