@@ -20,7 +20,7 @@ from enum import StrEnum
 from typing import Any
 
 from feedback.db import Connection, Database, Row, constraint_errors, fetch_one
-from feedback.exceptions import AccountError
+from feedback.exceptions import AccountError as AccountError  # callers catch it from here too
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 MIN_PASSWORD_CHARS = 8

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from feedback.db import Database, Row
-from feedback.exceptions import BrowseError
+from feedback.exceptions import BrowseError as BrowseError  # callers catch it from here too
 
 PAGE_MAX = 200
 PROBE_WINDOW = 2000  # newest candidates a filter checks one by one before it queries whole sets
