@@ -99,7 +99,9 @@ def _storage_full(exc: BaseException) -> StorageFullError | None:
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, sqlite3.OperationalError) and seen.sqlite_errorcode == sqlite3.SQLITE_FULL:
-            return StorageFullError("the disk or the database is full: nothing was stored")
+            full = StorageFullError("the disk or the database is full: nothing was stored")
+            full.__cause__ = seen  # for the server log
+            return full
         seen = seen.__cause__ or seen.__context__
     return None
 
