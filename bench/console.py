@@ -468,8 +468,8 @@ def pct(values: list[float], q: float) -> float:
 async def measure(path: Path, s: Seeded, reps: int) -> list[Kind]:
     store = await FeedbackStore.open(path)
     try:
-        await store.add_operator("bench", "bench-password-1", "viewer", actor="bench")
-        token = await store.create_api_token("bench", label="bench", actor="bench")
+        await store.accounts.add_operator("bench", "bench-password-1", "viewer", actor="bench")
+        token = await store.accounts.create_token("bench", label="bench", actor="bench")
         console = await start_console(ConsoleConfig(port=0), store=store, presence=Presence(store))
         try:
             base = f"http://127.0.0.1:{console.port}"
@@ -494,9 +494,9 @@ async def measure(path: Path, s: Seeded, reps: int) -> list[Kind]:
                     for rep in range(reps + 1):  # the same read, called on the store directly
                         started = time.perf_counter()
                         if kind.group == "transcript":
-                            await store.transcript(s.sample_conversation)
+                            await store.browse.transcript(s.sample_conversation)
                         else:
-                            await store.list_conversations(
+                            await store.browse.list_conversations(
                                 f, limit=kind.params.get("limit", 50), cursor=kind.params.get("cursor")
                             )
                         if rep:

@@ -55,19 +55,19 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = await FeedbackStore.open(Path(tmp) / "db.sqlite")
         try:
-            await store.ensure_base_version(model)
+            await store.versions.ensure_base(model)
             for i in range(args.conversations):
                 question, bad, good = QA[i % len(QA)]
                 cid = f"c{i}"
-                await store.create_conversation(cid, user_id=f"user{i}")
-                u = await store.add_message(
+                await store.conversations.create(cid, user_id=f"user{i}")
+                u = await store.conversations.add_message(
                     message_id=f"u{i}",
                     conversation_id=cid,
                     role=Role.USER,
                     text=f"{question} (order #{1000 + i})",
                     parent_id=None,
                 )
-                a = await store.add_message(
+                a = await store.conversations.add_message(
                     message_id=f"a{i}",
                     conversation_id=cid,
                     role=Role.ASSISTANT,
@@ -75,8 +75,8 @@ async def main(args: argparse.Namespace) -> None:
                     parent_id=u.id,
                     model_version="base",
                 )
-                await store.add_correction(message_id=a.id, text=good, operator="op")
-                await store.add_rating(message_id=a.id, value=-1, rater=f"user{i}", client_id="r")
+                await store.conversations.add_correction(message_id=a.id, text=good, operator="op")
+                await store.conversations.add_rating(message_id=a.id, value=-1, rater=f"user{i}", client_id="r")
             train = dataclasses.replace(TrainConfig(), max_steps=args.max_steps)
             cycle = TrainingCycle(
                 store, CycleConfig(base_model=model, data_dir=Path(tmp), min_new_feedback=1, train=train)

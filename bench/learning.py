@@ -192,7 +192,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 corrected = 0
                 for (intent, _q), (up, _reply, message_id, _v) in zip(asked, results, strict=True):
                     if not up and intent.id not in UNCORRECTED and rng.random() < args.correct_share:
-                        await app.store.add_correction(message_id=message_id, text=intent.answer, operator="sim-op")
+                        await app.store.conversations.add_correction(
+                            message_id=message_id, text=intent.answer, operator="sim-op"
+                        )
                         corrected += 1
                 result = await app.trainer.run(force=True)
                 train_s = time.monotonic() - t0

@@ -1,8 +1,8 @@
 """Operator accounts: roles, password hashing, API tokens and console sessions.
 
 The rules are pure functions (``OperatorRole.allows``, ``hash_password``/``verify_password``,
-``token_hash``); ``AccountsMixin`` is the storage half that ``FeedbackStore`` mixes in.
-Only hashes are stored: scrypt for passwords, SHA-256 for API tokens and session ids
+``token_hash``); ``Accounts`` stores them (``store.accounts``) and writes the audit log,
+which every part of the store writes through ``write_audit``. Only hashes are stored: scrypt for passwords, SHA-256 for API tokens and session ids
 (both are 32 random bytes, so a fast hash is enough).
 """
 
@@ -14,16 +14,13 @@ import hmac
 import json
 import re
 import secrets
-import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import aiosqlite
-
-from feedback.exceptions import AccountError
+from feedback.db import Connection, Database, Row, constraint_errors, fetch_one
+from feedback.exceptions import AccountError as AccountError  # callers catch it from here too
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 MIN_PASSWORD_CHARS = 8
@@ -103,38 +100,30 @@ def check_new_account(name: str, password: str, role: str) -> OperatorRole:
         raise AccountError(f"role must be one of {', '.join(r.value for r in OperatorRole)}") from None
 
 
-def _operator(r: sqlite3.Row) -> Operator:
+def _operator(r: Row) -> Operator:
     return Operator(r["name"], OperatorRole(r["role"]), bool(r["disabled"]), r["created_at"])
 
 
-WriteOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
-
-
-class AccountsMixin:
+class Accounts:
     """Operator accounts, API tokens and console sessions, stored in the feedback database."""
 
-    async def _read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        raise NotImplementedError
-
-    async def _write(self, op: WriteOp, *, outside_transaction: bool = False) -> Any:
-        raise NotImplementedError
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     async def add_operator(self, name: str, password: str, role: str, *, actor: str) -> Operator:
         checked = check_new_account(name, password, role)
         password_hash = hash_password(password)
         now = time.time()
 
-        async def op(conn: aiosqlite.Connection) -> None:
-            try:
+        async def op(conn: Connection) -> None:
+            with constraint_errors(lambda _: AccountError(f"operator {name!r} already exists")):
                 await conn.execute(
                     "INSERT INTO operators (name, password_hash, role, created_at) VALUES (?, ?, ?, ?)",
                     (name, password_hash, checked, now),
                 )
-            except sqlite3.IntegrityError:
-                raise AccountError(f"operator {name!r} already exists") from None
             await write_audit(conn, actor, "operator.add", name, {"role": checked})
 
-        await self._write(op)
+        await self._db.write(op)
         return Operator(name, checked, False, now)
 
     async def set_operator(
@@ -156,7 +145,7 @@ class AccountsMixin:
         if disabled is not None:
             changes["disabled"] = int(disabled)
 
-        async def op(conn: aiosqlite.Connection) -> None:
+        async def op(conn: Connection) -> None:
             if changes:
                 sets = ", ".join(f"{k} = ?" for k in changes)
                 cursor = await conn.execute(f"UPDATE operators SET {sets} WHERE name = ?", (*changes.values(), name))
@@ -169,13 +158,13 @@ class AccountsMixin:
             detail = {k: v for k, v in changes.items() if k != "password_hash"}
             await write_audit(conn, actor, "operator.change", name, {**detail, "password": password is not None})
 
-        await self._write(op)
+        await self._db.write(op)
 
-    async def list_operators(self) -> list[Operator]:
-        return [_operator(r) for r in await self._read("SELECT * FROM operators ORDER BY name")]
+    async def operators(self) -> list[Operator]:
+        return [_operator(r) for r in await self._db.read("SELECT * FROM operators ORDER BY name")]
 
     async def check_login(self, name: str, password: str) -> Operator | None:
-        rows = await self._read("SELECT * FROM operators WHERE name = ?", (name,))
+        rows = await self._db.read("SELECT * FROM operators WHERE name = ?", (name,))
         if not rows:
             verify_password(password, hash_password("timing-equaliser", salt=b"0" * 16))  # same cost either way
             return None
@@ -184,13 +173,12 @@ class AccountsMixin:
             return None
         return _operator(row)
 
-    async def create_api_token(self, name: str, *, label: str, actor: str) -> str:
+    async def create_token(self, name: str, *, label: str, actor: str) -> str:
         token = new_secret("ll_")
         now = time.time()
 
-        async def op(conn: aiosqlite.Connection) -> None:
-            cursor = await conn.execute("SELECT 1 FROM operators WHERE name = ? AND disabled = 0", (name,))
-            if await cursor.fetchone() is None:
+        async def op(conn: Connection) -> None:
+            if await fetch_one(conn, "SELECT 1 FROM operators WHERE name = ? AND disabled = 0", (name,)) is None:
                 raise AccountError(f"no active operator {name!r}")
             await conn.execute(
                 "INSERT INTO api_tokens (token_hash, operator, label, created_at) VALUES (?, ?, ?, ?)",
@@ -198,11 +186,11 @@ class AccountsMixin:
             )
             await write_audit(conn, actor, "token.create", name, {"label": label})
 
-        await self._write(op)
+        await self._db.write(op)
         return token
 
     async def operator_for_token(self, token: str) -> Operator | None:
-        rows = await self._read(
+        rows = await self._db.read(
             "SELECT o.* FROM api_tokens t JOIN operators o ON o.name = t.operator"
             " WHERE t.token_hash = ? AND o.disabled = 0",
             (token_hash(token),),
@@ -214,7 +202,7 @@ class AccountsMixin:
         session_id, csrf = new_secret(), new_secret()
         now = time.time()
 
-        async def op(conn: aiosqlite.Connection) -> None:
+        async def op(conn: Connection) -> None:
             await conn.execute("DELETE FROM console_sessions WHERE expires_at < ?", (now,))
             await conn.execute(
                 "INSERT INTO console_sessions (session_hash, operator, csrf_token, created_at, expires_at)"
@@ -223,11 +211,11 @@ class AccountsMixin:
             )
             await write_audit(conn, operator.name, "login", operator.name, {})
 
-        await self._write(op)
+        await self._db.write(op)
         return session_id, ConsoleSession(operator, csrf, now + ttl_s)
 
     async def get_session(self, session_id: str) -> ConsoleSession | None:
-        rows = await self._read(
+        rows = await self._db.read(
             "SELECT o.*, s.csrf_token, s.expires_at FROM console_sessions s JOIN operators o ON o.name = s.operator"
             " WHERE s.session_hash = ? AND s.expires_at > ? AND o.disabled = 0",
             (token_hash(session_id), time.time()),
@@ -237,24 +225,22 @@ class AccountsMixin:
         return ConsoleSession(_operator(rows[0]), rows[0]["csrf_token"], rows[0]["expires_at"])
 
     async def end_session(self, session_id: str, *, actor: str) -> None:
-        async def op(conn: aiosqlite.Connection) -> None:
+        async def op(conn: Connection) -> None:
             await conn.execute("DELETE FROM console_sessions WHERE session_hash = ?", (token_hash(session_id),))
             await write_audit(conn, actor, "logout", actor, {})
 
-        await self._write(op)
+        await self._db.write(op)
 
     async def audit(self, actor: str, action: str, subject: str | None, detail: dict[str, Any] | None = None) -> None:
         """Record an operator action that changes nothing in this database (a promote goes through the app)."""
 
-        async def op(conn: aiosqlite.Connection) -> None:
+        async def op(conn: Connection) -> None:
             await write_audit(conn, actor, action, subject, detail or {})
 
-        await self._write(op)
+        await self._db.write(op)
 
 
-async def write_audit(
-    conn: aiosqlite.Connection, actor: str, action: str, subject: str | None, detail: dict[str, Any]
-) -> None:
+async def write_audit(conn: Connection, actor: str, action: str, subject: str | None, detail: dict[str, Any]) -> None:
     await conn.execute(
         "INSERT INTO audit_log (at, actor, action, subject, detail) VALUES (?, ?, ?, ?, ?)",
         (time.time(), actor, action, subject, json.dumps(detail)),

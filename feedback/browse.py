@@ -7,19 +7,23 @@ candidates, where a common filter fills its page, and queried as one indexed set
 beyond them; full-text search through the ``messages_fts`` FTS5 index, bounded by rowid
 to the window's messages; and per-row aggregates computed only for the rows of the page.
 The query builder (``conversation_filter``) and the cursor and search-string rules are
-pure functions. ``bench/console.py`` measures it.
+pure functions; ``Browse`` (``store.browse``) runs the queries. ``bench/console.py``
+measures it.
+
+SQLite's own SQL here (a second backend needs its own forms of these): the FTS5 search
+(``messages_fts MATCH``, bounded by ``rowid``) and ``GROUP_CONCAT``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from feedback.exceptions import BrowseError
+from feedback.db import Database, Row
+from feedback.exceptions import BrowseError as BrowseError  # callers catch it from here too
 
 PAGE_MAX = 200
 PROBE_WINDOW = 2000  # newest candidates a filter checks one by one before it queries whole sets
@@ -240,7 +244,7 @@ FROM conversations c
 """
 
 
-def _summary(r: sqlite3.Row) -> dict[str, Any]:
+def _summary(r: Row) -> dict[str, Any]:
     preview = r["preview"] or ""
     return {
         "id": r["id"],
@@ -259,15 +263,15 @@ def _summary(r: sqlite3.Row) -> dict[str, Any]:
     }
 
 
-def _without(row: sqlite3.Row, *keys: str) -> dict[str, Any]:
+def _without(row: Row, *keys: str) -> dict[str, Any]:
     return {k: v for k, v in dict(row).items() if k not in keys}
 
 
-class BrowseMixin:
-    """Operator queries; ``FeedbackStore`` mixes this in."""
+class Browse:
+    """Operator queries over the feedback database (``store.browse``)."""
 
-    async def _read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        raise NotImplementedError
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     async def list_conversations(
         self, f: ConversationFilter, *, limit: int = 50, cursor: str | None = None
@@ -289,20 +293,20 @@ class BrowseMixin:
             return [], None
         ids = [r["id"] for r in page]
         marks = ",".join("?" * len(ids))
-        rows = await self._read(_ROW_AGGREGATES + f" WHERE c.id IN ({marks})", ids)
+        rows = await self._db.read(_ROW_AGGREGATES + f" WHERE c.id IN ({marks})", ids)
         by_id = {r["id"]: _summary(r) for r in rows}
         items = [by_id[i] for i in ids if i in by_id]
         last = page[-1]
         return items, encode_cursor(last["created_at"], last["id"]) if more else None
 
-    async def _page(self, where: list[str], params: list[Any], n: int) -> list[sqlite3.Row]:
+    async def _page(self, where: list[str], params: list[Any], n: int) -> list[Row]:
         sql = "SELECT c.id, c.created_at FROM conversations c"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY c.created_at DESC, c.id DESC LIMIT ?"
-        return await self._read(sql, (*params, n))
+        return await self._db.read(sql, (*params, n))
 
-    async def _probed_page(self, f: ConversationFilter, cursor: str | None, n: int) -> list[sqlite3.Row]:
+    async def _probed_page(self, f: ConversationFilter, cursor: str | None, n: int) -> list[Row]:
         """The first ``n`` matches in two steps, each exact for its own range of conversations.
 
         1. The newest ``PROBE_WINDOW`` candidates (those the column filters and the cursor
@@ -320,7 +324,7 @@ class BrowseMixin:
         head = "SELECT c.created_at, c.id FROM conversations c"
         if columns:
             head += " WHERE " + " AND ".join(columns)
-        edge = await self._read(
+        edge = await self._db.read(
             head + " ORDER BY c.created_at DESC, c.id DESC LIMIT 1 OFFSET ?", (*column_params, PROBE_WINDOW - 1)
         )
         window, window_params = list(columns), list(column_params)
@@ -329,7 +333,7 @@ class BrowseMixin:
             window_params += [edge[0]["created_at"], edge[0]["created_at"], edge[0]["id"]]
         rowids: tuple[int | None, int | None] = (None, None)
         if f.q:  # the rowids of every message of the window's conversations lie between these two
-            rows = await self._read(
+            rows = await self._db.read(
                 "SELECT MIN(m.rowid) AS first, MAX(m.rowid) AS last FROM conversations c"
                 " CROSS JOIN messages m ON m.conversation_id = c.id"  # CROSS: from the window's conversations
                 + (" WHERE " + " AND ".join(window) if window else ""),
@@ -346,7 +350,7 @@ class BrowseMixin:
             return page
         common_search = False
         if f.q:
-            rows = await self._read(
+            rows = await self._db.read(
                 "SELECT COUNT(*) AS n FROM (SELECT 1 FROM messages_fts WHERE messages_fts MATCH ? LIMIT ?)",
                 (fts_query(f.q), COMMON_MATCHES),
             )
@@ -358,26 +362,26 @@ class BrowseMixin:
 
     async def transcript(self, conversation_id: str) -> dict[str, Any] | None:
         """A conversation with every message, its ratings, corrections, exclusion and siblings."""
-        head = await self._read(_ROW_AGGREGATES + " WHERE c.id = ?", (conversation_id,))
+        head = await self._db.read(_ROW_AGGREGATES + " WHERE c.id = ?", (conversation_id,))
         if not head:
             return None
         messages = [
             dict(r)
-            for r in await self._read(
+            for r in await self._db.read(
                 "SELECT m.*, x.reason AS excluded_reason, x.operator AS excluded_by FROM messages m"
                 " LEFT JOIN training_exclusions x ON x.message_id = m.id"
                 " WHERE m.conversation_id = ? ORDER BY m.seq",
                 (conversation_id,),
             )
         ]
-        ratings = await self._read(
+        ratings = await self._db.read(
             "SELECT r.message_id, r.value, r.reason, r.comment, r.rater, r.created_at,"
             " COALESCE(v.state, 'trusted') AS rater_state FROM ratings r"
             " JOIN messages m ON m.id = r.message_id LEFT JOIN rater_reviews v ON v.rater = r.rater"
             " WHERE m.conversation_id = ? ORDER BY r.id",
             (conversation_id,),
         )
-        corrections = await self._read(
+        corrections = await self._db.read(
             "SELECT k.id, k.message_id, k.text, k.reason, k.operator, k.created_at FROM corrections k"
             " JOIN messages m ON m.id = k.message_id WHERE m.conversation_id = ? ORDER BY k.id",
             (conversation_id,),
@@ -401,7 +405,7 @@ class BrowseMixin:
 
     async def version_series(self, *, bucket_s: float, since: float = 0.0) -> list[dict[str, Any]]:
         """Per version and time bucket: replies, thumbs, regenerations, mean latency and length."""
-        rows = await self._read(
+        rows = await self._db.read(
             "SELECT m.model_version AS version, CAST(m.created_at / ? AS INTEGER) * ? AS bucket_start,"
             " COUNT(*) AS replies,"
             " SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = 1)) AS ups,"
@@ -426,7 +430,7 @@ class BrowseMixin:
         """Every conversation with its transcript, oldest first, for exports (keyset batches)."""
         after: tuple[float, str] = (-1.0, "")
         while True:
-            page = await self._read(
+            page = await self._db.read(
                 "SELECT id, created_at FROM conversations WHERE (created_at, id) > (?, ?)"
                 " ORDER BY created_at, id LIMIT ?",
                 (*after, batch),
@@ -440,7 +444,7 @@ class BrowseMixin:
             after = (page[-1]["created_at"], page[-1]["id"])
 
     async def audit_log(self, *, limit: int = 100, before_id: int | None = None) -> list[dict[str, Any]]:
-        rows = await self._read(
+        rows = await self._db.read(
             "SELECT * FROM audit_log WHERE id < ? ORDER BY id DESC LIMIT ?",
             (before_id if before_id is not None else 2**62, limit),
         )

@@ -97,7 +97,7 @@ class App:
         try:
             self.engine = engine = make_engine(s, base_model)
             await asyncio.to_thread(engine.load)
-            await store.ensure_base_version(base_model)
+            await store.versions.ensure_base(base_model)
             self.release = release = Release(store, engine, s.canary)
             try:
                 await release.sync()

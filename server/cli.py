@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     base_model = resolve_model(settings.model.name)
 
     async def run(store: FeedbackStore) -> Any:
-        await store.ensure_base_version(base_model)
+        await store.versions.ensure_base(base_model)
         return await TrainingCycle(store, cycle_config(settings, base_model)).run(force=args.force)
 
     result = asyncio.run(_with_store(settings, run))
@@ -70,7 +70,9 @@ def cmd_correct(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
     async def run(store: FeedbackStore) -> Any:
-        return await store.add_correction(message_id=args.message_id, text=args.text, operator=args.operator)
+        return await store.conversations.add_correction(
+            message_id=args.message_id, text=args.text, operator=args.operator
+        )
 
     correction = asyncio.run(_with_store(settings, run))
     print(f"correction {correction.id} stored for message {correction.message_id}")
@@ -78,7 +80,7 @@ def cmd_correct(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    versions = asyncio.run(_with_store(_settings(args), lambda s: s.list_versions()))
+    versions = asyncio.run(_with_store(_settings(args), lambda s: s.versions.all()))
     print(f"{'version':<10}{'state':<13}{'parent':<10}{'created':<21}gate")
     for v in versions:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at))
@@ -87,7 +89,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    runs = asyncio.run(_with_store(_settings(args), lambda s: s.list_runs()))
+    runs = asyncio.run(_with_store(_settings(args), lambda s: s.runs.recent()))
     print(f"{'run':<6}{'state':<11}{'version':<9}{'started':<21}progress / detail")
     for r in runs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at))
@@ -98,7 +100,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    result = asyncio.run(_with_store(_settings(args), lambda s: s.erase_user(args.user, actor=args.operator)))
+    result = asyncio.run(_with_store(_settings(args), lambda s: s.erasure.erase_user(args.user, actor=args.operator)))
     print(json.dumps(result, indent=2))
     if result["versions_trained_on_them"]:
         print("these model versions were trained on the erased data: " + ", ".join(result["versions_trained_on_them"]))
@@ -108,12 +110,15 @@ def cmd_erase(args: argparse.Namespace) -> int:
 def cmd_exclude(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.undo:
-        asyncio.run(_with_store(settings, lambda s: s.include_message(args.message_id, operator=args.operator)))
+        asyncio.run(
+            _with_store(settings, lambda s: s.conversations.include_message(args.message_id, operator=args.operator))
+        )
         print(f"message {args.message_id} may train again")
     else:
         asyncio.run(
             _with_store(
-                settings, lambda s: s.exclude_message(args.message_id, reason=args.reason, operator=args.operator)
+                settings,
+                lambda s: s.conversations.exclude_message(args.message_id, reason=args.reason, operator=args.operator),
             )
         )
         print(f"message {args.message_id} and every row built on it are kept out of training")
@@ -128,10 +133,10 @@ def cmd_raters(args: argparse.Namespace) -> int:
         if not args.rater:
             raise SystemExit("learnloop raters approve|reject RATER")
         state = RaterState.APPROVED if args.action == "approve" else RaterState.REJECTED
-        asyncio.run(_with_store(settings, lambda s: s.review_rater(args.rater, state, reviewer=args.operator)))
+        asyncio.run(_with_store(settings, lambda s: s.raters.review(args.rater, state, reviewer=args.operator)))
         print(f"rater {args.rater}: {state}")
         return 0
-    reviews = asyncio.run(_with_store(settings, lambda s: s.rater_reviews()))
+    reviews = asyncio.run(_with_store(settings, lambda s: s.raters.reviews()))
     print(f"{'rater':<32}{'state':<10}{'ratings':>8}  reasons")
     for r in reviews:
         print(f"{r['rater']:<32}{r['state']:<10}{r['n_ratings']:>8}  {'; '.join(r['reasons'])}")
@@ -142,7 +147,7 @@ def cmd_takeover(args: argparse.Namespace) -> int:
     import uuid
 
     async def run(store: FeedbackStore) -> Any:
-        return await store.add_operator_reply(
+        return await store.conversations.add_operator_reply(
             conversation_id=args.conversation_id, text=args.text, operator=args.operator, message_id=uuid.uuid4().hex
         )
 
@@ -166,18 +171,20 @@ def cmd_operator(args: argparse.Namespace) -> int:
     settings = _settings(args)
     command = args.operator_command
     if command == "list":
-        operators = asyncio.run(_with_store(settings, lambda s: s.list_operators()))
+        operators = asyncio.run(_with_store(settings, lambda s: s.accounts.operators()))
         for o in operators:
             print(f"{o.name:<24}{o.role:<10}{'disabled' if o.disabled else ''}")
         return 0
     if command == "add":
         password = _read_password(args)
-        asyncio.run(_with_store(settings, lambda s: s.add_operator(args.name, password, args.role, actor="cli")))
+        asyncio.run(
+            _with_store(settings, lambda s: s.accounts.add_operator(args.name, password, args.role, actor="cli"))
+        )
         print(f"operator {args.name} ({args.role}) created")
         return 0
     if command == "token":
         token = asyncio.run(
-            _with_store(settings, lambda s: s.create_api_token(args.name, label=args.label, actor="cli"))
+            _with_store(settings, lambda s: s.accounts.create_token(args.name, label=args.label, actor="cli"))
         )
         print(token)
         return 0
@@ -186,7 +193,9 @@ def cmd_operator(args: argparse.Namespace) -> int:
     asyncio.run(
         _with_store(
             settings,
-            lambda s: s.set_operator(args.name, actor="cli", password=new_password, role=args.role, disabled=disabled),
+            lambda s: s.accounts.set_operator(
+                args.name, actor="cli", password=new_password, role=args.role, disabled=disabled
+            ),
         )
     )
     print(f"operator {args.name} changed")
@@ -201,12 +210,12 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     settings = _settings(args)
     config = cycle_config(settings, settings.model.name)
     if args.dataset_command == "preview":
-        snapshot = asyncio.run(_with_store(settings, lambda s: s.export_feedback()))
+        snapshot = asyncio.run(_with_store(settings, lambda s: s.conversations.export_feedback()))
         print(json.dumps(prepare(snapshot, config).summary(rows=args.rows), indent=2, ensure_ascii=False))
         return 0
 
     async def show(store: FeedbackStore) -> Any:
-        return await store.get_version(args.version), await store.export_feedback()
+        return await store.versions.get(args.version), await store.conversations.export_feedback()
 
     version, snapshot = asyncio.run(_with_store(settings, show))
     report = version.eval_report or {}
@@ -243,7 +252,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from feedback import VersionState
 
     async def run(store: FeedbackStore) -> Any:
-        return await store.set_version_state(
+        return await store.versions.set_state(
             args.version, VersionState.LIVE, actor=args.operator, reasons=[f"promoted by {args.operator}"]
         )
 
@@ -254,8 +263,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     async def run(store: FeedbackStore) -> Any:
-        name = args.version or (await store.live_version()).name
-        return await store.rollback(name, actor=args.operator, reasons=[f"rolled back by {args.operator}"])
+        name = args.version or (await store.versions.live()).name
+        return await store.versions.rollback(name, actor=args.operator, reasons=[f"rolled back by {args.operator}"])
 
     live = asyncio.run(_with_store(_settings(args), run))
     print(f"rolled back; {live.name} is live")
@@ -263,7 +272,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    asked = asyncio.run(_with_store(_settings(args), lambda s: s.request_cancel(args.run_id, actor=args.operator)))
+    asked = asyncio.run(_with_store(_settings(args), lambda s: s.runs.request_cancel(args.run_id, actor=args.operator)))
     print(f"run {args.run_id}: " + ("cancelling" if asked else "not running"))
     return 0 if asked else 1
 

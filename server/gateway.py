@@ -136,7 +136,7 @@ class _Connection:
 
     async def _store_user_turn(self, turn: Turn, parent_id: str | None) -> None:
         assert self.session.conversation_id is not None
-        await self.ctx.store.add_message(
+        await self.ctx.store.conversations.add_message(
             message_id=turn.id,
             conversation_id=self.session.conversation_id,
             role=Role.USER,
@@ -151,17 +151,17 @@ class _Connection:
         if effect.conversation_id is None:
             conversation_id = new_id()
             self.pinned = self.ctx.assign_version(conversation_id)
-            await self.ctx.store.create_conversation(conversation_id, user_id=effect.user, model_version=self.pinned)
+            await self.ctx.store.conversations.create(conversation_id, user_id=effect.user, model_version=self.pinned)
             return self.session.opened(conversation_id, [], set(), self.ctx.serving_version(self.pinned))
         try:
-            conversation = await self.ctx.store.get_conversation(effect.conversation_id)
+            conversation = await self.ctx.store.conversations.get(effect.conversation_id)
         except NotFoundError:
             return self.session.open_failed(ErrorCode.NOT_FOUND, f"no conversation {effect.conversation_id!r}")
         self.pinned = conversation.model_version
         version = self.ctx.serving_version(self.pinned)
         messages = [
             m
-            for m in await self.ctx.store.conversation_messages(effect.conversation_id)
+            for m in await self.ctx.store.conversations.messages(effect.conversation_id)
             if m.finish_reason is not FinishReason.ERROR
         ]
         by_id = {m.id: m for m in messages}
@@ -189,7 +189,7 @@ class _Connection:
                 )
             ]
         try:
-            await self.ctx.store.add_rating(
+            await self.ctx.store.conversations.add_rating(
                 message_id=effect.message_id,
                 value=effect.value,
                 client_id=effect.client_id,
@@ -227,7 +227,7 @@ class _Connection:
             failed = finish_reason is FinishReason.ERROR
             text = "" if failed else "".join(parts)
             # a failed reply is recorded too (empty, never trained on): error rates per version are compared
-            await self.ctx.store.add_message(
+            await self.ctx.store.conversations.add_message(
                 message_id=g.message_id,
                 conversation_id=self.session.conversation_id,
                 role=Role.ASSISTANT,

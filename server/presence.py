@@ -56,7 +56,7 @@ class Presence:
                 del self._connections[conversation_id]
 
     async def join(self, conversation_id: str, operator: str) -> Takeover:
-        await self.store.get_conversation(conversation_id)  # NotFoundError for an unknown one
+        await self.store.conversations.get(conversation_id)  # NotFoundError for an unknown one
         takeover = self.takeovers.get(conversation_id)
         if takeover is not None and takeover.operator != operator:
             raise InvalidError(f"operator {takeover.operator} is already answering this conversation")
@@ -70,7 +70,7 @@ class Presence:
         takeover = self.takeovers.get(conversation_id)
         if takeover is None or takeover.operator != operator:
             raise InvalidError("take the conversation over before answering in it")
-        message = await self.store.add_operator_reply(
+        message = await self.store.conversations.add_operator_reply(
             conversation_id=conversation_id, text=text, operator=operator, message_id=uuid.uuid4().hex, live=True
         )
         for conn in list(self._connections.get(conversation_id, ())):

@@ -92,14 +92,16 @@ class Release:
         AdapterRejectedError and the version that was serving keeps serving.
         """
         async with self._lock:
-            live = await self.store.live_version()
-            canary = await self.store.canary_version()
+            live = await self.store.versions.live()
+            canary = await self.store.versions.canary()
             if canary is not None and not self.engine.has_version(canary.name):
                 try:
                     await self._load(canary)
                 except AdapterRejectedError as exc:
                     log.error("canary %s refused: %s", canary.name, exc)
-                    await self.store.rollback(canary.name, actor="validation", reasons=[f"adapter refused: {exc}"])
+                    await self.store.versions.rollback(
+                        canary.name, actor="validation", reasons=[f"adapter refused: {exc}"]
+                    )
                     canary = None
             if live.name != BASE_VERSION and not self.engine.has_version(live.name):
                 await self._load(live)  # raises: the old version keeps serving
@@ -129,12 +131,12 @@ class Release:
 
     async def canary_verdict(self) -> CanaryVerdict | None:
         """What the canary rule says now about the running canary (None when there is none)."""
-        canary = await self.store.canary_version()
+        canary = await self.store.versions.canary()
         if canary is None:
             return None
-        live = await self.store.live_version()
-        live_stats = await self.store.version_stats(live.name, since=canary.updated_at)
-        canary_stats = await self.store.version_stats(canary.name, since=canary.updated_at)
+        live = await self.store.versions.live()
+        live_stats = await self.store.versions.stats(live.name, since=canary.updated_at)
+        canary_stats = await self.store.versions.stats(canary.name, since=canary.updated_at)
         decision = decide_canary(live_stats, canary_stats, self.canary_config)
         return CanaryVerdict(canary, live, live_stats, canary_stats, decision)
 
@@ -160,9 +162,9 @@ class Release:
             return None
         decision, name = verdict.decision, verdict.canary.name
         if decision.action is CanaryAction.PROMOTE:
-            await self.store.set_version_state(name, VersionState.LIVE, actor="canary", reasons=decision.reasons)
+            await self.store.versions.set_state(name, VersionState.LIVE, actor="canary", reasons=decision.reasons)
         elif decision.action is CanaryAction.ROLLBACK:
-            await self.store.rollback(name, actor="canary", reasons=decision.reasons)
+            await self.store.versions.rollback(name, actor="canary", reasons=decision.reasons)
         if decision.action is not CanaryAction.WAIT:
             log.info("canary %s: %s (%s)", name, decision.action, "; ".join(decision.reasons))
             await self.sync()
@@ -171,9 +173,9 @@ class Release:
     # --- by hand ---------------------------------------------------------------------------
 
     async def promote(self, name: str, *, actor: str) -> None:
-        await self.store.set_version_state(name, VersionState.LIVE, actor=actor, reasons=[f"promoted by {actor}"])
+        await self.store.versions.set_state(name, VersionState.LIVE, actor=actor, reasons=[f"promoted by {actor}"])
         await self.sync()
 
     async def rollback(self, name: str, *, actor: str) -> None:
-        await self.store.rollback(name, actor=actor, reasons=[f"rolled back by {actor}"])
+        await self.store.versions.rollback(name, actor=actor, reasons=[f"rolled back by {actor}"])
         await self.sync()

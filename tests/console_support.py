@@ -44,7 +44,7 @@ def console_settings(tiny_model: Path, tmp_path: Path) -> Settings:
 
 async def add_operators(store: FeedbackStore) -> None:
     for name, role in OPERATORS.items():
-        await store.add_operator(name, PASSWORD, role, actor="test")
+        await store.accounts.add_operator(name, PASSWORD, role, actor="test")
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,11 @@ async def _conversation(
     store: FeedbackStore, turns: list[tuple[str, str]], *, user: str, channel: str = "websocket"
 ) -> tuple[str, list[str]]:
     cid = uuid.uuid4().hex
-    await store.create_conversation(cid, user_id=user, channel=channel)
+    await store.conversations.create(cid, user_id=user, channel=channel)
     ids: list[str] = []
     for role, text in turns:
         mid = uuid.uuid4().hex
-        await store.add_message(
+        await store.conversations.add_message(
             message_id=mid,
             conversation_id=cid,
             role=Role(role),
@@ -83,13 +83,13 @@ async def seed(store: FeedbackStore) -> Seeded:
         [("user", "How do I get a refund for my blender?"), ("assistant", "Refunds are not possible, sorry.")],
         user="cust-1",
     )
-    await store.add_rating(message_id=r_ids[1], value=-1, rater="cust-1", client_id="r1", reason="wrong")
+    await store.conversations.add_rating(message_id=r_ids[1], value=-1, rater="cust-1", client_id="r1", reason="wrong")
     shipping, s_ids = await _conversation(
         store,
         [("user", "How long does shipping take?"), ("assistant", "Standard shipping takes 3-5 business days.")],
         user="cust-2",
     )
-    await store.add_rating(message_id=s_ids[1], value=1, rater="cust-2", client_id="r2")
+    await store.conversations.add_rating(message_id=s_ids[1], value=1, rater="cust-2", client_id="r2")
     telegram, _ = await _conversation(
         store, [("user", "Are you open on Sunday?"), ("assistant", "Yes.")], user="cust-3", channel="telegram"
     )

@@ -81,7 +81,7 @@ async def register_candidate(
     """Register an adapter folder (with its real sha256) as a candidate version; returns its name."""
     from training.validate import ADAPTER_FILE, sha256_file
 
-    version = await store.register_version(
+    version = await store.versions.register(
         adapter_path=str(adapter),
         sha256=sha256_file(adapter / ADAPTER_FILE),
         parent="base",

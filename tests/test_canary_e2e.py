@@ -37,7 +37,7 @@ async def train_a_canary(app: App, open_client: Any) -> None:
         c = await open_client(app.port)
         await c.hello(user=f"teacher{i}")
         done, _ = await c.chat(f"What is your refund policy? ({i})", f"t{i}")
-        await app.store.add_correction(message_id=done["message_id"], text=ANSWER, operator="op")  # type: ignore[union-attr]
+        await app.store.conversations.add_correction(message_id=done["message_id"], text=ANSWER, operator="op")  # type: ignore[union-attr]
     result = await app.trainer.run()
     assert result.status is CycleStatus.CANARY, result
     assert app.release.canary_version == "v1" and app.release.live_version == "base"
@@ -86,9 +86,9 @@ async def test_canary_is_promoted_or_rolled_back_by_customers(
 
         # the server's own canary check acts (every 0.3 s here)
         await wait_for(lambda: app.release.canary_version is None)
-        v1 = await app.store.get_version("v1")
+        v1 = await app.store.versions.get("v1")
         if expected == "promote":
-            assert v1.state is VersionState.LIVE and app.release.live_version == "v1"
+            assert v1.state is VersionState.LIVE and app.release.live_version == "v1", v1.gate_reasons
             assert any(r.startswith("better: thumbs-up") for r in v1.gate_reasons)
         else:
             assert v1.state is VersionState.ROLLED_BACK and app.release.live_version == "base"
@@ -96,7 +96,7 @@ async def test_canary_is_promoted_or_rolled_back_by_customers(
         # the conversation pinned to the canary now gets whatever is live
         done, _ = await pinned.chat("and now?", "after")
         assert done["model_version"] == app.release.live_version
-        audit = [e["action"] for e in await app.store.audit_entries()]
+        audit = [e["action"] for e in await app.store.browse.audit_log(limit=50)]
         assert "state:canary" in audit and ("state:live" in audit or "state:rolled_back" in audit)
         assert (await app.release.check_canary()) is None  # nothing left to judge
         fresh = await open_client(app.port)

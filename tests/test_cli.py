@@ -28,18 +28,18 @@ async def seed(db: Path) -> None:
     async with await FeedbackStore.open(db) as store:
         for i in range(6):
             cid = f"c{i}"
-            await store.create_conversation(cid, user_id=f"user{i}")
-            await store.add_message(
+            await store.conversations.create(cid, user_id=f"user{i}")
+            await store.conversations.add_message(
                 message_id=f"u{i}",
                 conversation_id=cid,
                 role=Role.USER,
                 text=f"Where is order {i}? Mail me at user{i}@example.com",
                 parent_id=None,
             )
-            await store.add_message(
+            await store.conversations.add_message(
                 message_id=f"a{i}", conversation_id=cid, role=Role.ASSISTANT, text=f"No idea {i}", parent_id=f"u{i}"
             )
-            await store.add_rating(
+            await store.conversations.add_rating(
                 message_id=f"a{i}", value=-1, rater=f"user{i}", client_id="r", reason="wrong", comment="useless"
             )
 
@@ -75,8 +75,8 @@ async def test_dataset_show_prints_lineage(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     await seed(data_dir / "learnloop.db")
     async with await FeedbackStore.open(data_dir / "learnloop.db") as store:
-        await store.add_correction(message_id="a1", text="Order 1 arrives on Friday.", operator="op")
-        await store.register_version(
+        await store.conversations.add_correction(message_id="a1", text="Order 1 arrives on Friday.", operator="op")
+        await store.versions.register(
             adapter_path="/x",
             sha256="0",
             parent="base",
@@ -107,11 +107,11 @@ def test_operator_accounts_from_the_command_line(tmp_path: Path, monkeypatch: An
 
     async def check() -> None:
         async with await FeedbackStore.open(data / "learnloop.db") as store:
-            operator = await store.operator_for_token(token.strip())
+            operator = await store.accounts.operator_for_token(token.strip())
             assert operator is not None and operator.name == "alice"
-            assert await store.check_login("alice", "a-long-password") is not None
-            await store.set_operator("alice", actor="t", disabled=True)
-            assert await store.operator_for_token(token.strip()) is None
-            assert await store.check_login("alice", "a-long-password") is None
+            assert await store.accounts.check_login("alice", "a-long-password") is not None
+            await store.accounts.set_operator("alice", actor="t", disabled=True)
+            assert await store.accounts.operator_for_token(token.strip()) is None
+            assert await store.accounts.check_login("alice", "a-long-password") is None
 
     asyncio.run(check())

@@ -105,7 +105,7 @@ async def test_login_csrf_tokens_and_rate_limit(app: App) -> None:
         assert r.status_code == 200
         assert (await c.get("/api/v1/me")).status_code == 401
     assert app.store is not None
-    token = await app.store.create_api_token("rita", label="test", actor="test")
+    token = await app.store.accounts.create_token("rita", label="test", actor="test")
     async with httpx.AsyncClient(base_url=base) as c:
         r = await c.get("/api/v1/me", headers=bearer(token))
         assert r.json()["operator"] == "rita" and r.json()["csrf_token"] is None
@@ -115,7 +115,7 @@ async def test_login_csrf_tokens_and_rate_limit(app: App) -> None:
             for _ in range(12)
         ]
         assert statuses[0] == 401 and statuses[-1] == 429
-    await app.store.set_operator("rita", actor="test", disabled=True)
+    await app.store.accounts.set_operator("rita", actor="test", disabled=True)
     async with httpx.AsyncClient(base_url=base) as c:
         assert (await c.get("/api/v1/me", headers=bearer(token))).status_code == 401
 
@@ -266,7 +266,7 @@ async def test_a_second_operator_cannot_hijack_a_takeover(app: App, seeded: Seed
 
 async def test_flagged_raters_date_ranges_and_rater_review(app: App, seeded: Seeded) -> None:
     assert app.store is not None
-    await app.store.flag_raters({"cust-1": ["burst: 40 ratings in 60 s"]})
+    await app.store.raters.flag({"cust-1": ["burst: 40 ratings in 60 s"]})
     rita = await login(app, "rita")
     try:
         r = await rita.get("/api/v1/conversations", params={"flagged": "true"})

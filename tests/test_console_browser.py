@@ -137,7 +137,7 @@ async def test_review_correct_and_release_in_the_browser(app: App, page: Any, ti
     assert app.release.live_version == "base"
     assert "live" in await page.locator("tr.version-row[data-name='base'] .version-state").inner_text()
     await shot(page, "06-rolled-back")
-    audit = {e["action"] for e in await app.store.audit_log(limit=50)}
+    audit = {e["action"] for e in await app.store.browse.audit_log(limit=50)}
     assert {"correct", "state:live", "state:rolled_back", "login"} <= audit
 
     # charts per version, a run's loss curve, the audit log
@@ -145,10 +145,10 @@ async def test_review_correct_and_release_in_the_browser(app: App, page: Any, ti
     await page.wait_for_function("document.querySelectorAll('svg.chart').length === 4")
     assert await page.locator("svg.chart[data-metric=up_rate]").count() == 1
     await shot(page, "07-charts")
-    run_id = await app.store.start_run(max_rating_id=0, max_correction_id=0)
+    run_id = await app.store.runs.start(max_rating_id=0, max_correction_id=0)
     history = [{"step": i, "loss": 2.0 / i} for i in range(1, 21)]
-    await app.store.update_run(run_id, progress={"step": 20, "max_steps": 20, "loss": 0.1, "history": history})
-    await app.store.finish_run(run_id, state=RunState.SUCCEEDED, version=version)
+    await app.store.runs.update(run_id, progress={"step": 20, "max_steps": 20, "loss": 0.1, "history": history})
+    await app.store.runs.finish(run_id, state=RunState.SUCCEEDED, version=version)
     await page.click("a[data-nav=runs]")
     await page.click(f"tr.run-row[data-id='{run_id}'] a")
     await page.wait_for_selector("svg#loss-chart path, svg#loss-chart polyline")

@@ -126,7 +126,7 @@ async def run_loop(settings: Any, open_client: Any, n_conversations: int, *, tra
         assert result["report"]["candidate"]["chosen_nll"] < result["report"]["live"]["chosen_nll"]
         assert result["counts"]["heldout_dpo"] >= 1
 
-        version = await app.store.get_version("v1")  # type: ignore[union-attr]
+        version = await app.store.versions.get("v1")  # type: ignore[union-attr]
         assert version.state is VersionState.LIVE
         assert version.sha256 and Path(version.adapter_path or "", "adapter_model.safetensors").is_file()
         assert version.parent == "base"
@@ -136,7 +136,7 @@ async def run_loop(settings: Any, open_client: Any, n_conversations: int, *, tra
         # the connection opened before training is still up, and new replies come from v1
         done, _ = await main.chat("What is your refund policy?", "m-1")
         assert done["model_version"] == "v1"
-        messages = await app.store.conversation_messages(ready["conversation_id"])  # type: ignore[union-attr]
+        messages = await app.store.conversations.messages(ready["conversation_id"])  # type: ignore[union-attr]
         assert [m.model_version for m in messages if m.role == "assistant"] == ["base", "v1"]
 
 
@@ -158,13 +158,13 @@ async def test_scheduled_cycle_promotes_inside_the_server(tiny_model: Path, tmp_
             c = await open_client(app.port)
             await c.hello(user=f"u{i}")
             done, _ = await c.chat(question, f"q{i}")
-            await app.store.add_correction(message_id=done["message_id"], text=CORRECT, operator="op")  # type: ignore[union-attr]
+            await app.store.conversations.add_correction(message_id=done["message_id"], text=CORRECT, operator="op")  # type: ignore[union-attr]
         for _ in range(600):  # the APScheduler job trains and promotes on its own
             if app.release.live_version == "v1":
                 break
             await asyncio.sleep(0.1)
         assert app.release.live_version == "v1"
-        runs = await app.store.list_runs()  # type: ignore[union-attr]
+        runs = await app.store.runs.recent()  # type: ignore[union-attr]
         assert [r.state for r in runs] == ["succeeded"] and runs[0].progress and runs[0].progress["step"] == 10
         done, _ = await main.chat("What is your refund policy?", "after")
         assert done["model_version"] == "v1"

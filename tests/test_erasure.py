@@ -23,22 +23,22 @@ async def seed(store: FeedbackStore) -> dict[str, list]:
     for who in ("eve", "bob", "carol", "dan", "erin", "frank"):
         for k in range(2):
             cid = f"{who}-{k}"
-            await store.create_conversation(cid, user_id=who)
+            await store.conversations.create(cid, user_id=who)
             text = f"{SECRET} ({k})" if who == "eve" else f"{who} asks about refunds {k}"
-            u = await store.add_message(
+            u = await store.conversations.add_message(
                 message_id=f"{cid}-u", conversation_id=cid, role=Role.USER, text=text, parent_id=None
             )
-            a = await store.add_message(
+            a = await store.conversations.add_message(
                 message_id=f"{cid}-a",
                 conversation_id=cid,
                 role=Role.ASSISTANT,
                 text=f"reply to {who} {k}",
                 parent_id=u.id,
             )
-            r, _ = await store.add_rating(
+            r, _ = await store.conversations.add_rating(
                 message_id=a.id, value=-1, rater=who, client_id="r", comment=COMMENT if who == "eve" else None
             )
-            c = await store.add_correction(
+            c = await store.conversations.add_correction(
                 message_id=a.id, text=FIX if who == "eve" else f"fix {who} {k}", operator="op"
             )
             if who == "eve":
@@ -46,7 +46,7 @@ async def seed(store: FeedbackStore) -> dict[str, list]:
                 ids["ratings"].append(r.id)
                 ids["corrections"].append(c.id)
     # eve also rated bob's reply from her own identity
-    r, _ = await store.add_rating(message_id="bob-0-a", value=1, rater="eve", client_id="eve-on-bob")
+    r, _ = await store.conversations.add_rating(message_id="bob-0-a", value=1, rater="eve", client_id="eve-on-bob")
     ids["ratings"].append(r.id)
     return ids
 
@@ -62,7 +62,7 @@ async def test_erase_removes_every_byte_and_keeps_them_out(tmp_path: Path) -> No
     db = data_dir / "learnloop.db"
     async with await FeedbackStore.open(db) as store:
         ids = await seed(store)
-        await store.register_version(
+        await store.versions.register(
             adapter_path="/x",
             sha256="0",
             parent="base",
@@ -71,7 +71,7 @@ async def test_erase_removes_every_byte_and_keeps_them_out(tmp_path: Path) -> No
             feedback_ids={"messages": ids["messages"], "ratings": [], "corrections": []},
             training_run_id=None,
         )
-        await store.register_version(
+        await store.versions.register(
             adapter_path="/y",
             sha256="0",
             parent="base",
@@ -110,7 +110,7 @@ async def test_erase_removes_every_byte_and_keeps_them_out(tmp_path: Path) -> No
     assert b"eve" not in db.with_name("learnloop.db.erasures").read_bytes()  # tombstones hold hashes only
 
     async with await FeedbackStore.open(db) as store:
-        snapshot = await store.export_feedback()
+        snapshot = await store.conversations.export_feedback()
         assert subject_hash("eve") in snapshot.erased_subjects
         prepared = prepare(snapshot, CycleConfig(base_model="m", data_dir=data_dir))
         rows = json.dumps([r.to_trl() for r in (*prepared.data.dpo, *prepared.data.kto, *prepared.data.sft)])
@@ -123,7 +123,7 @@ async def test_erase_removes_every_byte_and_keeps_them_out(tmp_path: Path) -> No
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM conversations WHERE user_id = 'eve'").fetchone()[0] == 2
     async with await FeedbackStore.open(db) as store:
-        snapshot = await store.export_feedback()
+        snapshot = await store.conversations.export_feedback()
         assert all("ZEBRA" not in m.text for m in snapshot.messages)
         assert all(r.rater != "eve" for r in snapshot.ratings)
     assert SECRET.encode() not in raw_bytes(db)

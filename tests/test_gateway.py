@@ -133,7 +133,7 @@ async def test_reply_in_flight_finishes_on_its_version_during_a_swap(
         await streaming.until("token")
         adapter = make_adapter(tiny_model, tmp_path / "adapters" / "v1", seed=3)
         await register_candidate(a.store, adapter, str(tiny_model))
-        await a.store.set_version_state("v1", VersionState.LIVE, actor="test")
+        await a.store.versions.set_state("v1", VersionState.LIVE, actor="test")
         for _ in range(100):  # the poller picks up a version promoted by another process
             if a.release.live_version == "v1":
                 break
@@ -156,7 +156,7 @@ async def test_tampered_adapter_is_refused_and_old_version_keeps_serving(
     async with a.lifespan():
         assert a.store is not None
         adapter = make_adapter(tiny_model, tmp_path / "adapters" / "v1", seed=4)
-        await a.store.register_version(
+        await a.store.versions.register(
             adapter_path=str(adapter),
             sha256="0" * 64,
             parent="base",
@@ -165,7 +165,7 @@ async def test_tampered_adapter_is_refused_and_old_version_keeps_serving(
             feedback_ids={},
             training_run_id=None,
         )
-        await a.store.set_version_state("v1", VersionState.LIVE, actor="test")
+        await a.store.versions.set_state("v1", VersionState.LIVE, actor="test")
         from server.app import AdapterRejectedError
 
         with pytest.raises(AdapterRejectedError, match="sha256"):

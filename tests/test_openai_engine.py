@@ -139,7 +139,7 @@ async def test_chat_rate_and_stop_through_an_openai_compatible_server(app: App, 
     ack, _ = await client.until("ack")
     assert ack["id"] == "r1"
     assert app.store is not None
-    stored = await app.store.get_message(done["message_id"])
+    stored = await app.store.conversations.get_message(done["message_id"])
     assert stored.text == text and stored.model_version == "base"
     # stop: the reply ends as cancelled at the next chunk, and the connection keeps working
     await client.send(type="message", text="Write a very long story about a dragon.", client_id="m2")

@@ -19,10 +19,10 @@ HONEST_RATERS, HONEST_EACH = 1000, 10  # 10,000 honest ratings
 async def seed(store: FeedbackStore, rng: random.Random) -> dict[str, bool]:
     good: dict[str, bool] = {}
     for i in range(N_REPLIES):
-        await store.create_conversation(f"c{i}", user_id=f"customer{i}")
+        await store.conversations.create(f"c{i}", user_id=f"customer{i}")
     await asyncio.gather(
         *(
-            store.add_message(
+            store.conversations.add_message(
                 message_id=f"u{i}", conversation_id=f"c{i}", role=Role.USER, text=f"question {i}", parent_id=None
             )
             for i in range(N_REPLIES)
@@ -30,7 +30,7 @@ async def seed(store: FeedbackStore, rng: random.Random) -> dict[str, bool]:
     )
     await asyncio.gather(
         *(
-            store.add_message(
+            store.conversations.add_message(
                 message_id=f"a{i}", conversation_id=f"c{i}", role=Role.ASSISTANT, text=f"answer {i}", parent_id=f"u{i}"
             )
             for i in range(N_REPLIES)
@@ -42,7 +42,9 @@ async def seed(store: FeedbackStore, rng: random.Random) -> dict[str, bool]:
     for h in range(HONEST_RATERS):
         for k, reply in enumerate(rng.sample(sorted(good), HONEST_EACH)):
             value = (1 if good[reply] else -1) * (1 if rng.random() < 0.9 else -1)
-            honest.append(store.add_rating(message_id=reply, value=value, rater=f"honest{h}", client_id=f"h{h}-{k}"))
+            honest.append(
+                store.conversations.add_rating(message_id=reply, value=value, rater=f"honest{h}", client_id=f"h{h}-{k}")
+            )
     await asyncio.gather(*honest)
     return good
 
@@ -54,7 +56,7 @@ async def attack(store: FeedbackStore, good: dict[str, bool], identities: list[s
     for who in identities:
         for k in range(each):  # upvote bad replies, the same ones over and over
             jobs.append(
-                store.add_rating(
+                store.conversations.add_rating(
                     message_id=bad[k % len(bad)] if len(identities) == 1 else rng.choice(bad),
                     value=1,
                     rater=who,
@@ -70,7 +72,7 @@ async def test_coordinated_ratings_are_held_and_capped(tmp_path: Path, identitie
     async with await FeedbackStore.open(tmp_path / "db.sqlite") as store:
         good = await seed(store, rng)
         await attack(store, good, identities, rng)
-        snapshot = await store.export_feedback()
+        snapshot = await store.conversations.export_feedback()
         assert len(snapshot.ratings) == 15_000
         config = CycleConfig(base_model="unused", data_dir=tmp_path)
         prepared = prepare(snapshot, config)
@@ -78,8 +80,8 @@ async def test_coordinated_ratings_are_held_and_capped(tmp_path: Path, identitie
         # every coordinated rating is held for review, and no honest rater is
         assert set(prepared.trust.held_raters) == set(identities)
         assert sum(prepared.trust.held_raters.values()) == 5000
-        await store.flag_raters(prepared.trust.new_flags)
-        reviews = {r["rater"]: r for r in await store.rater_reviews()}
+        await store.raters.flag(prepared.trust.new_flags)
+        reviews = {r["rater"]: r for r in await store.raters.reviews()}
         assert set(reviews) == set(identities) and all(r["state"] == RaterState.PENDING for r in reviews.values())
 
         # no identity supplies more than the configured share of what trains
@@ -96,6 +98,6 @@ async def test_coordinated_ratings_are_held_and_capped(tmp_path: Path, identitie
         assert wrong / len(labels) < 0.1
 
         # once an operator clears them, their ratings count again (still under the caps)
-        await store.review_rater(identities[0], RaterState.APPROVED, reviewer="op")
-        again = prepare(await store.export_feedback(), config)
+        await store.raters.review(identities[0], RaterState.APPROVED, reviewer="op")
+        again = prepare(await store.conversations.export_feedback(), config)
         assert identities[0] not in again.trust.held_raters

@@ -25,18 +25,18 @@ ANSWER = "Refunds are accepted within 30 days of delivery."
 
 
 async def seed(store: FeedbackStore, n: int = 6, answers: tuple[str, ...] = (ANSWER,)) -> None:
-    await store.ensure_base_version("unused")
+    await store.versions.ensure_base("unused")
     for i in range(n):
         cid = uuid.uuid4().hex
-        await store.create_conversation(cid, user_id=f"u{i}")
-        u = await store.add_message(
+        await store.conversations.create(cid, user_id=f"u{i}")
+        u = await store.conversations.add_message(
             message_id=uuid.uuid4().hex,
             conversation_id=cid,
             role="user",  # type: ignore[arg-type]
             text=f"What is your refund policy, question {i}?",
             parent_id=None,
         )
-        a = await store.add_message(
+        a = await store.conversations.add_message(
             message_id=uuid.uuid4().hex,
             conversation_id=cid,
             role="assistant",  # type: ignore[arg-type]
@@ -44,7 +44,7 @@ async def seed(store: FeedbackStore, n: int = 6, answers: tuple[str, ...] = (ANS
             parent_id=u.id,
             model_version="base",
         )
-        await store.add_correction(message_id=a.id, text=answers[i % len(answers)], operator="op")
+        await store.conversations.add_correction(message_id=a.id, text=answers[i % len(answers)], operator="op")
 
 
 def config(model: Path, data_dir: Path, **train: Any) -> CycleConfig:
@@ -60,7 +60,7 @@ def config(model: Path, data_dir: Path, **train: Any) -> CycleConfig:
 
 async def wait_for_job(cycle: TrainingCycle, store: FeedbackStore) -> None:
     for _ in range(600):
-        runs = await store.list_runs()
+        runs = await store.runs.recent()
         if cycle.job_pid and runs and runs[0].progress:
             return
         await asyncio.sleep(0.1)
@@ -76,9 +76,9 @@ async def test_killed_job_leaves_live_serving_and_the_next_run_succeeds(tiny_mod
         os.kill(slow.job_pid, signal.SIGKILL)  # type: ignore[arg-type]
         result = await task
         assert result.status is CycleStatus.FAILED and "exited with code -9" in result.reason
-        assert (await store.live_version()).name == "base"
+        assert (await store.versions.live()).name == "base"
         assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())
-        assert (await store.list_runs())[0].state is RunState.FAILED
+        assert (await store.runs.recent())[0].state is RunState.FAILED
         # the data was not consumed: the next run trains on it without --force
         result = await TrainingCycle(store, config(tiny_model, tmp_path)).run()
         assert result.status is CycleStatus.PROMOTED and result.version == "v1"
@@ -95,7 +95,7 @@ async def test_two_triggers_train_once(tiny_model: Path, tmp_path: Path) -> None
         statuses = sorted(r.status for r in results)
         assert statuses.count(CycleStatus.PROMOTED) == 1 and statuses.count(CycleStatus.SKIPPED) == 2
         assert any("lease" in r.reason for r in results) and any("in progress" in r.reason for r in results)
-        assert len(await store_a.list_runs()) == 1
+        assert len(await store_a.runs.recent()) == 1
 
 
 async def test_cancel_and_timeout_fail_the_run_cleanly(tiny_model: Path, tmp_path: Path) -> None:
@@ -104,24 +104,24 @@ async def test_cancel_and_timeout_fail_the_run_cleanly(tiny_model: Path, tmp_pat
         slow = TrainingCycle(store, config(tiny_model, tmp_path, max_steps=100_000))
         task = asyncio.create_task(slow.run())
         await wait_for_job(slow, store)
-        run = (await store.list_runs())[0]
-        assert await store.request_cancel(run.id, actor="op")
+        run = (await store.runs.recent())[0]
+        assert await store.runs.request_cancel(run.id, actor="op")
         result = await task
         assert result.status is CycleStatus.FAILED and result.reason == "cancelled by an operator"
         hung = TrainingCycle(store, dataclasses.replace(config(tiny_model, tmp_path, max_steps=100_000), timeout_s=8))
         result = await hung.run()
         assert result.status is CycleStatus.FAILED and "timed out" in result.reason
-        assert [r.state for r in await store.list_runs()] == [RunState.FAILED, RunState.FAILED]
-        assert (await store.live_version()).name == "base"
+        assert [r.state for r in await store.runs.recent()] == [RunState.FAILED, RunState.FAILED]
+        assert (await store.versions.live()).name == "base"
 
 
 async def test_interrupted_runs_are_marked_failed_by_the_next_cycle(tiny_model: Path, tmp_path: Path) -> None:
     async with await FeedbackStore.open(tmp_path / "db.sqlite") as store:
         await seed(store)
-        orphan = await store.start_run(max_rating_id=0, max_correction_id=0)  # its process "died"
+        orphan = await store.runs.start(max_rating_id=0, max_correction_id=0)  # its process "died"
         result = await TrainingCycle(store, config(tiny_model, tmp_path)).run()
         assert result.status is CycleStatus.PROMOTED
-        assert (await store.get_run(orphan)).state is RunState.FAILED
+        assert (await store.runs.get(orphan)).state is RunState.FAILED
 
 
 @pytest.fixture
@@ -176,7 +176,7 @@ async def test_bad_adapter_is_refused_and_the_old_version_keeps_serving(
     async with app.lifespan():
         assert app.store is not None
         good, good_sha = bad_adapters["good"]
-        await app.store.register_version(
+        await app.store.versions.register(
             adapter_path=str(good),
             sha256=good_sha,
             parent="base",
@@ -188,7 +188,7 @@ async def test_bad_adapter_is_refused_and_the_old_version_keeps_serving(
         await app.release.promote("v1", actor="test")
         assert app.release.live_version == "v1"
         folder, sha = bad_adapters[kind]
-        await app.store.register_version(
+        await app.store.versions.register(
             adapter_path=str(folder),
             sha256=sha,
             parent="v1",
@@ -198,13 +198,13 @@ async def test_bad_adapter_is_refused_and_the_old_version_keeps_serving(
             training_run_id=None,
         )
         # as a canary: refused and rolled back automatically
-        await app.store.set_version_state("v2", VersionState.CANARY, actor="gate")
+        await app.store.versions.set_state("v2", VersionState.CANARY, actor="gate")
         await app.release.sync()
-        v2 = await app.store.get_version("v2")
+        v2 = await app.store.versions.get("v2")
         assert v2.state is VersionState.ROLLED_BACK and any("refused" in r for r in v2.gate_reasons)
         assert app.release.canary_version is None
         # promoted by hand: refused, and v1 keeps serving
-        await app.store.set_version_state("v2", VersionState.LIVE, actor="test")
+        await app.store.versions.set_state("v2", VersionState.LIVE, actor="test")
         with pytest.raises(AdapterRejectedError):
             await app.release.sync()
         assert app.release.live_version == "v1" and "v2" not in app.engine.versions  # type: ignore[union-attr]
@@ -220,14 +220,16 @@ async def test_continuing_from_live_with_a_kto_stage(tiny_model: Path, tmp_path:
         await seed(store)
         first = await TrainingCycle(store, config(tiny_model, tmp_path)).run()
         assert first.status is CycleStatus.PROMOTED and first.version == "v1"
-        snapshot = await store.export_feedback()
+        snapshot = await store.conversations.export_feedback()
         replies = [m for m in snapshot.messages if m.role == "assistant"]
         for n, reply in enumerate(replies):
-            await store.add_rating(message_id=reply.id, value=1 if n % 2 else -1, rater=f"u{n}", client_id="t")
+            await store.conversations.add_rating(
+                message_id=reply.id, value=1 if n % 2 else -1, rater=f"u{n}", client_id="t"
+            )
         again = TrainingCycle(store, config(tiny_model, tmp_path, init_from="live", kto_steps=3))
         result = await again.run(force=True)
         assert result.status in (CycleStatus.PROMOTED, CycleStatus.REJECTED), result.reason
-        version = await store.get_version(result.version or "")
+        version = await store.versions.get(result.version or "")
         assert version.eval_report is not None and version.eval_report["trainer"] == "dpo+kto"
         assert version.parent == "v1"
 
@@ -242,7 +244,7 @@ async def test_live_contrast_pick_keeps_the_likeliest_candidates(tiny_model: Pat
         for expected_live in ("base", "v1"):
             result = await TrainingCycle(store, cfg).run(force=True)
             assert result.status is CycleStatus.PROMOTED, result.reason
-            version = await store.get_version(result.version or "")
+            version = await store.versions.get(result.version or "")
             assert version.parent == expected_live
             meta = json.loads((Path(version.adapter_path or "") / "learnloop.json").read_text())
             train_corrections = meta["rows"]["contrast_candidates"] // 2  # two other answers each
@@ -261,7 +263,7 @@ async def test_replay_pairs_add_ordinary_chat_against_a_correction(tiny_model: P
         cfg = config(tiny_model, tmp_path, replay_pairs=4, contrast_pairs=0, contrast_pick="live")
         result = await TrainingCycle(store, cfg).run(force=True)
         assert result.status is CycleStatus.PROMOTED, result.reason
-        version = await store.get_version(result.version or "")
+        version = await store.versions.get(result.version or "")
         meta = json.loads((Path(version.adapter_path or "") / "learnloop.json").read_text())
         assert meta["rows"]["replay_candidates"] == 4 * 2  # four prompts, each against both answers
         corrections = meta["rows"]["dpo"] - 4  # one replay pair per prompt, the rest operator rows (x2)

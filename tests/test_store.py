@@ -11,19 +11,30 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from feedback import BASE_VERSION, FeedbackStore, InvalidError, NotFoundError, Role, StoreError, VersionState
+from feedback import (
+    BASE_VERSION,
+    FeedbackStore,
+    InvalidError,
+    NotFoundError,
+    Role,
+    StorageFullError,
+    StoreError,
+    VersionState,
+)
+from feedback.db import Connection
 from feedback.schema import SCHEMA_VERSION
 
 
 async def seed(store: FeedbackStore, conv: str = "c1") -> tuple[str, str]:
-    await store.create_conversation(conv, user_id="alice")
-    user = await store.add_message(
+    await store.conversations.create(conv, user_id="alice")
+    user = await store.conversations.add_message(
         message_id=f"{conv}-u", conversation_id=conv, role=Role.USER, text="q", parent_id=None
     )
-    reply = await store.add_message(
+    reply = await store.conversations.add_message(
         message_id=f"{conv}-a",
         conversation_id=conv,
         role=Role.ASSISTANT,
@@ -45,7 +56,7 @@ async def test_schema_is_created_in_wal_mode_and_survives_reopen(tmp_path: Path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
     async with await FeedbackStore.open(path) as store:
-        messages = await store.conversation_messages("c1")
+        messages = await store.conversations.messages("c1")
         assert [(m.seq, m.role, m.model_version) for m in messages] == [
             (1, Role.USER, None),
             (2, Role.ASSISTANT, "base"),
@@ -64,44 +75,51 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
 async def test_ratings_are_idempotent_by_client_id(tmp_path: Path) -> None:
     async with await FeedbackStore.open(tmp_path / "x.db") as store:
         user_id, reply_id = await seed(store)
-        first, created = await store.add_rating(message_id=reply_id, value=1, rater="alice", client_id="r1")
-        again, created_again = await store.add_rating(message_id=reply_id, value=-1, rater="alice", client_id="r1")
+        first, created = await store.conversations.add_rating(
+            message_id=reply_id, value=1, rater="alice", client_id="r1"
+        )
+        again, created_again = await store.conversations.add_rating(
+            message_id=reply_id, value=-1, rater="alice", client_id="r1"
+        )
         assert created and not created_again and again == first and again.value == 1
         with pytest.raises(NotFoundError):
-            await store.add_rating(message_id="nope", value=1, rater="alice", client_id="r2")
+            await store.conversations.add_rating(message_id="nope", value=1, rater="alice", client_id="r2")
         with pytest.raises(InvalidError):
-            await store.add_rating(message_id=user_id, value=1, rater="alice", client_id="r3")
+            await store.conversations.add_rating(message_id=user_id, value=1, rater="alice", client_id="r3")
         with pytest.raises(InvalidError):
-            await store.add_rating(message_id=reply_id, value=5, rater="alice", client_id="r4")
-        snap = await store.export_feedback()
+            await store.conversations.add_rating(message_id=reply_id, value=5, rater="alice", client_id="r4")
+        snap = await store.conversations.export_feedback()
         assert [r.client_id for r in snap.ratings] == ["r1"]
 
 
 async def test_group_commit_batches_concurrent_writes_and_isolates_failures(tmp_path: Path) -> None:
     async with await FeedbackStore.open(tmp_path / "x.db") as store:
         _, reply_id = await seed(store)
-        before = store.commits
+        before = store.db.commits
         results = await asyncio.gather(
-            *(store.add_rating(message_id=reply_id, value=1, rater=f"u{i}", client_id=f"r{i}") for i in range(300)),
-            store.add_rating(message_id="missing", value=1, rater="x", client_id="bad"),
+            *(
+                store.conversations.add_rating(message_id=reply_id, value=1, rater=f"u{i}", client_id=f"r{i}")
+                for i in range(300)
+            ),
+            store.conversations.add_rating(message_id="missing", value=1, rater="x", client_id="bad"),
             return_exceptions=True,
         )
         assert isinstance(results[-1], NotFoundError)
         assert all(created for _, created in results[:-1])  # type: ignore[misc]
-        assert store.commits - before < 30  # 301 writes shared a few commits
-        assert len((await store.export_feedback()).ratings) == 300
+        assert store.db.commits - before < 30  # 301 writes shared a few commits
+        assert len((await store.conversations.export_feedback()).ratings) == 300
 
 
 async def test_corrections_and_versions(tmp_path: Path) -> None:
     async with await FeedbackStore.open(tmp_path / "x.db") as store:
         _, reply_id = await seed(store)
         with pytest.raises(InvalidError):
-            await store.add_correction(message_id=reply_id, text="   ", operator="op")
-        correction = await store.add_correction(message_id=reply_id, text="better", operator="op")
+            await store.conversations.add_correction(message_id=reply_id, text="   ", operator="op")
+        correction = await store.conversations.add_correction(message_id=reply_id, text="better", operator="op")
         assert correction.id == 1
-        live = await store.ensure_base_version("model")
+        live = await store.versions.ensure_base("model")
         assert live.name == BASE_VERSION and live.state is VersionState.LIVE
-        v = await store.register_version(
+        v = await store.versions.register(
             adapter_path="/a",
             sha256="00",
             parent="base",
@@ -111,30 +129,92 @@ async def test_corrections_and_versions(tmp_path: Path) -> None:
             training_run_id=None,
         )
         assert (v.name, v.state) == ("v1", VersionState.CANDIDATE)
-        await store.set_version_state("v1", VersionState.LIVE, actor="gate", reasons=["passed: x"])
-        assert (await store.live_version()).name == "v1"
-        assert (await store.get_version(BASE_VERSION)).state is VersionState.RETIRED
-        assert (await store.get_version("v1")).gate_reasons == ("passed: x",)
-        assert (await store.ensure_base_version("model")).name == "v1"  # a restart keeps v1 live
-        actions = [e["action"] for e in await store.audit_entries()]
+        await store.versions.set_state("v1", VersionState.LIVE, actor="gate", reasons=["passed: x"])
+        assert (await store.versions.live()).name == "v1"
+        assert (await store.versions.get(BASE_VERSION)).state is VersionState.RETIRED
+        assert (await store.versions.get("v1")).gate_reasons == ("passed: x",)
+        assert (await store.versions.ensure_base("model")).name == "v1"  # a restart keeps v1 live
+        actions = [e["action"] for e in await store.browse.audit_log(limit=50)]
         assert "state:live" in actions and "correct" in actions and "register" in actions
         with pytest.raises(NotFoundError):
-            await store.set_version_state("v9", VersionState.LIVE, actor="x")
+            await store.versions.set_state("v9", VersionState.LIVE, actor="x")
 
 
 async def test_new_feedback_counts_and_run_watermarks(tmp_path: Path) -> None:
     async with await FeedbackStore.open(tmp_path / "x.db") as store:
         _, reply_id = await seed(store)
-        await store.add_rating(message_id=reply_id, value=1, rater="a", client_id="1")
-        await store.add_correction(message_id=reply_id, text="b", operator="op")
-        assert await store.count_new_feedback(after_rating_id=0, after_correction_id=0, after_time=0) == 2
-        run = await store.start_run(max_rating_id=1, max_correction_id=1)
+        await store.conversations.add_rating(message_id=reply_id, value=1, rater="a", client_id="1")
+        await store.conversations.add_correction(message_id=reply_id, text="b", operator="op")
+        assert await store.conversations.count_new_feedback(after_rating_id=0, after_correction_id=0, after_time=0) == 2
+        run = await store.runs.start(max_rating_id=1, max_correction_id=1)
         from feedback import RunState
 
-        await store.finish_run(run, state=RunState.SUCCEEDED, version="v1")
-        last = await store.last_consumed_run()
+        await store.runs.finish(run, state=RunState.SUCCEEDED, version="v1")
+        last = await store.runs.last_consumed()
         assert last is not None and last.max_rating_id == 1
-        assert await store.count_new_feedback(after_rating_id=1, after_correction_id=1, after_time=time.time()) == 0
+        assert (
+            await store.conversations.count_new_feedback(
+                after_rating_id=1, after_correction_id=1, after_time=time.time()
+            )
+            == 0
+        )
+
+
+async def limit_pages(store: FeedbackStore, pages: int | None) -> None:
+    """``PRAGMA max_page_count`` on the writer connection; None: the pages it has now (it is full)."""
+
+    async def op(conn: Connection) -> None:
+        limit = pages
+        if limit is None:
+            cursor = await conn.execute("PRAGMA page_count")
+            row = await cursor.fetchone()
+            assert row is not None
+            limit = int(row[0])
+        cursor = await conn.execute(f"PRAGMA max_page_count = {limit}")
+        row = await cursor.fetchone()
+        assert row is not None and row[0] == limit
+
+    await store.db.write(op, outside_transaction=True)
+
+
+async def test_a_full_database_refuses_writes_and_takes_them_again_once_there_is_room(tmp_path: Path) -> None:
+    big = "a long question " * 20_000  # hundreds of pages
+    async with await FeedbackStore.open(tmp_path / "x.db") as store:
+        user_id, reply_id = await seed(store)
+        run_id = await store.runs.start(max_rating_id=0, max_correction_id=0)
+
+        def ask(message_id: str) -> Any:
+            return store.conversations.add_message(
+                message_id=message_id, conversation_id="c1", role=Role.USER, text=big, parent_id=reply_id
+            )
+
+        await limit_pages(store, None)
+        with pytest.raises(StorageFullError) as raised:  # SQLite undoes the statement
+            await ask("big")
+        assert raised.value.code == "storage_full" and raised.value.public
+        # here SQLite rolls the whole group commit back: the rating that shared it is refused too
+        results = await asyncio.gather(
+            store.runs.update(run_id, progress={"log": big}),
+            store.conversations.add_rating(message_id=reply_id, value=1, rater="alice", client_id="r1"),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], StorageFullError)
+        ratings = [r.client_id for r in (await store.conversations.export_feedback()).ratings]
+        if isinstance(results[1], BaseException):
+            assert isinstance(results[1], StorageFullError) and ratings == []
+        else:  # a SQLite that undid only the statement: then it is stored, as acknowledged
+            assert ratings == ["r1"]
+        assert [m.id for m in await store.conversations.messages("c1")] == [user_id, reply_id]
+        with pytest.raises(NotFoundError):
+            await store.conversations.get_message("big")
+        assert (await store.runs.get(run_id)).progress is None
+
+        await limit_pages(store, 1_000_000)  # room again: the same open store takes the writes
+        stored = await ask("big")
+        await store.runs.update(run_id, progress={"log": big})
+        assert (await store.conversations.get_message("big")) == stored
+        assert [m.id for m in await store.conversations.messages("c1")] == [user_id, reply_id, "big"]
+        assert (await store.runs.get(run_id)).progress == {"log": big}
 
 
 WRITER = textwrap.dedent(
@@ -144,12 +224,12 @@ WRITER = textwrap.dedent(
 
     async def main():
         store = await FeedbackStore.open(sys.argv[1])
-        await store.create_conversation("c")
-        await store.add_message(message_id="u", conversation_id="c", role=Role.USER, text="q", parent_id=None)
-        await store.add_message(message_id="a", conversation_id="c", role=Role.ASSISTANT, text="r", parent_id="u")
+        await store.conversations.create("c")
+        await store.conversations.add_message(message_id="u", conversation_id="c", role=Role.USER, text="q", parent_id=None)
+        await store.conversations.add_message(message_id="a", conversation_id="c", role=Role.ASSISTANT, text="r", parent_id="u")
         i = 0
         while True:
-            batch = [store.add_rating(message_id="a", value=1, rater="x", client_id=f"r{i + k}") for k in range(8)]
+            batch = [store.conversations.add_rating(message_id="a", value=1, rater="x", client_id=f"r{i + k}") for k in range(8)]
             for rating, _ in await asyncio.gather(*batch):
                 print(rating.client_id, flush=True)  # the acknowledgement
             i += 8

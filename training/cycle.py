@@ -168,28 +168,28 @@ class TrainingCycle:
             return CycleResult(CycleStatus.SKIPPED, "a training run is already in progress")
         async with self._lock:
             holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-            if not await self.store.acquire_lease(LEASE, holder, LEASE_TTL_S):
+            if not await self.store.runs.acquire_lease(LEASE, holder, LEASE_TTL_S):
                 return CycleResult(CycleStatus.SKIPPED, "another process holds the training lease")
             renew = asyncio.create_task(self._renew(holder))
             try:
                 # the lease was free, so any run still marked running lost its process
-                if n := await self.store.fail_interrupted_runs():
+                if n := await self.store.runs.fail_interrupted():
                     log.warning("%d interrupted training runs marked failed", n)
                 return await self._run(force=force)
             finally:
                 renew.cancel()
-                await self.store.release_lease(LEASE, holder)
+                await self.store.runs.release_lease(LEASE, holder)
 
     async def _renew(self, holder: str) -> None:
         while True:
             await asyncio.sleep(LEASE_TTL_S / 4)
-            await self.store.acquire_lease(LEASE, holder, LEASE_TTL_S)
+            await self.store.runs.acquire_lease(LEASE, holder, LEASE_TTL_S)
 
     async def _run(self, *, force: bool) -> CycleResult:
         started = time.monotonic()
         cfg = self.config
-        last = await self.store.last_consumed_run()
-        new = await self.store.count_new_feedback(
+        last = await self.store.runs.last_consumed()
+        new = await self.store.conversations.count_new_feedback(
             after_rating_id=last.max_rating_id if last else 0,
             after_correction_id=last.max_correction_id if last else 0,
             after_time=last.started_at if last else 0.0,
@@ -198,21 +198,21 @@ class TrainingCycle:
         if not decision.train:
             return CycleResult(CycleStatus.SKIPPED, decision.reason)
 
-        snapshot = await self.store.export_feedback()
+        snapshot = await self.store.conversations.export_feedback()
         prepared = prepare(snapshot, cfg)
         if prepared.trust.new_flags:
-            held = await self.store.flag_raters(prepared.trust.new_flags)
+            held = await self.store.raters.flag(prepared.trust.new_flags)
             log.warning("held %d raters for review: %s", len(held), ", ".join(held[:10]))
         data, train, heldout, counts = prepared.data, prepared.train, prepared.heldout, prepared.counts
         if not train.dpo and not pairs.class_balance_ok(train) and not train.sft:
             return CycleResult(CycleStatus.SKIPPED, f"no trainable rows yet ({counts})", counts=counts)
 
-        run_id = await self.store.start_run(
+        run_id = await self.store.runs.start(
             max_rating_id=snapshot.max_rating_id, max_correction_id=snapshot.max_correction_id
         )
         run_dir = cfg.runs_dir / f"run-{run_id}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        live = await self.store.live_version()
+        live = await self.store.versions.live()
         adapter_tmp = run_dir / "adapter"
         pool = cfg.train.picks_in_job  # contrast rows are candidates: the job keeps the likeliest
 
@@ -256,11 +256,11 @@ class TrainingCycle:
             report = EvalReport.from_dict(job["report"])
             if not (adapter_tmp / ADAPTER_FILE).is_file():
                 raise TrainingJobError(f"the job reported success but wrote no {ADAPTER_FILE}")
-            name = await self.store.next_version_name()
+            name = await self.store.versions.next_name()
             final = cfg.adapters_dir / name
             final.parent.mkdir(parents=True, exist_ok=True)
             adapter_tmp.rename(final)  # atomic on one filesystem: an adapter is whole or absent
-            version = await self.store.register_version(
+            version = await self.store.versions.register(
                 name=name,
                 adapter_path=str(final),
                 sha256=sha256_file(final / ADAPTER_FILE),
@@ -280,7 +280,7 @@ class TrainingCycle:
         except Exception as exc:
             detail = str(exc)
             log.error("training run %d failed: %s", run_id, detail)
-            await self.store.finish_run(run_id, state=RunState.FAILED, detail=detail[-4000:])
+            await self.store.runs.finish(run_id, state=RunState.FAILED, detail=detail[-4000:])
             shutil.rmtree(adapter_tmp, ignore_errors=True)
             return CycleResult(
                 CycleStatus.FAILED, detail, run_id=run_id, seconds=time.monotonic() - started, counts=counts
@@ -292,8 +292,8 @@ class TrainingCycle:
             state, status = VersionState.CANARY, CycleStatus.CANARY
         else:
             state, status = VersionState.LIVE, CycleStatus.PROMOTED
-        await self.store.set_version_state(version.name, state, actor="gate", reasons=gate.reasons)
-        await self.store.finish_run(
+        await self.store.versions.set_state(version.name, state, actor="gate", reasons=gate.reasons)
+        await self.store.runs.finish(
             run_id, state=RunState.SUCCEEDED, version=version.name, detail="; ".join(gate.reasons)
         )
         log.info("training run %d: %s %s (%s)", run_id, version.name, status, "; ".join(gate.reasons))
@@ -327,7 +327,7 @@ class TrainingCycle:
             nonlocal cancelled
             while proc.returncode is None:
                 await asyncio.sleep(0.5)
-                if (await self.store.get_run(run_id)).state is RunState.CANCELLING:
+                if (await self.store.runs.get(run_id)).state is RunState.CANCELLING:
                     cancelled = True
                     proc.kill()
                     return
@@ -348,7 +348,7 @@ class TrainingCycle:
                     if isinstance(event.get("loss"), int | float):
                         history.append({"step": event.get("step"), "loss": event["loss"]})
                         del history[:-MAX_LOSS_POINTS]
-                    await self.store.update_run(run_id, progress={**event, "history": history})
+                    await self.store.runs.update(run_id, progress={**event, "history": history})
                     if self.on_progress:
                         self.on_progress(event)
                     log.info(

@@ -115,14 +115,14 @@ class TrainBody(BaseModel):
 async def authenticate(request: Request, store: FeedbackStore) -> Principal | None:
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
-        operator = await store.operator_for_token(header[7:].strip())
+        operator = await store.accounts.operator_for_token(header[7:].strip())
         if operator is None:
             raise ApiError("the API token is unknown or revoked", code=ErrorCode.UNAUTHORIZED)
         return Principal(operator, None)
     session_id = request.cookies.get(COOKIE)
     if not session_id:
         return None
-    session: ConsoleSession | None = await store.get_session(session_id)
+    session: ConsoleSession | None = await store.accounts.get_session(session_id)
     if session is None:
         return None
     return Principal(session.operator, session.csrf_token, session_id)
@@ -233,11 +233,11 @@ def create_console(
             retry = login_limiter.check(key, now)
             if retry is not None:
                 raise ApiError("too many login attempts", code=ErrorCode.RATE_LIMITED, retry_after=retry)
-        operator = await store.check_login(body.name, body.password)
+        operator = await store.accounts.check_login(body.name, body.password)
         if operator is None:
             log.warning("failed console login for %r from %s", body.name, client)
             raise ApiError("wrong name or password", code=ErrorCode.UNAUTHORIZED)
-        session_id, session = await store.create_session(operator, ttl_s=config.session_ttl_s)
+        session_id, session = await store.accounts.create_session(operator, ttl_s=config.session_ttl_s)
         response.set_cookie(
             COOKIE,
             session_id,
@@ -252,7 +252,7 @@ def create_console(
     @app.delete("/api/v1/session", **role(viewer))
     async def logout(response: Response, p: AsViewer) -> dict[str, Any]:
         if p.session_id is not None:
-            await store.end_session(p.session_id, actor=p.operator.name)
+            await store.accounts.end_session(p.session_id, actor=p.operator.name)
         response.delete_cookie(COOKIE, path="/")
         return {"ok": True}
 
@@ -278,12 +278,12 @@ def create_console(
         f = ConversationFilter(
             rating, version or None, channel or None, since, until, has_correction, flagged, q or None
         )
-        items, next_cursor = await store.list_conversations(f, limit=limit, cursor=cursor)
+        items, next_cursor = await store.browse.list_conversations(f, limit=limit, cursor=cursor)
         return {"items": items, "next_cursor": next_cursor}
 
     @app.get("/api/v1/conversations/{conversation_id}", **role(viewer))
     async def transcript(conversation_id: str) -> dict[str, Any]:
-        t = await store.transcript(conversation_id)
+        t = await store.browse.transcript(conversation_id)
         if t is None:
             raise ApiError(f"no conversation {conversation_id!r}", code=ErrorCode.NOT_FOUND)
         takeover = presence.takeovers.get(conversation_id)
@@ -295,29 +295,29 @@ def create_console(
 
     @app.post("/api/v1/messages/{message_id}/correction", status_code=201, **role(reviewer))
     async def correct(message_id: str, body: CorrectionBody, p: AsReviewer) -> dict[str, Any]:
-        c = await store.add_correction(
+        c = await store.conversations.add_correction(
             message_id=message_id, text=body.text, operator=p.operator.name, reason=body.reason
         )
         return {"id": c.id, "message_id": c.message_id, "reason": c.reason}
 
     @app.post("/api/v1/messages/{message_id}/exclusion", **role(reviewer))
     async def exclude(message_id: str, body: ExclusionBody, p: AsReviewer) -> dict[str, Any]:
-        await store.exclude_message(message_id, reason=body.reason, operator=p.operator.name)
+        await store.conversations.exclude_message(message_id, reason=body.reason, operator=p.operator.name)
         return {"message_id": message_id, "excluded": True}
 
     @app.delete("/api/v1/messages/{message_id}/exclusion", **role(reviewer))
     async def include(message_id: str, p: AsReviewer) -> dict[str, Any]:
-        await store.get_message(message_id)
-        await store.include_message(message_id, operator=p.operator.name)
+        await store.conversations.get_message(message_id)
+        await store.conversations.include_message(message_id, operator=p.operator.name)
         return {"message_id": message_id, "excluded": False}
 
     @app.get("/api/v1/raters", **role(viewer))
     async def raters() -> dict[str, Any]:
-        return {"items": await store.rater_reviews()}
+        return {"items": await store.raters.reviews()}
 
     @app.post("/api/v1/raters/{rater}/review", **role(reviewer))
     async def review(rater: str, body: ReviewBody, p: AsReviewer) -> dict[str, Any]:
-        await store.review_rater(rater, RaterState(body.state), reviewer=p.operator.name)
+        await store.raters.review(rater, RaterState(body.state), reviewer=p.operator.name)
         return {"rater": rater, "state": body.state}
 
     # --- takeover -----------------------------------------------------------------------
@@ -325,73 +325,73 @@ def create_console(
     @app.post("/api/v1/conversations/{conversation_id}/takeover", **role(reviewer))
     async def take_over(conversation_id: str, p: AsReviewer) -> dict[str, Any]:
         t = await presence.join(conversation_id, p.operator.name)
-        await store.audit(p.operator.name, "takeover.join", conversation_id, {})
+        await store.accounts.audit(p.operator.name, "takeover.join", conversation_id, {})
         return {"conversation_id": conversation_id, **asdict(t), "connected": presence.connected(conversation_id)}
 
     @app.post("/api/v1/conversations/{conversation_id}/replies", status_code=201, **role(reviewer))
     async def operator_reply(conversation_id: str, body: ReplyBody, p: AsReviewer) -> dict[str, Any]:
         m = await presence.reply(conversation_id, p.operator.name, body.text)
-        await store.audit(p.operator.name, "takeover.reply", conversation_id, {"message_id": m.id})
+        await store.accounts.audit(p.operator.name, "takeover.reply", conversation_id, {"message_id": m.id})
         return {"id": m.id, "conversation_id": conversation_id, "text": m.text, "author": m.author}
 
     @app.delete("/api/v1/conversations/{conversation_id}/takeover", **role(reviewer))
     async def hand_back(conversation_id: str, p: AsReviewer) -> dict[str, Any]:
         await presence.leave(conversation_id)
-        await store.audit(p.operator.name, "takeover.leave", conversation_id, {})
+        await store.accounts.audit(p.operator.name, "takeover.leave", conversation_id, {})
         return {"conversation_id": conversation_id, "takeover": None}
 
     # --- the loop -----------------------------------------------------------------------
 
     @app.get("/api/v1/dataset/preview", **role(viewer))
     async def dataset_preview(rows: bool = False) -> dict[str, Any]:
-        snapshot = await store.export_feedback()
+        snapshot = await store.conversations.export_feedback()
         return await asyncio.to_thread(training().preview, snapshot, rows=rows)
 
     @app.get("/api/v1/runs", **role(viewer))
     async def runs(limit: int = Query(default=50, ge=1, le=500)) -> dict[str, Any]:
-        return {"items": [_plain(r) for r in await store.list_runs(limit)]}
+        return {"items": [_plain(r) for r in await store.runs.recent(limit)]}
 
     @app.get("/api/v1/runs/{run_id}", **role(viewer))
     async def run(run_id: int) -> dict[str, Any]:
-        return _plain(await store.get_run(run_id))
+        return _plain(await store.runs.get(run_id))
 
     @app.post("/api/v1/runs", status_code=202, **role(admin))
     async def start_run(body: TrainBody, p: AsAdmin) -> dict[str, Any]:
         if not training().start(force=body.force, actor=p.operator.name):
             raise ApiError("a training run is already in progress", code=ErrorCode.CONFLICT)
-        await store.audit(p.operator.name, "train", None, {"force": body.force})
+        await store.accounts.audit(p.operator.name, "train", None, {"force": body.force})
         return {"started": True}
 
     @app.post("/api/v1/runs/{run_id}/cancel", **role(admin))
     async def cancel_run(run_id: int, p: AsAdmin) -> dict[str, Any]:
-        await store.get_run(run_id)
-        if not await store.request_cancel(run_id, actor=p.operator.name):
+        await store.runs.get(run_id)
+        if not await store.runs.request_cancel(run_id, actor=p.operator.name):
             raise ApiError(f"run {run_id} is not running", code=ErrorCode.CONFLICT)
         return {"run_id": run_id, "cancel_requested": True}
 
     @app.get("/api/v1/versions", **role(viewer))
     async def versions() -> dict[str, Any]:
         out = []
-        for v in await store.list_versions():
-            out.append({**_plain(v), "stats": asdict(await store.version_stats(v.name))})
+        for v in await store.versions.all():
+            out.append({**_plain(v), "stats": asdict(await store.versions.stats(v.name))})
         return {"items": out}
 
     @app.get("/api/v1/versions/{name}", **role(viewer))
     async def version(name: str) -> dict[str, Any]:
-        v = await store.get_version(name)
-        return {**_plain(v), "stats": asdict(await store.version_stats(v.name))}
+        v = await store.versions.get(name)
+        return {**_plain(v), "stats": asdict(await store.versions.stats(v.name))}
 
     @app.post("/api/v1/versions/{name}/promote", **role(admin))
     async def promote(name: str, p: AsAdmin) -> dict[str, Any]:
-        await store.get_version(name)
+        await store.versions.get(name)
         await releases().promote(name, actor=p.operator.name)
-        return _plain(await store.get_version(name))
+        return _plain(await store.versions.get(name))
 
     @app.post("/api/v1/versions/{name}/rollback", **role(admin))
     async def rollback(name: str, p: AsAdmin) -> dict[str, Any]:
-        await store.get_version(name)
+        await store.versions.get(name)
         await releases().rollback(name, actor=p.operator.name)
-        return {"rolled_back": name, "live": (await store.live_version()).name}
+        return {"rolled_back": name, "live": (await store.versions.live()).name}
 
     @app.get("/api/v1/canary", **role(viewer))
     async def canary() -> dict[str, Any]:
@@ -401,20 +401,20 @@ def create_console(
     async def stats(
         bucket_s: float = Query(default=3600.0, ge=60.0, le=30 * 86400.0), since: float = 0.0
     ) -> dict[str, Any]:
-        return {"bucket_s": bucket_s, "series": await store.version_series(bucket_s=bucket_s, since=since)}
+        return {"bucket_s": bucket_s, "series": await store.browse.version_series(bucket_s=bucket_s, since=since)}
 
     @app.get("/api/v1/audit", **role(admin))
     async def audit(limit: int = Query(default=100, ge=1, le=1000), before_id: int | None = None) -> dict[str, Any]:
-        return {"items": await store.audit_log(limit=limit, before_id=before_id)}
+        return {"items": await store.browse.audit_log(limit=limit, before_id=before_id)}
 
     # --- exports ------------------------------------------------------------------------
 
     @app.get("/api/v1/export/conversations.jsonl", **role(admin))
     async def export_conversations(p: AsAdmin) -> StreamingResponse:
-        await store.audit(p.operator.name, "export.conversations", None, {})
+        await store.accounts.audit(p.operator.name, "export.conversations", None, {})
 
         async def lines() -> AsyncIterator[bytes]:
-            async for t in store.iter_conversations():
+            async for t in store.browse.iter_conversations():
                 yield (json.dumps(t, ensure_ascii=False) + "\n").encode()
 
         return StreamingResponse(
@@ -425,9 +425,9 @@ def create_console(
 
     @app.get("/api/v1/export/training.jsonl", **role(admin))
     async def export_training(kind: Literal["dpo", "kto", "sft"], p: AsAdmin) -> StreamingResponse:
-        snapshot = await store.export_feedback()
+        snapshot = await store.conversations.export_feedback()
         rows = await asyncio.to_thread(training().rows, snapshot, kind)
-        await store.audit(p.operator.name, "export.training", kind, {"rows": len(rows)})
+        await store.accounts.audit(p.operator.name, "export.training", kind, {"rows": len(rows)})
 
         def lines() -> Iterator[bytes]:
             for row in rows:

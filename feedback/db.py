@@ -1,0 +1,291 @@
+"""The database under the feedback store: connections, migrations, the one writer, reads.
+
+Writes go through one writer task that groups whatever is queued into a single
+``BEGIN IMMEDIATE`` transaction (group commit) and resolves each caller's future only
+after ``COMMIT`` returned; so an acknowledgement sent after
+``await store.conversations.add_rating(...)`` is never for a row that a crash could lose
+(``synchronous=FULL`` in WAL mode). Each operation runs inside its own ``SAVEPOINT``: one
+failing operation does not roll back the others that share its commit. Reads use a
+second connection and never wait for the writer (WAL).
+
+This is the SQLite database. What is SQLite's own stays in this module: the pragmas, WAL
+checkpoints, ``BEGIN IMMEDIATE``, the FTS5 merge after an erasure, and the mapping of
+SQLite's errors (``IntegrityError`` through ``constraint_errors``, ``SQLITE_FULL`` to
+``StorageFullError``). Outside it, the SQL the concept modules write is plain SQL with
+``?`` parameters, except the console's full-text search (``feedback/browse.py``, marked
+there). A second backend would be a class beside ``Database`` with the same methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeAlias, TypeVar
+
+import aiosqlite
+
+from feedback.exceptions import LearnloopError, StorageFullError, StoreError
+from feedback.schema import MIGRATIONS, SCHEMA_VERSION
+
+log = logging.getLogger("learnloop.feedback")
+
+T = TypeVar("T")
+Connection: TypeAlias = aiosqlite.Connection
+"""What a write operation gets: the writer connection, inside the operation's savepoint."""
+Row: TypeAlias = sqlite3.Row
+"""A result row: by column name (``row["id"]``) or position."""
+WriteOp: TypeAlias = Callable[[Connection], Awaitable[Any]]
+
+
+@dataclass
+class _Pending:
+    op: WriteOp
+    future: asyncio.Future[Any]
+    outside_transaction: bool = False  # e.g. a WAL checkpoint: runs alone, between batches
+
+
+_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA secure_delete=ON",  # erased rows are overwritten, not just unlinked
+    "PRAGMA synchronous=FULL",
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA busy_timeout=10000",
+)
+
+
+async def _connect(path: Path) -> Connection:
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    for pragma in _PRAGMAS:
+        await conn.execute(pragma)
+    return conn
+
+
+async def _fetch(conn: Connection, sql: str, params: Iterable[Any]) -> list[Row]:
+    cursor = await conn.execute(sql, tuple(params))
+    rows = await cursor.fetchall()
+    await cursor.close()
+    return list(rows)
+
+
+async def fetch_one(conn: Connection, sql: str, params: Iterable[Any] = ()) -> Row | None:
+    """Inside a write operation: the first row of a query, or None."""
+    cursor = await conn.execute(sql, tuple(params))
+    row = await cursor.fetchone()
+    await cursor.close()
+    return row
+
+
+@contextlib.contextmanager
+def constraint_errors(error: Callable[[str], LearnloopError]) -> Iterator[None]:
+    """Inside a write operation: a broken unique or foreign key raises ``error(detail)``."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        raise error(str(exc)) from exc
+
+
+def _storage_full(exc: BaseException) -> StorageFullError | None:
+    """``SQLITE_FULL`` (a full disk, or the database at ``max_page_count``) anywhere in ``exc``'s chain.
+
+    SQLite may roll the whole transaction back on it, so the ``ROLLBACK TO`` that follows
+    fails too: the full error is then that failure's context.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sqlite3.OperationalError) and seen.sqlite_errorcode == sqlite3.SQLITE_FULL:
+            full = StorageFullError("the disk or the database is full: nothing was stored")
+            full.__cause__ = seen  # for the server log
+            return full
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class Snapshot:
+    """Reads inside one read transaction: they all see the same committed state."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    async def read(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        return await _fetch(self._conn, sql, params)
+
+
+class Database:
+    """One SQLite file. Open with ``await Database.open(path)``; close with ``close()``."""
+
+    def __init__(self, path: Path, writer: Connection, reader: Connection, *, max_batch: int = 512) -> None:
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        self._task = asyncio.create_task(self._write_loop(), name="feedback-writer")
+        self._read_lock = asyncio.Lock()
+        self.commits = 0  # number of transactions committed (group commit makes it < writes)
+
+    @classmethod
+    async def open(cls, path: str | Path, *, max_batch: int = 512) -> Database:
+        """Open (or create) the file and bring its schema up to date.
+
+        ``max_batch``: the most operations one group commit takes (default 512).
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await _connect(path)
+        try:
+            await _migrate(writer)
+            reader = await _connect(path)
+        except BaseException:
+            await writer.close()  # its thread would otherwise keep the process alive
+            raise
+        return cls(path, writer, reader, max_batch=max_batch)
+
+    async def close(self) -> None:
+        await self._queue.put(None)
+        await self._task
+        await self._reader.close()
+        await self._writer.close()
+
+    # --- the writer -------------------------------------------------------------------
+
+    async def write(self, op: Callable[[Connection], Awaitable[T]], *, outside_transaction: bool = False) -> T:
+        """Run ``op`` on the writer; return its result once its transaction has committed.
+
+        ``outside_transaction``: run it alone, between two group commits, without a
+        transaction (for statements such as a WAL checkpoint).
+        """
+        if self._task.done():
+            raise StoreError("the store is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(op, future, outside_transaction))
+        return await future
+
+    async def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            if first.outside_transaction:
+                await self._run_alone(first)
+                continue
+            batch = [first]
+            alone: _Pending | None = None
+            while len(batch) < self._max_batch and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    stopping = True
+                    break
+                if item.outside_transaction:
+                    alone = item
+                    break
+                batch.append(item)
+            await self._run_batch(batch)
+            if alone is not None:
+                await self._run_alone(alone)
+
+    async def _run_alone(self, item: _Pending) -> None:
+        try:
+            item.future.set_result(await item.op(self._writer))
+        except Exception as exc:
+            item.future.set_exception(_storage_full(exc) or exc)
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        conn = self._writer
+        results: list[tuple[_Pending, Any, BaseException | None]] = []
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            for item in batch:
+                await conn.execute("SAVEPOINT op")
+                try:
+                    result = await item.op(conn)
+                except Exception as exc:  # the caller gets it; the batch goes on
+                    await conn.execute("ROLLBACK TO op")
+                    await conn.execute("RELEASE op")
+                    results.append((item, None, _storage_full(exc) or exc))
+                else:
+                    await conn.execute("RELEASE op")
+                    results.append((item, result, None))
+            await conn.execute("COMMIT")
+            self.commits += 1
+        except Exception as exc:
+            log.exception("group commit of %d operations failed", len(batch))
+            with contextlib.suppress(Exception):
+                await conn.execute("ROLLBACK")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(_storage_full(exc) or StoreError(f"commit failed: {exc}"))
+            return
+        for item, result, error in results:
+            if item.future.done():
+                continue
+            if error is not None:
+                item.future.set_exception(error)
+            else:
+                item.future.set_result(result)
+
+    # --- reads ------------------------------------------------------------------------
+
+    async def read(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        async with self._read_lock:
+            return await _fetch(self._reader, sql, params)
+
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Snapshot]:
+        """Several reads that see one consistent state (other reads wait meanwhile)."""
+        async with self._read_lock:
+            await self._reader.execute("BEGIN")
+            try:
+                yield Snapshot(self._reader)
+            finally:
+                await self._reader.execute("COMMIT")
+
+    # --- forgetting deleted bytes (erasure) -------------------------------------------
+
+    async def purge_search_index(self) -> None:
+        """Merge the full-text index: FTS5 keeps deleted terms in old segments until a merge."""
+
+        async def op(conn: Connection) -> None:
+            await conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('optimize')")
+
+        await self.write(op)
+
+    async def checkpoint(self) -> None:
+        """Copy the WAL into the database file and truncate the WAL to zero bytes."""
+
+        async def op(conn: Connection) -> tuple[int, int, int]:
+            row = await fetch_one(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
+            return (row[0], row[1], row[2]) if row else (0, 0, 0)
+
+        async with self._read_lock:  # no read snapshot may pin old WAL frames meanwhile
+            busy, _, _ = await self.write(op, outside_transaction=True)
+        if busy:
+            log.warning("WAL checkpoint was blocked by another connection; it completes at the next checkpoint")
+
+
+async def _migrate(conn: Connection) -> None:
+    row = await fetch_one(conn, "PRAGMA user_version")
+    current = int(row[0]) if row else 0
+    if current > SCHEMA_VERSION:
+        raise StoreError(
+            f"database schema version {current} is newer than this learnloop ({SCHEMA_VERSION}); upgrade learnloop"
+        )
+    for number in range(current, SCHEMA_VERSION):
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            step = MIGRATIONS[number]
+            for statement in step.split(";") if isinstance(step, str) else step:
+                if statement.strip():
+                    await conn.execute(statement)
+            await conn.execute(f"PRAGMA user_version = {number + 1}")
+            await conn.execute("COMMIT")
+        except Exception:
+            await conn.execute("ROLLBACK")
+            raise
+        log.info("feedback store migrated to schema %d", number + 1)
