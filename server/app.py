@@ -12,22 +12,22 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from feedback import BASE_VERSION, FeedbackStore, LearnloopError, ModelVersion, VersionState
 from server.console.api import RunningConsole, start_console
-from server.engine import Engine, SamplingConfig, TransformersEngine
+from server.engines import Engine, SamplingConfig, create_engine
 from server.gateway import GatewayContext, Presence, start_gateway
-from server.openai_engine import OpenAIEngine
 from server.protocol import KeyedRateLimiter, Limits
 from server.settings import Settings
 from training.canary import CanaryAction, CanaryDecision, assign
 from training.canary import decide as decide_canary
 from training.config import CycleConfig
 from training.cycle import CycleResult, CycleStatus, TrainingCycle, prepare
-from training.models import default_gguf, resolve_model
+from training.models import resolve_model
 from training.schedule import start_scheduler
-from training.validate import AdapterInvalidError
+from training.validate import AdapterInvalidError, check_adapter
 
 log = logging.getLogger("learnloop.app")
 
@@ -49,40 +49,6 @@ def cycle_config(settings: Settings, base_model: str) -> CycleConfig:
         gate=settings.gate,
         trust=settings.trust,
         canary_share=settings.canary.share,
-    )
-
-
-def make_engine(s: Settings, base_model: str) -> Engine:
-    m = s.model
-    if m.engine == "openai":
-        return OpenAIEngine(
-            m.openai_url,
-            m.openai_model or m.name,
-            api_key=m.openai_api_key,
-            max_prompt_tokens=m.max_prompt_tokens,
-            max_pending=m.max_pending,
-            system_prompt=m.system_prompt,
-        )
-    if m.engine == "llamacpp":
-        from server.llamacpp_engine import LlamaCppEngine
-
-        return LlamaCppEngine(
-            m.gguf or str(default_gguf()),
-            quant=m.gguf_quant or None,
-            base_model_dir=base_model,
-            max_prompt_tokens=m.max_prompt_tokens,
-            max_new_tokens=m.max_new_tokens,
-            max_pending=m.max_pending,
-            max_active=m.max_active,
-            system_prompt=m.system_prompt,
-        )
-    return TransformersEngine(
-        base_model,
-        dtype=m.dtype,
-        max_prompt_tokens=m.max_prompt_tokens,
-        max_pending=m.max_pending,
-        max_active=m.max_active,
-        system_prompt=m.system_prompt,
     )
 
 
@@ -114,7 +80,7 @@ class App:
         server = None
         console: RunningConsole | None = None
         try:
-            self.engine = make_engine(s, base_model)
+            self.engine = create_engine(s.model, base_model)
             await asyncio.to_thread(self.engine.load)
             await self.store.ensure_base_version(base_model)
             try:
@@ -179,8 +145,7 @@ class App:
                 await server.wait_closed()
             if self.engine is not None:
                 await asyncio.to_thread(self.engine.close)
-                if isinstance(self.engine, OpenAIEngine):
-                    await self.engine.aclose()
+                await self.engine.aclose()
             await self.store.close()
 
     # --- routing: which version writes a reply ------------------------------------------
@@ -333,7 +298,13 @@ class App:
         if not version.adapter_path:
             raise AdapterRejectedError(f"version {version.name} has no adapter path")
         try:
-            await asyncio.to_thread(self.engine.validate_adapter, version.adapter_path, version.sha256)
+            await asyncio.to_thread(
+                check_adapter,
+                Path(version.adapter_path),
+                sha256=version.sha256,
+                base_linear=self.engine.linear_shapes(),
+                refusal=self.engine.adapter_refusal,
+            )
         except AdapterInvalidError as exc:
             raise AdapterRejectedError(f"version {version.name}: {exc}") from exc
         pause = await self.engine.load_adapter(version.name, version.adapter_path)

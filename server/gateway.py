@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from feedback import FeedbackStore, FinishReason, InvalidError, NotFoundError, Role
-from server.engine import Engine, OverloadedError, SamplingConfig, UnknownVersionError
+from server.engines import Engine, OverloadedError, SamplingConfig, UnknownVersionError
 from server.protocol import (
     Cancel,
     ChatSession,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.engine import Chunk, EngineError, OverloadedError, SamplingConfig, TransformersEngine, UnknownVersionError
+from server.engines import Chunk, EngineError, OverloadedError, SamplingConfig, TransformersEngine, UnknownVersionError
 
 GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0)
 CHAT = [{"role": "user", "content": "What is your refund policy?"}]

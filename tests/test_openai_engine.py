@@ -21,8 +21,7 @@ import httpx
 import pytest
 
 from server.app import App
-from server.engine import EngineError
-from server.openai_engine import OpenAIEngine, trim_messages
+from server.engines import EngineError, OpenAIEngine, trim_messages
 from server.settings import load_settings
 
 
@@ -64,7 +63,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert HAVE_LLAMA, "CI installs llama-cpp-python[server] (make install-llamacpp)"
     port = free_port()
     # llama_cpp.server as is, except that llama.cpp's extra buffer types (AMX tiles) stay off:
-    # some VMs advertise AMX but fault on it (see server/llamacpp_engine.py), and the server
+    # some VMs advertise AMX but fault on it (see server/engines/gguf.py), and the server
     # has no switch for it
     launcher = (
         "import sys, llama_cpp.llama_cpp as L\n"
