@@ -256,6 +256,23 @@ async def test_validate_adapter_checks_shapes(
         validate(wrong)
 
 
+async def test_dora_adapters_are_refused_before_loading(
+    engine: LlamaCppEngine, adapter_v1: Path, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    from training.validate import AdapterInvalidError
+
+    dora = Path(shutil.copytree(adapter_v1, tmp_path / "dora"))
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    digest = sha256_file(dora / "adapter_model.safetensors")
+    with pytest.raises(AdapterInvalidError, match="DoRA adapters cannot be served by llama.cpp"):
+        check_adapter(dora, sha256=digest, base_linear=engine.linear_shapes(), refusal=engine.adapter_refusal)
+    check_adapter(dora, sha256=digest, base_linear=engine.linear_shapes())  # the shapes alone fit
+
+
 async def test_versions_are_served_side_by_side(engine: LlamaCppEngine, adapter_v1: Path) -> None:
     base_alone, _ = await collect(engine)
     pause = await engine.load_adapter("v1", str(adapter_v1))

@@ -37,6 +37,18 @@ def test_trim_keeps_system_and_last_turn() -> None:
     assert [m["content"][0] for m in trim_messages(msgs, 10)] == ["s", "c"]  # never below the last turn
 
 
+def test_trim_adds_the_system_prompt_as_the_local_engines_do() -> None:
+    chat = [
+        {"role": "user", "content": "a" * 50},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
+    assert trim_messages(chat, 1000, "Be brief.") == [{"role": "system", "content": "Be brief."}, *chat]
+    assert [m["content"] for m in trim_messages(chat, 20, "Be brief.")] == ["Be brief.", "b", "c"]
+    own = [{"role": "system", "content": "Mine."}, *chat]
+    assert trim_messages(own, 1000, "Be brief.") == own  # a chat that has a system prompt keeps its own
+
+
 try:
     import llama_cpp  # noqa: F401
 

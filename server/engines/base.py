@@ -67,6 +67,10 @@ class SamplingConfig:
     seed: int | None = None
 
 
+Messages = list[dict[str, str]]
+"""A chat as engines take it: ``{"role": ..., "content": ...}`` turns, oldest first."""
+
+
 @dataclass
 class EngineStats:
     tokens: int = 0
@@ -97,12 +101,7 @@ class Engine(Protocol):
     async def load_adapter(self, name: str, path: str) -> float: ...
     async def unload_adapter(self, name: str) -> None: ...
     def stream(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        version: str,
-        sampling: SamplingConfig,
-        cancel: threading.Event | None = None,
+        self, messages: Messages, *, version: str, sampling: SamplingConfig, cancel: threading.Event | None = None
     ) -> AsyncIterator[Chunk]: ...
 
 
@@ -110,11 +109,11 @@ Rendered = TypeVar("Rendered", bound=Sized)
 
 
 def fit_turns(
-    messages: list[dict[str, str]],
-    render: Callable[[list[dict[str, str]]], Rendered],
+    messages: Messages,
+    render: Callable[[Messages], Rendered],
     max_size: int,
     system_prompt: str | None = None,
-) -> tuple[list[dict[str, str]], Rendered]:
+) -> tuple[Messages, Rendered]:
     """The turns kept and their rendering: the system prompt (``system_prompt`` when the chat has
     none) and the last turn always, older turns dropped oldest first while ``len(render(...))``
     exceeds ``max_size``. The rendering may still exceed it when the last turn alone does.
@@ -133,8 +132,8 @@ def fit_turns(
 
 
 def fit_prompt(
-    messages: list[dict[str, str]],
-    render: Callable[[list[dict[str, str]]], list[int]],
+    messages: Messages,
+    render: Callable[[Messages], list[int]],
     max_tokens: int,
     system_prompt: str | None = None,
 ) -> list[int]:
@@ -192,13 +191,14 @@ class LocalEngine(Generic[R]):
 
     def __init__(
         self,
-        *,
         request_type: type[R],
         max_prompt_tokens: int,
         max_pending: int,
         max_active: int,
         system_prompt: str | None,
+        /,
     ) -> None:
+        """The subclass's request type, then the limits its constructor documents."""
         self.max_prompt_tokens = max_prompt_tokens
         self.max_pending = max_pending  # generating + queued; past it, ``OverloadedError`` at once
         self.max_active = max_active  # generating at once (the batch); the rest wait in the queue
@@ -309,22 +309,17 @@ class LocalEngine(Generic[R]):
 
     # --- prompts -------------------------------------------------------------------------
 
-    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def prompt_ids(self, messages: Messages) -> list[int]:
         """Render the chat with the model's template, trimmed by ``fit_prompt``'s rule."""
         return fit_prompt(messages, self._render_ids, self.max_prompt_tokens, self.system_prompt)
 
-    def _render_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def _render_ids(self, messages: Messages) -> list[int]:
         raise NotImplementedError
 
     # --- generation ------------------------------------------------------------------------
 
     async def stream(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        version: str,
-        sampling: SamplingConfig,
-        cancel: threading.Event | None = None,
+        self, messages: Messages, *, version: str, sampling: SamplingConfig, cancel: threading.Event | None = None
     ) -> AsyncIterator[Chunk]:
         """Stream a reply to ``messages`` from ``version``. Cancelling the iteration stops it."""
         with self._lock:

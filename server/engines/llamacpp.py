@@ -103,13 +103,7 @@ class LlamaCppEngine(LocalEngine[_Request]):
         n_threads: int | None = None,
         stream_interval_s: float = 0.04,
     ) -> None:
-        super().__init__(
-            request_type=_Request,
-            max_prompt_tokens=max_prompt_tokens,
-            max_pending=max_pending,
-            max_active=max_active,
-            system_prompt=system_prompt,
-        )
+        super().__init__(_Request, max_prompt_tokens, max_pending, max_active, system_prompt)
         self.gguf_path = gguf_path  # the file served (after ``load``, the requantized one when ``quant`` is set)
         self.quant = quant  # requantize ``gguf_path`` to this type first (see ``requantize``)
         # the LoRA converter: its --base (a transformers folder of the same model), and where the

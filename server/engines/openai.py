@@ -31,6 +31,7 @@ from server.engines.base import (
     Chunk,
     EngineError,
     EngineStats,
+    Messages,
     OverloadedError,
     SamplingConfig,
     UnknownVersionError,
@@ -158,12 +159,7 @@ class OpenAIEngine:
     # --- generation ---------------------------------------------------------------------
 
     async def stream(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        version: str,
-        sampling: SamplingConfig,
-        cancel: threading.Event | None = None,
+        self, messages: Messages, *, version: str, sampling: SamplingConfig, cancel: threading.Event | None = None
     ) -> AsyncIterator[Chunk]:
         if not self.has_version(version):
             raise UnknownVersionError(f"version {version!r} is not loaded")

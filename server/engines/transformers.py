@@ -58,13 +58,7 @@ class TransformersEngine(LocalEngine[_Request]):
         max_active: int = 16,
         system_prompt: str | None = None,
     ) -> None:
-        super().__init__(
-            request_type=_Request,
-            max_prompt_tokens=max_prompt_tokens,
-            max_pending=max_pending,
-            max_active=max_active,
-            system_prompt=system_prompt,
-        )
+        super().__init__(_Request, max_prompt_tokens, max_pending, max_active, system_prompt)
         self.model_path = model_path
         self.dtype = dtype
         self.model: Any = None
