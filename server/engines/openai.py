@@ -31,7 +31,6 @@ from server.engines.base import (
     Chunk,
     EngineError,
     EngineStats,
-    Messages,
     OverloadedError,
     SamplingConfig,
     UnknownVersionError,
@@ -159,7 +158,12 @@ class OpenAIEngine:
     # --- generation ---------------------------------------------------------------------
 
     async def stream(
-        self, messages: Messages, *, version: str, sampling: SamplingConfig, cancel: threading.Event | None = None
+        self,
+        messages: list[dict[str, str]],
+        *,
+        version: str,
+        sampling: SamplingConfig,
+        cancel: threading.Event | None = None,
     ) -> AsyncIterator[Chunk]:
         if not self.has_version(version):
             raise UnknownVersionError(f"version {version!r} is not loaded")
