@@ -50,8 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from websockets.asyncio.client import connect  # noqa: E402
 
 from server.app import App  # noqa: E402
-from server.engine import SamplingConfig  # noqa: E402
-from server.llamacpp_engine import LlamaCppEngine, convert_adapter, llama_cpp_available, requantize  # noqa: E402
+from server.engines import LlamaCppEngine, SamplingConfig, llama_cpp_available, requantize  # noqa: E402
 from server.settings import load_settings  # noqa: E402
 from training.models import default_gguf, resolve_model  # noqa: E402
 
@@ -112,9 +111,9 @@ class RawLlama:
         import llama_cpp.llama_cpp as ll
         from transformers import AutoTokenizer
 
-        from server.llamacpp_engine import _route_llama_log, extra_buffers_usable
+        from server.engines import extra_buffers_usable, route_llama_log
 
-        _route_llama_log(ll)  # llama.cpp's log to Python logging, not the terminal
+        route_llama_log(ll)  # llama.cpp's log to Python logging, not the terminal
         self.ll, self.max_new_tokens, self.sequences = ll, max_new_tokens, sequences
         tok = AutoTokenizer.from_pretrained(model_path)
         self.prompts: list[list[int]] = []
@@ -354,9 +353,9 @@ async def gateway_run(args: argparse.Namespace, data_dir: Path, ref: RawLlama | 
         model_path = resolve_model(args.model)
         adapter = await asyncio.to_thread(make_adapter, model_path, data_dir / "bench-adapter")
         extra: dict[str, Any] = {}
-        if args.engine == "llamacpp":  # convert before the swap: the conversion runs off the worker anyway
+        if isinstance(app.engine, LlamaCppEngine):  # convert before the swap: it runs off the worker anyway
             started = time.perf_counter()
-            await asyncio.to_thread(convert_adapter, adapter, model_path)
+            await asyncio.to_thread(app.engine.convert_adapter, adapter)
             extra["adapter_convert_s"] = time.perf_counter() - started
         assert app.engine is not None
         task = asyncio.create_task(fresh(PROMPTS[3], 99))

@@ -18,55 +18,20 @@ from fastapi import FastAPI
 
 from feedback import FeedbackStore
 from server.console.api import RunningConsole, start_console
-from server.engine import Engine, SamplingConfig, TransformersEngine
+from server.engines import Engine, SamplingConfig, create_engine
 from server.gateway import GatewayContext, start_gateway
-from server.openai_engine import OpenAIEngine
 from server.presence import Presence
 from server.protocol import Limits
 from server.ratelimit import KeyedRateLimiter
 from server.release import AdapterRejectedError, Release
 from server.settings import Settings
 from server.trainer import Trainer, cycle_config
-from training.models import default_gguf, resolve_model
+from training.models import resolve_model
 from training.schedule import start_scheduler
 
 __all__ = ["AdapterRejectedError", "App", "serve_forever"]
 
 log = logging.getLogger("learnloop.app")
-
-
-def make_engine(s: Settings, base_model: str) -> Engine:
-    m = s.model
-    if m.engine == "openai":
-        return OpenAIEngine(
-            m.openai_url,
-            m.openai_model or m.name,
-            api_key=m.openai_api_key,
-            max_prompt_tokens=m.max_prompt_tokens,
-            max_pending=m.max_pending,
-            system_prompt=m.system_prompt,
-        )
-    if m.engine == "llamacpp":
-        from server.llamacpp_engine import LlamaCppEngine
-
-        return LlamaCppEngine(
-            m.gguf or str(default_gguf()),
-            quant=m.gguf_quant or None,
-            base_model_dir=base_model,
-            max_prompt_tokens=m.max_prompt_tokens,
-            max_new_tokens=m.max_new_tokens,
-            max_pending=m.max_pending,
-            max_active=m.max_active,
-            system_prompt=m.system_prompt,
-        )
-    return TransformersEngine(
-        base_model,
-        dtype=m.dtype,
-        max_prompt_tokens=m.max_prompt_tokens,
-        max_pending=m.max_pending,
-        max_active=m.max_active,
-        system_prompt=m.system_prompt,
-    )
 
 
 class App:
@@ -95,7 +60,7 @@ class App:
         server = None
         console: RunningConsole | None = None
         try:
-            self.engine = engine = make_engine(s, base_model)
+            self.engine = engine = create_engine(s.model, base_model)
             await asyncio.to_thread(engine.load)
             await store.versions.ensure_base(base_model)
             self.release = release = Release(store, engine, s.canary)
@@ -159,8 +124,7 @@ class App:
                 await server.wait_closed()
             if self.engine is not None:
                 await asyncio.to_thread(self.engine.close)
-                if isinstance(self.engine, OpenAIEngine):
-                    await self.engine.aclose()
+                await self.engine.aclose()
             await store.close()
 
 

@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from feedback import ErrorCode, FeedbackStore, FinishReason, NotFoundError, Role
-from server.engine import Engine, SamplingConfig
+from server.engines import Engine, SamplingConfig
 from server.errors import error_frame_for, public_view
 from server.presence import Presence
 from server.protocol import (

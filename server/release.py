@@ -20,13 +20,14 @@ import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from feedback import BASE_VERSION, FeedbackStore, LearnloopError, ModelVersion, VersionState, VersionStats
-from server.engine import Engine
+from server.engines import Engine
 from training.canary import CanaryAction, CanaryConfig, CanaryDecision, assign
 from training.canary import decide as decide_canary
-from training.validate import AdapterInvalidError
+from training.validate import AdapterInvalidError, check_adapter
 
 log = logging.getLogger("learnloop.release")
 
@@ -121,7 +122,13 @@ class Release:
         if not version.adapter_path:
             raise AdapterRejectedError(f"version {version.name} has no adapter path")
         try:
-            await asyncio.to_thread(self.engine.validate_adapter, version.adapter_path, version.sha256)
+            await asyncio.to_thread(
+                check_adapter,
+                Path(version.adapter_path),
+                sha256=version.sha256,
+                base_linear=self.engine.linear_shapes(),
+                refusal=self.engine.adapter_refusal,
+            )
         except AdapterInvalidError as exc:
             raise AdapterRejectedError(f"version {version.name}: {exc}") from exc
         pause = await self.engine.load_adapter(version.name, version.adapter_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.engine import Chunk, EngineError, OverloadedError, SamplingConfig, TransformersEngine, UnknownVersionError
+from server.engines import Chunk, EngineError, OverloadedError, SamplingConfig, TransformersEngine, UnknownVersionError
 
 GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0)
 CHAT = [{"role": "user", "content": "What is your refund policy?"}]
@@ -155,3 +155,22 @@ async def test_concurrent_replies_decode_as_one_batch_and_match_solo(engine: Tra
     assert list(together) == solo
     decode_tokens = engine.stats.tokens - tokens_before - len(chats)  # minus one token per prefill
     assert engine.stats.decode_steps - steps_before < decode_tokens  # steps were shared: a batch
+
+
+async def test_close_ends_every_reply_and_commands_are_refused(tiny_model: Path) -> None:
+    """A reply streaming (or queued) when the engine closes ends with an error chunk, not a hang."""
+    e = TransformersEngine(str(tiny_model), dtype="float32", max_active=1)
+    await asyncio.to_thread(e.load)
+    endless = SamplingConfig(max_new_tokens=10_000, temperature=1.0)
+    streams = [e.stream(CHAT, version="base", sampling=endless) for _ in range(2)]
+    first = await streams[0].__anext__()
+    queued = asyncio.ensure_future(streams[1].__anext__())  # waits behind max_active=1
+    await asyncio.sleep(0.1)
+    assert first.finish_reason is None and not queued.done()
+    await asyncio.to_thread(e.close)
+    last = [c async for c in streams[0]][-1]
+    assert (last.finish_reason, last.error) == ("error", "EngineClosed") and last.n_tokens > 0
+    assert ((await queued).finish_reason, (await queued).error) == ("error", "EngineClosed")
+    with pytest.raises(EngineError, match="not running"):
+        await e.load_adapter("v1", str(tiny_model))
+    await e.aclose()  # nothing of a local engine lives on the loop: a no-op, but part of the protocol

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from feedback.exceptions import HTTP_STATUS, ErrorCode, LearnloopError, NotFoundError, StorageFullError, StoreError
-from server.engine import OverloadedError, UnknownVersionError
+from server.engines import OverloadedError, UnknownVersionError
 from server.errors import ApiError, error_frame_for, http_error
 from server.protocol import ProtocolError
 

@@ -1,9 +1,11 @@
-"""Dependencies point one way: server -> training -> feedback."""
+"""Dependencies point one way: server -> training -> feedback; engines are reached through ``server.engines``."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,52 @@ def test_only_feedback_exceptions_subclasses_exception(package: str) -> None:
         and any(isinstance(b, ast.Name) and b.id in ("Exception", "BaseException") for b in node.bases)
     ]
     assert roots == (["feedback/exceptions.py:LearnloopError"] if package == "feedback" else [])
+
+
+ENGINES = ROOT / "server" / "engines"
+ENGINE_MODULES = sorted(p.stem for p in ENGINES.glob("*.py") if p.stem != "__init__")
+
+
+def engine_module_imports(path: Path) -> list[str]:
+    """The ``server.engines.<module>`` imports of a file (``from server.engines import <module>`` too)."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("server.engines.")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.startswith("server.engines."):
+                found.append(node.module)
+            elif node.module == "server.engines":
+                found += [f"server.engines.{a.name}" for a in node.names if a.name in ENGINE_MODULES]
+    return found
+
+
+def test_engine_modules_are_imported_through_the_package_only() -> None:
+    """Outside ``server/engines/``, engines come from ``server.engines`` (``create_engine`` and its
+    re-exports), never from one of its modules."""
+    assert ENGINE_MODULES  # the check below looks at something
+    for folder in ("server", "training", "feedback", "tests", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if ENGINES in path.parents:
+                continue
+            bad = engine_module_imports(path)
+            assert not bad, f"{path.relative_to(ROOT)} imports {bad}: import from server.engines instead"
+
+
+@pytest.mark.parametrize("module", ENGINE_MODULES)
+def test_engines_do_not_import_training(module: str) -> None:
+    """What an engine needs from training (adapter checks, the cache folder) is passed in by its caller."""
+    bad = imported_packages(ENGINES / f"{module}.py") & {"training"}
+    assert not bad, f"server/engines/{module}.py imports training: pass what it needs in instead"
+
+
+def test_importing_the_engines_package_loads_no_engine() -> None:
+    """llama_cpp, httpx and torch are imported when their engine is chosen, not with ``server.engines``."""
+    code = (
+        "import sys, server.engines\n"
+        "heavy = {'llama_cpp', 'httpx', 'torch', 'transformers'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "assert server.engines.fit_prompt and server.engines.create_engine\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -16,11 +16,14 @@ from typing import Any
 
 import pytest
 
-from server.engine import Chunk, EngineError, OverloadedError, SamplingConfig, UnknownVersionError
-from server.llamacpp_engine import (
+from server.engines import (
     ADAPTER_GGUF,
+    Chunk,
+    EngineError,
     LlamaCppEngine,
-    convert_adapter,
+    OverloadedError,
+    SamplingConfig,
+    UnknownVersionError,
     converted_adapter_ok,
     llama_cpp_available,
     requantize,
@@ -36,7 +39,8 @@ from server.settings import load_settings  # noqa: E402
 from tests.factories import ask_reply, register_candidate  # noqa: E402
 from tests.test_engine import make_adapter  # noqa: E402
 from training.cycle import sha256_file  # noqa: E402
-from training.models import default_gguf, resolve_model  # noqa: E402
+from training.models import default_cache_dir, default_gguf, resolve_model  # noqa: E402
+from training.validate import check_adapter  # noqa: E402
 
 GREEDY = SamplingConfig(max_new_tokens=16, temperature=0.0)
 CHAT = [{"role": "user", "content": "What is your refund policy?"}]
@@ -60,6 +64,7 @@ async def engine(smollm: tuple[str, str]) -> AsyncIterator[LlamaCppEngine]:
         smollm[0],
         quant="q8_0",  # model.gguf_quant's default
         base_model_dir=smollm[1],
+        cache_dir=default_cache_dir(),
         max_prompt_tokens=256,
         max_new_tokens=64,
         max_pending=6,
@@ -147,11 +152,9 @@ async def test_prompt_trimming_keeps_system_and_last_turn(engine: LlamaCppEngine
 
 async def test_multibyte_text_streams_whole_characters(engine: LlamaCppEngine) -> None:
     """Deltas never split a UTF-8 character, even when tokens do; together they are the text."""
-    from server.llamacpp_engine import _Request
-
     text = "Héllo wörld, ça coûte 5 € 😀👍🏽 中文字符"
     ids = engine.tokenize(text)
-    r = _Request(
+    r = engine._request_type(
         prompt_ids=[], version="base", sampling=GREEDY, loop=asyncio.get_running_loop(), chunks=asyncio.Queue()
     )
     deltas = []
@@ -243,10 +246,31 @@ async def test_validate_adapter_checks_shapes(
 ) -> None:
     from training.validate import AdapterInvalidError
 
-    engine.validate_adapter(str(adapter_v1), sha256_file(adapter_v1 / "adapter_model.safetensors"))
+    def validate(folder: Path) -> None:
+        digest = sha256_file(folder / "adapter_model.safetensors")
+        check_adapter(folder, sha256=digest, base_linear=engine.linear_shapes(), refusal=engine.adapter_refusal)
+
+    validate(adapter_v1)
     wrong = make_adapter(tiny_model, tmp_path / "tiny", seed=1)  # another model's shapes
     with pytest.raises(AdapterInvalidError, match="does not fit"):
-        engine.validate_adapter(str(wrong), sha256_file(wrong / "adapter_model.safetensors"))
+        validate(wrong)
+
+
+async def test_dora_adapters_are_refused_before_loading(
+    engine: LlamaCppEngine, adapter_v1: Path, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    from training.validate import AdapterInvalidError
+
+    dora = Path(shutil.copytree(adapter_v1, tmp_path / "dora"))
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    digest = sha256_file(dora / "adapter_model.safetensors")
+    with pytest.raises(AdapterInvalidError, match="DoRA adapters cannot be served by llama.cpp"):
+        check_adapter(dora, sha256=digest, base_linear=engine.linear_shapes(), refusal=engine.adapter_refusal)
+    check_adapter(dora, sha256=digest, base_linear=engine.linear_shapes())  # the shapes alone fit
 
 
 async def test_versions_are_served_side_by_side(engine: LlamaCppEngine, adapter_v1: Path) -> None:
@@ -284,7 +308,7 @@ async def test_versions_are_served_side_by_side(engine: LlamaCppEngine, adapter_
     good = (adapter_v1 / ADAPTER_GGUF).read_bytes()
     (adapter_v1 / ADAPTER_GGUF).write_bytes(good[:-64] + bytes(64))
     assert not converted_adapter_ok(adapter_v1)
-    await asyncio.to_thread(convert_adapter, adapter_v1, engine.base_model_dir)
+    await asyncio.to_thread(engine.convert_adapter, adapter_v1)
     assert converted_adapter_ok(adapter_v1) and (adapter_v1 / ADAPTER_GGUF).read_bytes() == good
 
 
@@ -328,10 +352,13 @@ async def test_hot_swap_under_load_eight_sessions(
         question = "Where is my order?"
 
         adapter = Path(shutil.copytree(adapter_v1, tmp_path / "adapters" / "v1"))
-        # converted (seconds) and the base shapes read ahead, so that the swap itself lands mid-reply
-        await asyncio.to_thread(convert_adapter, adapter, gateway_settings.model.name)
+        # converted (seconds) and validated ahead, so that the swap itself lands mid-reply
+        await asyncio.to_thread(a.engine.convert_adapter, adapter)
         digest = sha256_file(adapter / "adapter_model.safetensors")
-        await asyncio.to_thread(a.engine.validate_adapter, str(adapter), digest)
+        shapes = a.engine.linear_shapes()
+        await asyncio.to_thread(
+            check_adapter, adapter, sha256=digest, base_linear=shapes, refusal=a.engine.adapter_refusal
+        )
         before = [asyncio.create_task(ask_reply(c, question, "before")) for c in clients]
         while a.engine.stats.tokens < 16:  # every session is streaming now
             await asyncio.sleep(0.01)

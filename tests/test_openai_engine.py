@@ -21,8 +21,7 @@ import httpx
 import pytest
 
 from server.app import App
-from server.engine import EngineError
-from server.openai_engine import OpenAIEngine, trim_messages
+from server.engines import EngineError, OpenAIEngine, trim_messages
 from server.settings import load_settings
 
 
@@ -36,6 +35,18 @@ def test_trim_keeps_system_and_last_turn() -> None:
     assert trim_messages(msgs, 1000) == msgs
     assert [m["content"][0] for m in trim_messages(msgs, 100)] == ["s", "b", "c"]
     assert [m["content"][0] for m in trim_messages(msgs, 10)] == ["s", "c"]  # never below the last turn
+
+
+def test_trim_adds_the_system_prompt_as_the_local_engines_do() -> None:
+    chat = [
+        {"role": "user", "content": "a" * 50},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
+    assert trim_messages(chat, 1000, "Be brief.") == [{"role": "system", "content": "Be brief."}, *chat]
+    assert [m["content"] for m in trim_messages(chat, 20, "Be brief.")] == ["Be brief.", "b", "c"]
+    own = [{"role": "system", "content": "Mine."}, *chat]
+    assert trim_messages(own, 1000, "Be brief.") == own  # a chat that has a system prompt keeps its own
 
 
 try:
@@ -64,7 +75,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert HAVE_LLAMA, "CI installs llama-cpp-python[server] (make install-llamacpp)"
     port = free_port()
     # llama_cpp.server as is, except that llama.cpp's extra buffer types (AMX tiles) stay off:
-    # some VMs advertise AMX but fault on it (see server/llamacpp_engine.py), and the server
+    # some VMs advertise AMX but fault on it (see server/engines/gguf.py), and the server
     # has no switch for it
     launcher = (
         "import sys, llama_cpp.llama_cpp as L\n"

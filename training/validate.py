@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +118,28 @@ def check_fits(folder: Path, config: dict[str, Any], base_linear: dict[str, tupl
     problems = shape_problems(safetensors_shapes(folder / ADAPTER_FILE), base_linear, int(config["r"]))
     if problems:
         raise AdapterInvalidError(f"{folder}: does not fit the base model: " + "; ".join(problems[:5]))
+
+
+def check_adapter(
+    folder: Path,
+    *,
+    sha256: str | None,
+    base_linear: dict[str, tuple[int, int]] | None,
+    refusal: Callable[[dict[str, Any]], str | None] | None = None,
+) -> None:
+    """Every check before an engine loads the adapter folder (blocking I/O). Raises AdapterInvalidError.
+
+    ``base_linear``: the serving model's linear layers ``(out, in)``; ``{}`` when the engine
+    cannot tell (shapes are not checked); None when it has no model at hand (a remote server:
+    only the files are checked). ``refusal``: why the engine cannot serve an adapter with this
+    ``adapter_config.json`` (None: it can).
+    """
+    if base_linear is None:
+        check_adapter_files(folder, sha256=sha256)
+        return
+    config = read_adapter_config(folder, sha256=sha256)
+    reason = refusal(config) if refusal is not None else None
+    if reason:
+        raise AdapterInvalidError(f"{folder}: {reason}")
+    if base_linear:
+        check_fits(folder, config, base_linear)

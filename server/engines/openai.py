@@ -8,9 +8,10 @@ start vLLM with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``,
 
 Stop: the HTTP response is closed at the next chunk, which makes the server abort the
 request. Overload: a bounded number of replies in flight here (``OverloadedError`` past
-it), and the upstream's 429/503 become ``overloaded`` too. Prompt limit: without the model's
-tokenizer here, older turns are dropped to fit ``max_prompt_tokens`` at 4 characters a token
-(the system prompt and the last user turn are always kept).
+it), and the upstream's 429/503 become ``overloaded`` too. Prompt limit: every engine's rule
+(``fit_turns``), measured without the model's tokenizer at 4 characters a token: the system
+prompt and the last turn are always kept, older turns dropped first until the text fits
+``max_prompt_tokens``. A last turn too long alone is sent whole (the server refuses it).
 """
 
 from __future__ import annotations
@@ -21,26 +22,35 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from feedback.records import BASE_VERSION
-from server.engine import Chunk, EngineError, EngineStats, OverloadedError, SamplingConfig, UnknownVersionError
+from server.engines.base import (
+    Chunk,
+    EngineError,
+    EngineStats,
+    OverloadedError,
+    SamplingConfig,
+    UnknownVersionError,
+    fit_turns,
+)
 
 log = logging.getLogger("learnloop.engine.openai")
 
 CHARS_PER_TOKEN = 4
 
 
-def trim_messages(messages: list[dict[str, str]], max_chars: int) -> list[dict[str, str]]:
-    """Drop whole older turns (never the system prompt or the last turn) until the text fits."""
-    msgs = list(messages)
-    first = 1 if msgs and msgs[0]["role"] == "system" else 0
-    while sum(len(m["content"]) for m in msgs) > max_chars and len(msgs) - first > 1:
-        del msgs[first]
-    return msgs
+def _text(messages: list[dict[str, str]]) -> str:
+    return "".join(m["content"] for m in messages)
+
+
+def trim_messages(
+    messages: list[dict[str, str]], max_chars: int, system_prompt: str | None = None
+) -> list[dict[str, str]]:
+    """The chat as sent: ``fit_turns``'s rule with the text measured in characters."""
+    return fit_turns(messages, _text, max_chars, system_prompt)[0]
 
 
 class OpenAIEngine:
@@ -65,7 +75,6 @@ class OpenAIEngine:
         self.max_pending = max_pending
         self.system_prompt = system_prompt
         self.stats = EngineStats()
-        self.base_linear: dict[str, tuple[int, int]] = {}
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = timeout_s
         self._client: httpx.AsyncClient | None = None
@@ -110,10 +119,12 @@ class OpenAIEngine:
     def versions(self) -> set[str]:
         return {BASE_VERSION, *self._adapters}
 
-    def validate_adapter(self, path: str, sha256: str | None) -> None:
-        from training.validate import check_adapter_files
+    def linear_shapes(self) -> None:
+        """None: the model is on the server, not here (only an adapter's files are checked)."""
+        return None
 
-        check_adapter_files(Path(path), sha256=sha256)
+    def adapter_refusal(self, config: dict[str, Any]) -> str | None:
+        return None  # the server says what it cannot load when it is asked to
 
     async def load_adapter(self, name: str, path: str) -> float:
         """Ask the server to load the adapter (vLLM's runtime LoRA API) under an immutable name."""
@@ -160,12 +171,9 @@ class OpenAIEngine:
             raise OverloadedError(f"{self._pending} replies in progress; limit {self.max_pending}", retry_after=1.0)
         self._pending += 1
         try:
-            msgs = list(messages)
-            if self.system_prompt and (not msgs or msgs[0]["role"] != "system"):
-                msgs.insert(0, {"role": "system", "content": self.system_prompt})
             body: dict[str, Any] = {
                 "model": self.served_name(version),
-                "messages": trim_messages(msgs, self.max_prompt_tokens * CHARS_PER_TOKEN),
+                "messages": trim_messages(messages, self.max_prompt_tokens * CHARS_PER_TOKEN, self.system_prompt),
                 "stream": True,
                 "max_tokens": sampling.max_new_tokens,
                 "temperature": sampling.temperature,

@@ -1,0 +1,130 @@
+"""Generation engines: the one place that picks one (``create_engine``) and what callers import.
+
+``base`` holds what every engine shares (the ``Engine`` protocol, ``Chunk``, ``SamplingConfig``,
+errors, the prompt rule ``fit_prompt``, and ``LocalEngine``, the worker thread of the in-process
+engines); ``transformers``, ``llamacpp`` (with llama.cpp's tools in ``gguf``) and ``openai`` are
+the engines. Code outside this package imports from ``server.engines`` only. The engines and
+their helpers are loaded when first named (module ``__getattr__``), so importing this package
+imports neither torch, llama_cpp nor httpx.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from server.engines.base import (
+    Chunk,
+    Engine,
+    EngineError,
+    EngineStats,
+    Messages,
+    OverloadedError,
+    SamplingConfig,
+    UnknownVersionError,
+    fit_prompt,
+)
+
+if TYPE_CHECKING:
+    from server.engines.gguf import (
+        ADAPTER_GGUF,
+        converted_adapter_ok,
+        extra_buffers_usable,
+        llama_cpp_available,
+        requantize,
+        route_llama_log,
+    )
+    from server.engines.llamacpp import LlamaCppEngine
+    from server.engines.openai import OpenAIEngine, trim_messages
+    from server.engines.transformers import TransformersEngine
+    from server.settings import ModelConfig
+
+__all__ = [
+    "ADAPTER_GGUF",
+    "Chunk",
+    "Engine",
+    "EngineError",
+    "EngineStats",
+    "LlamaCppEngine",
+    "Messages",
+    "OpenAIEngine",
+    "OverloadedError",
+    "SamplingConfig",
+    "TransformersEngine",
+    "UnknownVersionError",
+    "converted_adapter_ok",
+    "create_engine",
+    "extra_buffers_usable",
+    "fit_prompt",
+    "llama_cpp_available",
+    "requantize",
+    "route_llama_log",
+    "trim_messages",
+]
+
+_LAZY = {
+    "TransformersEngine": "transformers",
+    "LlamaCppEngine": "llamacpp",
+    "OpenAIEngine": "openai",
+    "trim_messages": "openai",
+    "ADAPTER_GGUF": "gguf",
+    "converted_adapter_ok": "gguf",
+    "extra_buffers_usable": "gguf",
+    "llama_cpp_available": "gguf",
+    "requantize": "gguf",
+    "route_llama_log": "gguf",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+
+
+def create_engine(model: ModelConfig, base_model_dir: str) -> Engine:
+    """The engine ``model.engine`` names, configured from the ``[model]`` settings (not loaded yet).
+
+    ``base_model_dir`` is the base model as a transformers folder: the transformers engine serves
+    it; the llamacpp engine's LoRA converter reads its config.
+    """
+    if model.engine == "openai":
+        from server.engines.openai import OpenAIEngine
+
+        return OpenAIEngine(
+            model.openai_url,
+            model.openai_model or model.name,
+            api_key=model.openai_api_key,
+            max_prompt_tokens=model.max_prompt_tokens,
+            max_pending=model.max_pending,
+            system_prompt=model.system_prompt,
+        )
+    if model.engine == "llamacpp":
+        from server.engines.llamacpp import LlamaCppEngine
+        from training.models import default_cache_dir, default_gguf
+
+        return LlamaCppEngine(
+            model.gguf or str(default_gguf()),
+            quant=model.gguf_quant or None,
+            base_model_dir=base_model_dir,
+            cache_dir=default_cache_dir(),
+            # settings to come (model.llama_cpp_src, model.llama_cpp_sdist, model.llama_extra_bufts)
+            converter_src=getattr(model, "llama_cpp_src", None),
+            sdist=getattr(model, "llama_cpp_sdist", None),
+            extra_buffers=getattr(model, "llama_extra_bufts", None),
+            max_prompt_tokens=model.max_prompt_tokens,
+            max_new_tokens=model.max_new_tokens,
+            max_pending=model.max_pending,
+            max_active=model.max_active,
+            system_prompt=model.system_prompt,
+        )
+    from server.engines.transformers import TransformersEngine
+
+    return TransformersEngine(
+        base_model_dir,
+        dtype=model.dtype,
+        max_prompt_tokens=model.max_prompt_tokens,
+        max_pending=model.max_pending,
+        max_active=model.max_active,
+        system_prompt=model.system_prompt,
+    )

@@ -1,0 +1,489 @@
+"""The ``llamacpp`` engine: a GGUF model served in process by llama.cpp (llama-cpp-python's C API).
+
+A ``LocalEngine`` (``server/engines/base.py``), like the transformers engine: one worker
+thread owns the llama.cpp context and runs rounds. In a round, cancelled requests are dropped,
+then each version in flight gets ONE ``llama_decode``: a ``llama_batch`` holding the next token
+of each of its decoding requests and the whole prompts of its new requests (prefill mixed into
+the decode step; each request its own ``seq_id``). Requests join and leave between rounds; a
+finished request's KV cells are freed with ``llama_memory_seq_rm``. The context holds
+``max_active`` sequences of up to ``max_prompt_tokens + max_new_tokens`` tokens each (a
+non-unified KV cache: one stream per sequence, so a sequence attends only to its own cells).
+Chunks reach the event loop in one ``call_soon_threadsafe`` per ``stream_interval_s`` (40 ms:
+a reader sees 25 updates a second), not one per token; a reply's first and last chunks go at
+once. Each wake-up of the loop thread takes a core from llama.cpp's two compute threads, whose
+barriers then wait for it. A reader that lags gets the pieces it missed as one chunk.
+
+Versions: ``base`` is the GGUF itself; every other version is a PEFT LoRA adapter folder,
+converted once to a GGUF LoRA (``adapter.gguf`` next to it, by llama.cpp's
+``convert_lora_to_gguf.py``: see ``server/engines/gguf.py``) and loaded with
+``llama_adapter_lora_init`` on the worker (the swap pause). Before a version group is decoded
+its adapter is set on the context (``llama_set_adapters_lora``), so a canary and live serve
+side by side in one process. A switch returns at once (0.1 ms), but it makes llama.cpp
+re-reserve its compute graph in the next ``llama_decode``: about 5-8 ms on 2 cores with
+SmolLM2-135M, against 11-15 ms for a decode step. The version already set goes first in a
+round, so two versions in flight cost one switch per round (counted in ``adapter_switches``).
+Tokenizing a prompt runs in a thread (``asyncio.to_thread``): llama.cpp's tokenizer only reads
+the vocabulary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import functools
+import heapq
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from feedback.records import BASE_VERSION
+from server.engines.base import Chunk, EngineError, LocalEngine, Request, UnknownVersionError
+from server.engines.gguf import (
+    convert_adapter,
+    converter_dir,
+    extra_buffers_usable,
+    gguf_linear_shapes,
+    requantize,
+    route_llama_log,
+    rslora_scale,
+)
+
+log = logging.getLogger("learnloop.engine.llamacpp")
+
+_TOP_CANDIDATES = 256  # top-p looks at this many most likely tokens first (full sort only if they fall short)
+
+_CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass(eq=False)
+class _Request(Request):
+    seq: int = -1  # llama.cpp sequence id while active
+    n_past: int = 0  # tokens in this sequence's KV cells
+    prefilled: bool = False
+    rng: Any = None
+    started: bool = False  # its first chunk was posted (the first token is never held back)
+
+
+@dataclass
+class _Adapter:
+    handle: Any  # llama_adapter_lora_p
+    path: str
+    scale: float = 1.0
+
+
+class LlamaCppEngine(LocalEngine[_Request]):
+    """Serve a GGUF model in process with llama.cpp; versions are GGUF LoRA adapters."""
+
+    worker_name = "llamacpp-worker"
+
+    def __init__(
+        self,
+        gguf_path: str,
+        *,
+        quant: str | None = None,
+        base_model_dir: str | None = None,
+        cache_dir: Path | None = None,
+        converter_src: str | None = None,
+        sdist: str | None = None,
+        extra_buffers: bool | None = None,
+        max_prompt_tokens: int = 1536,
+        max_new_tokens: int = 256,
+        max_pending: int = 64,
+        max_active: int = 16,
+        system_prompt: str | None = None,
+        n_threads: int | None = None,
+        stream_interval_s: float = 0.04,
+    ) -> None:
+        super().__init__(_Request, max_prompt_tokens, max_pending, max_active, system_prompt)
+        self.gguf_path = gguf_path  # the file served (after ``load``, the requantized one when ``quant`` is set)
+        self.quant = quant  # requantize ``gguf_path`` to this type first (see ``requantize``)
+        # the LoRA converter: its --base (a transformers folder of the same model), and where the
+        # converter comes from: ``converter_src`` (a llama.cpp checkout), else the llama-cpp-python
+        # ``sdist`` extracted into ``cache_dir``, else an sdist fetched with pip (see ``converter_dir``)
+        self.base_model_dir = base_model_dir
+        self.cache_dir = cache_dir
+        self.converter_src = converter_src
+        self.sdist = sdist
+        self.extra_buffers = extra_buffers  # llama.cpp's AMX/repacked weights; None: probe the CPU
+        self.max_new_tokens = max_new_tokens  # sizes the context: a sequence holds prompt + this many tokens
+        self.n_threads = n_threads or os.cpu_count() or 1
+        # tokens after a reply's first are handed to the event loop at most this often (first and
+        # last chunks at once): every wake-up of the loop takes a core from llama.cpp's threads
+        self.stream_interval_s = stream_interval_s
+        self.adapter_switches = 0  # llama_set_adapters_lora calls that changed the context's adapter
+        self.adapter_switch_s = 0.0  # time in those calls; the real cost comes after (see the module docstring)
+        self.conversions_s: list[float] = []  # adapter conversions to GGUF (in a thread, not on the worker)
+        self.base_linear: dict[str, tuple[int, int]] = {}  # read from the GGUF's tensors by ``load``
+        self.seq_capacity = 0  # tokens one sequence may hold (read back from the context)
+        self._ll: Any = None  # the llama_cpp.llama_cpp module
+        self._use_extra_buffers = True
+        self._model: Any = None
+        self._ctx: Any = None
+        self._vocab: Any = None
+        self._n_vocab = 0
+        self._template: Any = None
+        self._bos = ""
+        self._eos = ""
+        self._batch: Any = None  # the worker's llama_batch
+        self._retired: dict[str, _Adapter] = {}  # unloaded, freed once no request uses it
+        self._current: str | None = None  # adapter set on the context (None: none, the base model)
+        self._free_seqs: list[int] = []
+        self._n_batch = max_prompt_tokens + max_active  # a whole prompt always fits beside every decode token
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Chunk], Chunk]]] = {}
+        self._urgent = False  # the outbox holds a first or a last chunk
+        self._delivered_at = 0.0
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        import llama_cpp.llama_cpp as ll
+
+        route_llama_log(ll)
+        self._ll = ll
+        if self.quant:
+            self.gguf_path = str(requantize(self.gguf_path, self.quant))
+        self.base_linear = gguf_linear_shapes(self.gguf_path)
+        usable = self.extra_buffers
+        self._use_extra_buffers = extra_buffers_usable(self.gguf_path) if usable is None else usable
+
+    def _open(self) -> None:
+        """Load the model and create the context (on the worker, which owns them)."""
+        ll = self._ll
+        started = time.monotonic()
+        ll.llama_backend_init()
+        mparams = ll.llama_model_default_params()
+        mparams.use_extra_bufts = self._use_extra_buffers  # AMX / repacked weights, where the CPU really runs them
+        self._model = ll.llama_model_load_from_file(self.gguf_path.encode(), mparams)
+        if not self._model:
+            raise EngineError(f"llama.cpp could not load {self.gguf_path}")
+        self._vocab = ll.llama_model_get_vocab(self._model)
+        self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+        per_seq = -(-(self.max_prompt_tokens + self.max_new_tokens) // 256) * 256  # llama.cpp pads to 256
+        cparams = ll.llama_context_default_params()
+        cparams.n_seq_max = self.max_active
+        cparams.n_ctx = per_seq * self.max_active
+        cparams.n_batch = self._n_batch
+        cparams.n_ubatch = min(512, cparams.n_batch)
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads
+        cparams.kv_unified = False  # one KV stream per sequence: attention never scans the others' cells
+        cparams.no_perf = True
+        self._ctx = ll.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            raise EngineError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens")
+        self.seq_capacity = int(ll.llama_n_ctx_seq(self._ctx))
+        self._free_seqs = list(range(self.max_active))  # a heap
+        self._load_template()
+        self._is_eog = functools.partial(ll.llama_vocab_is_eog, self._vocab)  # a ctypes call returning a bool
+        self._text = self.detokenize
+        self._batch = ll.llama_batch_init(self._n_batch, 0, 1)
+        log.info(
+            "loaded %s in %.1f s: %d sequences of %d tokens, %d threads",
+            self.gguf_path,
+            time.monotonic() - started,
+            self.max_active,
+            self.seq_capacity,
+            self.n_threads,
+        )
+
+    def _free(self) -> None:
+        ll = self._ll
+        if self._batch is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            ll.llama_set_adapters_lora(self._ctx, None, 0, None)
+        for adapter in [*self._adapters.values(), *self._retired.values()]:
+            ll.llama_adapter_lora_free(adapter.handle)
+        self._adapters.clear()
+        self._retired.clear()
+        if self._ctx:
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            ll.llama_model_free(self._model)
+            self._model = None
+
+    # --- adapters ---------------------------------------------------------------------------
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        return self.base_linear
+
+    def adapter_refusal(self, config: dict[str, Any]) -> str | None:
+        return "DoRA adapters cannot be served by llama.cpp" if config.get("use_dora") else None
+
+    def convert_adapter(self, path: str | Path) -> Path:
+        """The folder's ``adapter.gguf``, converted now unless it is current (blocking: seconds)."""
+        if self.base_model_dir is None:
+            raise EngineError("the llamacpp engine needs base_model_dir (a transformers folder) to convert adapters")
+        converter = converter_dir(self.cache_dir, src=self.converter_src, sdist=self.sdist)
+        return convert_adapter(path, self.base_model_dir, converter=converter)
+
+    async def _prepare_adapter(self, path: str) -> tuple[str, float]:
+        """The conversion to GGUF (once per folder) runs in a thread while decoding goes on; only
+        ``llama_adapter_lora_init`` runs on the worker, between rounds."""
+        started = time.monotonic()
+        out = await asyncio.to_thread(self.convert_adapter, path)
+        self.conversions_s.append(time.monotonic() - started)
+        return str(out), rslora_scale(Path(path))
+
+    def _attach(self, name: str, prepared: Any) -> _Adapter:
+        gguf, scale = prepared
+        handle = self._ll.llama_adapter_lora_init(self._model, gguf.encode())
+        if not handle:
+            raise EngineError(f"llama.cpp refused the adapter {gguf} (does it fit {self.gguf_path}?)")
+        return _Adapter(handle, gguf, scale)
+
+    def _unload_adapter(self, name: str) -> None:
+        adapter = self._adapters.pop(name, None)
+        if adapter is not None:
+            self._retired[name] = adapter
+            self._free_retired()
+
+    def _free_retired(self) -> None:
+        """Free the unloaded adapters that no request uses any more."""
+        for name in list(self._retired):
+            with self._lock:
+                if self._users.get(name, 0) > 0:
+                    continue
+            if self._current == name:
+                self._use(BASE_VERSION)
+            self._ll.llama_adapter_lora_free(self._retired.pop(name).handle)
+            log.info("adapter %s unloaded", name)
+
+    def _use(self, version: str) -> None:
+        """Set the version's adapter on the context (none for base) if another one is set."""
+        target = None if version == BASE_VERSION else version
+        if target == self._current:
+            return
+        ll = self._ll
+        started = time.perf_counter()
+        if target is None:
+            rc = ll.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            adapter = self._adapters.get(target) or self._retired.get(target)
+            if adapter is None:
+                raise UnknownVersionError(f"version {version!r} is not loaded")
+            handles = (ll.llama_adapter_lora_p_ctypes * 1)(adapter.handle)
+            scales = (ctypes.c_float * 1)(adapter.scale)
+            rc = ll.llama_set_adapters_lora(self._ctx, handles, 1, scales)
+        if rc != 0:
+            raise EngineError(f"llama_set_adapters_lora failed ({rc}) for version {version!r}")
+        self._current = target
+        self.adapter_switches += 1
+        self.adapter_switch_s += time.perf_counter() - started
+
+    # --- prompts -------------------------------------------------------------------------
+
+    def _load_template(self) -> None:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        ll = self._ll
+        raw = ll.llama_model_chat_template(self._model, None)
+        source = raw.decode() if raw else _CHATML
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(message: str) -> None:
+            raise EngineError(f"chat template: {message}")
+
+        env.globals["raise_exception"] = raise_exception
+        self._template = env.from_string(source)
+        self._bos = self._piece(ll.llama_vocab_bos(self._vocab), special=True)
+        self._eos = self._piece(ll.llama_vocab_eos(self._vocab), special=True)
+
+    def _piece(self, token: int, *, special: bool) -> str:
+        if token < 0:
+            return ""
+        buf = ctypes.create_string_buffer(256)
+        n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The chat as the model's template (from the GGUF) writes it, ready for the reply."""
+        return str(
+            self._template.render(
+                messages=messages, add_generation_prompt=True, bos_token=self._bos, eos_token=self._eos
+            )
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        raw = text.encode()
+        n_max = len(raw) + 16
+        buf = (self._ll.llama_token * n_max)()
+        n = self._ll.llama_tokenize(self._vocab, raw, len(raw), buf, n_max, False, True)
+        if n < 0:
+            raise EngineError(f"tokenizing failed ({n})")
+        return list(buf[:n])
+
+    def _render_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenize(self.render(messages))
+
+    def detokenize(self, ids: list[int]) -> str:
+        """Text of ``ids`` (special tokens left out); a trailing partial character shows as U+FFFD."""
+        if not ids:
+            return ""
+        ll = self._ll
+        tokens = (ll.llama_token * len(ids))(*ids)
+        size = 8 * len(ids) + 16
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = ll.llama_detokenize(self._vocab, tokens, len(ids), buf, size, True, False)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n + 16
+
+    # --- generation ------------------------------------------------------------------------
+
+    def _activate(self, r: _Request) -> None:
+        r.seq = heapq.heappop(self._free_seqs)  # the lowest free id: busy ids stay consecutive
+
+    def _round(self, active: list[_Request]) -> None:
+        """One round: drop cancelled requests, then one ``llama_decode`` per version in flight.
+
+        A version's decode holds the next token of each of its decoding requests AND the whole
+        prompt of its new requests (prefill mixed into the decode step), so eight customers who
+        write at once get their first tokens from one forward pass instead of eight.
+        """
+        finished: list[_Request] = []
+        groups: dict[str, list[_Request]] = {}
+        for r in active:
+            if r.cancel.is_set():
+                self._post(r, Chunk("", "cancelled", len(r.generated)))
+                finished.append(r)
+            elif r.prefilled and r.n_past >= self.seq_capacity:  # the sequence is full
+                self._post(r, Chunk(self._flush(r, final=True), "length", len(r.generated)))
+                finished.append(r)
+            else:
+                groups.setdefault(r.version, []).append(r)
+        # the version set on the context goes first: one switch fewer per round
+        for version in sorted(groups, key=lambda v: (None if v == BASE_VERSION else v) != self._current):
+            group = groups[version]
+            try:
+                finished += self._step(group, self._batch)
+            except Exception as exc:
+                finished += self._fail(group, exc, "batched decode")
+        self._retire(active, finished)
+        if self._urgent or time.monotonic() - self._delivered_at >= self.stream_interval_s:
+            self._deliver()
+        if self._retired:
+            self._free_retired()
+
+    def _release(self, r: _Request) -> None:
+        """Free the request's KV cells and sequence id."""
+        mem = self._ll.llama_get_memory(self._ctx)
+        self._ll.llama_memory_seq_rm(mem, r.seq, -1, -1)
+        heapq.heappush(self._free_seqs, r.seq)
+        r.seq = -1
+
+    def _fill(self, batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = logits
+
+    def _step(self, group: list[_Request], batch: Any) -> list[_Request]:
+        """One ``llama_decode`` for one version: a token for every decoding request plus the prompts
+        of new ones (as many as fit in the batch; the rest wait a round). Returns those finished.
+        """
+        self._use(group[0].version)
+        bos = max(self._ll.llama_vocab_bos(self._vocab), 0)
+        room = self._n_batch - sum(1 for r in group if r.prefilled)
+        starting: list[_Request] = []
+        for r in group:  # new requests in arrival order, as many as fit; the batch always fits one
+            if not r.prefilled:
+                if len(r.prompt_ids or [bos]) > room:
+                    break
+                room -= len(r.prompt_ids or [bos])
+                starting.append(r)
+        # in sequence-id order: a non-unified KV cache puts only consecutive sequence ids in one
+        # micro-batch, so any other order splits the step into one graph per sequence
+        rows: list[tuple[_Request, int]] = []  # (request, batch index of its logits)
+        n = 0
+        for r in sorted(group, key=lambda r: r.seq):
+            if r.prefilled:
+                self._fill(batch, n, r.generated[-1], r.n_past, r.seq, True)
+                n += 1
+            elif r in starting:
+                ids = r.prompt_ids or [bos]
+                for i, token in enumerate(ids):
+                    self._fill(batch, n + i, token, i, r.seq, i == len(ids) - 1)
+                n += len(ids)
+            else:
+                continue
+            rows.append((r, n - 1))
+        decoding = [r for r, _ in rows if r.prefilled]
+        batch.n_tokens = n
+        rc = self._ll.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed ({rc})")
+        if decoding:
+            self.stats.decode_steps += 1
+        for r in decoding:
+            r.n_past += 1
+        for r in starting:
+            self.stats.requests += 1
+            r.n_past = max(len(r.prompt_ids), 1)
+            r.prefilled = True
+            if r.sampling.temperature > 0:
+                r.rng = np.random.default_rng(r.sampling.seed)
+        return [r for r, i in rows if self._accept(r, self._sample(self._logits(i), r))]
+
+    def _post(self, r: _Request, chunk: Chunk) -> None:
+        """Queue a chunk for the request's event loop; ``_deliver`` hands the queued chunks over at once."""
+        self._outbox.setdefault(r.loop, []).append((r.chunks, chunk))
+        if not r.started or chunk.finish_reason is not None:
+            self._urgent = True
+        r.started = True
+
+    def _deliver(self) -> None:
+        """One wake-up per event loop per round (not one per token): the loop thread competes for the
+        same cores as llama.cpp's threads."""
+        for loop, items in self._outbox.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+                loop.call_soon_threadsafe(_put_all, items)
+        self._outbox.clear()
+        self._urgent = False
+        self._delivered_at = time.monotonic()
+
+    def _logits(self, i: int) -> Any:
+        """The logits of batch position ``i`` (a view on llama.cpp's buffer: use before the next decode)."""
+        return np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, i), shape=(self._n_vocab,))
+
+    def _sample(self, logits: Any, r: _Request) -> int:
+        """Greedy at temperature <= 0; else temperature and top-p with the request's generator."""
+        s = r.sampling
+        if s.temperature <= 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / s.temperature
+        z -= z.max()
+        probs = np.exp(z)
+        probs /= probs.sum()
+        if s.top_p < 1.0:
+            k = min(_TOP_CANDIDATES, probs.size)
+            order = np.argpartition(-probs, k - 1)[:k]
+            order = order[np.argsort(-probs[order], kind="stable")]
+            if probs[order].sum() < s.top_p and k < probs.size:  # a flat distribution: sort it all
+                order = np.argsort(-probs, kind="stable")
+            kept = probs[order]
+            keep = np.cumsum(kept) - kept < s.top_p
+            order, kept = order[keep], kept[keep]
+        else:
+            order, kept = np.arange(probs.size), probs
+        cdf = np.cumsum(kept)
+        choice = int(np.searchsorted(cdf, r.rng.random() * cdf[-1], side="right"))
+        return int(order[min(choice, len(order) - 1)])
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Chunk], Chunk]]) -> None:
+    for chunks, chunk in items:
+        chunks.put_nowait(chunk)
