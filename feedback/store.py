@@ -218,18 +218,19 @@ class FeedbackStore(AccountsMixin, BrowseMixin):
         channel: str = "websocket",
         tenant: str | None = None,
         model_version: str | None = None,
+        site: str | None = None,
     ) -> Conversation:
         now = time.time()
 
         async def op(conn: aiosqlite.Connection) -> None:
             await conn.execute(
-                "INSERT INTO conversations (id, user_id, channel, tenant, created_at, model_version)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (conversation_id, user_id, channel, tenant, now, model_version),
+                "INSERT INTO conversations (id, user_id, channel, tenant, created_at, model_version, site)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (conversation_id, user_id, channel, tenant, now, model_version, site),
             )
 
         await self._write(op)
-        return Conversation(conversation_id, user_id, channel, now, tenant, model_version)
+        return Conversation(conversation_id, user_id, channel, now, tenant, model_version, site)
 
     async def get_conversation(self, conversation_id: str) -> Conversation:
         rows = await self._read("SELECT * FROM conversations WHERE id = ?", (conversation_id,))
