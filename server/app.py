@@ -15,12 +15,14 @@ from dataclasses import asdict
 from typing import Any
 
 from feedback import BASE_VERSION, FeedbackStore, LearnloopError, ModelVersion, VersionState
+from server.channels.serve import RunningChannels, start_channels
+from server.channels.widget import find_site
 from server.console.api import RunningConsole, start_console
 from server.engine import Engine, SamplingConfig, TransformersEngine
 from server.gateway import GatewayContext, Presence, start_gateway
 from server.openai_engine import OpenAIEngine
 from server.protocol import KeyedRateLimiter, Limits
-from server.settings import Settings
+from server.settings import Settings, SiteConfig
 from training.canary import CanaryAction, CanaryDecision, assign
 from training.canary import decide as decide_canary
 from training.config import CycleConfig
@@ -96,6 +98,7 @@ class App:
         self.canary_version: str | None = None
         self.port: int | None = None
         self.console_port: int | None = None
+        self.channels_port: int | None = None
         self.console: Any = None  # the console's FastAPI app while it serves
         self.presence: Presence | None = None
         self._training: asyncio.Task[CycleResult] | None = None
@@ -113,6 +116,7 @@ class App:
         tasks: list[asyncio.Task[None]] = []
         server = None
         console: RunningConsole | None = None
+        channels: RunningChannels | None = None
         try:
             self.engine = make_engine(s, base_model)
             await asyncio.to_thread(self.engine.load)
@@ -139,6 +143,7 @@ class App:
                     per_minute=s.server.ratings_per_minute, burst=max(1, int(s.server.ratings_per_minute))
                 ),
                 presence=self.presence,
+                sites=self.site,
             )
             server = await start_gateway(
                 ctx, host=s.server.host, port=s.server.port, max_frame_bytes=s.server.max_frame_bytes
@@ -149,6 +154,9 @@ class App:
                 self.console_port = console.port
                 self.console = console.app
                 log.info("operator console on http://%s:%d", s.console.host, console.port)
+            if s.channels.enabled:
+                channels = await start_channels(s, gateway_port=self.port)
+                self.channels_port = channels.port
             if s.schedule.enabled:
                 scheduler = start_scheduler(self.scheduled_cycle, interval_s=s.schedule.interval_s)
             tasks.append(
@@ -168,6 +176,8 @@ class App:
                 task.cancel()
             if console is not None:
                 await console.stop()
+            if channels is not None:
+                await channels.stop()
             if self._training is not None and not self._training.done():
                 self._training.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -182,6 +192,10 @@ class App:
                 if isinstance(self.engine, OpenAIEngine):
                     await self.engine.aclose()
             await self.store.close()
+
+    def site(self, name: str) -> SiteConfig | None:
+        """The widget site a hello names: ``[sites.NAME]``, or the demo page's while it is served."""
+        return find_site(self.settings, name, channels_port=self.channels_port)
 
     # --- routing: which version writes a reply ------------------------------------------
 
