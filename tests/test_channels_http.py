@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import re
 from collections.abc import AsyncIterator
 from html.parser import HTMLParser
@@ -182,10 +183,20 @@ async def test_requests_per_minute_per_address_get_429_with_retry_after() -> Non
         await running.stop()
 
 
-async def test_no_demo_while_the_gateway_needs_a_token(tmp_path: Path) -> None:
+async def test_the_startup_log_names_the_widget_and_demo_urls(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="learnloop.channels")
+    running = await start_channels(load_settings(env={}, overrides={"channels": {"port": 0}}), gateway_port=1)
+    await running.stop()
+    base = f"http://127.0.0.1:{running.port}"
+    assert f"chat widget on {base}/widget.js" in caplog.text and f"widget demo page on {base}/" in caplog.text
+
+
+async def test_no_demo_while_the_gateway_needs_a_token(caplog: pytest.LogCaptureFixture) -> None:
     """The demo page could not keep server.token secret, so it is not served then."""
+    caplog.set_level(logging.INFO, logger="learnloop.channels")
     settings = load_settings(env={}, overrides={"channels": {"port": 0}, "server": {"token": "t0ken"}})
     running = await start_channels(settings, gateway_port=GATEWAY_PORT)
+    assert "demo page" not in caplog.text
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.port}") as client:
             envelope(await client.get("/"), 404, "not_found")

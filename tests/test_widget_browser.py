@@ -6,8 +6,8 @@ the widget, which reconnects, sends it in the same conversation, and stops the l
 follows; then the store holds the rating and both siblings. The README's tag on a shop's page
 (a verified customer, a forged hash, a foreign origin). A message the server never
 acknowledged is sent again after a drop, and stored once. An operator takeover shows a human
-agent. axe-core finds no serious or
-critical violation in the open panel. Screenshots go to ``test-artifacts/widget/``.
+agent. axe-core finds no serious or critical violation in the open panel. Screenshots go to
+``test-artifacts/widget/``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ WAITING = "Are you still there?"
 WHY = "That is not my order number"
 
 
-def widget_settings(tiny_model: Path, data_dir: Path, *, ports: tuple[int, int] = (0, 0), tokens: int = 6) -> Settings:
+def widget_settings(tiny_model: Path, data_dir: Path, *, ports: tuple[int, int] = (0, 0), tokens: int = 12) -> Settings:
     s = load_settings(
         env={},
         data_dir=data_dir,
@@ -390,6 +390,19 @@ async def test_a_message_never_acknowledged_is_sent_again_and_stored_once(tiny_m
         assert hellos[1]["conversation_id"] == cid  # the second connection resumed the first's conversation
         messages = await app.store.conversation_messages(cid)
         assert [m.text for m in messages if m.role is Role.USER] == ["Lost in transit?"]
+
+        # a stored conversation that is gone (erased, say): the widget starts a new one and
+        # still sends what waited in its outbox
+        waiting = {"kind": "message", "id": "c-waiting", "text": "Still queued"}
+        stored = {"cid": "gone", "log": [], "outbox": [waiting], "open": True}
+        await page.evaluate("s => localStorage.setItem('learnloop:demo:', JSON.stringify(s))", stored)
+        await page.reload()
+        await online(page)
+        await w(page, "li.bot[data-state=done]").wait_for()
+        fresh = await page.evaluate("JSON.parse(localStorage.getItem('learnloop:demo:')).cid")
+        assert fresh not in ("gone", cid)
+        messages = await app.store.conversation_messages(fresh)
+        assert [m.text for m in messages if m.role is Role.USER] == ["Still queued"]
         assert not problems, problems
 
 

@@ -330,6 +330,7 @@ form .icon{color:var(--ll-accent)}
   let inflight = null; // the outbox message sent on this connection and not acked yet
   let reply = null; // {e, node}: the reply being written
   let operator = false, wasOperator = false;
+  let hold = 0; // after a refusal with retry_after: nothing is sent before this time
   const sentRatings = new Set();
 
   const send = (frame) => { if (ws && ws.readyState === 1) ws.send(JSON.stringify(frame)); };
@@ -381,7 +382,7 @@ form .icon{color:var(--ll-accent)}
   addEventListener("online", () => { if (!ws && !fatal) { attempt = 0; connect(); } });
 
   function pump() {
-    if (!ready) return;
+    if (!ready || Date.now() < hold) return;
     for (const r of state.outbox) {
       if (r.kind !== "rating" || sentRatings.has(r.id)) continue;
       sentRatings.add(r.id);
@@ -391,7 +392,11 @@ form .icon{color:var(--ll-accent)}
     inflight = state.outbox.find((o) => o.kind === "message") || null;
     if (inflight) send({ type: "message", text: inflight.text, client_id: inflight.id });
   }
-  const later = (seconds) => setTimeout(pump, Math.max(1, seconds || 1) * 1000);
+  const later = (seconds) => {
+    const ms = Math.max(1, seconds || 1) * 1000;
+    hold = Date.now() + ms;
+    setTimeout(pump, ms + 10);
+  };
 
   function startReply(of) {
     const e = { role: "bot", text: "", st: "typing", of };
@@ -419,6 +424,8 @@ form .icon{color:var(--ll-accent)}
   }
 
   function receive(f) {
+    // a takeover still on after a reconnect is announced again right after ready: no second note
+    if (f.type !== "ready" && f.type !== "operator_joined") wasOperator = false;
     switch (f.type) {
       case "ready":
         ready = true;
