@@ -103,6 +103,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             data_dir=Path(tmp),
             overrides={
                 "console": {"port": 0},
+                "channels": {"port": 0},
                 "server": {"port": 0, "rate_per_s": 1000.0, "ratings_per_minute": 100_000.0},
                 "model": {
                     "name": args.model,

@@ -288,6 +288,7 @@ async def gateway_run(args: argparse.Namespace, data_dir: Path, ref: RawLlama | 
         data_dir=data_dir,
         overrides={
             "console": {"port": 0},
+            "channels": {"port": 0},
             "server": {"port": 0, "rate_per_s": 1000.0},
             "model": {
                 "engine": args.engine,

@@ -46,9 +46,11 @@ class Conversations:
         channel: str = "websocket",
         tenant: str | None = None,
         model_version: str | None = None,
+        site: str | None = None,
     ) -> Conversation:
-        """A new conversation; ``model_version`` pins it to a version (a canary's share)."""
-        conversation = Conversation(conversation_id, user_id, channel, time.time(), tenant, model_version)
+        """A new conversation; ``model_version`` pins it to a version (a canary's share); ``site``: the
+        widget site or bot it came through."""
+        conversation = Conversation(conversation_id, user_id, channel, time.time(), tenant, model_version, site)
 
         async def op(conn: Connection) -> None:
             await conn.execute(_INSERT_CONVERSATION, rows.row_values(conversation))

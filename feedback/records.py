@@ -85,6 +85,7 @@ class Conversation:
     created_at: float
     tenant: str | None = None
     model_version: str | None = None  # the version this conversation is pinned to
+    site: str | None = None  # the widget site ([sites.NAME]) it came from; None for other channels
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,11 @@ MIGRATIONS: tuple[str | tuple[str, ...], ...] = (
         END""",
         "INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')",
     ),
+    # 5: channels: the widget site a conversation came from
+    """
+    ALTER TABLE conversations ADD COLUMN site TEXT;
+    CREATE INDEX conversations_site ON conversations(site, created_at);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -17,14 +17,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import FastAPI
 
 from feedback import FeedbackStore
-from server.console.api import RunningConsole, start_console
+from server.channels.serve import start_channels
+from server.channels.widget import find_site
+from server.console.api import start_console
 from server.engines import Engine, SamplingConfig, create_engine
 from server.gateway import GatewayContext, start_gateway
+from server.listener import RunningListener
 from server.presence import Presence
 from server.protocol import Limits
 from server.ratelimit import KeyedRateLimiter
 from server.release import AdapterRejectedError, Release
-from server.settings import Settings
+from server.settings import Settings, SiteConfig
 from server.trainer import Trainer, cycle_config
 from training.models import resolve_model
 from training.schedule import start_scheduler
@@ -46,6 +49,7 @@ class App:
         self.presence: Presence | None = None
         self.port: int | None = None
         self.console_port: int | None = None
+        self.channels_port: int | None = None
         self.console: FastAPI | None = None  # the console's app while it serves
         m = settings.model
         self.sampling = SamplingConfig(max_new_tokens=m.max_new_tokens, temperature=m.temperature, top_p=m.top_p)
@@ -58,7 +62,8 @@ class App:
         scheduler = None
         tasks: list[asyncio.Task[None]] = []
         server = None
-        console: RunningConsole | None = None
+        console: RunningListener | None = None
+        channels: RunningListener | None = None
         try:
             self.engine = engine = create_engine(s.model, base_model)
             await asyncio.to_thread(engine.load)
@@ -86,6 +91,7 @@ class App:
                     per_minute=s.server.ratings_per_minute, burst=max(1, int(s.server.ratings_per_minute))
                 ),
                 presence=presence,
+                sites=self.site,
             )
             server = await start_gateway(
                 ctx, host=s.server.host, port=s.server.port, max_frame_bytes=s.server.max_frame_bytes
@@ -98,6 +104,9 @@ class App:
                 self.console_port = console.port
                 self.console = console.app
                 log.info("operator console on http://%s:%d", s.console.host, console.port)
+            if s.channels.enabled:
+                channels = await start_channels(s, gateway_port=self.port)
+                self.channels_port = channels.port
             if s.schedule.enabled:
                 scheduler = start_scheduler(trainer.scheduled, interval_s=s.schedule.interval_s)
             tasks.append(asyncio.create_task(_every(s.schedule.version_poll_s, release.sync), name="versions"))
@@ -126,6 +135,10 @@ class App:
                 await asyncio.to_thread(self.engine.close)
                 await self.engine.aclose()
             await store.close()
+
+    def site(self, name: str) -> SiteConfig | None:
+        """The widget site a hello names: ``[sites.NAME]``, or the demo page's while it is served."""
+        return find_site(self.settings, name, channels_port=self.channels_port)
 
 
 async def _every(seconds: float, job: Callable[[], Awaitable[object]]) -> None:

@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from feedback import ErrorCode, FeedbackStore, FinishReason, NotFoundError, Role
+from server.channels.identity import IdentityError, admit
 from server.engines import Engine, SamplingConfig
 from server.errors import error_frame_for, public_view
 from server.presence import Presence
@@ -43,6 +44,7 @@ from server.protocol import (
     error_frame,
 )
 from server.ratelimit import KeyedRateLimiter
+from server.settings import SiteConfig
 
 log = logging.getLogger("learnloop.gateway")
 
@@ -64,6 +66,7 @@ class GatewayContext:
     rating_limiter: KeyedRateLimiter
     token: str | None = None
     presence: Presence | None = field(default=None)
+    sites: Callable[[str], SiteConfig | None] = field(default=lambda name: None)  # widget site by name
 
     def __post_init__(self) -> None:
         if self.presence is None:
@@ -76,6 +79,7 @@ class _Connection:
         self.ws = ws
         self.session = ChatSession(new_id=new_id, limits=ctx.limits)
         self.user: str | None = None
+        self.site: str | None = None  # the widget site this connection was admitted for
         self.pinned: str | None = None  # the canary this conversation is pinned to, if any
         self.generation: asyncio.Task[None] | None = None
         self.cancel: threading.Event | None = None
@@ -145,17 +149,47 @@ class _Connection:
         )
 
     async def _open(self, effect: OpenConversation) -> list[Effect]:
-        if self.ctx.token is not None and effect.token != self.ctx.token:
+        if effect.site is not None:
+            # a widget in a shop's page: the site's origins and user hashes stand in for server.token,
+            # which a public page could not keep secret
+            origin = self.ws.request.headers.get("Origin") if self.ws.request is not None else None
+            try:
+                admission = admit(
+                    self.ctx.sites(effect.site),
+                    name=effect.site,
+                    origin=origin,
+                    user=effect.user,
+                    claimed_hash=effect.user_hash,
+                )
+            except IdentityError as exc:
+                return self.session.open_failed(exc.code, exc.message)
+            self.user, self.site = admission.user, admission.site
+        elif self.ctx.token is not None and effect.token != self.ctx.token:
             return self.session.open_failed(ErrorCode.UNAUTHORIZED, "hello.token is missing or wrong")
-        self.user = effect.user
+        else:
+            self.user = effect.user
         if effect.conversation_id is None:
             conversation_id = new_id()
             self.pinned = self.ctx.assign_version(conversation_id)
-            await self.ctx.store.conversations.create(conversation_id, user_id=effect.user, model_version=self.pinned)
+            await self.ctx.store.conversations.create(
+                conversation_id,
+                user_id=self.user,
+                model_version=self.pinned,
+                channel="widget" if self.site is not None else "websocket",
+                site=self.site,
+            )
             return self.session.opened(conversation_id, [], set(), self.ctx.serving_version(self.pinned))
         try:
             conversation = await self.ctx.store.conversations.get(effect.conversation_id)
         except NotFoundError:
+            conversation = None
+        # a widget conversation resumes only on its own site and for the same verified user (or
+        # anonymously if it was anonymous); the answer does not tell which check failed
+        if (
+            conversation is None
+            or conversation.site != self.site
+            or (self.site is not None and conversation.user_id != self.user)
+        ):
             return self.session.open_failed(ErrorCode.NOT_FOUND, f"no conversation {effect.conversation_id!r}")
         self.pinned = conversation.model_version
         version = self.ctx.serving_version(self.pinned)

@@ -6,7 +6,8 @@ an injected factory). ``server.gateway`` carries the effects out and feeds resul
 Protocol version 1, JSON text frames (see docs/protocol.md)::
 
     client -> server                              server -> client
-    hello {token?, conversation_id?, user?}       ready {conversation_id, model_version, protocol}
+    hello {token?, conversation_id?, user?,       ready {conversation_id, model_version, protocol}
+           site?, user_hash?}
     message {text, client_id}                     ack {id, message_id}        (user message stored)
     regenerate {message_id}                       token {message_id, delta}
     rating {message_id, value, reason?,           done {message_id, model_version, finish_reason,
@@ -81,6 +82,8 @@ class OpenConversation:
     conversation_id: str | None  # None: start a new one
     user: str | None
     token: str | None
+    site: str | None = None  # a widget site: the gateway checks the origin and the user's hash
+    user_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -217,10 +220,15 @@ class ChatSession:
         conversation_id = _field(frame, "conversation_id", str, required=False)
         user = _field(frame, "user", str, required=False)
         token = _field(frame, "token", str, required=False)
-        if user is not None and len(user) > 200:
-            raise ProtocolError(ErrorCode.TOO_LARGE, "user is longer than 200 characters")
+        site = _field(frame, "site", str, required=False)
+        user_hash = _field(frame, "user_hash", str, required=False)
+        for name, value in (("user", user), ("site", site), ("user_hash", user_hash)):
+            if value is not None and len(value) > 200:
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"{name} is longer than 200 characters")
+        if user_hash is not None and site is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "user_hash is checked against a site's secret: name the site")
         self.phase = Phase.OPENING
-        return [OpenConversation(conversation_id, user, token)]
+        return [OpenConversation(conversation_id, user, token, site, user_hash)]
 
     def _check_text(self, text: str, name: str, limit: int | None) -> None:
         if limit is not None and len(text) > limit:

@@ -1,16 +1,21 @@
 """Settings: read once, in one place. Defaults < TOML file < environment < command line.
 
-The file (``--config PATH`` or ``$LEARNLOOP_CONFIG``) has a top-level ``data_dir`` and
-the sections ``[server]``, ``[model]``, ``[schedule]``, ``[training]``, ``[gate]``, ``[trust]``, ``[canary]`` and ``[console]``.
-Every key can be set from the environment as ``LEARNLOOP_<SECTION>_<KEY>`` (upper case),
-for example ``LEARNLOOP_SERVER_PORT=9000`` or ``LEARNLOOP_TRAINING_MAX_STEPS=20``; the
-top-level ``data_dir`` is ``LEARNLOOP_DATA_DIR``. Unknown keys are errors, not ignored.
+The file (``--config PATH`` or ``$LEARNLOOP_CONFIG``) has a top-level ``data_dir``, the
+sections ``[server]``, ``[model]``, ``[schedule]``, ``[training]``, ``[gate]``, ``[trust]``,
+``[canary]``, ``[console]`` and ``[channels]``, and one named table per widget site
+(``[sites.shop]``). Every key can be set from the environment as
+``LEARNLOOP_<SECTION>_<KEY>`` (upper case), for example ``LEARNLOOP_SERVER_PORT=9000`` or
+``LEARNLOOP_TRAINING_MAX_STEPS=20``; a site's keys as ``LEARNLOOP_SITES__<NAME>__<KEY>``
+(double underscores: ``LEARNLOOP_SITES__SHOP__ORIGINS=https://a.example,https://b.example``);
+the top-level ``data_dir`` is ``LEARNLOOP_DATA_DIR``. Unknown keys are errors, not ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import os
+import re
 import tomllib
 import types
 import typing
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from feedback.exceptions import ErrorCode, LearnloopError
+from server.channels.identity import normalize_origin
 from training.canary import CanaryConfig
 from training.config import TrainConfig
 from training.gate import GateConfig
@@ -32,6 +38,34 @@ class SettingsError(LearnloopError, ValueError):
 
     code = ErrorCode.BAD_REQUEST
     public = True
+
+
+class Secret:
+    """A configured secret. ``str`` and ``repr`` show ``********`` (so ``learnloop config``, logs
+    and tracebacks never print it); ``reveal()`` gives the value to the one place that needs it.
+
+    Not a ``str`` subclass on purpose: ``json.dumps`` and f-strings would print a subclass's value.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __str__(self) -> str:
+        return "********"
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
 
 
 @dataclass(frozen=True)
@@ -154,6 +188,76 @@ class ConsoleConfig:
 
 
 @dataclass(frozen=True)
+class ChannelsConfig:
+    enabled: bool = field(
+        default=True,
+        metadata={"help": "Serve the public channels listener: widget.js and its demo page."},
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "Address of the channels listener (loopback by default)."})
+    port: int = field(default=8767, metadata={"help": "Port of the channels listener (0 picks a free one)."})
+    max_body_bytes: int = field(
+        default=65536, metadata={"help": "Largest request body accepted; a larger one gets 413 too_large."}
+    )
+    requests_per_minute: float = field(
+        default=300.0,
+        metadata={
+            "help": "Requests per minute per client address (a minute's worth may come at once; over it: 429 "
+            "with Retry-After; 0 = no limit). Behind a proxy on loopback the address is X-Forwarded-For's."
+        },
+    )
+    demo: bool = field(
+        default=True,
+        metadata={
+            "help": "Serve the demo page at / and accept its built-in site 'demo' from this listener's own "
+            "loopback origin (never while server.token is set)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1:
+            raise SettingsError(f"channels.max_body_bytes {self.max_body_bytes}: use a positive number of bytes")
+        if self.requests_per_minute < 0:
+            raise SettingsError("channels.requests_per_minute: use 0 (no limit) or a positive rate")
+
+
+SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One shop that embeds the widget: ``[sites.NAME]`` in the file."""
+
+    origins: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Pages allowed to open the widget for this site: origins such as https://shop.example "
+            "(comma-separated in env). A hello naming the site from another origin gets 'forbidden'."
+        },
+    )
+    secret: Secret | None = field(
+        default=None,
+        metadata={
+            "help": "Key of the identity check: a hello's user is trusted only with user_hash = hex "
+            "HMAC-SHA256(secret, user). Without it the site's visitors are anonymous. Never printed."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        normalized = []
+        for origin in self.origins:
+            n = normalize_origin(origin)
+            if n is None:
+                raise SettingsError(f"origin {origin!r}: write scheme://host[:port], e.g. https://shop.example")
+            normalized.append(n)
+        object.__setattr__(self, "origins", tuple(normalized))
+        if self.secret is not None and len(self.secret.reveal()) < 16:
+            raise SettingsError(
+                "a site secret needs at least 16 characters; make one with "
+                "python -c 'import secrets; print(secrets.token_hex(32))'"
+            )
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = field(
         default=Path("learnloop-data"), metadata={"help": "Database, adapters and training runs live here."}
@@ -166,6 +270,8 @@ class Settings:
     trust: TrustConfig = field(default_factory=TrustConfig)
     canary: CanaryConfig = field(default_factory=CanaryConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    channels: ChannelsConfig = field(default_factory=ChannelsConfig)
+    sites: dict[str, SiteConfig] = field(default_factory=dict)
 
     @property
     def db_path(self) -> Path:
@@ -181,6 +287,7 @@ SECTIONS: dict[str, type] = {
     "trust": TrustConfig,
     "canary": CanaryConfig,
     "console": ConsoleConfig,
+    "channels": ChannelsConfig,
 }
 
 
@@ -210,6 +317,8 @@ def _cast(value: Any, annotation: Any, where: str) -> Any:
             raise ValueError(value)
         if annotation in (int, float, str, Path):
             return annotation(value)
+        if annotation is Secret:
+            return value if isinstance(value, Secret) else Secret(str(value))
     except (TypeError, ValueError):
         name = getattr(annotation, "__name__", str(annotation))
         raise SettingsError(f"{where}: {value!r} is not a valid {name}") from None
@@ -249,10 +358,15 @@ def load_settings(
             raise SettingsError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
-    top_unknown = set(raw) - {"data_dir", *SECTIONS}
+    top_unknown = set(raw) - {"data_dir", "sites", *SECTIONS}
     if top_unknown:
         raise SettingsError(f"unknown top-level setting(s): {', '.join(sorted(top_unknown))}")
     sections: dict[str, dict[str, Any]] = {name: dict(raw.get(name, {})) for name in SECTIONS}
+    sites: dict[str, dict[str, Any]] = {}
+    for name, table in dict(raw.get("sites", {})).items():
+        if not isinstance(table, dict):
+            raise SettingsError(f"sites.{name}: write a table, [sites.{name}]")
+        sites[name] = dict(table)
     resolved_dir: Any = raw.get("data_dir", Settings.data_dir)
     for key, value in env.items():
         if not key.startswith("LEARNLOOP_") or key in ("LEARNLOOP_CONFIG", "LEARNLOOP_CACHE"):
@@ -261,6 +375,12 @@ def load_settings(
         if rest == "data_dir":
             resolved_dir = value
             continue
+        if rest.startswith("sites__"):
+            name, _, site_key = rest[len("sites__") :].partition("__")
+            if not site_key:
+                raise SettingsError(f"{key}: write LEARNLOOP_SITES__<NAME>__<KEY>, e.g. LEARNLOOP_SITES__SHOP__SECRET")
+            sites.setdefault(name, {})[site_key] = value
+            continue
         section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
         if section is None:
             raise SettingsError(f"unknown environment setting {key}")
@@ -268,7 +388,16 @@ def load_settings(
     for section, values in (overrides or {}).items():
         sections[section].update({k: v for k, v in values.items() if v is not None})
     built = {name: _build(cls, sections[name], name) for name, cls in SECTIONS.items()}
-    return Settings(data_dir=Path(data_dir or resolved_dir), **built)
+    return Settings(data_dir=Path(data_dir or resolved_dir), sites=_build_sites(sites), **built)
+
+
+def _build_sites(tables: Mapping[str, Mapping[str, Any]]) -> dict[str, SiteConfig]:
+    sites = {}
+    for name, values in tables.items():
+        if not SITE_NAME.fullmatch(name):
+            raise SettingsError(f"site name {name!r}: use lower-case letters, digits, '-' and '_' (at most 64)")
+        sites[name] = _build(SiteConfig, values, f"sites.{name}")
+    return sites
 
 
 def documented_fields() -> list[tuple[str, Any, str]]:
@@ -280,4 +409,6 @@ def documented_fields() -> list[tuple[str, Any, str]]:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
             rows.append((f"{name}.{f.name}", default, f.metadata.get("help", "")))
+    for f in dataclasses.fields(SiteConfig):
+        rows.append((f"sites.NAME.{f.name}", f.default, f.metadata.get("help", "")))
     return rows

@@ -34,6 +34,7 @@ def console_settings(tiny_model: Path, tmp_path: Path) -> Settings:
         data_dir=tmp_path / "data",
         overrides={
             "console": {"port": 0},
+            "channels": {"port": 0},
             "server": {"port": 0},
             "model": {"name": str(tiny_model), "max_new_tokens": 6, "dtype": "float32"},
             "schedule": {"enabled": False, "version_poll_s": 0.2},

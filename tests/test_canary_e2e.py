@@ -22,6 +22,7 @@ def settings(tiny_model: Path, tmp_path: Path) -> Any:
         data_dir=tmp_path / "data",
         overrides={
             "console": {"port": 0},
+            "channels": {"port": 0},
             "server": {"port": 0, "rate_per_s": 100.0},
             "model": {"name": str(tiny_model), "max_new_tokens": 6},
             "schedule": {"enabled": False, "min_new_feedback": 1, "heldout_fraction": 0.3, "version_poll_s": 3600},

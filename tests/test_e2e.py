@@ -39,6 +39,7 @@ def settings_for(model: str, data_dir: Path, **training: Any) -> Any:
         data_dir=data_dir,
         overrides={
             "console": {"port": 0},
+            "channels": {"port": 0},
             "server": {"port": 0},
             "model": {"name": model, "max_new_tokens": 16, "dtype": "float32"},
             "schedule": {"enabled": False, "min_new_feedback": 1, "heldout_fraction": 0.3, "version_poll_s": 0.2},

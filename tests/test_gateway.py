@@ -25,6 +25,7 @@ def settings(tiny_model: Path, tmp_path: Path, **server: Any) -> Any:
         data_dir=tmp_path / "data",
         overrides={
             "console": {"port": 0},
+            "channels": {"port": 0},
             "server": {"port": 0, **server},
             "model": {"name": str(tiny_model), "max_new_tokens": 8, "dtype": "float32", "max_pending": 2},
             "schedule": {"enabled": False, "version_poll_s": 0.1},

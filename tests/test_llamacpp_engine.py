@@ -319,6 +319,7 @@ def gateway_settings(smollm: tuple[str, str], tmp_path: Path) -> Iterator[Any]:
         data_dir=tmp_path / "data",
         overrides={
             "console": {"port": 0},
+            "channels": {"port": 0},
             "server": {"port": 0},
             "model": {
                 "engine": "llamacpp",

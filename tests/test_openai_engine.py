@@ -122,6 +122,7 @@ async def app(llama_server: str, tmp_path: Path) -> AsyncIterator[App]:
         data_dir=tmp_path / "data",
         overrides={
             "console": {"enabled": False},
+            "channels": {"enabled": False},
             "server": {"port": 0},
             "model": {
                 "engine": "openai",

@@ -210,3 +210,14 @@ def test_a_turn_that_fails_to_store_leaves_the_branch_as_it_was() -> None:
     [turn] = s.receive(frame(type="message", text="hello?", client_id="c2"), 0.0)
     effects = s.turn_failed(turn, ErrorCode.INTERNAL, "internal error")  # type: ignore[arg-type]
     assert error_code(effects) == ErrorCode.INTERNAL and s.history == []
+
+
+def test_a_widget_hello_names_its_site_and_the_users_hash() -> None:
+    s = session()
+    [effect] = s.receive(frame(type="hello", site="shop", user="u1", user_hash="ab" * 32), 0.0)
+    assert effect == OpenConversation(None, "u1", None, "shop", "ab" * 32)
+    s = session()
+    assert error_code(s.receive(frame(type="hello", user="u1", user_hash="ab" * 32), 0.0)) == ErrorCode.BAD_REQUEST
+    assert error_code(s.receive(frame(type="hello", site=7), 0.0)) == ErrorCode.BAD_REQUEST
+    assert error_code(s.receive(frame(type="hello", site="x" * 201), 0.0)) == ErrorCode.TOO_LARGE
+    assert isinstance(s.receive(frame(type="hello", site="shop"), 0.0)[0], OpenConversation)  # still open

@@ -22,6 +22,7 @@ async def test_readme_client_example_runs(tiny_model: Path, tmp_path: Path) -> N
         data_dir=tmp_path,
         overrides={
             "console": {"port": 0},
+            "channels": {"port": 0},
             "server": {"port": 0},
             "model": {"name": str(tiny_model), "max_new_tokens": 8, "dtype": "float32"},
             "schedule": {"enabled": False},

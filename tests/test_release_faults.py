@@ -166,6 +166,7 @@ async def test_bad_adapter_is_refused_and_the_old_version_keeps_serving(
         data_dir=tmp_path / "data",
         overrides={
             "console": {"port": 0},
+            "channels": {"port": 0},
             "server": {"port": 0},
             "model": {"name": str(tiny_model), "max_new_tokens": 6},
             "schedule": {"enabled": False, "version_poll_s": 3600},

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import SettingsError, documented_fields, load_settings
+from server.settings import Secret, SettingsError, documented_fields, load_settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -83,3 +83,61 @@ def test_example_config_is_valid() -> None:
     example = README.parent / "deploy" / "learnloop.toml"
     s = load_settings(example, env={})
     assert s.server.host == "0.0.0.0" and s.gate.min_heldout_pairs == 2
+
+
+def test_channels_defaults() -> None:
+    c = load_settings(env={}).channels
+    assert (c.enabled, c.host, c.port, c.max_body_bytes, c.demo) == (True, "127.0.0.1", 8767, 65536, True)
+    assert c.requests_per_minute > 0
+    with pytest.raises(SettingsError, match="max_body_bytes"):
+        load_settings(env={"LEARNLOOP_CHANNELS_MAX_BODY_BYTES": "0"})
+
+
+def test_sites_from_toml_and_env(tmp_path: Path) -> None:
+    cfg = tmp_path / "l.toml"
+    cfg.write_text(
+        '[sites.shop]\norigins = ["https://Shop.example:443", "http://localhost:3000"]\n'
+        'secret = "file-secret-0123456789"\n[sites.blog]\norigins = ["https://blog.example"]\n'
+    )
+    s = load_settings(cfg, env={})
+    assert s.sites["shop"].origins == ("https://shop.example", "http://localhost:3000")
+    assert s.sites["shop"].secret is not None and s.sites["shop"].secret.reveal() == "file-secret-0123456789"
+    assert s.sites["blog"].secret is None
+    s = load_settings(
+        cfg,
+        env={
+            "LEARNLOOP_SITES__SHOP__SECRET": "env-secret-0123456789",
+            "LEARNLOOP_SITES__NEW__ORIGINS": "https://a.example, https://b.example",
+        },
+    )
+    assert s.sites["shop"].secret is not None and s.sites["shop"].secret.reveal() == "env-secret-0123456789"
+    assert s.sites["shop"].origins == ("https://shop.example", "http://localhost:3000")  # the file's, kept
+    assert s.sites["new"].origins == ("https://a.example", "https://b.example")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LEARNLOOP_SITES__SHOP__ORIGINS": "https://shop.example/checkout"}, "scheme://host"),
+        ({"LEARNLOOP_SITES__SHOP__SECRET": "short"}, "at least 16 characters"),
+        ({"LEARNLOOP_SITES__SHOP__COLOR": "red"}, r"unknown setting\(s\) in \[sites.shop\]"),
+        ({"LEARNLOOP_SITES__SHOP": "x"}, "LEARNLOOP_SITES__<NAME>__<KEY>"),
+        ({"LEARNLOOP_SITES__SH.OP__ORIGINS": "https://a.example"}, "site name"),
+    ],
+)
+def test_bad_sites_say_what_is_wrong(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(env=env)
+
+
+def test_secrets_never_print(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.cli import main
+
+    secret = "do-not-print-0123456789"
+    s = load_settings(env={"LEARNLOOP_SITES__SHOP__SECRET": secret})
+    assert secret not in repr(s) and secret not in str(s.sites["shop"].secret) and secret not in f"{s}"
+    assert Secret(secret) == Secret(secret) and Secret(secret) != Secret(secret + "x")
+    monkeypatch.setenv("LEARNLOOP_SITES__SHOP__SECRET", secret)
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert secret not in out and '"secret": "********"' in out

@@ -11,29 +11,25 @@ lowest role it allows (``_ROLE`` in its OpenAPI extra, read by the route-walk te
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
-import uvicorn
 from fastapi import Depends, FastAPI, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from feedback import ErrorCode, FeedbackStore, LearnloopError, RaterState
+from feedback import ErrorCode, FeedbackStore, RaterState
 from feedback.accounts import ConsoleSession, Operator, OperatorRole
 from feedback.browse import ConversationFilter
-from server.errors import ApiError, error_body, http_error
+from server.errors import ApiError, install_error_handlers
+from server.listener import RunningListener, serve_app
 from server.presence import Presence
 from server.ratelimit import KeyedRateLimiter
 from server.settings import ConsoleConfig
@@ -196,15 +192,7 @@ def create_console(
     )
     app.state.store = store
 
-    @app.exception_handler(LearnloopError)
-    @app.exception_handler(StarletteHTTPException)
-    async def known_error(request: Request, exc: Exception) -> JSONResponse:
-        return http_error(exc, where=f"{request.method} {request.url.path}")
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse(error_body(ErrorCode.INVALID, "; ".join(parts)), status_code=422)
+    install_error_handlers(app)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -485,27 +473,6 @@ def _plain(record: Any) -> dict[str, Any]:
 # --- serving ----------------------------------------------------------------------------
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn inside the app's event loop: the app owns the signals, not uvicorn."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-@dataclass
-class RunningConsole:
-    app: FastAPI
-    server: _EmbeddedServer
-    task: asyncio.Task[None]
-    port: int
-
-    async def stop(self) -> None:
-        self.server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-
-
 async def start_console(
     config: ConsoleConfig,
     *,
@@ -513,19 +480,6 @@ async def start_console(
     presence: Presence,
     release: Releases | None = None,
     trainer: Training | None = None,
-) -> RunningConsole:
+) -> RunningListener:
     app = create_console(config, store=store, presence=presence, release=release, trainer=trainer)
-    sock = socket.create_server((config.host, config.port), reuse_port=False)  # a bind error surfaces here
-    # asyncio sets TCP_NODELAY only on sockets it creates; without it every response waits
-    # for the client's delayed ACK (Nagle), about 40 ms
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    server = _EmbeddedServer(
-        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", lifespan="off", access_log=False)
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="console")
-    while not server.started:
-        if task.done():
-            sock.close()
-            raise RuntimeError(f"the console could not start on {config.host}:{config.port}")
-        await asyncio.sleep(0.01)
-    return RunningConsole(app, server, task, int(sock.getsockname()[1]))
+    return await serve_app(app, host=config.host, port=config.port, name="console")
