@@ -15,7 +15,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -44,13 +43,10 @@ from server.protocol import (
     error_frame,
 )
 from server.ratelimit import KeyedRateLimiter
+from server.replies import latest_branch, new_id, open_conversation, stream_reply
 from server.settings import SiteConfig
 
 log = logging.getLogger("learnloop.gateway")
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
 
 
 @dataclass
@@ -169,12 +165,10 @@ class _Connection:
         else:
             self.user = effect.user
         if effect.conversation_id is None:
-            conversation_id = new_id()
-            self.pinned = self.ctx.assign_version(conversation_id)
-            await self.ctx.store.conversations.create(
-                conversation_id,
-                user_id=self.user,
-                model_version=self.pinned,
+            conversation_id, self.pinned = await open_conversation(
+                self.ctx.store,
+                assign_version=self.ctx.assign_version,
+                user=self.user,
                 channel="widget" if self.site is not None else "websocket",
                 site=self.site,
             )
@@ -193,19 +187,9 @@ class _Connection:
             return self.session.open_failed(ErrorCode.NOT_FOUND, f"no conversation {effect.conversation_id!r}")
         self.pinned = conversation.model_version
         version = self.ctx.serving_version(self.pinned)
-        messages = [
-            m
-            for m in await self.ctx.store.conversations.messages(effect.conversation_id)
-            if m.finish_reason is not FinishReason.ERROR
-        ]
-        by_id = {m.id: m for m in messages}
-        branch: list[Turn] = []
-        node = messages[-1] if messages else None
-        while node is not None:
-            branch.append(Turn(node.id, str(node.role), node.text))
-            node = by_id.get(node.parent_id) if node.parent_id else None
-        branch.reverse()
-        replies = {m.id for m in messages if m.role is Role.ASSISTANT}
+        messages = await self.ctx.store.conversations.messages(effect.conversation_id)
+        branch = latest_branch(messages)
+        replies = {m.id for m in messages if m.role is Role.ASSISTANT and m.finish_reason is not FinishReason.ERROR}
         return self.session.opened(effect.conversation_id, branch, replies, version)
 
     async def rate(self, effect: StoreRating) -> list[Effect]:
@@ -243,40 +227,29 @@ class _Connection:
             if g.user_turn is not None:
                 await self._store_user_turn(g.user_turn, g.context[-2].id if len(g.context) > 1 else None)
                 await self.apply(self.session.user_turn_stored(g))
-            started = time.monotonic()
-            first_token_s: float | None = None
-            parts: list[str] = []
-            finish_reason, n_tokens = FinishReason.ERROR, 0
-            messages = [{"role": t.role, "content": t.text} for t in g.context]
-            async for chunk in self.ctx.engine.stream(
-                messages, version=version, sampling=self.ctx.sampling, cancel=cancel
-            ):
-                if chunk.delta:
-                    if first_token_s is None:
-                        first_token_s = time.monotonic() - started
-                    parts.append(chunk.delta)
-                    await self.send({"type": "token", "message_id": g.message_id, "delta": chunk.delta})
-                if chunk.finish_reason is not None:
-                    finish_reason, n_tokens = FinishReason(chunk.finish_reason), chunk.n_tokens
-            failed = finish_reason is FinishReason.ERROR
-            text = "" if failed else "".join(parts)
-            # a failed reply is recorded too (empty, never trained on): error rates per version are compared
-            await self.ctx.store.conversations.add_message(
-                message_id=g.message_id,
+
+            async def send_token(delta: str) -> None:
+                await self.send({"type": "token", "message_id": g.message_id, "delta": delta})
+
+            reply = await stream_reply(
+                self.ctx.store,
+                self.ctx.engine,
                 conversation_id=self.session.conversation_id,
-                role=Role.ASSISTANT,
-                text=text,
+                context=g.context,
+                message_id=g.message_id,
                 parent_id=g.parent_id,
-                regenerated_from=None if failed else g.regenerated_from,
-                model_version=version,
-                latency_ms=None if failed else (first_token_s or 0.0) * 1000,
-                finish_reason=finish_reason,
-                n_tokens=None if failed else n_tokens,
+                version=version,
+                sampling=self.ctx.sampling,
+                on_delta=send_token,
+                cancel=cancel,
+                regenerated_from=g.regenerated_from,
             )
-            if failed:
+            if reply.failed:
                 effects = self.session.failed(g.message_id, ErrorCode.INTERNAL, "generation failed")
             else:
-                effects = self.session.finished(g.message_id, text, version, finish_reason, completion_tokens=n_tokens)
+                effects = self.session.finished(
+                    g.message_id, reply.text, version, reply.finish_reason, completion_tokens=reply.n_tokens
+                )
             await self.apply(effects)
         except asyncio.CancelledError:
             raise

@@ -61,7 +61,7 @@ async def test_stream_finishes_with_reason_and_count(engine: TransformersEngine)
 
 
 async def test_stop_cancels_within_a_step(engine: TransformersEngine) -> None:
-    endless = SamplingConfig(max_new_tokens=10_000, temperature=1.0)
+    endless = SamplingConfig(max_new_tokens=10_000, temperature=0.0)  # greedy: the tiny model never picks EOS here
     cancel = threading.Event()
     cancel.set()  # the flag is checked before every step: a request cancelled up front makes no token
     _, last = await collect(engine, sampling=endless, cancel=cancel)
@@ -161,7 +161,7 @@ async def test_close_ends_every_reply_and_commands_are_refused(tiny_model: Path)
     """A reply streaming (or queued) when the engine closes ends with an error chunk, not a hang."""
     e = TransformersEngine(str(tiny_model), dtype="float32", max_active=1)
     await asyncio.to_thread(e.load)
-    endless = SamplingConfig(max_new_tokens=10_000, temperature=1.0)
+    endless = SamplingConfig(max_new_tokens=10_000, temperature=0.0)  # greedy: the tiny model never picks EOS here
     streams = [e.stream(CHAT, version="base", sampling=endless) for _ in range(2)]
     first = await streams[0].__anext__()
     queued = asyncio.ensure_future(streams[1].__anext__())  # waits behind max_active=1

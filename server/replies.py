@@ -1,0 +1,127 @@
+"""One reply, whatever the channel: stream it from the engine, store it, report how it ended.
+
+The websocket gateway, the OpenAI-compatible API and the IM webhooks are thin shells over
+these functions and the same store: a conversation is opened the same way (pinned to the
+canary for the canary's share), a reply is stored the same way (with the version that wrote
+it, its time to first token and why it ended), so every channel's customers train the same
+model and are measured by the same numbers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from feedback import FeedbackStore, FinishReason, Message, Role
+from server.engines import Engine, SamplingConfig
+from server.protocol import Turn
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A stored reply; ``finish_reason`` ERROR means generation failed (stored empty, never trained on)."""
+
+    message_id: str
+    text: str
+    version: str
+    finish_reason: FinishReason
+    n_tokens: int
+    latency_ms: float | None
+
+    @property
+    def failed(self) -> bool:
+        return self.finish_reason is FinishReason.ERROR
+
+
+async def open_conversation(
+    store: FeedbackStore,
+    *,
+    assign_version: Callable[[str], str | None],
+    user: str | None,
+    channel: str,
+    site: str | None = None,
+) -> tuple[str, str | None]:
+    """A new stored conversation: (its id, the canary it is pinned to or None for live)."""
+    conversation_id = new_id()
+    pinned = assign_version(conversation_id)
+    await store.conversations.create(conversation_id, user_id=user, model_version=pinned, channel=channel, site=site)
+    return conversation_id, pinned
+
+
+def latest_branch(messages: Iterable[Message]) -> list[Turn]:
+    """The conversation's latest branch, oldest first: from its newest message up the parent links.
+
+    Failed replies are skipped (they are stored only to count errors per version).
+    """
+    usable = [m for m in messages if m.finish_reason is not FinishReason.ERROR]
+    by_id = {m.id: m for m in usable}
+    branch: list[Turn] = []
+    node = usable[-1] if usable else None
+    while node is not None:
+        branch.append(Turn(node.id, str(node.role), node.text))
+        node = by_id.get(node.parent_id) if node.parent_id else None
+    branch.reverse()
+    return branch
+
+
+async def stream_reply(
+    store: FeedbackStore,
+    engine: Engine,
+    *,
+    conversation_id: str,
+    context: Iterable[Turn],
+    message_id: str,
+    parent_id: str,
+    version: str,
+    sampling: SamplingConfig,
+    on_delta: Callable[[str], Awaitable[None]],
+    cancel: threading.Event | None = None,
+    regenerated_from: str | None = None,
+) -> Reply:
+    """Stream a reply to ``context`` from ``version`` (``on_delta`` per piece of text), then store it.
+
+    A failed reply is stored too (empty, no latency): error rates per version are compared.
+    Exceptions of the engine (overloaded, unknown version) propagate before anything is stored.
+    """
+    started = time.monotonic()
+    first_token_s: float | None = None
+    parts: list[str] = []
+    finish_reason, n_tokens = FinishReason.ERROR, 0
+    messages = [{"role": t.role, "content": t.text} for t in context]
+    async for chunk in engine.stream(messages, version=version, sampling=sampling, cancel=cancel):
+        if chunk.delta:
+            if first_token_s is None:
+                first_token_s = time.monotonic() - started
+            parts.append(chunk.delta)
+            await on_delta(chunk.delta)
+        if chunk.finish_reason is not None:
+            finish_reason, n_tokens = FinishReason(chunk.finish_reason), chunk.n_tokens
+    failed = finish_reason is FinishReason.ERROR
+    reply = Reply(
+        message_id=message_id,
+        text="" if failed else "".join(parts),
+        version=version,
+        finish_reason=finish_reason,
+        n_tokens=0 if failed else n_tokens,
+        latency_ms=None if failed else (first_token_s or 0.0) * 1000,
+    )
+    await store.conversations.add_message(
+        message_id=message_id,
+        conversation_id=conversation_id,
+        role=Role.ASSISTANT,
+        text=reply.text,
+        parent_id=parent_id,
+        regenerated_from=None if failed else regenerated_from,
+        model_version=version,
+        latency_ms=reply.latency_ms,
+        finish_reason=finish_reason,
+        n_tokens=None if failed else n_tokens,
+    )
+    return reply
