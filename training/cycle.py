@@ -36,6 +36,7 @@ from training.clean import CleanReport, clean
 from training.config import CycleConfig
 from training.gate import EvalReport, decide
 from training.policy import should_train
+from training.signals import build_training_data
 from training.trust import TrustReport, filter_snapshot, weight_reviewed
 from training.validate import ADAPTER_FILE, sha256_file
 
@@ -121,7 +122,7 @@ def prepare(snapshot: FeedbackSnapshot, cfg: CycleConfig) -> PreparedData:
     """Snapshot -> trust filter -> rows -> cleaning -> split -> weighting. Pure."""
     trusted, trust_report = filter_snapshot(snapshot, cfg.trust)
     data, cleaning = clean(
-        pairs.build_training_data(
+        build_training_data(
             trusted,
             system_prompt=cfg.system_prompt,
             contrast=cfg.train.contrast_pairs,

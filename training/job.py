@@ -42,18 +42,19 @@ def read_jsonl(path: str | None) -> list[dict[str, Any]]:
 def replay_candidate_rows(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """training.replay_pairs: ordinary chat prompts, each against every operator correction."""
     from training.evaluate import REPLAY_CHAT, load_generic_chat
-    from training.pairs import replay_rows
+    from training.signals import replay_rows
 
     replay = spec.get("replay") or {}
     if not replay.get("n"):
         return []
     chat = load_generic_chat(REPLAY_CHAT)[: int(replay["n"])]
-    return replay_rows(
+    rows = replay_rows(
         [g["prompt"][-1]["content"] for g in chat],
         [g["completion"] for g in chat],
         replay.get("corrections", []),
         system_prompt=replay.get("system_prompt"),
     )
+    return [r.to_trl() for r in rows]
 
 
 def picker(spec: dict[str, Any], cfg: TrainConfig, tokenizer: Any) -> Callable[[list[dict[str, Any]], int], list[Any]]:
