@@ -72,7 +72,7 @@ class KTORow:
 
     prompt: Prompt
     completion: str
-    label: bool
+    label: bool  # True: the raters' verdict is up
     group: str
     refs: FeedbackRef = field(default_factory=FeedbackRef)
 
@@ -86,7 +86,7 @@ class SFTRow:
 
     prompt: Prompt
     completion: str
-    source: str
+    source: str  # "correction" or "takeover" (the signal that gave it)
     group: str
     refs: FeedbackRef = field(default_factory=FeedbackRef)
 
