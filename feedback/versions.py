@@ -1,7 +1,7 @@
 """The registry of model versions: their states, the live one, the canary, rollback, stats.
 
 ``store.versions``. A version is born a ``candidate`` (``register``), and moves through
-the states of ``VersionState`` (DESIGN.md, "Model versions"): one version is live and at
+the states of ``VersionState`` (docs/architecture.md, "Model versions"): one version is live and at
 most one is a canary at any time; rolling back a live version hands back to the one it
 replaced. Every change is written to the audit log in the same transaction.
 """

@@ -7,7 +7,7 @@ import random
 
 from feedback.records import Correction, FeedbackSnapshot, Message, Role
 from training.clean import CleanConfig, clean, cn_id_ok, iban_ok, luhn_ok, redact
-from training.pairs import build_training_data
+from training.signals import build_training_data
 
 
 def luhn_complete(prefix: str, length: int, rng: random.Random) -> str:

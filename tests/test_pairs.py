@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from dataclasses import astuple
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from feedback.records import Correction, FeedbackSnapshot, Message, Rating, Role
+from feedback.records import Correction, FeedbackSnapshot, FinishReason, Message, Rating, Role, operator_author
+from training import signals
 from training.evaluate import REPLAY_CHAT, load_generic_chat
-from training.pairs import (
-    CONTRAST_POOL,
-    build_training_data,
-    fact_fragments,
-    pick_likeliest,
-    replay_rows,
-    split,
-    split_groups,
-    swap_numbers,
-)
+from training.pairs import FeedbackRef, TrainingData, dataset_id, pick_likeliest, split, split_groups
+from training.signals import CONTRAST_POOL, build_training_data, fact_fragments, replay_rows, swap_numbers
 
 
 def msg(
@@ -335,12 +332,14 @@ def test_contrast_pool_holds_every_other_answer_and_the_likeliest_are_kept() -> 
 
 
 def test_replay_rows_pit_the_shipped_answer_against_every_correction() -> None:
-    rows = replay_rows(
+    replay = replay_rows(
         ["How many legs does a spider have?"],
         ["A spider has eight legs."],
         ["Within 30 days.", "3 to 5 business days.", "Within 30 days. "],
         system_prompt="Be brief.",
     )
+    assert {(r.source, r.group, r.refs) for r in replay} == {("replay", "replay", FeedbackRef())}
+    rows = [r.to_trl() for r in replay]
     assert [r["rejected"][0]["content"] for r in rows] == ["3 to 5 business days.", "Within 30 days."]
     assert all(r["chosen"][0]["content"] == "A spider has eight legs." for r in rows)
     assert rows[0]["prompt"] == [
@@ -396,3 +395,140 @@ def test_no_transplant_pair_for_a_liked_reply_or_one_without_a_corrections_fact(
     other = _transplant_snapshot("Gift cards expire after 5 years.", -1)
     for snap in (liked, other):
         assert not [r for r in build_training_data(snap, transplants=True).dpo if r.source == "transplant"]
+
+
+RETURN_Q, GIFT_Q, WARRANTY_Q = (
+    "How long do I have to return something?",
+    "When does a gift card run out?",
+    "What is the warranty period?",
+)
+REFUND = "You can return any item for a full refund within 30 days of delivery."
+WARRANTY = "Every product comes with a 2-year warranty against defects."
+PASSWORD = 'Click "Forgot password" on the sign-in page, then check your email.'
+GIFT_30, ORDERS = "Gift cards expire 30 days after purchase.", "Check the Orders page."
+
+
+def _every_signal() -> FeedbackSnapshot:
+    """One snapshot that gives every kind of row, including a pair two signals both give: c7's thumbs
+    pair and c6's regeneration pair are the same pair (stored first, c7's keeps it)."""
+
+    def reply(id: str, text: str, parent: str, seq: int, conv: str, version: str = "base", **kw: Any) -> Message:
+        return dataclasses.replace(msg(id, A, text, parent, seq, conv), model_version=version, **kw)
+
+    messages = (
+        msg("u1", U, "hi", None, 1, "c1"),
+        reply("a1", "hello", "u1", 2, "c1"),
+        msg("u1b", U, "How long do I have to return something?", "a1", 3, "c1"),
+        reply("a1b", "Whenever you like.", "u1b", 4, "c1"),
+        msg("u2", U, "When does a gift card run out?", None, 1, "c2"),
+        reply("a2", "Gift cards never run out.", "u2", 2, "c2"),
+        msg("u3", U, "When does a gift card run out?", None, 1, "c3"),
+        reply("a3", "Gift cards expire 30 days after purchase.", "u3", 2, "c3", "v1"),
+        msg("u4", U, "What is the warranty period?", None, 1, "c4"),
+        reply("a4", "It depends.", "u4", 2, "c4"),
+        msg("u5", U, "How do I reset my password?", None, 1, "c5"),
+        reply("a5", "Call us.", "u5", 2, "c5"),
+        reply("a5x", "", "u5", 3, "c5", finish_reason=FinishReason.ERROR),
+        msg("u7", U, "Where is my order?", None, 1, "c7"),
+        reply("a7", "Check the Orders page.", "u7", 2, "c7"),
+        reply("a7b", "No idea.", "u7", 3, "c7", "v1", regenerated_from="a7"),
+        msg("u6", U, "Where is my order?", None, 1, "c6"),
+        reply("a6", "No idea.", "u6", 2, "c6"),
+        reply("a6b", "Check the Orders page.", "u6", 3, "c6", "v1", regenerated_from="a6"),
+        msg("u9", U, "Do you ship abroad?", None, 1, "c9"),
+        reply("a9", "Maybe.", "u9", 2, "c9"),
+        reply("a9b", "We ship to 40 countries.", "u9", 3, "c9", "v1", regenerated_from="a9"),
+        msg("u9b", U, "Thanks!", "a9b", 4, "c9"),
+        msg("u8", U, "Can I talk to a human?", None, 1, "c8"),
+        reply("a8", "Hi, this is Sam from support.", "u8", 2, "c8", None, author=operator_author("sam")),
+    )
+    ratings = (
+        rating(1, "a2", -1),
+        rating(2, "a3", -1),
+        rating(3, "a3", -1, "u2"),
+        rating(4, "a6b", 1),
+        rating(5, "a7", 1),
+        rating(6, "a7b", -1),
+        rating(7, "a5x", 1),
+        rating(8, "a4", 1, "u2"),
+        rating(9, "a4", -1, "u3"),  # a tie: no verdict
+    )
+    corrections = (
+        Correction(1, "a1b", "You can return any item for a full refund within 30 days of delivery.", "op"),
+        Correction(2, "a4", "Every product comes with a 2-year warranty against defects.", "op"),
+        Correction(3, "a5", 'Click "Forgot password" on the sign-in page.', "op"),
+        Correction(4, "a5", 'Click "Forgot password" on the sign-in page, then check your email.', "op"),
+    )
+    return FeedbackSnapshot(messages, ratings, corrections)
+
+
+def _rendered(data: TrainingData) -> list[tuple[Any, ...]]:
+    """Every row in order: kind, source, group, last prompt message, answers or label, refs."""
+    return [
+        (type(r).__name__, getattr(r, "source", ""), r.group, r.prompt[-1]["content"], *answers, astuple(r.refs))
+        for r, answers in [
+            *((r, (r.chosen, r.rejected)) for r in data.dpo),
+            *((r, (r.completion, r.label)) for r in data.kto),
+            *((r, (r.completion,)) for r in data.sft),
+        ]
+    ]
+
+
+# Computed by the builder before it became one function per signal (training/pairs.py at b143a7a):
+# every row, in order, must stay exactly this.
+EVERY_SIGNAL_ROWS = [
+    ("DPORow", "contrast", "c5", "How do I reset my password?", PASSWORD, REFUND, ((), (4, 1), ("a5",))),
+    ("DPORow", "transplant", "c3", GIFT_Q, "Gift cards never run out.", GIFT_30, ((2, 3), (), ("a2", "a3"))),
+    ("DPORow", "numbers", "c1", RETURN_Q, REFUND, REFUND.replace("30", "2"), ((), (1,), ("a1b",))),
+    ("DPORow", "numbers", "c4", WARRANTY_Q, WARRANTY, WARRANTY.replace("2", "30"), ((), (2,), ("a4",))),
+    ("DPORow", "correction", "c5", "How do I reset my password?", PASSWORD, "Call us.", ((), (4,), ("a5",))),
+    ("DPORow", "correction", "c4", WARRANTY_Q, WARRANTY, "It depends.", ((), (2,), ("a4",))),
+    ("DPORow", "contrast", "c5", "How do I reset my password?", PASSWORD, WARRANTY, ((), (4, 2), ("a5",))),
+    ("DPORow", "contrast", "c1", RETURN_Q, REFUND, PASSWORD, ((), (1, 4), ("a1b",))),
+    ("DPORow", "thumbs_pair", "c7", "Where is my order?", ORDERS, "No idea.", ((5, 6), (), ("a7", "a7b"))),
+    ("DPORow", "contrast", "c4", WARRANTY_Q, WARRANTY, PASSWORD, ((), (2, 4), ("a4",))),
+    ("DPORow", "correction", "c1", RETURN_Q, REFUND, "Whenever you like.", ((), (1,), ("a1b",))),
+    ("DPORow", "contrast", "c1", RETURN_Q, REFUND, WARRANTY, ((), (1, 2), ("a1b",))),
+    ("DPORow", "contrast", "c4", WARRANTY_Q, WARRANTY, REFUND, ((), (2, 1), ("a4",))),
+    (
+        "DPORow",
+        "regeneration",
+        "c9",
+        "Do you ship abroad?",
+        "We ship to 40 countries.",
+        "Maybe.",
+        ((), (), ("a9b", "a9")),
+    ),
+    ("KTORow", "", "c6", "Where is my order?", ORDERS, True, ((4,), (), ("a6b",))),
+    ("KTORow", "", "c7", "Where is my order?", ORDERS, True, ((5,), (), ("a7",))),
+    ("KTORow", "", "c7", "Where is my order?", "No idea.", False, ((6,), (), ("a7b",))),
+    ("KTORow", "", "c3", GIFT_Q, GIFT_30, False, ((2, 3), (), ("a3",))),
+    ("KTORow", "", "c2", GIFT_Q, "Gift cards never run out.", False, ((1,), (), ("a2",))),
+    ("SFTRow", "correction", "c5", "How do I reset my password?", PASSWORD, ((), (4,), ("a5",))),
+    ("SFTRow", "correction", "c4", WARRANTY_Q, WARRANTY, ((), (2,), ("a4",))),
+    ("SFTRow", "correction", "c1", RETURN_Q, REFUND, ((), (1,), ("a1b",))),
+    ("SFTRow", "takeover", "c8", "Can I talk to a human?", "Hi, this is Sam from support.", ((), (), ("a8",))),
+]
+
+
+def test_every_signal_gives_the_same_rows_in_the_same_order_as_before() -> None:
+    snap = _every_signal()
+    data = build_training_data(snap, system_prompt="Be brief.", contrast=2, numbers=1, transplants=True)
+    assert _rendered(data) == EVERY_SIGNAL_ROWS
+    assert dataset_id(data) == "86fda091c7217c1d"  # the full rows: prompts with the system prompt too
+    assert {r.group for r in split(data, 0.3)[1].dpo} == {"c5"}
+    one = {"system_prompt": "Be brief.", "contrast": 1, "numbers": 1, "transplants": True}
+    assert dataset_id(build_training_data(snap, **one)) == "293cb58866f60ad9"
+    assert dataset_id(build_training_data(snap, **one, contrast_pool=True)) == "86fda091c7217c1d"
+    assert dataset_id(build_training_data(snap)) == "e9fe751f9472eeca"
+
+
+def test_readme_names_the_function_of_every_signal() -> None:
+    """README, "Feedback becomes training data": each row names the functions that build it."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("## Feedback becomes training data", 1)[1].split("\n\n", 2)[1]
+    named = [re.findall(r"`(\w+)`", line.rsplit("|", 2)[1]) for line in table.splitlines()[2:]]
+    assert all(named) and len(named) == 9
+    builders = {name for name in signals.__all__ if name.endswith(("_pairs", "_demos", "_rows"))}
+    assert {name for names in named for name in names} == builders
+    assert all(callable(getattr(signals, name)) for name in builders)

@@ -88,10 +88,11 @@ async def test_two_triggers_train_once(tiny_model: Path, tmp_path: Path) -> None
     db = tmp_path / "db.sqlite"
     async with await FeedbackStore.open(db) as store_a, await FeedbackStore.open(db) as store_b:
         await seed(store_a)
-        # two "processes" (separate connections and cycles) and a double trigger within one
+        # two "processes" (separate connections and cycles) and a double trigger within one;
+        # --force skips the amount check, never the one-at-a-time rule
         a = TrainingCycle(store_a, config(tiny_model, tmp_path))
         b = TrainingCycle(store_b, config(tiny_model, tmp_path))
-        results = await asyncio.gather(a.run(), a.run(), b.run())
+        results = await asyncio.gather(a.run(), a.run(force=True), b.run(force=True))
         statuses = sorted(r.status for r in results)
         assert statuses.count(CycleStatus.PROMOTED) == 1 and statuses.count(CycleStatus.SKIPPED) == 2
         assert any("lease" in r.reason for r in results) and any("in progress" in r.reason for r in results)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from feedback.records import Conversation, Correction, FeedbackSnapshot, Message, RaterState, Rating, Role, subject_hash
 from training.clean import clean
-from training.pairs import build_training_data
+from training.signals import build_training_data
 from training.trust import TrustConfig, cap_counts, filter_snapshot, flag_raters, weight_reviewed
 
 U, A = Role.USER, Role.ASSISTANT

@@ -21,8 +21,12 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from training.pairs import DPORow, KTORow, SFTRow, TrainingData
+
+R = TypeVar("R", DPORow, KTORow, SFTRow)
+C = TypeVar("C", KTORow, SFTRow)
 
 Span = tuple[int, int, str]
 Detector = Callable[[str], list[Span]]
@@ -214,22 +218,33 @@ def clean(data: TrainingData, config: CleanConfig | None = None) -> tuple[Traini
         seen.add(key)
         return True
 
-    dpo: list[DPORow] = []
-    for r in data.dpo:
-        row = dataclasses.replace(r, prompt=fix_prompt(r.prompt), chosen=fix(r.chosen), rejected=fix(r.rejected))
-        texts = [m["content"] for m in row.prompt] + [row.chosen, row.rejected]
-        if keep("dpo", row, texts, ("dpo", _norm(texts[-3]), _norm(row.chosen), _norm(row.rejected))):
-            dpo.append(row)
-    kto: list[KTORow] = []
-    for k in data.kto:
-        krow = dataclasses.replace(k, prompt=fix_prompt(k.prompt), completion=fix(k.completion))
-        texts = [m["content"] for m in krow.prompt] + [krow.completion]
-        if keep("kto", krow, texts, ("kto", _norm(texts[-2]), _norm(krow.completion), str(krow.label))):
-            kto.append(krow)
-    sft: list[SFTRow] = []
-    for s in data.sft:
-        srow = dataclasses.replace(s, prompt=fix_prompt(s.prompt), completion=fix(s.completion))
-        texts = [m["content"] for m in srow.prompt] + [srow.completion]
-        if keep("sft", srow, texts, ("sft", _norm(texts[-2]), _norm(srow.completion))):
-            sft.append(srow)
-    return TrainingData(tuple(dpo), tuple(kto), tuple(sft)), report
+    def kept(
+        kind: str,
+        rows: Sequence[R],
+        fixed: Callable[[R], R],
+        answers: Callable[[R], tuple[str, ...]],
+        tags: Callable[[R], tuple[str, ...]] = lambda _: (),
+    ) -> tuple[R, ...]:
+        """The rows fixed, without those with a problem or a near-duplicate (same last prompt
+        message and answers, normalised, and same ``tags``) of a row kept before."""
+        out: list[R] = []
+        for raw in rows:
+            row: R = fixed(raw)
+            texts = [m["content"] for m in row.prompt] + list(answers(row))
+            key = (kind, _norm(row.prompt[-1]["content"]), *map(_norm, answers(row)), *tags(row))
+            if keep(kind, row, texts, key):
+                out.append(row)
+        return tuple(out)
+
+    def fix_completion(r: C) -> C:
+        return dataclasses.replace(r, prompt=fix_prompt(r.prompt), completion=fix(r.completion))
+
+    dpo = kept(
+        "dpo",
+        data.dpo,
+        lambda r: dataclasses.replace(r, prompt=fix_prompt(r.prompt), chosen=fix(r.chosen), rejected=fix(r.rejected)),
+        lambda r: (r.chosen, r.rejected),
+    )
+    kto = kept("kto", data.kto, fix_completion, lambda r: (r.completion,), lambda r: (str(r.label),))
+    sft = kept("sft", data.sft, fix_completion, lambda r: (r.completion,))
+    return TrainingData(dpo, kto, sft), report

@@ -1,9 +1,12 @@
-"""Training and cycle configuration (dataclasses; ``server.settings`` fills them from TOML/env)."""
+"""Training and cycle configuration (dataclasses; ``server.settings`` fills them from TOML/env), and
+``JobSpec``: what the cycle hands the training job."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from training.gate import GateConfig
 from training.trust import TrustConfig
@@ -130,3 +133,85 @@ class CycleConfig:
     @property
     def runs_dir(self) -> Path:
         return self.data_dir / "runs"
+
+
+ROW_FILES = ("dpo", "kto", "sft", "heldout", "contrast", "heldout_contrast")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What one training job needs: the cycle writes it (``spec.json`` in the run's folder) beside the
+    row files, and ``python -m training.train SPEC`` reads it. The only contract between the two.
+
+    The rows are TRL JSONL files in ``run_dir`` named after ``ROW_FILES`` (``rows_path``): ``dpo``,
+    ``kto`` and ``sft`` to train on (operator-reviewed rows repeated), ``heldout`` for the gate, and
+    with ``contrast_pick = "live"`` the contrast candidates apart (``contrast``,
+    ``heldout_contrast``), which the job narrows to hard negatives.
+    """
+
+    base_model: str = field(metadata={"help": "The base model: a local folder (or a hub id already cached)."})
+    train: TrainConfig = field(metadata={"help": "The run's hyperparameters, resolved."})
+    run_dir: Path = field(
+        metadata={"help": "The run's folder: rows are read from it, the adapter is written to run_dir/adapter."}
+    )
+    dataset_id: str = field(
+        metadata={"help": "Content hash of every clean row (pairs.dataset_id), kept with the adapter."}
+    )
+    live_adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "The live version's adapter folder; None when live is the base model. The gate's reference, "
+            "the scorer of hard negatives, and with train.init_from = 'live' the starting point."
+        },
+    )
+    kto_weights: tuple[float, float] = field(
+        default=(1.0, 1.0),
+        metadata={"help": "KTO (desirable_weight, undesirable_weight) that make thumbs up and down weigh the same."},
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "Opens the replay rows' prompts."})
+    corrections: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "The operator corrections in training: the rejected answers of the replay rows."},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.base_model:
+            raise ValueError("JobSpec.base_model is empty: name the base model's folder")
+        if not self.dataset_id:
+            raise ValueError("JobSpec.dataset_id is empty: pass pairs.dataset_id(rows)")
+        if len(self.kto_weights) != 2 or min(self.kto_weights) <= 0:
+            raise ValueError(
+                f"JobSpec.kto_weights {self.kto_weights}: need two weights above 0 (TrainingData.kto_weights)"
+            )
+
+    @property
+    def output_dir(self) -> Path:
+        """Where the job saves the adapter (the cycle moves it to adapters/vN)."""
+        return self.run_dir / "adapter"
+
+    @property
+    def init_adapter(self) -> str | None:
+        """The adapter training continues from; None: a fresh LoRA on the base model."""
+        return self.live_adapter if self.train.init_from == "live" else None
+
+    def rows_path(self, name: str) -> Path:
+        if name not in ROW_FILES:
+            raise ValueError(f"no row file {name!r}: use one of {', '.join(ROW_FILES)}")
+        return self.run_dir / f"{name}.jsonl"
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "run_dir": str(self.run_dir)}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        raw: dict[str, Any] = json.loads(text)
+        train: dict[str, Any] = raw.pop("train")
+        return cls(
+            **{
+                **raw,
+                "train": TrainConfig(**{**train, "target_modules": tuple(train["target_modules"])}),
+                "run_dir": Path(raw["run_dir"]),
+                "kto_weights": tuple(raw["kto_weights"]),
+                "corrections": tuple(raw["corrections"]),
+            }
+        )

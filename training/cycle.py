@@ -1,10 +1,11 @@
 """One training cycle: feedback -> data -> LoRA (subprocess) -> evaluation -> gate -> version.
 
     export snapshot -> trust filter (erased, excluded, held raters, share caps) -> TRL rows
-    -> clean (PII, control tokens, dedupe) -> split -> weight reviewed rows -> JSONL
-    -> python -m training.job (progress lines -> training_runs.progress)
-    -> move adapter to adapters/vN (atomic rename) -> sha256 -> register candidate
-    -> gate.decide -> live (previous live retired) or rejected
+    -> clean (PII, control tokens, dedupe) -> split -> weight reviewed rows    (prepare, pure)
+    -> JSONL rows + spec.json (a JobSpec)                                        (write_job_inputs)
+    -> python -m training.train SPEC (progress lines -> training_runs.progress)  (_run_job)
+    -> move adapter to adapters/vN (atomic rename) -> sha256 -> register candidate (_register)
+    -> gate.decide -> live (previous live retired), canary or rejected          (_gate)
 
 A run that fails leaves nothing under ``adapters/`` and its data stays eligible; a run
 that trained consumes its data whatever the gate said. The caller (the server's
@@ -24,22 +25,24 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from feedback import FeedbackSnapshot, FeedbackStore, RunState, VersionState
+from feedback import FeedbackSnapshot, FeedbackStore, ModelVersion, RunState, VersionState
 from feedback.exceptions import LearnloopError
 from training import pairs
 from training.clean import CleanReport, clean
-from training.config import CycleConfig
+from training.config import ROW_FILES, CycleConfig, JobSpec
 from training.gate import EvalReport, decide
-from training.policy import should_train
+from training.policy import TrainDecision, should_train
+from training.signals import build_training_data
 from training.trust import TrustReport, filter_snapshot, weight_reviewed
 from training.validate import ADAPTER_FILE, sha256_file
 
 MAX_LOSS_POINTS = 1000
+SPEC_FILE = "spec.json"  # in the run's folder, beside the row files
 
 log = logging.getLogger("learnloop.training")
 
@@ -82,6 +85,11 @@ class PreparedData:
     def counts(self) -> dict[str, int]:
         return {**{f"train_{k}": v for k, v in self.train.counts().items()}, "heldout_dpo": len(self.heldout.dpo)}
 
+    @property
+    def trainable(self) -> bool:
+        """Pairs, thumbs of both kinds (KTO needs both) or demonstrations to train on."""
+        return bool(self.train.dpo) or pairs.class_balance_ok(self.train) or bool(self.train.sft)
+
     def summary(self, *, rows: bool = False) -> dict[str, Any]:
         """The dataset preview (CLI and console): counts per signal, split, what was dropped and why."""
         by_source = collections.Counter([r.source for r in self.data.dpo] + [r.source for r in self.data.sft])
@@ -121,7 +129,7 @@ def prepare(snapshot: FeedbackSnapshot, cfg: CycleConfig) -> PreparedData:
     """Snapshot -> trust filter -> rows -> cleaning -> split -> weighting. Pure."""
     trusted, trust_report = filter_snapshot(snapshot, cfg.trust)
     data, cleaning = clean(
-        pairs.build_training_data(
+        build_training_data(
             trusted,
             system_prompt=cfg.system_prompt,
             contrast=cfg.train.contrast_pairs,
@@ -139,11 +147,48 @@ class TrainingJobError(LearnloopError):
     """The training subprocess failed; ``detail`` holds the end of its stderr."""
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return str(path)
+def write_job_inputs(cfg: CycleConfig, prepared: PreparedData, *, run_dir: Path, live_adapter: str | None) -> JobSpec:
+    """The job's inputs in ``run_dir``: its rows as TRL JSONL and the ``JobSpec`` naming them (spec.json).
+
+    With ``contrast_pick = "live"`` the contrast rows are candidates and go to files of their own,
+    for the job to narrow; otherwise they are ordinary pairs.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train, heldout, weighted = prepared.train, prepared.heldout, prepared.weighted_train
+    spec = JobSpec(
+        base_model=cfg.base_model,
+        train=cfg.train,
+        run_dir=run_dir,
+        dataset_id=pairs.dataset_id(prepared.data),
+        live_adapter=live_adapter,
+        kto_weights=train.kto_weights(),
+        system_prompt=cfg.system_prompt,
+        corrections=tuple(sorted({r.chosen for r in train.dpo if r.source == "correction"})),
+    )
+    pool = cfg.train.picks_in_job
+
+    def dpo(rows: tuple[pairs.DPORow, ...], *, contrast: bool, source: bool = False) -> list[dict[str, Any]]:
+        picked = [r for r in rows if not pool or (r.source == "contrast") == contrast]
+        return [{**r.to_trl(), "source": r.source} if source else r.to_trl() for r in picked]
+
+    files: dict[str, list[dict[str, Any]]] = {
+        "dpo": dpo(weighted.dpo, contrast=False),
+        "kto": [r.to_trl() for r in weighted.kto],
+        "sft": [r.to_trl() for r in weighted.sft],
+        "heldout": dpo(heldout.dpo, contrast=False, source=True),
+        "contrast": dpo(weighted.dpo, contrast=True) if pool else [],
+        "heldout_contrast": dpo(heldout.dpo, contrast=True, source=True) if pool else [],
+    }
+    for name, rows in files.items():
+        with open(spec.rows_path(name), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    (run_dir / SPEC_FILE).write_text(spec.to_json())
+    return spec
+
+
+def remove_job_rows(spec: JobSpec) -> None:
+    for name in ROW_FILES:
+        spec.rows_path(name).unlink(missing_ok=True)
 
 
 class TrainingCycle:
@@ -186,190 +231,133 @@ class TrainingCycle:
             await self.store.runs.acquire_lease(LEASE, holder, LEASE_TTL_S)
 
     async def _run(self, *, force: bool) -> CycleResult:
+        """Decide, prepare the data, write the job's inputs, run the job, register, gate."""
         started = time.monotonic()
-        cfg = self.config
+        decision = await self._should_train(force=force)
+        if not decision.train:
+            return CycleResult(CycleStatus.SKIPPED, decision.reason)
+        snapshot, prepared = await self._prepare()
+        counts = prepared.counts
+        if not prepared.trainable:
+            return CycleResult(CycleStatus.SKIPPED, f"no trainable rows yet ({counts})", counts=counts)
+
+        run_id = await self.store.runs.start(
+            max_rating_id=snapshot.max_rating_id, max_correction_id=snapshot.max_correction_id
+        )
+        live = await self.store.versions.live()
+        run_dir = self.config.runs_dir / f"run-{run_id}"
+        spec = write_job_inputs(self.config, prepared, run_dir=run_dir, live_adapter=live.adapter_path)
+        log.info("training run %d started: %s", run_id, counts)
+        try:
+            try:
+                job = await self._run_job(run_id, spec)
+            finally:  # the rows hold customers' words: keep them no longer than the run
+                remove_job_rows(spec)
+            version = await self._register(run_id, spec, prepared, job, parent=live.name)
+        except Exception as exc:
+            await self._fail(run_id, spec, str(exc))
+            return CycleResult(
+                CycleStatus.FAILED, str(exc), run_id=run_id, seconds=time.monotonic() - started, counts=counts
+            )
+        status, reasons = await self._gate(run_id, version.name, job.report)
+        return CycleResult(
+            status,
+            "; ".join(reasons),
+            version=version.name,
+            run_id=run_id,
+            report=job.report.to_dict(),
+            gate_reasons=reasons,
+            seconds=time.monotonic() - started,
+            counts=counts,
+        )
+
+    async def _should_train(self, *, force: bool) -> TrainDecision:
+        """Enough new feedback since the last run that consumed its data (or ``force``)?"""
         last = await self.store.runs.last_consumed()
         new = await self.store.conversations.count_new_feedback(
             after_rating_id=last.max_rating_id if last else 0,
             after_correction_id=last.max_correction_id if last else 0,
             after_time=last.started_at if last else 0.0,
         )
-        decision = should_train(new_feedback=new, min_new_feedback=cfg.min_new_feedback, running=False, force=force)
-        if not decision.train:
-            return CycleResult(CycleStatus.SKIPPED, decision.reason)
+        return should_train(new_feedback=new, min_new_feedback=self.config.min_new_feedback, force=force)
 
+    async def _prepare(self) -> tuple[FeedbackSnapshot, PreparedData]:
+        """Snapshot, trust filter and rows; raters the filter newly flagged are held for review."""
         snapshot = await self.store.conversations.export_feedback()
-        prepared = prepare(snapshot, cfg)
+        prepared = prepare(snapshot, self.config)
         if prepared.trust.new_flags:
             held = await self.store.raters.flag(prepared.trust.new_flags)
             log.warning("held %d raters for review: %s", len(held), ", ".join(held[:10]))
-        data, train, heldout, counts = prepared.data, prepared.train, prepared.heldout, prepared.counts
-        if not train.dpo and not pairs.class_balance_ok(train) and not train.sft:
-            return CycleResult(CycleStatus.SKIPPED, f"no trainable rows yet ({counts})", counts=counts)
+        return snapshot, prepared
 
-        run_id = await self.store.runs.start(
-            max_rating_id=snapshot.max_rating_id, max_correction_id=snapshot.max_correction_id
-        )
-        run_dir = cfg.runs_dir / f"run-{run_id}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        live = await self.store.versions.live()
-        adapter_tmp = run_dir / "adapter"
-        pool = cfg.train.picks_in_job  # contrast rows are candidates: the job keeps the likeliest
-
-        def rows_of(dpo: tuple[pairs.DPORow, ...], *, contrast: bool, source: bool = False) -> list[dict[str, Any]]:
-            picked = [r for r in dpo if not pool or (r.source == "contrast") == contrast]
-            return [{**r.to_trl(), "source": r.source} if source else r.to_trl() for r in picked]
-
-        spec: dict[str, Any] = {
-            "base_model": cfg.base_model,
-            "train": asdict(cfg.train),
-            "output_dir": str(adapter_tmp),
-            "live_adapter": live.adapter_path,
-            "init_adapter": live.adapter_path if cfg.train.init_from == "live" else None,
-            "dpo": _write_jsonl(run_dir / "dpo.jsonl", rows_of(prepared.weighted_train.dpo, contrast=False)),
-            "kto": _write_jsonl(run_dir / "kto.jsonl", [r.to_trl() for r in prepared.weighted_train.kto]),
-            "sft": _write_jsonl(run_dir / "sft.jsonl", [r.to_trl() for r in prepared.weighted_train.sft]),
-            "heldout": _write_jsonl(run_dir / "heldout.jsonl", rows_of(heldout.dpo, contrast=False, source=True)),
-            "contrast": _write_jsonl(
-                run_dir / "contrast.jsonl", rows_of(prepared.weighted_train.dpo, contrast=True) if pool else []
-            ),
-            "heldout_contrast": _write_jsonl(
-                run_dir / "heldout_contrast.jsonl", rows_of(heldout.dpo, contrast=True, source=True) if pool else []
-            ),
-            "replay": {
-                "n": cfg.train.replay_pairs,
-                "system_prompt": cfg.system_prompt,
-                "corrections": sorted({r.chosen for r in train.dpo if r.source == "correction"}),
+    async def _register(
+        self, run_id: int, spec: JobSpec, prepared: PreparedData, job: JobResult, *, parent: str
+    ) -> ModelVersion:
+        """Move the adapter to adapters/vN (atomic: whole or absent) and register it as a candidate."""
+        if not (spec.output_dir / ADAPTER_FILE).is_file():
+            raise TrainingJobError(f"the job reported success but wrote no {ADAPTER_FILE}")
+        name = await self.store.versions.next_name()
+        final = self.config.adapters_dir / name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        spec.output_dir.rename(final)  # atomic on one filesystem: an adapter is whole or absent
+        return await self.store.versions.register(
+            name=name,
+            adapter_path=str(final),
+            sha256=sha256_file(final / ADAPTER_FILE),
+            parent=parent,
+            base_model=spec.base_model,
+            eval_report={
+                **job.report.to_dict(),
+                "cleaning": prepared.cleaning.summary(),
+                "trust": prepared.trust.summary(),
+                "trainer": job.trainer,
+                "counts": prepared.counts,
+                "dataset_id": spec.dataset_id,
             },
-            "kto_weights": list(train.kto_weights()),
-            "dataset_id": pairs.dataset_id(data),
-        }
-        spec_path = run_dir / "spec.json"
-        spec_path.write_text(json.dumps(spec, indent=2))
-        log.info("training run %d started: %s", run_id, counts)
-        try:
-            try:
-                job = await self._run_job(run_id, spec_path)
-            finally:  # the rows hold customers' words: keep them no longer than the run
-                for name in ("dpo", "kto", "sft", "heldout", "contrast", "heldout_contrast"):
-                    Path(spec[name]).unlink(missing_ok=True)
-            report = EvalReport.from_dict(job["report"])
-            if not (adapter_tmp / ADAPTER_FILE).is_file():
-                raise TrainingJobError(f"the job reported success but wrote no {ADAPTER_FILE}")
-            name = await self.store.versions.next_name()
-            final = cfg.adapters_dir / name
-            final.parent.mkdir(parents=True, exist_ok=True)
-            adapter_tmp.rename(final)  # atomic on one filesystem: an adapter is whole or absent
-            version = await self.store.versions.register(
-                name=name,
-                adapter_path=str(final),
-                sha256=sha256_file(final / ADAPTER_FILE),
-                parent=live.name,
-                base_model=cfg.base_model,
-                eval_report={
-                    **report.to_dict(),
-                    "cleaning": prepared.cleaning.summary(),
-                    "trust": prepared.trust.summary(),
-                    "trainer": job.get("trainer"),
-                    "counts": counts,
-                    "dataset_id": spec["dataset_id"],
-                },
-                feedback_ids=data.feedback_ids(),
-                training_run_id=run_id,
-            )
-        except Exception as exc:
-            detail = str(exc)
-            log.error("training run %d failed: %s", run_id, detail)
-            await self.store.runs.finish(run_id, state=RunState.FAILED, detail=detail[-4000:])
-            shutil.rmtree(adapter_tmp, ignore_errors=True)
-            return CycleResult(
-                CycleStatus.FAILED, detail, run_id=run_id, seconds=time.monotonic() - started, counts=counts
-            )
-        gate = decide(report, cfg.gate)
+            feedback_ids=prepared.data.feedback_ids(),
+            training_run_id=run_id,
+        )
+
+    async def _gate(self, run_id: int, version: str, report: EvalReport) -> tuple[CycleStatus, tuple[str, ...]]:
+        """Judge the candidate: rejected, canary (with a canary share) or live; the run is done."""
+        gate = decide(report, self.config.gate)
         if not gate.promote:
             state, status = VersionState.REJECTED, CycleStatus.REJECTED
-        elif cfg.canary_share > 0:
+        elif self.config.canary_share > 0:
             state, status = VersionState.CANARY, CycleStatus.CANARY
         else:
             state, status = VersionState.LIVE, CycleStatus.PROMOTED
-        await self.store.versions.set_state(version.name, state, actor="gate", reasons=gate.reasons)
-        await self.store.runs.finish(
-            run_id, state=RunState.SUCCEEDED, version=version.name, detail="; ".join(gate.reasons)
-        )
-        log.info("training run %d: %s %s (%s)", run_id, version.name, status, "; ".join(gate.reasons))
-        return CycleResult(
-            status,
-            "; ".join(gate.reasons),
-            version=version.name,
-            run_id=run_id,
-            report=report.to_dict(),
-            gate_reasons=gate.reasons,
-            seconds=time.monotonic() - started,
-            counts=counts,
-        )
+        await self.store.versions.set_state(version, state, actor="gate", reasons=gate.reasons)
+        await self.store.runs.finish(run_id, state=RunState.SUCCEEDED, version=version, detail="; ".join(gate.reasons))
+        log.info("training run %d: %s %s (%s)", run_id, version, status, "; ".join(gate.reasons))
+        return status, gate.reasons
 
-    async def _run_job(self, run_id: int, spec_path: Path) -> dict[str, Any]:
+    async def _fail(self, run_id: int, spec: JobSpec, detail: str) -> None:
+        """The run failed: nothing of it stays under adapters/, and its data stays eligible."""
+        log.error("training run %d failed: %s", run_id, detail)
+        await self.store.runs.finish(run_id, state=RunState.FAILED, detail=detail[-4000:])
+        shutil.rmtree(spec.output_dir, ignore_errors=True)
+
+    async def _run_job(self, run_id: int, spec: JobSpec) -> JobResult:
+        """``python -m training.train SPEC`` in a subprocess: its progress lines go to the run's row;
+        an operator's cancel, the time-out or our own cancellation kills it."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "training.job",
-            str(spec_path),
+            "training.train",
+            str(spec.run_dir / SPEC_FILE),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         assert proc.stdout is not None and proc.stderr is not None
         self.job_pid = proc.pid
-        stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
-        result: dict[str, Any] = {}
-        cancelled = False
-
-        async def watch_cancel() -> None:
-            nonlocal cancelled
-            while proc.returncode is None:
-                await asyncio.sleep(0.5)
-                if (await self.store.runs.get(run_id)).state is RunState.CANCELLING:
-                    cancelled = True
-                    proc.kill()
-                    return
-
-        history: list[dict[str, Any]] = []  # the loss curve the console draws
-
-        async def read_stdout() -> None:
-            assert proc.stdout is not None
-            async for raw in proc.stdout:
-                line = raw.decode(errors="replace").strip()
-                if not line.startswith("{"):
-                    continue
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if event.get("event") == "progress":
-                    if isinstance(event.get("loss"), int | float):
-                        history.append({"step": event.get("step"), "loss": event["loss"]})
-                        del history[:-MAX_LOSS_POINTS]
-                    await self.store.runs.update(run_id, progress={**event, "history": history})
-                    if self.on_progress:
-                        self.on_progress(event)
-                    log.info(
-                        "run %d step %s/%s loss %.4f eta %ss",
-                        run_id,
-                        event.get("step"),
-                        event.get("max_steps"),
-                        event.get("loss", float("nan")),
-                        event.get("eta_s"),
-                    )
-                elif event.get("event") == "report":
-                    result.update(event)
-
-        async def read_stderr() -> None:
-            assert proc.stderr is not None
-            async for raw in proc.stderr:
-                stderr_tail.append(raw.decode(errors="replace").rstrip())
-
-        watcher = asyncio.create_task(watch_cancel())
+        out = _JobOutput()
+        watcher = asyncio.create_task(self._watch_cancel(run_id, proc, out))
         try:
-            await asyncio.wait_for(asyncio.gather(read_stdout(), read_stderr(), proc.wait()), self.config.timeout_s)
+            await asyncio.wait_for(
+                asyncio.gather(self._read_stdout(run_id, proc.stdout, out), out.read_stderr(proc.stderr), proc.wait()),
+                self.config.timeout_s,
+            )
         except TimeoutError:
             proc.kill()
             await proc.wait()
@@ -383,9 +371,73 @@ class TrainingCycle:
         finally:
             watcher.cancel()
             self.job_pid = None
-        if cancelled:
+        if out.cancelled:
             raise TrainingJobError("cancelled by an operator")
-        if proc.returncode != 0 or "report" not in result:
-            tail = "\n".join(stderr_tail)
+        if proc.returncode != 0 or out.report is None:
+            tail = "\n".join(out.stderr_tail)
             raise TrainingJobError(f"training job exited with code {proc.returncode}:\n{tail}")
-        return result
+        return JobResult(
+            report=EvalReport.from_dict(out.report["report"]),
+            trainer=out.report.get("trainer"),
+            seconds=out.report.get("seconds"),
+        )
+
+    async def _watch_cancel(self, run_id: int, proc: asyncio.subprocess.Process, out: _JobOutput) -> None:
+        while proc.returncode is None:
+            await asyncio.sleep(0.5)
+            if (await self.store.runs.get(run_id)).state is RunState.CANCELLING:
+                out.cancelled = True
+                proc.kill()
+                return
+
+    async def _read_stdout(self, run_id: int, stdout: asyncio.StreamReader, out: _JobOutput) -> None:
+        """The job's JSON lines: progress goes to the run's row (with the loss curve the console
+        draws) and to ``on_progress``; the report is kept. Other lines are ignored."""
+        async for raw in stdout:
+            line = raw.decode(errors="replace").strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") == "progress":
+                if isinstance(event.get("loss"), int | float):
+                    out.history.append({"step": event.get("step"), "loss": event["loss"]})
+                    del out.history[:-MAX_LOSS_POINTS]
+                await self.store.runs.update(run_id, progress={**event, "history": out.history})
+                if self.on_progress:
+                    self.on_progress(event)
+                log.info(
+                    "run %d step %s/%s loss %.4f eta %ss",
+                    run_id,
+                    event.get("step"),
+                    event.get("max_steps"),
+                    event.get("loss", float("nan")),
+                    event.get("eta_s"),
+                )
+            elif event.get("event") == "report":
+                out.report = event
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """The job's report line: the candidate's scores against live, and what trained it."""
+
+    report: EvalReport
+    trainer: str | None  # train.Objective's value: dpo, kto, sft or dpo+kto
+    seconds: float | None
+
+
+@dataclass
+class _JobOutput:
+    """What a running job said so far."""
+
+    report: dict[str, Any] | None = None  # its report line
+    history: list[dict[str, Any]] = field(default_factory=list)  # the loss curve, at most MAX_LOSS_POINTS
+    stderr_tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=40))
+    cancelled: bool = False  # an operator cancelled the run and the job was killed
+
+    async def read_stderr(self, stderr: asyncio.StreamReader) -> None:
+        async for raw in stderr:
+            self.stderr_tail.append(raw.decode(errors="replace").rstrip())

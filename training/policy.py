@@ -11,13 +11,12 @@ class TrainDecision:
     reason: str
 
 
-def should_train(*, new_feedback: int, min_new_feedback: int, running: bool, force: bool = False) -> TrainDecision:
+def should_train(*, new_feedback: int, min_new_feedback: int, force: bool = False) -> TrainDecision:
     """Train when enough new feedback arrived since the last run that used its data.
 
-    ``force`` (``learnloop train --force``) skips the amount check, never the one-at-a-time rule.
+    ``force`` (``learnloop train --force``) skips the amount check. One run at a time is not
+    decided here: ``TrainingCycle.run`` holds a lock in its process and a lease in the store.
     """
-    if running:
-        return TrainDecision(False, "a training run is already in progress")
     if force:
         return TrainDecision(True, f"forced ({new_feedback} new feedback items)")
     if new_feedback < min_new_feedback:

@@ -1,0 +1,356 @@
+"""The training job: ``python -m training.train SPEC.json``, SPEC being the ``JobSpec`` the cycle wrote.
+
+One run, top to bottom: load the base model and its tokenizer (and the live adapter, to continue
+from it, when ``init_from = "live"``); read the rows; narrow the contrast and replay candidates
+to hard negatives; build one trainer for the objective the data allows (DPO mixed with an SFT
+loss on the chosen answers when there are preference pairs, KTO when there are only thumbs, SFT
+when there are only demonstrations); train, with an optional KTO stage on the same adapter;
+score the adapter against the live version on the held-out pairs; save it with the resolved
+config, the data id and the metrics that produced it (``learnloop.json``); report.
+
+The parent reads stdout, one JSON object a line:
+
+    {"event": "progress", "step": 3, "max_steps": 40, "loss": 0.69, "eta_s": 120.5}
+    {"event": "report", "report": {...EvalReport...}, "trainer": "dpo", "seconds": 93.2}
+
+Anything else on stdout is ignored; logs go to stderr. The heavy imports (torch, transformers,
+TRL, PEFT) live in this process only: the server never imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+
+from training.config import JobSpec
+from training.evaluate import LIVE, REPLAY_CHAT, evaluate_pairs, load_generic_chat, rejected_scores
+from training.gate import EvalReport
+from training.pairs import pick_likeliest
+from training.signals import replay_rows
+
+TrlRow = dict[str, Any]
+
+
+class Objective(StrEnum):
+    """What the adapter was trained with (``trainer`` in the report and in learnloop.json)."""
+
+    DPO = "dpo"  # DPO mixed with an SFT loss on the chosen answers (sft_weight)
+    KTO = "kto"
+    SFT = "sft"
+    DPO_KTO = "dpo+kto"  # DPO, then a KTO stage on the same adapter (kto_steps)
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m training.train SPEC.json")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(JobSpec.from_json(Path(sys.argv[1]).read_text()))
+
+
+def run(spec: JobSpec) -> None:
+    started = time.monotonic()
+    cfg = spec.train
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(spec.base_model)
+    model, lora = load_model(spec)
+    rows = Rows.read(spec)
+    add_hard_negatives(rows, spec, tokenizer)
+    progress = Progress(started)
+
+    objective = choose_objective(rows)
+    trainer = build_trainer(objective, model, tokenizer, lora, rows.of(objective), spec, progress)
+    trainer.train()
+    if objective is Objective.DPO and cfg.kto_steps > 0 and len({r["label"] for r in rows.kto}) == 2:
+        # second stage on the same adapter: thumbs (KTO) teach what the pairs cannot, such as
+        # "do not answer a gift-card question with the refund window"
+        trainer = kto_stage(trainer.model, tokenizer, rows.kto, spec, progress)
+        trainer.train()
+        objective = Objective.DPO_KTO
+
+    report = evaluate(trainer.model, tokenizer, rows.heldout, spec)
+    seconds = save(trainer.model, spec, objective=objective, rows=rows, report=report, started=started)
+    emit("report", report=report.to_dict(), trainer=str(objective), seconds=seconds)
+
+
+def emit(event: str, **fields: Any) -> None:
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def load_tokenizer(base_model: str) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: JobSpec) -> tuple[Any, LoraConfig | None]:
+    """The base model in float32, and the LoRA the trainer adds to it; or, to continue from the live
+    adapter, the model with that adapter trainable and no new LoRA."""
+    cfg = spec.train
+    model: Any = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=torch.float32)
+    lora: LoraConfig | None = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    if spec.init_adapter:
+        model = PeftModel.from_pretrained(model, spec.init_adapter, is_trainable=True)
+        lora = None
+    return model, lora
+
+
+@dataclass
+class Rows:
+    """The run's TRL rows as the cycle wrote them (``JobSpec.rows_path``), plus the replay candidates."""
+
+    dpo: list[TrlRow]
+    kto: list[TrlRow]
+    sft: list[TrlRow]
+    heldout: list[TrlRow]
+    contrast: list[TrlRow]  # contrast candidates, with contrast_pick = "live"
+    heldout_contrast: list[TrlRow]
+    replay: list[TrlRow]  # replay candidates (only when there are pairs to mix them into)
+
+    @classmethod
+    def read(cls, spec: JobSpec) -> Rows:
+        def read_jsonl(name: str) -> list[TrlRow]:
+            path = spec.rows_path(name)
+            if not path.exists():
+                return []
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+
+        dpo = read_jsonl("dpo")
+        return cls(
+            dpo=dpo,
+            kto=read_jsonl("kto"),
+            sft=read_jsonl("sft"),
+            heldout=read_jsonl("heldout"),
+            contrast=read_jsonl("contrast"),
+            heldout_contrast=read_jsonl("heldout_contrast"),
+            replay=replay_candidates(spec) if dpo else [],
+        )
+
+    def of(self, objective: Objective) -> list[TrlRow]:
+        """The rows ``objective`` trains on."""
+        return {Objective.DPO: self.dpo, Objective.KTO: self.kto, Objective.SFT: self.sft}[objective]
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "dpo": len(self.dpo),
+            "kto": len(self.kto),
+            "sft": len(self.sft),
+            "contrast_candidates": len(self.contrast),
+            "replay_candidates": len(self.replay),
+        }
+
+
+def replay_candidates(spec: JobSpec) -> list[TrlRow]:
+    """training.replay_pairs: ordinary chat prompts, each against every operator correction."""
+    if not spec.train.replay_pairs:
+        return []
+    chat = load_generic_chat(REPLAY_CHAT)[: spec.train.replay_pairs]
+    rows = replay_rows(
+        [g["prompt"][-1]["content"] for g in chat],
+        [g["completion"] for g in chat],
+        spec.corrections,
+        system_prompt=spec.system_prompt,
+    )
+    return [r.to_trl() for r in rows]
+
+
+def add_hard_negatives(rows: Rows, spec: JobSpec, tokenizer: Any) -> None:
+    """Keep ``contrast_pairs`` contrast candidates per question and one replay candidate per prompt,
+    and add them to the pairs: training ones to ``dpo``, held-out ones to ``heldout``."""
+    if not (rows.contrast or rows.heldout_contrast or rows.replay):
+        return
+    pick = hard_negative_picker(spec, tokenizer)
+    rows.dpo += pick(rows.contrast, spec.train.contrast_pairs) + pick(rows.replay, 1)
+    rows.heldout += pick(rows.heldout_contrast, spec.train.contrast_pairs)
+    # the scoring model goes with ``pick`` when this returns, before the trainer loads
+
+
+def hard_negative_picker(spec: JobSpec, tokenizer: Any) -> Callable[[list[TrlRow], int], list[TrlRow]]:
+    """How candidate rows are narrowed to ``k`` per question. ``contrast_pick = "live"``: the
+    rejected answers the live version finds likeliest there (it is loaded once, beside the
+    model in training); ``"hash"``: every score ties and a stable hash picks."""
+    scorer: Any = None
+    if spec.train.picks_in_job:
+        scorer = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=torch.float32)
+        if spec.live_adapter:
+            scorer = PeftModel.from_pretrained(scorer, spec.live_adapter)
+
+    def pick(rows: list[TrlRow], k: int) -> list[TrlRow]:
+        scores = rejected_scores(scorer, tokenizer, rows) if scorer is not None and rows else [0.0] * len(rows)
+        return pick_likeliest(rows, scores, k)
+
+    return pick
+
+
+def choose_objective(rows: Rows) -> Objective:
+    """The objective follows the data: pairs if any, else thumbs, else demonstrations."""
+    if rows.dpo:
+        return Objective.DPO
+    if rows.kto:
+        return Objective.KTO
+    if rows.sft:
+        return Objective.SFT
+    raise SystemExit("nothing to train: the spec names no DPO, KTO or SFT rows")
+
+
+class Progress(TrainerCallback):
+    """Each logged step as a progress line for the cycle (which stores it for the console's loss
+    curve and kills this process when an operator cancels the run)."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+        if not logs or "loss" not in logs:
+            return
+        elapsed = time.monotonic() - self.started
+        step = int(state.global_step)
+        eta = elapsed / max(step, 1) * (state.max_steps - step)
+        emit(
+            "progress",
+            step=step,
+            max_steps=int(state.max_steps),
+            loss=float(logs["loss"]),
+            eta_s=round(eta, 1),
+            **{k: float(v) for k, v in logs.items() if k.startswith("rewards/") and isinstance(v, int | float)},
+        )
+
+
+def trainer_args(spec: JobSpec, **overrides: Any) -> dict[str, Any]:
+    """What every trainer shares. TRL's defaults are set for GPUs and full fine-tuning (bf16,
+    gradient checkpointing, learning rate 1e-6): this runs a LoRA in float32 on CPU at a
+    constant rate, logs every step (the progress lines) and saves no checkpoints."""
+    cfg = spec.train
+    return {
+        "output_dir": str(spec.run_dir / "trainer"),
+        "max_steps": cfg.max_steps,
+        "per_device_train_batch_size": cfg.batch_size,
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "max_length": cfg.max_length,
+        "seed": cfg.seed,
+        "bf16": False,
+        "fp16": False,
+        "use_cpu": True,
+        "gradient_checkpointing": False,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        **overrides,
+    }
+
+
+def build_trainer(
+    objective: Objective,
+    model: Any,
+    tokenizer: Any,
+    lora: LoraConfig | None,
+    rows: list[TrlRow],
+    spec: JobSpec,
+    progress: Progress,
+    **overrides: Any,
+) -> Any:
+    """The one TRL trainer for ``objective`` on ``rows`` (``lora``: a new LoRA; None: train the
+    adapter ``model`` already has)."""
+    trainer_cls, args = trainer_config(objective, spec, **overrides)
+    return trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[progress],
+    )
+
+
+def trainer_config(objective: Objective, spec: JobSpec, **overrides: Any) -> tuple[type[Any], Any]:
+    """The TRL trainer class and its config for ``objective``:
+
+    * DPO (sigmoid loss) mixed with an SFT loss on the chosen answers, weighted ``sft_weight``
+      (plain DPO moved margins but no greedy reply: bench/RESULTS.md);
+    * KTO on thumbs, both classes weighing the same in total (``JobSpec.kto_weights``);
+    * SFT on demonstrations.
+    """
+    cfg = spec.train
+    args = trainer_args(spec, **overrides)
+    if objective is Objective.DPO:
+        losses, weights = (["sigmoid", "sft"], [1.0, cfg.sft_weight]) if cfg.sft_weight > 0 else (["sigmoid"], [1.0])
+        return DPOTrainer, DPOConfig(**args, beta=cfg.beta, loss_type=losses, loss_weights=weights)
+    if objective is Objective.KTO:
+        desirable, undesirable = spec.kto_weights
+        return KTOTrainer, KTOConfig(**args, beta=cfg.beta, desirable_weight=desirable, undesirable_weight=undesirable)
+    return SFTTrainer, SFTConfig(**args)
+
+
+def kto_stage(model: Any, tokenizer: Any, rows: list[TrlRow], spec: JobSpec, progress: Progress) -> Any:
+    """A KTO trainer for ``kto_steps`` more steps on the adapter DPO just trained (no new LoRA)."""
+    if "ref" in model.peft_config:  # DPO's frozen copy of a starting adapter; KTO makes its own
+        model.set_adapter("default")
+        model.delete_adapter("ref")
+    scratch = str(spec.run_dir / "trainer-kto")
+    overrides = {"max_steps": spec.train.kto_steps, "output_dir": scratch}
+    return build_trainer(Objective.KTO, model, tokenizer, None, rows, spec, progress, **overrides)
+
+
+def evaluate(model: Any, tokenizer: Any, heldout: list[TrlRow], spec: JobSpec) -> EvalReport:
+    """The candidate against the live version (loaded beside it, then dropped) on the held-out pairs."""
+    if spec.live_adapter:
+        model.load_adapter(spec.live_adapter, adapter_name=LIVE)
+    report = evaluate_pairs(
+        model,
+        tokenizer,
+        heldout,
+        live_adapter=LIVE if spec.live_adapter else None,
+        beta=spec.train.beta,
+        generic=load_generic_chat(),
+    )
+    if spec.live_adapter:
+        model.delete_adapter(LIVE)
+    return report
+
+
+def save(model: Any, spec: JobSpec, *, objective: Objective, rows: Rows, report: EvalReport, started: float) -> float:
+    """The adapter, and learnloop.json beside it: the config, data and metrics that produced it.
+    Returns the run's seconds so far."""
+    model.save_pretrained(spec.output_dir)
+    seconds = round(time.monotonic() - started, 1)
+    meta = {
+        "trainer": str(objective),
+        "train_config": asdict(spec.train),
+        "base_model": spec.base_model,
+        "dataset_id": spec.dataset_id,
+        "rows": rows.counts(),
+        "init_adapter": spec.init_adapter,
+        "report": report.to_dict(),
+        "seconds": seconds,
+    }
+    (spec.output_dir / "learnloop.json").write_text(json.dumps(meta, indent=2))
+    return seconds
+
+
+if __name__ == "__main__":
+    main()
