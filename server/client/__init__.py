@@ -25,10 +25,15 @@ resumes the stored branch of the same conversation. Then:
   that turn. Sending the message again would put the turn into the conversation twice (in
   the model's context and in the training data), so the client sends ``regenerate`` with
   the user turn's id instead, which asks the model to answer the stored turn. A stream
-  then starts over: ``ReplyStream.restarted`` turns true.
+  then starts over: ``ReplyStream.restarted`` turns true. (If the reply was in fact stored
+  and only its ``done`` was lost, the branch ends with that reply and the request raises
+  ChatError ``not_found``; the reply is in the conversation.)
 - A regeneration that did not finish is asked for again (nothing of it was stored).
 - A ``stop`` asked for before the drop is sent again after the request, so the reply still
   ends ``cancelled`` and has a stored id to rate.
+
+While an operator has taken the conversation over, ``send`` returns at the ``ack`` with
+``finish_reason`` OPERATOR; the operator's answer arrives as an OperatorMessage event.
 
 ``rate_limited`` and ``overloaded`` are retried after the server's ``retry_after``, up to
 ``max_retries`` times, then raised as ChatError. A refused ``hello`` (``unauthorized``, an
