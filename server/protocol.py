@@ -169,8 +169,10 @@ class ChatSession:
         """One client frame in; effects out. Never raises: errors become ``error`` frames."""
         frame: dict[str, Any] = {}
         try:
-            self._rate_limit(now)
+            over_limit = self._rate_limit(now)  # counted before parsing: garbage counts too
             frame = self._parse(raw)
+            if over_limit is not None:
+                raise over_limit  # after parsing, so that the error names the frame it refuses
             return self._dispatch(frame)
         except ProtocolError as exc:
             # echo the client's id (rating id or message client_id) so it knows which frame failed
@@ -178,15 +180,16 @@ class ChatSession:
             frame_id = frame_id if isinstance(frame_id, str) else None
             return [Send(error_frame(exc.code, exc.message, retry_after=exc.retry_after, id=frame_id))]
 
-    def _rate_limit(self, now: float) -> None:
+    def _rate_limit(self, now: float) -> ProtocolError | None:
         rate = self.limits.rate_per_s
         if rate is None:
-            return
+            return None
         if self._bucket is None:
             self._bucket = TokenBucket(rate, float(self.limits.rate_burst))
         retry_after = self._bucket.take(now)
         if retry_after is not None:
-            raise ProtocolError(ErrorCode.RATE_LIMITED, f"more than {rate:g} frames/s", retry_after=retry_after)
+            return ProtocolError(ErrorCode.RATE_LIMITED, f"more than {rate:g} frames/s", retry_after=retry_after)
+        return None
 
     def _parse(self, raw: str | bytes) -> dict[str, Any]:
         if isinstance(raw, bytes):
@@ -261,6 +264,10 @@ class ChatSession:
         self._require_idle()
         if self.operator is not None:
             raise ProtocolError(ErrorCode.CONFLICT, "an operator is answering this conversation")
+        if self.history and self.history[-1].id == message_id and self.history[-1].role == "user":
+            # the branch ends with a user turn whose reply was cut off (a restart or a dropped
+            # connection discards a reply in flight): answer that turn instead of storing it twice
+            return self._start(Generate(message_id=self.new_id(), parent_id=message_id, context=tuple(self.history)))
         if message_id not in self._replies:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"no reply {message_id!r} in this conversation")
         if not self.history or self.history[-1].id != message_id:
@@ -369,7 +376,8 @@ class ChatSession:
         return [Send({"type": "ack", "id": generate.client_id, "message_id": generate.user_turn.id})]
 
     def turn_stored(self, effect: StoreTurn) -> list[Effect]:
-        return [Send({"type": "ack", "id": effect.client_id, "message_id": effect.turn.id})]
+        # ``operator``: no model reply follows, so a client waiting for ``done`` stops waiting
+        return [Send({"type": "ack", "id": effect.client_id, "message_id": effect.turn.id, "operator": True})]
 
     def turn_failed(self, effect: StoreTurn, code: ErrorCode, message: str) -> list[Effect]:
         if self.history and self.history[-1].id == effect.turn.id:

@@ -31,11 +31,20 @@ def test_no_import_points_backwards(package: str) -> None:
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}: {package} must not depend on them"
 
 
+# The bot client runs in bot processes and imports only the standard library and websockets
+# (tested below), so its errors have their own root; their codes mirror ErrorCode (tests/test_client.py).
+CLIENT = ROOT / "server" / "client"
+
+
+def _server_side(package: str) -> list[Path]:
+    return [p for p in sorted((ROOT / package).rglob("*.py")) if CLIENT not in p.parents]
+
+
 def _error_classes() -> list[tuple[str, str]]:
     """(module, class) of every class defined in our packages whose name ends in Error."""
     found = []
     for package in ("feedback", "training", "server"):
-        for path in sorted((ROOT / package).rglob("*.py")):
+        for path in _server_side(package):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.ClassDef) and node.name.endswith("Error"):
                     module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
@@ -77,7 +86,7 @@ def test_only_feedback_exceptions_subclasses_exception(package: str) -> None:
     """One root: every other error class derives from ``LearnloopError``, not from ``Exception``."""
     roots = [
         f"{path.relative_to(ROOT)}:{node.name}"
-        for path in sorted((ROOT / package).rglob("*.py"))
+        for path in _server_side(package)
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.ClassDef)
         and any(isinstance(b, ast.Name) and b.id in ("Exception", "BaseException") for b in node.bases)
@@ -132,3 +141,24 @@ def test_importing_the_engines_package_loads_no_engine() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_bot_client_imports_neither_the_model_stack_nor_the_store() -> None:
+    """A bot process imports server.client: it must not pull in torch, the store or the web stack."""
+    import subprocess
+    import sys
+
+    heavy = ["torch", "transformers", "aiosqlite", "fastapi", "feedback", "training"]
+    probe = (
+        "import sys, server.client; print(sorted(m for m in sys.modules"
+        f" if m in {heavy!r} or m.startswith('server.') and not m.startswith('server.client')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"importing server.client loaded {out.stdout.strip()}"
+    # the package above it stays import-free too, or every bot would pay for what it imports
+    tree = ast.parse((ROOT / "server" / "__init__.py").read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
+    assert imported_packages(ROOT / "server" / "client" / "__init__.py") <= {"server"}
+    for path in sorted((ROOT / "server" / "client").glob("*.py")):
+        outside = {p for p in imported_packages(path) if p not in sys.stdlib_module_names} - {"server", "websockets"}
+        assert not outside, f"{path.name} imports {outside}: the client needs only the standard library and websockets"

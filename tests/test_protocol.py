@@ -162,12 +162,41 @@ def test_rate_limit_refills() -> None:
     assert s.receive(frame(type="stop"), 10.6) == []  # refilled
 
 
+def test_a_rate_limited_frame_is_named_in_its_error() -> None:
+    """A client retries the refused frame after retry_after, so it has to know which one it was."""
+    s = ready(session(rate_per_s=1.0, rate_burst=1))
+    assert s.receive(frame(type="stop"), 5.0) == []
+    (err,) = s.receive(frame(type="rating", message_id="m", value=1, id="r7"), 5.0)
+    assert err.frame["code"] == ErrorCode.RATE_LIMITED and err.frame["id"] == "r7"  # type: ignore[union-attr]
+    (err,) = s.receive(frame(type="message", text="hi", client_id="c7"), 5.0)
+    assert err.frame["code"] == ErrorCode.RATE_LIMITED and err.frame["id"] == "c7"  # type: ignore[union-attr]
+    assert error_code(s.receive("{not json", 7.0)) == ErrorCode.BAD_REQUEST
+    assert error_code(s.receive(frame(type="stop"), 7.0)) == ErrorCode.RATE_LIMITED  # the garbage was counted
+
+
 def test_resume_restores_history() -> None:
     s = session()
     s.receive(frame(type="hello", conversation_id="c9"), 0.0)
     s.opened("c9", [Turn("u1", "user", "q"), Turn("a1", "assistant", "r")], {"a1"}, "v2")
     (g,) = s.receive(frame(type="regenerate", message_id="a1"), 0.0)
     assert isinstance(g, Generate) and g.parent_id == "u1"
+
+
+def test_a_resumed_branch_ending_with_a_user_turn_gets_that_turn_answered() -> None:
+    """A reply cut off by a restart was never stored: regenerating the user turn answers it once."""
+    s = session()
+    s.receive(frame(type="hello", conversation_id="c9"), 0.0)
+    s.opened("c9", [Turn("u1", "user", "q"), Turn("a1", "assistant", "r"), Turn("u2", "user", "again")], {"a1"}, "v2")
+    assert error_code(s.receive(frame(type="regenerate", message_id="u1"), 0.0)) == ErrorCode.NOT_FOUND
+    (g,) = s.receive(frame(type="regenerate", message_id="u2"), 0.0)
+    assert isinstance(g, Generate) and g.parent_id == "u2" and g.user_turn is None and g.regenerated_from is None
+    assert [t.id for t in g.context] == ["u1", "a1", "u2"]
+    (err,) = s.failed(g.message_id, ErrorCode.OVERLOADED, "full", retry_after=1.0)
+    assert [t.id for t in s.history] == ["u1", "a1", "u2"]  # still unanswered: the client may ask again
+    (g2,) = s.receive(frame(type="regenerate", message_id="u2"), 0.0)
+    (done,) = s.finished(g2.message_id, "answer", "v2", "stop")  # type: ignore[union-attr]
+    assert "regenerated_from" not in done.frame  # type: ignore[union-attr]
+    assert [t.id for t in s.history] == ["u1", "a1", "u2", g2.message_id]  # type: ignore[union-attr]
 
 
 def test_open_failed_allows_a_new_hello() -> None:
@@ -190,7 +219,7 @@ def test_takeover_stores_turns_without_model_replies_and_hands_back() -> None:
     assert s.operator_joined("rita") == []  # joining twice says nothing new
     [turn] = s.receive(frame(type="message", text="hello?", client_id="c2"), 0.0)
     assert isinstance(turn, StoreTurn) and turn.parent_id == g.message_id and turn.client_id == "c2"
-    assert s.turn_stored(turn) == [Send({"type": "ack", "id": "c2", "message_id": turn.turn.id})]
+    assert s.turn_stored(turn) == [Send({"type": "ack", "id": "c2", "message_id": turn.turn.id, "operator": True})]
     assert error_code(s.receive(frame(type="regenerate", message_id=g.message_id), 0.0)) == ErrorCode.CONFLICT
     pushed = s.operator_reply("op1", "Rita here.")
     assert pushed == [Send({"type": "operator_message", "message_id": "op1", "text": "Rita here."})]
