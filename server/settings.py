@@ -109,6 +109,27 @@ class ModelConfig:
             "(bench/RESULTS.md)."
         },
     )
+    llama_cpp_src: str | None = field(
+        default=None,
+        metadata={
+            "help": "llamacpp: a llama.cpp checkout holding convert_lora_to_gguf.py (converts adapters); default: "
+            "extracted once from the llama-cpp-python sdist."
+        },
+    )
+    llama_cpp_sdist: str | None = field(
+        default=None,
+        metadata={
+            "help": "llamacpp: the llama-cpp-python sdist (.tar.gz) to extract the converter from; default: pip "
+            "downloads it once into the model cache."
+        },
+    )
+    llama_extra_bufts: bool | None = field(
+        default=None,
+        metadata={
+            "help": "llamacpp: use llama.cpp's extra weight buffers (AMX, repacked layouts): true, false, or "
+            "empty to probe the CPU once (some VMs advertise AMX but fault on it)."
+        },
+    )
     openai_url: str = field(
         default="http://127.0.0.1:8000/v1",
         metadata={"help": "Base URL of the OpenAI-compatible server (openai engine)."},

@@ -162,3 +162,39 @@ def test_the_bot_client_imports_neither_the_model_stack_nor_the_store() -> None:
     for path in sorted((ROOT / "server" / "client").glob("*.py")):
         outside = {p for p in imported_packages(path) if p not in sys.stdlib_module_names} - {"server", "websockets"}
         assert not outside, f"{path.name} imports {outside}: the client needs only the standard library and websockets"
+
+
+# configuration comes from one place: server/settings.py (and the model cache folder helper,
+# which the training subprocess and the CLI need before any settings exist)
+ENVIRONMENT_READERS = {"server/settings.py", "training/models.py"}
+
+
+def environment_reads(path: Path) -> list[int]:
+    """Lines that read the process environment (``os.environ`` or ``os.getenv``), except
+    ``os.environ.setdefault("KNOB", "value")``, which sets a third-party library's knob."""
+    tree = ast.parse(path.read_text())
+    knobs = {
+        id(node.func.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "setdefault"
+        and all(isinstance(a, ast.Constant) for a in node.args)
+    }
+    lines = []
+    for node in ast.walk(tree):
+        is_os = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os"
+        if is_os and (node.attr == "getenv" or (node.attr == "environ" and id(node) not in knobs)):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_settings_read_the_environment() -> None:
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for package in ("server", "training", "feedback")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if str(path.relative_to(ROOT)) not in ENVIRONMENT_READERS
+        for line in environment_reads(path)
+    ]
+    assert offenders == [], "read settings (server/settings.py) instead of the environment: " + ", ".join(offenders)

@@ -40,7 +40,7 @@ While an operator has taken the conversation over, ``send`` returns at the ``ack
 unknown conversation) is raised at once and never retried.
 """
 
-from server.client.aio import AsyncChatClient, ReplyStream, connect
+from server.client.aio import AsyncChatClient, connect
 from server.client.frames import (
     Ack,
     ChatError,
@@ -58,6 +58,7 @@ from server.client.frames import (
     Reply,
     Token,
 )
+from server.client.pending import ReplyStream
 from server.client.sync import ChatClient, SyncReplyStream
 
 __all__ = [

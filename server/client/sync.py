@@ -12,8 +12,9 @@ import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
-from server.client.aio import AsyncChatClient, ReplyStream
+from server.client.aio import AsyncChatClient
 from server.client.frames import Done, Event, Reply
+from server.client.pending import ReplyStream
 
 T = TypeVar("T")
 

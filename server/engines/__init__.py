@@ -109,9 +109,9 @@ def create_engine(model: ModelConfig, base_model_dir: str) -> Engine:
             base_model_dir=base_model_dir,
             cache_dir=default_cache_dir(),
             # settings to come (model.llama_cpp_src, model.llama_cpp_sdist, model.llama_extra_bufts)
-            converter_src=getattr(model, "llama_cpp_src", None),
-            sdist=getattr(model, "llama_cpp_sdist", None),
-            extra_buffers=getattr(model, "llama_extra_bufts", None),
+            converter_src=model.llama_cpp_src,
+            sdist=model.llama_cpp_sdist,
+            extra_buffers=model.llama_extra_bufts,
             max_prompt_tokens=model.max_prompt_tokens,
             max_new_tokens=model.max_new_tokens,
             max_pending=model.max_pending,

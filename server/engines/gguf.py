@@ -147,6 +147,12 @@ def converted_adapter_ok(folder: Path) -> bool:
         return False
 
 
+_RUN_CONVERTER = (
+    "import runpy, sys; sys.path[:0] = sys.argv[1:3]; sys.argv = sys.argv[3:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
 def convert_adapter(
     adapter_dir: str | Path, base_model_dir: str | Path, *, converter: Path, outtype: str = "f16"
 ) -> Path:
@@ -160,14 +166,14 @@ def convert_adapter(
     if converted_adapter_ok(folder):
         return out
     tmp = folder / f".{ADAPTER_GGUF}.{os.getpid()}.{threading.get_ident()}.tmp"
-    # the child's environment is ours (a subprocess inherits it) with the converter on its path
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(converter / "gguf-py"), str(converter)])}
-    env.pop("NO_LOCAL_GGUF", None)
-    cmd = [sys.executable, str(converter / "convert_lora_to_gguf.py"), "--outtype", outtype, "--outfile", str(tmp)]
+    # the converter and its gguf-py go first on the child's path (the gguf package installed here may be
+    # older than the converter); the child inherits our environment untouched
+    cmd = [sys.executable, "-c", _RUN_CONVERTER, str(converter / "gguf-py"), str(converter)]
+    cmd += [str(converter / "convert_lora_to_gguf.py"), "--outtype", outtype, "--outfile", str(tmp)]
     cmd += ["--base", str(base_model_dir), str(folder)]
     started = time.monotonic()
     source_sha = _sha256(folder / "adapter_model.safetensors")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
