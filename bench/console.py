@@ -33,13 +33,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx  # noqa: E402
+import httpx
 
-from feedback import FeedbackStore  # noqa: E402
-from feedback.browse import ConversationFilter, fts_query  # noqa: E402
-from server.console.api import start_console  # noqa: E402
-from server.presence import Presence  # noqa: E402
-from server.settings import ConsoleConfig  # noqa: E402
+from feedback import FeedbackStore
+from feedback.browse import ConversationFilter, fts_query
+from server.console.api import start_console
+from server.presence import Presence
+from server.settings import ConsoleConfig
 
 TARGET_MS = 300.0
 DAY = 86400.0

@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from feedback import FeedbackStore, Role  # noqa: E402
-from training.config import CycleConfig, TrainConfig  # noqa: E402
-from training.cycle import TrainingCycle  # noqa: E402
-from training.models import resolve_model  # noqa: E402
+from feedback import FeedbackStore, Role
+from training.config import CycleConfig, TrainConfig
+from training.cycle import TrainingCycle
+from training.models import resolve_model
 
 QA = [
     (

@@ -34,12 +34,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from websockets.asyncio.client import connect  # noqa: E402
+from websockets.asyncio.client import connect
 
-from bench.rater import Intent, leaks, load_intents, rate  # noqa: E402
-from server.app import App  # noqa: E402
-from server.settings import load_settings  # noqa: E402
-from training.evaluate import load_generic_chat  # noqa: E402
+from bench.rater import Intent, leaks, load_intents, rate
+from server.app import App
+from server.settings import load_settings
+from training.evaluate import load_generic_chat
 
 SYSTEM_PROMPT = "You are the customer-service assistant of Northwind Goods, an online shop. Answer briefly."
 UNCORRECTED = ("gift_card", "stores")

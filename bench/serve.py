@@ -47,12 +47,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from websockets.asyncio.client import connect  # noqa: E402
+import itertools
 
-from server.app import App  # noqa: E402
-from server.engines import LlamaCppEngine, SamplingConfig, llama_cpp_available, requantize  # noqa: E402
-from server.settings import load_settings  # noqa: E402
-from training.models import default_gguf, resolve_model  # noqa: E402
+from websockets.asyncio.client import connect
+
+from server.app import App
+from server.engines import LlamaCppEngine, SamplingConfig, llama_cpp_available, requantize
+from server.settings import load_settings
+from training.models import default_gguf, resolve_model
 
 # open-ended prompts: greedy replies run to the token limit, so every session decodes as long
 LONG_PROMPTS = [
@@ -339,7 +341,7 @@ async def gateway_run(args: argparse.Namespace, data_dir: Path, ref: RawLlama | 
             if ref is not None:
                 raw_single.append(ref.single(i))
             times = await fresh(LONG_PROMPTS[i % len(LONG_PROMPTS)], i)
-            gaps += [b - a for a, b in zip(times, times[1:], strict=False)]
+            gaps += [b - a for a, b in itertools.pairwise(times)]
         levels = {}
         for n in args.levels:
             if n == ref_sequences and ref is not None:
@@ -363,7 +365,7 @@ async def gateway_run(args: argparse.Namespace, data_dir: Path, ref: RawLlama | 
         await asyncio.sleep(1.0)  # let it stream steadily first
         pause = await app.engine.load_adapter("bench", str(adapter))
         times = await task
-        swap_gap = max(b - a for a, b in zip(times, times[1:], strict=False))
+        swap_gap = max(b - a for a, b in itertools.pairwise(times))
         if isinstance(app.engine, LlamaCppEngine):
             extra["switch"] = await mixed_versions(app.engine, "bench", args.max_new_tokens)
     gaps.sort()

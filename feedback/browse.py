@@ -356,7 +356,7 @@ class Browse:
             )
             common_search = rows[0]["n"] >= COMMON_MATCHES
         older, older_params = _older_filter(f, common_search=common_search)
-        where = columns + ["c.created_at <= ?", "(c.created_at, c.id) < (?, ?)"] + older
+        where = [*columns, "c.created_at <= ?", "(c.created_at, c.id) < (?, ?)", *older]
         params = [*column_params, edge[0]["created_at"], edge[0]["created_at"], edge[0]["id"], *older_params]
         return page + await self._page(where, params, n - len(page))
 

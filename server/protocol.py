@@ -141,7 +141,7 @@ def _field(frame: dict[str, Any], name: str, kind: type | tuple[type, ...], *, r
         if required:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{frame.get('type')}' needs the field '{name}'")
         return None
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"field '{name}' must be a {names}")
     return value

@@ -430,6 +430,5 @@ def documented_fields() -> list[tuple[str, Any, str]]:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
             rows.append((f"{name}.{f.name}", default, f.metadata.get("help", "")))
-    for f in dataclasses.fields(SiteConfig):
-        rows.append((f"sites.NAME.{f.name}", f.default, f.metadata.get("help", "")))
+    rows += [(f"sites.NAME.{f.name}", f.default, f.metadata.get("help", "")) for f in dataclasses.fields(SiteConfig)]
     return rows

@@ -116,7 +116,7 @@ def readme_tags() -> list[str]:
 
 
 async def test_demo_page_embeds_the_one_tag_under_a_strict_csp(listener: Any) -> None:
-    running, client = listener
+    _running, client = listener
     page = await client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     csp = page.headers["content-security-policy"]

@@ -85,7 +85,7 @@ async def test_dataset_show_prints_lineage(tmp_path: Path) -> None:
             feedback_ids={"messages": ["a1"], "ratings": [], "corrections": [1]},
             training_run_id=None,
         )
-    code, out = await cli(data_dir, "dataset", "show", "v1", "--rows")
+    _code, out = await cli(data_dir, "dataset", "show", "v1", "--rows")
     lineage = json.loads(out)
     assert lineage["dataset_id"] == "abc123" and lineage["trained_on"]["corrections"] == 1
     assert [r["chosen"][0]["content"] for r in lineage["rows_still_in_store"] if "chosen" in r] == [

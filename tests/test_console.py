@@ -224,7 +224,7 @@ async def test_takeover_reaches_the_customer_socket(app: App, open_client: Any) 
     try:
         r = await rita.post(f"/api/v1/conversations/{cid}/takeover")
         assert r.status_code == 200 and r.json()["connected"] == 1
-        joined, _ = await customer.until("operator_joined")
+        _joined, _ = await customer.until("operator_joined")
         # while an operator answers, a customer message is stored and acknowledged, and no model reply starts
         await customer.send(type="message", text="Hello? Anyone?", client_id="m2")
         ack, _ = await customer.until("ack")

@@ -11,9 +11,13 @@ from training.policy import should_train
 
 
 def report(**kw: object) -> EvalReport:
-    base = dict(
-        n_heldout=5, candidate=ModelScores(0.8, 2.0), live=ModelScores(0.6, 2.5), reward_margin=0.4, reward_accuracy=0.8
-    )
+    base = {
+        "n_heldout": 5,
+        "candidate": ModelScores(0.8, 2.0),
+        "live": ModelScores(0.6, 2.5),
+        "reward_margin": 0.4,
+        "reward_accuracy": 0.8,
+    }
     base.update(kw)
     return EvalReport(**base)  # type: ignore[arg-type]
 

@@ -34,13 +34,13 @@ if not llama_cpp_available():
         pytest.fail("llama_cpp does not import, and CI is set: install llama-cpp-python", pytrace=False)
     pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]')", allow_module_level=True)
 
-from server.app import App  # noqa: E402
-from server.settings import load_settings  # noqa: E402
-from tests.factories import ask_reply, register_candidate  # noqa: E402
-from tests.test_engine import make_adapter  # noqa: E402
-from training.cycle import sha256_file  # noqa: E402
-from training.models import default_cache_dir, default_gguf, resolve_model  # noqa: E402
-from training.validate import check_adapter  # noqa: E402
+from server.app import App
+from server.settings import load_settings
+from tests.factories import ask_reply, register_candidate
+from tests.test_engine import make_adapter
+from training.cycle import sha256_file
+from training.models import default_cache_dir, default_gguf, resolve_model
+from training.validate import check_adapter
 
 GREEDY = SamplingConfig(max_new_tokens=16, temperature=0.0)
 CHAT = [{"role": "user", "content": "What is your refund policy?"}]
@@ -268,7 +268,7 @@ async def test_dora_adapters_are_refused_before_loading(
     config = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     digest = sha256_file(dora / "adapter_model.safetensors")
-    with pytest.raises(AdapterInvalidError, match="DoRA adapters cannot be served by llama.cpp"):
+    with pytest.raises(AdapterInvalidError, match=r"DoRA adapters cannot be served by llama\.cpp"):
         check_adapter(dora, sha256=digest, base_linear=engine.linear_shapes(), refusal=engine.adapter_refusal)
     check_adapter(dora, sha256=digest, base_linear=engine.linear_shapes())  # the shapes alone fit
 

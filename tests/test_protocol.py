@@ -191,7 +191,7 @@ def test_a_resumed_branch_ending_with_a_user_turn_gets_that_turn_answered() -> N
     (g,) = s.receive(frame(type="regenerate", message_id="u2"), 0.0)
     assert isinstance(g, Generate) and g.parent_id == "u2" and g.user_turn is None and g.regenerated_from is None
     assert [t.id for t in g.context] == ["u1", "a1", "u2"]
-    (err,) = s.failed(g.message_id, ErrorCode.OVERLOADED, "full", retry_after=1.0)
+    (_err,) = s.failed(g.message_id, ErrorCode.OVERLOADED, "full", retry_after=1.0)
     assert [t.id for t in s.history] == ["u1", "a1", "u2"]  # still unanswered: the client may ask again
     (g2,) = s.receive(frame(type="regenerate", message_id="u2"), 0.0)
     (done,) = s.finished(g2.message_id, "answer", "v2", "stop")  # type: ignore[union-attr]

@@ -359,10 +359,11 @@ def create_console(
 
     @app.get("/api/v1/versions", **role(viewer))
     async def versions() -> dict[str, Any]:
-        out = []
-        for v in await store.versions.all():
-            out.append({**_plain(v), "stats": asdict(await store.versions.stats(v.name))})
-        return {"items": out}
+        return {
+            "items": [
+                {**_plain(v), "stats": asdict(await store.versions.stats(v.name))} for v in await store.versions.all()
+            ]
+        }
 
     @app.get("/api/v1/versions/{name}", **role(viewer))
     async def version(name: str) -> dict[str, Any]:
