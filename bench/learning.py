@@ -128,6 +128,13 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     "leaks_generic": len(generic_leaks),
                     "leak_examples": uncorrected_leaks + generic_leaks,
                     "samples": {f"{i.id}: {q}": r.reply for (i, q), r in list(zip(pairs, results, strict=True))[::6]},
+                    # why replies failed, counted (a rubric check: are the reasons plausible?)
+                    "reasons": dict(
+                        Counter(reason.split(" (")[0] for r in results if not r.up for reason in r.reasons)
+                    ),
+                    "replies": {
+                        f"{i.id}: {q}": [r.reply, *r.reasons] for (i, q), r in zip(pairs, results, strict=True)
+                    },
                 }
 
             by_version: dict[str, dict[str, Any]] = {"base": await evaluate("base")}
@@ -215,7 +222,9 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
         "best_gain_pp": round((best - base) * 100, 1),
         "best_version": best_name,
         "minutes": round((time.monotonic() - started) / 60, 1),
+        "reasons": {k: v["reasons"] for k, v in versions.items()},
         "samples": {k: v["samples"] for k, v in versions.items()},
+        "replies": {k: v["replies"] for k, v in versions.items()},
         "leak_examples": {k: v["leak_examples"] for k, v in versions.items() if v["leak_examples"]},
     }
     return summary
@@ -309,6 +318,7 @@ def write_outputs(summary: dict[str, Any], out: Path) -> dict[str, Any]:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
     summary = dict(summary)
     samples = summary.pop("samples")
+    summary.pop("replies")
     for version, examples in summary.pop("leak_examples").items():
         for example in examples:
             print(f"  leak [{version}] {example}")

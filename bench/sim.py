@@ -56,6 +56,7 @@ async def ask(port: int, script: Script, user: str) -> tuple[str, str, str]:
 @dataclass(frozen=True)
 class Answer:
     up: bool  # the rubric's verdict on the reply to the question
+    reasons: tuple[str, ...]  # the rubric's reasons
     reply: str
     message_id: str
     version: str
@@ -100,5 +101,12 @@ async def ask_and_rate(
             if reaction.text is not None:
                 await _reply(ws, reaction.text, "next")
         return Answer(
-            verdict.up, reply, frame["message_id"], frame["model_version"], send_rating, reaction, conversation_id
+            verdict.up,
+            verdict.reasons,
+            reply,
+            frame["message_id"],
+            frame["model_version"],
+            send_rating,
+            reaction,
+            conversation_id,
         )
