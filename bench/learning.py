@@ -353,6 +353,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         by_mode.setdefault(mode_label(r), []).append(r["best_gain_pp"])
     for mode, gains in by_mode.items():
         lines.append(f"mean gain, {mode}: {sum(gains) / len(gains):+.1f} pp over {len(gains)} runs")
+    if len(by_mode) > 1:
+        gains = [r["best_gain_pp"] for r in rows]
+        lines.append(f"mean gain, all runs: {sum(gains) / len(gains):+.1f} pp over {len(gains)} runs")
     return "\n".join(lines)
 
 

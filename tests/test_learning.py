@@ -43,7 +43,9 @@ def test_table_has_a_row_per_run_and_the_mean_gain_per_mode() -> None:
     lines = text.splitlines()
     assert lines[2] == "| shop | 0 | thumbs 100% | 0.0% | 38.9% (v1) | +38.9 | 2 / 1 | -16.8% | 14.5 |"
     assert "| thumbs 20% + reactions |" in lines[4]
-    assert lines[-2:] == [
+    assert lines[-3:] == [
         "mean gain, thumbs 100%: +29.4 pp over 2 runs",
         "mean gain, thumbs 20% + reactions: +10.0 pp over 1 runs",
+        "mean gain, all runs: +23.0 pp over 3 runs",
     ]
+    assert table([_row("shop", 0, 38.9)]).splitlines()[-1] == "mean gain, thumbs 100%: +38.9 pp over 1 runs"
