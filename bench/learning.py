@@ -1,23 +1,31 @@
-"""Does the loop learn? A simulated customer-service deployment and its satisfaction curve.
+"""Does the loop learn? Simulated customer-service deployments and their satisfaction curves.
 
-    python bench/learning.py [--cycles 3] [--out bench/out]
+    python bench/learning.py [--deployment shop] [--cycles 3] [--seed 0] [--out bench/out]
+    python bench/learning.py --all [--seeds 0,1] [--modes explicit,implicit]
 
-A fictional online shop (``bench/shop/policy.md``; 12 intents with training and held-out
-paraphrases in ``bench/shop/intents.json``) runs on the real server (default model,
-websockets on loopback). Each cycle:
+A simulated deployment (``bench/deployments/<name>/``: a policy sheet, intents with training
+and held-out paraphrases, a rubric, a system prompt; see ``bench/deployments/README.md``)
+runs on the real server (default model, websockets on loopback). The default is the shop,
+Northwind Goods (12 intents). Each cycle:
 
-1. simulated customers ask every training paraphrase on the live version and rate each
-   reply by the published rubric (``bench/rater.py``);
+1. simulated customers ask every training paraphrase on the live version (a paraphrase may be
+   a short conversation whose last turn is the question) and rate each reply by the
+   published rubric (``bench/rater.py``); with ``--thumbs-share`` below 1 only that share of
+   them clicks a thumb, and with ``--reactions`` each writes a next message as a real
+   customer would (``bench/reactions.py``);
 2. a simulated operator writes the policy answer for ``--correct-share`` of the
-   thumbs-down replies, as in the console, except for two intents they never correct
-   (``gift_card``, ``stores``), which measure leakage;
+   thumbs-down replies, as in the console, except for the deployment's never-corrected
+   intents (the shop's ``gift_card`` and ``stores``), which measure leakage;
 3. the training job the scheduler runs (``Trainer.scheduled``) trains, gates and
    promotes a version;
 4. the new live version answers every held-out paraphrase and a set of generic chat
    prompts; satisfaction is the share of thumbs up.
 
 Prints, per version: held-out and training satisfaction, leaks, generic-chat perplexity,
-cycle wall time; writes a PNG plot; the last line is one JSON object.
+cycle wall time; writes a PNG plot; the last line is one JSON object. ``--all`` runs every
+deployment for every seed of ``--seeds`` and every mode of ``--modes`` one after another
+(``explicit``: every customer clicks a thumb; ``implicit``: ``--thumbs-share`` of them, 0.2
+unless set below 1, and every one reacts), then prints one table and the mean gain per mode.
 """
 
 from __future__ import annotations
@@ -29,74 +37,26 @@ import random
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from websockets.asyncio.client import connect
-
-from bench.rater import Intent, leaks, load_intents, rate
+from bench.rater import Deployment, deployment_names, load_deployment
+from bench.sim import ask, ask_and_rate
 from server.app import App
 from server.settings import load_settings
 from training.evaluate import load_generic_chat
 
-SYSTEM_PROMPT = "You are the customer-service assistant of Northwind Goods, an online shop. Answer briefly."
-UNCORRECTED = ("gift_card", "stores")
 
-
-async def converse(ws: Any, question: str, user: str) -> tuple[str, dict[str, Any]]:
-    """Say hello, ask one question, collect the streamed reply: (reply text, done frame)."""
-    await ws.send(json.dumps({"type": "hello", "user": user}))
-    json.loads(await ws.recv())
-    await ws.send(json.dumps({"type": "message", "text": question, "client_id": "q"}))
-    parts: list[str] = []
-    while True:
-        frame = json.loads(await ws.recv())
-        if frame["type"] == "token":
-            parts.append(frame["delta"])
-        elif frame["type"] == "done":
-            return "".join(parts), frame
-        elif frame["type"] == "error":
-            raise RuntimeError(frame)
-
-
-async def ask(port: int, question: str, user: str) -> tuple[str, str, str]:
-    """One customer, one question, over a real websocket: (reply text, message id, version)."""
-    async with connect(f"ws://127.0.0.1:{port}") as ws:
-        reply, done = await converse(ws, question, user)
-        return reply, done["message_id"], done["model_version"]
-
-
-async def ask_and_rate(
-    port: int, question: str, user: str, intent: Intent, intents: list[Intent], max_words: int, *, send_rating: bool
-) -> tuple[bool, str, str, str]:
-    async with connect(f"ws://127.0.0.1:{port}") as ws:
-        reply, frame = await converse(ws, question, user)
-        verdict = rate(intent, reply, intents, max_words)
-        if send_rating:
-            reason = None if verdict.up else verdict.reasons[0][:200]
-            await ws.send(
-                json.dumps(
-                    {
-                        "type": "rating",
-                        "message_id": frame["message_id"],
-                        "value": 1 if verdict.up else -1,
-                        "id": "r",
-                        "reason": reason,
-                    }
-                )
-            )
-            ack = json.loads(await ws.recv())
-            assert ack["type"] == "ack", ack
-        return verdict.up, reply, frame["message_id"], frame["model_version"]
-
-
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
     started = time.monotonic()
-    intents, max_words = load_intents()
+    intents = dep.intents
+    uncorrected = dep.never_corrected
     rng = random.Random(args.seed)
-    generic = [g["prompt"][-1]["content"] for g in load_generic_chat()][: args.generic]
+    prompts = dep.generic if dep.generic is not None else [g["prompt"][-1]["content"] for g in load_generic_chat()]
+    generic = list(prompts)[: args.generic]
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(
             env={},
@@ -109,7 +69,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "name": args.model,
                     "max_new_tokens": args.max_new_tokens,
                     "temperature": 0.0,
-                    "system_prompt": SYSTEM_PROMPT,
+                    "system_prompt": dep.system_prompt,
                 },
                 "schedule": {"enabled": False, "min_new_feedback": 1, "heldout_fraction": 0.2},
                 "training": {
@@ -139,38 +99,43 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
             async def evaluate(version: str) -> dict[str, Any]:
                 jobs = [
-                    limited(
-                        ask_and_rate(port, q, f"eval-{version}-{i.id}-{k}", i, intents, max_words, send_rating=False)
-                    )
+                    limited(ask_and_rate(port, q, f"eval-{version}-{i.id}-{k}", i, dep, send_rating=False))
                     for i in intents
                     for k, q in enumerate(i.heldout)
                 ]
                 results = await asyncio.gather(*jobs)
-                pairs = [(i, q) for i in intents for q in i.heldout]
-                ups = sum(r[0] for r in results)
+                pairs = [(i, " | ".join(q)) for i in intents for q in i.heldout]
+                ups = sum(r.up for r in results)
                 generic_replies = await asyncio.gather(
-                    *(limited(ask(port, g, f"generic-{version}-{n}")) for n, g in enumerate(generic))
+                    *(limited(ask(port, (g,), f"generic-{version}-{n}")) for n, g in enumerate(generic))
                 )
                 uncorrected_leaks = [
-                    f"{q} -> {r[1]!r} ({', '.join(found)})"
+                    f"{q} -> {r.reply!r} ({', '.join(found)})"
                     for (i, q), r in zip(pairs, results, strict=True)
-                    if i.id in UNCORRECTED and (found := leaks(r[1], intents, own=i.id))
+                    if i.id in uncorrected and (found := dep.leaks(r.reply, own=i.id))
                 ]
                 generic_leaks = [
                     f"{g} -> {text!r} ({', '.join(found)})"
                     for g, (text, _, _) in zip(generic, generic_replies, strict=True)
-                    if (found := leaks(text, intents))
+                    if (found := dep.leaks(text))
                 ]
-                uncorrected_ups = sum(r[0] for (i, _), r in zip(pairs, results, strict=True) if i.id in UNCORRECTED)
-                served = {r[3] for r in results}
+                uncorrected_ups = sum(r.up for (i, _), r in zip(pairs, results, strict=True) if i.id in uncorrected)
+                served = {r.version for r in results}
                 assert served == {version}, served
                 return {
                     "heldout": ups / len(results),
-                    "heldout_uncorrected": uncorrected_ups / sum(1 for i, _ in pairs if i.id in UNCORRECTED),
+                    "heldout_uncorrected": uncorrected_ups / sum(1 for i, _ in pairs if i.id in uncorrected),
                     "leaks_uncorrected": len(uncorrected_leaks),
                     "leaks_generic": len(generic_leaks),
                     "leak_examples": uncorrected_leaks + generic_leaks,
-                    "samples": {f"{i.id}: {q}": r[1] for (i, q), r in list(zip(pairs, results, strict=True))[::6]},
+                    "samples": {f"{i.id}: {q}": r.reply for (i, q), r in list(zip(pairs, results, strict=True))[::6]},
+                    # why replies failed, counted (a rubric check: are the reasons plausible?)
+                    "reasons": dict(
+                        Counter(reason.split(" (")[0] for r in results if not r.up for reason in r.reasons)
+                    ),
+                    "replies": {
+                        f"{i.id}: {q}": [r.reply, *r.reasons] for (i, q), r in zip(pairs, results, strict=True)
+                    },
                 }
 
             by_version: dict[str, dict[str, Any]] = {"base": await evaluate("base")}
@@ -181,22 +146,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 jobs = []
                 for i in intents:
                     for k, q in enumerate(i.train):
+                        key = f"{args.seed}:{cycle}:{i.id}:{k}"
+                        rated = args.thumbs_share >= 1 or random.Random(f"thumbs:{key}").random() < args.thumbs_share
+                        react_rng = random.Random(f"react:{key}") if args.reactions else None
+                        user = f"c{cycle}-{i.id}-{k}"
                         jobs.append(
-                            limited(
-                                ask_and_rate(port, q, f"c{cycle}-{i.id}-{k}", i, intents, max_words, send_rating=True)
-                            )
+                            limited(ask_and_rate(port, q, user, i, dep, send_rating=rated, react_rng=react_rng))
                         )
                 results = await asyncio.gather(*jobs)
                 asked = [(i, q) for i in intents for q in i.train]
-                train_sat = sum(r[0] for r in results) / len(results)
+                train_sat = sum(r.up for r in results) / len(results)
                 by_version[live]["train"] = train_sat
                 corrected = 0
-                for (intent, _q), (up, _reply, message_id, _v) in zip(asked, results, strict=True):
-                    if not up and intent.id not in UNCORRECTED and rng.random() < args.correct_share:
+                # The operator finds wrong replies by their thumbs down, as in the console.
+                for (intent, _q), answer in zip(asked, results, strict=True):
+                    if (
+                        answer.rated
+                        and not answer.up
+                        and intent.id not in uncorrected
+                        and rng.random() < args.correct_share
+                    ):
                         await app.store.conversations.add_correction(
-                            message_id=message_id, text=intent.answer, operator="sim-op"
+                            message_id=answer.message_id, text=intent.answer, operator="sim-op"
                         )
                         corrected += 1
+                reactions = Counter(r.reaction.signal.value for r in results if r.reaction is not None)
                 result = await app.trainer.run(force=True)
                 train_s = time.monotonic() - t0
                 print(
@@ -213,6 +187,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     by_version[version]["generic_ppl"] = report.get("candidate", {}).get("generic_ppl")
                 by_version[f"cycle{cycle}"] = {
                     "version": version,
+                    "ratings": sum(r.rated for r in results),
+                    "corrections": corrected,
+                    "reactions": dict(sorted(reactions.items())),
                     "status": str(result.status),
                     "seconds": round(time.monotonic() - t0, 1),
                     "training_seconds": round(result.seconds, 1),
@@ -229,6 +206,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ppls = {k: v.get("generic_ppl") for k, v in versions.items() if v.get("generic_ppl")}
     best_name = max(versions, key=lambda k: versions[k]["heldout"])
     summary = {
+        "deployment": dep.name,
+        "seed": args.seed,
+        "thumbs_share": args.thumbs_share,
+        "reactions": args.reactions,
         "base": round(base, 3),
         "by_version": {k: round(v["heldout"], 3) for k, v in versions.items()},
         "train_by_version": {k: round(v["train"], 3) for k, v in versions.items() if "train" in v},
@@ -240,8 +221,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "ppl_rise_best": round(ppls[best_name] / ppls["base"] - 1, 4) if best_name in ppls and "base" in ppls else None,
         "cycles": [by_version[f"cycle{c}"] for c in range(1, args.cycles + 1)],
         "best_gain_pp": round((best - base) * 100, 1),
+        "best_version": best_name,
         "minutes": round((time.monotonic() - started) / 60, 1),
+        "reasons": {k: v["reasons"] for k, v in versions.items()},
         "samples": {k: v["samples"] for k, v in versions.items()},
+        "replies": {k: v["replies"] for k, v in versions.items()},
         "leak_examples": {k: v["leak_examples"] for k, v in versions.items() if v["leak_examples"]},
     }
     return summary
@@ -274,14 +258,25 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylim(0, 100)
     ax.set_ylabel("satisfaction (% thumbs up)")
     ax.set_xlabel("model version")
-    ax.set_title("Satisfaction by version (SmolLM2-135M-Instruct, 2 CPU cores)", fontsize=10)
+    ax.set_title(f"Satisfaction by version, {summary['deployment']} (SmolLM2-135M-Instruct, 2 CPU cores)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+MODES = ("explicit", "implicit")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--deployment", default="shop", choices=deployment_names())
+    parser.add_argument(
+        "--all", action="store_true", help="every deployment, every seed of --seeds and mode of --modes"
+    )
+    parser.add_argument("--seeds", default="0,1", help="--all: the operator seeds")
+    parser.add_argument(
+        "--modes", default="explicit,implicit", help="--all: explicit (thumbs on every reply), implicit"
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--steps", type=int, default=60)
@@ -297,29 +292,102 @@ def main() -> None:
     )
     parser.add_argument("--numbers", type=int, default=0, help="training.number_pairs")
     parser.add_argument("--correct-share", type=float, default=0.5)
+    parser.add_argument("--thumbs-share", type=float, default=1.0, help="share of customers who click a thumb (seeded)")
+    parser.add_argument("--reactions", action="store_true", help="every customer writes a next message (or leaves)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--generic", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/out")
-    args = parser.parse_args()
-    summary = asyncio.run(run(args))
-    out = Path(args.out)
+    args = parser.parse_args(argv)
+    if not 0 <= args.thumbs_share <= 1:
+        parser.error("--thumbs-share is a share: 0 to 1")
+    if unknown := set(args.modes.split(",")) - set(MODES):
+        parser.error(f"--modes: unknown {sorted(unknown)}; choose from {', '.join(MODES)}")
+    return args
+
+
+def write_outputs(summary: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Write learning.json and the plot into ``out``; print leaks and samples; return the summary
+    without its samples and leak examples (the part printed as the last line)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "learning.json").write_text(json.dumps(summary, indent=2))
+    (out / "learning.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     try:
         plot(summary, out / "learning.png")
         print(f"plot: {out / 'learning.png'}")
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
+    summary = dict(summary)
     samples = summary.pop("samples")
+    summary.pop("replies")
     for version, examples in summary.pop("leak_examples").items():
         for example in examples:
             print(f"  leak [{version}] {example}")
     for version, replies in samples.items():
         for question, reply in list(replies.items())[:3]:
             print(f"  [{version}] {question} -> {reply[:140]!r}")
-    print(json.dumps(summary))
+    return summary
+
+
+def mode_label(summary: dict[str, Any]) -> str:
+    thumbs = f"thumbs {summary['thumbs_share']:.0%}"
+    return f"{thumbs} + reactions" if summary["reactions"] else thumbs
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The --all table: one line per run, then the mean gain per mode."""
+    lines = [
+        "| deployment | seed | signals | base | best | gain pp | leaks at best (never-corrected / generic) "
+        "| perplexity change | minutes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        best = r["best_version"]
+        leak = r["leaks"][best]
+        ppl = "-" if r["ppl_rise_best"] is None else f"{r['ppl_rise_best']:+.1%}"
+        lines.append(
+            f"| {r['deployment']} | {r['seed']} | {mode_label(r)} | {r['base']:.1%} | {r['by_version'][best]:.1%} "
+            f"({best}) | {r['best_gain_pp']:+.1f} | {leak['uncorrected']} / {leak['generic']} | {ppl} | {r['minutes']} |"
+        )
+    by_mode: dict[str, list[float]] = {}
+    for r in rows:
+        by_mode.setdefault(mode_label(r), []).append(r["best_gain_pp"])
+    for mode, gains in by_mode.items():
+        lines.append(f"mean gain, {mode}: {sum(gains) / len(gains):+.1f} pp over {len(gains)} runs")
+    if len(by_mode) > 1:
+        gains = [r["best_gain_pp"] for r in rows]
+        lines.append(f"mean gain, all runs: {sum(gains) / len(gains):+.1f} pp over {len(gains)} runs")
+    return "\n".join(lines)
+
+
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for name in deployment_names():
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for mode in args.modes.split(","):
+                run_args = argparse.Namespace(**vars(args))
+                run_args.seed = seed
+                run_args.reactions = mode == "implicit"
+                run_args.thumbs_share = (
+                    1.0 if mode == "explicit" else (args.thumbs_share if args.thumbs_share < 1 else 0.2)
+                )
+                print(f"=== {name}, seed {seed}, {mode}", flush=True)
+                summary = asyncio.run(run(run_args, load_deployment(name)))
+                rows.append(write_outputs(summary, Path(args.out) / f"{name}-seed{seed}-{mode}"))
+                print(table(rows[-1:]).splitlines()[-2], flush=True)
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    if args.all:
+        rows = run_all(args)
+        print(table(rows))
+        gains = [r["best_gain_pp"] for r in rows]
+        print(json.dumps({"runs": rows, "mean_gain_pp": round(sum(gains) / len(gains), 1)}, ensure_ascii=False))
+        return
+    summary = asyncio.run(run(args, load_deployment(args.deployment)))
+    print(json.dumps(write_outputs(summary, Path(args.out)), ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""bench/learning.py's command line and --all table (the runs themselves are benchmarks, not tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench.learning import parse_args, table
+
+
+def _row(deployment: str, seed: int, gain: float, *, reactions: bool = False) -> dict[str, Any]:
+    return {
+        "deployment": deployment,
+        "seed": seed,
+        "thumbs_share": 0.2 if reactions else 1.0,
+        "reactions": reactions,
+        "base": 0.0,
+        "by_version": {"base": 0.0, "v1": gain / 100},
+        "best_version": "v1",
+        "best_gain_pp": gain,
+        "leaks": {"base": {"uncorrected": 0, "generic": 0}, "v1": {"uncorrected": 2, "generic": 1}},
+        "ppl_rise_best": -0.168,
+        "minutes": 14.5,
+    }
+
+
+def test_defaults_keep_the_shop_run() -> None:
+    args = parse_args([])
+    assert args.deployment == "shop" and args.seed == 0 and args.cycles == 3
+    assert args.thumbs_share == 1.0 and not args.reactions and args.max_new_tokens == 48
+    assert parse_args(["--all"]).seeds == "0,1"
+
+
+def test_bad_flags_are_refused() -> None:
+    for argv in (["--thumbs-share", "1.5"], ["--modes", "explicit,loud"], ["--deployment", "nowhere"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+
+
+def test_table_has_a_row_per_run_and_the_mean_gain_per_mode() -> None:
+    text = table([_row("shop", 0, 38.9), _row("bank", 1, 20.0), _row("shop", 0, 10.0, reactions=True)])
+    lines = text.splitlines()
+    assert lines[2] == "| shop | 0 | thumbs 100% | 0.0% | 38.9% (v1) | +38.9 | 2 / 1 | -16.8% | 14.5 |"
+    assert "| thumbs 20% + reactions |" in lines[4]
+    assert lines[-3:] == [
+        "mean gain, thumbs 100%: +29.4 pp over 2 runs",
+        "mean gain, thumbs 20% + reactions: +10.0 pp over 1 runs",
+        "mean gain, all runs: +23.0 pp over 3 runs",
+    ]
+    assert table([_row("shop", 0, 38.9)]).splitlines()[-1] == "mean gain, thumbs 100%: +38.9 pp over 1 runs"
