@@ -20,6 +20,7 @@ def _settings(tiny_model: Path, tmp_path: Path) -> Settings:
         data_dir=tmp_path,
         overrides={
             "console": {"port": 0},
+            "channels": {"port": 0},
             "server": {"port": 0, "rate_per_s": 1000.0},
             "model": {"name": str(tiny_model), "max_new_tokens": 4, "dtype": "float32", "temperature": 0.0},
             "schedule": {"enabled": False},
