@@ -18,6 +18,7 @@ from typing import Any
 
 from feedback.accounts import write_audit
 from feedback.db import Connection, Database
+from feedback.inbox import forget_user
 from feedback.records import subject_hash
 
 log = logging.getLogger("learnloop.feedback")
@@ -123,6 +124,7 @@ class Erasure:
                 await conn.execute(f"DELETE FROM training_exclusions WHERE message_id IN ({mmarks})", tuple(messages))
                 await conn.execute(f"DELETE FROM messages WHERE conversation_id IN ({marks})", tuple(conversations))
                 await conn.execute(f"DELETE FROM conversations WHERE id IN ({marks})", tuple(conversations))
+            await forget_user(conn, user_id)  # IM events not yet answered would bring them back
             await _remember(conn, digest, now)
             counts = {
                 "conversations": len(conversations),

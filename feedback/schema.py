@@ -171,6 +171,61 @@ MIGRATIONS: tuple[str | tuple[str, ...], ...] = (
     ALTER TABLE conversations ADD COLUMN site TEXT;
     CREATE INDEX conversations_site ON conversations(site, created_at);
     """,
+    # 6: IM channels (Telegram, Slack, signed webhooks): the conversation of each platform thread,
+    # inbound events (each processed once, also after a restart) and the outbox of platform calls
+    """
+    CREATE TABLE channel_threads (
+        conversation_id  TEXT PRIMARY KEY REFERENCES conversations(id) ON DELETE CASCADE,
+        channel          TEXT NOT NULL,
+        site             TEXT NOT NULL,
+        thread           TEXT NOT NULL,
+        created_at       REAL NOT NULL
+    );
+    CREATE INDEX channel_threads_thread ON channel_threads(channel, site, thread, created_at);
+    CREATE TABLE inbox (
+        id               INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel          TEXT NOT NULL,
+        site             TEXT NOT NULL,
+        key              TEXT NOT NULL,
+        lane             TEXT NOT NULL,
+        kind             TEXT NOT NULL,
+        payload          TEXT,
+        user_id          TEXT,
+        state            TEXT NOT NULL CHECK (state IN ('pending', 'done', 'failed')),
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  REAL NOT NULL,
+        received_at      REAL NOT NULL,
+        conversation_id  TEXT,
+        turn_id          TEXT NOT NULL,
+        reply_id         TEXT NOT NULL,
+        preview          TEXT,
+        last_error       TEXT,
+        finished_at      REAL,
+        UNIQUE (channel, site, key)
+    );
+    CREATE INDEX inbox_lanes ON inbox(state, lane, id);
+    CREATE INDEX inbox_user ON inbox(user_id);
+    CREATE TABLE outbox (
+        id               INTEGER PRIMARY KEY AUTOINCREMENT,
+        key              TEXT NOT NULL UNIQUE,
+        channel          TEXT NOT NULL,
+        site             TEXT NOT NULL,
+        lane             TEXT NOT NULL,
+        conversation_id  TEXT REFERENCES conversations(id) ON DELETE CASCADE,
+        method           TEXT NOT NULL,
+        body             TEXT NOT NULL,
+        state            TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        uncertain        INTEGER NOT NULL DEFAULT 0,
+        created_at       REAL NOT NULL,
+        next_attempt_at  REAL NOT NULL,
+        last_error       TEXT,
+        delivered_at     REAL,
+        response         TEXT
+    );
+    CREATE INDEX outbox_lanes ON outbox(state, lane, id);
+    CREATE INDEX outbox_conversation ON outbox(conversation_id);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -11,6 +11,8 @@ module::
     store.erasure        erasing users, tombstones
     store.accounts       operators, API tokens, console sessions, audit entries
     store.browse         the console's queries: lists, search, transcripts, series, audit log
+    store.inbox          IM platform events (each processed once) and the conversation of each thread
+    store.outbox         calls to IM platforms waiting for delivery
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from feedback.browse import Browse
 from feedback.conversations import Conversations
 from feedback.db import Database
 from feedback.erasure import Erasure
+from feedback.inbox import Inbox
+from feedback.outbox import Outbox
 from feedback.runs import Runs
 from feedback.trust import Raters
 from feedback.versions import Versions
@@ -39,6 +43,8 @@ class FeedbackStore:
         self.erasure = Erasure(db)
         self.accounts = Accounts(db)
         self.browse = Browse(db)
+        self.inbox = Inbox(db)
+        self.outbox = Outbox(db)
 
     @classmethod
     async def open(cls, path: str | Path) -> FeedbackStore:

@@ -3,7 +3,7 @@
 Everything with a life cycle is opened and closed in ``App.lifespan``; the behaviour lives
 in the parts it wires: ``server.release`` (which versions serve), ``server.trainer``
 (training cycles), ``server.gateway`` (chat clients), ``server.presence`` (takeovers),
-``server.console`` (operators).
+``server.console`` (operators), ``server.channels`` (the widget and IM channels).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import FastAPI
 
 from feedback import FeedbackStore
-from server.channels.serve import start_channels
+from server.channels.serve import ImChannels, start_channels
 from server.channels.widget import find_site
 from server.console.api import start_console
 from server.engines import Engine, SamplingConfig, create_engine
@@ -50,6 +50,7 @@ class App:
         self.port: int | None = None
         self.console_port: int | None = None
         self.channels_port: int | None = None
+        self.im: ImChannels | None = None  # the IM channels (Telegram, Slack, webhooks) while they run
         self.console: FastAPI | None = None  # the console's app while it serves
         m = settings.model
         self.sampling = SamplingConfig(max_new_tokens=m.max_new_tokens, temperature=m.temperature, top_p=m.top_p)
@@ -64,6 +65,7 @@ class App:
         server = None
         console: RunningListener | None = None
         channels: RunningListener | None = None
+        im: ImChannels | None = None
         try:
             self.engine = engine = create_engine(s.model, base_model)
             await asyncio.to_thread(engine.load)
@@ -75,6 +77,9 @@ class App:
                 log.exception("the live adapter failed validation; serving the base model")
             self.trainer = trainer = Trainer(store, cycle_config(s, base_model), release)
             self.presence = presence = Presence(store)
+            rating_limiter = KeyedRateLimiter(
+                per_minute=s.server.ratings_per_minute, burst=max(1, int(s.server.ratings_per_minute))
+            )
             ctx = GatewayContext(
                 store=store,
                 engine=engine,
@@ -87,9 +92,7 @@ class App:
                     rate_burst=s.server.rate_burst,
                 ),
                 token=s.server.token,
-                rating_limiter=KeyedRateLimiter(
-                    per_minute=s.server.ratings_per_minute, burst=max(1, int(s.server.ratings_per_minute))
-                ),
+                rating_limiter=rating_limiter,
                 presence=presence,
                 sites=self.site,
             )
@@ -104,8 +107,21 @@ class App:
                 self.console_port = console.port
                 self.console = console.app
                 log.info("operator console on http://%s:%d", s.console.host, console.port)
+            if not s.channels.enabled and ImChannels.configured(s):
+                log.warning("IM channels are configured but channels.enabled is false: their webhooks are not served")
             if s.channels.enabled:
-                channels = await start_channels(s, gateway_port=self.port)
+                if ImChannels.configured(s):
+                    self.im = im = ImChannels(
+                        s,
+                        store,
+                        engine,
+                        sampling=self.sampling,
+                        assign_version=release.assign_version,
+                        serving_version=release.serving_version,
+                        rating_limiter=rating_limiter,  # thumbs from every channel share the per-rater limit
+                    )
+                    im.start()
+                channels = await start_channels(s, gateway_port=self.port, im=im)
                 self.channels_port = channels.port
             if s.schedule.enabled:
                 scheduler = start_scheduler(trainer.scheduled, interval_s=s.schedule.interval_s)
@@ -122,6 +138,10 @@ class App:
         finally:
             for task in tasks:
                 task.cancel()
+            if channels is not None:
+                await channels.stop()
+            if im is not None:
+                await im.stop()  # events and calls still pending are taken up at the next start
             if console is not None:
                 await console.stop()
             if self.trainer is not None:

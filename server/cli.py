@@ -277,6 +277,34 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0 if asked else 1
 
 
+def cmd_outbox(args: argparse.Namespace) -> int:
+    """Calls to IM platforms: pending, delivered, failed (given up or refused), and retrying failed ones."""
+    from feedback.outbox import OutboxState
+
+    settings = _settings(args)
+    if args.action == "retry":
+        if not args.ids:
+            raise SystemExit("learnloop outbox retry ID [ID ...]")
+        count = asyncio.run(_with_store(settings, lambda s: s.outbox.requeue(args.ids)))
+        print(f"{count} failed row(s) queued again; a running server delivers them within seconds")
+        return 0 if count == len(args.ids) else 1
+    state = None if args.state == "all" else OutboxState(args.state)
+
+    async def read(store: FeedbackStore) -> Any:
+        return await store.outbox.counts(), await store.outbox.rows(state=state, limit=args.limit)
+
+    counts, rows = asyncio.run(_with_store(settings, read))
+    print("outbox: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+    print(f"{'id':<7}{'state':<10}{'channel/site':<24}{'method':<24}{'tries':>5}  {'created':<20}last error")
+    for r in rows:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
+        where = f"{r.channel}/{r.site}"
+        print(
+            f"{r.id:<7}{r.state:<10}{where:<24}{r.method:<24}{r.attempts:>5}  {created:<20}{(r.last_error or '')[:100]}"
+        )
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -383,6 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--label", default="api")
     pp.set_defaults(fn=cmd_operator)
     osub.add_parser("list", help="list operators").set_defaults(fn=cmd_operator)
+
+    p = sub.add_parser("outbox", help="calls to IM platforms (Telegram, Slack, webhooks): list, retry failed ones")
+    p.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
+    p.add_argument("ids", nargs="*", type=int, help="retry: the failed rows to queue again")
+    p.add_argument("--state", choices=["pending", "delivered", "failed", "all"], default="failed")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(fn=cmd_outbox)
 
     sub.add_parser("versions", help="list model versions").set_defaults(fn=cmd_versions)
     sub.add_parser("runs", help="list training runs").set_defaults(fn=cmd_runs)

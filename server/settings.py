@@ -2,18 +2,19 @@
 
 The file (``--config PATH`` or ``$LEARNLOOP_CONFIG``) has a top-level ``data_dir``, the
 sections ``[server]``, ``[model]``, ``[schedule]``, ``[training]``, ``[gate]``, ``[trust]``,
-``[canary]``, ``[console]`` and ``[channels]``, and one named table per widget site
-(``[sites.shop]``). Every key can be set from the environment as
-``LEARNLOOP_<SECTION>_<KEY>`` (upper case), for example ``LEARNLOOP_SERVER_PORT=9000`` or
-``LEARNLOOP_TRAINING_MAX_STEPS=20``; a site's keys as ``LEARNLOOP_SITES__<NAME>__<KEY>``
-(double underscores: ``LEARNLOOP_SITES__SHOP__ORIGINS=https://a.example,https://b.example``);
-the top-level ``data_dir`` is ``LEARNLOOP_DATA_DIR``. Unknown keys are errors, not ignored.
+``[canary]``, ``[console]``, ``[channels]`` and ``[outbox]``, and named tables: one per widget
+site (``[sites.shop]``), Telegram bot (``[telegram.support]``), Slack app (``[slack.support]``)
+and signed-webhook sender (``[webhooks.helpdesk]``). Every key can be set from the environment
+as ``LEARNLOOP_<SECTION>_<KEY>`` (upper case), for example ``LEARNLOOP_SERVER_PORT=9000`` or
+``LEARNLOOP_TRAINING_MAX_STEPS=20``; a named table's keys as ``LEARNLOOP_<TABLE>__<NAME>__<KEY>``
+(double underscores: ``LEARNLOOP_SITES__SHOP__ORIGINS=https://a.example,https://b.example``,
+``LEARNLOOP_TELEGRAM__SUPPORT__TOKEN=...``); the top-level ``data_dir`` is
+``LEARNLOOP_DATA_DIR``. Unknown keys are errors, not ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import os
 import re
 import tomllib
@@ -25,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from feedback.exceptions import ErrorCode, LearnloopError
+from server.channels.config import OutboxConfig, SlackConfig, TelegramConfig, WebhookConfig
 from server.channels.identity import normalize_origin
+from server.secret import Secret
 from training.canary import CanaryConfig
 from training.config import TrainConfig
 from training.gate import GateConfig
@@ -38,34 +41,6 @@ class SettingsError(LearnloopError, ValueError):
 
     code = ErrorCode.BAD_REQUEST
     public = True
-
-
-class Secret:
-    """A configured secret. ``str`` and ``repr`` show ``********`` (so ``learnloop config``, logs
-    and tracebacks never print it); ``reveal()`` gives the value to the one place that needs it.
-
-    Not a ``str`` subclass on purpose: ``json.dumps`` and f-strings would print a subclass's value.
-    """
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __str__(self) -> str:
-        return "********"
-
-    def __repr__(self) -> str:
-        return "Secret('********')"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and hmac.compare_digest(self._value.encode(), other._value.encode())
-
-    def __hash__(self) -> int:
-        return hash(self._value)
 
 
 @dataclass(frozen=True)
@@ -292,7 +267,11 @@ class Settings:
     canary: CanaryConfig = field(default_factory=CanaryConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     channels: ChannelsConfig = field(default_factory=ChannelsConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
     sites: dict[str, SiteConfig] = field(default_factory=dict)
+    telegram: dict[str, TelegramConfig] = field(default_factory=dict)
+    slack: dict[str, SlackConfig] = field(default_factory=dict)
+    webhooks: dict[str, WebhookConfig] = field(default_factory=dict)
 
     @property
     def db_path(self) -> Path:
@@ -309,6 +288,15 @@ SECTIONS: dict[str, type] = {
     "canary": CanaryConfig,
     "console": ConsoleConfig,
     "channels": ChannelsConfig,
+    "outbox": OutboxConfig,
+}
+
+# named tables: [sites.shop], [telegram.support], ...; (record type, what a name names)
+NAMED: dict[str, tuple[type, str]] = {
+    "sites": (SiteConfig, "site"),
+    "telegram": (TelegramConfig, "telegram bot"),
+    "slack": (SlackConfig, "slack app"),
+    "webhooks": (WebhookConfig, "webhook sender"),
 }
 
 
@@ -379,15 +367,16 @@ def load_settings(
             raise SettingsError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
-    top_unknown = set(raw) - {"data_dir", "sites", *SECTIONS}
+    top_unknown = set(raw) - {"data_dir", *NAMED, *SECTIONS}
     if top_unknown:
         raise SettingsError(f"unknown top-level setting(s): {', '.join(sorted(top_unknown))}")
     sections: dict[str, dict[str, Any]] = {name: dict(raw.get(name, {})) for name in SECTIONS}
-    sites: dict[str, dict[str, Any]] = {}
-    for name, table in dict(raw.get("sites", {})).items():
-        if not isinstance(table, dict):
-            raise SettingsError(f"sites.{name}: write a table, [sites.{name}]")
-        sites[name] = dict(table)
+    named: dict[str, dict[str, dict[str, Any]]] = {table: {} for table in NAMED}
+    for table in NAMED:
+        for name, values in dict(raw.get(table, {})).items():
+            if not isinstance(values, dict):
+                raise SettingsError(f"{table}.{name}: write a table, [{table}.{name}]")
+            named[table][name] = dict(values)
     resolved_dir: Any = raw.get("data_dir", Settings.data_dir)
     for key, value in env.items():
         if not key.startswith("LEARNLOOP_") or key in ("LEARNLOOP_CONFIG", "LEARNLOOP_CACHE"):
@@ -396,11 +385,16 @@ def load_settings(
         if rest == "data_dir":
             resolved_dir = value
             continue
-        if rest.startswith("sites__"):
-            name, _, site_key = rest[len("sites__") :].partition("__")
-            if not site_key:
-                raise SettingsError(f"{key}: write LEARNLOOP_SITES__<NAME>__<KEY>, e.g. LEARNLOOP_SITES__SHOP__SECRET")
-            sites.setdefault(name, {})[site_key] = value
+        found = next((t for t in NAMED if rest.startswith(t + "__")), None)
+        if found is not None:
+            name, _, table_key = rest[len(found) + 2 :].partition("__")
+            if not table_key:
+                example = {"sites": "SITES__SHOP__SECRET", "telegram": "TELEGRAM__SUPPORT__TOKEN"}.get(found, "")
+                raise SettingsError(
+                    f"{key}: write LEARNLOOP_{found.upper()}__<NAME>__<KEY>"
+                    + (f", e.g. LEARNLOOP_{example}" if example else "")
+                )
+            named[found].setdefault(name, {})[table_key] = value
             continue
         section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
         if section is None:
@@ -409,16 +403,21 @@ def load_settings(
     for section, values in (overrides or {}).items():
         sections[section].update({k: v for k, v in values.items() if v is not None})
     built = {name: _build(cls, sections[name], name) for name, cls in SECTIONS.items()}
-    return Settings(data_dir=Path(data_dir or resolved_dir), sites=_build_sites(sites), **built)
+    tables: dict[str, Any] = {table: _build_named(table, named[table]) for table in NAMED}
+    return Settings(data_dir=Path(data_dir or resolved_dir), **built, **tables)
 
 
-def _build_sites(tables: Mapping[str, Mapping[str, Any]]) -> dict[str, SiteConfig]:
-    sites = {}
+def _build_named(table: str, tables: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    cls, noun = NAMED[table]
+    built = {}
     for name, values in tables.items():
         if not SITE_NAME.fullmatch(name):
-            raise SettingsError(f"site name {name!r}: use lower-case letters, digits, '-' and '_' (at most 64)")
-        sites[name] = _build(SiteConfig, values, f"sites.{name}")
-    return sites
+            raise SettingsError(f"{noun} name {name!r}: use lower-case letters, digits, '-' and '_' (at most 64)")
+        try:
+            built[name] = _build(cls, values, f"{table}.{name}")
+        except SettingsError as exc:
+            raise SettingsError(str(exc).replace(f"{table}.NAME.", f"{table}.{name}.")) from None
+    return built
 
 
 def documented_fields() -> list[tuple[str, Any, str]]:
@@ -430,5 +429,9 @@ def documented_fields() -> list[tuple[str, Any, str]]:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
             rows.append((f"{name}.{f.name}", default, f.metadata.get("help", "")))
-    rows += [(f"sites.NAME.{f.name}", f.default, f.metadata.get("help", "")) for f in dataclasses.fields(SiteConfig)]
+    rows += [
+        (f"{table}.NAME.{f.name}", f.default, f.metadata.get("help", ""))
+        for table, (cls, _) in NAMED.items()
+        for f in dataclasses.fields(cls)
+    ]
     return rows

@@ -141,3 +141,67 @@ def test_secrets_never_print(capsys: pytest.CaptureFixture[str], monkeypatch: py
     assert main(["config"]) == 0
     out = capsys.readouterr().out
     assert secret not in out and '"secret": "********"' in out
+
+
+WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def test_im_tables_from_toml_and_env(tmp_path: Path) -> None:
+    cfg = tmp_path / "l.toml"
+    cfg.write_text(
+        '[telegram.support]\ntoken = "123:file"\nsecret_token = "file_secret-1"\n'
+        '[slack.team]\nbot_token = "xoxb-1"\nsigning_secret = "s1gn-Z9q"\napi_base = "http://127.0.0.1:9/api"\n'
+        f'[webhooks.helpdesk]\nsecret = "{WHSEC}"\noutbound_url = "https://helpdesk.example/in"\n'
+        "[outbox]\nmax_age_s = 600\n"
+    )
+    s = load_settings(
+        cfg,
+        env={"LEARNLOOP_TELEGRAM__SUPPORT__TOKEN": "123:env", "LEARNLOOP_WEBHOOKS__HELPDESK__TOLERANCE_S": "60"},
+    )
+    bot = s.telegram["support"]
+    assert bot.token is not None and bot.token.reveal() == "123:env"  # the environment wins
+    assert bot.secret_token is not None and bot.secret_token.reveal() == "file_secret-1"
+    assert (bot.api_base, bot.new_conversation_command, bot.edit_interval_ms) == (
+        "https://api.telegram.org",
+        "/start",
+        1000,
+    )
+    assert s.slack["team"].api_base == "http://127.0.0.1:9/api"
+    assert (s.webhooks["helpdesk"].outbound_url, s.webhooks["helpdesk"].tolerance_s) == (
+        "https://helpdesk.example/in",
+        60,
+    )
+    assert (s.outbox.max_age_s, s.outbox.min_backoff_s) == (600, 1.0)
+    for secret in ("123:env", "file_secret-1", "s1gn-Z9q", WHSEC):
+        assert secret not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LEARNLOOP_TELEGRAM__SUPPORT__TOKEN": "1:a"}, "telegram.support.secret_token is required"),
+        (
+            {"LEARNLOOP_TELEGRAM__SUPPORT__TOKEN": "1:a", "LEARNLOOP_TELEGRAM__SUPPORT__SECRET_TOKEN": "no spaces"},
+            "A-Z, a-z, 0-9",
+        ),
+        ({"LEARNLOOP_SLACK__TEAM__BOT_TOKEN": "xoxb-1"}, "slack.team.signing_secret is required"),
+        (
+            {"LEARNLOOP_WEBHOOKS__H__SECRET": "plain", "LEARNLOOP_WEBHOOKS__H__OUTBOUND_URL": "https://a"},
+            "starts with whsec_",
+        ),
+        (
+            {"LEARNLOOP_WEBHOOKS__H__SECRET": "whsec_c2hvcnQ=", "LEARNLOOP_WEBHOOKS__H__OUTBOUND_URL": "https://a"},
+            "24 to 64 bytes",
+        ),
+        ({"LEARNLOOP_WEBHOOKS__H__SECRET": WHSEC}, "webhooks.h.outbound_url is required"),
+        ({"LEARNLOOP_TELEGRAM__SUPPORT": "x"}, "LEARNLOOP_TELEGRAM__<NAME>__<KEY>"),
+        ({"LEARNLOOP_SLACK__TEAM__COLOR": "red"}, r"unknown setting\(s\) in \[slack.team\]"),
+        (
+            {"LEARNLOOP_OUTBOX_MIN_BACKOFF_S": "10", "LEARNLOOP_OUTBOX_MAX_BACKOFF_S": "1"},
+            "min_backoff_s <= max_backoff_s",
+        ),
+    ],
+)
+def test_bad_im_tables_say_what_is_wrong(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(env=env)
