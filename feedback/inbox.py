@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from feedback.db import Connection, Database, Row, fetch_one
+from feedback.lanes import LaneTable
 from feedback.outbox import OutboxItem, insert_items
 
 
@@ -97,14 +98,11 @@ def _row(r: Row) -> InboxRow:
     )
 
 
-_HEADS = "SELECT * FROM inbox WHERE id IN (SELECT MIN(id) FROM inbox WHERE state = 'pending' GROUP BY lane)"
-
-
-class Inbox:
+class Inbox(LaneTable[InboxRow]):
     """Received platform events and platform threads (``store.inbox``)."""
 
     def __init__(self, db: Database) -> None:
-        self._db = db
+        super().__init__(db, "inbox", _row)
 
     async def receive(self, item: InboxItem) -> bool:
         """Store a received event; False when its key was received before (a redelivery: do nothing)."""
@@ -133,28 +131,6 @@ class Inbox:
             return cursor.rowcount == 1
 
         return await self._db.write(op)
-
-    async def due(self, now: float, *, skip_lanes: Iterable[str] = (), limit: int = 64) -> list[InboxRow]:
-        """The head event of each lane that is due, oldest first (lanes in ``skip_lanes`` left out)."""
-        skip = sorted(set(skip_lanes))
-        busy = f" AND lane NOT IN ({','.join('?' * len(skip))})" if skip else ""
-        found = await self._db.read(f"{_HEADS} AND next_attempt_at <= ?{busy} ORDER BY id LIMIT ?", (now, *skip, limit))
-        return [_row(r) for r in found]
-
-    async def next_due_at(self) -> float | None:
-        found = await self._db.read(f"SELECT MIN(next_attempt_at) FROM ({_HEADS})")
-        return float(found[0][0]) if found and found[0][0] is not None else None
-
-    async def get(self, row_id: int) -> InboxRow | None:
-        found = await self._db.read("SELECT * FROM inbox WHERE id = ?", (row_id,))
-        return _row(found[0]) if found else None
-
-    async def rows(self, *, state: InboxState | None = None, limit: int = 50) -> list[InboxRow]:
-        if state is None:
-            found = await self._db.read("SELECT * FROM inbox ORDER BY id DESC LIMIT ?", (limit,))
-        else:
-            found = await self._db.read("SELECT * FROM inbox WHERE state = ? ORDER BY id DESC LIMIT ?", (state, limit))
-        return [_row(r) for r in found]
 
     async def set_conversation(self, row_id: int, conversation_id: str) -> None:
         """The conversation this event goes to, chosen once (a retry after a crash keeps it)."""
@@ -248,12 +224,6 @@ class Inbox:
             "SELECT channel, site, thread FROM channel_threads WHERE conversation_id = ?", (conversation_id,)
         )
         return Thread(found[0][0], found[0][1], found[0][2]) if found else None
-
-    async def _update(self, row_id: int, assignments: str, params: tuple[Any, ...] = ()) -> None:
-        async def op(conn: Connection) -> None:
-            await conn.execute(f"UPDATE inbox SET {assignments} WHERE id = ?", (*params, row_id))
-
-        await self._db.write(op)
 
 
 async def forget_user(conn: Connection, user_id: str) -> int:

@@ -31,6 +31,7 @@ from enum import StrEnum
 from typing import Any
 
 from feedback.db import Connection, Database, Row
+from feedback.lanes import LaneTable
 
 
 class OutboxState(StrEnum):
@@ -119,15 +120,11 @@ async def insert_items(conn: Connection, items: Iterable[OutboxItem], *, now: fl
     return added
 
 
-# the oldest pending row of each lane: rows behind it wait their turn
-_HEADS = "SELECT * FROM outbox WHERE id IN (SELECT MIN(id) FROM outbox WHERE state = 'pending' GROUP BY lane)"
-
-
-class Outbox:
+class Outbox(LaneTable[OutboxRow]):
     """Platform calls waiting for delivery (``store.outbox``)."""
 
     def __init__(self, db: Database) -> None:
-        self._db = db
+        super().__init__(db, "outbox", _row)
 
     async def enqueue(self, items: Sequence[OutboxItem]) -> int:
         """Queue ``items`` in one transaction; returns how many were new (a known key is skipped)."""
@@ -137,30 +134,6 @@ class Outbox:
             return await insert_items(conn, items, now=now)
 
         return await self._db.write(op)
-
-    async def due(self, now: float, *, skip_lanes: Iterable[str] = (), limit: int = 64) -> list[OutboxRow]:
-        """The head row of each lane whose attempt is due, oldest first (lanes in ``skip_lanes`` left out)."""
-        skip = sorted(set(skip_lanes))
-        busy = f" AND lane NOT IN ({','.join('?' * len(skip))})" if skip else ""
-        found = await self._db.read(f"{_HEADS} AND next_attempt_at <= ?{busy} ORDER BY id LIMIT ?", (now, *skip, limit))
-        return [_row(r) for r in found]
-
-    async def next_due_at(self) -> float | None:
-        """When the earliest lane head is due (None: nothing is pending)."""
-        found = await self._db.read(f"SELECT MIN(next_attempt_at) FROM ({_HEADS})")
-        return float(found[0][0]) if found and found[0][0] is not None else None
-
-    async def get(self, row_id: int) -> OutboxRow | None:
-        found = await self._db.read("SELECT * FROM outbox WHERE id = ?", (row_id,))
-        return _row(found[0]) if found else None
-
-    async def rows(self, *, state: OutboxState | None = None, limit: int = 50) -> list[OutboxRow]:
-        """The newest rows (of one state), newest first: what ``learnloop outbox`` shows."""
-        if state is None:
-            found = await self._db.read("SELECT * FROM outbox ORDER BY id DESC LIMIT ?", (limit,))
-        else:
-            found = await self._db.read("SELECT * FROM outbox WHERE state = ? ORDER BY id DESC LIMIT ?", (state, limit))
-        return [_row(r) for r in found]
 
     async def counts(self) -> dict[str, int]:
         found = await self._db.read("SELECT state, COUNT(*) FROM outbox GROUP BY state")
@@ -232,9 +205,3 @@ class Outbox:
             return int(cursor.rowcount)
 
         return await self._db.write(op)
-
-    async def _update(self, row_id: int, assignments: str, params: tuple[Any, ...] = ()) -> None:
-        async def op(conn: Connection) -> None:
-            await conn.execute(f"UPDATE outbox SET {assignments} WHERE id = ?", (*params, row_id))
-
-        await self._db.write(op)
