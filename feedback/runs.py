@@ -123,6 +123,11 @@ class Runs:
         )
         return rows.run(found[0]) if found else None
 
+    async def counts(self) -> dict[str, int]:
+        """Training runs per state."""
+        found = await self._db.read("SELECT state, COUNT(*) FROM training_runs GROUP BY state")
+        return {str(r[0]): int(r[1]) for r in found}
+
     async def recent(self, limit: int = 20) -> list[TrainingRun]:
         """The newest ``limit`` runs, newest first."""
         found = await self._db.read("SELECT * FROM training_runs ORDER BY id DESC LIMIT ?", (limit,))

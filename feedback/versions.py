@@ -200,6 +200,23 @@ class Versions:
         r = found[0]
         return VersionStats(name, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
 
+    async def thumbs(self) -> dict[str, tuple[int, int]]:
+        """(thumbs up, thumbs down) on model-written replies, per version, in one pass (for metrics)."""
+        found = await self._db.read(
+            "SELECT m.model_version, SUM(r.value = 1), SUM(r.value = -1) FROM ratings r"
+            " JOIN messages m ON m.id = r.message_id"
+            " WHERE m.role = 'assistant' AND m.author IS NULL AND m.model_version IS NOT NULL"
+            " GROUP BY m.model_version"
+        )
+        return {str(r[0]): (int(r[1]), int(r[2])) for r in found}
+
+    async def moves(self) -> dict[str, int]:
+        """How many times versions moved to each state (the audit log's ``state:*`` actions)."""
+        found = await self._db.read(
+            "SELECT substr(action, 7), COUNT(*) FROM audit_log WHERE action LIKE 'state:%' GROUP BY action"
+        )
+        return {str(r[0]): int(r[1]) for r in found}
+
     async def all(self) -> list[ModelVersion]:
         """Every version, oldest first."""
         return [rows.version(r) for r in await self._db.read("SELECT * FROM model_versions ORDER BY seq")]

@@ -23,6 +23,7 @@ from server.console.api import start_console
 from server.engines import Engine, SamplingConfig, create_engine
 from server.gateway import GatewayContext, start_gateway
 from server.listener import RunningListener
+from server.metrics import MeteredEngine, Metrics
 from server.presence import Presence
 from server.protocol import Limits
 from server.ratelimit import KeyedRateLimiter
@@ -50,6 +51,7 @@ class App:
         self.port: int | None = None
         self.console_port: int | None = None
         self.channels_port: int | None = None
+        self.metrics = Metrics()  # this process's Prometheus metrics (the console serves /metrics)
         self.im: ImChannels | None = None  # the IM channels (Telegram, Slack, webhooks) while they run
         self.console: FastAPI | None = None  # the console's app while it serves
         m = settings.model
@@ -80,9 +82,10 @@ class App:
             rating_limiter = KeyedRateLimiter(
                 per_minute=s.server.ratings_per_minute, burst=max(1, int(s.server.ratings_per_minute))
             )
+            served = MeteredEngine(engine, self.metrics)  # what the channels stream from: measured
             ctx = GatewayContext(
                 store=store,
-                engine=engine,
+                engine=served,
                 assign_version=release.assign_version,
                 serving_version=release.serving_version,
                 sampling=self.sampling,
@@ -95,6 +98,7 @@ class App:
                 rating_limiter=rating_limiter,
                 presence=presence,
                 sites=self.site,
+                metrics=self.metrics,
             )
             server = await start_gateway(
                 ctx, host=s.server.host, port=s.server.port, max_frame_bytes=s.server.max_frame_bytes
@@ -102,7 +106,7 @@ class App:
             self.port = next(iter(server.sockets)).getsockname()[1]
             if s.console.enabled:
                 console = await start_console(
-                    s.console, store=store, presence=presence, release=release, trainer=trainer
+                    s.console, store=store, presence=presence, release=release, trainer=trainer, metrics=self.metrics
                 )
                 self.console_port = console.port
                 self.console = console.app
@@ -114,7 +118,7 @@ class App:
                     self.im = im = ImChannels(
                         s,
                         store,
-                        engine,
+                        served,
                         sampling=self.sampling,
                         assign_version=release.assign_version,
                         serving_version=release.serving_version,

@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from feedback import FeedbackStore, StoreError
+from server import logs
 from server.settings import Settings, SettingsError, load_settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(
+    settings = load_settings(
         args.config,
         data_dir=args.data_dir,
         overrides={
@@ -24,6 +24,8 @@ def _settings(args: argparse.Namespace) -> Settings:
             "model": {"name": getattr(args, "model", None)},
         },
     )
+    logs.configure(settings.server.log_format, verbose=args.verbose)
+    return settings
 
 
 async def _with_store(settings: Settings, fn: Callable[[FeedbackStore], Awaitable[Any]]) -> Any:
@@ -427,12 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("httpx", "urllib3", "apscheduler.executors.default"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.configure("text", verbose=args.verbose)  # until the settings say otherwise
     try:
         return int(args.fn(args))
     except (SettingsError, StoreError, ValueError) as exc:

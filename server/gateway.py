@@ -28,6 +28,7 @@ from feedback import ErrorCode, FeedbackStore, FinishReason, NotFoundError, Role
 from server.channels.identity import IdentityError, admit
 from server.engines import Engine, SamplingConfig
 from server.errors import error_frame_for, public_view
+from server.metrics import Metrics
 from server.presence import Presence
 from server.protocol import (
     Cancel,
@@ -63,6 +64,7 @@ class GatewayContext:
     token: str | None = None
     presence: Presence | None = field(default=None)
     sites: Callable[[str], SiteConfig | None] = field(default=lambda name: None)  # widget site by name
+    metrics: Metrics | None = None
 
     def __post_init__(self) -> None:
         if self.presence is None:
@@ -83,6 +85,8 @@ class _Connection:
         self.presence: Presence = ctx.presence
 
     async def send(self, frame: dict[str, Any]) -> None:
+        if frame.get("type") == "error" and self.ctx.metrics is not None:
+            self.ctx.metrics.wire_errors.labels(code=str(frame.get("code"))).inc()
         with contextlib.suppress(ConnectionClosed):
             await self.ws.send(json.dumps(frame, ensure_ascii=False))
 
@@ -193,6 +197,18 @@ class _Connection:
         return self.session.opened(effect.conversation_id, branch, replies, version)
 
     async def rate(self, effect: StoreRating) -> list[Effect]:
+        started = time.monotonic()
+        effects = await self._rate(effect)
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            refused = [e.frame["code"] for e in effects if isinstance(e, Send) and e.frame.get("type") == "error"]
+            if refused:
+                metrics.rating_refused(str(refused[0]))
+            else:
+                metrics.rating_acked(effect.value, started)
+        return effects
+
+    async def _rate(self, effect: StoreRating) -> list[Effect]:
         rater = self.user or f"conversation:{self.session.conversation_id}"
         retry_after = self.ctx.rating_limiter.check(rater, time.monotonic())
         if retry_after is not None:
@@ -268,6 +284,14 @@ async def start_gateway(ctx: GatewayContext, *, host: str, port: int, max_frame_
     """Listen for chat clients; ``/healthz`` answers plain HTTP for probes."""
 
     async def handler(ws: ServerConnection) -> None:
-        await _Connection(ctx, ws).run()
+        if ctx.metrics is None:
+            await _Connection(ctx, ws).run()
+            return
+        ctx.metrics.connections_opened.inc()
+        ctx.metrics.connections.inc()
+        try:
+            await _Connection(ctx, ws).run()
+        finally:
+            ctx.metrics.connections.dec()
 
     return await serve(handler, host, port, max_size=max_frame_bytes, process_request=_health)

@@ -57,6 +57,17 @@ class ServerConfig:
     ratings_per_minute: float = field(
         default=30.0, metadata={"help": "Ratings one rater identity may send per minute, over all connections."}
     )
+    log_format: str = field(
+        default="text",
+        metadata={
+            "help": "text (one readable line per event) or json (one JSON object per line, with conversation "
+            "and version ids as fields; never message text)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"server.log_format {self.log_format!r}: use text or json")
 
 
 ENGINES = ("transformers", "llamacpp", "openai")

@@ -30,6 +30,7 @@ from feedback.accounts import ConsoleSession, Operator, OperatorRole
 from feedback.browse import ConversationFilter
 from server.errors import ApiError, install_error_handlers
 from server.listener import RunningListener, serve_app
+from server.metrics import CONTENT_TYPE, Metrics
 from server.presence import Presence
 from server.ratelimit import KeyedRateLimiter
 from server.settings import ConsoleConfig
@@ -165,6 +166,7 @@ def create_console(
     presence: Presence,
     release: Releases | None,
     trainer: Training | None,
+    metrics: Metrics | None = None,
 ) -> FastAPI:
     """The console's app. Without ``release``/``trainer`` (a console over a store alone), the routes
     that move versions or start training answer ``unavailable``."""
@@ -210,6 +212,13 @@ def create_console(
     @app.get("/api/openapi.json", include_in_schema=False, **role(viewer))
     async def openapi() -> dict[str, Any]:
         return app.openapi()
+
+    if metrics is not None:
+
+        @app.get("/metrics", response_class=Response, **role(viewer))
+        async def prometheus() -> Response:
+            """Prometheus metrics (server.metrics): scrape with a viewer's API token."""
+            return Response(await metrics.render(store), media_type=CONTENT_TYPE)
 
     # --- session ------------------------------------------------------------------------
 
@@ -481,6 +490,7 @@ async def start_console(
     presence: Presence,
     release: Releases | None = None,
     trainer: Training | None = None,
+    metrics: Metrics | None = None,
 ) -> RunningListener:
-    app = create_console(config, store=store, presence=presence, release=release, trainer=trainer)
+    app = create_console(config, store=store, presence=presence, release=release, trainer=trainer, metrics=metrics)
     return await serve_app(app, host=config.host, port=config.port, name="console")

@@ -1,0 +1,228 @@
+"""Prometheus metrics: what happens in this process, counted as it happens, and what the store knows, read at scrape.
+
+Two kinds of figure, on purpose:
+
+- **This process** (counters and histograms kept in memory, per process, as Prometheus
+  expects of each replica): connections, replies and their tokens, time to first token and
+  between tokens, engine admission refusals (``overloaded``), rating acknowledgements and
+  their latency, rating refusals and every error frame sent, by error code.
+- **The store** (gauges read by each scrape, so every replica reports the same truth and a
+  restart loses nothing): thumbs up and down per model version, versions by state, training
+  runs by state, and the release decisions taken so far (gate rejections, canaries,
+  promotions, rollbacks: the audit log's ``state:*`` moves).
+
+``MeteredEngine`` wraps any engine, so every channel (websocket, widget, OpenAI API, IM) is
+measured at the one place all replies pass. The console serves ``GET /metrics`` (viewer role:
+Prometheus scrapes with a bearer token, ``authorization`` in its scrape config).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from feedback import FeedbackStore, RunState, VersionState
+from server.engines import Chunk, Engine, EngineStats, Messages, OverloadedError, SamplingConfig
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# seconds; replies on a CPU take from tens of milliseconds to seconds to start
+_TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+_INTER_TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+_ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    """One process's metrics, in their own registry (several apps in one process do not mix)."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.connections = Gauge("learnloop_connections", "Open websocket connections.", registry=registry)
+        self.connections_opened = Counter(
+            "learnloop_connections_opened", "Websocket connections accepted.", registry=registry
+        )
+        self.replies = Counter(
+            "learnloop_replies",
+            "Replies ended, by version and finish reason.",
+            ["version", "finish_reason"],
+            registry=registry,
+        )
+        self.tokens = Counter("learnloop_tokens", "Tokens generated, by version.", ["version"], registry=registry)
+        self.ttft = Histogram(
+            "learnloop_ttft_seconds",
+            "Time to the first token of a reply.",
+            ["version"],
+            buckets=_TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token = Histogram(
+            "learnloop_inter_token_seconds",
+            "Time between streamed pieces of a reply.",
+            ["version"],
+            buckets=_INTER_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "learnloop_replies_in_flight", "Replies generating or queued in the engine.", registry=registry
+        )
+        self.overloaded = Counter(
+            "learnloop_overloaded", "Replies refused because the engine queue was full.", registry=registry
+        )
+        self.rating_acks = Counter(
+            "learnloop_rating_acks", "Ratings stored and acknowledged, by value.", ["value"], registry=registry
+        )
+        self.rating_ack_seconds = Histogram(
+            "learnloop_rating_ack_seconds",
+            "From a rating's arrival to its acknowledgement (after commit).",
+            buckets=_ACK_BUCKETS,
+            registry=registry,
+        )
+        self.rating_errors = Counter(
+            "learnloop_rating_errors",
+            "Ratings the store or the rater limit refused, by error code.",
+            ["code"],
+            registry=registry,
+        )
+        self.wire_errors = Counter(
+            "learnloop_wire_errors", "Error frames sent to websocket clients, by code.", ["code"], registry=registry
+        )
+
+    def rating_acked(self, value: int, started: float) -> None:
+        self.rating_acks.labels(value="up" if value > 0 else "down").inc()
+        self.rating_ack_seconds.observe(time.monotonic() - started)
+
+    def rating_refused(self, code: str) -> None:
+        self.rating_errors.labels(code=code).inc()
+
+    async def render(self, store: FeedbackStore) -> bytes:
+        """The exposition text: this process's metrics and the store's, read now."""
+        snapshot = await StoreSnapshot.read(store)
+        return generate_latest(self.registry) + generate_latest(_Once(snapshot.families()))
+
+
+class StoreSnapshot:
+    """What the store says at one scrape (pure once read: ``families`` makes the metrics)."""
+
+    def __init__(
+        self,
+        thumbs: dict[str, tuple[int, int]],
+        versions: dict[str, str],
+        runs: dict[str, int],
+        moves: dict[str, int],
+    ) -> None:
+        self.thumbs, self.versions, self.runs, self.moves = thumbs, versions, runs, moves
+
+    @classmethod
+    async def read(cls, store: FeedbackStore) -> StoreSnapshot:
+        versions = {v.name: str(v.state) for v in await store.versions.all()}
+        return cls(await store.versions.thumbs(), versions, await store.runs.counts(), await store.versions.moves())
+
+    def families(self) -> list[Metric]:
+        up = CounterMetricFamily(
+            "learnloop_version_thumbs_up", "Thumbs up on model-written replies, by version.", labels=["version"]
+        )
+        down = CounterMetricFamily(
+            "learnloop_version_thumbs_down", "Thumbs down on model-written replies, by version.", labels=["version"]
+        )
+        for version in sorted(set(self.thumbs) | set(self.versions)):
+            u, d = self.thumbs.get(version, (0, 0))
+            up.add_metric([version], u)
+            down.add_metric([version], d)
+        state = GaugeMetricFamily(
+            "learnloop_version_state", "1 for each version's current state.", labels=["version", "state"]
+        )
+        for version, current in sorted(self.versions.items()):
+            state.add_metric([version, current], 1)
+        runs = GaugeMetricFamily("learnloop_training_runs", "Training runs, by state.", labels=["state"])
+        for run_state in RunState:
+            runs.add_metric([str(run_state)], self.runs.get(str(run_state), 0))
+        moves = CounterMetricFamily(
+            "learnloop_release_decisions",
+            "Version moves so far (gate: rejected; canary; promotion: live; rollback: rolled_back).",
+            labels=["state"],
+        )
+        for version_state in VersionState:
+            moves.add_metric([str(version_state)], self.moves.get(str(version_state), 0))
+        return [up, down, state, runs, moves]
+
+
+class _Once:
+    """A registry-like collector over metric families already made (for ``generate_latest``)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+class MeteredEngine:
+    """An engine that counts what passes through ``stream``; everything else goes to the engine."""
+
+    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+        self.inner = engine
+        self.metrics = metrics
+        self.stats: EngineStats = engine.stats  # the same object: the engine keeps counting in it
+
+    @property
+    def versions(self) -> set[str]:
+        return self.inner.versions
+
+    def __getattr__(self, name: str) -> Any:  # load, close, load_adapter, prompt_ids, ...
+        return getattr(self.inner, name)
+
+    def load(self) -> None:
+        self.inner.load()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]] | None:
+        return self.inner.linear_shapes()
+
+    def adapter_refusal(self, config: dict[str, Any]) -> str | None:
+        return self.inner.adapter_refusal(config)
+
+    def has_version(self, name: str) -> bool:
+        return self.inner.has_version(name)
+
+    async def load_adapter(self, name: str, path: str) -> float:
+        return await self.inner.load_adapter(name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.inner.unload_adapter(name)
+
+    async def stream(
+        self, messages: Messages, *, version: str, sampling: SamplingConfig, cancel: threading.Event | None = None
+    ) -> AsyncIterator[Chunk]:
+        m = self.metrics
+        started = last = time.monotonic()
+        first = True
+        m.in_flight.inc()
+        try:
+            async for chunk in self.inner.stream(messages, version=version, sampling=sampling, cancel=cancel):
+                if chunk.delta:
+                    now = time.monotonic()
+                    if first:
+                        m.ttft.labels(version=version).observe(now - started)
+                        first = False
+                    else:
+                        m.inter_token.labels(version=version).observe(now - last)
+                    last = now
+                if chunk.finish_reason is not None:
+                    m.replies.labels(version=version, finish_reason=str(chunk.finish_reason)).inc()
+                    m.tokens.labels(version=version).inc(chunk.n_tokens)
+                yield chunk
+        except OverloadedError:
+            m.overloaded.inc()
+            raise
+        finally:
+            m.in_flight.dec()

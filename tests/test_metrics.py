@@ -1,0 +1,91 @@
+"""Prometheus metrics and JSON logs: a real App on the tiny model, scraped over HTTP on loopback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.logs import JsonFormatter
+from server.settings import SettingsError, load_settings
+from tests.console_support import running_app
+from tests.factories import ask_reply
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition text (it must parse as Prometheus text), by name and labels."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_metrics_count_what_was_served_and_match_the_store(
+    tiny_model: Path, tmp_path: Path, open_client: Any
+) -> None:
+    async with running_app(tiny_model, tmp_path) as app:
+        assert app.store is not None and app.console_port is not None
+        c = await open_client(app.port)
+        await c.hello(user="u1")
+        done, _, _ = await ask_reply(c, "hello there", "m1")
+        await c.send(type="rating", message_id=done["message_id"], value=1, id="r1")
+        await c.until("ack")
+        await c.send(type="rating", message_id="no-such-message", value=-1, id="r2")
+        refused = await c.recv()
+        assert refused["type"] == "error"
+        token = await app.store.accounts.create_token("vic", label="prometheus", actor="test")
+
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.console_port}") as http:
+            assert (await http.get("/metrics")).status_code == 401  # viewers only
+            response = await http.get("/metrics", headers={"authorization": f"Bearer {token}"})
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        got = samples(response.text)
+
+        version = done["model_version"]
+        assert got[("learnloop_connections", ())] == 1
+        assert got[("learnloop_replies_total", (("finish_reason", done["finish_reason"]), ("version", version)))] == 1
+        assert got[("learnloop_tokens_total", (("version", version),))] == done["usage"]["completion_tokens"]
+        assert got[("learnloop_ttft_seconds_count", (("version", version),))] == 1
+        assert got[("learnloop_rating_acks_total", (("value", "up"),))] == 1
+        assert got[("learnloop_rating_ack_seconds_count", ())] == 1
+        assert got[("learnloop_wire_errors_total", (("code", refused["code"]),))] == 1
+        assert got[("learnloop_replies_in_flight", ())] == 0
+        # read from the store: the same counts the console shows
+        stats = await app.store.versions.stats(version)
+        assert got[("learnloop_version_thumbs_up_total", (("version", version),))] == stats.thumbs_up == 1
+        assert got[("learnloop_version_thumbs_down_total", (("version", version),))] == stats.thumbs_down == 0
+        assert got[("learnloop_version_state", (("state", "live"), ("version", "base")))] == 1
+        assert got[("learnloop_training_runs", (("state", "succeeded"),))] == 0
+
+
+def test_json_logs_are_one_object_per_line_with_ids_as_fields() -> None:
+    formatter = JsonFormatter()
+    record = logging.LogRecord("learnloop.release", logging.INFO, __file__, 1, "promoted %s", ("v3",), None)
+    record.version = "v3"
+    record.conversation_id = "c1"
+    line = formatter.format(record)
+    assert "\n" not in line
+    event = json.loads(line)
+    assert event["msg"] == "promoted v3" and event["level"] == "INFO" and event["logger"] == "learnloop.release"
+    assert event["version"] == "v3" and event["conversation_id"] == "c1"
+    assert event["ts"].endswith("Z")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    event = json.loads(formatter.format(record))
+    assert "ValueError: boom" in event["exc"]
+
+
+def test_log_format_is_checked() -> None:
+    assert load_settings(env={}, overrides={"server": {"log_format": "json"}}).server.log_format == "json"
+    with pytest.raises(SettingsError, match="log_format"):
+        load_settings(env={}, overrides={"server": {"log_format": "xml"}})
