@@ -19,6 +19,7 @@ TRL, PEFT) live in this process only: the server never imports this module.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
+from feedback.specials import defuse_row, special_strings
 from training.config import JobSpec
 from training.evaluate import LIVE, REPLAY_CHAT, evaluate_pairs, load_generic_chat, rejected_scores
 from training.gate import EvalReport
@@ -66,7 +68,7 @@ def run(spec: JobSpec) -> None:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(spec.base_model)
     model, lora = load_model(spec)
-    rows = Rows.read(spec)
+    rows = Rows.read(spec).defused(tokenizer_specials(tokenizer))
     add_hard_negatives(rows, spec, tokenizer)
     progress = Progress(started)
 
@@ -95,6 +97,12 @@ def load_tokenizer(base_model: str) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def tokenizer_specials(tokenizer: Any) -> tuple[str, ...]:
+    """Every special-token string the tokenizer declares (``feedback.specials``: never written by a message)."""
+    added = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return special_strings([*tokenizer.all_special_tokens, *added])
 
 
 def load_model(spec: JobSpec) -> tuple[Any, LoraConfig | None]:
@@ -146,6 +154,11 @@ class Rows:
             heldout_contrast=read_jsonl("heldout_contrast"),
             replay=replay_candidates(spec) if dpo else [],
         )
+
+    def defused(self, specials: tuple[str, ...]) -> Rows:
+        """The same rows with message text defused: a special token written in feedback stays text."""
+        fields = {f.name: [defuse_row(r, specials) for r in getattr(self, f.name)] for f in dataclasses.fields(self)}
+        return Rows(**fields)
 
     def of(self, objective: Objective) -> list[TrlRow]:
         """The rows ``objective`` trains on."""

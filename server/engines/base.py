@@ -27,6 +27,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from feedback.exceptions import ErrorCode, LearnloopError
 from feedback.records import BASE_VERSION
+from feedback.specials import defuse
 
 log = logging.getLogger("learnloop.engine")
 
@@ -218,6 +219,8 @@ class LocalEngine(Generic[R]):
         # no extra Python frame): is this token an end of generation; the text of these ids
         self._is_eog: Callable[[int], bool] = lambda token: False
         self._text: Callable[[list[int]], str] = lambda ids: ""
+        # the tokenizer's special-token strings (set when the model opens): message text never becomes them
+        self.special_texts: tuple[str, ...] = ()
 
     # --- life cycle (blocking; call from a thread) --------------------------------------
 
@@ -310,8 +313,13 @@ class LocalEngine(Generic[R]):
     # --- prompts -------------------------------------------------------------------------
 
     def prompt_ids(self, messages: Messages) -> list[int]:
-        """Render the chat with the model's template, trimmed by ``fit_prompt``'s rule."""
-        return fit_prompt(messages, self._render_ids, self.max_prompt_tokens, self.system_prompt)
+        """Render the chat with the model's template, trimmed by ``fit_prompt``'s rule.
+
+        Message text is defused first (``feedback.specials``): a special token written in a
+        message stays text and never opens a turn of its own.
+        """
+        safe = [{"role": m["role"], "content": defuse(m["content"], self.special_texts)} for m in messages]
+        return fit_prompt(safe, self._render_ids, self.max_prompt_tokens, self.system_prompt)
 
     def _render_ids(self, messages: Messages) -> list[int]:
         raise NotImplementedError

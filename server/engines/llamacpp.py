@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from feedback.records import BASE_VERSION
+from feedback.specials import special_strings
 from server.engines.base import Chunk, EngineError, LocalEngine, Request, UnknownVersionError
 from server.engines.gguf import (
     convert_adapter,
@@ -299,6 +300,12 @@ class LlamaCppEngine(LocalEngine[_Request]):
         self._template = env.from_string(source)
         self._bos = self._piece(ll.llama_vocab_bos(self._vocab), special=True)
         self._eos = self._piece(ll.llama_vocab_eos(self._vocab), special=True)
+        control = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED
+        self.special_texts = special_strings(
+            self._piece(t, special=True)
+            for t in range(ll.llama_vocab_n_tokens(self._vocab))
+            if ll.llama_vocab_get_attr(self._vocab, t) & control
+        )
 
     def _piece(self, token: int, *, special: bool) -> str:
         if token < 0:
