@@ -72,7 +72,7 @@ class App:
             self.engine = engine = create_engine(s.model, base_model)
             await asyncio.to_thread(engine.load)
             await store.versions.ensure_base(base_model)
-            self.release = release = Release(store, engine, s.canary)
+            self.release = release = Release(store, engine, s.canary, on_refused=self.metrics.adapter_refused)
             try:
                 await release.sync()
             except AdapterRejectedError:

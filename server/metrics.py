@@ -5,7 +5,8 @@ Two kinds of figure, on purpose:
 - **This process** (counters and histograms kept in memory, per process, as Prometheus
   expects of each replica): connections, replies and their tokens, time to first token and
   between tokens, engine admission refusals (``overloaded``), rating acknowledgements and
-  their latency, rating refusals and every error frame sent, by error code.
+  their latency, rating refusals and every error frame sent, by error code, adapters refused by
+  validation, by failed check (an alert: a refused adapter never serves).
 - **The store** (gauges read by each scrape, so every replica reports the same truth and a
   restart loses nothing): thumbs up and down per model version, versions by state, training
   runs by state, and the release decisions taken so far (gate rejections, canaries,
@@ -88,6 +89,12 @@ class Metrics:
             ["code"],
             registry=registry,
         )
+        self.adapter_refusals = Counter(
+            "learnloop_adapter_refusals",
+            "Adapters refused by validation before loading, by failed check (checksum, header, tensor, ...).",
+            ["check"],
+            registry=registry,
+        )
         self.wire_errors = Counter(
             "learnloop_wire_errors", "Error frames sent to websocket clients, by code.", ["code"], registry=registry
         )
@@ -95,6 +102,9 @@ class Metrics:
     def rating_acked(self, value: int, started: float) -> None:
         self.rating_acks.labels(value="up" if value > 0 else "down").inc()
         self.rating_ack_seconds.observe(time.monotonic() - started)
+
+    def adapter_refused(self, version: str, check: str) -> None:
+        self.adapter_refusals.labels(check=check).inc()
 
     def rating_refused(self, code: str) -> None:
         self.rating_errors.labels(code=code).inc()

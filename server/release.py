@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,11 @@ log = logging.getLogger("learnloop.release")
 
 
 class AdapterRejectedError(LearnloopError):
-    """An adapter file failed validation; the old version keeps serving."""
+    """An adapter file failed validation; the old version keeps serving. ``kind``: the failed check."""
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def adapters_to_unload(loaded: Iterable[str], *, live: str, canary: str | None, previous_live: str | None) -> list[str]:
@@ -61,10 +65,18 @@ class CanaryVerdict:
 class Release:
     """Keeps the engine serving what the store says; one swap at a time."""
 
-    def __init__(self, store: FeedbackStore, engine: Engine, canary: CanaryConfig) -> None:
+    def __init__(
+        self,
+        store: FeedbackStore,
+        engine: Engine,
+        canary: CanaryConfig,
+        *,
+        on_refused: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.store = store
         self.engine = engine
         self.canary_config = canary
+        self.on_refused = on_refused  # (version, kind) for each adapter refused: the metrics count it
         self.live_version: str = BASE_VERSION
         self.canary_version: str | None = None
         self.previous_live: str | None = None
@@ -120,7 +132,7 @@ class Release:
 
     async def _load(self, version: ModelVersion) -> None:
         if not version.adapter_path:
-            raise AdapterRejectedError(f"version {version.name} has no adapter path")
+            raise self._refused(version.name, f"version {version.name} has no adapter path", "missing")
         try:
             await asyncio.to_thread(
                 check_adapter,
@@ -130,9 +142,16 @@ class Release:
                 refusal=self.engine.adapter_refusal,
             )
         except AdapterInvalidError as exc:
-            raise AdapterRejectedError(f"version {version.name}: {exc}") from exc
+            raise self._refused(version.name, f"version {version.name}: {exc}", exc.kind) from exc
         pause = await self.engine.load_adapter(version.name, version.adapter_path)
         log.info("version %s loaded; decoding paused %.0f ms", version.name, pause * 1000)
+
+    def _refused(self, version: str, message: str, kind: str) -> AdapterRejectedError:
+        """The alert for a refused adapter: one log line (with the version and the failed check), the callback."""
+        log.error("adapter refused (%s): %s", kind, message, extra={"version": version, "check": kind})
+        if self.on_refused is not None:
+            self.on_refused(version, kind)
+        return AdapterRejectedError(message, kind=kind)
 
     # --- the canary ------------------------------------------------------------------------
 

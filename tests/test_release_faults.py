@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import signal
+import struct
 import uuid
 from pathlib import Path
 from typing import Any
@@ -155,12 +156,38 @@ def bad_adapters(tiny_model: Path, tmp_path: Path) -> dict[str, tuple[Path, str]
     pickled = make_adapter(tiny_model, tmp_path / "pickled", seed=5)
     (pickled / "adapter_model.bin").write_bytes(b"not today")
     out["pickled"] = (pickled, sha256_file(pickled / "adapter_model.safetensors"))
+    # damaged before it was registered (its checksum matches): the header checks must catch it
+    oversize = make_adapter(tiny_model, tmp_path / "header-length", seed=6)
+    weights = oversize / "adapter_model.safetensors"
+    weights.write_bytes(struct.pack("<Q", 2**40) + weights.read_bytes()[8:])
+    out["header-length"] = (oversize, sha256_file(weights))
+    flipped = make_adapter(tiny_model, tmp_path / "dtype-flip", seed=7)
+    weights = flipped / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data.replace(b'"dtype":"F32"', b'"dtype":"F16"', 1))
+    assert weights.read_bytes() != data
+    out["dtype-flip"] = (flipped, sha256_file(weights))
     return out
 
 
-@pytest.mark.parametrize("kind", ["truncated", "tampered", "wrong-shapes", "pickled"])
+CHECK = {
+    "truncated": "truncated",
+    "tampered": "checksum",
+    "wrong-shapes": "shape",
+    "pickled": "pickle",
+    "header-length": "header",
+    "dtype-flip": "tensor",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CHECK))
 async def test_bad_adapter_is_refused_and_the_old_version_keeps_serving(
-    kind: str, bad_adapters: dict[str, tuple[Path, str]], tiny_model: Path, tmp_path: Path, open_client: Any
+    kind: str,
+    bad_adapters: dict[str, tuple[Path, str]],
+    tiny_model: Path,
+    tmp_path: Path,
+    open_client: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     settings = load_settings(
         env={},
@@ -210,6 +237,11 @@ async def test_bad_adapter_is_refused_and_the_old_version_keeps_serving(
         with pytest.raises(AdapterRejectedError):
             await app.release.sync()
         assert app.release.live_version == "v1" and "v2" not in app.engine.versions  # type: ignore[union-attr]
+        # the alert: a metric by failed check and an error line, for each refusal (canary, then live)
+        refusals = app.metrics.registry.get_sample_value("learnloop_adapter_refusals_total", {"check": CHECK[kind]})
+        assert refusals == 2
+        alerts = [r for r in caplog.records if r.levelname == "ERROR" and "adapter refused" in r.getMessage()]
+        assert len(alerts) == 2 and all(getattr(r, "version", None) == "v2" for r in alerts)
         client = await open_client(app.port)
         assert (await client.hello())["model_version"] == "v1"
         done, _ = await client.chat("still serving?", "x")

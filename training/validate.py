@@ -24,29 +24,109 @@ _LORA = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB]
 
 
 class AdapterInvalidError(LearnloopError):
-    """The adapter must not be loaded; the message says why."""
+    """The adapter must not be loaded; the message says why and ``kind`` names the check that failed.
+
+    Kinds: ``missing`` (no weights file), ``pickle`` (pickled weights beside it), ``checksum``
+    (not the registered bytes), ``header`` (the safetensors header is unreadable or claims more
+    than the file holds), ``tensor`` (a tensor's dtype, offsets or size do not add up),
+    ``truncated``, ``config`` (adapter_config.json), ``engine`` (the engine cannot serve it),
+    ``shape`` (it does not fit the base model).
+    """
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# bytes per element of each safetensors dtype (the format's own list)
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def tensor_problems(meta: dict[str, Any], data_bytes: int) -> list[str]:
+    """What does not add up in a safetensors header whose data section holds ``data_bytes`` bytes.
+
+    Each tensor needs a known dtype, a shape of non-negative integers and offsets whose span is
+    exactly its element count times its dtype's size; the spans must tile the data section with
+    no gap, overlap or trailing byte (as the format requires).
+    """
+    problems: list[str] = []
+    spans: list[tuple[int, int, str]] = []
+    for name, info in meta.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            problems.append(f"{name}: not a tensor entry")
+            continue
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPE_BYTES:
+            problems.append(f"{name}: unknown dtype {dtype!r}")
+            continue
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            problems.append(f"{name}: bad shape {shape!r}")
+            continue
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            problems.append(f"{name}: bad data_offsets {offsets!r}")
+            continue
+        count = 1
+        for d in shape:
+            count *= d
+        if offsets[1] - offsets[0] != count * DTYPE_BYTES[dtype]:
+            problems.append(
+                f"{name}: {dtype} {tuple(shape)} needs {count * DTYPE_BYTES[dtype]} bytes, its offsets span "
+                f"{offsets[1] - offsets[0]}"
+            )
+            continue
+        spans.append((offsets[0], offsets[1], name))
+    if problems:
+        return problems
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            problems.append(f"{name}: starts at byte {begin}, expected {at} (a gap or an overlap)")
+        at = max(at, end)
+    if at != data_bytes:
+        problems.append(f"the tensors span {at} bytes of a {data_bytes}-byte data section")
+    return problems
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, read from the safetensors header only (no weights loaded)."""
+    """Tensor name -> shape, read from the safetensors header only (no weights loaded); the header
+    is checked against the file first (``tensor_problems``)."""
     with open(path, "rb") as f:
+        f.seek(0, 2)
+        file_bytes = f.tell()
+        f.seek(0)
         head = f.read(8)
         if len(head) != 8:
-            raise AdapterInvalidError(f"{path.name} is truncated (no header)")
+            raise AdapterInvalidError(f"{path.name} is truncated (no header)", kind="truncated")
         (size,) = struct.unpack("<Q", head)
-        if size > 100 * 1024 * 1024:
-            raise AdapterInvalidError(f"{path.name} claims a {size}-byte header: not a safetensors file")
+        if size > MAX_HEADER_BYTES or size > file_bytes - 8:
+            raise AdapterInvalidError(
+                f"{path.name} claims a {size}-byte header in a {file_bytes}-byte file: not a safetensors file",
+                kind="header",
+            )
         header = f.read(size)
-        if len(header) != size:
-            raise AdapterInvalidError(f"{path.name} is truncated (header cut short)")
-        try:
-            meta = json.loads(header)
-        except ValueError as exc:
-            raise AdapterInvalidError(f"{path.name} has an unreadable header: {exc}") from None
-        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
-        f.seek(0, 2)
-        if f.tell() < 8 + size + end:
-            raise AdapterInvalidError(f"{path.name} is truncated ({f.tell()} bytes, needs {8 + size + end})")
+    try:
+        meta = json.loads(header)
+    except ValueError as exc:
+        raise AdapterInvalidError(f"{path.name} has an unreadable header: {exc}", kind="header") from None
+    if not isinstance(meta, dict):
+        raise AdapterInvalidError(f"{path.name} has a header that is not a JSON object", kind="header")
+    problems = tensor_problems(meta, file_bytes - 8 - size)
+    if problems:
+        kind = "truncated" if all("data section" in p for p in problems) else "tensor"
+        raise AdapterInvalidError(f"{path.name}: " + "; ".join(problems[:5]), kind=kind)
     return {k: tuple(v["shape"]) for k, v in meta.items() if k != "__metadata__"}
 
 
@@ -80,12 +160,14 @@ def shape_problems(
 def check_adapter_folder(folder: Path, *, sha256: str | None, digest: str) -> None:
     """File-level checks (presence, no pickles, checksum). Raises AdapterInvalidError."""
     if not (folder / ADAPTER_FILE).is_file():
-        raise AdapterInvalidError(f"{folder}: {ADAPTER_FILE} is missing")
+        raise AdapterInvalidError(f"{folder}: {ADAPTER_FILE} is missing", kind="missing")
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLES)
     if pickles:
-        raise AdapterInvalidError(f"{folder}: pickled weights are refused ({', '.join(pickles)}); use safetensors")
+        raise AdapterInvalidError(
+            f"{folder}: pickled weights are refused ({', '.join(pickles)}); use safetensors", kind="pickle"
+        )
     if sha256 is None or digest != sha256:
-        raise AdapterInvalidError(f"{folder}: sha256 {digest} does not match the registry ({sha256})")
+        raise AdapterInvalidError(f"{folder}: sha256 {digest} does not match the registry ({sha256})", kind="checksum")
 
 
 def sha256_file(path: Path) -> str:
@@ -109,7 +191,9 @@ def read_adapter_config(folder: Path, *, sha256: str | None) -> dict[str, Any]:
         config: dict[str, Any] = json.loads((folder / "adapter_config.json").read_text())
         int(config["r"])
     except (OSError, ValueError, KeyError) as exc:
-        raise AdapterInvalidError(f"{folder}: adapter_config.json is missing or unreadable ({exc})") from None
+        raise AdapterInvalidError(
+            f"{folder}: adapter_config.json is missing or unreadable ({exc})", kind="config"
+        ) from None
     return config
 
 
@@ -117,7 +201,7 @@ def check_fits(folder: Path, config: dict[str, Any], base_linear: dict[str, tupl
     """Every LoRA matrix of the folder's weights fits the base model's linear layers."""
     problems = shape_problems(safetensors_shapes(folder / ADAPTER_FILE), base_linear, int(config["r"]))
     if problems:
-        raise AdapterInvalidError(f"{folder}: does not fit the base model: " + "; ".join(problems[:5]))
+        raise AdapterInvalidError(f"{folder}: does not fit the base model: " + "; ".join(problems[:5]), kind="shape")
 
 
 def check_adapter(
@@ -140,6 +224,6 @@ def check_adapter(
     config = read_adapter_config(folder, sha256=sha256)
     reason = refusal(config) if refusal is not None else None
     if reason:
-        raise AdapterInvalidError(f"{folder}: {reason}")
+        raise AdapterInvalidError(f"{folder}: {reason}", kind="engine")
     if base_linear:
         check_fits(folder, config, base_linear)
