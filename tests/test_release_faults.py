@@ -85,6 +85,38 @@ async def test_killed_job_leaves_live_serving_and_the_next_run_succeeds(tiny_mod
         assert result.status is CycleStatus.PROMOTED and result.version == "v1"
 
 
+async def test_a_kill_during_the_adapter_save_publishes_nothing(tiny_model: Path, tmp_path: Path) -> None:
+    """The job is killed after the weights are written and before the adapter's metadata is: the
+    half-saved folder never becomes a version, and the next run trains on the same data."""
+    async with await FeedbackStore.open(tmp_path / "db.sqlite") as store:
+        await seed(store)
+        cycle = TrainingCycle(store, config(tiny_model, tmp_path))
+        task = asyncio.create_task(cycle.run())
+        adapter = cycle.config.runs_dir / "run-1" / "adapter"
+        for _ in range(600):  # the run's folder exists (its rows) before the job starts training
+            if adapter.parent.is_dir():
+                break
+            await asyncio.sleep(0.05)
+        adapter.mkdir(parents=True, exist_ok=True)
+        # learnloop.json is written last (after the weights): as a FIFO nobody reads, writing it
+        # blocks, which holds the job inside the save for as long as the test needs
+        os.mkfifo(adapter / "learnloop.json")
+        for _ in range(1200):
+            if (adapter / "adapter_model.safetensors").is_file() and cycle.job_pid:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the job never wrote its weights")
+        os.kill(cycle.job_pid, signal.SIGKILL)  # type: ignore[arg-type]
+        result = await task
+        assert result.status is CycleStatus.FAILED and "exited with code -9" in result.reason
+        assert (await store.versions.live()).name == "base" and len(await store.versions.all()) == 1
+        assert not adapter.exists()  # the half-saved folder is gone
+        assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())
+        result = await TrainingCycle(store, config(tiny_model, tmp_path)).run()
+        assert result.status is CycleStatus.PROMOTED and result.version == "v1"
+
+
 async def test_two_triggers_train_once(tiny_model: Path, tmp_path: Path) -> None:
     db = tmp_path / "db.sqlite"
     async with await FeedbackStore.open(db) as store_a, await FeedbackStore.open(db) as store_b:
