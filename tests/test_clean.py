@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 from feedback.records import Correction, FeedbackSnapshot, Message, Role
 from training.clean import CleanConfig, clean, cn_id_ok, iban_ok, luhn_ok, redact
@@ -174,3 +175,79 @@ def test_drops_and_dedupe_record_reasons() -> None:
     }
     _, report = clean(build_training_data(snapshot), CleanConfig(max_chars=40))
     assert report.summary()["dropped"]["text over 40 characters"] == 2
+
+
+# --- names and street addresses: measured, with the recall each form reaches -----------------
+
+FIRST = ["Anna", "Li", "John", "Maria", "Tom", "Fatima", "Oliver", "Chen", "Sofia", "James"]
+LAST = ["Schmidt", "Wei", "Smith", "Garcia", "Brown", "Khan", "Jones", "Zhang", "Rossi", "O'Neil"]
+STREETS = ["Baker Street", "Main St", "Elm Avenue", "Ocean Drive", "King's Road", "Park Lane", "Sunset Blvd"]
+ZH_NAMES = ["王小明", "李娜", "张伟", "刘洋", "陈静", "杨帆", "赵磊", "黄敏"]
+ZH_ROADS = [
+    "上海市浦东新区世纪大道",
+    "北京市朝阳区建国路",
+    "广州市天河区天河路",
+    "深圳市南山区科技园路",
+    "杭州市西湖区文三路",
+]
+
+
+def planted_names_and_addresses(seed: int = 11) -> dict[str, list[tuple[str, str]]]:
+    """form -> [(message, planted value)]: cued forms the detectors claim, and bare ones they do not."""
+    rng = random.Random(seed)
+    forms: dict[str, list[tuple[str, str]]] = {k: [] for k in ("name-cued", "name-bare", "address-en", "address-zh")}
+    for i in range(40):
+        name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+        cue = ["My name is {v} and my parcel is late.", "Hi, Mr. {v} here.", "Name: {v}", "my name's {v}, thanks"][
+            i % 4
+        ]
+        forms["name-cued"].append((cue.format(v=name), name))
+        zh = rng.choice(ZH_NAMES)
+        forms["name-cued"].append(([f"你好，我叫{zh}，订单还没到。", f"我的名字是{zh}。", f"姓名：{zh}"][i % 3], zh))
+        bare = ["Please ask {v} to call me back.", "{v} ordered this for me.", "Is {v} still on the account?"][i % 3]
+        forms["name-bare"].append((bare.format(v=name), name))
+        street = f"{rng.randint(1, 9999)} {rng.choice(STREETS)}"
+        forms["address-en"].append(
+            (
+                ["Please ship to {v} instead.", "I moved to {v}, Apt 3.", "Deliver to {v}."][i % 3].format(v=street),
+                street,
+            )
+        )
+        road = f"{rng.choice(ZH_ROADS)}{rng.randint(1, 999)}号"
+        forms["address-zh"].append(([f"请寄到{road}。", f"地址是{road}，谢谢", f"我搬到{road}了"][i % 3], road))
+    return forms
+
+
+def recall(pairs: list[tuple[str, str]]) -> float:
+    return sum(value not in redact(text)[0] for text, value in pairs) / len(pairs)
+
+
+def test_names_and_street_addresses_are_redacted_with_measured_recall() -> None:
+    forms = planted_names_and_addresses()
+    measured = {form: recall(pairs) for form, pairs in forms.items()}
+    print("recall by form:", {k: round(v, 3) for k, v in measured.items()})  # docs/reliability.md, scenario 14
+    assert measured["name-cued"] >= 0.95
+    assert measured["address-en"] >= 0.95 and measured["address-zh"] >= 0.95
+    assert measured["name-bare"] < 0.5  # said plainly: a bare name in a sentence is not found (documented)
+
+
+def test_names_and_addresses_raise_no_false_alarm_on_the_bench_customers() -> None:
+    """Every customer and operator text of the simulated deployments (1,000+ sentences, English and
+    Chinese): no name or address is 'found' in them."""
+    texts: list[str] = []
+
+    def walk(x: object) -> None:
+        if isinstance(x, str):
+            texts.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    for path in sorted((Path(__file__).parents[1] / "bench" / "deployments").rglob("*.json")):
+        walk(json.loads(path.read_text(encoding="utf-8")))
+    assert len(texts) > 1000
+    false = [t for t in texts if {"NAME", "ADDRESS"} & set(redact(t)[1])]
+    assert not false, false[:5]

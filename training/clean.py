@@ -2,7 +2,8 @@
 
 * PII redaction: emails, phone numbers (mainland China mobiles included), payment card
   numbers (Luhn-checked), IBANs (mod-97-checked), IPv4/IPv6 addresses and 18-digit Chinese
-  resident ID numbers (checksum-checked) become placeholders like ``[EMAIL]``. Detectors are
+  resident ID numbers (checksum-checked), street addresses (English and Chinese) and names said
+  as names ("my name is", titles, 我叫, 张先生) become placeholders like ``[EMAIL]``. Detectors are
   plain functions ``text -> [(start, end, kind)]``: pass your own to add more.
 * Chat-template control tokens typed by users (``<|im_end|>``, ``<s>``, ``[INST]``...) are
   removed, so no one can forge turns inside a training prompt.
@@ -44,6 +45,33 @@ _PHONE = re.compile(
     r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,8}){1,4}(?![\w-])"
     r"|(?<![\w+])\+\d{7,14}(?!\w)"
 )
+# street addresses: a house number, one to four capitalised words, a street type (English); a
+# street or road with its number, after optional province/city/district parts (Chinese)
+_STREET_TYPES = (
+    "Street|St\\.?|Avenue|Ave\\.?|Road|Rd\\.?|Boulevard|Blvd\\.?|Lane|Ln\\.?|Drive|Dr\\.?|Court|Ct\\.?"
+    "|Place|Pl\\.?|Way|Terrace|Close|Crescent|Square|Sq\\.?|Parkway|Highway|Hwy\\.?|Strasse|Straße"
+)
+_ADDRESS_EN = re.compile(
+    rf"\b\d{{1,5}}[A-Za-z]?,?\s+(?:[A-Z][a-z'-]+\.?\s+){{1,4}}(?:{_STREET_TYPES})(?![A-Za-z])"
+    r"(?:,?\s+(?:Apt|Apartment|Suite|Unit|Flat)\.?\s*#?\w+)?"
+)
+_ADDRESS_ZH = re.compile(
+    r"(?:[\u4e00-\u9fa5]{1,8}?(?:省|自治区|市|区|县|镇))*[\u4e00-\u9fa5]{1,10}?(?:路|街|大道|大街|巷|弄)"
+    r"\d{1,5}(?:号|號)(?:[\u4e00-\u9fa5\dA-Za-z-]{0,12}?(?:室|楼|栋|幢|单元))?"
+)
+# names said as names: after "my name is", a title, or 我叫 / 我的名字是 / 姓名; or 张先生-style
+_NAME_EN = re.compile(
+    r"(?:\b[Mm]y name is|\b[Mm]y name's|\b[Nn]ame:|\b(?:Mr|Mrs|Ms|Miss|Dr|Prof)\.?)\s+"
+    r"(?P<name>[A-Z][a-z'-]+(?:\s+[A-Z][a-z'-]+){0,2})"
+)
+_NAME_ZH = re.compile(
+    r"(?:我叫|我的名字是|我的名字叫|姓名[:：]?\s*|联系人[:：]?\s*)(?P<name>[\u4e00-\u9fa5]{2,4}?)(?=[，,。.！!？?\s的]|$)"
+    r"|(?P<surname>[\u4e00-\u9fa5]{1,2})(?:先生|女士|小姐)"
+)
+_COMMON_ZH_SURNAMES = set(
+    "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘于蒋蔡余杜叶程苏魏吕丁任沈姚卢姜崔钟谭陆汪范金石廖贾夏韦付方白邹孟熊秦邱江尹薛闫段雷侯龙史陶黎贺顾毛郝龚邵万钱严覃武戴莫孔向汤"
+)
+
 _DATE = re.compile(r"\d{4}[./-]\d{1,2}[./-]\d{1,2}|\d{1,2}[./-]\d{1,2}[./-]\d{2,4}")
 _CONTROL = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?s>|\[/?INST\]|<</?SYS>>|<unk>|<pad>")
 
@@ -117,6 +145,23 @@ def detect_phones(text: str) -> list[Span]:
     return spans
 
 
+def detect_addresses(text: str) -> list[Span]:
+    """Street addresses (house number and street; Chinese road and number), not whole postal addresses."""
+    return [(m.start(), m.end(), "ADDRESS") for m in (*_ADDRESS_EN.finditer(text), *_ADDRESS_ZH.finditer(text))]
+
+
+def detect_names(text: str) -> list[Span]:
+    """People's names where the text says they are names (cue words, titles, 先生/女士); a bare name in a
+    sentence is not found (docs/reliability.md gives the measured recall)."""
+    spans = [(m.start("name"), m.end("name"), "NAME") for m in _NAME_EN.finditer(text)]
+    for m in _NAME_ZH.finditer(text):
+        if m.group("name"):
+            spans.append((m.start("name"), m.end("name"), "NAME"))
+        elif m.group("surname") and m.group("surname")[-1] in _COMMON_ZH_SURNAMES:
+            spans.append((m.end("surname") - 1, m.end("surname"), "NAME"))
+    return spans
+
+
 # Checksummed detectors first: on overlapping spans the earlier detector wins.
 DEFAULT_DETECTORS: tuple[Detector, ...] = (
     detect_emails,
@@ -125,6 +170,8 @@ DEFAULT_DETECTORS: tuple[Detector, ...] = (
     detect_ibans,
     detect_ips,
     detect_phones,
+    detect_addresses,
+    detect_names,
 )
 
 
