@@ -97,7 +97,13 @@ async def test_coordinated_ratings_are_held_and_capped(tmp_path: Path, identitie
         wrong = sum(1 for reply, label in labels.items() if label != good[reply])
         assert wrong / len(labels) < 0.1
 
-        # once an operator clears them, their ratings count again (still under the caps)
-        await store.raters.review(identities[0], RaterState.APPROVED, reviewer="op")
+        # once an operator clears them, their ratings count again, still under the caps: with 1,000
+        # honest raters, no identity supplies more than 1% of the ratings that train
+        for who in identities:
+            await store.raters.review(who, RaterState.APPROVED, reviewer="op")
         again = prepare(await store.conversations.export_feedback(), config)
         assert identities[0] not in again.trust.held_raters
+        used = [r for r in snapshot.ratings if any(r.id in row.refs.ratings for row in again.data.kto)]
+        shares = {who: sum(1 for r in used if r.rater == who) / len(used) for who in {r.rater for r in used}}
+        assert max(shares.values()) <= 0.01, max(shares.items(), key=lambda kv: kv[1])
+        assert any(shares.get(who, 0) > 0 for who in identities)  # counted, not dropped

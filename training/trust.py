@@ -5,7 +5,8 @@ Before rows are built:
 * erased users' conversations and ratings are dropped (belt and braces: the store deleted them);
 * messages an operator excluded are dropped, with everything built on them;
 * ratings of raters held for review (flagged, not yet approved, or rejected) are dropped;
-* no single rater, channel or tenant supplies more than a set share of the run's ratings:
+* no single rater, channel or tenant supplies more than a set share of the run's ratings (for
+  a rater, also no more than ``rater_share_multiple`` equal shares: 1% when 1,000 rate):
   the largest per-identity count ``k`` with ``k <= share * sum(min(count, k))`` is kept
   (earliest ratings first). Operator corrections and takeover replies are reviewed data and
   are not capped; they are repeated ``operator_weight`` times in the training set instead.
@@ -31,6 +32,13 @@ class TrustConfig:
     max_rater_share: float = field(
         default=0.2, metadata={"help": "Largest share of a run's ratings one rater may supply (1 = no cap)."}
     )
+    rater_share_multiple: float = field(
+        default=10.0,
+        metadata={
+            "help": "Nor more than this many times an equal share (1 / raters) of the run's ratings: with "
+            "1,000 raters no one supplies over 1% (0 = no such cap)."
+        },
+    )
     max_channel_share: float = field(default=1.0, metadata={"help": "Same cap per channel."})
     max_tenant_share: float = field(default=1.0, metadata={"help": "Same cap per tenant."})
     flag_min_ratings: int = field(default=50, metadata={"help": "Raters with fewer ratings are never volume-flagged."})
@@ -52,6 +60,8 @@ class TrustConfig:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"trust.{name} is a share: set it in (0, 1]")
+        if self.rater_share_multiple < 0 or 0 < self.rater_share_multiple < 1:
+            raise ValueError("trust.rater_share_multiple: 0 (off) or at least 1")
         if self.operator_weight < 1:
             raise ValueError("trust.operator_weight must be at least 1")
 
@@ -139,6 +149,14 @@ def cap_counts(counts: dict[str, int], max_share: float) -> dict[str, int]:
     return {who: min(c, lo) for who, c in counts.items()}
 
 
+def rater_share(config: TrustConfig, raters: int) -> float:
+    """The largest share of the run's ratings one rater may supply when ``raters`` contribute:
+    ``max_rater_share``, and at most ``rater_share_multiple`` equal shares."""
+    if config.rater_share_multiple == 0 or raters == 0:
+        return config.max_rater_share
+    return min(config.max_rater_share, config.rater_share_multiple / raters)
+
+
 def _cap(
     ratings: list[Rating], key: Callable[[Rating], str | None], share: float, label: str, report: TrustReport
 ) -> list[Rating]:
@@ -187,7 +205,8 @@ def filter_snapshot(snapshot: FeedbackSnapshot, config: TrustConfig) -> tuple[Fe
             report.held_raters[r.rater] = report.held_raters.get(r.rater, 0) + 1
         else:
             ratings.append(r)
-    ratings = _cap(ratings, lambda r: r.rater, config.max_rater_share, "rater", report)
+    raters = len({r.rater for r in ratings})
+    ratings = _cap(ratings, lambda r: r.rater, rater_share(config, raters), "rater", report)
 
     def conv_attr(attr: str) -> Callable[[Rating], str | None]:
         def key(r: Rating) -> str | None:
