@@ -124,6 +124,13 @@ class Erasure:
                 await conn.execute(f"DELETE FROM training_exclusions WHERE message_id IN ({mmarks})", tuple(messages))
                 await conn.execute(f"DELETE FROM messages WHERE conversation_id IN ({marks})", tuple(conversations))
                 await conn.execute(f"DELETE FROM conversations WHERE id IN ({marks})", tuple(conversations))
+            if touched:  # the registry remembers which versions learned from data that is gone now
+                tmarks = ",".join("?" * len(touched))
+                await conn.execute(
+                    f"UPDATE model_versions SET trained_on_erased = ? WHERE name IN ({tmarks})"
+                    " AND trained_on_erased IS NULL",
+                    (now, *touched),
+                )
             await forget_user(conn, user_id)  # IM events not yet answered would bring them back
             await _remember(conn, digest, now)
             counts = {

@@ -162,6 +162,8 @@ class ModelVersion:
     created_at: float = 0.0
     updated_at: float = 0.0
     replaced: str | None = None  # the version that was live before this one went live
+    trained_on_erased: float | None = None  # when an erasure found this version trained on the erased data
+    adapter_deleted: float | None = None  # when its adapter files were deleted (trained on erased data)
 
 
 @dataclass(frozen=True)

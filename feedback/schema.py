@@ -226,6 +226,12 @@ MIGRATIONS: tuple[str | tuple[str, ...], ...] = (
     CREATE INDEX outbox_lanes ON outbox(state, lane, id);
     CREATE INDEX outbox_conversation ON outbox(conversation_id);
     """,
+    # erasure reaches the model: when a version was found trained on an erased user's data, and
+    # when its adapter files were deleted
+    """
+    ALTER TABLE model_versions ADD COLUMN trained_on_erased REAL;
+    ALTER TABLE model_versions ADD COLUMN adapter_deleted REAL;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

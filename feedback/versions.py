@@ -200,6 +200,16 @@ class Versions:
         r = found[0]
         return VersionStats(name, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
 
+    async def adapter_deleted(self, name: str, *, actor: str) -> None:
+        """Record that the version's adapter files were deleted (it was trained on erased data)."""
+        now = time.time()
+
+        async def op(conn: Connection) -> None:
+            await conn.execute("UPDATE model_versions SET adapter_deleted = ? WHERE name = ?", (now, name))
+            await write_audit(conn, actor, "adapter_deleted", name, {"reason": "trained on erased data"})
+
+        await self._db.write(op)
+
     async def thumbs(self) -> dict[str, tuple[int, int]]:
         """(thumbs up, thumbs down) on model-written replies, per version, in one pass (for metrics)."""
         found = await self._db.read(

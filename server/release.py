@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +50,23 @@ def adapters_to_unload(loaded: Iterable[str], *, live: str, canary: str | None, 
 def previous_live_after(old_live: str, new_live: str, previous_live: str | None) -> str | None:
     """The version an instant rollback goes back to: the live one just replaced, else the same as before."""
     return old_live if old_live != new_live else previous_live
+
+
+def erased_adapters_to_delete(versions: Iterable[ModelVersion], *, live: str, canary: str | None) -> list[ModelVersion]:
+    """Versions trained on erased data whose adapter files still exist and that serve no one now.
+
+    Neither live nor the canary (whose conversations are pinned to it) is deleted: they go once a
+    retrain without the erased data replaces them. The previous live version is not kept for an
+    instant rollback when it learned from erased data.
+    """
+    return [
+        v
+        for v in versions
+        if v.trained_on_erased is not None
+        and v.adapter_deleted is None
+        and v.adapter_path
+        and v.name not in (live, canary, BASE_VERSION)
+    ]
 
 
 @dataclass(frozen=True)
@@ -129,6 +147,26 @@ class Release:
             )
             for name in unload:
                 await self.engine.unload_adapter(name)
+            await self._delete_erased_adapters()
+
+    async def _delete_erased_adapters(self) -> None:
+        """Delete the files of adapters trained on erased data that no longer serve (under the lock)."""
+        gone = erased_adapters_to_delete(
+            await self.store.versions.all(), live=self.live_version, canary=self.canary_version
+        )
+        for version in gone:
+            if self.engine.has_version(version.name):
+                await self.engine.unload_adapter(version.name)
+            if self.previous_live == version.name:
+                self.previous_live = None  # no instant rollback to a model of erased data
+            assert version.adapter_path is not None
+            await asyncio.to_thread(shutil.rmtree, version.adapter_path, True)
+            await self.store.versions.adapter_deleted(version.name, actor="erasure")
+            log.warning(
+                "deleted the adapter files of %s: it was trained on erased data",
+                version.name,
+                extra={"version": version.name},
+            )
 
     async def _load(self, version: ModelVersion) -> None:
         if not version.adapter_path:

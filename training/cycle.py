@@ -246,7 +246,11 @@ class TrainingCycle:
         )
         live = await self.store.versions.live()
         run_dir = self.config.runs_dir / f"run-{run_id}"
-        spec = write_job_inputs(self.config, prepared, run_dir=run_dir, live_adapter=live.adapter_path)
+        # a live adapter that learned from erased data is neither continued nor used to score rows
+        tainted = live.trained_on_erased is not None
+        spec = write_job_inputs(
+            self.config, prepared, run_dir=run_dir, live_adapter=None if tainted else live.adapter_path
+        )
         log.info("training run %d started: %s", run_id, counts)
         try:
             try:

@@ -11,23 +11,23 @@ lowest role it allows (``_ROLE`` in its OpenAPI extra, read by the route-walk te
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from feedback import ErrorCode, FeedbackStore, RaterState
-from feedback.accounts import ConsoleSession, Operator, OperatorRole
+from feedback.accounts import OperatorRole
 from feedback.browse import ConversationFilter
+from server.console.auth import COOKIE, ROLE_KEY, AsAdmin, AsReviewer, AsViewer, authenticate, role
 from server.errors import ApiError, install_error_handlers
 from server.listener import RunningListener, serve_app
 from server.metrics import CONTENT_TYPE, Metrics
@@ -38,9 +38,6 @@ from server.settings import ConsoleConfig
 log = logging.getLogger("learnloop.console")
 
 STATIC = Path(__file__).parent / "static"
-COOKIE = "learnloop_session"
-ROLE_KEY = "x-learnloop-role"
-UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 PAGES = (
     ("/conversations", OperatorRole.VIEWER),
     ("/conversations/{conversation_id}", OperatorRole.VIEWER),
@@ -68,13 +65,6 @@ class Training(Protocol):
     def start(self, *, force: bool, actor: str) -> bool: ...
     def preview(self, snapshot: Any, *, rows: bool) -> dict[str, Any]: ...
     def rows(self, snapshot: Any, kind: str) -> list[dict[str, Any]]: ...
-
-
-@dataclass(frozen=True)
-class Principal:
-    operator: Operator
-    csrf_token: str | None  # None when authenticated by an API token
-    session_id: str | None = None
 
 
 # --- request bodies ---------------------------------------------------------------------
@@ -106,54 +96,8 @@ class TrainBody(BaseModel):
     force: bool = False
 
 
-# --- auth -------------------------------------------------------------------------------
-
-
-async def authenticate(request: Request, store: FeedbackStore) -> Principal | None:
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        operator = await store.accounts.operator_for_token(header[7:].strip())
-        if operator is None:
-            raise ApiError("the API token is unknown or revoked", code=ErrorCode.UNAUTHORIZED)
-        return Principal(operator, None)
-    session_id = request.cookies.get(COOKIE)
-    if not session_id:
-        return None
-    session: ConsoleSession | None = await store.accounts.get_session(session_id)
-    if session is None:
-        return None
-    return Principal(session.operator, session.csrf_token, session_id)
-
-
-def require(role: OperatorRole) -> Callable[[Request], Awaitable[Principal]]:
-    async def dependency(request: Request) -> Principal:
-        store: FeedbackStore = request.app.state.store
-        principal = await authenticate(request, store)
-        if principal is None:
-            raise ApiError("log in, or send Authorization: Bearer <api token>", code=ErrorCode.UNAUTHORIZED)
-        if request.method in UNSAFE and principal.csrf_token is not None:
-            sent = request.headers.get("x-csrf-token", "")
-            if not hmac.compare_digest(sent, principal.csrf_token):
-                raise ApiError("missing or wrong X-CSRF-Token header", code=ErrorCode.CSRF)
-        if not principal.operator.role.allows(role):
-            raise ApiError(f"this needs the {role} role; you are {principal.operator.role}", code=ErrorCode.FORBIDDEN)
-        return principal
-
-    return dependency
-
-
-_REQUIRE = {r: require(r) for r in OperatorRole}  # one callable per role: FastAPI runs it once a request
-
-
-def role(required: OperatorRole) -> dict[str, Any]:
-    """Route options: the auth dependency and the role, recorded in the OpenAPI document."""
-    return {"dependencies": [Depends(_REQUIRE[required])], "openapi_extra": {ROLE_KEY: str(required)}}
-
-
-# the authenticated operator as a parameter (the same dependency as ``role``: evaluated once)
-AsViewer = Annotated[Principal, Depends(_REQUIRE[OperatorRole.VIEWER])]
-AsReviewer = Annotated[Principal, Depends(_REQUIRE[OperatorRole.REVIEWER])]
-AsAdmin = Annotated[Principal, Depends(_REQUIRE[OperatorRole.ADMIN])]
+class ErasureBody(BaseModel):
+    user: str = Field(min_length=1, max_length=256)
 
 
 # --- the app ----------------------------------------------------------------------------
@@ -390,6 +334,16 @@ def create_console(
         await store.versions.get(name)
         await releases().rollback(name, actor=p.operator.name)
         return {"rolled_back": name, "live": (await store.versions.live()).name}
+
+    @app.post("/api/v1/erasures", **role(admin))
+    async def erase(body: ErasureBody, p: AsAdmin) -> dict[str, Any]:
+        """Erase a user for good (audit-logged); versions trained on their data are marked, and if one
+        of them serves, a run without their data starts (runs train on all accepted feedback)."""
+        result = await store.erasure.erase_user(body.user, actor=p.operator.name)
+        serving = {(await store.versions.live()).name} | {v.name for v in [await store.versions.canary()] if v}
+        retrain = bool(serving & set(result["versions_trained_on_them"]))
+        result["retrain_started"] = retrain and trainer is not None and trainer.start(force=True, actor="erasure")
+        return result
 
     @app.get("/api/v1/canary", **role(viewer))
     async def canary() -> dict[str, Any]:

@@ -1,0 +1,109 @@
+"""Erasure reaches the model (docs/reliability.md, scenario 15): through the console's REST API, audit-logged;
+versions trained on the erased user are marked; a retrain starts when one of them serves; the adapter
+files of such a version are deleted once it no longer serves (never while it is live or the canary)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from feedback import FeedbackStore, ModelVersion, VersionState
+from server.app import App
+from server.release import erased_adapters_to_delete
+from tests.console_support import _conversation, bearer, running_app
+from tests.test_engine import make_adapter
+from training.validate import ADAPTER_FILE, sha256_file
+
+
+async def register(store: FeedbackStore, adapter: Path, messages: list[str]) -> str:
+    version = await store.versions.register(
+        adapter_path=str(adapter),
+        sha256=sha256_file(adapter / ADAPTER_FILE),
+        parent="base",
+        base_model="tiny",
+        eval_report={},
+        feedback_ids={"messages": messages},
+        training_run_id=None,
+    )
+    return version.name
+
+
+def versions(*specs: tuple[str, float | None, float | None]) -> list[ModelVersion]:
+    return [
+        ModelVersion(
+            name=n, seq=i, state=VersionState.RETIRED, adapter_path=f"/a/{n}", sha256="x", parent=None,
+            base_model=None, trained_on_erased=t, adapter_deleted=d,
+        )
+        for i, (n, t, d) in enumerate(specs)
+    ]  # fmt: skip
+
+
+def test_which_adapters_go() -> None:
+    vs = versions(("base", None, None), ("v1", 1.0, None), ("v2", 1.0, None), ("v3", None, None), ("v4", 1.0, 2.0))
+    names = [v.name for v in erased_adapters_to_delete(vs, live="v2", canary=None)]
+    assert names == ["v1"]  # v2 serves, v3 learned nothing erased, v4's files are gone already
+    assert [v.name for v in erased_adapters_to_delete(vs, live="v3", canary="v1")] == ["v2"]
+
+
+async def erase(app: App, user: str) -> dict[str, Any]:
+    assert app.store is not None and app.console_port is not None
+    token = await app.store.accounts.create_token("alice", label="ops", actor="test")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.console_port}") as http:
+        assert (await http.post("/api/v1/erasures", json={"user": user})).status_code == 401
+        viewer = await app.store.accounts.create_token("vic", label="ops", actor="test")
+        assert (await http.post("/api/v1/erasures", json={"user": user}, headers=bearer(viewer))).status_code == 403
+        response = await http.post("/api/v1/erasures", json={"user": user}, headers=bearer(token))
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+async def test_erasure_marks_versions_deletes_superseded_adapters_and_retrains(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    async with running_app(tiny_model, tmp_path) as app:
+        store = app.store
+        assert store is not None and app.release is not None
+        _, mallory_ids = await _conversation(store, [("user", "my secret"), ("assistant", "noted")], user="erin")
+        _, other_ids = await _conversation(store, [("user", "shipping?"), ("assistant", "3 days")], user="olaf")
+        # what a retrain learns from once the erased users are gone
+        await store.conversations.add_correction(message_id=other_ids[1], text="3 to 5 business days.", operator="op")
+        a1 = make_adapter(tiny_model, tmp_path / "a1", seed=1)
+        a2 = make_adapter(tiny_model, tmp_path / "a2", seed=2)
+        v1 = await register(store, a1, mallory_ids)  # learned from erin
+        v2 = await register(store, a2, other_ids)
+        await app.release.promote(v1, actor="test")
+        await app.release.promote(v2, actor="test")
+        assert app.release.previous_live == v1 and app.engine is not None and app.engine.has_version(v1)
+
+        result = await erase(app, "erin")
+        assert result["versions_trained_on_them"] == [v1] and result["retrain_started"] is False
+        assert (await store.versions.get(v1)).trained_on_erased is not None
+        assert (await store.versions.get(v2)).trained_on_erased is None
+        audit = await store.browse.audit_log(limit=10)
+        assert any(e["action"] == "erase" and e["actor"] == "alice" for e in audit)
+
+        await app.release.sync()
+        assert not a1.exists() and a2.exists()  # v1 serves no one: its files are gone, v2's stay
+        assert (await store.versions.get(v1)).adapter_deleted is not None
+        assert not app.engine.has_version(v1) and app.release.previous_live is None  # no rollback to it
+
+        # erasing a user the live version learned from: marked, kept while it serves, and a run starts
+        _, live_ids = await _conversation(store, [("user", "hi"), ("assistant", "hello")], user="liv")
+        await store.db.write(
+            lambda conn: conn.execute(
+                "UPDATE model_versions SET feedback_ids = ? WHERE name = ?", (f'{{"messages": ["{live_ids[1]}"]}}', v2)
+            )
+        )
+        result = await erase(app, "liv")
+        assert result["versions_trained_on_them"] == [v2] and result["retrain_started"] is True
+        await app.release.sync()
+        assert a2.exists() and app.release.live_version == v2  # still live: replaced by the retrain first
+        for _ in range(1500):
+            runs = await store.runs.recent()
+            if runs and runs[0].finished_at is not None:
+                break
+            await asyncio.sleep(0.2)
+        assert runs and runs[0].finished_at is not None, runs  # the retrain ran (its outcome is the gate's)
