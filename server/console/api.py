@@ -17,9 +17,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import FastAPI, Query, Request, Response
+from fastapi import Path as FastApiPath
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -66,6 +67,10 @@ class Training(Protocol):
     def preview(self, snapshot: Any, *, rows: bool) -> dict[str, Any]: ...
     def rows(self, snapshot: Any, kind: str) -> list[dict[str, Any]]: ...
 
+
+# a row id as SQLite stores it (64-bit): a larger number is a 422 at the door, not an overflow inside
+SQLITE_MAX = 2**63 - 1
+RowId = Annotated[int, FastApiPath(ge=0, le=SQLITE_MAX)]
 
 # --- request bodies ---------------------------------------------------------------------
 
@@ -293,7 +298,7 @@ def create_console(
         return {"items": [_plain(r) for r in await store.runs.recent(limit)]}
 
     @app.get("/api/v1/runs/{run_id}", **role(viewer))
-    async def run(run_id: int) -> dict[str, Any]:
+    async def run(run_id: RowId) -> dict[str, Any]:
         return _plain(await store.runs.get(run_id))
 
     @app.post("/api/v1/runs", status_code=202, **role(admin))
@@ -304,7 +309,7 @@ def create_console(
         return {"started": True}
 
     @app.post("/api/v1/runs/{run_id}/cancel", **role(admin))
-    async def cancel_run(run_id: int, p: AsAdmin) -> dict[str, Any]:
+    async def cancel_run(run_id: RowId, p: AsAdmin) -> dict[str, Any]:
         await store.runs.get(run_id)
         if not await store.runs.request_cancel(run_id, actor=p.operator.name):
             raise ApiError(f"run {run_id} is not running", code=ErrorCode.CONFLICT)
@@ -356,7 +361,10 @@ def create_console(
         return {"bucket_s": bucket_s, "series": await store.browse.version_series(bucket_s=bucket_s, since=since)}
 
     @app.get("/api/v1/audit", **role(admin))
-    async def audit(limit: int = Query(default=100, ge=1, le=1000), before_id: int | None = None) -> dict[str, Any]:
+    async def audit(
+        limit: int = Query(default=100, ge=1, le=1000),
+        before_id: Annotated[int | None, Query(ge=0, le=SQLITE_MAX)] = None,
+    ) -> dict[str, Any]:
         return {"items": await store.browse.audit_log(limit=limit, before_id=before_id)}
 
     # --- exports ------------------------------------------------------------------------
