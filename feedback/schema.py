@@ -226,6 +226,21 @@ MIGRATIONS: tuple[str | tuple[str, ...], ...] = (
     CREATE INDEX outbox_lanes ON outbox(state, lane, id);
     CREATE INDEX outbox_conversation ON outbox(conversation_id);
     """,
+    # 7: the OpenAI-compatible API: its keys (SHA-256 hashes only) and each conversation's opening
+    """
+    CREATE TABLE api_keys (
+        key_hash    TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        created_at  REAL NOT NULL
+    );
+    CREATE INDEX api_keys_name ON api_keys(name);
+    CREATE TABLE api_openings (
+        conversation_id  TEXT PRIMARY KEY REFERENCES conversations(id) ON DELETE CASCADE,
+        opening          TEXT NOT NULL,
+        created_at       REAL NOT NULL
+    );
+    CREATE INDEX api_openings_opening ON api_openings(opening, created_at);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
