@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from feedback import rows
 from feedback.accounts import new_secret, token_hash, write_audit
-from feedback.db import Connection, Database
-from feedback.exceptions import AccountError
-from feedback.records import Conversation, Message
+from feedback.db import Connection, Database, constraint_errors, fetch_one
+from feedback.exceptions import AccountError, NotFoundError
+from feedback.records import Conversation, Message, Role
 
 KEY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 KEY_PREFIX = "llk-"
+_INSERT_MESSAGE = rows.insert_sql("messages", Message)
 
 
 @dataclass(frozen=True)
@@ -81,15 +83,41 @@ class ApiKeys:
 
         return await self._db.write(op)
 
-    async def remember_opening(self, conversation_id: str, opening: str) -> None:
-        async def op(conn: Connection) -> None:
-            await conn.execute(
-                "INSERT INTO api_openings (conversation_id, opening, created_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (conversation_id) DO NOTHING",
-                (conversation_id, opening, time.time()),
-            )
+    async def add_turns(
+        self,
+        conversation_id: str,
+        turns: Sequence[tuple[str, Role, str]],
+        *,
+        parent_id: str | None,
+        opening: str | None = None,
+    ) -> list[Message]:
+        """Append ``(id, role, text)`` turns, each the child of the one before (the first of
+        ``parent_id``), and remember a new conversation's ``opening``: one transaction."""
+        now = time.time()
 
-        await self._db.write(op)
+        async def op(conn: Connection) -> list[Message]:
+            if opening is not None:
+                await conn.execute(
+                    "INSERT INTO api_openings (conversation_id, opening, created_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (conversation_id) DO NOTHING",
+                    (conversation_id, opening, now),
+                )
+            row = await fetch_one(
+                conn, "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE conversation_id = ?", (conversation_id,)
+            )
+            seq, parent, added = int(row[0]) if row else 0, parent_id, []
+            for message_id, role, text in turns:
+                seq += 1
+                message = Message(message_id, conversation_id, seq, role, text, parent, created_at=now)
+                with constraint_errors(
+                    lambda detail: NotFoundError(f"conversation {conversation_id!r} or parent does not exist: {detail}")
+                ):
+                    await conn.execute(_INSERT_MESSAGE, rows.row_values(message))
+                added.append(message)
+                parent = message_id
+            return added
+
+        return await self._db.write(op)
 
     async def candidates(
         self, opening: str, *, site: str, user_id: str | None, limit: int

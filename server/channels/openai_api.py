@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from feedback import FeedbackStore, NotFoundError, Role
 from feedback.exceptions import ErrorCode
-from server.channels.openai_map import ChatTurn, Plan, opening, parse_messages, plan
+from server.channels.openai_map import ChatTurn, opening, parse_messages, plan
 from server.engines import Engine, SamplingConfig
 from server.errors import ApiError, public_view
 from server.protocol import Limits, Turn
@@ -178,12 +178,19 @@ class OpenAIChannel:
         found = await self.store.api_keys.candidates(opened, site=caller.name, user_id=user_id, limit=CANDIDATES)
         where = plan(turns, [(c.id, messages) for c, messages in found])
         conversation_id = where.conversation_id
+        new = conversation_id is None
         if conversation_id is None:
             conversation_id, _ = await open_conversation(
                 self.store, assign_version=lambda _: pin, user=user_id, channel=CHANNEL, site=caller.name
             )
-            await self.store.api_keys.remember_opening(conversation_id, opened)
-        parent = await self._store_turns(conversation_id, where)
+        stored = await self.store.api_keys.add_turns(
+            conversation_id,
+            [(new_id(), t.role, t.text) for t in where.new_turns],
+            parent_id=where.parent_id,
+            opening=opened if new else None,
+        )
+        parent = stored[-1].id if stored else where.answer
+        assert parent is not None
         limit = min(
             body.max_completion_tokens or body.max_tokens or self.sampling.max_new_tokens, self.sampling.max_new_tokens
         )
@@ -194,18 +201,6 @@ class OpenAIChannel:
             seed=body.seed,
         )
         return Completion(self, conversation_id, turns, parent, where.regenerated_from, version, sampling, stops)
-
-    async def _store_turns(self, conversation_id: str, where: Plan) -> str:
-        """Store the request's new turns under the plan's parent; the id of the user turn answered."""
-        parent = where.parent_id
-        for turn in where.new_turns:
-            message = await self.store.conversations.add_message(
-                message_id=new_id(), conversation_id=conversation_id, role=turn.role, text=turn.text, parent_id=parent
-            )
-            parent = message.id
-        answered = parent if where.new_turns else where.answer
-        assert answered is not None
-        return answered
 
     # --- feedback --------------------------------------------------------------------------
 
