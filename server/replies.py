@@ -47,9 +47,10 @@ async def open_conversation(
     user: str | None,
     channel: str,
     site: str | None = None,
+    conversation_id: str | None = None,
 ) -> tuple[str, str | None]:
-    """A new stored conversation: (its id, the canary it is pinned to or None for live)."""
-    conversation_id = new_id()
+    """A new stored conversation: (its id, new unless given; the canary it is pinned to or None for live)."""
+    conversation_id = conversation_id or new_id()
     pinned = assign_version(conversation_id)
     await store.conversations.create(conversation_id, user_id=user, model_version=pinned, channel=channel, site=site)
     return conversation_id, pinned
@@ -98,11 +99,13 @@ async def stream_reply(
     cancel: threading.Event | None = None,
     regenerated_from: str | None = None,
     stop: Sequence[str] = (),
+    before_store: Awaitable[object] | None = None,
 ) -> Reply:
     """Stream a reply to ``context`` from ``version`` (``on_delta`` per piece of text), then store it.
 
     ``stop``: sequences that end the reply where they first appear (not included; the reply's
-    finish reason is ``stop``). A failed reply is stored too (empty, no latency): error rates per
+    finish reason is ``stop``). ``before_store``: awaited before the reply is stored (the writes
+    of its context, run beside generation); if it raises, the reply is not stored. A failed reply is stored too (empty, no latency): error rates per
     version are compared. Exceptions of the engine (overloaded, unknown version) propagate before
     anything is stored.
     """
@@ -140,6 +143,8 @@ async def stream_reply(
         n_tokens=0 if failed else n_tokens,
         latency_ms=None if failed else (first_token_s or 0.0) * 1000,
     )
+    if before_store is not None:
+        await before_store
     await store.conversations.add_message(
         message_id=message_id,
         conversation_id=conversation_id,

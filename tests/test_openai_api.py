@@ -43,12 +43,20 @@ async def app(tiny_model: Path, tmp_path: Path) -> AsyncIterator[App]:
     app = App(settings)
     async with app.lifespan():
         yield app
+        for client in OPEN.pop(id(app), []):
+            await client.close()
 
 
-async def client_for(app: App, name: str = "shop") -> AsyncOpenAI:
+OPEN: dict[int, list[AsyncOpenAI]] = {}  # the clients of each app, closed with it
+
+
+async def client_for(app: App, name: str = "shop", *, key: str | None = None) -> AsyncOpenAI:
+    """An ``openai`` client with a new key of ``name`` (or ``key``), without retries."""
     assert app.store is not None
-    key = await app.store.api_keys.create(name, actor="test")
-    return AsyncOpenAI(api_key=key, base_url=f"http://127.0.0.1:{app.channels_port}/v1", max_retries=0)
+    key = key or await app.store.api_keys.create(name, actor="test")
+    client = AsyncOpenAI(api_key=key, base_url=f"http://127.0.0.1:{app.channels_port}/v1", max_retries=0)
+    OPEN.setdefault(id(app), []).append(client)
+    return client
 
 
 def chat(*texts: str) -> list[dict[str, str]]:
@@ -196,7 +204,7 @@ async def test_refusals_are_typed(app: App) -> None:
         no_key = await http.post("/chat/completions", json={"model": live, "messages": chat("hi")})
         assert no_key.status_code == 401 and no_key.json()["error"]["type"] == "authentication_error"
         assert no_key.json()["error"]["code"] == "unauthorized"
-    bad = AsyncOpenAI(api_key="llk-not-a-key", base_url=base, max_retries=0)
+    bad = await client_for(app, key="llk-not-a-key")
     with pytest.raises(openai.AuthenticationError) as refused:
         await bad.models.list()
     assert error_of(refused.value) == ("unauthorized", "authentication_error")

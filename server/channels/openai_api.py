@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -38,6 +39,8 @@ from server.protocol import Limits, Turn
 from server.ratelimit import KeyedRateLimiter
 from server.replies import Reply, new_id, open_conversation, stream_reply
 from server.settings import Settings
+
+log = logging.getLogger("learnloop.channels.openai")
 
 CHANNEL = "openai"
 CANDIDATES = 20  # stored conversations with the request's opening that the mapping looks at
@@ -177,20 +180,32 @@ class OpenAIChannel:
         opened = opening(caller.name, user_id, turns)
         found = await self.store.api_keys.candidates(opened, site=caller.name, user_id=user_id, limit=CANDIDATES)
         where = plan(turns, [(c.id, messages) for c, messages in found])
-        conversation_id = where.conversation_id
-        new = conversation_id is None
-        if conversation_id is None:
-            conversation_id, _ = await open_conversation(
-                self.store, assign_version=lambda _: pin, user=user_id, channel=CHANNEL, site=caller.name
-            )
-        stored = await self.store.api_keys.add_turns(
-            conversation_id,
-            [(new_id(), t.role, t.text) for t in where.new_turns],
-            parent_id=where.parent_id,
-            opening=opened if new else None,
-        )
-        parent = stored[-1].id if stored else where.answer
+        new = where.conversation_id is None
+        conversation_id = where.conversation_id or new_id()
+        ids = [new_id() for _ in where.new_turns]
+        parent = ids[-1] if ids else where.answer
         assert parent is not None
+
+        async def store_turns() -> None:
+            if new:
+                await open_conversation(
+                    self.store,
+                    assign_version=lambda _: pin,
+                    user=user_id,
+                    channel=CHANNEL,
+                    site=caller.name,
+                    conversation_id=conversation_id,
+                )
+            await self.store.api_keys.add_turns(
+                conversation_id,
+                [(i, t.role, t.text) for i, t in zip(ids, where.new_turns, strict=True)],
+                parent_id=where.parent_id,
+                opening=opened if new else None,
+            )
+
+        # written while the engine prefills (off the time to first token); the reply is stored after them
+        turns_stored = asyncio.create_task(store_turns(), name=f"openai-turns-{conversation_id}")
+        turns_stored.add_done_callback(_log_failure)
         limit = min(
             body.max_completion_tokens or body.max_tokens or self.sampling.max_new_tokens, self.sampling.max_new_tokens
         )
@@ -200,7 +215,9 @@ class OpenAIChannel:
             top_p=self.sampling.top_p if body.top_p is None else body.top_p,
             seed=body.seed,
         )
-        return Completion(self, conversation_id, turns, parent, where.regenerated_from, version, sampling, stops)
+        return Completion(
+            self, conversation_id, turns, parent, where.regenerated_from, version, sampling, stops, turns_stored
+        )
 
     # --- feedback --------------------------------------------------------------------------
 
@@ -278,6 +295,7 @@ class Completion:
     version: str
     sampling: SamplingConfig
     stops: tuple[str, ...]
+    turns_stored: asyncio.Task[Any]  # the request's new turns; the reply is stored after them
 
     def __post_init__(self) -> None:
         self.message_id = new_id()
@@ -298,6 +316,7 @@ class Completion:
             cancel=self.cancel,
             regenerated_from=self.regenerated_from,
             stop=self.stops,
+            before_store=self.turns_stored,
         )
 
     def _usage(self, reply: Reply) -> dict[str, int]:
@@ -389,6 +408,13 @@ class Completion:
                     await task
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """A failed write of a request's turns fails its reply (``before_store``); logged here in case
+    no reply awaited it (the engine refused the request first)."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("storing the turns of an API request failed: %s", exc)
 
 
 def _finish(reply: Reply) -> str:
