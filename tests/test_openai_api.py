@@ -7,15 +7,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
 
-from feedback import Role
+from feedback import FeedbackStore, Role
 from server.app import App
+from server.channels.openai_api import OpenAIChannel
+from server.engines import Engine, SamplingConfig
+from server.errors import ApiError
+from server.ratelimit import KeyedRateLimiter
 from server.settings import load_settings
 from training.signals import build_training_data
 
@@ -232,3 +236,30 @@ async def test_refusals_are_typed(app: App) -> None:
     assert error_of(slow_down.value) == ("rate_limited", "rate_limit_error")
     assert int(slow_down.value.response.headers["retry-after"]) >= 1
     await client.models.list()  # another key's budget is its own
+
+
+async def test_model_names_the_live_version_or_the_canary(tmp_path: Path) -> None:
+    """What ``model`` may name follows the release: live, and the canary while one runs (a new
+    conversation opened for the canary is pinned to it, as the canary's share is)."""
+    settings = load_settings(env={}, data_dir=tmp_path)
+    async with await FeedbackStore.open(settings.db_path) as store:
+        await store.versions.ensure_base("tiny")
+        serving: list[str | None] = ["base", None]
+        channel = OpenAIChannel(
+            settings,
+            store,
+            cast(Engine, None),  # not asked for a reply here
+            sampling=SamplingConfig(),
+            versions=lambda: (serving[0] or "", serving[1]),
+            rating_limiter=KeyedRateLimiter(per_minute=None),
+        )
+        assert [m["id"] for m in await channel.models()] == ["base"]
+        assert channel.version_for("base") == ("base", None)
+        with pytest.raises(ApiError) as unknown:
+            channel.version_for("v2")
+        assert unknown.value.code == "not_found"
+        serving[1] = "v2"  # a canary starts
+        assert [m["id"] for m in await channel.models()] == ["base", "v2"]
+        assert channel.version_for("v2") == ("v2", "v2")
+        with pytest.raises(ApiError, match="'base' or the canary 'v2'"):
+            channel.version_for("gpt-4o")

@@ -151,13 +151,18 @@ class OpenAIChannel:
     # --- models ----------------------------------------------------------------------------
 
     async def models(self) -> list[dict[str, Any]]:
-        live = await self.store.versions.live()
-        canary = await self.store.versions.canary()
-        return [
-            {"id": v.name, "object": "model", "created": int(v.created_at), "owned_by": "learnloop"}
-            for v in (live, canary)
-            if v is not None
-        ]
+        """The versions that serve now (live, then the canary if one runs): what ``model`` may name."""
+        live, canary = self.versions()
+        listed = []
+        for name in (live, canary):
+            if name is None:
+                continue
+            try:
+                created = int((await self.store.versions.get(name)).created_at)
+            except NotFoundError:
+                created = 0
+            listed.append({"id": name, "object": "model", "created": created, "owned_by": "learnloop"})
+        return listed
 
     def version_for(self, model: str) -> tuple[str, str | None]:
         """(the version that answers, the canary a new conversation is pinned to or None)."""
