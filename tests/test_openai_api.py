@@ -188,6 +188,10 @@ async def test_feedback_only_for_this_keys_replies_with_the_websockets_limits(ap
         assert error_of(missing.value) == ("not_found", "not_found_error")
     with pytest.raises(openai.UnprocessableEntityError):
         await shop.post("/feedback", cast_to=object, body={"id": reply.id, "value": 2})
+    once = {"headers": {"Idempotency-Key": "click-1"}}
+    first = await shop.post("/feedback", cast_to=object, body={"id": reply.id, "value": 1}, options=once)  # type: ignore[arg-type]
+    again = await shop.post("/feedback", cast_to=object, body={"id": reply.id, "value": 1}, options=once)  # type: ignore[arg-type]
+    assert isinstance(first, dict) and isinstance(again, dict) and (first["created"], again["created"]) == (True, False)
     with pytest.raises(openai.APIStatusError) as long_reason:
         await shop.post("/feedback", cast_to=object, body={"id": reply.id, "value": -1, "reason": "x" * 201})
     assert long_reason.value.status_code == 413

@@ -30,7 +30,7 @@ from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from feedback import FeedbackStore, NotFoundError, Role
+from feedback import FeedbackStore, FinishReason, NotFoundError, Role
 from feedback.exceptions import ErrorCode
 from server.channels.openai_map import ChatTurn, opening, parse_messages, plan
 from server.engines import Engine, SamplingConfig
@@ -45,6 +45,7 @@ log = logging.getLogger("learnloop.channels.openai")
 CHANNEL = "openai"
 CANDIDATES = 20  # stored conversations with the request's opening that the mapping looks at
 MAX_REASON_CHARS = 200  # as the websocket's rating frame
+MAX_IDEMPOTENCY_KEY_CHARS = 128
 
 _TYPES = {
     ErrorCode.UNAUTHORIZED: "authentication_error",
@@ -227,6 +228,8 @@ class OpenAIChannel:
     # --- feedback --------------------------------------------------------------------------
 
     async def rate(self, caller: Caller, body: FeedbackRequest, idempotency_key: str | None) -> dict[str, Any]:
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+            raise ApiError(f"Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters", code=ErrorCode.INVALID)
         if body.value not in (1, -1):
             raise ApiError("value must be 1 (thumbs up) or -1 (thumbs down)", code=ErrorCode.INVALID)
         if body.reason is not None and len(body.reason) > MAX_REASON_CHARS:
@@ -240,7 +243,12 @@ class OpenAIChannel:
             conversation = await self.store.conversations.get(message.conversation_id)
         except NotFoundError:
             raise unknown from None
-        if message.role is not Role.ASSISTANT or (conversation.channel, conversation.site) != (CHANNEL, caller.name):
+        if (
+            message.role is not Role.ASSISTANT
+            or message.model_version is None  # a turn the client wrote
+            or message.finish_reason is FinishReason.ERROR
+            or (conversation.channel, conversation.site) != (CHANNEL, caller.name)
+        ):
             raise unknown  # another key's reply reads as unknown: ids do not leak across keys
         rater = conversation.user_id or f"conversation:{conversation.id}"
         retry_after = self.rating_limiter.check(rater, time.monotonic())
