@@ -178,7 +178,7 @@ class OpenAIChannel:
     # --- a completion ----------------------------------------------------------------------
 
     async def prepare(self, caller: Caller, body: ChatRequest) -> Completion:
-        """Check the request, map it onto a stored conversation and store its new turns."""
+        """Check the request, map it onto a stored conversation and start storing its new turns."""
         turns = parse_messages(body.messages, max_text_chars=self.max_text_chars)
         stops = body.stops()
         version, pin = self.version_for(body.model)
