@@ -177,6 +177,13 @@ async def test_feedback_reaches_the_store_and_training_pairs(app: App) -> None:
     } in pairs
     assert {(row.completion, row.label) for row in data.kto} == {(texts[1], True), (texts[0], False)}
 
+    # erasing the user takes their API conversations, thumbs and openings; the same question starts anew
+    await app.store.erasure.erase_user("openai:shop:u9", actor="test")
+    assert not (await app.store.conversations.export_feedback()).ratings
+    assert not await app.store.db.read("SELECT * FROM api_openings")
+    third = await client.chat.completions.create(model=live, messages=question, user="u9")
+    assert (await app.store.conversations.get_message(third.id)).regenerated_from is None
+
 
 async def test_feedback_only_for_this_keys_replies_with_the_websockets_limits(app: App) -> None:
     assert app.release is not None
