@@ -5,6 +5,8 @@ refusal typed."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -274,3 +276,41 @@ async def test_model_names_the_live_version_or_the_canary(tmp_path: Path) -> Non
         assert channel.version_for("v2") == ("v2", "v2")
         with pytest.raises(ApiError, match="'base' or the canary 'v2'"):
             channel.version_for("gpt-4o")
+
+
+async def test_a_stream_the_client_closes_stops_its_reply(tiny_model: Path, tmp_path: Path) -> None:
+    """Closing a stream cancels generation, as closing a websocket does: the reply is stored as
+    cancelled, shorter than its token limit."""
+    settings = load_settings(
+        env={},
+        data_dir=tmp_path,
+        overrides={
+            "server": {"port": 0},
+            "console": {"enabled": False},
+            "channels": {"port": 0},
+            "model": {"name": str(tiny_model), "max_new_tokens": 400, "temperature": 0.0, "dtype": "float32"},
+            "schedule": {"enabled": False},
+        },
+    )
+    app = App(settings)
+    async with app.lifespan():
+        assert app.store is not None and app.release is not None
+        key = await app.store.api_keys.create("shop", actor="test")
+        body = {"model": app.release.live_version, "messages": chat("Tell me everything."), "stream": True}
+        headers = {"Authorization": f"Bearer {key}"}
+        async with (
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.channels_port}") as http,
+            http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response,
+        ):
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            message_id = json.loads((await anext(lines))[6:])["id"]  # the role chunk; then hang up
+        for _ in range(200):
+            messages = await app.store.db.read(
+                "SELECT finish_reason, n_tokens FROM messages WHERE id = ?", (message_id,)
+            )
+            if messages:
+                break
+            await asyncio.sleep(0.05)
+        [(finish_reason, n_tokens)] = [tuple(r) for r in messages]
+        assert finish_reason == "cancelled" and n_tokens < 400

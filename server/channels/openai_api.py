@@ -17,12 +17,11 @@ Errors are learnloop's envelope with OpenAI's ``type`` added (``openai_error_typ
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +128,14 @@ class OpenAIChannel:
         self.max_text_chars = settings.server.max_text_chars
         per_minute = settings.channels.openai_requests_per_minute
         self.key_limiter = KeyedRateLimiter(per_minute=per_minute or None, burst=max(1, int(per_minute)))
+        self._tasks: set[asyncio.Task[Any]] = set()  # held until done: the loop keeps only weak references
+
+    def spawn(self, work: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
+        """Run ``work`` to its end even if the request that started it is gone (a client hung up)."""
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     # --- the caller ------------------------------------------------------------------------
 
@@ -210,7 +217,7 @@ class OpenAIChannel:
             )
 
         # written while the engine prefills (off the time to first token); the reply is stored after them
-        turns_stored = asyncio.create_task(store_turns(), name=f"openai-turns-{conversation_id}")
+        turns_stored = self.spawn(store_turns(), name=f"openai-turns-{conversation_id}")
         turns_stored.add_done_callback(_log_failure)
         limit = min(
             body.max_completion_tokens or body.max_tokens or self.sampling.max_new_tokens, self.sampling.max_new_tokens
@@ -383,7 +390,7 @@ class Completion:
             except Exception as exc:
                 events.put_nowait(("error", exc))
 
-        task = asyncio.create_task(run(), name=f"openai-reply-{self.message_id}")
+        self.channel.spawn(run(), name=f"openai-reply-{self.message_id}")
         first = await events.get()
         if first[0] == "error":
             raise first[1]
@@ -416,9 +423,10 @@ class Completion:
                     event = await events.get()
                 yield "data: [DONE]\n\n"
             finally:
-                self.cancel.set()  # a no-op after the end; cuts the reply when the client went away
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                # a no-op after the end; when the client went away, the engine stops at its next step
+                # and the task (held by the channel, never awaited here: awaiting a task from a
+                # cancelled one cancels it) stores the reply as cancelled
+                self.cancel.set()
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
