@@ -226,7 +226,22 @@ MIGRATIONS: tuple[str | tuple[str, ...], ...] = (
     CREATE INDEX outbox_lanes ON outbox(state, lane, id);
     CREATE INDEX outbox_conversation ON outbox(conversation_id);
     """,
-    # erasure reaches the model: when a version was found trained on an erased user's data, and
+    # 7: the OpenAI-compatible API: its keys (SHA-256 hashes only) and each conversation's opening
+    """
+    CREATE TABLE api_keys (
+        key_hash    TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        created_at  REAL NOT NULL
+    );
+    CREATE INDEX api_keys_name ON api_keys(name);
+    CREATE TABLE api_openings (
+        conversation_id  TEXT PRIMARY KEY REFERENCES conversations(id) ON DELETE CASCADE,
+        opening          TEXT NOT NULL,
+        created_at       REAL NOT NULL
+    );
+    CREATE INDEX api_openings_opening ON api_openings(opening, created_at);
+    """,
+    # 8: erasure reaches the model: when a version was found trained on an erased user's data, and
     # when its adapter files were deleted
     """
     ALTER TABLE model_versions ADD COLUMN trained_on_erased REAL;

@@ -10,6 +10,7 @@ module::
     store.raters         raters flagged for review and the reviews
     store.erasure        erasing users, tombstones
     store.accounts       operators, API tokens, console sessions, audit entries
+    store.api_keys       keys of the OpenAI-compatible API, the openings of its conversations
     store.browse         the console's queries: lists, search, transcripts, series, audit log
     store.inbox          IM platform events (each processed once) and the conversation of each thread
     store.outbox         calls to IM platforms waiting for delivery
@@ -20,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from feedback.accounts import Accounts
+from feedback.apikeys import ApiKeys
 from feedback.browse import Browse
 from feedback.conversations import Conversations
 from feedback.db import Database
@@ -42,6 +44,7 @@ class FeedbackStore:
         self.raters = Raters(db)
         self.erasure = Erasure(db)
         self.accounts = Accounts(db)
+        self.api_keys = ApiKeys(db)
         self.browse = Browse(db)
         self.inbox = Inbox(db)
         self.outbox = Outbox(db)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import FastAPI
 
 from feedback import FeedbackStore
+from server.channels.openai_api import OpenAIChannel
 from server.channels.serve import ImChannels, start_channels
 from server.channels.widget import find_site
 from server.console.api import start_console
@@ -125,7 +126,15 @@ class App:
                         rating_limiter=rating_limiter,  # thumbs from every channel share the per-rater limit
                     )
                     im.start()
-                channels = await start_channels(s, gateway_port=self.port, im=im)
+                openai = OpenAIChannel(
+                    s,
+                    store,
+                    served,
+                    sampling=self.sampling,
+                    versions=lambda: (release.live_version, release.canary_version),
+                    rating_limiter=rating_limiter,
+                )
+                channels = await start_channels(s, gateway_port=self.port, im=im, openai=openai)
                 self.channels_port = channels.port
             if s.schedule.enabled:
                 scheduler = start_scheduler(trainer.scheduled, interval_s=s.schedule.interval_s)

@@ -204,6 +204,20 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_apikey(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.apikey_command == "create":
+        print(asyncio.run(_with_store(settings, lambda s: s.api_keys.create(args.name, actor="cli"))))
+        return 0
+    if args.apikey_command == "revoke":
+        revoked = asyncio.run(_with_store(settings, lambda s: s.api_keys.revoke(args.name, actor="cli")))
+        print(f"{revoked} key(s) of {args.name} revoked")
+        return 0
+    for info in asyncio.run(_with_store(settings, lambda s: s.api_keys.names())):
+        print(f"{info.name:<24}{info.keys} key(s)")
+    return 0
+
+
 def cmd_dataset(args: argparse.Namespace) -> int:
     from server.trainer import cycle_config
     from training.cycle import prepare
@@ -413,6 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--label", default="api")
     pp.set_defaults(fn=cmd_operator)
     osub.add_parser("list", help="list operators").set_defaults(fn=cmd_operator)
+
+    p = sub.add_parser("apikey", help="keys of the OpenAI-compatible API: create (printed once), list, revoke")
+    asub = p.add_subparsers(dest="apikey_command", required=True)
+    pp = asub.add_parser("create", help="a new key for NAME (its conversations' site); printed once")
+    pp.add_argument("name")
+    pp.set_defaults(fn=cmd_apikey)
+    pp = asub.add_parser("revoke", help="revoke every key of NAME (its conversations stay)")
+    pp.add_argument("name")
+    pp.set_defaults(fn=cmd_apikey)
+    asub.add_parser("list", help="key names and how many keys each has").set_defaults(fn=cmd_apikey)
 
     p = sub.add_parser("outbox", help="calls to IM platforms (Telegram, Slack, webhooks): list, retry failed ones")
     p.add_argument("action", nargs="?", choices=["list", "retry"], default="list")

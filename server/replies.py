@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from feedback import FeedbackStore, FinishReason, Message, Role
@@ -47,9 +47,10 @@ async def open_conversation(
     user: str | None,
     channel: str,
     site: str | None = None,
+    conversation_id: str | None = None,
 ) -> tuple[str, str | None]:
-    """A new stored conversation: (its id, the canary it is pinned to or None for live)."""
-    conversation_id = new_id()
+    """A new stored conversation: (its id, new unless given; the canary it is pinned to or None for live)."""
+    conversation_id = conversation_id or new_id()
     pinned = assign_version(conversation_id)
     await store.conversations.create(conversation_id, user_id=user, model_version=pinned, channel=channel, site=site)
     return conversation_id, pinned
@@ -71,6 +72,19 @@ def latest_branch(messages: Iterable[Message]) -> list[Turn]:
     return branch
 
 
+def scan_stop(text: str, stops: Sequence[str]) -> tuple[int, bool]:
+    """How much of ``text`` may be shown, and whether a stop sequence was reached.
+
+    With a stop sequence in ``text``: everything before the first one, True. Otherwise all but
+    the longest tail that could begin a stop sequence (held back until the next piece), False.
+    """
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    if hits:
+        return min(hits), True
+    held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return len(text) - held, False
+
+
 async def stream_reply(
     store: FeedbackStore,
     engine: Engine,
@@ -84,34 +98,53 @@ async def stream_reply(
     on_delta: Callable[[str], Awaitable[None]],
     cancel: threading.Event | None = None,
     regenerated_from: str | None = None,
+    stop: Sequence[str] = (),
+    before_store: Awaitable[object] | None = None,
 ) -> Reply:
     """Stream a reply to ``context`` from ``version`` (``on_delta`` per piece of text), then store it.
 
-    A failed reply is stored too (empty, no latency): error rates per version are compared.
-    Exceptions of the engine (overloaded, unknown version) propagate before anything is stored.
+    ``stop``: sequences that end the reply where they first appear (not included; the reply's
+    finish reason is ``stop``). ``before_store``: awaited before the reply is stored (the writes
+    of its context, run beside generation); if it raises, the reply is not stored. A failed reply is stored too (empty, no latency): error rates per
+    version are compared. Exceptions of the engine (overloaded, unknown version) propagate before
+    anything is stored.
     """
     started = time.monotonic()
     first_token_s: float | None = None
-    parts: list[str] = []
+    text, shown, stopped = "", 0, False
     finish_reason, n_tokens = FinishReason.ERROR, 0
     messages = [{"role": t.role, "content": t.text} for t in context]
+    cancel = cancel if cancel is not None or not stop else threading.Event()
     async for chunk in engine.stream(messages, version=version, sampling=sampling, cancel=cancel):
-        if chunk.delta:
+        if chunk.delta and not stopped:
             if first_token_s is None:
                 first_token_s = time.monotonic() - started
-            parts.append(chunk.delta)
-            await on_delta(chunk.delta)
+            text += chunk.delta
+            end, stopped = scan_stop(text, stop) if stop else (len(text), False)
+            if stopped:
+                text = text[:end]
+                assert cancel is not None
+                cancel.set()  # the engine ends the reply at its next step
+            if end > shown:
+                await on_delta(text[shown:end])
+                shown = end
         if chunk.finish_reason is not None:
             finish_reason, n_tokens = FinishReason(chunk.finish_reason), chunk.n_tokens
+    if stopped and finish_reason is not FinishReason.ERROR:
+        finish_reason = FinishReason.STOP
+    elif shown < len(text) and finish_reason is not FinishReason.ERROR:  # a held-back tail that was no stop
+        await on_delta(text[shown:])
     failed = finish_reason is FinishReason.ERROR
     reply = Reply(
         message_id=message_id,
-        text="" if failed else "".join(parts),
+        text="" if failed else text,
         version=version,
         finish_reason=finish_reason,
         n_tokens=0 if failed else n_tokens,
         latency_ms=None if failed else (first_token_s or 0.0) * 1000,
     )
+    if before_store is not None:
+        await before_store
     await store.conversations.add_message(
         message_id=message_id,
         conversation_id=conversation_id,

@@ -212,6 +212,13 @@ class ChannelsConfig:
             "with Retry-After; 0 = no limit). Behind a proxy on loopback the address is X-Forwarded-For's."
         },
     )
+    openai_requests_per_minute: float = field(
+        default=60.0,
+        metadata={
+            "help": "Requests per minute per OpenAI-compatible API key name (a minute's worth may come at once; "
+            "over it: 429 with Retry-After; 0 = no limit)."
+        },
+    )
     demo: bool = field(
         default=True,
         metadata={
@@ -225,6 +232,8 @@ class ChannelsConfig:
             raise SettingsError(f"channels.max_body_bytes {self.max_body_bytes}: use a positive number of bytes")
         if self.requests_per_minute < 0:
             raise SettingsError("channels.requests_per_minute: use 0 (no limit) or a positive rate")
+        if self.openai_requests_per_minute < 0:
+            raise SettingsError("channels.openai_requests_per_minute: use 0 (no limit) or a positive rate")
 
 
 SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")

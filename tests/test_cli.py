@@ -115,3 +115,23 @@ def test_operator_accounts_from_the_command_line(tmp_path: Path, monkeypatch: An
             assert await store.accounts.check_login("alice", "a-long-password") is None
 
     asyncio.run(check())
+
+
+def test_api_keys_from_the_command_line(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    code, first = run_cli(data, "apikey", "create", "shop")
+    assert code == 0 and first.strip().startswith("llk-")
+    second = run_cli(data, "apikey", "create", "shop")[1].strip()  # a second key of the name: for rotation
+    assert run_cli(data, "apikey", "create", "Not A Name")[0] != 0
+    assert run_cli(data, "apikey", "list")[1].split() == ["shop", "2", "key(s)"]
+
+    async def names(*keys: str) -> list[str | None]:
+        async with await FeedbackStore.open(data / "learnloop.db") as store:
+            db_text = (data / "learnloop.db").read_bytes()
+            assert all(k.encode() not in db_text for k in keys)  # hashes only
+            return [await store.api_keys.name_for(k) for k in keys]
+
+    assert asyncio.run(names(first.strip(), second)) == ["shop", "shop"]
+    assert run_cli(data, "apikey", "revoke", "shop") == (0, "2 key(s) of shop revoked\n")
+    assert asyncio.run(names(first.strip(), second)) == [None, None]
+    assert run_cli(data, "apikey", "revoke", "shop")[0] != 0

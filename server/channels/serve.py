@@ -1,8 +1,9 @@
 """Runs the channels listener: every channel's router in one app, under uvicorn in the app's loop.
 
 The widget is the first channel; the IM channels (``ImChannels``: Telegram, Slack, signed
-webhooks) add their routers and run their inbox and outbox workers beside it. The
-OpenAI-compatible API joins as another router in ``channel_routers``.
+webhooks) add their routers and run their inbox and outbox workers beside it; the
+OpenAI-compatible API (``OpenAIChannel``) is one more router, under ``/v1``, whose errors also
+carry OpenAI's ``type``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 from fastapi import APIRouter
@@ -20,6 +22,7 @@ from feedback import FeedbackStore
 from server.channels.http import create_channels_app
 from server.channels.im import Channel, Inbound, Platform, inbox_item
 from server.channels.inbox import InboxWorker
+from server.channels.openai_api import OpenAIChannel, openai_error_type
 from server.channels.outbox import OutboxWorker
 from server.channels.slack import SlackPlatform, slack_router
 from server.channels.telegram import TelegramPlatform, telegram_router
@@ -124,20 +127,36 @@ class ImChannels:
             await asyncio.sleep(HOUSEKEEPING_S)
 
 
-def channel_routers(settings: Settings, *, gateway_port: int, im: ImChannels | None = None) -> list[APIRouter]:
+def channel_routers(
+    settings: Settings, *, gateway_port: int, im: ImChannels | None = None, openai: OpenAIChannel | None = None
+) -> list[APIRouter]:
     routers = [widget_router(gateway_port=gateway_port, demo=demo_enabled(settings))]
+    if openai is not None:
+        routers.append(openai.router())
     return routers + (im.routers() if im is not None else [])
 
 
-async def start_channels(settings: Settings, *, gateway_port: int, im: ImChannels | None = None) -> RunningListener:
+def _openai_fields(code: str) -> dict[str, Any]:
+    return {"type": openai_error_type(code), "param": None}
+
+
+async def start_channels(
+    settings: Settings, *, gateway_port: int, im: ImChannels | None = None, openai: OpenAIChannel | None = None
+) -> RunningListener:
     """Serve every channel on ``channels.host:channels.port`` until ``stop()``; a bind error raises here."""
     config = settings.channels
-    app = create_channels_app(config, routers=channel_routers(settings, gateway_port=gateway_port, im=im))
+    app = create_channels_app(
+        config,
+        routers=channel_routers(settings, gateway_port=gateway_port, im=im, openai=openai),
+        error_fields={"/v1/": _openai_fields},
+    )
     running = await serve_app(app, host=config.host, port=config.port, name="channels")
     base = f"http://{config.host}:{running.port}"
     log.info("chat widget on %s/widget.js", base)
     if demo_enabled(settings):
         log.info("widget demo page on %s/", base)
+    if openai is not None:
+        log.info("OpenAI-compatible API on %s/v1", base)
     for name in settings.telegram:
         log.info("Telegram bot %s: webhook %s/hooks/telegram/%s", name, base, name)
     for name in settings.slack:
