@@ -41,6 +41,7 @@ class ConversationFilter:
     has_correction: bool | None = None
     flagged: bool | None = None
     q: str | None = None
+    site: str | None = None  # the widget site, IM bot or API key a conversation came through
 
 
 def fts_query(text: str) -> str:
@@ -78,6 +79,9 @@ def _column_filter(f: ConversationFilter) -> tuple[list[str], list[Any]]:
     if f.channel:
         where.append("c.channel = ?")
         params.append(f.channel)
+    if f.site:
+        where.append("c.site = ?")
+        params.append(f.site)
     if f.since is not None:
         where.append("c.created_at >= ?")
         params.append(f.since)
@@ -224,7 +228,7 @@ def _has_probes(f: ConversationFilter) -> bool:
 
 
 _ROW_AGGREGATES = """
-SELECT c.id, c.user_id, c.channel, c.created_at, c.model_version AS pinned,
+SELECT c.id, c.user_id, c.channel, c.site, c.created_at, c.model_version AS pinned,
   (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS n_messages,
   (SELECT MAX(m.created_at) FROM messages m WHERE m.conversation_id = c.id) AS last_at,
   (SELECT GROUP_CONCAT(DISTINCT m.model_version) FROM messages m
@@ -250,6 +254,7 @@ def _summary(r: Row) -> dict[str, Any]:
         "id": r["id"],
         "user_id": r["user_id"],
         "channel": r["channel"],
+        "site": r["site"],
         "created_at": r["created_at"],
         "last_at": r["last_at"] or r["created_at"],
         "n_messages": r["n_messages"],
@@ -423,6 +428,26 @@ class Browse:
             rated = d["ups"] + d["downs"]
             d["up_rate"] = d["ups"] / rated if rated else None
             d["regen_rate"] = d["regenerations"] / d["replies"] if d["replies"] else None
+            out.append(d)
+        return out
+
+    async def channel_stats(self, *, since: float = 0.0) -> list[dict[str, Any]]:
+        """Per channel and version: replies, thumbs up and down and the up rate (model-written replies)."""
+        rows = await self._db.read(
+            "SELECT c.channel AS channel, m.model_version AS version, COUNT(*) AS replies,"
+            " SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = 1)) AS ups,"
+            " SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = -1)) AS downs"
+            " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            " WHERE m.role = 'assistant' AND m.author IS NULL AND m.model_version IS NOT NULL"
+            " AND m.finish_reason != 'error' AND m.created_at >= ?"
+            " GROUP BY c.channel, m.model_version ORDER BY c.channel, m.model_version",
+            (since,),
+        )
+        out = []
+        for r in rows:
+            d = dict(r)
+            rated = d["ups"] + d["downs"]
+            d["up_rate"] = d["ups"] / rated if rated else None
             out.append(d)
         return out
 

@@ -22,6 +22,25 @@ from feedback.records import BASE_VERSION, ModelVersion, VersionState, VersionSt
 _NEWEST_IN_STATE = "SELECT * FROM model_versions WHERE state = ? ORDER BY seq DESC LIMIT 1"
 
 
+def rollback_refusal(name: str, replaced: str | None, target_deleted: float | None) -> str | None:
+    """Why the live version ``name`` cannot roll back (None: it can, to ``replaced`` or to base)."""
+    if name == BASE_VERSION:
+        return "base is the model itself: there is nothing to roll back to"
+    if target_deleted is not None:
+        return f"{replaced} was trained on erased data and its adapter is deleted: promote another version instead"
+    return None
+
+
+def can_roll_back(version: ModelVersion, by_name: dict[str, ModelVersion]) -> bool:
+    """Does rolling ``version`` back lead somewhere (a canary always hands back to live)?"""
+    if version.state is VersionState.CANARY:
+        return True
+    if version.state is not VersionState.LIVE:
+        return False
+    target = by_name.get(version.replaced or BASE_VERSION)
+    return rollback_refusal(version.name, version.replaced, target.adapter_deleted if target else None) is None
+
+
 class Versions:
     """Model versions in the feedback database (``store.versions``)."""
 
@@ -159,6 +178,15 @@ class Versions:
                 raise NotFoundError(f"model version {name!r} does not exist")
             if row["state"] not in (VersionState.CANARY, VersionState.LIVE):
                 raise InvalidError(f"version {name} is {row['state']}: only a canary or the live version can roll back")
+            if row["state"] == VersionState.LIVE:
+                back = await fetch_one(
+                    conn,
+                    "SELECT adapter_deleted FROM model_versions WHERE name = ?",
+                    (row["replaced"] or BASE_VERSION,),
+                )
+                reason = rollback_refusal(name, row["replaced"], back["adapter_deleted"] if back else None)
+                if reason:
+                    raise InvalidError(reason)
             notes = json.loads(row["gate_reasons"] or "[]") + reasons
             await conn.execute(
                 "UPDATE model_versions SET state = ?, gate_reasons = ?, updated_at = ? WHERE name = ?",
@@ -184,9 +212,10 @@ class Versions:
     async def stats(self, name: str, *, since: float = 0.0) -> VersionStats:
         """Replies, thumbs, regenerations, errors and latency of one version (model-written replies)."""
         found = await self._db.read(
-            "WITH replies AS (SELECT id, latency_ms, n_tokens, finish_reason FROM messages"
+            "WITH replies AS (SELECT id, conversation_id, latency_ms, n_tokens, finish_reason FROM messages"
             "  WHERE model_version = ? AND role = 'assistant' AND author IS NULL AND created_at >= ?)"
-            " SELECT (SELECT COUNT(*) FROM conversations WHERE model_version = ? AND created_at >= ?),"
+            # the conversations it replied in: live conversations are not pinned to a version
+            " SELECT (SELECT COUNT(DISTINCT conversation_id) FROM replies),"
             "  (SELECT COUNT(*) FROM replies WHERE finish_reason != 'error'),"
             "  (SELECT COUNT(*) FROM ratings WHERE value = 1 AND message_id IN (SELECT id FROM replies)),"
             "  (SELECT COUNT(*) FROM ratings WHERE value = -1 AND message_id IN (SELECT id FROM replies)),"
@@ -195,7 +224,7 @@ class Versions:
             "  (SELECT COUNT(*) FROM replies WHERE finish_reason = 'error'),"
             "  (SELECT AVG(latency_ms) FROM replies WHERE finish_reason != 'error'),"
             "  (SELECT AVG(n_tokens) FROM replies WHERE finish_reason != 'error')",
-            (name, since, name, since),
+            (name, since),
         )
         r = found[0]
         return VersionStats(name, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])

@@ -285,3 +285,25 @@ async def test_flagged_raters_date_ranges_and_rater_review(app: App, seeded: See
         assert bad.status_code == 422
     finally:
         await rita.aclose()
+
+
+async def test_channels_sites_and_versions_as_the_console_shows_them(app: App, seeded: Seeded) -> None:
+    assert app.store is not None
+    await app.store.conversations.create("site-conv", user_id="w1", channel="widget", site="shop")
+    http = await login(app, "alice")
+    try:
+        by_channel = (await http.get("/api/v1/conversations", params={"channel": "telegram"})).json()["items"]
+        assert [c["id"] for c in by_channel] == [seeded.telegram]
+        by_site = (await http.get("/api/v1/conversations", params={"site": "shop"})).json()["items"]
+        assert [(c["id"], c["channel"], c["site"]) for c in by_site] == [("site-conv", "widget", "shop")]
+        stats = {(r["channel"], r["version"]): r for r in (await http.get("/api/v1/stats/channels")).json()["items"]}
+        assert stats[("websocket", "base")]["ups"] == 1 and stats[("websocket", "base")]["downs"] == 1
+        assert stats[("websocket", "base")]["up_rate"] == 0.5 and stats[("telegram", "base")]["up_rate"] is None
+        versions = {v["name"]: v for v in (await http.get("/api/v1/versions")).json()["items"]}
+        # base replied in the three seeded conversations; live conversations are not pinned to it
+        assert versions["base"]["stats"]["conversations"] == 3 and versions["base"]["stats"]["replies"] == 3
+        assert versions["base"]["can_roll_back"] is False
+        refused = await http.post("/api/v1/versions/base/rollback")
+        assert refused.status_code in (400, 409, 422) and "nothing to roll back" in refused.json()["error"]["message"]
+    finally:
+        await http.aclose()

@@ -92,6 +92,17 @@ async def test_review_correct_and_release_in_the_browser(app: App, page: Any, ti
     )
     await shot(page, "02-search")
 
+    # filter by channel: the Telegram conversation alone
+    await page.fill("#search-q", "")
+    await page.select_option("#filter-channel", "telegram")
+    await page.click("#filter-apply")
+    await page.wait_for_function(
+        f"[...document.querySelectorAll('tr.conv-row')].map(r => r.dataset.id).join() === '{seeded.telegram}'"
+    )
+    assert "telegram" in await rows.first.locator(".conv-channel").inner_text()
+    await shot(page, "02b-channel-filter")
+    await page.select_option("#filter-channel", "")
+
     # open the refund transcript from the list
     await page.fill("#search-q", "blender")
     await page.press("#search-q", "Enter")
@@ -135,15 +146,21 @@ async def test_review_correct_and_release_in_the_browser(app: App, page: Any, ti
         ".textContent.includes('rolled_back')"
     )
     assert app.release.live_version == "base"
-    assert "live" in await page.locator("tr.version-row[data-name='base'] .version-state").inner_text()
+    base = page.locator("tr.version-row[data-name='base']")
+    assert "live" in await base.locator(".version-state").inner_text()
+    assert await base.locator(".rollback-btn").count() == 0  # base has nothing to roll back to
+    assert "conversations\n3" in await base.locator(".version-stats").inner_text()  # the 3 it replied in
     await shot(page, "06-rolled-back")
     audit = {e["action"] for e in await app.store.browse.audit_log(limit=50)}
     assert {"correct", "state:live", "state:rolled_back", "login"} <= audit
 
     # charts per version, a run's loss curve, the audit log
     await page.click("a[data-nav=charts]")
-    await page.wait_for_function("document.querySelectorAll('svg.chart').length === 4")
+    await page.wait_for_function("document.querySelectorAll('svg.chart').length === 5")
     assert await page.locator("svg.chart[data-metric=up_rate]").count() == 1
+    # thumbs per channel and version: the rated websocket replies as a bar, every channel in the table
+    assert await page.locator("#channel-chart rect.bar[data-channel=websocket][data-version=base]").count() == 1
+    assert await page.locator("#channel-table tr[data-channel=telegram]").count() == 1
     await shot(page, "07-charts")
     run_id = await app.store.runs.start(max_rating_id=0, max_correction_id=0)
     history = [{"step": i, "loss": 2.0 / i} for i in range(1, 21)]

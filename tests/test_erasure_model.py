@@ -107,3 +107,25 @@ async def test_erasure_marks_versions_deletes_superseded_adapters_and_retrains(
                 break
             await asyncio.sleep(0.2)
         assert runs and runs[0].finished_at is not None, runs  # the retrain ran (its outcome is the gate's)
+
+
+def test_a_rollback_needs_somewhere_to_go() -> None:
+    from feedback.versions import can_roll_back, rollback_refusal
+
+    def v(name: str, state: VersionState, replaced: str | None = None, deleted: float | None = None) -> ModelVersion:
+        return ModelVersion(
+            name=name, seq=0, state=state, adapter_path=None, sha256=None, parent=None, base_model=None,
+            replaced=replaced, adapter_deleted=deleted,
+        )  # fmt: skip
+
+    by_name = {
+        "base": v("base", VersionState.RETIRED),
+        "v1": v("v1", VersionState.RETIRED, deleted=5.0),
+        "v2": v("v2", VersionState.LIVE, replaced="v1"),
+        "v3": v("v3", VersionState.CANARY),
+    }
+    assert rollback_refusal("base", None, None) is not None
+    assert not can_roll_back(v("base", VersionState.LIVE), by_name)
+    assert can_roll_back(v("v4", VersionState.LIVE, replaced=None), by_name)  # back to base
+    assert not can_roll_back(by_name["v2"], by_name)  # v1's adapter is gone
+    assert can_roll_back(by_name["v3"], by_name) and not can_roll_back(by_name["v1"], by_name)

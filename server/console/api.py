@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from feedback import ErrorCode, FeedbackStore, RaterState
 from feedback.accounts import OperatorRole
 from feedback.browse import ConversationFilter
+from feedback.versions import can_roll_back
 from server.console.auth import COOKIE, ROLE_KEY, AsAdmin, AsReviewer, AsViewer, authenticate, role
 from server.errors import ApiError, install_error_handlers
 from server.listener import RunningListener, serve_app
@@ -212,7 +213,8 @@ def create_console(
     async def conversations(
         rating: Literal["up", "down", "none"] | None = None,
         version: str | None = None,
-        channel: str | None = None,
+        channel: str | None = Query(default=None, max_length=100),
+        site: str | None = Query(default=None, max_length=100),
         since: float | None = None,
         until: float | None = None,
         has_correction: bool | None = None,
@@ -222,7 +224,7 @@ def create_console(
         cursor: str | None = None,
     ) -> dict[str, Any]:
         f = ConversationFilter(
-            rating, version or None, channel or None, since, until, has_correction, flagged, q or None
+            rating, version or None, channel or None, since, until, has_correction, flagged, q or None, site or None
         )
         items, next_cursor = await store.browse.list_conversations(f, limit=limit, cursor=cursor)
         return {"items": items, "next_cursor": next_cursor}
@@ -317,9 +319,16 @@ def create_console(
 
     @app.get("/api/v1/versions", **role(viewer))
     async def versions() -> dict[str, Any]:
+        every = await store.versions.all()
+        by_name = {v.name: v for v in every}
         return {
             "items": [
-                {**_plain(v), "stats": asdict(await store.versions.stats(v.name))} for v in await store.versions.all()
+                {
+                    **_plain(v),
+                    "stats": asdict(await store.versions.stats(v.name)),
+                    "can_roll_back": can_roll_back(v, by_name),
+                }
+                for v in every
             ]
         }
 
@@ -359,6 +368,11 @@ def create_console(
         bucket_s: float = Query(default=3600.0, ge=60.0, le=30 * 86400.0), since: float = 0.0
     ) -> dict[str, Any]:
         return {"bucket_s": bucket_s, "series": await store.browse.version_series(bucket_s=bucket_s, since=since)}
+
+    @app.get("/api/v1/stats/channels", **role(viewer))
+    async def channel_stats(since: float = 0.0) -> dict[str, Any]:
+        """Thumbs per channel and version (the Charts page's table)."""
+        return {"items": await store.browse.channel_stats(since=since)}
 
     @app.get("/api/v1/audit", **role(admin))
     async def audit(

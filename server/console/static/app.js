@@ -487,7 +487,8 @@
 
   // ---------------------------------------------------------------- page: conversations
 
-  const FILTER_KEYS = ['rating', 'version', 'channel', 'since', 'until', 'has_correction', 'flagged', 'q'];
+  const FILTER_KEYS = ['rating', 'version', 'channel', 'site', 'since', 'until', 'has_correction', 'flagged', 'q'];
+  const CHANNELS = ['websocket', 'widget', 'openai', 'telegram', 'slack', 'webhook'];
 
   /** "2024-05-01" -> unix seconds of local midnight (endOfDay: 23:59:59 of that day). */
   function dateToUnix(value, endOfDay) {
@@ -504,7 +505,9 @@
     const rating = select({ id: 'filter-rating', name: 'rating' },
       [['', 'any'], ['up', 'up'], ['down', 'down'], ['none', 'none']], f.rating);
     const version = el('input', { id: 'filter-version', name: 'version', value: f.version, placeholder: 'e.g. v3', size: 8 });
-    const channel = el('input', { id: 'filter-channel', name: 'channel', value: f.channel, placeholder: 'channel', size: 10 });
+    const channel = select({ id: 'filter-channel', name: 'channel' },
+      [['', 'any'], ...[...new Set([...CHANNELS, ...(f.channel ? [f.channel] : [])])].map((c) => [c, c])], f.channel);
+    const site = el('input', { id: 'filter-site', name: 'site', value: f.site, placeholder: 'site, bot or key', size: 12 });
     const since = el('input', { id: 'filter-since', name: 'since', type: 'date', value: f.since });
     const until = el('input', { id: 'filter-until', name: 'until', type: 'date', value: f.until });
     const correction = select({ id: 'filter-correction', name: 'has_correction' },
@@ -519,7 +522,7 @@
       'form',
       { id: 'filters', class: 'filters' },
       field('Search', q), field('Rating', rating), field('Version', version), field('Channel', channel),
-      field('Since', since), field('Until', until), field('Correction', correction),
+      field('Site', site), field('Since', since), field('Until', until), field('Correction', correction),
       el('label', { class: 'field check' }, flagged, el('span', {}, 'flagged raters only')),
       el('span', { class: 'field actions' }, apply, reset),
     );
@@ -530,7 +533,8 @@
       put('q', q.value.trim());
       put('rating', rating.value);
       put('version', version.value.trim());
-      put('channel', channel.value.trim());
+      put('channel', channel.value);
+      put('site', site.value.trim());
       put('since', since.value);
       put('until', until.value);
       put('has_correction', correction.value);
@@ -559,7 +563,7 @@
 
     // the API query: the URL's filters with dates turned into unix seconds
     const query = new URLSearchParams();
-    for (const k of ['rating', 'version', 'channel', 'has_correction', 'q']) if (f[k]) query.set(k, f[k]);
+    for (const k of ['rating', 'version', 'channel', 'site', 'has_correction', 'q']) if (f[k]) query.set(k, f[k]);
     if (f.flagged === 'true') query.set('flagged', 'true');
     const sinceTs = dateToUnix(f.since, false);
     const untilTs = dateToUnix(f.until, true);
@@ -608,7 +612,7 @@
       { class: `conv-row${c.flagged ? ' flagged' : ''}`, dataset: { id: c.id } },
       el('td', { class: 'conv-date nowrap', title: c.last_at ? `last message ${fmtTime(c.last_at)}` : null }, fmtTime(c.created_at)),
       el('td', { class: 'conv-user' }, c.user_id || '—'),
-      el('td', { class: 'conv-channel' }, c.channel || ''),
+      el('td', { class: 'conv-channel' }, c.site ? `${c.channel || ''} · ${c.site}` : c.channel || ''),
       el('td', { class: 'conv-versions' }, versions),
       el('td', { class: 'conv-ups num' }, String(c.ups ?? 0)),
       el('td', { class: 'conv-downs num' }, String(c.downs ?? 0)),
@@ -670,6 +674,7 @@
       const bits = [];
       if (c.user_id) bits.push(['user', c.user_id]);
       if (c.channel) bits.push(['channel', c.channel]);
+      if (c.site) bits.push(['site', c.site]);
       if (c.created_at) bits.push(['started', fmtTime(c.created_at)]);
       if (c.model_version) bits.push(['pinned version', c.model_version]);
       if (c.tenant) bits.push(['tenant', c.tenant]);
@@ -1270,7 +1275,7 @@
           return b;
         };
         if (v.state !== 'live') cell.append(button('promote-btn', 'Promote', 'promote', 'promoted to live'));
-        if (v.state === 'live' || v.state === 'canary') cell.append(button('rollback-btn danger', 'Roll back', 'rollback', 'rolled back'));
+        if (v.can_roll_back) cell.append(button('rollback-btn danger', 'Roll back', 'rollback', 'rolled back'));
         row.append(cell);
       }
       return row;
@@ -1393,7 +1398,9 @@
       const fmtX = (x) => (bucketS >= 86400 ? fmtTime(x).slice(0, 10) : fmtTime(x));
       const cell = new Map(rows.map((r) => [`${r.version}|${r.bucket_start}`, r]));
 
-      holder.replaceChildren(...METRICS.map(([metric, title, fmt]) => {
+      const byChannel = await api('GET', '/stats/channels');
+      if (!ctx.alive()) return;
+      holder.replaceChildren(channelBox(Array.isArray(byChannel.items) ? byChannel.items : [], color), ...METRICS.map(([metric, title, fmt]) => {
         const series = versions.map((v) => ({
           name: v,
           color: color[v],
@@ -1428,6 +1435,40 @@
       await load().catch(showError);
     });
     await load();
+  }
+
+  /** Thumbs-up rate per channel and version: one bar per pair (rated replies only), and the table. */
+  function channelBox(items, color) {
+    const rated = items.filter((r) => typeof r.up_rate === 'number');
+    const width = 560, bar = 18, gap = 6, left = 150;
+    const height = Math.max(40, rated.length * (bar + gap) + 24);
+    const root = svg('svg', {
+      id: 'channel-chart', class: 'chart', viewBox: `0 0 ${width} ${height}`, width, height, role: 'img',
+      'aria-label': 'Thumbs-up rate by channel and version',
+    });
+    const pw = width - left - 60;
+    rated.forEach((r, i) => {
+      const y = 8 + i * (bar + gap);
+      const label = `${r.channel} · ${r.version}`;
+      root.append(
+        svg('text', { class: 'axis-label', x: left - 8, y: y + bar - 5, 'text-anchor': 'end' }, label),
+        svg('rect', { class: 'plot-bg', x: left, y, width: pw, height: bar }),
+        svg('rect', { class: 'bar', 'data-channel': r.channel, 'data-version': r.version, x: left, y, width: Math.max(1, r.up_rate * pw), height: bar, fill: color[String(r.version)] || COLORS[0] },
+          svg('title', {}, `${label}: ${fmtPct(r.up_rate)} up of ${r.ups + r.downs} rated`)),
+        svg('text', { class: 'axis-label', x: left + pw + 6, y: y + bar - 5 }, fmtPct(r.up_rate)),
+      );
+    });
+    if (!rated.length) root.append(svg('text', { class: 'chart-empty', x: width / 2, y: 24, 'text-anchor': 'middle' }, 'no rated replies yet'));
+    const tbl = table(
+      ['Channel', 'Version', 'Replies', 'Up', 'Down', 'Up rate'],
+      items.map((r) => el('tr', { dataset: { channel: r.channel, version: r.version } },
+        el('td', {}, r.channel), el('td', {}, r.version), el('td', { class: 'num' }, String(r.replies)),
+        el('td', { class: 'num' }, String(r.ups)), el('td', { class: 'num' }, String(r.downs)),
+        el('td', { class: 'num' }, typeof r.up_rate === 'number' ? fmtPct(r.up_rate) : '—'))),
+      { id: 'channel-table', class: 'data chart-table' },
+    );
+    return el('section', { class: 'chart-box', id: 'by-channel' }, el('h2', {}, 'Thumbs up by channel and version'), root,
+      items.length ? el('div', { class: 'table-scroll' }, tbl) : el('p', { class: 'muted' }, 'no replies yet'));
   }
 
   // ---------------------------------------------------------------- page: audit
