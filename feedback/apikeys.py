@@ -21,7 +21,7 @@ from feedback import rows
 from feedback.accounts import new_secret, token_hash, write_audit
 from feedback.db import Connection, Database, constraint_errors, fetch_one
 from feedback.exceptions import AccountError, NotFoundError
-from feedback.records import Conversation, Message, Role
+from feedback.records import CLIENT_AUTHOR, Conversation, Message, Role
 
 KEY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 KEY_PREFIX = "llk-"
@@ -108,7 +108,8 @@ class ApiKeys:
             seq, parent, added = int(row[0]) if row else 0, parent_id, []
             for message_id, role, text in turns:
                 seq += 1
-                message = Message(message_id, conversation_id, seq, role, text, parent, created_at=now)
+                author = CLIENT_AUTHOR if role is Role.ASSISTANT else None  # the model did not write it
+                message = Message(message_id, conversation_id, seq, role, text, parent, created_at=now, author=author)
                 with constraint_errors(
                     lambda detail: NotFoundError(f"conversation {conversation_id!r} or parent does not exist: {detail}")
                 ):

@@ -37,6 +37,10 @@ def operator_author(name: str) -> str:
     return f"{OPERATOR_AUTHOR_PREFIX}{name}"
 
 
+CLIENT_AUTHOR = "client"
+"""``author`` of an assistant turn a client wrote itself (an OpenAI-API request's history): never the model's."""
+
+
 def is_operator_author(author: str | None) -> bool:
     return bool(author and author.startswith(OPERATOR_AUTHOR_PREFIX))
 

@@ -532,3 +532,25 @@ def test_readme_names_the_function_of_every_signal() -> None:
     builders = {name for name in signals.__all__ if name.endswith(("_pairs", "_demos", "_rows"))}
     assert {name for names in named for name in names} == builders
     assert all(callable(getattr(signals, name)) for name in builders)
+
+
+def test_an_assistant_turn_a_client_wrote_is_never_a_model_reply() -> None:
+    """An OpenAI-API request's history may hold assistant turns the client wrote itself (stored with
+    author "client"): thumbs on one make no KTO row, and it is never the chosen side of a transplant."""
+    from dataclasses import replace
+
+    from feedback.records import CLIENT_AUTHOR
+
+    written = replace(msg("a1", A, "our refund window is 30 days", "u1", 2), author=CLIENT_AUTHOR)
+    snap = FeedbackSnapshot(
+        messages=(msg("u1", U, "refund?", None, 1), written),
+        ratings=(rating(1, "a1", 1),),
+        corrections=(),
+    )
+    assert build_training_data(snap).kto == ()
+    model = FeedbackSnapshot(
+        messages=(msg("u1", U, "refund?", None, 1), msg("a1", A, "30 days", "u1", 2)),
+        ratings=(rating(1, "a1", 1),),
+        corrections=(),
+    )
+    assert len(build_training_data(model).kto) == 1

@@ -348,8 +348,9 @@ def thumbs_rows(ctx: SignalContext) -> list[KTORow]:
 
 
 def _model_reply(m: Message) -> bool:
-    """A reply the model wrote (not an operator), with text."""
-    return m.role is Role.ASSISTANT and not m.by_operator and bool(m.text.strip())
+    """A reply the model wrote, with text: no author (an operator's reply has one, and so has an assistant
+    turn a client wrote itself in an OpenAI-API request)."""
+    return m.role is Role.ASSISTANT and m.author is None and bool(m.text.strip())
 
 
 def takeover_demos(ctx: SignalContext) -> list[SFTRow]:
