@@ -14,11 +14,59 @@ from training.trust import TrustConfig
 CONTRAST_PICKS = ("hash", "live")
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def device_args(device: str, *, cuda_available: bool, bf16_supported: bool) -> dict[str, Any]:
+    """The trainer's device and precision: ``use_cpu``, ``bf16`` and where the run trains (``device``).
+
+    ``auto`` takes CUDA when it is there; bf16 mixed precision where the GPU supports it (the
+    LoRA's base stays float32 on CPU, where bf16 is slower). ``cuda`` without a GPU is an error,
+    not a silent CPU run.
+    """
+    if device == "cuda" and not cuda_available:
+        raise ValueError("training.device is cuda but no CUDA device is present")
+    on_gpu = device == "cuda" or (device == "auto" and cuda_available)
+    return {
+        "use_cpu": not on_gpu,
+        "bf16": on_gpu and bf16_supported,
+        "fp16": False,
+        "device": "cuda" if on_gpu else "cpu",
+    }
+
+
+def job_command(python: str, spec_path: str, *, accelerate_config: str | None) -> list[str]:
+    """The training job's command line: one process, or ``accelerate launch`` with a config file."""
+    if accelerate_config is None:
+        return [python, "-m", "training.train", spec_path]
+    return [
+        python,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        accelerate_config,
+        "-m",
+        "training.train",
+        spec_path,
+    ]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyperparameters of one LoRA training run (TRL)."""
 
     max_steps: int = field(default=60, metadata={"help": "Optimizer steps per run."})
+    device: str = field(
+        default="auto",
+        metadata={"help": "auto (CUDA when present, with bf16 where the GPU has it; CPU otherwise), cpu or cuda."},
+    )
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "An accelerate config file: the job runs under `accelerate launch` with it (several GPUs, DDP; "
+            "DeepSpeed ZeRO as accelerate configures it). Unset: one process."
+        },
+    )
     learning_rate: float = field(
         default=2e-4, metadata={"help": "LoRA learning rate. TRL's 1e-6 default is far too low for LoRA."}
     )
@@ -107,6 +155,8 @@ class TrainConfig:
             raise ValueError("training.replay_pairs must be 0 or more")
         if self.number_pairs < 0:
             raise ValueError("training.number_pairs must be 0 or more")
+        if self.device not in DEVICES:
+            raise ValueError(f"training.device {self.device!r}: use one of {', '.join(DEVICES)}")
         if self.init_from not in ("base", "live"):
             raise ValueError(f"training.init_from {self.init_from!r}: use 'base' or 'live'")
 

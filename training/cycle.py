@@ -34,7 +34,7 @@ from feedback import FeedbackSnapshot, FeedbackStore, ModelVersion, RunState, Ve
 from feedback.exceptions import LearnloopError
 from training import pairs
 from training.clean import CleanReport, clean
-from training.config import ROW_FILES, CycleConfig, JobSpec
+from training.config import ROW_FILES, CycleConfig, JobSpec, job_command
 from training.gate import EvalReport, decide
 from training.policy import TrainDecision, should_train
 from training.signals import build_training_data
@@ -343,13 +343,14 @@ class TrainingCycle:
         shutil.rmtree(spec.output_dir, ignore_errors=True)
 
     async def _run_job(self, run_id: int, spec: JobSpec) -> JobResult:
-        """``python -m training.train SPEC`` in a subprocess: its progress lines go to the run's row;
+        """``python -m training.train SPEC`` in a subprocess (under ``accelerate launch`` when
+        ``training.accelerate_config`` is set): its progress lines go to the run's row;
         an operator's cancel, the time-out or our own cancellation kills it."""
+        command = job_command(
+            sys.executable, str(spec.run_dir / SPEC_FILE), accelerate_config=spec.train.accelerate_config
+        )
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "training.train",
-            str(spec.run_dir / SPEC_FILE),
+            *command,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )

@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
 from feedback.specials import defuse_row, special_strings
-from training.config import JobSpec
+from training.config import JobSpec, device_args
 from training.evaluate import LIVE, REPLAY_CHAT, evaluate_pairs, load_generic_chat, rejected_scores
 from training.gate import EvalReport
 from training.pairs import pick_likeliest
@@ -83,11 +84,21 @@ def run(spec: JobSpec) -> None:
         objective = Objective.DPO_KTO
 
     report = evaluate(trainer.model, tokenizer, rows.heldout, spec)
+    if not PartialState().is_main_process:  # the main process saves and reports
+        return
     seconds = save(trainer.model, spec, objective=objective, rows=rows, report=report, started=started)
-    emit("report", report=report.to_dict(), trainer=str(objective), seconds=seconds)
+    emit(
+        "report",
+        report=report.to_dict(),
+        trainer=str(objective),
+        seconds=seconds,
+        device=run_device(cfg.device)["device"],
+    )
 
 
 def emit(event: str, **fields: Any) -> None:
+    if not PartialState().is_main_process:  # under accelerate launch, one process speaks for the run
+        return
     sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
     sys.stdout.flush()
 
@@ -250,10 +261,17 @@ class Progress(TrainerCallback):
         )
 
 
+def run_device(device: str) -> dict[str, Any]:
+    """``training.config.device_args`` for this machine."""
+    cuda = torch.cuda.is_available()
+    return device_args(device, cuda_available=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
+
+
 def trainer_args(spec: JobSpec, **overrides: Any) -> dict[str, Any]:
-    """What every trainer shares. TRL's defaults are set for GPUs and full fine-tuning (bf16,
-    gradient checkpointing, learning rate 1e-6): this runs a LoRA in float32 on CPU at a
-    constant rate, logs every step (the progress lines) and saves no checkpoints."""
+    """What every trainer shares. TRL's defaults are set for full fine-tuning (gradient
+    checkpointing, learning rate 1e-6): this trains a LoRA (float32 on CPU; bf16 mixed precision
+    on a GPU that has it, ``training.device``) at a constant rate, logs every step (the progress
+    lines) and saves no checkpoints."""
     cfg = spec.train
     return {
         "output_dir": str(spec.run_dir / "trainer"),
@@ -264,9 +282,7 @@ def trainer_args(spec: JobSpec, **overrides: Any) -> dict[str, Any]:
         "warmup_steps": 0,
         "max_length": cfg.max_length,
         "seed": cfg.seed,
-        "bf16": False,
-        "fp16": False,
-        "use_cpu": True,
+        **{k: v for k, v in run_device(cfg.device).items() if k != "device"},
         "gradient_checkpointing": False,
         "logging_steps": 1,
         "save_strategy": "no",
