@@ -31,16 +31,6 @@ def rollback_refusal(name: str, replaced: str | None, target_deleted: float | No
     return None
 
 
-def can_roll_back(version: ModelVersion, by_name: dict[str, ModelVersion]) -> bool:
-    """Does rolling ``version`` back lead somewhere (a canary always hands back to live)?"""
-    if version.state is VersionState.CANARY:
-        return True
-    if version.state is not VersionState.LIVE:
-        return False
-    target = by_name.get(version.replaced or BASE_VERSION)
-    return rollback_refusal(version.name, version.replaced, target.adapter_deleted if target else None) is None
-
-
 class Versions:
     """Model versions in the feedback database (``store.versions``)."""
 

@@ -302,8 +302,10 @@ async def test_channels_sites_and_versions_as_the_console_shows_them(app: App, s
         versions = {v["name"]: v for v in (await http.get("/api/v1/versions")).json()["items"]}
         # base replied in the three seeded conversations; live conversations are not pinned to it
         assert versions["base"]["stats"]["conversations"] == 3 and versions["base"]["stats"]["replies"] == 3
-        assert versions["base"]["can_roll_back"] is False
+        assert (versions["base"]["can_roll_back"], versions["base"]["rollback_to"]) == (False, None)
         refused = await http.post("/api/v1/versions/base/rollback")
-        assert refused.status_code in (400, 409, 422) and "nothing to roll back" in refused.json()["error"]["message"]
+        assert (refused.status_code, refused.json()["error"]["code"]) == (409, "conflict")
+        assert "nothing to roll back" in refused.json()["error"]["message"]
+        assert (await app.store.versions.live()).name == "base"  # refused: nothing moved
     finally:
         await http.aclose()

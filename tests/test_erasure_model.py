@@ -110,7 +110,8 @@ async def test_erasure_marks_versions_deletes_superseded_adapters_and_retrains(
 
 
 def test_a_rollback_needs_somewhere_to_go() -> None:
-    from feedback.versions import can_roll_back, rollback_refusal
+    from feedback.versions import rollback_refusal
+    from server.release import rollback_target
 
     def v(name: str, state: VersionState, replaced: str | None = None, deleted: float | None = None) -> ModelVersion:
         return ModelVersion(
@@ -125,7 +126,12 @@ def test_a_rollback_needs_somewhere_to_go() -> None:
         "v3": v("v3", VersionState.CANARY),
     }
     assert rollback_refusal("base", None, None) is not None
-    assert not can_roll_back(v("base", VersionState.LIVE), by_name)
-    assert can_roll_back(v("v4", VersionState.LIVE, replaced=None), by_name)  # back to base
-    assert not can_roll_back(by_name["v2"], by_name)  # v1's adapter is gone
-    assert can_roll_back(by_name["v3"], by_name) and not can_roll_back(by_name["v1"], by_name)
+    assert rollback_target(v("base", VersionState.LIVE), by_name) is None  # base is the model itself
+    assert rollback_target(v("v4", VersionState.LIVE, replaced=None), by_name) == "base"
+    assert (
+        rollback_target(v("v5", VersionState.LIVE, replaced="v4"), by_name | {"v4": v("v4", VersionState.RETIRED)})
+        == "v4"
+    )
+    assert rollback_target(by_name["v2"], by_name) is None  # v1's adapter is gone
+    assert rollback_target(by_name["v3"], by_name) == "v2"  # a canary hands back to live
+    assert rollback_target(by_name["v1"], by_name) is None  # retired: not serving, nothing to take out
