@@ -135,3 +135,33 @@ def test_a_rollback_needs_somewhere_to_go() -> None:
     assert rollback_target(by_name["v2"], by_name) is None  # v1's adapter is gone
     assert rollback_target(by_name["v3"], by_name) == "v2"  # a canary hands back to live
     assert rollback_target(by_name["v1"], by_name) is None  # retired: not serving, nothing to take out
+
+
+async def test_the_store_refuses_a_rollback_to_nowhere(tmp_path: Path) -> None:
+    from feedback import InvalidError
+
+    store = await FeedbackStore.open(tmp_path / "fb.sqlite3")
+    try:
+        await store.versions.ensure_base("tiny")
+        names = []
+        for i in (1, 2):
+            v = await store.versions.register(
+                adapter_path=f"/a/v{i}", sha256="x", parent="base", base_model="tiny", eval_report={},
+                feedback_ids={}, training_run_id=None,
+            )  # fmt: skip
+            await store.versions.set_state(v.name, VersionState.LIVE, actor="test")
+            names.append(v.name)
+        v1, v2 = names
+        await store.versions.adapter_deleted(v1, actor="erasure")  # v2 replaced v1, whose files are gone
+        try:
+            await store.versions.rollback(v2, actor="test")
+        except InvalidError as exc:
+            assert exc.code == "conflict" and f"{v1} was trained on erased data" in exc.message
+        else:
+            raise AssertionError(f"rolling back {v2} went through")
+        assert (await store.versions.live()).name == v2  # nothing moved
+        await store.versions.set_state("base", VersionState.LIVE, actor="test")
+        await store.versions.set_state(v2, VersionState.LIVE, actor="test")  # now v2 replaced base
+        assert (await store.versions.rollback(v2, actor="test")).name == "base"
+    finally:
+        await store.close()
