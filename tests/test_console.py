@@ -296,6 +296,14 @@ async def test_channels_sites_and_versions_as_the_console_shows_them(app: App, s
         assert [c["id"] for c in by_channel] == [seeded.telegram]
         by_site = (await http.get("/api/v1/conversations", params={"site": "shop"})).json()["items"]
         assert [(c["id"], c["channel"], c["site"]) for c in by_site] == [("site-conv", "widget", "shop")]
+        both = {"channel": "telegram", "site": "support"}  # the seeded Telegram conversation's bot
+        assert [c["id"] for c in (await http.get("/api/v1/conversations", params=both)).json()["items"]] == [
+            seeded.telegram
+        ]
+        other = {"channel": "websocket", "site": "support"}
+        assert (await http.get("/api/v1/conversations", params=other)).json()["items"] == []
+        too_long = await http.get("/api/v1/conversations", params={"site": "x" * 101})
+        assert (too_long.status_code, too_long.json()["error"]["code"]) == (422, "invalid")
         stats = {(r["channel"], r["version"]): r for r in (await http.get("/api/v1/stats/channels")).json()["items"]}
         assert stats[("websocket", "base")]["ups"] == 1 and stats[("websocket", "base")]["downs"] == 1
         assert stats[("websocket", "base")]["up_rate"] == 0.5 and stats[("telegram", "base")]["up_rate"] is None
