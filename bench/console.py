@@ -518,8 +518,7 @@ async def measure(path: Path, s: Seeded, reps: int) -> list[Kind]:
                         elif kind.path.endswith("/stats/channels"):
                             await store.browse.channel_stats()
                         elif kind.group == "aggregate":
-                            for v in await store.versions.all():
-                                await store.versions.stats(v.name)
+                            await store.versions.all_stats()
                         else:
                             await store.browse.list_conversations(
                                 f, limit=kind.params.get("limit", 50), cursor=kind.params.get("cursor")

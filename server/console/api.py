@@ -321,11 +321,12 @@ def create_console(
     async def versions() -> dict[str, Any]:
         every = await store.versions.all()
         by_name = {v.name: v for v in every}
+        stats = await store.versions.all_stats()  # one pass over the replies, not one per version
         items = []
         for v in every:
             back = rollback_target(v, by_name)  # the console offers Roll back only where it leads somewhere
             items.append(
-                {**_plain(v), "stats": asdict(await store.versions.stats(v.name)), "can_roll_back": back is not None}
+                {**_plain(v), "stats": asdict(stats[v.name]), "can_roll_back": back is not None}
                 | {"rollback_to": back}
             )
         return {"items": items}
