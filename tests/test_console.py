@@ -296,6 +296,8 @@ async def test_channels_sites_and_versions_as_the_console_shows_them(app: App, s
         assert [c["id"] for c in by_channel] == [seeded.telegram]
         by_site = (await http.get("/api/v1/conversations", params={"site": "shop"})).json()["items"]
         assert [(c["id"], c["channel"], c["site"]) for c in by_site] == [("site-conv", "widget", "shop")]
+        shown = (await http.get("/api/v1/conversations/site-conv")).json()["conversation"]
+        assert (shown["channel"], shown["site"]) == ("widget", "shop")  # the transcript's header shows both
         both = {"channel": "telegram", "site": "support"}  # the seeded Telegram conversation's bot
         assert [c["id"] for c in (await http.get("/api/v1/conversations", params=both)).json()["items"]] == [
             seeded.telegram

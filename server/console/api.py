@@ -326,8 +326,7 @@ def create_console(
         for v in every:
             back = rollback_target(v, by_name)  # the console offers Roll back only where it leads somewhere
             items.append(
-                {**_plain(v), "stats": asdict(stats[v.name]), "can_roll_back": back is not None}
-                | {"rollback_to": back}
+                {**_plain(v), "stats": asdict(stats[v.name]), "can_roll_back": back is not None, "rollback_to": back}
             )
         return {"items": items}
 
