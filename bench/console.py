@@ -8,7 +8,10 @@ conversations over 90 days on three channels, 2-6 messages each from ~40 custome
 topics with some rare words, replies by base/v1/v2/v3, ~30% of replies rated, ~2% corrected,
 a few raters held for review. Then the real console (``start_console``) answers real HTTP
 requests (httpx, API token): the first page and the next, each filter alone, a combination,
-full-text searches (common word, rare word, two words, prefix, no match) and a transcript.
+full-text searches (common word, rare word, two words, prefix, no match), a transcript, and
+the whole-history tables: thumbs per channel and version (``GET /api/v1/stats/channels``) and
+the Versions page (``GET /api/v1/versions``, every version with its stats). Conversations
+carry a site (the Telegram bot or Slack app; none on the websocket) for the ``site`` filter.
 Each kind is warmed up once and timed ``--reps`` times: p50, p95 and max of the HTTP round
 trip, and p50 and p95 of the same read called on the store directly (``list_conversations``,
 ``transcript``: the queries without HTTP). ``GET /api/v1/me`` gives the floor of a request
@@ -45,6 +48,7 @@ TARGET_MS = 300.0
 DAY = 86400.0
 SPAN_DAYS = 90
 CHANNELS = (("websocket", 0.6), ("telegram", 0.25), ("slack", 0.15))
+SITES = {"websocket": (None,), "telegram": ("support", "sales"), "slack": ("team",)}  # site: the bot or app
 # (version, first day it served, counted from the oldest day); the newest one also gets a canary share
 VERSIONS = (("base", 0), ("v1", 30), ("v2", 55), ("v3", 75))
 PENDING_RATERS = 25
@@ -327,8 +331,8 @@ def seed(path: Path, n: int, *, rng: random.Random, now: float) -> Seeded:
 
     def flush() -> None:
         conn.executemany(
-            "INSERT INTO conversations (id, user_id, channel, created_at, tenant, model_version)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO conversations (id, user_id, channel, created_at, tenant, model_version, site)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
             conversations,
         )
         conn.executemany(
@@ -360,7 +364,7 @@ def seed(path: Path, n: int, *, rng: random.Random, now: float) -> Seeded:
         version = version_at((created - oldest) / DAY)
         channel = rng.choices(channels, channel_weights)[0]
         pinned = version if rng.random() < 0.1 else None
-        conversations.append((cid, user, channel, created, None, pinned))
+        conversations.append((cid, user, channel, created, None, pinned, rng.choice(SITES[channel])))
         (asks, answers) = rng.choices(topics, topic_weights)[0][1]
         at, parent = created, None
         for seq in range(1, rng.randint(2, 6) + 1):
@@ -398,6 +402,16 @@ def seed(path: Path, n: int, *, rng: random.Random, now: float) -> Seeded:
         "INSERT INTO rater_reviews (rater, state, reasons, reviewer, updated_at) VALUES (?, 'pending', ?, NULL, ?)",
         [(r, json.dumps(["burst"]), now - rng.uniform(0, 5 * DAY)) for r in pending],
     )
+    # the versions' registry (the Versions page lists each with its stats): the newest is live
+    conn.executemany(
+        "INSERT INTO model_versions (name, seq, state, base_model, replaced, created_at, updated_at)"
+        " VALUES (?, ?, ?, 'bench', ?, ?, ?)",
+        [
+            (name, seq, "live" if seq == len(VERSIONS) - 1 else "retired", VERSIONS[seq - 1][0] if seq else None,
+             oldest + first * DAY, oldest + first * DAY)
+            for seq, (name, first) in enumerate(VERSIONS)
+        ],
+    )  # fmt: skip
     conn.execute("COMMIT")
     conn.close()
     out.conversations = n
@@ -413,7 +427,7 @@ def seed(path: Path, n: int, *, rng: random.Random, now: float) -> Seeded:
 @dataclass
 class Kind:
     name: str
-    group: str  # "list", "search", "transcript" or "floor"
+    group: str  # "list", "search", "transcript", "aggregate" (whole-history tables) or "floor"
     params: dict[str, Any]
     path: str = "/api/v1/conversations"
     times: list[float] = field(default_factory=list)
@@ -431,6 +445,8 @@ def kinds(s: Seeded, cursor: str | None) -> list[Kind]:
         Kind("rating=none", "list", {"rating": "none"}),
         Kind("version=v2", "list", {"version": "v2"}),
         Kind("channel=telegram", "list", {"channel": "telegram"}),
+        Kind("site=sales", "list", {"site": "sales"}),
+        Kind("channel=telegram&site=sales", "list", {"channel": "telegram", "site": "sales"}),
         Kind("since/until (1 week)", "list", {"since": week_until - 7 * DAY, "until": week_until}),
         Kind("has_correction=true", "list", {"has_correction": "true"}),
         Kind("has_correction=false", "list", {"has_correction": "false"}),
@@ -442,6 +458,9 @@ def kinds(s: Seeded, cursor: str | None) -> list[Kind]:
         Kind(f"q={PREFIX} (prefix)", "search", {"q": PREFIX}),
         Kind(f"q={NO_MATCH} (no match)", "search", {"q": NO_MATCH}),
         Kind("transcript", "transcript", {}, path=f"/api/v1/conversations/{s.sample_conversation}"),
+        # the Charts page's thumbs per channel and version, and the Versions page (stats of every version)
+        Kind("stats/channels", "aggregate", {}, path="/api/v1/stats/channels"),
+        Kind("versions (with stats)", "aggregate", {}, path="/api/v1/versions"),
         Kind("GET /me (HTTP floor)", "floor", {}, path="/api/v1/me"),  # auth and HTTP, no query to speak of
     ]
 
@@ -457,6 +476,7 @@ def as_filter(params: dict[str, Any]) -> ConversationFilter:
         has_correction=flag.get(params.get("has_correction", "")),
         flagged=flag.get(params.get("flagged", "")),
         q=params.get("q"),
+        site=params.get("site"),
     )
 
 
@@ -495,6 +515,10 @@ async def measure(path: Path, s: Seeded, reps: int) -> list[Kind]:
                         started = time.perf_counter()
                         if kind.group == "transcript":
                             await store.browse.transcript(s.sample_conversation)
+                        elif kind.path.endswith("/stats/channels"):
+                            await store.browse.channel_stats()
+                        elif kind.group == "aggregate":
+                            await store.versions.all_stats()
                         else:
                             await store.browse.list_conversations(
                                 f, limit=kind.params.get("limit", 50), cursor=kind.params.get("cursor")
@@ -536,6 +560,8 @@ def report(s: Seeded, results: list[Kind], reps: int) -> dict[str, Any]:
         "list_p95_ms": worst("list"),
         "search_p95_ms": worst("search"),
         "transcript_p95_ms": worst("transcript"),
+        "aggregate_p95_ms": worst("aggregate"),
+        "store_aggregate_p95_ms": worst("aggregate", store=True),
         "http_floor_p50_ms": round(pct(results[-1].times, 0.5), 1),
         "store_list_p95_ms": worst("list", store=True),
         "store_search_p95_ms": worst("search", store=True),

@@ -433,13 +433,15 @@ class Browse:
 
     async def channel_stats(self, *, since: float = 0.0) -> list[dict[str, Any]]:
         """Per channel and version: replies, thumbs up and down and the up rate (model-written replies)."""
+        # the whole history scans messages in table order: the created_at index would look each one up
+        when = "m.created_at >= ?" if since > 0 else "+m.created_at >= ?"
         rows = await self._db.read(
             "SELECT c.channel AS channel, m.model_version AS version, COUNT(*) AS replies,"
             " SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = 1)) AS ups,"
             " SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = -1)) AS downs"
             " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
             " WHERE m.role = 'assistant' AND m.author IS NULL AND m.model_version IS NOT NULL"
-            " AND m.finish_reason != 'error' AND m.created_at >= ?"
+            f" AND m.finish_reason != 'error' AND {when}"
             " GROUP BY c.channel, m.model_version ORDER BY c.channel, m.model_version",
             (since,),
         )

@@ -31,16 +31,6 @@ def rollback_refusal(name: str, replaced: str | None, target_deleted: float | No
     return None
 
 
-def can_roll_back(version: ModelVersion, by_name: dict[str, ModelVersion]) -> bool:
-    """Does rolling ``version`` back lead somewhere (a canary always hands back to live)?"""
-    if version.state is VersionState.CANARY:
-        return True
-    if version.state is not VersionState.LIVE:
-        return False
-    target = by_name.get(version.replaced or BASE_VERSION)
-    return rollback_refusal(version.name, version.replaced, target.adapter_deleted if target else None) is None
-
-
 class Versions:
     """Model versions in the feedback database (``store.versions``)."""
 
@@ -228,6 +218,33 @@ class Versions:
         )
         r = found[0]
         return VersionStats(name, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
+
+    async def all_stats(self, *, since: float = 0.0) -> dict[str, VersionStats]:
+        """``stats`` of every version in one pass over the replies (the Versions page); a version
+        without replies gets zeros."""
+        # the whole history reads the version index, not a lookup per row through created_at's
+        when = "created_at >= ?" if since > 0 else "+created_at >= ?"
+        found = await self._db.read(
+            "WITH replies AS (SELECT id, conversation_id, model_version, latency_ms, n_tokens, finish_reason"
+            "  FROM messages WHERE role = 'assistant' AND author IS NULL AND model_version IS NOT NULL"
+            f"  AND {when})"
+            " SELECT model_version, COUNT(DISTINCT conversation_id), SUM(finish_reason != 'error'),"
+            "  SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = p.id AND r.value = 1)),"
+            "  SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = p.id AND r.value = -1)),"
+            "  SUM(EXISTS (SELECT 1 FROM messages x WHERE x.regenerated_from = p.id)),"
+            "  SUM(finish_reason = 'error'),"
+            "  AVG(CASE WHEN finish_reason != 'error' THEN latency_ms END),"
+            "  AVG(CASE WHEN finish_reason != 'error' THEN n_tokens END)"
+            " FROM replies p GROUP BY model_version",
+            (since,),
+        )
+        out = {name: VersionStats(name, 0, 0, 0, 0, 0, 0, None, None) for name in await self._names()}
+        for r in found:
+            out[str(r[0])] = VersionStats(str(r[0]), r[1], r[2] or 0, r[3], r[4], r[5], r[6] or 0, r[7], r[8])
+        return out
+
+    async def _names(self) -> list[str]:
+        return [str(r[0]) for r in await self._db.read("SELECT name FROM model_versions ORDER BY seq")]
 
     async def adapter_deleted(self, name: str, *, actor: str) -> None:
         """Record that the version's adapter files were deleted (it was trained on erased data)."""

@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from feedback import BASE_VERSION, FeedbackStore, LearnloopError, ModelVersion, VersionState, VersionStats
+from feedback.versions import rollback_refusal
 from server.engines import Engine
 from training.canary import CanaryAction, CanaryConfig, CanaryDecision, assign
 from training.canary import decide as decide_canary
@@ -50,6 +51,24 @@ def adapters_to_unload(loaded: Iterable[str], *, live: str, canary: str | None, 
 def previous_live_after(old_live: str, new_live: str, previous_live: str | None) -> str | None:
     """The version an instant rollback goes back to: the live one just replaced, else the same as before."""
     return old_live if old_live != new_live else previous_live
+
+
+def rollback_target(version: ModelVersion, by_name: Mapping[str, ModelVersion]) -> str | None:
+    """Where rolling ``version`` back leads (None: nowhere, so the console offers no Roll back).
+
+    A canary hands back to live; a live version to the one it replaced (or base), unless
+    ``feedback.versions.rollback_refusal`` says there is nothing to go back to (it is base, or
+    that version's adapter was deleted after an erasure); the store refuses those rollbacks too.
+    """
+    if version.state is VersionState.CANARY:
+        live = [v.name for v in by_name.values() if v.state is VersionState.LIVE]
+        return live[0] if live else BASE_VERSION
+    if version.state is not VersionState.LIVE:
+        return None
+    target = version.replaced or BASE_VERSION
+    found = by_name.get(target)
+    refused = rollback_refusal(version.name, version.replaced, found.adapter_deleted if found else None)
+    return None if refused else target
 
 
 def erased_adapters_to_delete(versions: Iterable[ModelVersion], *, live: str, canary: str | None) -> list[ModelVersion]:

@@ -57,10 +57,15 @@ class Seeded:
 
 
 async def _conversation(
-    store: FeedbackStore, turns: list[tuple[str, str]], *, user: str, channel: str = "websocket"
+    store: FeedbackStore,
+    turns: list[tuple[str, str]],
+    *,
+    user: str,
+    channel: str = "websocket",
+    site: str | None = None,
 ) -> tuple[str, list[str]]:
     cid = uuid.uuid4().hex
-    await store.conversations.create(cid, user_id=user, channel=channel)
+    await store.conversations.create(cid, user_id=user, channel=channel, site=site)
     ids: list[str] = []
     for role, text in turns:
         mid = uuid.uuid4().hex
@@ -92,8 +97,12 @@ async def seed(store: FeedbackStore) -> Seeded:
     )
     await store.conversations.add_rating(message_id=s_ids[1], value=1, rater="cust-2", client_id="r2")
     telegram, _ = await _conversation(
-        store, [("user", "Are you open on Sunday?"), ("assistant", "Yes.")], user="cust-3", channel="telegram"
-    )
+        store,
+        [("user", "Are you open on Sunday?"), ("assistant", "Yes.")],
+        user="cust-3",
+        channel="telegram",
+        site="support",
+    )  # through the Telegram bot "support"
     return Seeded(refund, shipping, telegram, r_ids[1])
 
 

@@ -296,14 +296,77 @@ async def test_channels_sites_and_versions_as_the_console_shows_them(app: App, s
         assert [c["id"] for c in by_channel] == [seeded.telegram]
         by_site = (await http.get("/api/v1/conversations", params={"site": "shop"})).json()["items"]
         assert [(c["id"], c["channel"], c["site"]) for c in by_site] == [("site-conv", "widget", "shop")]
+        shown = (await http.get("/api/v1/conversations/site-conv")).json()["conversation"]
+        assert (shown["channel"], shown["site"]) == ("widget", "shop")  # the transcript's header shows both
+        both = {"channel": "telegram", "site": "support"}  # the seeded Telegram conversation's bot
+        assert [c["id"] for c in (await http.get("/api/v1/conversations", params=both)).json()["items"]] == [
+            seeded.telegram
+        ]
+        other = {"channel": "websocket", "site": "support"}
+        assert (await http.get("/api/v1/conversations", params=other)).json()["items"] == []
+        too_long = await http.get("/api/v1/conversations", params={"site": "x" * 101})
+        assert (too_long.status_code, too_long.json()["error"]["code"]) == (422, "invalid")
         stats = {(r["channel"], r["version"]): r for r in (await http.get("/api/v1/stats/channels")).json()["items"]}
         assert stats[("websocket", "base")]["ups"] == 1 and stats[("websocket", "base")]["downs"] == 1
         assert stats[("websocket", "base")]["up_rate"] == 0.5 and stats[("telegram", "base")]["up_rate"] is None
         versions = {v["name"]: v for v in (await http.get("/api/v1/versions")).json()["items"]}
         # base replied in the three seeded conversations; live conversations are not pinned to it
         assert versions["base"]["stats"]["conversations"] == 3 and versions["base"]["stats"]["replies"] == 3
-        assert versions["base"]["can_roll_back"] is False
+        assert (versions["base"]["can_roll_back"], versions["base"]["rollback_to"]) == (False, None)
         refused = await http.post("/api/v1/versions/base/rollback")
-        assert refused.status_code in (400, 409, 422) and "nothing to roll back" in refused.json()["error"]["message"]
+        assert (refused.status_code, refused.json()["error"]["code"]) == (409, "conflict")
+        assert "nothing to roll back" in refused.json()["error"]["message"]
+        assert (await app.store.versions.live()).name == "base"  # refused: nothing moved
     finally:
         await http.aclose()
+
+
+async def test_the_versions_page_stats_in_one_pass_equal_each_versions_stats(tmp_path: Path) -> None:
+    """``versions.all_stats`` (GET /versions) against ``versions.stats`` (the canary's) on real SQLite:
+    thumbs, a regeneration, an error, an operator's turn, a version with no reply, a ``since``."""
+    from feedback import FeedbackStore, Role
+
+    store = await FeedbackStore.open(tmp_path / "fb.sqlite3")
+    try:
+        await store.versions.ensure_base("tiny")
+        v1 = await store.versions.register(
+            adapter_path="/a/v1", sha256="x", parent="base", base_model="tiny", eval_report={}, feedback_ids={},
+            training_run_id=None,
+        )  # fmt: skip
+        idle = await store.versions.register(
+            adapter_path="/a/v2", sha256="x", parent="v1", base_model="tiny", eval_report={}, feedback_ids={},
+            training_run_id=None,
+        )  # fmt: skip
+        n = 0
+
+        async def say(cid: str, role: str, version: str | None = None, **kw: Any) -> str:
+            nonlocal n
+            n += 1
+            assistant = role == "assistant"
+            await store.conversations.add_message(
+                message_id=f"m{n}", conversation_id=cid, role=Role(role), text=f"text {n}", parent_id=None,
+                model_version=version, latency_ms=100.0 * n if assistant else None,
+                finish_reason=kw.pop("finish", "stop") if assistant else None, n_tokens=n if assistant else None, **kw,
+            )  # fmt: skip
+            return f"m{n}"
+
+        for i, version in enumerate(["base", "base", v1.name]):
+            cid = f"c{i}"
+            await store.conversations.create(cid, user_id=f"u{i}", channel="websocket")
+            await say(cid, "user")
+            first = await say(cid, "assistant", version)
+            await store.conversations.add_rating(message_id=first, value=1 if i else -1, rater=f"u{i}", client_id=cid)
+            await say(cid, "assistant", version, regenerated_from=first)
+            await say(cid, "assistant", version, finish="error")
+        await say("c2", "assistant", None, author="alice")  # an operator's turn: no version's reply
+        every = await store.versions.all_stats()
+        assert every == {v: await store.versions.stats(v) for v in ("base", v1.name, idle.name)}
+        assert (every["base"].conversations, every["base"].replies, every["base"].errors) == (2, 4, 2)
+        assert (every["base"].thumbs_up, every["base"].thumbs_down, every["base"].regenerated) == (1, 1, 2)
+        assert every[idle.name] == await store.versions.stats(idle.name) and every[idle.name].replies == 0
+        later = time.time() + 60
+        assert await store.versions.all_stats(since=later) == {
+            v: await store.versions.stats(v, since=later) for v in ("base", v1.name, idle.name)
+        }
+    finally:
+        await store.close()

@@ -99,8 +99,19 @@ async def test_review_correct_and_release_in_the_browser(app: App, page: Any, ti
     await page.wait_for_function(
         f"[...document.querySelectorAll('tr.conv-row')].map(r => r.dataset.id).join() === '{seeded.telegram}'"
     )
-    assert "telegram" in await rows.first.locator(".conv-channel").inner_text()
+    assert "telegram · support" in await rows.first.locator(".conv-channel").inner_text()
     await shot(page, "02b-channel-filter")
+    # and by site: the bot "support" has that one; no conversation came through a site "nosuch"
+    await page.fill("#filter-site", "support")
+    await page.click("#filter-apply")
+    await page.wait_for_function("new URLSearchParams(location.search).get('site') === 'support'")
+    await page.wait_for_function(
+        f"[...document.querySelectorAll('tr.conv-row')].map(r => r.dataset.id).join() === '{seeded.telegram}'"
+    )
+    await page.fill("#filter-site", "nosuch")
+    await page.click("#filter-apply")
+    await page.wait_for_function("document.querySelectorAll('tr.conv-row').length === 0")
+    await page.fill("#filter-site", "")
     await page.select_option("#filter-channel", "")
 
     # open the refund transcript from the list
@@ -139,6 +150,7 @@ async def test_review_correct_and_release_in_the_browser(app: App, page: Any, ti
         f"document.querySelector(\"tr.version-row[data-name='{version}'] .version-state\").textContent.includes('live')"
     )
     assert app.release.live_version == version
+    assert await row.locator(".rollback-btn").get_attribute("title") == "back to base"  # where it leads
     await shot(page, "05-promoted")
     await row.locator(".rollback-btn").click()
     await page.wait_for_function(
@@ -162,6 +174,7 @@ async def test_review_correct_and_release_in_the_browser(app: App, page: Any, ti
     assert await page.locator("#channel-chart rect.bar[data-channel=websocket][data-version=base]").count() == 1
     assert await page.locator("#channel-table tr[data-channel=telegram]").count() == 1
     await shot(page, "07-charts")
+    await page.locator("#by-channel").screenshot(path=str(ARTIFACTS / "console" / "07b-thumbs-by-channel.png"))
     run_id = await app.store.runs.start(max_rating_id=0, max_correction_id=0)
     history = [{"step": i, "loss": 2.0 / i} for i in range(1, 21)]
     await app.store.runs.update(run_id, progress={"step": 20, "max_steps": 20, "loss": 0.1, "history": history})

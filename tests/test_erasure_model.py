@@ -110,7 +110,8 @@ async def test_erasure_marks_versions_deletes_superseded_adapters_and_retrains(
 
 
 def test_a_rollback_needs_somewhere_to_go() -> None:
-    from feedback.versions import can_roll_back, rollback_refusal
+    from feedback.versions import rollback_refusal
+    from server.release import rollback_target
 
     def v(name: str, state: VersionState, replaced: str | None = None, deleted: float | None = None) -> ModelVersion:
         return ModelVersion(
@@ -125,7 +126,42 @@ def test_a_rollback_needs_somewhere_to_go() -> None:
         "v3": v("v3", VersionState.CANARY),
     }
     assert rollback_refusal("base", None, None) is not None
-    assert not can_roll_back(v("base", VersionState.LIVE), by_name)
-    assert can_roll_back(v("v4", VersionState.LIVE, replaced=None), by_name)  # back to base
-    assert not can_roll_back(by_name["v2"], by_name)  # v1's adapter is gone
-    assert can_roll_back(by_name["v3"], by_name) and not can_roll_back(by_name["v1"], by_name)
+    assert rollback_target(v("base", VersionState.LIVE), by_name) is None  # base is the model itself
+    assert rollback_target(v("v4", VersionState.LIVE, replaced=None), by_name) == "base"
+    assert (
+        rollback_target(v("v5", VersionState.LIVE, replaced="v4"), by_name | {"v4": v("v4", VersionState.RETIRED)})
+        == "v4"
+    )
+    assert rollback_target(by_name["v2"], by_name) is None  # v1's adapter is gone
+    assert rollback_target(by_name["v3"], by_name) == "v2"  # a canary hands back to live
+    assert rollback_target(by_name["v1"], by_name) is None  # retired: not serving, nothing to take out
+
+
+async def test_the_store_refuses_a_rollback_to_nowhere(tmp_path: Path) -> None:
+    from feedback import InvalidError
+
+    store = await FeedbackStore.open(tmp_path / "fb.sqlite3")
+    try:
+        await store.versions.ensure_base("tiny")
+        names = []
+        for i in (1, 2):
+            v = await store.versions.register(
+                adapter_path=f"/a/v{i}", sha256="x", parent="base", base_model="tiny", eval_report={},
+                feedback_ids={}, training_run_id=None,
+            )  # fmt: skip
+            await store.versions.set_state(v.name, VersionState.LIVE, actor="test")
+            names.append(v.name)
+        v1, v2 = names
+        await store.versions.adapter_deleted(v1, actor="erasure")  # v2 replaced v1, whose files are gone
+        try:
+            await store.versions.rollback(v2, actor="test")
+        except InvalidError as exc:
+            assert exc.code == "conflict" and f"{v1} was trained on erased data" in exc.message
+        else:
+            raise AssertionError(f"rolling back {v2} went through")
+        assert (await store.versions.live()).name == v2  # nothing moved
+        await store.versions.set_state("base", VersionState.LIVE, actor="test")
+        await store.versions.set_state(v2, VersionState.LIVE, actor="test")  # now v2 replaced base
+        assert (await store.versions.rollback(v2, actor="test")).name == "base"
+    finally:
+        await store.close()

@@ -217,6 +217,7 @@ async def test_slack_events_reply_in_thread_and_thumbs(tiny_model: Path, tmp_pat
         [post] = await eventually(lambda: slack.posts, what="chat.postMessage")
         assert (post["channel"], post["thread_ts"]) == ("D1", "1700000000.000100")
         [cid] = await conversations(app, "slack")
+        assert (await app.store.conversations.get(cid)).site == "team"  # the Slack app, as the console filters it
         user, reply = await app.store.conversations.messages(cid)
         assert user.text == "Where is my order?" and post["text"] == (reply.text or "…")
         assert post["metadata"]["event_payload"]["key"] == f"reply:{reply.id}"
@@ -317,6 +318,7 @@ async def test_signed_webhooks_both_ways(tiny_model: Path, tmp_path: Path, recei
         assert response.json() == {"status": "accepted"}
         [(webhook_id, event)] = await eventually(lambda: receiver.received, what="reply.created")
         [cid] = await conversations(app, "webhook")
+        assert (await app.store.conversations.get(cid)).site == "helpdesk"  # the sender, as the console filters it
         user, reply = await app.store.conversations.messages(cid)
         assert webhook_id == f"msg_{reply.id}" and event["type"] == "reply.created"
         assert (event["data"]["thread"], event["data"]["in_reply_to"]) == ("t-42", "msg_a")

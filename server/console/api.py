@@ -28,13 +28,13 @@ from pydantic import BaseModel, Field
 from feedback import ErrorCode, FeedbackStore, RaterState
 from feedback.accounts import OperatorRole
 from feedback.browse import ConversationFilter
-from feedback.versions import can_roll_back
 from server.console.auth import COOKIE, ROLE_KEY, AsAdmin, AsReviewer, AsViewer, authenticate, role
 from server.errors import ApiError, install_error_handlers
 from server.listener import RunningListener, serve_app
 from server.metrics import CONTENT_TYPE, Metrics
 from server.presence import Presence
 from server.ratelimit import KeyedRateLimiter
+from server.release import rollback_target
 from server.settings import ConsoleConfig
 
 log = logging.getLogger("learnloop.console")
@@ -321,16 +321,14 @@ def create_console(
     async def versions() -> dict[str, Any]:
         every = await store.versions.all()
         by_name = {v.name: v for v in every}
-        return {
-            "items": [
-                {
-                    **_plain(v),
-                    "stats": asdict(await store.versions.stats(v.name)),
-                    "can_roll_back": can_roll_back(v, by_name),
-                }
-                for v in every
-            ]
-        }
+        stats = await store.versions.all_stats()  # one pass over the replies, not one per version
+        items = []
+        for v in every:
+            back = rollback_target(v, by_name)  # the console offers Roll back only where it leads somewhere
+            items.append(
+                {**_plain(v), "stats": asdict(stats[v.name]), "can_roll_back": back is not None, "rollback_to": back}
+            )
+        return {"items": items}
 
     @app.get("/api/v1/versions/{name}", **role(viewer))
     async def version(name: str) -> dict[str, Any]:

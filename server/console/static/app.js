@@ -1275,7 +1275,11 @@
           return b;
         };
         if (v.state !== 'live') cell.append(button('promote-btn', 'Promote', 'promote', 'promoted to live'));
-        if (v.can_roll_back) cell.append(button('rollback-btn danger', 'Roll back', 'rollback', 'rolled back'));
+        if (v.rollback_to) { // only where server/release.py's rollback_target says it leads somewhere
+          const back = button('rollback-btn danger', 'Roll back', 'rollback', `rolled back to ${v.rollback_to}`);
+          back.title = v.state === 'canary' ? `end the canary: everyone on ${v.rollback_to}` : `back to ${v.rollback_to}`;
+          cell.append(back);
+        }
         row.append(cell);
       }
       return row;
