@@ -92,8 +92,11 @@ def test_budget_report_records_a_cut_stage() -> None:
 
 def test_demos_the_pairs_teach_are_left_out() -> None:
     correction = demo(REFUND_Q, REFUND_A + " ")  # the pair's chosen answer, as the cycle writes both
+    near = demo(REFUND_Q.lower(), REFUND_A.upper())  # a near-duplicate, as training.clean compares them
     takeover = demo(ORDER_Q, ORDER_A)
-    assert extra_demos([correction, takeover], PAIRS, sft_weight=1.0) == [takeover]
+    system = {"role": "system", "content": "You are the shop's assistant."}
+    later_turn = {"messages": [system, *user("hi"), *user(ORDER_Q), {"role": "assistant", "content": REFUND_A}]}
+    assert extra_demos([correction, near, takeover, later_turn], PAIRS, sft_weight=1.0) == [takeover, later_turn]
     # without DPO's SFT term nothing trains the corrections' text: their demos stay
     assert extra_demos([correction, takeover], PAIRS, sft_weight=0.0) == [correction, takeover]
     assert demo_prompt_completion(takeover) == {

@@ -14,11 +14,12 @@ its pair's chosen answer in the same context.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from training.clean import norm_text
 
 TrlRow = dict[str, Any]
 
@@ -52,17 +53,19 @@ def demo_prompt_completion(row: TrlRow) -> TrlRow:
 
 
 def extra_demos(sft: Sequence[TrlRow], dpo: Sequence[TrlRow], *, sft_weight: float) -> list[TrlRow]:
-    """The demonstrations the preference pairs do not already teach: with ``sft_weight > 0`` every
-    pair's chosen answer is trained in its context, so a demo equal to one (a correction's demo)
-    is left out; takeover replies, which have no pair, stay."""
+    """The demonstrations the preference pairs do not already teach. With ``sft_weight > 0`` every
+    pair's chosen answer is trained in its context, so a demo that is one (a correction's demo:
+    the same last message and answer, as ``clean`` compares near-duplicates) is left out; takeover
+    replies, which have no pair, stay. ``dpo``: every pair the run knows, held-out ones too (a
+    correction whose pair was held out, or collapsed into a near-duplicate that was, stays out)."""
     if sft_weight <= 0:
         return list(sft)
-    taught = {_key(row["prompt"] + row["chosen"]) for row in dpo}
-    return [row for row in sft if _key(row["messages"]) not in taught]
+    taught = {_key(row["prompt"][-1], row["chosen"][-1]) for row in dpo}
+    return [row for row in sft if _key(row["messages"][-2], row["messages"][-1]) not in taught]
 
 
-def _key(messages: Sequence[dict[str, Any]]) -> str:
-    return json.dumps([(m["role"], m["content"].strip()) for m in messages], ensure_ascii=False)
+def _key(question: dict[str, Any], answer: dict[str, Any]) -> tuple[str, str]:
+    return norm_text(question["content"]), norm_text(answer["content"])
 
 
 @dataclass(frozen=True)

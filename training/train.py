@@ -189,7 +189,8 @@ class Rows:
 
     def extra_demos(self, sft_weight: float) -> list[TrlRow]:
         """The demonstrations a stage after the pairs or thumbs trains on (``steps.extra_demos``)."""
-        return [demo_prompt_completion(r) for r in extra_demos(self.sft, self.dpo, sft_weight=sft_weight)]
+        taught = self.dpo + self.heldout
+        return [demo_prompt_completion(r) for r in extra_demos(self.sft, taught, sft_weight=sft_weight)]
 
     def counts(self) -> dict[str, int]:
         return {
