@@ -194,8 +194,8 @@ def test_a_correction_demo_trains_beside_preference_pairs(
 
 
 def test_thumbs_change_the_adapter_when_pairs_exist(tiny_model: Path, tmp_path: Path) -> None:
-    without = run_job(tiny_model, tmp_path / "pairs", {"dpo": PAIRS})
-    both = run_job(tiny_model, tmp_path / "both", {"dpo": PAIRS, "kto": THUMBS}, kto_steps=2)
+    without = run_job(tiny_model, tmp_path / "pairs", {"dpo": PAIRS}, max_steps=2)
+    both = run_job(tiny_model, tmp_path / "both", {"dpo": PAIRS, "kto": THUMBS}, max_steps=2, kto_steps=2)
     assert (without["trainer"], both["trainer"]) == ("dpo", "dpo+kto")
     a, b = lora_weights(tmp_path / "pairs" / "adapter"), lora_weights(tmp_path / "both" / "adapter")
     assert any(not a[k].equal(b[k]) for k in a)
