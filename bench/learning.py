@@ -74,6 +74,9 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                 "schedule": {"enabled": False, "min_new_feedback": 1, "heldout_fraction": 0.2},
                 "training": {
                     "max_steps": args.steps,
+                    "epochs": args.epochs,
+                    "max_minutes": args.max_minutes,
+                    "demo_epochs": args.demo_epochs,
                     "learning_rate": args.lr,
                     "sft_weight": args.sft_weight,
                     "init_from": args.init_from,
@@ -185,8 +188,12 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                 if version not in by_version:
                     by_version[version] = await evaluate(version)
                     by_version[version]["generic_ppl"] = report.get("candidate", {}).get("generic_ppl")
+                trained = await app.store.versions.get(result.version) if result.version else None
+                trained_report = (trained.eval_report if trained else None) or {}
                 by_version[f"cycle{cycle}"] = {
                     "version": version,
+                    "trainer": trained_report.get("trainer"),
+                    "budget": trained_report.get("budget"),
                     "ratings": sum(r.rated for r in results),
                     "corrections": corrected,
                     "reactions": dict(sorted(reactions.items())),
@@ -279,7 +286,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--cycles", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=60, help="training.max_steps (used when --epochs is 0)")
+    parser.add_argument("--epochs", type=float, default=0.0, help="training.epochs (0: --steps steps)")
+    parser.add_argument("--max-minutes", type=float, default=30.0, help="training.max_minutes")
+    parser.add_argument("--demo-epochs", type=float, default=1.0, help="training.demo_epochs")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--sft-weight", type=float, default=1.0)
     parser.add_argument("--init-from", choices=["base", "live"], default="base")

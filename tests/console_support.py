@@ -106,6 +106,37 @@ async def seed(store: FeedbackStore) -> Seeded:
     return Seeded(refund, shipping, telegram, r_ids[1])
 
 
+# a budget report as training/steps.py writes it (the run page shows it)
+BUDGET = {
+    "max_minutes": 30.0,
+    "epochs": 1.0,
+    "train_seconds": 42.0,
+    "stopped_by_budget": False,
+    "steps": 12,
+    "share_seen": 1.0,
+    "stages": [
+        {
+            "trainer": "dpo",
+            "rows": 20,
+            "batch_size": 2,
+            "planned_steps": 10,
+            "steps": 10,
+            "epochs": 1.0,
+            "share_seen": 1.0,
+        },
+        {
+            "trainer": "sft",
+            "rows": 4,
+            "batch_size": 2,
+            "planned_steps": 2,
+            "steps": 2,
+            "epochs": 1.0,
+            "share_seen": 1.0,
+        },
+    ],
+}
+
+
 async def register_adapter(app: App, tiny_model: Path, out: Path, seed_value: int = 3) -> str:
     """A real (random) LoRA adapter registered as a candidate version; returns its name."""
     from tests.test_engine import make_adapter
@@ -113,7 +144,7 @@ async def register_adapter(app: App, tiny_model: Path, out: Path, seed_value: in
     assert app.store is not None
     adapter = make_adapter(tiny_model, out, seed=seed_value)
     return await register_candidate(
-        app.store, adapter, str(tiny_model), eval_report={"reward_accuracy": 0.9, "heldout_pairs": 4}
+        app.store, adapter, str(tiny_model), eval_report={"reward_accuracy": 0.9, "heldout_pairs": 4, "budget": BUDGET}
     )
 
 

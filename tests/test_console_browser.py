@@ -182,6 +182,10 @@ async def test_review_correct_and_release_in_the_browser(app: App, page: Any, ti
     await page.click("a[data-nav=runs]")
     await page.click(f"tr.run-row[data-id='{run_id}'] a")
     await page.wait_for_selector("svg#loss-chart path, svg#loss-chart polyline")
+    # what the run did with its time budget, from the version's eval report
+    await page.wait_for_function("document.querySelector('#run-info').textContent.includes('of rows seen')")
+    info = await page.inner_text("#run-info")
+    assert "dpo 10/10 steps, 1 epochs; sft 2/2 steps" in info and "100% of rows seen · budget 30 min" in info
     await shot(page, "08-run-loss-curve")
     await page.click("a[data-nav=audit]")
     await page.wait_for_selector("tr.audit-row")

@@ -297,6 +297,10 @@ async def test_continuing_from_live_with_a_kto_stage(tiny_model: Path, tmp_path:
         assert result.status in (CycleStatus.PROMOTED, CycleStatus.REJECTED), result.reason
         version = await store.versions.get(result.version or "")
         assert version.eval_report is not None and version.eval_report["trainer"] == "dpo+kto"
+        # the corrections' demos are their pairs' chosen answers: no SFT stage; the budget is recorded
+        budget = version.eval_report["budget"]
+        assert [(s["trainer"], s["steps"]) for s in budget["stages"]] == [("dpo", 10), ("kto", 3)]
+        assert budget["max_minutes"] == 30.0 and 0 < budget["share_seen"] <= 1
         assert version.parent == "v1"
 
 

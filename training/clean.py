@@ -225,7 +225,8 @@ class CleanReport:
         }
 
 
-def _norm(text: str) -> str:
+def norm_text(text: str) -> str:
+    """Lower case, punctuation to spaces, runs of whitespace to one: what near-duplicates share."""
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
@@ -278,7 +279,7 @@ def clean(data: TrainingData, config: CleanConfig | None = None) -> tuple[Traini
         for raw in rows:
             row: R = fixed(raw)
             texts = [m["content"] for m in row.prompt] + list(answers(row))
-            key = (kind, _norm(row.prompt[-1]["content"]), *map(_norm, answers(row)), *tags(row))
+            key = (kind, norm_text(row.prompt[-1]["content"]), *map(norm_text, answers(row)), *tags(row))
             if keep(kind, row, texts, key):
                 out.append(row)
         return tuple(out)

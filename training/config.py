@@ -55,7 +55,30 @@ def job_command(python: str, spec_path: str, *, accelerate_config: str | None) -
 class TrainConfig:
     """Hyperparameters of one LoRA training run (TRL)."""
 
-    max_steps: int = field(default=60, metadata={"help": "Optimizer steps per run."})
+    max_steps: int = field(
+        default=60, metadata={"help": "Optimizer steps of the preference (or only) stage when epochs is 0."}
+    )
+    epochs: float = field(
+        default=0.0,
+        metadata={
+            "help": "Passes over the run's rows: each stage takes ceil(rows x epochs / batch_size) steps, so steps "
+            "follow the data (bounded by max_minutes). 0 = max_steps steps, the recipe bench/RESULTS.md measured."
+        },
+    )
+    max_minutes: float = field(
+        default=30.0,
+        metadata={
+            "help": "Time budget of a run's training steps, all stages together: the run stops at the end of the "
+            "step that passes it and reports the steps, epochs and share of rows it did."
+        },
+    )
+    demo_epochs: float = field(
+        default=1.0,
+        metadata={
+            "help": "Passes of an SFT stage, after the preference or thumbs stage, over the demonstrations the "
+            "pairs do not already teach (operator takeovers; correction demos when sft_weight is 0). 0 = off."
+        },
+    )
     device: str = field(
         default="auto",
         metadata={"help": "auto (CUDA when present, with bf16 where the GPU has it; CPU otherwise), cpu or cuda."},
@@ -143,6 +166,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise ValueError("training.max_steps must be at least 1")
+        if self.epochs < 0 or self.demo_epochs < 0:
+            raise ValueError("training.epochs and training.demo_epochs must be 0 or more")
+        if self.max_minutes <= 0:
+            raise ValueError("training.max_minutes must be above 0")
         if not 0 < self.learning_rate < 1:
             raise ValueError(f"training.learning_rate {self.learning_rate} is out of range; LoRA runs use 1e-5..1e-3")
         if self.batch_size < 1:

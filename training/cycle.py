@@ -315,6 +315,7 @@ class TrainingCycle:
                 "cleaning": prepared.cleaning.summary(),
                 "trust": prepared.trust.summary(),
                 "trainer": job.trainer,
+                "budget": job.budget,
                 "counts": prepared.counts,
                 "dataset_id": spec.dataset_id,
             },
@@ -385,6 +386,7 @@ class TrainingCycle:
             report=EvalReport.from_dict(out.report["report"]),
             trainer=out.report.get("trainer"),
             seconds=out.report.get("seconds"),
+            budget=out.report.get("budget"),
         )
 
     async def _watch_cancel(self, run_id: int, proc: asyncio.subprocess.Process, out: _JobOutput) -> None:
@@ -430,8 +432,9 @@ class JobResult:
     """The job's report line: the candidate's scores against live, and what trained it."""
 
     report: EvalReport
-    trainer: str | None  # train.Objective's value: dpo, kto, sft or dpo+kto
+    trainer: str | None  # the stages, train.Objective values joined with "+": dpo, dpo+sft, kto+sft, sft, ...
     seconds: float | None
+    budget: dict[str, Any] | None = None  # steps.budget_report: the time budget, steps, epochs, share of rows seen
 
 
 @dataclass

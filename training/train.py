@@ -2,16 +2,19 @@
 
 One run, top to bottom: load the base model and its tokenizer (and the live adapter, to continue
 from it, when ``init_from = "live"``); read the rows; narrow the contrast and replay candidates
-to hard negatives; build one trainer for the objective the data allows (DPO mixed with an SFT
-loss on the chosen answers when there are preference pairs, KTO when there are only thumbs, SFT
-when there are only demonstrations); train, with an optional KTO stage on the same adapter;
-score the adapter against the live version on the held-out pairs; save it with the resolved
-config, the data id and the metrics that produced it (``learnloop.json``); report.
+to hard negatives; train in stages on one adapter: first the objective the data allows (DPO
+mixed with an SFT loss on the chosen answers when there are preference pairs, KTO when there are
+only thumbs, SFT when there are only demonstrations), then optionally KTO on the thumbs
+(``kto_steps``), then SFT on the demonstrations the pairs do not teach, such as operator
+takeover replies (``demo_epochs``); every stage's steps follow its rows (``training.steps``)
+within the run's time budget (``max_minutes``); score the adapter against the live version on
+the held-out pairs; save it with the resolved config, the data id, the budget and what was
+done with it, and the metrics that produced it (``learnloop.json``); report.
 
 The parent reads stdout, one JSON object a line:
 
     {"event": "progress", "step": 3, "max_steps": 40, "loss": 0.69, "eta_s": 120.5}
-    {"event": "report", "report": {...EvalReport...}, "trainer": "dpo", "seconds": 93.2}
+    {"event": "report", "report": {...EvalReport...}, "trainer": "dpo+sft", "budget": {...}, "seconds": 93.2}
 
 Anything else on stdout is ignored; logs go to stderr. The heavy imports (torch, transformers,
 TRL, PEFT) live in this process only: the server never imports this module.
@@ -43,6 +46,7 @@ from training.evaluate import LIVE, REPLAY_CHAT, evaluate_pairs, load_generic_ch
 from training.gate import EvalReport
 from training.pairs import pick_likeliest
 from training.signals import replay_rows
+from training.steps import StageReport, budget_report, demo_prompt_completion, extra_demos, plan_steps
 
 TrlRow = dict[str, Any]
 
@@ -53,7 +57,11 @@ class Objective(StrEnum):
     DPO = "dpo"  # DPO mixed with an SFT loss on the chosen answers (sft_weight)
     KTO = "kto"
     SFT = "sft"
-    DPO_KTO = "dpo+kto"  # DPO, then a KTO stage on the same adapter (kto_steps)
+
+
+# A run's stages, joined with "+" in the report: the first objective the data allows, then KTO on
+# thumbs (kto_steps, after DPO), then SFT on the demonstrations the pairs do not teach (demo_epochs):
+# "dpo", "dpo+sft", "dpo+kto+sft", "kto+sft", "sft", ...
 
 
 def main() -> None:
@@ -72,28 +80,55 @@ def run(spec: JobSpec) -> None:
     rows = Rows.read(spec).defused(tokenizer_specials(tokenizer))
     add_hard_negatives(rows, spec, tokenizer)
     progress = Progress(started)
+    deadline = Deadline(time.monotonic() + cfg.max_minutes * 60)
+    train_started = time.monotonic()
 
     objective = choose_objective(rows)
-    trainer = build_trainer(objective, model, tokenizer, lora, rows.of(objective), spec, progress)
-    trainer.train()
+    stages: list[StageReport] = []
+    first = rows.of(objective)
+    trainer = build_trainer(objective, model, tokenizer, lora, first, spec, progress, deadline)
+    stages.append(train_stage(trainer, objective, first, spec))
+    names = [str(objective)]
     if objective is Objective.DPO and cfg.kto_steps > 0 and len({r["label"] for r in rows.kto}) == 2:
-        # second stage on the same adapter: thumbs (KTO) teach what the pairs cannot, such as
+        # a stage on the same adapter: thumbs (KTO) teach what the pairs cannot, such as
         # "do not answer a gift-card question with the refund window"
-        trainer = kto_stage(trainer.model, tokenizer, rows.kto, spec, progress)
-        trainer.train()
-        objective = Objective.DPO_KTO
+        trainer = next_stage(Objective.KTO, trainer.model, tokenizer, rows.kto, spec, progress, deadline)
+        stages.append(train_stage(trainer, Objective.KTO, rows.kto, spec))
+        names.append(str(Objective.KTO))
+    demos = [] if objective is Objective.SFT else rows.extra_demos(cfg.sft_weight)
+    if demos and cfg.demo_epochs > 0:
+        # demonstrations the pairs do not teach (takeover replies) train last, so the pairs' and
+        # thumbs' stages cannot pull the model off them
+        trainer = next_stage(Objective.SFT, trainer.model, tokenizer, demos, spec, progress, deadline)
+        stages.append(train_stage(trainer, Objective.SFT, demos, spec))
+        names.append(str(Objective.SFT))
+    budget = budget_report(
+        stages, max_minutes=cfg.max_minutes, epochs=cfg.epochs, seconds=time.monotonic() - train_started
+    )
 
     report = evaluate(trainer.model, tokenizer, rows.heldout, spec)
     if not PartialState().is_main_process:  # the main process saves and reports
         return
-    seconds = save(trainer.model, spec, objective=objective, rows=rows, report=report, started=started)
+    trained_with = "+".join(names)
+    seconds = save(trainer.model, spec, trainer=trained_with, rows=rows, report=report, budget=budget, started=started)
     emit(
         "report",
         report=report.to_dict(),
-        trainer=str(objective),
+        trainer=trained_with,
+        budget=budget,
         seconds=seconds,
         device=run_device(cfg.device)["device"],
     )
+
+
+def train_stage(trainer: Any, objective: Objective, rows: list[TrlRow], spec: JobSpec) -> StageReport:
+    """Train ``trainer`` unless the time budget is spent; what it did."""
+    planned = int(trainer.args.max_steps)
+    deadline = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Deadline))
+    if deadline.spent():
+        return StageReport(str(objective), len(rows), spec.train.batch_size, planned, 0)
+    trainer.train()
+    return StageReport(str(objective), len(rows), spec.train.batch_size, planned, int(trainer.state.global_step))
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -172,8 +207,15 @@ class Rows:
         return Rows(**fields)
 
     def of(self, objective: Objective) -> list[TrlRow]:
-        """The rows ``objective`` trains on."""
-        return {Objective.DPO: self.dpo, Objective.KTO: self.kto, Objective.SFT: self.sft}[objective]
+        """The rows ``objective`` trains on first (demonstrations as prompt-completion rows)."""
+        if objective is Objective.SFT:
+            return [demo_prompt_completion(r) for r in self.sft]
+        return {Objective.DPO: self.dpo, Objective.KTO: self.kto}[objective]
+
+    def extra_demos(self, sft_weight: float) -> list[TrlRow]:
+        """The demonstrations a stage after the pairs or thumbs trains on (``steps.extra_demos``)."""
+        taught = self.dpo + self.heldout
+        return [demo_prompt_completion(r) for r in extra_demos(self.sft, taught, sft_weight=sft_weight)]
 
     def counts(self) -> dict[str, int]:
         return {
@@ -267,15 +309,29 @@ def run_device(device: str) -> dict[str, Any]:
     return device_args(device, cuda_available=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
 
 
+class Deadline(TrainerCallback):
+    """``training.max_minutes``: the run's training steps, every stage together, stop at the end of
+    the step that passes ``at`` (a ``time.monotonic()`` value)."""
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def spent(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.spent():
+            control.should_training_stop = True
+
+
 def trainer_args(spec: JobSpec, **overrides: Any) -> dict[str, Any]:
     """What every trainer shares. TRL's defaults are set for full fine-tuning (gradient
     checkpointing, learning rate 1e-6): this trains a LoRA (float32 on CPU; bf16 mixed precision
     on a GPU that has it, ``training.device``) at a constant rate, logs every step (the progress
-    lines) and saves no checkpoints."""
+    lines) and saves no checkpoints. ``max_steps`` comes from the caller (``steps.plan_steps``)."""
     cfg = spec.train
     return {
         "output_dir": str(spec.run_dir / "trainer"),
-        "max_steps": cfg.max_steps,
         "per_device_train_batch_size": cfg.batch_size,
         "learning_rate": cfg.learning_rate,
         "lr_scheduler_type": "constant",
@@ -301,18 +357,22 @@ def build_trainer(
     rows: list[TrlRow],
     spec: JobSpec,
     progress: Progress,
+    deadline: Deadline,
     **overrides: Any,
 ) -> Any:
     """The one TRL trainer for ``objective`` on ``rows`` (``lora``: a new LoRA; None: train the
-    adapter ``model`` already has)."""
-    trainer_cls, args = trainer_config(objective, spec, **overrides)
+    adapter ``model`` already has), for the steps ``steps.plan_steps`` gives unless ``overrides``
+    name them."""
+    cfg = spec.train
+    steps = plan_steps(len(rows), cfg.batch_size, epochs=cfg.epochs, max_steps=cfg.max_steps)
+    trainer_cls, args = trainer_config(objective, spec, **{"max_steps": steps, **overrides})
     return trainer_cls(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         peft_config=lora,
-        callbacks=[progress],
+        callbacks=[progress, deadline],
     )
 
 
@@ -335,14 +395,27 @@ def trainer_config(objective: Objective, spec: JobSpec, **overrides: Any) -> tup
     return SFTTrainer, SFTConfig(**args)
 
 
-def kto_stage(model: Any, tokenizer: Any, rows: list[TrlRow], spec: JobSpec, progress: Progress) -> Any:
-    """A KTO trainer for ``kto_steps`` more steps on the adapter DPO just trained (no new LoRA)."""
-    if "ref" in model.peft_config:  # DPO's frozen copy of a starting adapter; KTO makes its own
+def next_stage(
+    objective: Objective,
+    model: Any,
+    tokenizer: Any,
+    rows: list[TrlRow],
+    spec: JobSpec,
+    progress: Progress,
+    deadline: Deadline,
+) -> Any:
+    """A trainer for a later stage on the adapter the last one trained (no new LoRA): KTO for
+    ``kto_steps`` steps, SFT for ``demo_epochs`` passes over its rows."""
+    if "ref" in model.peft_config:  # DPO's frozen copy of a starting adapter; a later trainer needs none
         model.set_adapter("default")
         model.delete_adapter("ref")
-    scratch = str(spec.run_dir / "trainer-kto")
-    overrides = {"max_steps": spec.train.kto_steps, "output_dir": scratch}
-    return build_trainer(Objective.KTO, model, tokenizer, None, rows, spec, progress, **overrides)
+    overrides: dict[str, Any] = {"output_dir": str(spec.run_dir / f"trainer-{objective}")}
+    cfg = spec.train
+    if objective is Objective.KTO:
+        overrides["max_steps"] = cfg.kto_steps
+    else:
+        overrides["max_steps"] = plan_steps(len(rows), cfg.batch_size, epochs=cfg.demo_epochs, max_steps=0)
+    return build_trainer(objective, model, tokenizer, None, rows, spec, progress, deadline, **overrides)
 
 
 def evaluate(model: Any, tokenizer: Any, heldout: list[TrlRow], spec: JobSpec) -> EvalReport:
@@ -362,19 +435,29 @@ def evaluate(model: Any, tokenizer: Any, heldout: list[TrlRow], spec: JobSpec) -
     return report
 
 
-def save(model: Any, spec: JobSpec, *, objective: Objective, rows: Rows, report: EvalReport, started: float) -> float:
+def save(
+    model: Any,
+    spec: JobSpec,
+    *,
+    trainer: str,
+    rows: Rows,
+    report: EvalReport,
+    budget: dict[str, Any],
+    started: float,
+) -> float:
     """The adapter, and learnloop.json beside it: the config, data and metrics that produced it.
     Returns the run's seconds so far."""
     model.save_pretrained(spec.output_dir)
     seconds = round(time.monotonic() - started, 1)
     meta = {
-        "trainer": str(objective),
+        "trainer": trainer,
         "train_config": asdict(spec.train),
         "base_model": spec.base_model,
         "dataset_id": spec.dataset_id,
         "rows": rows.counts(),
         "init_adapter": spec.init_adapter,
         "report": report.to_dict(),
+        "budget": budget,
         "seconds": seconds,
     }
     (spec.output_dir / "learnloop.json").write_text(json.dumps(meta, indent=2))

@@ -1165,6 +1165,15 @@
     ctx.poll(load, 3000);
   }
 
+  // what a finished run did with its time budget: the version's eval_report.budget (training/steps.py)
+  function budgetText(b) {
+    if (!b || !Array.isArray(b.stages)) return null;
+    const stages = b.stages.map((s) => `${s.trainer} ${s.steps}/${s.planned_steps} steps, ${fmtNum(s.epochs, 2)} epochs`);
+    const pct = Math.round(Number(b.share_seen) * 100);
+    const limit = `budget ${fmtNum(b.max_minutes, 1)} min${b.stopped_by_budget ? ' (reached)' : ''}`;
+    return [stages.join('; '), `${pct}% of rows seen`, limit].join(' · ');
+  }
+
   async function renderRun(main, ctx, id) {
     const head = el('div', { class: 'title-row' }, el('h1', {}, `Run #${id}`));
     const cancel = el('button', { id: 'cancel-run', type: 'button', class: 'danger', hidden: true }, 'Cancel run');
@@ -1179,11 +1188,21 @@
     });
 
     let lastSig = null;
+    let trained = null; // the budget line of the version the run made, fetched once
     async function load() {
       const run = await api('GET', `/runs/${enc(id)}`);
       if (!ctx.alive()) return false;
-      const sig = JSON.stringify(run);
       const running = run.state === 'running' || run.state === 'cancelling';
+      if (!running && run.version && trained === null) {
+        try {
+          const v = await api('GET', `/versions/${enc(run.version)}`);
+          trained = budgetText(v.eval_report && v.eval_report.budget) || '';
+        } catch (err) {
+          trained = '';
+        }
+        if (!ctx.alive()) return false;
+      }
+      const sig = JSON.stringify(run) + (trained || '');
       cancel.hidden = run.state !== 'running';
       if (sig !== lastSig) {
         lastSig = sig;
@@ -1196,6 +1215,7 @@
           progress: runProgress(run) || null,
           ...(p.eta_s !== undefined && p.eta_s !== null ? { 'eta (s)': Math.round(p.eta_s) } : {}),
           detail: run.detail ?? null,
+          ...(trained ? { training: trained } : {}),
           ...(run.max_rating_id !== undefined ? { 'ratings up to id': run.max_rating_id } : {}),
           ...(run.max_correction_id !== undefined ? { 'corrections up to id': run.max_correction_id } : {}),
         }, { id: 'run-info' }));
