@@ -218,10 +218,15 @@ class Database:
             log.exception("group commit of %d operations failed", len(batch))
             with contextlib.suppress(Exception):
                 await conn.execute("ROLLBACK")
+            full = _storage_full(exc)
+            if full is not None:  # before the callers hear of it: a retry finds the WAL's bytes freed
+                await self._checkpoint_after_full()
             for item in batch:
                 if not item.future.done():
-                    item.future.set_exception(_storage_full(exc) or StoreError(f"commit failed: {exc}"))
+                    item.future.set_exception(full or StoreError(f"commit failed: {exc}"))
             return
+        if any(isinstance(error, StorageFullError) for _, _, error in results):
+            await self._checkpoint_after_full()
         for item, result, error in results:
             if item.future.done():
                 continue
@@ -229,6 +234,25 @@ class Database:
                 item.future.set_exception(error)
             else:
                 item.future.set_result(result)
+
+    async def _checkpoint_after_full(self) -> None:
+        """The disk is full: copy the WAL into the database file and truncate it, now.
+
+        The automatic checkpoint runs only once the WAL holds ``wal_autocheckpoint`` pages
+        (about 4 MB); on a disk with less room than that the WAL would never shrink, and once
+        space returned every write would fill the disk again. A TRUNCATE checkpoint needs no
+        new space in the database file for pages the WAL already holds, and gives the WAL's
+        bytes back to the disk.
+        """
+        try:
+            cursor = await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            row = await cursor.fetchone()
+            await cursor.close()
+        except Exception as exc:
+            log.warning("checkpoint after a full disk failed: %s", exc)
+            return
+        busy, frames = (row[0], row[1]) if row else (None, None)
+        log.warning("storage full: WAL checkpointed and truncated (busy=%s, frames=%s)", busy, frames)
 
     # --- reads ------------------------------------------------------------------------
 
