@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +62,40 @@ _PRAGMAS = (
 async def _connect(path: Path) -> Connection:
     conn = await aiosqlite.connect(path, isolation_level=None)
     conn.row_factory = sqlite3.Row
-    for pragma in _PRAGMAS:
-        await conn.execute(pragma)
+    try:
+        for pragma in _PRAGMAS:
+            await conn.execute(pragma)
+        await _check_durability(conn, path)
+    except BaseException:
+        await conn.close()
+        raise
     return conn
+
+
+async def _check_durability(conn: Connection, path: Path) -> None:
+    """Refuse a store where WAL or ``synchronous=FULL`` did not take effect: acks would not be durable.
+
+    SQLite answers a pragma it cannot honour by keeping the old mode (WAL needs shared memory,
+    which some network filesystems lack), so the mode is read back, not assumed.
+    """
+    mode = await fetch_one(conn, "PRAGMA journal_mode")
+    if mode is None or str(mode[0]).lower() != "wal":
+        found = mode[0] if mode else "unknown"
+        raise StoreError(f"{path}: journal_mode is {found}, not wal (does this filesystem support it?); not serving")
+    sync = await fetch_one(conn, "PRAGMA synchronous")
+    if sync is None or int(sync[0]) != 2:
+        found = sync[0] if sync else "unknown"
+        raise StoreError(f"{path}: synchronous is {found}, not 2 (FULL): acknowledged writes could be lost")
+
+
+def _check_writable(folder: Path) -> None:
+    """The data folder exists (made if need be) and takes a new file, or a one-line ``StoreError``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise StoreError(f"the data folder {folder} is not writable: {exc.strerror or exc}") from None
 
 
 async def _fetch(conn: Connection, sql: str, params: Iterable[Any]) -> list[Row]:
@@ -136,7 +168,7 @@ class Database:
         ``max_batch``: the most operations one group commit takes (default 512).
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _check_writable(path.parent)
         writer = await _connect(path)
         try:
             await _migrate(writer)

@@ -58,7 +58,7 @@ class App:
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[App]:
         s = self.settings
-        base_model = await asyncio.to_thread(resolve_model, s.model.name)
+        # the store first: an unwritable data folder or a store without WAL refuses before the model loads
         self.store = store = await FeedbackStore.open(s.db_path)
         scheduler = None
         tasks: list[asyncio.Task[None]] = []
@@ -67,6 +67,7 @@ class App:
         channels: RunningListener | None = None
         im: ImChannels | None = None
         try:
+            base_model = await asyncio.to_thread(resolve_model, s.model.name)
             self.engine = engine = create_engine(s.model, base_model)
             await asyncio.to_thread(engine.load)
             await store.versions.ensure_base(base_model)

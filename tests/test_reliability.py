@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-from feedback import FeedbackStore
+import pytest
+
+from feedback import FeedbackStore, StoreError, db
 from feedback.db import Connection
 from server.app import App
 from tests.test_gateway import settings
+
+ROOT = Path(__file__).parent.parent
 
 
 async def test_a_frame_nested_thirty_thousand_deep_gets_bad_request_and_the_connection_stays(
@@ -102,3 +109,52 @@ async def test_the_wal_is_truncated_when_the_disk_fills(tmp_path: Path) -> None:
         await set_page_limit(store, 1_000_000_000)
         await asyncio.wait_for(store.conversations.create("c-after"), 10)
         assert (await store.conversations.get("c-after")).id == "c-after"
+
+
+# --- scenario 7: start-up checks ----------------------------------------------------------
+
+
+async def test_a_store_whose_wal_did_not_take_effect_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # as on a filesystem without shared memory: the WAL pragma is not honoured (here: not issued)
+    monkeypatch.setattr(db, "_PRAGMAS", tuple(p for p in db._PRAGMAS if "journal_mode" not in p))
+    with pytest.raises(StoreError) as refused:
+        await FeedbackStore.open(tmp_path / "x.db")
+    assert "journal_mode is delete, not wal" in str(refused.value) and "\n" not in str(refused.value)
+
+
+async def test_a_store_whose_synchronous_level_did_not_take_effect_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pragmas = tuple(p.replace("synchronous=FULL", "synchronous=NORMAL") for p in db._PRAGMAS)
+    monkeypatch.setattr(db, "_PRAGMAS", pragmas)
+    with pytest.raises(StoreError, match="synchronous is 1, not 2"):
+        await FeedbackStore.open(tmp_path / "x.db")
+
+
+async def test_an_unwritable_data_folder_is_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(StoreError, match=r"the data folder .* is not writable") as refused:
+        await FeedbackStore.open(tmp_path / "a-file" / "data" / "x.db")
+    assert "\n" not in str(refused.value)
+    if os.geteuid() != 0:  # root writes anywhere: the mode bits cannot refuse it
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(StoreError, match="not writable"):
+            await FeedbackStore.open(ro / "x.db")
+
+
+def test_serve_refuses_an_unwritable_data_folder_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.cli", "--data-dir", str(tmp_path / "a-file" / "data"), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "LEARNLOOP_SERVER_PORT": "0", "LEARNLOOP_MODEL_NAME": "/nonexistent-model"},
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("learnloop: error:")]
+    assert len(errors) == 1 and "not writable" in errors[0], proc.stderr
