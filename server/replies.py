@@ -20,6 +20,12 @@ from server.engines import Engine, SamplingConfig
 from server.protocol import Turn
 
 
+class StopSignal(threading.Event):
+    """A reply's stop flag, with why it was set: the client's ``stop`` or the server shutting down."""
+
+    reason: FinishReason = FinishReason.CANCELLED
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -103,6 +109,8 @@ async def stream_reply(
             await on_delta(chunk.delta)
         if chunk.finish_reason is not None:
             finish_reason, n_tokens = FinishReason(chunk.finish_reason), chunk.n_tokens
+    if finish_reason is FinishReason.CANCELLED and isinstance(cancel, StopSignal):
+        finish_reason = cancel.reason
     failed = finish_reason is FinishReason.ERROR
     reply = Reply(
         message_id=message_id,

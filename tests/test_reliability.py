@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from feedback import FeedbackStore, StoreError, db
 from feedback.db import Connection
 from server.app import App
+from server.settings import SiteConfig
 from tests.test_gateway import settings
 
 ROOT = Path(__file__).parent.parent
@@ -158,3 +162,46 @@ def test_serve_refuses_an_unwritable_data_folder_with_one_line(tmp_path: Path) -
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("learnloop: error:")]
     assert len(errors) == 1 and "not writable" in errors[0], proc.stderr
+
+
+# --- scenario 10: handshake security -------------------------------------------------------
+
+
+async def handshake_status(port: int, origin: str | None) -> int:
+    """101 if the websocket opens, else the HTTP status of the refusal."""
+    try:
+        ws = await connect(f"ws://127.0.0.1:{port}", origin=origin)  # type: ignore[arg-type]
+    except InvalidStatus as exc:
+        return exc.response.status_code
+    await ws.close()
+    return 101
+
+
+async def test_handshakes_from_origins_not_allowed_get_403_and_no_session(tiny_model: Path, tmp_path: Path) -> None:
+    s = settings(tiny_model, tmp_path, allowed_origins=("https://app.example",))
+    s = dataclasses.replace(s, sites={"shop": SiteConfig(origins=("https://shop.example",))})
+    a = App(s)
+    async with a.lifespan():
+        assert a.port is not None
+        for origin in ("https://evil.example", "null", "https://app.example.evil.example", "http://app.example"):
+            assert await handshake_status(a.port, origin) == 403, origin
+        assert await a.store.db.read("SELECT * FROM conversations") == []  # type: ignore[union-attr]
+        for origin in ("https://app.example", "https://APP.example:443", "https://shop.example", None):
+            assert await handshake_status(a.port, origin) == 101, origin
+
+    s = settings(tiny_model, tmp_path / "strict", require_origin=True)
+    a = App(s)
+    async with a.lifespan():
+        assert a.port is not None
+        assert await handshake_status(a.port, None) == 403  # only browsers, and those only from listed pages
+        assert await handshake_status(a.port, "https://evil.example") == 403
+
+
+async def test_a_stalled_handshake_is_dropped(tiny_model: Path, tmp_path: Path) -> None:
+    a = App(settings(tiny_model, tmp_path, open_timeout_s=0.5))
+    async with a.lifespan():
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # the server hung up
+        writer.close()
