@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.serve_process import ServeProcess
+from tests.serve_process import ServeProcess, kill9_trials
 
 
 async def start_reply(port: int, n: int) -> tuple[ClientConnection, str]:
@@ -47,7 +47,11 @@ def test_sigterm_drains_replies_in_flight_stores_them_and_exits_within_10_s(tiny
     server = ServeProcess(
         tmp_path / "data",
         tiny_model,
-        {"LEARNLOOP_MODEL_MAX_NEW_TOKENS": "100000", "LEARNLOOP_SERVER_DRAIN_S": "1", "LEARNLOOP_MODEL_DTYPE": "float32"},
+        {
+            "LEARNLOOP_MODEL_MAX_NEW_TOKENS": "100000",
+            "LEARNLOOP_SERVER_DRAIN_S": "1",
+            "LEARNLOOP_MODEL_DTYPE": "float32",
+        },
     )
     try:
         port = server.port()
@@ -61,7 +65,7 @@ def test_sigterm_drains_replies_in_flight_stores_them_and_exits_within_10_s(tiny
                 late = await asyncio.wait_for(connect(f"ws://127.0.0.1:{port}"), 5)
                 await late.close()
                 refused = False
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 refused = True
             results = await asyncio.gather(*(read_to_close(ws, text) for ws, text in clients))
             return list(results), refused, signalled
@@ -86,3 +90,14 @@ def test_sigterm_drains_replies_in_flight_stores_them_and_exits_within_10_s(tiny
         assert code == 1001
         assert stored[done["message_id"]] == (text, done["finish_reason"])  # the partial reply, as streamed
     assert any(done["finish_reason"] == "shutdown" for _, done, _ in results if done)
+
+
+@pytest.mark.slow
+async def test_kill_9_through_the_server_loses_and_duplicates_no_acknowledged_rating(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Scenario 5, three kills here (bench/load.py runs twenty): 0 lost, 0 twice, integrity ok, serving again."""
+    trials = await kill9_trials(tmp_path / "data", tiny_model, trials=3, sessions=8, seed=int(os.getpid()))
+    assert all(t.acked > 0 for t in trials)
+    assert [(t.lost, t.duplicated, t.integrity) for t in trials] == [(0, 0, "ok")] * 3
+    assert max(t.restart_s for t in trials) < 60  # the tiny model loads in seconds; bench/load.py records it
