@@ -112,15 +112,20 @@ class RatingSession:
     connected: bool = False
     dropped: bool = False  # the connection ended before every rating was acknowledged
     errors: list[str] = field(default_factory=list)
+    chatted: bool = False  # the chat turn was answered (after retries of ``overloaded``)
+    last_ack: float = 0.0  # time.monotonic() of the last ack
 
-    async def run(self, port: int, n: int, *, chat_timeout: float = 120) -> None:
+    async def run(self, port: int, n: int, *, chat_timeout: float = 120, go: asyncio.Event | None = None) -> None:
+        """``go``: wait for it between the chat turn and the ratings (a burst from every client at once)."""
         try:
             async with connect(f"ws://127.0.0.1:{port}", open_timeout=60, max_queue=None) as ws:
                 await ws.send(json.dumps({"type": "hello"}))
                 await _until(ws, "ready", chat_timeout)
                 self.connected = True
-                await ws.send(json.dumps({"type": "message", "text": "hello there", "client_id": self.tag}))
-                done = await _until(ws, "done", chat_timeout)
+                done = await _chat(ws, self.tag, chat_timeout)
+                self.chatted = True
+                if go is not None:
+                    await go.wait()
                 sent_at: dict[str, float] = {}
 
                 async def reader() -> None:
@@ -128,22 +133,44 @@ class RatingSession:
                         frame = json.loads(await ws.recv())
                         if frame["type"] == "ack" and frame["id"] in sent_at:
                             self.acked.append(frame["id"])
-                            self.ack_ms.append((time.monotonic() - sent_at[frame["id"]]) * 1000)
+                            self.last_ack = time.monotonic()
+                            self.ack_ms.append((self.last_ack - sent_at[frame["id"]]) * 1000)
                         elif frame["type"] == "error":
                             self.errors.append(str(frame.get("code")))
 
                 reading = asyncio.create_task(reader())
-                for i in range(n):
-                    rid = f"{self.tag}-{i}"
-                    sent_at[rid] = time.monotonic()
-                    frame = {"type": "rating", "message_id": done["message_id"], "value": 1, "id": rid}
-                    await ws.send(json.dumps(frame))
-                    self.sent += 1
-                    if i % 16 == 15:
-                        await asyncio.sleep(0)  # let the acks in
-                await reading
+                try:
+                    for i in range(n):
+                        rid = f"{self.tag}-{i}"
+                        sent_at[rid] = time.monotonic()
+                        frame = {"type": "rating", "message_id": done["message_id"], "value": 1, "id": rid}
+                        await ws.send(json.dumps(frame))
+                        self.sent += 1
+                        if i % 16 == 15:
+                            await asyncio.sleep(0)  # let the acks in
+                    await reading
+                finally:
+                    reading.cancel()
+                    with contextlib.suppress(Exception, asyncio.CancelledError):
+                        await reading
         except (TimeoutError, ConnectionClosed, OSError):
             self.dropped = True
+
+
+async def _chat(ws: Any, tag: str, timeout: float) -> dict[str, Any]:
+    """One chat turn; ``overloaded`` is retried after its ``retry_after``, as a client should."""
+    for attempt in range(100):
+        await ws.send(json.dumps({"type": "message", "text": "hello there", "client_id": f"{tag}-m{attempt}"}))
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+            if frame["type"] == "done":
+                return dict(frame)
+            if frame["type"] == "error" and frame["code"] == "overloaded":
+                await asyncio.sleep(float(frame.get("retry_after") or 0.5))
+                break
+            if frame["type"] == "error":
+                raise AssertionError(f"unexpected error frame: {frame}")
+    raise AssertionError("overloaded 100 times")
 
 
 async def _until(ws: Any, kind: str, timeout: float) -> dict[str, Any]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ from websockets.exceptions import InvalidStatus
 from feedback import FeedbackStore, StoreError, db
 from feedback.db import Connection
 from server.app import App
-from server.settings import SiteConfig
+from server.settings import SiteConfig, load_settings
 from tests.test_gateway import settings
 
 ROOT = Path(__file__).parent.parent
@@ -205,3 +207,102 @@ async def test_a_stalled_handshake_is_dropped(tiny_model: Path, tmp_path: Path) 
         await writer.drain()
         assert await asyncio.wait_for(reader.read(), 10) == b""  # the server hung up
         writer.close()
+
+
+def test_the_llama_cpp_settings_come_from_model_settings_not_stray_variables() -> None:
+    """The llama.cpp engine's knobs are ``model.llama_*`` settings; no module reads its own variables."""
+    env = {
+        "LEARNLOOP_MODEL_LLAMA_CPP_SRC": "/src/llama.cpp",
+        "LEARNLOOP_MODEL_LLAMA_CPP_SDIST": "/dl/llama_cpp_python-0.3.36.tar.gz",
+        "LEARNLOOP_MODEL_LLAMA_EXTRA_BUFTS": "false",
+    }
+    m = load_settings(env=env).model
+    assert (m.llama_cpp_src, m.llama_cpp_sdist, m.llama_extra_bufts) == (
+        "/src/llama.cpp",
+        "/dl/llama_cpp_python-0.3.36.tar.gz",
+        False,
+    )
+    engine_source = (ROOT / "server" / "engines" / "llamacpp.py").read_text()
+    assert "environ" not in engine_source and "getenv" not in engine_source
+
+
+# --- scenario 1: websocket frames a conforming client never sends -------------------------
+
+
+async def raw_socket(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A websocket handshake by hand, so that the frames after it can break the rules."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+def ws_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True, rsv: int = 0) -> bytes:
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    n = len(payload)
+    size = (
+        bytes([n])
+        if n < 126
+        else bytes([126]) + struct.pack("!H", n)
+        if n < 65536
+        else bytes([127]) + struct.pack("!Q", n)
+    )
+    if not mask:
+        return head + size + payload
+    key = os.urandom(4)
+    size = bytes([size[0] | 0x80]) + size[1:]
+    return head + size + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+async def close_code_after(port: int, *frames: bytes) -> int | None:
+    """Send ``frames``; the code of the close frame the server answers with (None: it just hung up)."""
+    reader, writer = await raw_socket(port)
+    for f in frames:
+        writer.write(f)
+    await writer.drain()
+    try:
+        while True:
+            b0, b1 = await asyncio.wait_for(reader.readexactly(2), 10)
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack("!H", await reader.readexactly(2))[0]
+            elif n == 127:
+                n = struct.unpack("!Q", await reader.readexactly(8))[0]
+            payload = await reader.readexactly(n)
+            if b0 & 0x0F == 0x8:
+                return int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else None
+    except asyncio.IncompleteReadError:
+        return None
+    finally:
+        writer.close()
+
+
+async def test_frames_that_break_rfc_6455_close_with_the_right_code_and_others_carry_on(
+    tiny_model: Path, tmp_path: Path, open_client: Any
+) -> None:
+    a = App(settings(tiny_model, tmp_path))
+    async with a.lifespan():
+        assert a.port is not None
+        bystander = await open_client(a.port)
+        await bystander.hello()
+        text = ws_frame(0x1, b'{"type":"stop"}')
+        cases = {
+            "unmasked": (ws_frame(0x1, b'{"type":"stop"}', mask=False), 1002),
+            "rsv bits without an extension": (ws_frame(0x1, b"{}", rsv=0b100), 1002),
+            "unknown opcode": (ws_frame(0x3, b"x"), 1002),
+            "fragmented ping": (ws_frame(0x9, b"x", fin=False), 1002),
+            "ping over 125 bytes": (ws_frame(0x9, b"x" * 200), 1002),
+            "close code 999": (ws_frame(0x8, struct.pack("!H", 999)), 1002),
+            "close code 1005 on the wire": (ws_frame(0x8, struct.pack("!H", 1005)), 1002),
+            "invalid UTF-8": (ws_frame(0x1, b'{"t":"\xff\xfe"}'), 1007),
+            "over max_frame_bytes": (ws_frame(0x1, b"x" * 70_000), 1009),
+        }
+        for name, (bad, expected) in cases.items():
+            assert await close_code_after(a.port, text, bad) == expected, name
+        done, _ = await bystander.chat("still serving?", "m1")  # the other session carried on
+        assert done["type"] == "done"
