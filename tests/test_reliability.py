@@ -306,3 +306,63 @@ async def test_frames_that_break_rfc_6455_close_with_the_right_code_and_others_c
             assert await close_code_after(a.port, text, bad) == expected, name
         done, _ = await bystander.chat("still serving?", "m1")  # the other session carried on
         assert done["type"] == "done"
+
+
+# --- scenarios 4 and 6: ratings while the engine is full; retries after a reconnect -------------
+
+
+async def test_rating_acks_are_unaffected_by_an_overloaded_engine(
+    tiny_model: Path, tmp_path: Path, open_client: Any
+) -> None:
+    s = settings(tiny_model, tmp_path, ratings_per_minute=1000.0, rate_burst=100)
+    s = dataclasses.replace(s, model=dataclasses.replace(s.model, max_new_tokens=100_000))
+    a = App(s)
+    async with a.lifespan():
+        rater = await open_client(a.port)
+        await rater.hello()
+        await rater.send(type="message", text="a reply to rate", client_id="m0")
+        await rater.until("token")
+        await rater.send(type="stop")
+        reply, _ = await rater.until("done")
+        busy = []
+        for i in range(2):  # model.max_pending = 2: the engine is full of endless replies
+            c = await open_client(a.port)
+            await c.hello()
+            await c.send(type="message", text="talk forever", client_id=f"b{i}")
+            await c.until("token")
+            busy.append(c)
+        late = await open_client(a.port)
+        await late.hello()
+        await late.send(type="message", text="me too", client_id="late")
+        await late.until("ack")
+        assert (await late.recv())["code"] == "overloaded"
+        for k in range(20):
+            await rater.send(type="rating", message_id=reply["message_id"], value=1, id=f"r{k}")
+        acks = [await rater.recv() for _ in range(20)]
+        assert acks == [{"type": "ack", "id": f"r{k}"} for k in range(20)]
+        for c in busy:
+            await c.send(type="stop")
+            await c.until("done")
+
+
+async def test_ratings_resent_after_a_reconnect_with_the_same_id_are_stored_once(
+    tiny_model: Path, tmp_path: Path, open_client: Any
+) -> None:
+    a = App(settings(tiny_model, tmp_path))
+    async with a.lifespan():
+        assert a.store is not None
+        c = await open_client(a.port)
+        ready = await c.hello()
+        done, _ = await c.chat("rate me", "m1")
+        for rid in ("r1", "r2"):
+            await c.send(type="rating", message_id=done["message_id"], value=1, id=rid)
+        await c.recv()  # r1's ack arrives; the connection drops before the client saw r2's
+        await c.ws.close()
+        again = await open_client(a.port)
+        await again.hello(conversation_id=ready["conversation_id"])
+        for rid in ("r1", "r2"):  # the client resends everything it has no ack for, and more
+            await again.send(type="rating", message_id=done["message_id"], value=-1, id=rid)
+            assert await again.recv() == {"type": "ack", "id": rid}
+        ratings = (await a.store.conversations.export_feedback()).ratings
+        assert sorted(r.client_id for r in ratings) == ["r1", "r2"]
+        assert next(r.value for r in ratings if r.client_id == "r1") == 1  # the acknowledged write stands
