@@ -53,6 +53,7 @@ class App:
         self.channels_port: int | None = None
         self.im: ImChannels | None = None  # the IM channels (Telegram, Slack, webhooks) while they run
         self.console: FastAPI | None = None  # the console's app while it serves
+        self.gateway: GatewayContext | None = None  # the websocket gateway's state while it serves
         m = settings.model
         self.sampling = SamplingConfig(max_new_tokens=m.max_new_tokens, temperature=m.temperature, top_p=m.top_p)
 
@@ -99,6 +100,7 @@ class App:
                 sites=self.site,
                 origin_allowed=self.origin_allowed,
             )
+            self.gateway = ctx
             server = await start_gateway(
                 ctx,
                 host=s.server.host,

@@ -21,6 +21,7 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from feedback import ErrorCode, FeedbackStore, FinishReason, NotFoundError, Role
@@ -281,12 +282,22 @@ async def start_gateway(
         if request.path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
         origin = request.headers.get("Origin")
+        if request.path == "/origin":
+            return None  # the probe (see handler): any page may ask whether its origin may chat
         if not ctx.origin_allowed(origin):
             log.warning("websocket handshake refused: Origin %r is not allowed", origin)
             return connection.respond(HTTPStatus.FORBIDDEN, "this Origin may not open the chat\n")
         return None
 
     async def handler(ws: ServerConnection) -> None:
+        if ws.request is not None and ws.request.path == "/origin":
+            # a widget whose handshake failed asks why: a page never sees an HTTP status, but it sees a
+            # close code. No session: 1000 if its Origin may chat (the server was down), else 1008.
+            if ctx.origin_allowed(ws.request.headers.get("Origin")):
+                await ws.close(CloseCode.NORMAL_CLOSURE, "allowed")
+            else:
+                await ws.close(CloseCode.POLICY_VIOLATION, "forbidden")
+            return
         await _Connection(ctx, ws).run()
 
     return await serve(

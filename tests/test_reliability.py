@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from feedback import FeedbackStore, StoreError, db
 from feedback.db import Connection
@@ -190,6 +190,14 @@ async def test_handshakes_from_origins_not_allowed_get_403_and_no_session(tiny_m
         assert await a.store.db.read("SELECT * FROM conversations") == []  # type: ignore[union-attr]
         for origin in ("https://app.example", "https://APP.example:443", "https://shop.example", None):
             assert await handshake_status(a.port, origin) == 101, origin
+
+        for origin, code in (("https://evil.example", 1008), ("null", 1008), ("https://shop.example", 1000)):
+            # what a widget asks after a failed handshake (a page cannot see the 403): the close code answers
+            async with connect(f"ws://127.0.0.1:{a.port}/origin", origin=origin) as probe:  # type: ignore[arg-type]
+                with pytest.raises(ConnectionClosed):
+                    await probe.recv()
+                assert probe.close_code == code, origin
+        assert await a.store.db.read("SELECT * FROM conversations") == []  # type: ignore[union-attr]
 
     s = settings(tiny_model, tmp_path / "strict", require_origin=True)
     a = App(s)
