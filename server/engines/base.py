@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sized
+from collections.abc import AsyncIterator, Callable, Iterable, Sized
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -455,3 +455,19 @@ class LocalEngine(Generic[R]):
         delta = text[r.sent_chars :]
         r.sent_chars = len(text)
         return delta
+
+
+def neutralize_special_tokens(text: str, tokens: Iterable[str]) -> str:
+    """``text`` without any of ``tokens`` (a tokenizer's special and added tokens), nested ones too.
+
+    A tokenizer turns ``<|im_end|>`` typed by a user into the end-of-turn id, so a customer could
+    end their turn and forge a system or assistant turn. Removal repeats until nothing is left:
+    ``<|im_<|im_end|>end|>`` would otherwise leave one behind.
+    """
+    ordered = sorted({t for t in tokens if t}, key=len, reverse=True)
+    while True:
+        before = text
+        for token in ordered:
+            text = text.replace(token, "")
+        if text == before:
+            return text

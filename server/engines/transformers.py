@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from feedback.records import BASE_VERSION
-from server.engines.base import Chunk, LocalEngine, Request, UnknownVersionError
+from server.engines.base import Chunk, LocalEngine, Request, UnknownVersionError, neutralize_special_tokens
 
 log = logging.getLogger("learnloop.engine")
 
@@ -149,6 +149,13 @@ class TransformersEngine(LocalEngine[_Request]):
     # --- prompts -------------------------------------------------------------------------
 
     def _render_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        # turns typed by people (and model replies) cannot carry the template's control tokens
+        specials = [t.content for t in self.tokenizer.added_tokens_decoder.values()]
+        specials += list(self.tokenizer.all_special_tokens)
+        messages = [
+            m if m["role"] == "system" else {**m, "content": neutralize_special_tokens(m["content"], specials)}
+            for m in messages
+        ]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
