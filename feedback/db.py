@@ -34,6 +34,9 @@ from feedback.exceptions import LearnloopError, StorageFullError, StoreError
 from feedback.schema import MIGRATIONS, SCHEMA_VERSION
 
 log = logging.getLogger("learnloop.feedback")
+# aiosqlite logs every statement with its parameters at DEBUG: customers' messages, ratings, PII.
+# It stays at INFO even under ``learnloop -v`` (docs/reliability.md, scenario 20).
+logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 T = TypeVar("T")
 Connection: TypeAlias = aiosqlite.Connection

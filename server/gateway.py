@@ -47,6 +47,10 @@ from server.replies import StopSignal, latest_branch, new_id, open_conversation,
 from server.settings import SiteConfig
 
 log = logging.getLogger("learnloop.gateway")
+# the websockets library logs every frame at DEBUG, and frames carry tokens and customers' text:
+# its server logs through this logger, which stays at INFO even under ``learnloop -v``
+_library_log = logging.getLogger("learnloop.gateway.websockets")
+_library_log.setLevel(logging.INFO)
 
 
 @dataclass
@@ -307,6 +311,7 @@ async def start_gateway(
         max_size=max_frame_bytes,
         process_request=process_request,
         open_timeout=open_timeout_s,
+        logger=_library_log,
     )
 
 

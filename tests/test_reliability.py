@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import logging
 import os
 import struct
 import subprocess
@@ -374,3 +375,25 @@ async def test_ratings_resent_after_a_reconnect_with_the_same_id_are_stored_once
         ratings = (await a.store.conversations.export_feedback()).ratings
         assert sorted(r.client_id for r in ratings) == ["r1", "r2"]
         assert next(r.value for r in ratings if r.client_id == "r1") == 1  # the acknowledged write stands
+
+
+async def test_the_token_and_message_text_never_reach_the_log(
+    tiny_model: Path, tmp_path: Path, open_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scenario 10 (tokens never logged), at DEBUG level, over a wrong token, a right one and a refused Origin."""
+    secret = "s3cret-token-do-not-log-4711"
+    caplog.set_level(logging.DEBUG)
+    a = App(settings(tiny_model, tmp_path, token=secret))
+    async with a.lifespan():
+        assert a.port is not None
+        c = await open_client(a.port)
+        await c.send(type="hello", token=secret[:-1] + "X")
+        assert (await c.recv())["code"] == "unauthorized"
+        await c.hello(token=secret)
+        await c.chat("my card is private-text-0815", "m1")
+        assert await handshake_status(a.port, "https://evil.example") == 403
+    server_side = [r for r in caplog.records if not r.name.startswith("websockets.client")]  # not the test's client
+    logged = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in server_side)
+    assert "websocket handshake refused" in logged  # the log was captured
+    for planted in (secret, secret[:-1] + "X", "private-text-0815"):
+        assert planted not in logged
