@@ -11,8 +11,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from server.engines import TransformersEngine
-from server.engines.base import neutralize_special_tokens
+from server.engines import TransformersEngine, neutralize_special_tokens
 
 
 def special_strings(tokenizer: object) -> list[str]:

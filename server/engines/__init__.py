@@ -23,6 +23,7 @@ from server.engines.base import (
     SamplingConfig,
     UnknownVersionError,
     fit_prompt,
+    neutralize_special_tokens,
 )
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ __all__ = [
     "extra_buffers_usable",
     "fit_prompt",
     "llama_cpp_available",
+    "neutralize_special_tokens",
     "requantize",
     "route_llama_log",
     "trim_messages",
