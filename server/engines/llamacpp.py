@@ -43,7 +43,14 @@ from typing import Any
 import numpy as np
 
 from feedback.records import BASE_VERSION
-from server.engines.base import Chunk, EngineError, LocalEngine, Request, UnknownVersionError
+from server.engines.base import (
+    Chunk,
+    EngineError,
+    LocalEngine,
+    Request,
+    UnknownVersionError,
+    neutralize_special_tokens,
+)
 from server.engines.gguf import (
     convert_adapter,
     converter_dir,
@@ -132,6 +139,7 @@ class LlamaCppEngine(LocalEngine[_Request]):
         self._n_vocab = 0
         self._template: Any = None
         self._bos = ""
+        self._specials: list[str] = []  # control-token pieces, read from the vocabulary at load
         self._eos = ""
         self._batch: Any = None  # the worker's llama_batch
         self._retired: dict[str, _Adapter] = {}  # unloaded, freed once no request uses it
@@ -299,6 +307,13 @@ class LlamaCppEngine(LocalEngine[_Request]):
         self._template = env.from_string(source)
         self._bos = self._piece(ll.llama_vocab_bos(self._vocab), special=True)
         self._eos = self._piece(ll.llama_vocab_eos(self._vocab), special=True)
+        # the control tokens (chat markers, BOS/EOS): tokenize() parses them in text, so typed ones are removed
+        control = ll.LLAMA_TOKEN_ATTR_CONTROL
+        self._specials = [
+            piece
+            for token in range(self._n_vocab)
+            if ll.llama_vocab_get_attr(self._vocab, token) & control and (piece := self._piece(token, special=True))
+        ]
 
     def _piece(self, token: int, *, special: bool) -> str:
         if token < 0:
@@ -325,6 +340,11 @@ class LlamaCppEngine(LocalEngine[_Request]):
         return list(buf[:n])
 
     def _render_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        # turns typed by people (and model replies) cannot carry the template's control tokens
+        messages = [
+            m if m["role"] == "system" else {**m, "content": neutralize_special_tokens(m["content"], self._specials)}
+            for m in messages
+        ]
         return self.tokenize(self.render(messages))
 
     def detokenize(self, ids: list[int]) -> str:
