@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,9 @@ from feedback.exceptions import LearnloopError, StorageFullError, StoreError
 from feedback.schema import MIGRATIONS, SCHEMA_VERSION
 
 log = logging.getLogger("learnloop.feedback")
+# aiosqlite logs every statement with its parameters at DEBUG: customers' messages, ratings, PII.
+# It stays at INFO even under ``learnloop -v`` (docs/reliability.md, scenario 20).
+logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 T = TypeVar("T")
 Connection: TypeAlias = aiosqlite.Connection
@@ -61,9 +65,40 @@ _PRAGMAS = (
 async def _connect(path: Path) -> Connection:
     conn = await aiosqlite.connect(path, isolation_level=None)
     conn.row_factory = sqlite3.Row
-    for pragma in _PRAGMAS:
-        await conn.execute(pragma)
+    try:
+        for pragma in _PRAGMAS:
+            await conn.execute(pragma)
+        await _check_durability(conn, path)
+    except BaseException:
+        await conn.close()
+        raise
     return conn
+
+
+async def _check_durability(conn: Connection, path: Path) -> None:
+    """Refuse a store where WAL or ``synchronous=FULL`` did not take effect: acks would not be durable.
+
+    SQLite answers a pragma it cannot honour by keeping the old mode (WAL needs shared memory,
+    which some network filesystems lack), so the mode is read back, not assumed.
+    """
+    mode = await fetch_one(conn, "PRAGMA journal_mode")
+    if mode is None or str(mode[0]).lower() != "wal":
+        found = mode[0] if mode else "unknown"
+        raise StoreError(f"{path}: journal_mode is {found}, not wal (does this filesystem support it?); not serving")
+    sync = await fetch_one(conn, "PRAGMA synchronous")
+    if sync is None or int(sync[0]) != 2:
+        found = sync[0] if sync else "unknown"
+        raise StoreError(f"{path}: synchronous is {found}, not 2 (FULL): acknowledged writes could be lost")
+
+
+def _check_writable(folder: Path) -> None:
+    """The data folder exists (made if need be) and takes a new file, or a one-line ``StoreError``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise StoreError(f"the data folder {folder} is not writable: {exc.strerror or exc}") from None
 
 
 async def _fetch(conn: Connection, sql: str, params: Iterable[Any]) -> list[Row]:
@@ -136,7 +171,7 @@ class Database:
         ``max_batch``: the most operations one group commit takes (default 512).
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _check_writable(path.parent)
         writer = await _connect(path)
         try:
             await _migrate(writer)
@@ -218,10 +253,15 @@ class Database:
             log.exception("group commit of %d operations failed", len(batch))
             with contextlib.suppress(Exception):
                 await conn.execute("ROLLBACK")
+            full = _storage_full(exc)
+            if full is not None:  # before the callers hear of it: a retry finds the WAL's bytes freed
+                await self._checkpoint_after_full()
             for item in batch:
                 if not item.future.done():
-                    item.future.set_exception(_storage_full(exc) or StoreError(f"commit failed: {exc}"))
+                    item.future.set_exception(full or StoreError(f"commit failed: {exc}"))
             return
+        if any(isinstance(error, StorageFullError) for _, _, error in results):
+            await self._checkpoint_after_full()
         for item, result, error in results:
             if item.future.done():
                 continue
@@ -229,6 +269,25 @@ class Database:
                 item.future.set_exception(error)
             else:
                 item.future.set_result(result)
+
+    async def _checkpoint_after_full(self) -> None:
+        """The disk is full: copy the WAL into the database file and truncate it, now.
+
+        The automatic checkpoint runs only once the WAL holds ``wal_autocheckpoint`` pages
+        (about 4 MB); on a disk with less room than that the WAL would never shrink, and once
+        space returned every write would fill the disk again. A TRUNCATE checkpoint needs no
+        new space in the database file for pages the WAL already holds, and gives the WAL's
+        bytes back to the disk.
+        """
+        try:
+            cursor = await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            row = await cursor.fetchone()
+            await cursor.close()
+        except Exception as exc:
+            log.warning("checkpoint after a full disk failed: %s", exc)
+            return
+        busy, frames = (row[0], row[1]) if row else (None, None)
+        log.warning("storage full: WAL checkpointed and truncated (busy=%s, frames=%s)", busy, frames)
 
     # --- reads ------------------------------------------------------------------------
 

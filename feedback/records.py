@@ -25,6 +25,7 @@ class FinishReason(StrEnum):
     STOP = "stop"  # the model ended its turn
     LENGTH = "length"  # max_new_tokens or the context was reached
     CANCELLED = "cancelled"  # the client sent stop
+    SHUTDOWN = "shutdown"  # the server stopped it at shutdown, after server.drain_s (the text is what it had)
     ERROR = "error"  # generation failed: stored empty, never trained on, counted per version
     OPERATOR = "operator"  # an operator wrote it (takeover)
 

@@ -17,12 +17,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import FastAPI
 
 from feedback import FeedbackStore
+from server.channels.identity import origin_allowed
 from server.channels.openai_api import OpenAIChannel
 from server.channels.serve import ImChannels, start_channels
-from server.channels.widget import find_site
+from server.channels.widget import demo_enabled, demo_site, find_site
 from server.console.api import start_console
 from server.engines import Engine, SamplingConfig, create_engine
-from server.gateway import GatewayContext, start_gateway
+from server.gateway import GatewayContext, drain, start_gateway
 from server.listener import RunningListener
 from server.metrics import MeteredEngine, Metrics
 from server.presence import Presence
@@ -55,13 +56,14 @@ class App:
         self.metrics = Metrics()  # this process's Prometheus metrics (the console serves /metrics)
         self.im: ImChannels | None = None  # the IM channels (Telegram, Slack, webhooks) while they run
         self.console: FastAPI | None = None  # the console's app while it serves
+        self.gateway: GatewayContext | None = None  # the websocket gateway's state while it serves
         m = settings.model
         self.sampling = SamplingConfig(max_new_tokens=m.max_new_tokens, temperature=m.temperature, top_p=m.top_p)
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[App]:
         s = self.settings
-        base_model = await asyncio.to_thread(resolve_model, s.model.name)
+        # the store first: an unwritable data folder or a store without WAL refuses before the model loads
         self.store = store = await FeedbackStore.open(s.db_path)
         scheduler = None
         tasks: list[asyncio.Task[None]] = []
@@ -70,6 +72,7 @@ class App:
         channels: RunningListener | None = None
         im: ImChannels | None = None
         try:
+            base_model = await asyncio.to_thread(resolve_model, s.model.name)
             self.engine = engine = create_engine(s.model, base_model)
             await asyncio.to_thread(engine.load)
             await store.versions.ensure_base(base_model)
@@ -100,9 +103,15 @@ class App:
                 presence=presence,
                 sites=self.site,
                 metrics=self.metrics,
+                origin_allowed=self.origin_allowed,
             )
+            self.gateway = ctx
             server = await start_gateway(
-                ctx, host=s.server.host, port=s.server.port, max_frame_bytes=s.server.max_frame_bytes
+                ctx,
+                host=s.server.host,
+                port=s.server.port,
+                max_frame_bytes=s.server.max_frame_bytes,
+                open_timeout_s=s.server.open_timeout_s,
             )
             self.port = next(iter(server.sockets)).getsockname()[1]
             if s.console.enabled:
@@ -149,6 +158,8 @@ class App:
             )
             yield self
         finally:
+            if server is not None:  # first, while the engine and the store still work
+                await drain(ctx, server, drain_s=s.server.drain_s)
             for task in tasks:
                 task.cancel()
             if channels is not None:
@@ -161,13 +172,27 @@ class App:
                 await self.trainer.aclose()
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
-            if server is not None:
-                server.close()
-                await server.wait_closed()
             if self.engine is not None:
                 await asyncio.to_thread(self.engine.close)
                 await self.engine.aclose()
             await store.close()
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """May a websocket handshake with this ``Origin`` header go on (else HTTP 403)?
+
+        One list for the whole gateway: ``server.allowed_origins``, every ``[sites.NAME]``'s
+        origins and the demo page's while it is served. ``Origin: null`` (sandboxed frames, files)
+        never is. No header at all is a non-browser client: allowed unless ``server.require_origin``.
+        """
+        s = self.settings
+        if origin is None:
+            return not s.server.require_origin
+        allowed = set(s.server.allowed_origins)
+        for site in s.sites.values():
+            allowed.update(site.origins)
+        if self.channels_port is not None and demo_enabled(s):
+            allowed.update(demo_site(self.channels_port).origins)
+        return origin_allowed(allowed, origin)
 
     def site(self, name: str) -> SiteConfig | None:
         """The widget site a hello names: ``[sites.NAME]``, or the demo page's while it is served."""

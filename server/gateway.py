@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from feedback import ErrorCode, FeedbackStore, FinishReason, NotFoundError, Role
@@ -44,10 +44,14 @@ from server.protocol import (
     error_frame,
 )
 from server.ratelimit import KeyedRateLimiter
-from server.replies import latest_branch, new_id, open_conversation, stream_reply
+from server.replies import StopSignal, latest_branch, new_id, open_conversation, stream_reply
 from server.settings import SiteConfig
 
 log = logging.getLogger("learnloop.gateway")
+# the websockets library logs every frame at DEBUG, and frames carry tokens and customers' text:
+# its server logs through this logger, which stays at INFO even under ``learnloop -v``
+_library_log = logging.getLogger("learnloop.gateway.websockets")
+_library_log.setLevel(logging.INFO)
 
 
 @dataclass
@@ -65,6 +69,9 @@ class GatewayContext:
     presence: Presence | None = field(default=None)
     sites: Callable[[str], SiteConfig | None] = field(default=lambda name: None)  # widget site by name
     metrics: Metrics | None = None
+    origin_allowed: Callable[[str | None], bool] = field(default=lambda origin: origin is None)
+    connections: set[_Connection] = field(default_factory=set)  # open ones, for the drain at shutdown
+    draining: bool = False  # shutting down: no new replies start
 
     def __post_init__(self) -> None:
         if self.presence is None:
@@ -80,7 +87,7 @@ class _Connection:
         self.site: str | None = None  # the widget site this connection was admitted for
         self.pinned: str | None = None  # the canary this conversation is pinned to, if any
         self.generation: asyncio.Task[None] | None = None
-        self.cancel: threading.Event | None = None
+        self.cancel: StopSignal | None = None
         assert ctx.presence is not None
         self.presence: Presence = ctx.presence
 
@@ -91,12 +98,14 @@ class _Connection:
             await self.ws.send(json.dumps(frame, ensure_ascii=False))
 
     async def run(self) -> None:
+        self.ctx.connections.add(self)
         try:
             async for raw in self.ws:
                 await self.apply(self.session.receive(raw, time.monotonic()))
         except ConnectionClosed:
             pass
         finally:
+            self.ctx.connections.discard(self)
             if self.session.conversation_id is not None:
                 self.presence.detach(self.session.conversation_id, self)
             if self.cancel is not None:
@@ -110,8 +119,14 @@ class _Connection:
                 await self.send(effect.frame)
             elif isinstance(effect, OpenConversation):
                 await self.apply(await self.open(effect))
+            elif isinstance(effect, Generate) and self.ctx.draining:
+                await self.apply(
+                    self.session.failed(
+                        effect.message_id, ErrorCode.UNAVAILABLE, "the server is shutting down; retry", retry_after=5
+                    )
+                )
             elif isinstance(effect, Generate):
-                self.cancel = threading.Event()
+                self.cancel = StopSignal()
                 self.generation = asyncio.create_task(self.generate(effect, self.cancel))
             elif isinstance(effect, StoreTurn):
                 await self.apply(await self.store_turn(effect))
@@ -235,7 +250,7 @@ class _Connection:
             return [Send(error_frame_for(exc, id=effect.client_id, where="storing a rating"))]
         return self.session.rating_stored(effect.client_id)
 
-    async def generate(self, g: Generate, cancel: threading.Event) -> None:
+    async def generate(self, g: Generate, cancel: StopSignal) -> None:
         """Store the user turn (ack), stream the reply, store it (done); a failure rolls the session back."""
         assert self.session.conversation_id is not None
         version = self.ctx.serving_version(self.pinned)
@@ -274,16 +289,35 @@ class _Connection:
             await self.apply(self.session.failed(g.message_id, code, message, retry_after=retry_after))
 
 
-def _health(connection: ServerConnection, request: Request) -> Response | None:
-    if request.path == "/healthz":
-        return connection.respond(HTTPStatus.OK, "ok\n")
-    return None
+async def start_gateway(
+    ctx: GatewayContext, *, host: str, port: int, max_frame_bytes: int, open_timeout_s: float = 10.0
+) -> Server:
+    """Listen for chat clients; ``/healthz`` answers plain HTTP for probes.
 
+    A handshake whose ``Origin`` is not allowed (``ctx.origin_allowed``) gets HTTP 403 before
+    any session exists; one not completed within ``open_timeout_s`` is dropped.
+    """
 
-async def start_gateway(ctx: GatewayContext, *, host: str, port: int, max_frame_bytes: int) -> Server:
-    """Listen for chat clients; ``/healthz`` answers plain HTTP for probes."""
+    def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        origin = request.headers.get("Origin")
+        if request.path == "/origin":
+            return None  # the probe (see handler): any page may ask whether its origin may chat
+        if not ctx.origin_allowed(origin):
+            log.warning("websocket handshake refused: Origin %r is not allowed", origin)
+            return connection.respond(HTTPStatus.FORBIDDEN, "this Origin may not open the chat\n")
+        return None
 
     async def handler(ws: ServerConnection) -> None:
+        if ws.request is not None and ws.request.path == "/origin":
+            # a widget whose handshake failed asks why: a page never sees an HTTP status, but it sees a
+            # close code. No session: 1000 if its Origin may chat (the server was down), else 1008.
+            if ctx.origin_allowed(ws.request.headers.get("Origin")):
+                await ws.close(CloseCode.NORMAL_CLOSURE, "allowed")
+            else:
+                await ws.close(CloseCode.POLICY_VIOLATION, "forbidden")
+            return
         if ctx.metrics is None:
             await _Connection(ctx, ws).run()
             return
@@ -294,4 +328,35 @@ async def start_gateway(ctx: GatewayContext, *, host: str, port: int, max_frame_
         finally:
             ctx.metrics.connections.dec()
 
-    return await serve(handler, host, port, max_size=max_frame_bytes, process_request=_health)
+    return await serve(
+        handler,
+        host,
+        port,
+        max_size=max_frame_bytes,
+        process_request=process_request,
+        open_timeout=open_timeout_s,
+        logger=_library_log,
+    )
+
+
+async def drain(ctx: GatewayContext, server: Server, *, drain_s: float) -> None:
+    """Shut the gateway down without dropping a reply.
+
+    New connections are refused at once and no new reply starts; replies in flight stream on for
+    up to ``drain_s`` seconds, then are stopped: each ends with ``done`` (``finish_reason``
+    ``shutdown``) and is stored with the text it had. Then every client gets close 1001.
+    """
+    ctx.draining = True
+    server.server.close()  # the listening socket: new connections are refused
+    running = [c.generation for c in ctx.connections if c.generation is not None and not c.generation.done()]
+    if running:
+        log.info("draining %d replies in flight (up to %.1f s)", len(running), drain_s)
+        _, late = await asyncio.wait(running, timeout=drain_s)
+        for conn in list(ctx.connections):
+            if conn.generation in late and conn.cancel is not None:
+                conn.cancel.reason = FinishReason.SHUTDOWN
+                conn.cancel.set()
+        if late:
+            await asyncio.wait(late, timeout=5)  # the engine stops at its next step; the reply is stored
+    server.close()  # close 1001 (going away) to every client
+    await server.wait_closed()

@@ -198,6 +198,8 @@ class ChatSession:
             frame = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"frame is not valid JSON: {exc.msg}") from None
+        except RecursionError:  # JSON nested thousands deep: the parser's recursion runs out
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "frame is nested too deeply") from None
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "a frame is a JSON object with a string 'type'")
         return frame

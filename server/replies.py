@@ -20,6 +20,12 @@ from server.engines import Engine, SamplingConfig
 from server.protocol import Turn
 
 
+class StopSignal(threading.Event):
+    """A reply's stop flag, with why it was set: the client's ``stop`` or the server shutting down."""
+
+    reason: FinishReason = FinishReason.CANCELLED
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -134,6 +140,8 @@ async def stream_reply(
         finish_reason = FinishReason.STOP
     elif shown < len(text) and finish_reason is not FinishReason.ERROR:  # a held-back tail that was no stop
         await on_delta(text[shown:])
+    if finish_reason is FinishReason.CANCELLED and isinstance(cancel, StopSignal):
+        finish_reason = cancel.reason
     failed = finish_reason is FinishReason.ERROR
     reply = Reply(
         message_id=message_id,

@@ -64,10 +64,42 @@ class ServerConfig:
             "and version ids as fields; never message text)."
         },
     )
+    allowed_origins: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Browser pages (origins such as https://app.example, comma-separated in env) allowed to open "
+            "the websocket, besides every [sites.NAME]'s origins and the demo page's. A handshake from any other "
+            "Origin, or Origin: null, gets HTTP 403 before a session exists."
+        },
+    )
+    require_origin: bool = field(
+        default=False,
+        metadata={
+            "help": "Refuse handshakes without an Origin header (403). Browsers always send one, so only "
+            "non-browser clients (the Python client, scripts) lack it; off by default for them."
+        },
+    )
+    open_timeout_s: float = field(
+        default=10.0, metadata={"help": "A websocket handshake not completed within this many seconds is dropped."}
+    )
+    drain_s: float = field(
+        default=5.0,
+        metadata={
+            "help": "On SIGTERM: seconds replies in flight may go on streaming; then they end with done "
+            "(finish_reason 'shutdown'), are stored, and clients get close 1001."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.log_format not in ("text", "json"):
             raise SettingsError(f"server.log_format {self.log_format!r}: use text or json")
+        normalized = []
+        for origin in self.allowed_origins:
+            n = normalize_origin(origin)
+            if n is None:
+                raise SettingsError(f"server.allowed_origins: {origin!r}: write scheme://host[:port]")
+            normalized.append(n)
+        object.__setattr__(self, "allowed_origins", tuple(normalized))
 
 
 ENGINES = ("transformers", "llamacpp", "openai")

@@ -54,6 +54,7 @@ class FinishReason(StrEnum):
     STOP = "stop"  # the model ended its turn
     LENGTH = "length"  # the server's max_new_tokens or the context was reached
     CANCELLED = "cancelled"  # stop() (or an operator took the conversation over)
+    SHUTDOWN = "shutdown"  # the server shut down mid-reply (after its drain); the text is what it had
     OPERATOR = "operator"  # no model reply: an operator answers; theirs arrives as OperatorMessage
 
 

@@ -348,13 +348,22 @@ form .icon{color:var(--ll-accent)}
     let sock;
     try { sock = new WebSocket(SERVER); } catch { return refuse("bad data-server"); }
     ws = sock;
-    sock.onopen = hello;
+    let opened = false;
+    sock.onopen = () => { opened = true; hello(); };
     sock.onmessage = (ev) => { try { receive(JSON.parse(ev.data)); } catch (err) { console.error("learnloop widget:", err); } };
     sock.onclose = () => {
       if (ws !== sock) return;
       ws = null;
+      if (!opened) checkOrigin();
       dropped();
     };
+  }
+  function checkOrigin() {
+    // the handshake failed: a page sees no HTTP status, so ask the server whether this page's origin may
+    // chat; the probe's close code answers (1008: never from this page; anything else: try again later)
+    let probe;
+    try { probe = new WebSocket(new URL("/origin", SERVER).href); } catch { return; }
+    probe.onclose = (ev) => { if (ev.code === 1008) refuse("forbidden"); };
   }
   function hello() {
     send({ type: "hello", site: SITE || undefined, user: USER || undefined, user_hash: d.userHash || undefined, conversation_id: state.cid || undefined });

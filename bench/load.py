@@ -1,0 +1,149 @@
+"""Load, burst and kill -9 through ``learnloop serve`` (scenarios 2, 3 and 5 of docs/reliability.md).
+
+The server is a real ``learnloop serve`` process with the tiny random Llama (the model's speed is
+not the point: the gateway and the store are), on a free port; clients are websocket connections
+on loopback from this process. Three phases:
+
+1. ``--sessions`` clients at once, each chatting once then sending ``--ratings`` ratings:
+   dropped connections, unacknowledged ratings, p99 rating ack, the server's peak RSS.
+2. A burst: ``--burst`` ratings from ``--burst-clients`` clients released at the same moment:
+   durable acks per second through the gateway, p99 ack.
+3. ``--kill9`` rounds of a burst killed with SIGKILL at a random moment, then a restart:
+   acknowledged ratings lost or stored twice, ``integrity_check``, seconds until serving again.
+
+The last line is one JSON object: sessions, dropped, unacked, ack_p99_ms, acks_per_s,
+kill9_trials, kill9_lost, rss_mb (and a few more).
+
+    python bench/load.py                                      # the issue's sizes: 1000 sessions, 20 kills
+    python bench/load.py --sessions 200 --burst-clients 200 --burst 2000 --kill9 5   # smaller
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.factories import build_tiny_model
+from tests.serve_process import BURST_ENV, RatingSession, ServeProcess, kill9_trials, stored_ratings
+
+
+def p99(values: list[float]) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def env_for(clients: int) -> dict[str, str]:
+    # every client's one chat turn is queued rather than refused: the replies are 4 tokens of the tiny model
+    return {**BURST_ENV, "LEARNLOOP_MODEL_MAX_PENDING": str(max(64, clients))}
+
+
+async def sessions_phase(data_dir: Path, model: Path, sessions: int, ratings: int) -> dict[str, float]:
+    server = ServeProcess(data_dir, model, env_for(sessions))
+    try:
+        port = await asyncio.to_thread(server.port)
+        rss_start = peak_rss_mb(server.proc.pid)
+        clients = [RatingSession(f"s{k}") for k in range(sessions)]
+        started = time.monotonic()
+        await asyncio.gather(*(c.run(port, ratings, chat_timeout=600) for c in clients))
+        took = time.monotonic() - started
+        rss = peak_rss_mb(server.proc.pid)
+    finally:
+        server.stop()
+    ack_ms = [ms for c in clients for ms in c.ack_ms]
+    stored, _ = stored_ratings(server.db_path)
+    return {
+        "sessions": sessions,
+        "dropped": sum(1 for c in clients if c.dropped or not c.connected),
+        "unacked": sum(c.sent - len(c.acked) for c in clients) + sum(ratings for c in clients if not c.chatted),
+        "errors": sum(len(c.errors) for c in clients),
+        "ack_p50_ms": statistics.median(ack_ms) if ack_ms else float("nan"),
+        "ack_p99_ms": p99(ack_ms),
+        "acked_not_stored": len({a for c in clients for a in c.acked} - set(stored)),
+        "sessions_s": took,
+        "rss_start_mb": rss_start,
+        "rss_mb": rss,
+    }
+
+
+async def burst_phase(data_dir: Path, model: Path, clients_n: int, total: int) -> dict[str, float]:
+    server = ServeProcess(data_dir, model, env_for(clients_n))
+    per_client = max(1, total // clients_n)
+    try:
+        port = await asyncio.to_thread(server.port)
+        go = asyncio.Event()
+        clients = [RatingSession(f"b{k}") for k in range(clients_n)]
+        tasks = [asyncio.create_task(c.run(port, per_client, chat_timeout=600, go=go)) for c in clients]
+        while sum(c.chatted or c.dropped for c in clients) < clients_n:  # noqa: ASYNC110 (polls the clients)
+            await asyncio.sleep(0.05)  # every client connected and chatted
+        released = time.monotonic()
+        go.set()
+        await asyncio.gather(*tasks)
+        logs = "\n".join(server.log)
+    finally:
+        server.stop()
+    acks = sum(len(c.acked) for c in clients)
+    last = max((c.last_ack for c in clients), default=released)
+    ack_ms = [ms for c in clients for ms in c.ack_ms]
+    return {
+        "burst_ratings": clients_n * per_client,
+        "burst_acked": acks,
+        "acks_per_s": acks / max(last - released, 1e-9),
+        "burst_ack_p99_ms": p99(ack_ms),
+        "database_locked": logs.count("database is locked"),
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, default=1000)
+    parser.add_argument("--ratings", type=int, default=10, help="ratings per session in phase 1")
+    parser.add_argument("--burst-clients", type=int, default=1000)
+    parser.add_argument("--burst", type=int, default=10_000, help="ratings in the burst (phase 2)")
+    parser.add_argument("--kill9", type=int, default=20, help="kill -9 rounds (phase 3)")
+    parser.add_argument("--kill9-sessions", type=int, default=16)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="learnloop-load-") as tmp:
+        root = Path(tmp)
+        model = build_tiny_model(root / "tiny")
+        result: dict[str, float] = {}
+        result.update(await sessions_phase(root / "sessions", model, args.sessions, args.ratings))
+        print(f"phase 1: {args.sessions} sessions x {args.ratings} ratings: {result}", flush=True)
+        burst = await burst_phase(root / "burst", model, args.burst_clients, args.burst)
+        print(f"phase 2: burst: {burst}", flush=True)
+        result.update(burst)
+        trials = await kill9_trials(
+            root / "kill9", model, trials=args.kill9, sessions=args.kill9_sessions, log=lambda m: print(m, flush=True)
+        )
+        result.update(
+            {
+                "kill9_trials": len(trials),
+                "kill9_acked": sum(t.acked for t in trials),
+                "kill9_lost": sum(t.lost for t in trials),
+                "kill9_duplicated": sum(t.duplicated for t in trials),
+                "kill9_integrity_ok": all(t.integrity == "ok" for t in trials),
+                "restart_s_max": max((t.restart_s for t in trials), default=float("nan")),
+            }
+        )
+    print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
