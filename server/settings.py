@@ -98,6 +98,15 @@ class ModelConfig:
             "downloads it once into the model cache."
         },
     )
+    kv_resident: int = field(
+        default=8,
+        metadata={
+            "help": "llamacpp: KV sequences kept beside the max_active ones for conversations between their turns "
+            "and shared system prompts (0: reuse only what stays in the active slots). Each costs "
+            "(max_prompt_tokens + max_new_tokens, rounded up to 256) cells x the model's bytes per cell: "
+            "39.4 MiB for SmolLM2-135M at the defaults."
+        },
+    )
     llama_extra_bufts: bool | None = field(
         default=None,
         metadata={
@@ -149,6 +158,8 @@ class ModelConfig:
                 f"model.gguf: the llamacpp engine serves a GGUF file; set it for model.name {self.name!r} "
                 "(only the default model's GGUF is found by itself)"
             )
+        if not 0 <= self.kv_resident <= 128:
+            raise SettingsError(f"model.kv_resident {self.kv_resident}: use 0 to 128")
         if self.gguf_quant not in ("", "q8_0", "q4_0"):
             raise SettingsError(f"model.gguf_quant {self.gguf_quant!r}: use q8_0, q4_0 or an empty string")
         if self.dtype not in ("bfloat16", "float32", "float16"):

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         requantize,
         route_llama_log,
     )
+    from server.engines.kvreuse import KvBook, Op, common_prefix
     from server.engines.llamacpp import LlamaCppEngine
     from server.engines.openai import OpenAIEngine, trim_messages
     from server.engines.transformers import TransformersEngine
@@ -45,13 +46,16 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineStats",
+    "KvBook",
     "LlamaCppEngine",
     "Messages",
+    "Op",
     "OpenAIEngine",
     "OverloadedError",
     "SamplingConfig",
     "TransformersEngine",
     "UnknownVersionError",
+    "common_prefix",
     "converted_adapter_ok",
     "create_engine",
     "extra_buffers_usable",
@@ -67,6 +71,9 @@ _LAZY = {
     "LlamaCppEngine": "llamacpp",
     "OpenAIEngine": "openai",
     "trim_messages": "openai",
+    "KvBook": "kvreuse",
+    "Op": "kvreuse",
+    "common_prefix": "kvreuse",
     "ADAPTER_GGUF": "gguf",
     "converted_adapter_ok": "gguf",
     "extra_buffers_usable": "gguf",
@@ -112,6 +119,7 @@ def create_engine(model: ModelConfig, base_model_dir: str) -> Engine:
             converter_src=model.llama_cpp_src,
             sdist=model.llama_cpp_sdist,
             extra_buffers=model.llama_extra_bufts,
+            kv_resident=model.kv_resident,
             max_prompt_tokens=model.max_prompt_tokens,
             max_new_tokens=model.max_new_tokens,
             max_pending=model.max_pending,

@@ -330,3 +330,22 @@ def extra_buffers_usable(gguf_path: str) -> bool:
                 proc.returncode,
             )
     return _extra_buffers[gguf_path]
+
+
+_CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def chat_template(source: str | None) -> Any:
+    """The GGUF's chat template (jinja, sandboxed) or ChatML where it has none."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise EngineError(f"chat template: {message}")
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source or _CHATML)
