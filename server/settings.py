@@ -59,15 +59,16 @@ class ServerConfig:
     )
 
 
-ENGINES = ("transformers", "llamacpp", "openai")
+ENGINES = ("auto", "transformers", "llamacpp", "openai")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     engine: str = field(
-        default="transformers",
+        default="auto",
         metadata={
-            "help": "transformers (in process, continuous batching, LoRA per request), llamacpp (in process: "
+            "help": "auto (llamacpp when llama-cpp-python imports and the model has a GGUF, else transformers; "
+            "the server logs which and why), transformers (in process, continuous batching, LoRA per request), llamacpp (in process: "
             "the GGUF model.gguf through llama.cpp, continuous batching, LoRA per request) or openai (an "
             "OpenAI-compatible server such as vLLM: model.openai_url)."
         },
