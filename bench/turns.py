@@ -17,7 +17,11 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from server.engines import LlamaCppEngine, SamplingConfig
 from training.models import default_cache_dir, default_gguf, resolve_model

@@ -99,6 +99,14 @@ class ModelConfig:
             "downloads it once into the model cache."
         },
     )
+    kv_reuse: bool = field(
+        default=False,
+        metadata={
+            "help": "llamacpp: keep prompts' KV cells between replies (next turns, regenerations and new "
+            "conversations prefill only what no cached prefix holds; flash attention off). Off by default: "
+            "under concurrency a random adapter's greedy reply was seen to fork late (README, KV reuse)."
+        },
+    )
     kv_resident: int = field(
         default=8,
         metadata={

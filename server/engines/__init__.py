@@ -140,6 +140,7 @@ def create_engine(model: ModelConfig, base_model_dir: str) -> Engine:
             converter_src=model.llama_cpp_src,
             sdist=model.llama_cpp_sdist,
             extra_buffers=model.llama_extra_bufts,
+            kv_reuse=model.kv_reuse,
             kv_resident=model.kv_resident,
             max_prompt_tokens=model.max_prompt_tokens,
             max_new_tokens=model.max_new_tokens,
