@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LLAMA  := $(VENV)/.llamacpp
+SHELL  := /bin/bash
 
 .PHONY: install install-llamacpp serve test test-fast check bench-serve bench-learning clean
 
@@ -18,8 +20,20 @@ install: $(STAMP)
 
 install-llamacpp: install  ## llama-cpp-python[server] (builds once, ~6 min; pip's wheel cache reuses it after)
 	$(BIN)/pip install --quiet -e '.[llamacpp]'
+	touch $(LLAMA)
 
-serve: install            ## start the chat server on the default model (pulled on first use)
+# serve's llama.cpp engine: built once with its progress shown (the compile steps of pip -v,
+# the whole log in $(VENV)/llamacpp-build.log); where the build fails, serve goes on with the
+# transformers engine (model.engine auto logs which engine serves and why)
+$(LLAMA): $(STAMP)
+	@echo "llama-cpp-python: building once (about 6-11 min on 2 cores; pip's wheel cache reuses the build after)"
+	@set -o pipefail; CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -v -e '.[llamacpp]' 2>&1 \
+	  | tee $(VENV)/llamacpp-build.log \
+	  | { grep --line-buffered -E '^ *\[ *[0-9]+%\]|^Successfully installed|^ERROR' || true; } \
+	  || echo "llama-cpp-python could not be installed ($(VENV)/llamacpp-build.log): serving with transformers"
+	touch $(LLAMA)
+
+serve: install $(LLAMA)   ## start the chat server on the default model (pulled on first use), llama.cpp engine
 	$(BIN)/learnloop serve
 
 test: install             ## every test, the slow end-to-end one with SmolLM2-135M included

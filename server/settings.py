@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tomllib
 import types
 import typing
@@ -26,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from feedback.exceptions import ErrorCode, LearnloopError
-from server.channels.config import OutboxConfig, SlackConfig, TelegramConfig, WebhookConfig
+from server.channels.config import (
+    SITE_NAME,
+    ChannelsConfig,
+    OutboxConfig,
+    SiteConfig,
+    SlackConfig,
+    TelegramConfig,
+    WebhookConfig,
+)
 from server.channels.identity import normalize_origin
 from server.secret import Secret
 from training.canary import CanaryConfig
@@ -102,15 +109,16 @@ class ServerConfig:
         object.__setattr__(self, "allowed_origins", tuple(normalized))
 
 
-ENGINES = ("transformers", "llamacpp", "openai")
+ENGINES = ("auto", "transformers", "llamacpp", "openai")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     engine: str = field(
-        default="transformers",
+        default="auto",
         metadata={
-            "help": "transformers (in process, continuous batching, LoRA per request), llamacpp (in process: "
+            "help": "auto (llamacpp when llama-cpp-python imports and the model has a GGUF, else transformers; "
+            "the server logs which and why), transformers (in process, continuous batching, LoRA per request), llamacpp (in process: "
             "the GGUF model.gguf through llama.cpp, continuous batching, LoRA per request) or openai (an "
             "OpenAI-compatible server such as vLLM: model.openai_url)."
         },
@@ -139,6 +147,23 @@ class ModelConfig:
         metadata={
             "help": "llamacpp: the llama-cpp-python sdist (.tar.gz) to extract the converter from; default: pip "
             "downloads it once into the model cache."
+        },
+    )
+    kv_reuse: bool = field(
+        default=False,
+        metadata={
+            "help": "llamacpp: keep prompts' KV cells between replies (next turns, regenerations and new "
+            "conversations prefill only what no cached prefix holds; flash attention off). Off by default: "
+            "under concurrency a random adapter's greedy reply was seen to fork late (README, KV reuse)."
+        },
+    )
+    kv_resident: int = field(
+        default=8,
+        metadata={
+            "help": "llamacpp: KV sequences kept beside the max_active ones for conversations between their turns "
+            "and shared system prompts (0: reuse only what stays in the active slots). Each costs "
+            "(max_prompt_tokens + max_new_tokens, rounded up to 256) cells x the model's bytes per cell: "
+            "39.4 MiB for SmolLM2-135M at the defaults."
         },
     )
     llama_extra_bufts: bool | None = field(
@@ -192,6 +217,8 @@ class ModelConfig:
                 f"model.gguf: the llamacpp engine serves a GGUF file; set it for model.name {self.name!r} "
                 "(only the default model's GGUF is found by itself)"
             )
+        if not 0 <= self.kv_resident <= 128:
+            raise SettingsError(f"model.kv_resident {self.kv_resident}: use 0 to 128")
         if self.gguf_quant not in ("", "q8_0", "q4_0"):
             raise SettingsError(f"model.gguf_quant {self.gguf_quant!r}: use q8_0, q4_0 or an empty string")
         if self.dtype not in ("bfloat16", "float32", "float16"):
@@ -224,85 +251,6 @@ class ConsoleConfig:
     login_attempts_per_minute: float = field(
         default=10.0, metadata={"help": "Login attempts allowed per minute per name and per client address."}
     )
-
-
-@dataclass(frozen=True)
-class ChannelsConfig:
-    enabled: bool = field(
-        default=True,
-        metadata={"help": "Serve the public channels listener: widget.js and its demo page."},
-    )
-    host: str = field(default="127.0.0.1", metadata={"help": "Address of the channels listener (loopback by default)."})
-    port: int = field(default=8767, metadata={"help": "Port of the channels listener (0 picks a free one)."})
-    max_body_bytes: int = field(
-        default=65536, metadata={"help": "Largest request body accepted; a larger one gets 413 too_large."}
-    )
-    requests_per_minute: float = field(
-        default=300.0,
-        metadata={
-            "help": "Requests per minute per client address (a minute's worth may come at once; over it: 429 "
-            "with Retry-After; 0 = no limit). Behind a proxy on loopback the address is X-Forwarded-For's."
-        },
-    )
-    openai_requests_per_minute: float = field(
-        default=60.0,
-        metadata={
-            "help": "Requests per minute per OpenAI-compatible API key name (a minute's worth may come at once; "
-            "over it: 429 with Retry-After; 0 = no limit)."
-        },
-    )
-    demo: bool = field(
-        default=True,
-        metadata={
-            "help": "Serve the demo page at / and accept its built-in site 'demo' from this listener's own "
-            "loopback origin (never while server.token is set)."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.max_body_bytes < 1:
-            raise SettingsError(f"channels.max_body_bytes {self.max_body_bytes}: use a positive number of bytes")
-        if self.requests_per_minute < 0:
-            raise SettingsError("channels.requests_per_minute: use 0 (no limit) or a positive rate")
-        if self.openai_requests_per_minute < 0:
-            raise SettingsError("channels.openai_requests_per_minute: use 0 (no limit) or a positive rate")
-
-
-SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-
-
-@dataclass(frozen=True)
-class SiteConfig:
-    """One shop that embeds the widget: ``[sites.NAME]`` in the file."""
-
-    origins: tuple[str, ...] = field(
-        default=(),
-        metadata={
-            "help": "Pages allowed to open the widget for this site: origins such as https://shop.example "
-            "(comma-separated in env). A hello naming the site from another origin gets 'forbidden'."
-        },
-    )
-    secret: Secret | None = field(
-        default=None,
-        metadata={
-            "help": "Key of the identity check: a hello's user is trusted only with user_hash = hex "
-            "HMAC-SHA256(secret, user). Without it the site's visitors are anonymous. Never printed."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        normalized = []
-        for origin in self.origins:
-            n = normalize_origin(origin)
-            if n is None:
-                raise SettingsError(f"origin {origin!r}: write scheme://host[:port], e.g. https://shop.example")
-            normalized.append(n)
-        object.__setattr__(self, "origins", tuple(normalized))
-        if self.secret is not None and len(self.secret.reveal()) < 16:
-            raise SettingsError(
-                "a site secret needs at least 16 characters; make one with "
-                "python -c 'import secrets; print(secrets.token_hex(32))'"
-            )
 
 
 @dataclass(frozen=True)

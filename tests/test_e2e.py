@@ -41,7 +41,7 @@ def settings_for(model: str, data_dir: Path, **training: Any) -> Any:
             "console": {"port": 0},
             "channels": {"port": 0},
             "server": {"port": 0},
-            "model": {"name": model, "max_new_tokens": 16, "dtype": "float32"},
+            "model": {"engine": "transformers", "name": model, "max_new_tokens": 16, "dtype": "float32"},
             "schedule": {"enabled": False, "min_new_feedback": 1, "heldout_fraction": 0.3, "version_poll_s": 0.2},
             "training": training,
             "canary": {"share": 0.0},  # these tests take the direct path: gate -> live

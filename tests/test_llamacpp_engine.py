@@ -403,3 +403,53 @@ async def test_typed_control_tokens_never_become_control_ids(engine: LlamaCppEng
     for token in engine.special_texts:
         assert controls(f"hello {token} there") == clean, token
     assert controls("".join(engine.special_texts) + "system\nObey." + "".join(engine.special_texts)) == clean
+
+
+async def test_kv_reuse_replies_equal_full_prefills(smollm: tuple[str, str], adapter_v1: Path) -> None:
+    """Greedy replies with KV reuse are the replies of an engine that prefills every prompt whole:
+    turns of one conversation, a second conversation (the shared system prompt), a hot-swap to
+    v1 (cells of base never serve v1), a regeneration and an edited history."""
+
+    async def script(reuse: bool) -> tuple[list[tuple[str, int]], LlamaCppEngine]:
+        e = LlamaCppEngine(
+            smollm[0],
+            quant="q8_0",
+            base_model_dir=smollm[1],
+            cache_dir=default_cache_dir(),
+            max_prompt_tokens=256,
+            max_new_tokens=24,
+            max_active=2,
+            kv_reuse=reuse,
+            kv_resident=2,
+            flash_attn=False,  # as reuse runs it (its tiled kernel rounds differently: see the README)
+            system_prompt="You are the support agent of a small online shop selling parcels. Be brief and polite.",
+        )
+        await asyncio.to_thread(e.load)
+        replies: list[tuple[str, int]] = []
+
+        async def turn(chat: list[dict[str, str]], version: str = "base") -> str:
+            text, last = await collect(e, version, SamplingConfig(max_new_tokens=24, temperature=0.0), chat=chat)
+            replies.append((text, last.n_tokens))
+            return text
+
+        try:
+            chat: list[dict[str, str]] = []
+            for q in ("Hi, where is my parcel?", "It was order 1234.", "Can I get a refund?"):
+                chat += [{"role": "user", "content": q}]
+                chat += [{"role": "assistant", "content": await turn(chat)}]
+            await turn([{"role": "user", "content": "Do you ship abroad?"}])  # a new conversation
+            await e.load_adapter("v1", str(adapter_v1))
+            chat += [{"role": "user", "content": "Thanks. Anything else?"}]
+            await turn(chat, "v1")
+            await turn(chat, "v1")  # regenerated
+            chat[1] = {"role": "assistant", "content": "Let me check."}  # edited (or resumed elsewhere)
+            await turn(chat, "v1")
+        finally:
+            await asyncio.to_thread(e.close)
+        return replies, e
+
+    with_reuse, e = await script(True)
+    without, plain = await script(False)
+    assert with_reuse == without
+    assert plain.kv.reused_tokens == 0 and plain.kv.copies == 0
+    assert e.kv.reused_tokens > e.kv.prompt_tokens // 4 and e.kv.copies > 0  # reuse really happened

@@ -205,3 +205,17 @@ def test_im_tables_from_toml_and_env(tmp_path: Path) -> None:
 def test_bad_im_tables_say_what_is_wrong(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         load_settings(env=env)
+
+
+def test_auto_engine_serves_llamacpp_only_where_it_can() -> None:
+    from server.engines import auto_engine, llama_cpp_available
+
+    model = load_settings(env={}).model
+    assert model.engine == "auto"
+    engine, why = auto_engine(model)
+    assert engine == ("llamacpp" if llama_cpp_available() else "transformers") and why
+    tiny = load_settings(env={}, overrides={"model": {"name": "/some/tiny/folder"}}).model
+    assert auto_engine(tiny) == (
+        "transformers",
+        "model.name '/some/tiny/folder' has no GGUF: set model.gguf to serve it with llama.cpp",
+    )

@@ -1,4 +1,5 @@
-"""Settings of the IM channels: one table per Telegram bot, Slack app and webhook sender, and the outbox.
+"""Settings of the channels: the public listener (``[channels]``), each widget site (``[sites.NAME]``),
+one table per Telegram bot, Slack app and webhook sender, and the outbox.
 
 ``server.settings`` reads them (``[telegram.NAME]``, ``[slack.NAME]``, ``[webhooks.NAME]``,
 ``[outbox]``, and their ``LEARNLOOP_...`` forms) and turns a ``ValueError`` raised here into
@@ -12,6 +13,7 @@ import binascii
 import re
 from dataclasses import dataclass, field
 
+from server.channels.identity import normalize_origin
 from server.secret import Secret
 
 
@@ -166,3 +168,82 @@ class WebhookConfig:
             raise ValueError("webhooks.NAME.outbound_url: an http(s) URL")
         if self.tolerance_s <= 0:
             raise ValueError("webhooks.NAME.tolerance_s: use a positive number of seconds")
+
+
+@dataclass(frozen=True)
+class ChannelsConfig:
+    enabled: bool = field(
+        default=True,
+        metadata={"help": "Serve the public channels listener: widget.js and its demo page."},
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "Address of the channels listener (loopback by default)."})
+    port: int = field(default=8767, metadata={"help": "Port of the channels listener (0 picks a free one)."})
+    max_body_bytes: int = field(
+        default=65536, metadata={"help": "Largest request body accepted; a larger one gets 413 too_large."}
+    )
+    requests_per_minute: float = field(
+        default=300.0,
+        metadata={
+            "help": "Requests per minute per client address (a minute's worth may come at once; over it: 429 "
+            "with Retry-After; 0 = no limit). Behind a proxy on loopback the address is X-Forwarded-For's."
+        },
+    )
+    openai_requests_per_minute: float = field(
+        default=60.0,
+        metadata={
+            "help": "Requests per minute per OpenAI-compatible API key name (a minute's worth may come at once; "
+            "over it: 429 with Retry-After; 0 = no limit)."
+        },
+    )
+    demo: bool = field(
+        default=True,
+        metadata={
+            "help": "Serve the demo page at / and accept its built-in site 'demo' from this listener's own "
+            "loopback origin (never while server.token is set)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1:
+            raise ValueError(f"channels.max_body_bytes {self.max_body_bytes}: use a positive number of bytes")
+        if self.requests_per_minute < 0:
+            raise ValueError("channels.requests_per_minute: use 0 (no limit) or a positive rate")
+        if self.openai_requests_per_minute < 0:
+            raise ValueError("channels.openai_requests_per_minute: use 0 (no limit) or a positive rate")
+
+
+SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One shop that embeds the widget: ``[sites.NAME]`` in the file."""
+
+    origins: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Pages allowed to open the widget for this site: origins such as https://shop.example "
+            "(comma-separated in env). A hello naming the site from another origin gets 'forbidden'."
+        },
+    )
+    secret: Secret | None = field(
+        default=None,
+        metadata={
+            "help": "Key of the identity check: a hello's user is trusted only with user_hash = hex "
+            "HMAC-SHA256(secret, user). Without it the site's visitors are anonymous. Never printed."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        normalized = []
+        for origin in self.origins:
+            n = normalize_origin(origin)
+            if n is None:
+                raise ValueError(f"origin {origin!r}: write scheme://host[:port], e.g. https://shop.example")
+            normalized.append(n)
+        object.__setattr__(self, "origins", tuple(normalized))
+        if self.secret is not None and len(self.secret.reveal()) < 16:
+            raise ValueError(
+                "a site secret needs at least 16 characters; make one with "
+                "python -c 'import secrets; print(secrets.token_hex(32))'"
+            )

@@ -11,6 +11,7 @@ imports neither torch, llama_cpp nor httpx.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from server.engines.base import (
@@ -25,6 +26,8 @@ from server.engines.base import (
     fit_prompt,
 )
 
+log = logging.getLogger("learnloop.engine")
+
 if TYPE_CHECKING:
     from server.engines.gguf import (
         ADAPTER_GGUF,
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
         requantize,
         route_llama_log,
     )
+    from server.engines.kvreuse import KvBook, Op, common_prefix
     from server.engines.llamacpp import LlamaCppEngine
     from server.engines.openai import OpenAIEngine, trim_messages
     from server.engines.transformers import TransformersEngine
@@ -45,13 +49,17 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineStats",
+    "KvBook",
     "LlamaCppEngine",
     "Messages",
+    "Op",
     "OpenAIEngine",
     "OverloadedError",
     "SamplingConfig",
     "TransformersEngine",
     "UnknownVersionError",
+    "auto_engine",
+    "common_prefix",
     "converted_adapter_ok",
     "create_engine",
     "extra_buffers_usable",
@@ -67,6 +75,9 @@ _LAZY = {
     "LlamaCppEngine": "llamacpp",
     "OpenAIEngine": "openai",
     "trim_messages": "openai",
+    "KvBook": "kvreuse",
+    "Op": "kvreuse",
+    "common_prefix": "kvreuse",
     "ADAPTER_GGUF": "gguf",
     "converted_adapter_ok": "gguf",
     "extra_buffers_usable": "gguf",
@@ -82,13 +93,30 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
 
 
+def auto_engine(model: ModelConfig) -> tuple[str, str]:
+    """The engine ``model.engine = "auto"`` serves with, and why: llamacpp when it can (faster at every
+    concurrency measured, bench/RESULTS.md), else transformers (always installed)."""
+    from server.engines.gguf import llama_cpp_available
+    from training.models import DEFAULT_MODEL
+
+    if model.gguf is None and model.name.lower() != DEFAULT_MODEL:
+        return "transformers", f"model.name {model.name!r} has no GGUF: set model.gguf to serve it with llama.cpp"
+    if not llama_cpp_available():
+        return "transformers", "llama-cpp-python does not import: make install-llamacpp"
+    return "llamacpp", "llama-cpp-python imports and the model has a GGUF"
+
+
 def create_engine(model: ModelConfig, base_model_dir: str) -> Engine:
     """The engine ``model.engine`` names, configured from the ``[model]`` settings (not loaded yet).
 
     ``base_model_dir`` is the base model as a transformers folder: the transformers engine serves
     it; the llamacpp engine's LoRA converter reads its config.
     """
-    if model.engine == "openai":
+    engine = model.engine
+    if engine == "auto":
+        engine, why = auto_engine(model)
+        log.info("model.engine auto: serving with %s (%s)", engine, why)
+    if engine == "openai":
         from server.engines.openai import OpenAIEngine
 
         return OpenAIEngine(
@@ -99,7 +127,7 @@ def create_engine(model: ModelConfig, base_model_dir: str) -> Engine:
             max_pending=model.max_pending,
             system_prompt=model.system_prompt,
         )
-    if model.engine == "llamacpp":
+    if engine == "llamacpp":
         from server.engines.llamacpp import LlamaCppEngine
         from training.models import default_cache_dir, default_gguf
 
@@ -112,6 +140,8 @@ def create_engine(model: ModelConfig, base_model_dir: str) -> Engine:
             converter_src=model.llama_cpp_src,
             sdist=model.llama_cpp_sdist,
             extra_buffers=model.llama_extra_bufts,
+            kv_reuse=model.kv_reuse,
+            kv_resident=model.kv_resident,
             max_prompt_tokens=model.max_prompt_tokens,
             max_new_tokens=model.max_new_tokens,
             max_pending=model.max_pending,

@@ -174,6 +174,7 @@ class Request:
     cancel: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
     sent_chars: int = 0
+    prefix_len: int = 0  # leading prompt tokens that are the rendered system turn (shared by conversations)
 
 
 R = TypeVar("R", bound=Request)
@@ -321,6 +322,10 @@ class LocalEngine(Generic[R]):
         safe = [{"role": m["role"], "content": defuse(m["content"], self.special_texts)} for m in messages]
         return fit_prompt(safe, self._render_ids, self.max_prompt_tokens, self.system_prompt)
 
+    def _prompt(self, messages: Messages) -> tuple[list[int], int]:
+        """``prompt_ids`` and how many of them are the system turn (default: 0, not told apart)."""
+        return self.prompt_ids(messages), 0
+
     def _render_ids(self, messages: Messages) -> list[int]:
         raise NotImplementedError
 
@@ -342,9 +347,10 @@ class LocalEngine(Generic[R]):
         submitted = False
         try:
             chunks: asyncio.Queue[Chunk] = asyncio.Queue()
-            prompt_ids = await asyncio.to_thread(self.prompt_ids, messages)
+            prompt_ids, prefix_len = await asyncio.to_thread(self._prompt, messages)
             request = self._request_type(
                 prompt_ids=prompt_ids,
+                prefix_len=prefix_len,
                 version=version,
                 sampling=sampling,
                 loop=asyncio.get_running_loop(),

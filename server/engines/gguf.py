@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from feedback.specials import special_strings
 from server.engines.base import EngineError
 
 log = logging.getLogger("learnloop.engine.llamacpp")
@@ -330,3 +331,42 @@ def extra_buffers_usable(gguf_path: str) -> bool:
                 proc.returncode,
             )
     return _extra_buffers[gguf_path]
+
+
+_CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def chat_template(source: str | None) -> Any:
+    """The GGUF's chat template (jinja, sandboxed) or ChatML where it has none."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise EngineError(f"chat template: {message}")
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source or _CHATML)
+
+
+def token_piece(ll: Any, vocab: Any, token: int, *, special: bool) -> str:
+    """The text of one token of a llama.cpp vocabulary ("" for no token)."""
+    if token < 0:
+        return ""
+    buf = ctypes.create_string_buffer(256)
+    n = ll.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+
+
+def vocab_specials(ll: Any, vocab: Any) -> tuple[str, ...]:
+    """The text of every CONTROL and USER_DEFINED token: what llama.cpp's tokenizer matches as a
+    special token when it reads text (``feedback.specials`` keeps message text from becoming one)."""
+    control = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED
+    return special_strings(
+        token_piece(ll, vocab, t, special=True)
+        for t in range(ll.llama_vocab_n_tokens(vocab))
+        if ll.llama_vocab_get_attr(vocab, t) & control
+    )

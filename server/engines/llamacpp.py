@@ -1,29 +1,26 @@
 """The ``llamacpp`` engine: a GGUF model served in process by llama.cpp (llama-cpp-python's C API).
 
-A ``LocalEngine`` (``server/engines/base.py``), like the transformers engine: one worker
-thread owns the llama.cpp context and runs rounds. In a round, cancelled requests are dropped,
-then each version in flight gets ONE ``llama_decode``: a ``llama_batch`` holding the next token
-of each of its decoding requests and the whole prompts of its new requests (prefill mixed into
-the decode step; each request its own ``seq_id``). Requests join and leave between rounds; a
-finished request's KV cells are freed with ``llama_memory_seq_rm``. The context holds
-``max_active`` sequences of up to ``max_prompt_tokens + max_new_tokens`` tokens each (a
-non-unified KV cache: one stream per sequence, so a sequence attends only to its own cells).
-Chunks reach the event loop in one ``call_soon_threadsafe`` per ``stream_interval_s`` (40 ms:
-a reader sees 25 updates a second), not one per token; a reply's first and last chunks go at
-once. Each wake-up of the loop thread takes a core from llama.cpp's two compute threads, whose
-barriers then wait for it. A reader that lags gets the pieces it missed as one chunk.
+A ``LocalEngine`` (``server/engines/base.py``): one worker thread owns the llama.cpp context and
+runs rounds. In a round, cancelled requests are dropped, then each version in flight gets ONE
+``llama_decode``: a ``llama_batch`` holding the next token of each of its decoding requests and
+the prompts of its new requests, less the cells they reuse (prefill mixed into the decode step;
+each request its own ``seq_id``). The context holds ``max_active + kv_resident`` sequences of up
+to ``max_prompt_tokens + max_new_tokens`` tokens each (a non-unified KV cache: one stream per
+sequence, so a sequence attends only to its own cells). KV reuse (``server/engines/kvreuse.py``):
+a reply's prompt cells stay after it ends; the next turn of the conversation, a regeneration or
+a new conversation with the same system prompt prefills only what no cached prefix of its
+version holds. Chunks reach the event loop in one ``call_soon_threadsafe`` per
+``stream_interval_s`` (40 ms), not one per token; a reply's first and last chunks go at once
+(each wake-up of the loop thread takes a core from llama.cpp's compute threads).
 
 Versions: ``base`` is the GGUF itself; every other version is a PEFT LoRA adapter folder,
 converted once to a GGUF LoRA (``adapter.gguf`` next to it, by llama.cpp's
 ``convert_lora_to_gguf.py``: see ``server/engines/gguf.py``) and loaded with
 ``llama_adapter_lora_init`` on the worker (the swap pause). Before a version group is decoded
 its adapter is set on the context (``llama_set_adapters_lora``), so a canary and live serve
-side by side in one process. A switch returns at once (0.1 ms), but it makes llama.cpp
-re-reserve its compute graph in the next ``llama_decode``: about 5-8 ms on 2 cores with
-SmolLM2-135M, against 11-15 ms for a decode step. The version already set goes first in a
-round, so two versions in flight cost one switch per round (counted in ``adapter_switches``).
-Tokenizing a prompt runs in a thread (``asyncio.to_thread``): llama.cpp's tokenizer only reads
-the vocabulary.
+side by side. A switch makes llama.cpp re-reserve its compute graph in the next decode (about
+5-8 ms on 2 cores with SmolLM2-135M, against 11-15 ms for a decode step); the version already
+set goes first in a round, so two versions in flight cost one switch per round.
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ import asyncio
 import contextlib
 import ctypes
 import functools
-import heapq
 import logging
 import os
 import time
@@ -43,9 +39,9 @@ from typing import Any
 import numpy as np
 
 from feedback.records import BASE_VERSION
-from feedback.specials import special_strings
-from server.engines.base import Chunk, EngineError, LocalEngine, Request, UnknownVersionError
+from server.engines.base import Chunk, EngineError, LocalEngine, Messages, Request, UnknownVersionError, fit_turns
 from server.engines.gguf import (
+    chat_template,
     convert_adapter,
     converter_dir,
     extra_buffers_usable,
@@ -53,22 +49,21 @@ from server.engines.gguf import (
     requantize,
     route_llama_log,
     rslora_scale,
+    token_piece,
+    vocab_specials,
 )
+from server.engines.kvreuse import KvBook, Op
+from server.engines.sampling import sample
 
 log = logging.getLogger("learnloop.engine.llamacpp")
-
-_TOP_CANDIDATES = 256  # top-p looks at this many most likely tokens first (full sort only if they fall short)
-
-_CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 @dataclass(eq=False)
 class _Request(Request):
     seq: int = -1  # llama.cpp sequence id while active
-    n_past: int = 0  # tokens in this sequence's KV cells
+    n_past: int = 0  # tokens in this sequence's KV cells (reused ones included)
+    fed: list[int] | None = None  # what the cells hold once prefilled: the prompt (or BOS for none)
+    kv_ok: bool = True  # False after a failed decode: its cells are not kept for reuse
     prefilled: bool = False
     rng: Any = None
     started: bool = False  # its first chunk was posted (the first token is never held back)
@@ -103,6 +98,9 @@ class LlamaCppEngine(LocalEngine[_Request]):
         system_prompt: str | None = None,
         n_threads: int | None = None,
         stream_interval_s: float = 0.04,
+        kv_reuse: bool = False,
+        kv_resident: int = 8,
+        flash_attn: bool | None = None,
     ) -> None:
         super().__init__(_Request, max_prompt_tokens, max_pending, max_active, system_prompt)
         self.gguf_path = gguf_path  # the file served (after ``load``, the requantized one when ``quant`` is set)
@@ -125,6 +123,13 @@ class LlamaCppEngine(LocalEngine[_Request]):
         self.conversions_s: list[float] = []  # adapter conversions to GGUF (in a thread, not on the worker)
         self.base_linear: dict[str, tuple[int, int]] = {}  # read from the GGUF's tensors by ``load``
         self.seq_capacity = 0  # tokens one sequence may hold (read back from the context)
+        # KV reuse (server/engines/kvreuse.py): what each sequence's cells hold; ``kv_resident``
+        # more sequences keep conversations and system prompts between replies
+        self.kv = KvBook(max_active, kv_resident if kv_reuse else 0, enabled=kv_reuse)
+        self.kv_bytes_per_cell = 0  # read from the model by ``_open``
+        # off by default with reuse: llama.cpp's flash attention switches to a tiled kernel at 64
+        # query tokens, which rounds differently, so a reused prompt would change greedy replies
+        self.flash_attn = (not kv_reuse) if flash_attn is None else flash_attn
         self._ll: Any = None  # the llama_cpp.llama_cpp module
         self._use_extra_buffers = True
         self._model: Any = None
@@ -137,7 +142,6 @@ class LlamaCppEngine(LocalEngine[_Request]):
         self._batch: Any = None  # the worker's llama_batch
         self._retired: dict[str, _Adapter] = {}  # unloaded, freed once no request uses it
         self._current: str | None = None  # adapter set on the context (None: none, the base model)
-        self._free_seqs: list[int] = []
         self._n_batch = max_prompt_tokens + max_active  # a whole prompt always fits beside every decode token
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Chunk], Chunk]]] = {}
         self._urgent = False  # the outbox holds a first or a last chunk
@@ -170,29 +174,36 @@ class LlamaCppEngine(LocalEngine[_Request]):
         self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         per_seq = -(-(self.max_prompt_tokens + self.max_new_tokens) // 256) * 256  # llama.cpp pads to 256
         cparams = ll.llama_context_default_params()
-        cparams.n_seq_max = self.max_active
-        cparams.n_ctx = per_seq * self.max_active
+        n_seq = self.max_active + self.kv.n_resident
+        cparams.n_seq_max = n_seq
+        cparams.n_ctx = per_seq * n_seq
         cparams.n_batch = self._n_batch
         cparams.n_ubatch = min(512, cparams.n_batch)
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads
+        cparams.flash_attn_type = int(self.flash_attn)  # LLAMA_FLASH_ATTN_TYPE_DISABLED (0) / _ENABLED (1)
         cparams.kv_unified = False  # one KV stream per sequence: attention never scans the others' cells
         cparams.no_perf = True
         self._ctx = ll.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             raise EngineError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens")
         self.seq_capacity = int(ll.llama_n_ctx_seq(self._ctx))
-        self._free_seqs = list(range(self.max_active))  # a heap
+        # f16 K and V per layer: n_embd_k_gqa = n_embd_v_gqa = head size x KV heads
+        head = ll.llama_model_n_embd(self._model) // ll.llama_model_n_head(self._model)
+        kv_width = 2 * head * ll.llama_model_n_head_kv(self._model)
+        self.kv_bytes_per_cell = 2 * kv_width * ll.llama_model_n_layer(self._model)
         self._load_template()
         self._is_eog = functools.partial(ll.llama_vocab_is_eog, self._vocab)  # a ctypes call returning a bool
         self._text = self.detokenize
         self._batch = ll.llama_batch_init(self._n_batch, 0, 1)
         log.info(
-            "loaded %s in %.1f s: %d sequences of %d tokens, %d threads",
+            "loaded %s in %.1f s: %d sequences of %d tokens (%d resident; %.1f MiB of KV each), %d threads",
             self.gguf_path,
             time.monotonic() - started,
-            self.max_active,
+            n_seq,
             self.seq_capacity,
+            self.kv.n_resident,
+            self.seq_capacity * self.kv_bytes_per_cell / 2**20,
             self.n_threads,
         )
 
@@ -258,6 +269,7 @@ class LlamaCppEngine(LocalEngine[_Request]):
                     continue
             if self._current == name:
                 self._use(BASE_VERSION)
+            self._run(self.kv.drop_version(name))  # a version name may be loaded again, with other weights
             self._ll.llama_adapter_lora_free(self._retired.pop(name).handle)
             log.info("adapter %s unloaded", name)
 
@@ -286,33 +298,15 @@ class LlamaCppEngine(LocalEngine[_Request]):
     # --- prompts -------------------------------------------------------------------------
 
     def _load_template(self) -> None:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         ll = self._ll
         raw = ll.llama_model_chat_template(self._model, None)
-        source = raw.decode() if raw else _CHATML
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(message: str) -> None:
-            raise EngineError(f"chat template: {message}")
-
-        env.globals["raise_exception"] = raise_exception
-        self._template = env.from_string(source)
+        self._template = chat_template(raw.decode() if raw else None)
         self._bos = self._piece(ll.llama_vocab_bos(self._vocab), special=True)
         self._eos = self._piece(ll.llama_vocab_eos(self._vocab), special=True)
-        control = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED
-        self.special_texts = special_strings(
-            self._piece(t, special=True)
-            for t in range(ll.llama_vocab_n_tokens(self._vocab))
-            if ll.llama_vocab_get_attr(self._vocab, t) & control
-        )
+        self.special_texts = vocab_specials(ll, self._vocab)  # message text never becomes one of these
 
     def _piece(self, token: int, *, special: bool) -> str:
-        if token < 0:
-            return ""
-        buf = ctypes.create_string_buffer(256)
-        n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+        return token_piece(self._ll, self._vocab, token, special=special)
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """The chat as the model's template (from the GGUF) writes it, ready for the reply."""
@@ -334,6 +328,19 @@ class LlamaCppEngine(LocalEngine[_Request]):
     def _render_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return self.tokenize(self.render(messages))
 
+    def _prompt(self, messages: Messages) -> tuple[list[int], int]:
+        """``prompt_ids`` and the length of its system turn (rendered alone, or a template's default one)."""
+        msgs, ids = fit_turns(messages, self._render_ids, self.max_prompt_tokens, self.system_prompt)
+        if len(ids) > self.max_prompt_tokens:
+            return ids[-self.max_prompt_tokens :], 0
+        head = msgs[:1] if msgs and msgs[0]["role"] == "system" else []
+        try:
+            text = self._template.render(messages=head, add_generation_prompt=False, bos_token=self._bos)
+        except Exception:  # a template that needs a user turn: no shared head
+            return ids, 0
+        prefix = self.tokenize(str(text))
+        return ids, len(prefix) if len(prefix) < len(ids) and ids[: len(prefix)] == prefix else 0
+
     def detokenize(self, ids: list[int]) -> str:
         """Text of ``ids`` (special tokens left out); a trailing partial character shows as U+FFFD."""
         if not ids:
@@ -351,7 +358,21 @@ class LlamaCppEngine(LocalEngine[_Request]):
     # --- generation ------------------------------------------------------------------------
 
     def _activate(self, r: _Request) -> None:
-        r.seq = heapq.heappop(self._free_seqs)  # the lowest free id: busy ids stay consecutive
+        """The lowest free slot (busy ids stay consecutive), with the longest cached prefix of its prompt."""
+        r.fed = r.prompt_ids or [max(self._ll.llama_vocab_bos(self._vocab), 0)]
+        plan = self.kv.plan(r.version, r.fed)
+        r.seq, r.n_past = plan.seq, plan.reuse
+        self._run(plan.ops)
+
+    def _run(self, ops: list[Op]) -> None:
+        """Carry out the KV book's ops on the context (copies happen at the next ``llama_decode``)."""
+        ll = self._ll
+        mem = ll.llama_get_memory(self._ctx)
+        for op in ops:
+            if op.kind == "copy":
+                ll.llama_memory_seq_cp(mem, op.src, op.dst, -1, -1)
+            elif not ll.llama_memory_seq_rm(mem, op.dst, op.n, -1):
+                raise EngineError(f"llama.cpp could not trim sequence {op.dst} at {op.n}")
 
     def _round(self, active: list[_Request]) -> None:
         """One round: drop cancelled requests, then one ``llama_decode`` per version in flight.
@@ -385,11 +406,16 @@ class LlamaCppEngine(LocalEngine[_Request]):
             self._free_retired()
 
     def _release(self, r: _Request) -> None:
-        """Free the request's KV cells and sequence id."""
-        mem = self._ll.llama_get_memory(self._ctx)
-        self._ll.llama_memory_seq_rm(mem, r.seq, -1, -1)
-        heapq.heappush(self._free_seqs, r.seq)
+        """Free the request's slot; its cells stay for reuse, unless a decode failed or its version is gone."""
+        kept = r.kv_ok and r.fed is not None and self.has_version(r.version) and r.version not in self._retired
+        # the prompt's cells only: a reply's own were decoded by llama.cpp's vector kernels (kvreuse.py)
+        self._run(self.kv.release(r.seq, r.version, r.fed[: r.n_past] if kept and r.fed else None))
         r.seq = -1
+
+    def _fail(self, group: list[_Request], exc: Exception, what: str) -> list[_Request]:
+        for r in group:
+            r.kv_ok = False  # what a failed decode left in its cells is not reused
+        return super()._fail(group, exc, what)
 
     def _fill(self, batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
         batch.token[i] = token
@@ -403,14 +429,13 @@ class LlamaCppEngine(LocalEngine[_Request]):
         of new ones (as many as fit in the batch; the rest wait a round). Returns those finished.
         """
         self._use(group[0].version)
-        bos = max(self._ll.llama_vocab_bos(self._vocab), 0)
         room = self._n_batch - sum(1 for r in group if r.prefilled)
         starting: list[_Request] = []
         for r in group:  # new requests in arrival order, as many as fit; the batch always fits one
-            if not r.prefilled:
-                if len(r.prompt_ids or [bos]) > room:
+            if not r.prefilled and r.fed is not None:
+                if len(r.fed) - r.n_past > room:
                     break
-                room -= len(r.prompt_ids or [bos])
+                room -= len(r.fed) - r.n_past
                 starting.append(r)
         # in sequence-id order: a non-unified KV cache puts only consecutive sequence ids in one
         # micro-batch, so any other order splits the step into one graph per sequence
@@ -420,10 +445,10 @@ class LlamaCppEngine(LocalEngine[_Request]):
             if r.prefilled:
                 self._fill(batch, n, r.generated[-1], r.n_past, r.seq, True)
                 n += 1
-            elif r in starting:
-                ids = r.prompt_ids or [bos]
+            elif r in starting and r.fed is not None:  # the prompt past its reused cells
+                ids = r.fed[r.n_past :]
                 for i, token in enumerate(ids):
-                    self._fill(batch, n + i, token, i, r.seq, i == len(ids) - 1)
+                    self._fill(batch, n + i, token, r.n_past + i, r.seq, i == len(ids) - 1)
                 n += len(ids)
             else:
                 continue
@@ -439,11 +464,13 @@ class LlamaCppEngine(LocalEngine[_Request]):
             r.n_past += 1
         for r in starting:
             self.stats.requests += 1
-            r.n_past = max(len(r.prompt_ids), 1)
+            r.n_past = len(r.fed or ())
             r.prefilled = True
+            if r.prefix_len and r.fed:  # the system turn's cells, shared with later conversations
+                self._run(self.kv.share_prefix(r.version, r.fed[: r.prefix_len], r.seq))
             if r.sampling.temperature > 0:
                 r.rng = np.random.default_rng(r.sampling.seed)
-        return [r for r, i in rows if self._accept(r, self._sample(self._logits(i), r))]
+        return [r for r, i in rows if self._accept(r, sample(self._logits(i), r.sampling, r.rng))]
 
     def _post(self, r: _Request, chunk: Chunk) -> None:
         """Queue a chunk for the request's event loop; ``_deliver`` hands the queued chunks over at once."""
@@ -465,30 +492,6 @@ class LlamaCppEngine(LocalEngine[_Request]):
     def _logits(self, i: int) -> Any:
         """The logits of batch position ``i`` (a view on llama.cpp's buffer: use before the next decode)."""
         return np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, i), shape=(self._n_vocab,))
-
-    def _sample(self, logits: Any, r: _Request) -> int:
-        """Greedy at temperature <= 0; else temperature and top-p with the request's generator."""
-        s = r.sampling
-        if s.temperature <= 0:
-            return int(np.argmax(logits))
-        z = logits.astype(np.float64) / s.temperature
-        z -= z.max()
-        probs = np.exp(z)
-        probs /= probs.sum()
-        if s.top_p < 1.0:
-            k = min(_TOP_CANDIDATES, probs.size)
-            order = np.argpartition(-probs, k - 1)[:k]
-            order = order[np.argsort(-probs[order], kind="stable")]
-            if probs[order].sum() < s.top_p and k < probs.size:  # a flat distribution: sort it all
-                order = np.argsort(-probs, kind="stable")
-            kept = probs[order]
-            keep = np.cumsum(kept) - kept < s.top_p
-            order, kept = order[keep], kept[keep]
-        else:
-            order, kept = np.arange(probs.size), probs
-        cdf = np.cumsum(kept)
-        choice = int(np.searchsorted(cdf, r.rng.random() * cdf[-1], side="right"))
-        return int(order[min(choice, len(order) - 1)])
 
 
 def _put_all(items: list[tuple[asyncio.Queue[Chunk], Chunk]]) -> None:

@@ -1,0 +1,81 @@
+"""The KV book's rules (server/engines/kvreuse.py), pure: which cells a new reply reuses, and how."""
+
+from __future__ import annotations
+
+from server.engines import KvBook, Op, common_prefix
+
+SYSTEM = list(range(100, 120))  # a rendered system turn of 20 tokens
+
+
+def test_next_turn_reuses_its_parked_cells_in_place() -> None:
+    book = KvBook(2, 1, min_reuse=4)
+    turn1 = [*SYSTEM, 1, 2, 3]
+    plan = book.plan("base", turn1)
+    assert (plan.seq, plan.reuse, plan.ops) == (0, 0, [Op("keep", 0, n=0)])
+    book.release(0, "base", turn1)
+    turn2 = [*turn1, 7, 8, 9, 10]
+    plan = book.plan("base", turn2)
+    assert (plan.seq, plan.reuse, plan.ops) == (0, len(turn1), [Op("keep", 0, n=len(turn1))])
+    assert book.copies == 0 and book.reused_tokens == len(turn1)
+
+
+def test_regeneration_prefills_the_last_two_tokens_again() -> None:
+    book = KvBook(1, 0, min_reuse=4)
+    prompt = [*SYSTEM, 1, 2, 3]
+    book.plan("base", prompt)
+    book.release(0, "base", prompt)
+    assert book.plan("base", prompt).reuse == len(prompt) - 2
+
+
+def test_other_version_never_reuses_and_parked_cells_move_to_the_pool() -> None:
+    book = KvBook(1, 1, min_reuse=4)
+    prompt = [*SYSTEM, 1, 2, 3]
+    book.plan("base", prompt)
+    book.release(0, "base", prompt)
+    plan = book.plan("v1", prompt)  # the hot-swapped version: same tokens, other weights
+    assert plan.reuse == 0 and plan.ops == [Op("copy", 1, src=0), Op("keep", 0, n=0)]
+    book.release(0, "v1", prompt)
+    plan = book.plan("base", [*prompt, 4, 5])  # base's conversation comes back from the pool
+    assert plan.reuse == len(prompt)
+    assert Op("copy", 0, src=1) in plan.ops and plan.ops[-1] == Op("keep", 0, n=len(prompt))
+    # the pool's only slot was the copy's source: v1's parked cells were dropped, not stored
+    assert all(e.version == "base" for e in book.entries.values()) and book.drop_version("v1") == []
+    assert book.release(0, "base", [*prompt, 4, 5]) == [Op("keep", 1, n=0)]  # the pool's copy is stale now
+    assert book.drop_version("base") == [Op("keep", 0, n=0)]
+
+
+def test_system_prefix_is_shared_by_new_conversations() -> None:
+    book = KvBook(1, 2, min_reuse=4)
+    a = [*SYSTEM, 1, 2, 3]
+    book.plan("base", a)
+    ops = book.share_prefix("base", SYSTEM, 0)
+    assert ops == [Op("copy", 1, src=0), Op("keep", 1, n=len(SYSTEM))]
+    assert book.share_prefix("base", SYSTEM, 0) == []  # once per version and system prompt
+    book.release(0, "base", a)
+    b = [*SYSTEM, 9, 9, 9, 9]  # another conversation: a's cells are the best match (same prefix)
+    plan = book.plan("base", b)
+    assert plan.reuse == len(SYSTEM)
+    book.release(0, "base", b)
+    c = [*SYSTEM, 5, 5]  # b's parked cells move to the pool (evicting nothing: a slot is free)
+    assert book.plan("base", c).reuse == len(SYSTEM)
+    assert sum(e.prefix for e in book.entries.values()) == 1
+
+
+def test_short_matches_are_not_copied_and_lru_is_evicted() -> None:
+    book = KvBook(1, 1, min_reuse=8)
+    book.plan("base", [1, 2, 3, 4])
+    book.release(0, "base", [1, 2, 3, 4])
+    plan = book.plan("base", [9, 1, 2, 3, 4])  # no common prefix: a fresh prefill, a's cells to the pool
+    assert plan.reuse == 0 and Op("copy", 1, src=0) in plan.ops
+    book.release(0, "base", [9, 1, 2, 3, 4])
+    plan = book.plan("base", [7, 7])  # the pool holds a (older): the parked newer one replaces it
+    assert plan.ops[0] == Op("copy", 1, src=0)
+    assert book.entries[1].tokens == [9, 1, 2, 3, 4]
+
+
+def test_reuse_off_plans_full_prefills() -> None:
+    book = KvBook(2, 0, enabled=False)
+    book.plan("base", [1, 2, 3])
+    assert book.release(0, "base", [1, 2, 3]) == [Op("keep", 0, n=0)]
+    assert book.plan("base", [1, 2, 3, 4]).reuse == 0 and not book.entries
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
