@@ -24,6 +24,13 @@ def special_strings(tokens: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted({t for t in tokens if len(t) >= 2}, key=lambda t: (-len(t), t)))
 
 
+def tokenizer_specials(tokenizer: Any) -> tuple[str, ...]:
+    """Every special-token string a Hugging Face tokenizer declares: its special tokens and the
+    added tokens marked special (what the serving engine and the training job both defuse)."""
+    added = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return special_strings([*tokenizer.all_special_tokens, *added])
+
+
 def defuse(text: str, specials: Sequence[str]) -> str:
     """``text`` with every occurrence of each of ``specials`` broken by a WORD JOINER.
 

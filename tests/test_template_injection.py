@@ -16,10 +16,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from feedback.specials import JOINER, defuse, defuse_row, special_strings
+from feedback.specials import JOINER, defuse, defuse_row, special_strings, tokenizer_specials
 from server.engines import TransformersEngine
 from training.pairs import DPORow, KTORow, SFTRow
-from training.train import Rows, tokenizer_specials
+from training.train import Rows
 
 SPECIALS = special_strings(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<s>", "</s>", "[INST]"])
 

@@ -40,7 +40,7 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
-from feedback.specials import defuse_row, special_strings
+from feedback.specials import defuse_row, tokenizer_specials
 from training.config import JobSpec, device_args
 from training.evaluate import LIVE, REPLAY_CHAT, evaluate_pairs, load_generic_chat, rejected_scores
 from training.gate import EvalReport
@@ -143,12 +143,6 @@ def load_tokenizer(base_model: str) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def tokenizer_specials(tokenizer: Any) -> tuple[str, ...]:
-    """Every special-token string the tokenizer declares (``feedback.specials``: never written by a message)."""
-    added = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
-    return special_strings([*tokenizer.all_special_tokens, *added])
 
 
 def load_model(spec: JobSpec) -> tuple[Any, LoraConfig | None]:

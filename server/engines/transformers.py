@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from feedback.records import BASE_VERSION
-from feedback.specials import special_strings
+from feedback.specials import tokenizer_specials
 from server.engines.base import Chunk, LocalEngine, Request, UnknownVersionError
 
 log = logging.getLogger("learnloop.engine")
@@ -92,12 +92,7 @@ class TransformersEngine(LocalEngine[_Request]):
             self._eos.add(self.tokenizer.eos_token_id)
         self._is_eog = self._eos.__contains__
         self._text = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
-        self.special_texts = special_strings(
-            [
-                *self.tokenizer.all_special_tokens,
-                *(t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special),
-            ]
-        )
+        self.special_texts = tokenizer_specials(self.tokenizer)
         log.info("loaded %s (%s) in %.1f s", self.model_path, self.dtype, time.monotonic() - started)
 
     def _worker_context(self) -> contextlib.AbstractContextManager[Any]:
