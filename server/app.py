@@ -23,7 +23,7 @@ from server.channels.serve import ImChannels, start_channels
 from server.channels.widget import demo_enabled, demo_site, find_site
 from server.console.api import start_console
 from server.engines import Engine, SamplingConfig, create_engine
-from server.gateway import GatewayContext, drain, start_gateway
+from server.gateway import GatewayContext, SocketLimits, drain, start_gateway
 from server.listener import RunningListener
 from server.metrics import MeteredEngine, Metrics
 from server.presence import Presence
@@ -104,14 +104,25 @@ class App:
                 sites=self.site,
                 metrics=self.metrics,
                 origin_allowed=self.origin_allowed,
+                site_origin=self.site_origin,
+                max_connections_per_user=s.server.max_connections_per_user,
+                idle_timeout_s=s.server.idle_timeout_s,
+                send_timeout_s=s.server.send_timeout_s,
             )
             self.gateway = ctx
             server = await start_gateway(
                 ctx,
                 host=s.server.host,
                 port=s.server.port,
-                max_frame_bytes=s.server.max_frame_bytes,
-                open_timeout_s=s.server.open_timeout_s,
+                limits=SocketLimits(
+                    max_frame_bytes=s.server.max_frame_bytes,
+                    open_timeout_s=s.server.open_timeout_s,
+                    max_connections_per_address=s.server.max_connections_per_address,
+                    write_limit_bytes=s.server.write_limit_bytes,
+                    compression=s.server.compression,
+                    ping_interval_s=s.server.ping_interval_s,
+                    ping_timeout_s=s.server.ping_timeout_s,
+                ),
             )
             self.port = next(iter(server.sockets)).getsockname()[1]
             if s.console.enabled:
@@ -193,6 +204,11 @@ class App:
         if self.channels_port is not None and demo_enabled(s):
             allowed.update(demo_site(self.channels_port).origins)
         return origin_allowed(allowed, origin)
+
+    def site_origin(self, origin: str | None) -> bool:
+        """Is ``origin`` a page of a configured widget site? Only such a page may open the websocket
+        without ``server.token`` (a public page cannot keep it secret); its hello must name the site."""
+        return origin_allowed({o for site in self.settings.sites.values() for o in site.origins}, origin)
 
     def site(self, name: str) -> SiteConfig | None:
         """The widget site a hello names: ``[sites.NAME]``, or the demo page's while it is served."""

@@ -10,7 +10,6 @@ details go to the log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -25,6 +24,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from feedback import ErrorCode, FeedbackStore, FinishReason, NotFoundError, Role
+from server.admission import IDLE_CLOSE, RETRY_AFTER_S, Admission, ChatSocket
 from server.channels.identity import IdentityError, admit
 from server.engines import Engine, SamplingConfig
 from server.errors import error_frame_for, public_view
@@ -70,6 +70,10 @@ class GatewayContext:
     sites: Callable[[str], SiteConfig | None] = field(default=lambda name: None)  # widget site by name
     metrics: Metrics | None = None
     origin_allowed: Callable[[str | None], bool] = field(default=lambda origin: origin is None)
+    site_origin: Callable[[str | None], bool] = field(default=lambda origin: False)  # a widget site's page
+    max_connections_per_user: int = 0  # 0: no cap
+    idle_timeout_s: float = 0.0  # 0: never
+    send_timeout_s: float | None = None  # None: a send waits as long as the client takes
     connections: set[_Connection] = field(default_factory=set)  # open ones, for the drain at shutdown
     draining: bool = False  # shutting down: no new replies start
 
@@ -79,9 +83,12 @@ class GatewayContext:
 
 
 class _Connection:
-    def __init__(self, ctx: GatewayContext, ws: ServerConnection) -> None:
+    def __init__(self, ctx: GatewayContext, ws: ChatSocket) -> None:
         self.ctx = ctx
         self.ws = ws
+        self.user_slot: tuple[str | None, str] | None = None  # (site, user) this connection counts for
+        self.over_user_cap = False
+        self.idle_closing = False
         self.session = ChatSession(new_id=new_id, limits=ctx.limits)
         self.user: str | None = None
         self.site: str | None = None  # the widget site this connection was admitted for
@@ -94,8 +101,16 @@ class _Connection:
     async def send(self, frame: dict[str, Any]) -> None:
         if frame.get("type") == "error" and self.ctx.metrics is not None:
             self.ctx.metrics.wire_errors.labels(code=str(frame.get("code"))).inc()
-        with contextlib.suppress(ConnectionClosed):
-            await self.ws.send(json.dumps(frame, ensure_ascii=False))
+        try:
+            async with asyncio.timeout(self.ctx.send_timeout_s):
+                await self.ws.send(json.dumps(frame, ensure_ascii=False))
+        except ConnectionClosed:
+            pass
+        except TimeoutError:
+            # the client does not read: its frames would pile up here. Its buffer stays at the write limit;
+            # the connection is dropped (no close frame could reach a client that does not read)
+            log.warning("dropping a websocket whose client does not read (%.0f s)", self.ctx.send_timeout_s)
+            self.ws.transport.abort()
 
     async def run(self) -> None:
         self.ctx.connections.add(self)
@@ -119,6 +134,8 @@ class _Connection:
                 await self.send(effect.frame)
             elif isinstance(effect, OpenConversation):
                 await self.apply(await self.open(effect))
+                if self.over_user_cap:
+                    await self.ws.close(CloseCode.TRY_AGAIN_LATER, "too many connections for this user")
             elif isinstance(effect, Generate) and self.ctx.draining:
                 await self.apply(
                     self.session.failed(
@@ -179,10 +196,18 @@ class _Connection:
             except IdentityError as exc:
                 return self.session.open_failed(exc.code, exc.message)
             self.user, self.site = admission.user, admission.site
-        elif self.ctx.token is not None and effect.token != self.ctx.token:
-            return self.session.open_failed(ErrorCode.UNAUTHORIZED, "hello.token is missing or wrong")
+        elif not self.ws.authenticated:
+            # only a widget site's page comes without server.token (the handshake let it in for that)
+            return self.session.open_failed(ErrorCode.UNAUTHORIZED, "send server.token in the handshake")
         else:
-            self.user = effect.user
+            self.user = effect.user  # hello.token is not read: the handshake carried the token
+        if not self._take_user_slot():
+            self.over_user_cap = True  # the error goes out, then close 1013
+            refused = self.session.open_failed(ErrorCode.RATE_LIMITED, "too many connections for this user")
+            for sent in refused:
+                if isinstance(sent, Send):
+                    sent.frame["retry_after"] = RETRY_AFTER_S
+            return refused
         if effect.conversation_id is None:
             conversation_id, self.pinned = await open_conversation(
                 self.ctx.store,
@@ -210,6 +235,19 @@ class _Connection:
         branch = latest_branch(messages)
         replies = {m.id for m in messages if m.role is Role.ASSISTANT and m.finish_reason is not FinishReason.ERROR}
         return self.session.opened(effect.conversation_id, branch, replies, version)
+
+    def _take_user_slot(self) -> bool:
+        """Count this connection for its user, unless the user already holds ``max_connections_per_user``."""
+        cap = self.ctx.max_connections_per_user
+        if not cap or self.user is None:
+            return True  # an anonymous visitor counts only against its address
+        key = (self.site, self.user)
+        held = sum(1 for c in self.ctx.connections if c is not self and c.user_slot == key)
+        if held >= cap:
+            log.warning("websocket hello refused: one user holds %d connections", cap)
+            return False
+        self.user_slot = key
+        return True
 
     async def rate(self, effect: StoreRating) -> list[Effect]:
         started = time.monotonic()
@@ -289,27 +327,45 @@ class _Connection:
             await self.apply(self.session.failed(g.message_id, code, message, retry_after=retry_after))
 
 
-async def start_gateway(
-    ctx: GatewayContext, *, host: str, port: int, max_frame_bytes: int, open_timeout_s: float = 10.0
-) -> Server:
+@dataclass(frozen=True)
+class SocketLimits:
+    """The websocket's transport limits (``server.*`` settings; docs/reliability.md, scenario 11)."""
+
+    max_frame_bytes: int = 65536
+    open_timeout_s: float = 10.0
+    max_connections_per_address: int = 0  # 0: no cap
+    write_limit_bytes: int = 32768
+    compression: bool = False
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+
+
+async def start_gateway(ctx: GatewayContext, *, host: str, port: int, limits: SocketLimits | None = None) -> Server:
     """Listen for chat clients; ``/healthz`` answers plain HTTP for probes.
 
-    A handshake whose ``Origin`` is not allowed (``ctx.origin_allowed``) gets HTTP 403 before
-    any session exists; one not completed within ``open_timeout_s`` is dropped.
+    Before the upgrade ``server.admission.Admission`` refuses a handshake from an Origin that is
+    not allowed (403), without ``server.token`` (401) or over the per-address cap (429); one not
+    completed within ``open_timeout_s`` is dropped. After it, a connection that sends nothing for
+    ``ctx.idle_timeout_s`` is closed with 4408, and one whose client does not read is dropped
+    after ``ctx.send_timeout_s``.
     """
+    limits = limits or SocketLimits()
+    admission = Admission(
+        token=ctx.token,
+        origin_allowed=ctx.origin_allowed,
+        site_origin=ctx.site_origin,
+        max_per_address=limits.max_connections_per_address,
+    )
 
     def process_request(connection: ServerConnection, request: Request) -> Response | None:
         if request.path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
-        origin = request.headers.get("Origin")
         if request.path == "/origin":
             return None  # the probe (see handler): any page may ask whether its origin may chat
-        if not ctx.origin_allowed(origin):
-            log.warning("websocket handshake refused: Origin %r is not allowed", origin)
-            return connection.respond(HTTPStatus.FORBIDDEN, "this Origin may not open the chat\n")
-        return None
+        return admission.check(connection, request)
 
     async def handler(ws: ServerConnection) -> None:
+        assert isinstance(ws, ChatSocket)
         if ws.request is not None and ws.request.path == "/origin":
             # a widget whose handshake failed asks why: a page never sees an HTTP status, but it sees a
             # close code. No session: 1000 if its Origin may chat (the server was down), else 1008.
@@ -318,25 +374,49 @@ async def start_gateway(
             else:
                 await ws.close(CloseCode.POLICY_VIOLATION, "forbidden")
             return
-        if ctx.metrics is None:
-            await _Connection(ctx, ws).run()
-            return
-        ctx.metrics.connections_opened.inc()
-        ctx.metrics.connections.inc()
+        conn = _Connection(ctx, ws)
+        idle = asyncio.create_task(_close_when_idle(conn, ctx.idle_timeout_s)) if ctx.idle_timeout_s else None
+        if ctx.metrics is not None:
+            ctx.metrics.connections_opened.inc()
+            ctx.metrics.connections.inc()
         try:
-            await _Connection(ctx, ws).run()
+            await conn.run()
         finally:
-            ctx.metrics.connections.dec()
+            if ctx.metrics is not None:
+                ctx.metrics.connections.dec()
+            if idle is not None and not conn.idle_closing:
+                idle.cancel()
 
     return await serve(
         handler,
         host,
         port,
-        max_size=max_frame_bytes,
+        max_size=limits.max_frame_bytes,  # with compression on, it bounds a message after decompression
         process_request=process_request,
-        open_timeout=open_timeout_s,
+        select_subprotocol=admission.select_subprotocol,
+        open_timeout=limits.open_timeout_s,
+        compression="deflate" if limits.compression else None,
+        write_limit=limits.write_limit_bytes,
+        ping_interval=limits.ping_interval_s,
+        ping_timeout=limits.ping_timeout_s,
+        create_connection=ChatSocket,
         logger=_library_log,
     )
+
+
+async def _close_when_idle(conn: _Connection, idle_s: float) -> None:
+    """Close ``conn`` with 4408 once its client sent no frame for ``idle_s`` and no reply streams."""
+    ws = conn.ws
+    while True:
+        left = ws.heard + idle_s - time.monotonic()
+        if left > 0:
+            await asyncio.sleep(left)
+        elif conn.generation is not None and not conn.generation.done():
+            ws.heard = time.monotonic()  # a reply is streaming: the connection is in use
+        else:
+            conn.idle_closing = True
+            await ws.close(IDLE_CLOSE, "idle timeout")
+            return
 
 
 async def drain(ctx: GatewayContext, server: Server, *, drain_s: float) -> None:

@@ -55,7 +55,12 @@ class ServerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "Address the websocket gateway listens on."})
     port: int = field(default=8765, metadata={"help": "Port of the websocket gateway (0 picks a free one)."})
     token: str | None = field(
-        default=None, metadata={"help": "If set, clients must send it in hello.token (shared secret)."}
+        default=None,
+        metadata={
+            "help": "If set, a websocket handshake must carry it (Authorization: Bearer TOKEN, or from a browser "
+            "the subprotocol learnloop.bearer.BASE64URL(TOKEN) beside learnloop.v1); a missing or wrong one gets "
+            "HTTP 401 before a session exists. Only a widget page of a [sites.NAME] origin may come without it."
+        },
     )
     max_frame_bytes: int = field(default=65536, metadata={"help": "Largest websocket frame accepted."})
     max_text_chars: int = field(default=4000, metadata={"help": "Longest user message, in characters."})
@@ -89,6 +94,53 @@ class ServerConfig:
     open_timeout_s: float = field(
         default=10.0, metadata={"help": "A websocket handshake not completed within this many seconds is dropped."}
     )
+    max_connections_per_address: int = field(
+        default=100,
+        metadata={
+            "help": "Websockets open at once from one client address (behind a proxy on loopback: the last "
+            "X-Forwarded-For entry); one more gets HTTP 429 with Retry-After before the upgrade (0 = no cap)."
+        },
+    )
+    max_connections_per_user: int = field(
+        default=16,
+        metadata={
+            "help": "Websockets open at once for one user (hello.user, or a site's verified user; anonymous "
+            "visitors count only per address); one more gets error rate_limited and close 1013 (0 = no cap)."
+        },
+    )
+    idle_timeout_s: float = field(
+        default=300.0,
+        metadata={
+            "help": "A websocket whose client sends no frame (a ping counts, a pong does not) for this long, "
+            "and has no reply streaming, is closed with code 4408 (0 = never)."
+        },
+    )
+    send_timeout_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "A client that does not read: when a frame cannot be handed to the socket for this long "
+            "(the write buffer stays over server.write_limit_bytes), the connection is closed with 1008."
+        },
+    )
+    write_limit_bytes: int = field(
+        default=32768,
+        metadata={"help": "Bytes a connection may have waiting to be written before its sender waits."},
+    )
+    compression: bool = field(
+        default=False,
+        metadata={
+            "help": "Offer permessage-deflate. Off: chat frames are small, and each compressed connection "
+            "holds zlib buffers; when on, server.max_frame_bytes still bounds a message after decompression."
+        },
+    )
+    ping_interval_s: float = field(
+        default=20.0,
+        metadata={
+            "help": "The server pings each websocket this often; one whose pong does not come within "
+            "server.ping_timeout_s is closed with 1011 (a dead peer)."
+        },
+    )
+    ping_timeout_s: float = field(default=20.0, metadata={"help": "See server.ping_interval_s."})
     drain_s: float = field(
         default=5.0,
         metadata={
@@ -98,6 +150,12 @@ class ServerConfig:
     )
 
     def __post_init__(self) -> None:
+        for name in ("max_connections_per_address", "max_connections_per_user", "idle_timeout_s"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"server.{name}: use 0 (off) or a positive number")
+        for name in ("send_timeout_s", "write_limit_bytes", "ping_interval_s", "ping_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"server.{name}: use a positive number")
         if self.log_format not in ("text", "json"):
             raise SettingsError(f"server.log_format {self.log_format!r}: use text or json")
         normalized = []

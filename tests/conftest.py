@@ -83,8 +83,8 @@ class ChatClient:
 async def open_client() -> AsyncIterator[Any]:
     opened: list[ClientConnection] = []
 
-    async def _open(port: int) -> ChatClient:
-        ws = await connect(f"ws://127.0.0.1:{port}")
+    async def _open(port: int, **options: Any) -> ChatClient:
+        ws = await connect(f"ws://127.0.0.1:{port}", **options)
         opened.append(ws)
         return ChatClient(ws)
 

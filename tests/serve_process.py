@@ -96,6 +96,7 @@ BURST_ENV = {  # the per-connection and per-rater limits off: the burst measures
     "LEARNLOOP_SERVER_RATE_PER_S": "1000000",
     "LEARNLOOP_SERVER_RATE_BURST": "1000000",
     "LEARNLOOP_SERVER_RATINGS_PER_MINUTE": "100000000",
+    "LEARNLOOP_SERVER_MAX_CONNECTIONS_PER_ADDRESS": "0",  # every client comes from loopback
     "LEARNLOOP_MODEL_MAX_NEW_TOKENS": "4",
     "LEARNLOOP_MODEL_DTYPE": "float32",
 }

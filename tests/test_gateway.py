@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from feedback import VersionState
 from server.app import App
@@ -66,10 +67,12 @@ async def test_health_endpoint(app: App) -> None:
 async def test_token_is_required_when_configured(tiny_model: Path, tmp_path: Path, open_client: Any) -> None:
     a = App(settings(tiny_model, tmp_path, token="s3cret"))
     async with a.lifespan():
-        c = await open_client(a.port)
-        await c.send(type="hello", token="wrong")
-        assert (await c.recv())["code"] == "unauthorized"
-        assert (await c.hello(token="s3cret"))["type"] == "ready"
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            with pytest.raises(InvalidStatus) as refused:  # before the upgrade: no session
+                await open_client(a.port, additional_headers=headers)
+            assert refused.value.response.status_code == 401
+        c = await open_client(a.port, additional_headers={"Authorization": "Bearer s3cret"})
+        assert (await c.hello())["type"] == "ready"
 
 
 async def test_resume_a_conversation_and_regenerate(app: App, open_client: Any) -> None:

@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from feedback import FeedbackStore, StoreError, db
 from feedback.db import Connection
+from server.admission import bearer_subprotocol
 from server.app import App
 from server.settings import SiteConfig, load_settings
 from tests.test_gateway import settings
@@ -380,20 +381,32 @@ async def test_ratings_resent_after_a_reconnect_with_the_same_id_are_stored_once
 async def test_the_token_and_message_text_never_reach_the_log(
     tiny_model: Path, tmp_path: Path, open_client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Scenario 10 (tokens never logged), at DEBUG level, over a wrong token, a right one and a refused Origin."""
+    """Scenario 10 (tokens never logged), at DEBUG level: wrong tokens in the header, in the browser's
+    subprotocol and in an old client's hello, the right one both ways, and a refused Origin."""
     secret = "s3cret-token-do-not-log-4711"
+    wrong = secret[:-1] + "X"
     caplog.set_level(logging.DEBUG)
     a = App(settings(tiny_model, tmp_path, token=secret))
     async with a.lifespan():
         assert a.port is not None
-        c = await open_client(a.port)
-        await c.send(type="hello", token=secret[:-1] + "X")
-        assert (await c.recv())["code"] == "unauthorized"
-        await c.hello(token=secret)
+        for headers, protocols in (
+            ({"Authorization": f"Bearer {wrong}"}, None),
+            ({}, ["learnloop.v1", bearer_subprotocol(wrong)]),
+            ({"Authorization": f"Basic {base64.b64encode(secret.encode()).decode()}"}, None),
+        ):
+            with pytest.raises(InvalidStatus):
+                await open_client(a.port, additional_headers=headers, subprotocols=protocols)
+        with pytest.raises(InvalidStatus):
+            c = await open_client(a.port)  # an old client: the token only in its hello
+        browser = await open_client(a.port, subprotocols=["learnloop.v1", bearer_subprotocol(secret)])
+        await browser.hello(token=wrong)  # hello.token is not read
+        c = await open_client(a.port, additional_headers={"Authorization": f"Bearer {secret}"})
+        await c.hello()
         await c.chat("my card is private-text-0815", "m1")
         assert await handshake_status(a.port, "https://evil.example") == 403
     server_side = [r for r in caplog.records if not r.name.startswith("websockets.client")]  # not the test's client
-    logged = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in server_side)
-    assert "websocket handshake refused" in logged  # the log was captured
-    for planted in (secret, secret[:-1] + "X", "private-text-0815"):
+    logged = "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in server_side)
+    assert "websocket handshake refused: the token is wrong" in logged  # the log was captured
+    encoded = (bearer_subprotocol(secret), bearer_subprotocol(wrong), base64.b64encode(secret.encode()).decode())
+    for planted in (secret, wrong, "private-text-0815", *encoded):
         assert planted not in logged

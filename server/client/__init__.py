@@ -37,7 +37,10 @@ While an operator has taken the conversation over, ``send`` returns at the ``ack
 
 ``rate_limited`` and ``overloaded`` are retried after the server's ``retry_after``, up to
 ``max_retries`` times, then raised as ChatError. A refused ``hello`` (``unauthorized``, an
-unknown conversation) is raised at once and never retried.
+unknown conversation) and a handshake refused with HTTP 401 (wrong ``token``, which goes in
+the handshake as ``Authorization: Bearer``) or 403 are raised at once and never retried; a
+handshake refused with 429 (too many connections from this address) and a ``hello`` refused
+with ``rate_limited`` (too many for this user) are retried with the backoff.
 """
 
 from server.client.aio import AsyncChatClient, connect

@@ -22,7 +22,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from server.client.frames import (
     RETRYABLE,
@@ -51,7 +51,8 @@ log = logging.getLogger("learnloop.client")
 class AsyncChatClient:
     """A bot's side of one conversation. ``async with connect(url) as client`` or ``await connect(url)``.
 
-    Keywords (defaults in brackets): ``token`` (``server.token``) [None]; ``user``, the rater
+    Keywords (defaults in brackets): ``token`` (``server.token``, sent in the handshake as
+    ``Authorization: Bearer``) [None]; ``user``, the rater
     identity [None]; ``conversation_id`` to resume a stored conversation [None: a new one];
     ``reconnect`` after a drop [True]; backoff from ``min_backoff_s`` [0.5] doubling to
     ``max_backoff_s`` [30], each wait drawn between half and all of it (jitter);
@@ -208,11 +209,20 @@ class AsyncChatClient:
     async def _connect_and_read(self) -> None:
         down_since, attempt, why = time.monotonic(), 0, "no connection yet"
         while True:
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token is not None else None
             try:
-                ws = await ws_connect(self.url, open_timeout=self.open_timeout_s)
+                # the library's pings (every 20 s) keep an idle connection open past server.idle_timeout_s
+                ws = await ws_connect(self.url, open_timeout=self.open_timeout_s, additional_headers=headers)
             except InvalidURI as exc:
                 self._fail(ConnectionLost(str(exc)))
                 return
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status in (401, 403):  # a wrong token or Origin: asking again would be refused again
+                    code = ErrorCode.UNAUTHORIZED if status == 401 else ErrorCode.FORBIDDEN
+                    self._fail(ChatError(code, f"the server refused the handshake (HTTP {status})"))
+                    return
+                why = f"connecting failed: HTTP {status}"  # 429 (too many from this address), 503: later
             except (OSError, InvalidHandshake, TimeoutError) as exc:
                 why = f"connecting failed: {exc!r}"
             else:
@@ -236,10 +246,13 @@ class AsyncChatClient:
 
     async def _session(self, ws: ClientConnection) -> bool:
         """One connection: hello, ready, send what waits, read. True if it got as far as ready."""
-        hello = {"type": "hello", "token": self.token, "user": self.user, "conversation_id": self.conversation_id}
+        hello = {"type": "hello", "user": self.user, "conversation_id": self.conversation_id}
         try:
             await ws.send(json.dumps({k: v for k, v in hello.items() if v is not None}))
             while not isinstance(frame := parse_frame(await asyncio.wait_for(ws.recv(), self.open_timeout_s)), Ready):
+                if isinstance(frame, ErrorFrame) and frame.code in RETRYABLE:
+                    await ws.close()  # this user holds server.max_connections_per_user: try again later
+                    return False
                 if isinstance(frame, ErrorFrame):
                     raise frame.error()
         except (ConnectionClosed, TimeoutError, ValueError, KeyError, TypeError):

@@ -1,0 +1,166 @@
+"""Who may open the chat websocket, decided before the upgrade; the socket that keeps the time.
+
+``Admission`` is the gateway's ``process_request``. In this order, a handshake gets
+
+1. HTTP 403 when its ``Origin`` is not allowed (``server.allowed_origins``, the sites', the demo's);
+2. HTTP 401 (``WWW-Authenticate: Bearer``) when ``server.token`` is set and the handshake does
+   not carry it: ``Authorization: Bearer TOKEN`` from a program, or, from a browser (which
+   cannot set headers on a websocket), the subprotocols ``learnloop.v1`` and
+   ``learnloop.bearer.`` + base64url(TOKEN) without padding; the server answers ``learnloop.v1``
+   and never echoes the token. Only a page of a configured widget site (``[sites.NAME]``) may
+   come without it: a public page cannot keep a secret, and its ``hello`` must then name the
+   site, whose own checks decide (``server/channels/identity.py``). A token in the URL is not
+   read: proxies and access logs keep URLs;
+3. HTTP 429 (``Retry-After``) when its client address already holds
+   ``server.max_connections_per_address`` websockets (handshakes in progress count).
+
+No session exists before the upgrade, so a refused handshake costs no store write. The token is
+compared in constant time and never logged.
+
+``ChatSocket`` is the gateway's connection class: it remembers what the handshake proved and
+when the client last sent a frame (a pong does not count: it answers the server's ping, so it
+shows only that the peer is alive, which the keepalive already checks).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.typing import Subprotocol
+
+log = logging.getLogger("learnloop.gateway")
+
+SUBPROTOCOL = Subprotocol("learnloop.v1")
+BEARER_PREFIX = "learnloop.bearer."
+IDLE_CLOSE = 4408  # nothing heard for server.idle_timeout_s
+RETRY_AFTER_S = 5  # what a refused handshake (429) and a refused hello (per-user cap) ask a client to wait
+
+
+class ChatSocket(ServerConnection):
+    """A gateway connection: its handshake's findings and the time of the client's last frame."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.authenticated = False  # the handshake carried server.token (or none is set)
+        self.address: str | None = None  # the client address it counts against
+        self.heard = time.monotonic()  # the client's last frame other than a pong
+
+    def process_event(self, event: Any) -> None:
+        super().process_event(event)
+        if isinstance(event, Frame) and event.opcode is not Opcode.PONG:
+            self.heard = time.monotonic()
+
+
+def presented_token(headers: Headers) -> str | None:
+    """The token a handshake carries: ``Authorization: Bearer`` or a ``learnloop.bearer.*`` subprotocol."""
+    auth = headers.get("Authorization")
+    if auth is not None:
+        scheme, _, value = auth.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    for offered in _offered(headers):
+        if offered.startswith(BEARER_PREFIX):
+            encoded = offered[len(BEARER_PREFIX) :]
+            try:
+                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                return ""  # presented, and wrong
+    return None
+
+
+def bearer_subprotocol(token: str) -> str:
+    """The subprotocol a browser offers (beside ``learnloop.v1``) to carry ``token``."""
+    return BEARER_PREFIX + base64.urlsafe_b64encode(token.encode()).decode().rstrip("=")
+
+
+def client_address(peer: Any, headers: Headers) -> str:
+    """The address a connection counts against: the peer's, or behind a proxy on loopback the last
+    ``X-Forwarded-For`` entry (the one that proxy added)."""
+    host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+    forwarded = headers.get_all("X-Forwarded-For")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback and forwarded:
+        last = forwarded[-1].split(",")[-1].strip()
+        if last:
+            return last
+    return host
+
+
+def _offered(headers: Headers) -> list[str]:
+    return [p.strip() for value in headers.get_all("Sec-WebSocket-Protocol") for p in value.split(",") if p.strip()]
+
+
+class Admission:
+    """The gateway's handshake checks (``process_request``) and its per-address count."""
+
+    def __init__(
+        self,
+        *,
+        token: str | None,
+        origin_allowed: Callable[[str | None], bool],
+        site_origin: Callable[[str | None], bool],
+        max_per_address: int,
+    ) -> None:
+        self.token = token
+        self.origin_allowed = origin_allowed
+        self.site_origin = site_origin
+        self.max_per_address = max_per_address
+        self._by_address: dict[str, set[ChatSocket]] = {}
+
+    def open_from(self, address: str) -> int:
+        """Websockets open (or opening) from ``address``; closed ones are forgotten here."""
+        sockets = self._by_address.get(address)
+        if sockets is None:
+            return 0
+        sockets -= {s for s in sockets if s.state is State.CLOSED}
+        if not sockets:
+            del self._by_address[address]
+        return len(sockets)
+
+    def check(self, connection: ServerConnection, request: Request) -> Response | None:
+        """None lets the handshake go on; a Response refuses it before any session exists."""
+        assert isinstance(connection, ChatSocket)
+        origin = request.headers.get("Origin")
+        if not self.origin_allowed(origin):
+            log.warning("websocket handshake refused: Origin %r is not allowed", origin)
+            return connection.respond(HTTPStatus.FORBIDDEN, "this Origin may not open the chat\n")
+        if self.token is None:
+            connection.authenticated = True
+        else:
+            presented = presented_token(request.headers)
+            if presented is not None and hmac.compare_digest(presented.encode(), self.token.encode()):
+                connection.authenticated = True
+            elif presented is not None or not self.site_origin(origin):
+                log.warning("websocket handshake refused: the token is %s", "wrong" if presented else "missing")
+                response = connection.respond(HTTPStatus.UNAUTHORIZED, "send server.token: Authorization: Bearer\n")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="learnloop"'
+                return response
+        address = client_address(connection.remote_address, request.headers)
+        if self.max_per_address and self.open_from(address) >= self.max_per_address:
+            log.warning("websocket handshake refused: %d connections from one address", self.max_per_address)
+            response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many connections from this address\n")
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return response
+        connection.address = address
+        self._by_address.setdefault(address, set()).add(connection)
+        return None
+
+    def select_subprotocol(self, connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+        """``learnloop.v1`` when offered (a browser carrying its token offers it); never the bearer one."""
+        return SUBPROTOCOL if SUBPROTOCOL in offered else None
