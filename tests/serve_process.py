@@ -103,9 +103,15 @@ BURST_ENV = {  # the per-connection and per-rater limits off: the burst measures
 
 @dataclass
 class RatingSession:
-    """One client: hello, one chat turn, then ``n`` ratings of that reply sent without waiting (pipelined)."""
+    """One client: hello, one chat turn, then ``n`` ratings of that reply.
+
+    ``window``: how many ratings may wait for their ack at once. 1 is a client that sends the next
+    rating once the last is acknowledged, as ``learnloop``'s client's ``rate()`` does; None sends
+    every rating without waiting (pipelined).
+    """
 
     tag: str
+    window: int | None = None
     acked: list[str] = field(default_factory=list)
     ack_ms: list[float] = field(default_factory=list)
     sent: int = 0
@@ -118,7 +124,7 @@ class RatingSession:
     async def run(self, port: int, n: int, *, chat_timeout: float = 120, go: asyncio.Event | None = None) -> None:
         """``go``: wait for it between the chat turn and the ratings (a burst from every client at once)."""
         try:
-            async with connect(f"ws://127.0.0.1:{port}", open_timeout=60, max_queue=None) as ws:
+            async with connect(f"ws://127.0.0.1:{port}", open_timeout=60, max_queue=None, compression=None) as ws:
                 await ws.send(json.dumps({"type": "hello"}))
                 await _until(ws, "ready", chat_timeout)
                 self.connected = True
@@ -127,6 +133,7 @@ class RatingSession:
                 if go is not None:
                     await go.wait()
                 sent_at: dict[str, float] = {}
+                room = asyncio.Semaphore(self.window or n)
 
                 async def reader() -> None:
                     while len(self.acked) + len(self.errors) < n:
@@ -135,12 +142,15 @@ class RatingSession:
                             self.acked.append(frame["id"])
                             self.last_ack = time.monotonic()
                             self.ack_ms.append((self.last_ack - sent_at[frame["id"]]) * 1000)
+                            room.release()
                         elif frame["type"] == "error":
                             self.errors.append(str(frame.get("code")))
+                            room.release()
 
                 reading = asyncio.create_task(reader())
                 try:
                     for i in range(n):
+                        await room.acquire()
                         rid = f"{self.tag}-{i}"
                         sent_at[rid] = time.monotonic()
                         frame = {"type": "rating", "message_id": done["message_id"], "value": 1, "id": rid}
