@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -49,17 +50,25 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (``/proc/PID/stat``, clock ticks of 1/100 s)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100
+
+
 def env_for(clients: int) -> dict[str, str]:
     # every client's one chat turn is queued rather than refused: the replies are 4 tokens of the tiny model
     return {**BURST_ENV, "LEARNLOOP_MODEL_MAX_PENDING": str(max(64, clients))}
 
 
-async def sessions_phase(data_dir: Path, model: Path, sessions: int, ratings: int) -> dict[str, float]:
+async def sessions_phase(
+    data_dir: Path, model: Path, sessions: int, ratings: int, window: int | None
+) -> dict[str, float]:
     server = ServeProcess(data_dir, model, env_for(sessions))
     try:
         port = await asyncio.to_thread(server.port)
         rss_start = peak_rss_mb(server.proc.pid)
-        clients = [RatingSession(f"s{k}") for k in range(sessions)]
+        clients = [RatingSession(f"s{k}", window) for k in range(sessions)]
         started = time.monotonic()
         await asyncio.gather(*(c.run(port, ratings, chat_timeout=600) for c in clients))
         took = time.monotonic() - started
@@ -82,19 +91,21 @@ async def sessions_phase(data_dir: Path, model: Path, sessions: int, ratings: in
     }
 
 
-async def burst_phase(data_dir: Path, model: Path, clients_n: int, total: int) -> dict[str, float]:
+async def burst_phase(data_dir: Path, model: Path, clients_n: int, total: int, window: int | None) -> dict[str, float]:
     server = ServeProcess(data_dir, model, env_for(clients_n))
     per_client = max(1, total // clients_n)
     try:
         port = await asyncio.to_thread(server.port)
         go = asyncio.Event()
-        clients = [RatingSession(f"b{k}") for k in range(clients_n)]
+        clients = [RatingSession(f"b{k}", window) for k in range(clients_n)]
         tasks = [asyncio.create_task(c.run(port, per_client, chat_timeout=600, go=go)) for c in clients]
         while sum(c.chatted or c.dropped for c in clients) < clients_n:  # noqa: ASYNC110 (polls the clients)
             await asyncio.sleep(0.05)  # every client connected and chatted
+        server_cpu, own_cpu = cpu_s(server.proc.pid), cpu_s(os.getpid())
         released = time.monotonic()
         go.set()
         await asyncio.gather(*tasks)
+        server_cpu, own_cpu = cpu_s(server.proc.pid) - server_cpu, cpu_s(os.getpid()) - own_cpu
         logs = "\n".join(server.log)
     finally:
         server.stop()
@@ -106,6 +117,9 @@ async def burst_phase(data_dir: Path, model: Path, clients_n: int, total: int) -
         "burst_acked": acks,
         "acks_per_s": acks / max(last - released, 1e-9),
         "burst_ack_p99_ms": p99(ack_ms),
+        # CPU per acknowledged rating in the burst, of the server and of these clients (one machine)
+        "server_cpu_us_per_ack": server_cpu / max(acks, 1) * 1e6,
+        "client_cpu_us_per_ack": own_cpu / max(acks, 1) * 1e6,
         "database_locked": logs.count("database is locked"),
     }
 
@@ -116,6 +130,13 @@ async def main() -> None:
     parser.add_argument("--ratings", type=int, default=10, help="ratings per session in phase 1")
     parser.add_argument("--burst-clients", type=int, default=1000)
     parser.add_argument("--burst", type=int, default=10_000, help="ratings in the burst (phase 2)")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=1,
+        help="ratings a client has waiting for their ack (1: the next is sent on the last ack, as learnloop's"
+        " client does); phase 2 is also run with every rating sent at once (pipelined) for comparison",
+    )
     parser.add_argument("--kill9", type=int, default=20, help="kill -9 rounds (phase 3)")
     parser.add_argument("--kill9-sessions", type=int, default=16)
     args = parser.parse_args()
@@ -124,11 +145,14 @@ async def main() -> None:
         root = Path(tmp)
         model = build_tiny_model(root / "tiny")
         result: dict[str, float] = {}
-        result.update(await sessions_phase(root / "sessions", model, args.sessions, args.ratings))
+        result.update(await sessions_phase(root / "sessions", model, args.sessions, args.ratings, args.window))
         print(f"phase 1: {args.sessions} sessions x {args.ratings} ratings: {result}", flush=True)
-        burst = await burst_phase(root / "burst", model, args.burst_clients, args.burst)
-        print(f"phase 2: burst: {burst}", flush=True)
+        burst = await burst_phase(root / "burst", model, args.burst_clients, args.burst, args.window)
+        print(f"phase 2: burst, window {args.window}: {burst}", flush=True)
         result.update(burst)
+        piped = await burst_phase(root / "piped", model, args.burst_clients, args.burst, None)
+        print(f"phase 2b: burst, every rating sent at once: {piped}", flush=True)
+        result.update({"piped_acks_per_s": piped["acks_per_s"], "piped_ack_p99_ms": piped["burst_ack_p99_ms"]})
         trials = await kill9_trials(
             root / "kill9", model, trials=args.kill9, sessions=args.kill9_sessions, log=lambda m: print(m, flush=True)
         )

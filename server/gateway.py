@@ -48,6 +48,7 @@ from server.replies import StopSignal, latest_branch, new_id, open_conversation,
 from server.settings import SiteConfig
 
 log = logging.getLogger("learnloop.gateway")
+MAX_RATINGS_IN_FLIGHT = 64  # per connection; the reader waits past this
 # the websockets library logs every frame at DEBUG, and frames carry tokens and customers' text:
 # its server logs through this logger, which stays at INFO even under ``learnloop -v``
 _library_log = logging.getLogger("learnloop.gateway.websockets")
@@ -95,6 +96,9 @@ class _Connection:
         self.pinned: str | None = None  # the canary this conversation is pinned to, if any
         self.generation: asyncio.Task[None] | None = None
         self.cancel: StopSignal | None = None
+        # ratings being stored: each waits for its group commit in its own task, so the frames after
+        # it are read meanwhile and a client's pipelined ratings share one commit (bench/load.py)
+        self.ratings: set[asyncio.Task[None]] = set()
         assert ctx.presence is not None
         self.presence: Presence = ctx.presence
 
@@ -148,7 +152,7 @@ class _Connection:
             elif isinstance(effect, StoreTurn):
                 await self.apply(await self.store_turn(effect))
             elif isinstance(effect, StoreRating):
-                await self.apply(await self.rate(effect))
+                await self.start_rating(effect)
             elif isinstance(effect, Cancel) and self.cancel is not None:
                 self.cancel.set()
 
@@ -248,6 +252,25 @@ class _Connection:
             return False
         self.user_slot = key
         return True
+
+    async def start_rating(self, effect: StoreRating) -> None:
+        """Store a rating in its own task; its ``ack`` (or error) is sent once it committed.
+
+        At most ``MAX_RATINGS_IN_FLIGHT`` per connection: past that the reader waits for one to
+        finish, so a client that floods ratings is slowed by its own backlog, not the server's memory.
+        """
+        while len(self.ratings) >= MAX_RATINGS_IN_FLIGHT:
+            await asyncio.wait(self.ratings, return_when=asyncio.FIRST_COMPLETED)
+
+        async def store_and_answer() -> None:
+            try:
+                await self.apply(await self.rate(effect))
+            except Exception:
+                log.exception("answering rating %s failed", effect.client_id)
+
+        task = asyncio.create_task(store_and_answer())
+        self.ratings.add(task)
+        task.add_done_callback(self.ratings.discard)
 
     async def rate(self, effect: StoreRating) -> list[Effect]:
         started = time.monotonic()
@@ -424,7 +447,8 @@ async def drain(ctx: GatewayContext, server: Server, *, drain_s: float) -> None:
 
     New connections are refused at once and no new reply starts; replies in flight stream on for
     up to ``drain_s`` seconds, then are stopped: each ends with ``done`` (``finish_reason``
-    ``shutdown``) and is stored with the text it had. Then every client gets close 1001.
+    ``shutdown``) and is stored with the text it had. Ratings being stored get their ``ack``.
+    Then every client gets close 1001.
     """
     ctx.draining = True
     server.server.close()  # the listening socket: new connections are refused
@@ -438,5 +462,8 @@ async def drain(ctx: GatewayContext, server: Server, *, drain_s: float) -> None:
                 conn.cancel.set()
         if late:
             await asyncio.wait(late, timeout=5)  # the engine stops at its next step; the reply is stored
+    ratings = [t for c in ctx.connections for t in c.ratings]
+    if ratings:  # each is committed and acknowledged before the store closes
+        await asyncio.wait(ratings, timeout=5)
     server.close()  # close 1001 (going away) to every client
     await server.wait_closed()

@@ -104,9 +104,15 @@ BURST_ENV = {  # the per-connection and per-rater limits off: the burst measures
 
 @dataclass
 class RatingSession:
-    """One client: hello, one chat turn, then ``n`` ratings of that reply sent without waiting (pipelined)."""
+    """One client: hello, one chat turn, then ``n`` ratings of that reply.
+
+    ``window``: how many ratings may wait for their ack at once. 1 is a client that sends the next
+    rating once the last is acknowledged, as ``learnloop``'s client's ``rate()`` does; None sends
+    every rating without waiting (pipelined).
+    """
 
     tag: str
+    window: int | None = None
     acked: list[str] = field(default_factory=list)
     ack_ms: list[float] = field(default_factory=list)
     sent: int = 0
@@ -128,6 +134,7 @@ class RatingSession:
                 if go is not None:
                     await go.wait()
                 sent_at: dict[str, float] = {}
+                room = asyncio.Semaphore(self.window or n)
 
                 async def reader() -> None:
                     while len(self.acked) + len(self.errors) < n:
@@ -136,12 +143,15 @@ class RatingSession:
                             self.acked.append(frame["id"])
                             self.last_ack = time.monotonic()
                             self.ack_ms.append((self.last_ack - sent_at[frame["id"]]) * 1000)
+                            room.release()
                         elif frame["type"] == "error":
                             self.errors.append(str(frame.get("code")))
+                            room.release()
 
                 reading = asyncio.create_task(reader())
                 try:
                     for i in range(n):
+                        await room.acquire()
                         rid = f"{self.tag}-{i}"
                         sent_at[rid] = time.monotonic()
                         frame = {"type": "rating", "message_id": done["message_id"], "value": 1, "id": rid}

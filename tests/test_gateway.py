@@ -59,6 +59,34 @@ async def test_bad_input_gets_typed_errors_and_the_connection_stays(app: App, op
     assert done["type"] == "done"
 
 
+async def test_a_rating_waiting_for_its_commit_does_not_hold_up_the_connection(app: App, open_client: Any) -> None:
+    """Each rating waits for its group commit in its own task: the frames after it are read and
+    answered meanwhile, and a client's pipelined ratings share one commit. Here the writer is held
+    by another operation; the connection still answers, and every ack comes once it commits."""
+    c = await open_client(app.port)
+    await c.hello()
+    done, _ = await c.chat("rate me", "1")
+    assert app.store is not None
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(conn: Any) -> None:
+        held.set()
+        await release.wait()
+
+    holding = asyncio.create_task(app.store.db.write(hold))
+    await held.wait()
+    for i in range(5):
+        await c.send(type="rating", message_id=done["message_id"], value=1, id=f"r{i}")
+    await c.ws.send("{not json")
+    assert (await c.recv())["code"] == "bad_request"  # answered while the five ratings wait
+    release.set()
+    await holding
+    acks = {(await c.recv())["id"] for _ in range(5)}
+    assert acks == {f"r{i}" for i in range(5)}
+    ratings = (await app.store.conversations.export_feedback()).ratings
+    assert sorted(r.client_id for r in ratings) == [f"r{i}" for i in range(5)]
+
+
 async def test_health_endpoint(app: App) -> None:
     body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{app.port}/healthz").read())
     assert body == b"ok\n"

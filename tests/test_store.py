@@ -110,6 +110,48 @@ async def test_group_commit_batches_concurrent_writes_and_isolates_failures(tmp_
         assert len((await store.conversations.export_feedback()).ratings) == 300
 
 
+async def test_a_group_commit_mixes_sync_and_async_operations_in_order_and_isolates_failures(tmp_path: Path) -> None:
+    """Ratings and messages run on the writer's thread (``write_sync``); the other writes are
+    aiosqlite coroutines. One group commit may hold both: each still runs in its own savepoint,
+    in the order queued, and a failing one of either kind rolls back only itself."""
+    async with await FeedbackStore.open(tmp_path / "x.db") as store:
+        await seed(store)
+        order: list[str] = []
+
+        def sync_op(tag: str, fail: bool) -> Any:
+            def op(conn: sqlite3.Connection) -> str:
+                order.append(tag)
+                conn.execute("INSERT INTO audit_log (at, actor, action) VALUES (0, ?, 'x')", (tag,))
+                if fail:
+                    raise InvalidError(f"{tag} fails")
+                return tag
+
+            return op
+
+        def async_op(tag: str, fail: bool) -> Any:
+            async def op(conn: Connection) -> str:
+                order.append(tag)
+                await conn.execute("INSERT INTO audit_log (at, actor, action) VALUES (0, ?, 'x')", (tag,))
+                if fail:
+                    raise InvalidError(f"{tag} fails")
+                return tag
+
+            return op
+
+        plan = [("s1", False), ("a1", False), ("s2", True), ("a2", True), ("s3", False), ("a3", False)]
+        before = store.db.commits
+        results = await asyncio.gather(
+            *(store.db.write_sync(sync_op(t, f)) if t[0] == "s" else store.db.write(async_op(t, f)) for t, f in plan),
+            return_exceptions=True,
+        )
+        assert order == [t for t, _ in plan]
+        assert results[0] == "s1" and results[1] == "a1" and results[4] == "s3" and results[5] == "a3"
+        assert isinstance(results[2], InvalidError) and isinstance(results[3], InvalidError)
+        assert store.db.commits - before == 1
+        actors = await store.db.read("SELECT actor FROM audit_log WHERE action = 'x' ORDER BY id")
+        assert [r["actor"] for r in actors] == ["s1", "a1", "s3", "a3"]
+
+
 async def test_corrections_and_versions(tmp_path: Path) -> None:
     async with await FeedbackStore.open(tmp_path / "x.db") as store:
         _, reply_id = await seed(store)
