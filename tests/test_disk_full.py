@@ -118,6 +118,9 @@ async def test_ratings_on_a_full_filesystem_get_storage_full_never_a_false_ack_a
             await c.send(type="message", text="€" * 3000, client_id="m2")
             err = await c.recv()
             assert (err["type"], err["code"]) == ("error", "storage_full")
+            newcomer = await open_client(app.port)  # a new conversation cannot be stored: a typed error
+            await newcomer.send(type="hello")
+            assert (await newcomer.recv())["code"] == "storage_full"  # before the fix: close 1011
             assert not (await app.store.conversations.export_feedback()).ratings
 
             filler.unlink()  # space returns: the same server and connection take writes again
@@ -130,5 +133,6 @@ async def test_ratings_on_a_full_filesystem_get_storage_full_never_a_false_ack_a
                 assert await c.recv() == {"type": "ack", "id": f"r{n}"}, n
             done2, _ = await c.chat("are you there?", "m3")
             assert done2["type"] == "done"
+            await newcomer.hello()  # the same socket opens its conversation once there is room
             ratings = (await app.store.conversations.export_feedback()).ratings
             assert sorted(r.client_id for r in ratings) == sorted(f"r{n}" for n in range(1, 700))
