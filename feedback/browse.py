@@ -264,7 +264,7 @@ def _summary(r: Row) -> dict[str, Any]:
         "downs": r["downs"],
         "corrections": r["corrections"],
         "flagged": bool(r["flagged"]),
-        "preview": preview if len(preview) <= PREVIEW_CHARS else preview[: PREVIEW_CHARS - 1] + "…",
+        "preview": preview,  # the whole first message: the console redacts it, then cuts it to PREVIEW_CHARS
     }
 
 

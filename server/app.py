@@ -79,8 +79,8 @@ class App:
             self.release = release = Release(store, engine, s.canary, on_refused=self.metrics.adapter_refused)
             try:
                 await release.sync()
-            except AdapterRejectedError:
-                log.exception("the live adapter failed validation; serving the base model")
+            except AdapterRejectedError:  # the alert (one error line, the metric) is out: say what serves
+                log.warning("the live version was refused; serving %s until a valid one is live", release.live_version)
             self.trainer = trainer = Trainer(store, cycle_config(s, base_model), release)
             self.presence = presence = Presence(store)
             rating_limiter = KeyedRateLimiter(

@@ -157,7 +157,11 @@ class _Connection:
                 self.cancel.set()
 
     async def open(self, effect: OpenConversation) -> list[Effect]:
-        effects = await self._open(effect)
+        try:
+            effects = await self._open(effect)
+        except Exception as exc:  # a full disk, a failing store: a typed error, the socket stays
+            code, message, _ = public_view(exc, where="opening a conversation")
+            return self.session.open_failed(code, message)
         conversation_id = self.session.conversation_id
         if conversation_id is not None:
             self.presence.attach(conversation_id, self)

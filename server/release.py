@@ -117,6 +117,7 @@ class Release:
         self.live_version: str = BASE_VERSION
         self.canary_version: str | None = None
         self.previous_live: str | None = None
+        self.refused_live: set[str] = set()  # live versions whose adapter failed validation: not retried
         self._lock = asyncio.Lock()
 
     # --- routing -------------------------------------------------------------------------
@@ -139,7 +140,10 @@ class Release:
         """Load the live and canary adapters (validated), route to them, unload the rest.
 
         A canary whose adapter fails validation is rolled back; a live one raises
-        AdapterRejectedError and the version that was serving keeps serving.
+        AdapterRejectedError (after the canary is routed) and the version that was serving keeps
+        serving: at start-up, the base model. A refused live version is not tried again (no new
+        alert, no new count) until an operator promotes a version by hand or the server restarts:
+        its file does not mend itself, and the version poll would otherwise re-alert every round.
         """
         async with self._lock:
             live = await self.store.versions.live()
@@ -153,20 +157,28 @@ class Release:
                         canary.name, actor="validation", reasons=[f"adapter refused: {exc}"]
                     )
                     canary = None
-            if live.name != BASE_VERSION and not self.engine.has_version(live.name):
-                await self._load(live)  # raises: the old version keeps serving
+            rejected: AdapterRejectedError | None = None
+            if live.name not in (BASE_VERSION, *self.refused_live) and not self.engine.has_version(live.name):
+                try:
+                    await self._load(live)
+                except AdapterRejectedError as exc:
+                    self.refused_live.add(live.name)
+                    rejected = exc
             old = self.live_version
-            self.live_version = live.name
+            serve = old if live.name in self.refused_live else live.name  # refused: the old one keeps serving
+            self.live_version = serve
             self.canary_version = canary.name if canary else None
-            self.previous_live = previous_live_after(old, live.name, self.previous_live)
-            if old != live.name:
-                log.info("new replies now use version %s (was %s)", live.name, old)
+            self.previous_live = previous_live_after(old, serve, self.previous_live)
+            if old != serve:
+                log.info("new replies now use version %s (was %s)", serve, old)
             unload = adapters_to_unload(
-                self.engine.versions, live=live.name, canary=self.canary_version, previous_live=self.previous_live
+                self.engine.versions, live=serve, canary=self.canary_version, previous_live=self.previous_live
             )
             for name in unload:
                 await self.engine.unload_adapter(name)
             await self._delete_erased_adapters()
+        if rejected is not None:
+            raise rejected
 
     async def _delete_erased_adapters(self) -> None:
         """Delete the files of adapters trained on erased data that no longer serve (under the lock)."""
@@ -256,6 +268,7 @@ class Release:
     # --- by hand ---------------------------------------------------------------------------
 
     async def promote(self, name: str, *, actor: str) -> None:
+        self.refused_live.discard(name)  # an operator's promotion checks the file again
         await self.store.versions.set_state(name, VersionState.LIVE, actor=actor, reasons=[f"promoted by {actor}"])
         await self.sync()
 

@@ -30,7 +30,9 @@ _SERVING = re.compile(r"learnloop serving .* on ws://[^:]+:(\d+)")
 class ServeProcess:
     """Start ``python -m server.cli --data-dir DIR serve --model MODEL --port 0``; learn the port from its log."""
 
-    def __init__(self, data_dir: Path, model: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, model: Path, env: Mapping[str, str] | None = None, *, verbose: bool = False
+    ) -> None:
         self.data_dir = data_dir
         self.log: list[str] = []
         full_env = {
@@ -47,6 +49,7 @@ class ServeProcess:
                 sys.executable,
                 "-m",
                 "server.cli",
+                *(["-v"] if verbose else []),
                 "--data-dir",
                 str(data_dir),
                 *("serve", "--model", str(model)),

@@ -222,3 +222,23 @@ async def test_take_over_a_live_conversation_in_the_browser(app: App, page: Any,
     await customer.until("operator_left")
     done, _ = await customer.chat("Thank you!", "c3")  # the model answers again
     assert done["model_version"] == "base"
+
+
+async def test_the_transcript_shows_personal_data_only_after_the_toggle(app: App, page: Any) -> None:
+    """Scenario 14 in the browser: redacted by default; a reviewer's toggle shows the raw text."""
+    from tests.test_console_redaction import EMAIL, PHONE, seed_pii
+
+    assert app.store is not None
+    cid, _ = await seed_pii(app.store)
+    await log_in(page, app, "rita", f"/conversations/{cid}")
+    await page.locator(".msg").first.wait_for()
+    shown = await page.inner_text("#messages")
+    assert "[EMAIL]" in shown and "[PHONE]" in shown and EMAIL not in shown and PHONE not in shown
+    assert "redacted" in await page.inner_text("#redaction-note")
+    await shot(page, "14-redacted")
+    await page.click("#raw-toggle")
+    await page.wait_for_function(f"document.querySelector('#messages').innerText.includes('{EMAIL}')")
+    assert "audit log" in await page.inner_text("#redaction-note")
+    assert await page.inner_text("#raw-toggle") == "Hide personal data"
+    await page.click("#raw-toggle")
+    await page.wait_for_function(f"!document.querySelector('#messages').innerText.includes('{EMAIL}')")

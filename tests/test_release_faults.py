@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import signal
 import struct
@@ -278,6 +279,69 @@ async def test_bad_adapter_is_refused_and_the_old_version_keeps_serving(
         assert (await client.hello())["model_version"] == "v1"
         done, _ = await client.chat("still serving?", "x")
         assert done["model_version"] == "v1"
+
+
+async def test_a_live_version_refused_at_start_up_serves_base_with_one_alert(
+    tiny_model: Path, tmp_path: Path, open_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scenario 7: the store's live version has a corrupted adapter when the server starts. It
+    serves the base model, says so in one error line and one count, and the version poll does
+    not re-alert; promoting a good version by hand serves it."""
+    settings = load_settings(
+        env={},
+        data_dir=tmp_path / "data",
+        overrides={
+            "console": {"enabled": False},
+            "channels": {"enabled": False},
+            "server": {"port": 0},
+            "model": {"name": str(tiny_model), "max_new_tokens": 6},
+            "schedule": {"enabled": False, "version_poll_s": 0.05},
+        },
+    )
+    good = make_adapter(tiny_model, tmp_path / "good", seed=1)
+    async with await FeedbackStore.open(settings.db_path) as store:
+        await store.versions.ensure_base(str(tiny_model))
+        for folder in (make_adapter(tiny_model, tmp_path / "v1", seed=2), good):
+            await store.versions.register(
+                adapter_path=str(folder),
+                sha256=sha256_file(folder / "adapter_model.safetensors"),
+                parent="base",
+                base_model=str(tiny_model),
+                eval_report={},
+                feedback_ids={},
+                training_run_id=None,
+            )
+        await store.versions.set_state("v1", VersionState.LIVE, actor="test")
+    weights = tmp_path / "v1" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit flipped on disk after registration
+    weights.write_bytes(bytes(data))
+
+    caplog.set_level(logging.INFO)
+    app = App(settings)
+    async with app.lifespan():
+        assert app.release is not None and app.port is not None
+        assert app.release.live_version == "base"
+        client = await open_client(app.port)
+        assert (await client.hello())["model_version"] == "base"
+        done, _ = await client.chat("are you serving?", "m1")
+        assert done["model_version"] == "base"
+        for _ in range(10):  # rounds of the version poll (every 0.05 s) and a sync by hand
+            await asyncio.sleep(0.05)
+        await app.release.sync()
+        assert app.release.live_version == "base" and "v1" not in app.engine.versions  # type: ignore[union-attr]
+        refusals = app.metrics.registry.get_sample_value("learnloop_adapter_refusals_total", {"check": "checksum"})
+        assert refusals == 1
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("learnloop")]
+        assert len(errors) == 1, [r.getMessage() for r in errors]
+        assert "adapter refused (checksum)" in errors[0].getMessage() and errors[0].exc_info is None
+        assert getattr(errors[0], "version", None) == "v1"
+        assert any("serving base" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+        await app.release.promote("v2", actor="op")  # the way out: a good version, by hand
+        assert app.release.live_version == "v2"
+        done, _ = await client.chat("and now?", "m2")
+        assert done["model_version"] == "v2"
 
 
 async def test_continuing_from_live_with_a_kto_stage(tiny_model: Path, tmp_path: Path) -> None:

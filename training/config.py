@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,21 @@ def job_command(python: str, spec_path: str, *, accelerate_config: str | None) -
         "training.train",
         spec_path,
     ]
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Did ``exc`` (or an exception it came from) fail because the disk is full (ENOSPC)?
+
+    safetensors' writer raises its own error type, which names the OS error only in its text.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(seen) or f"os error {errno.ENOSPC}" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @dataclass(frozen=True)

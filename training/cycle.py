@@ -7,7 +7,8 @@
     -> move adapter to adapters/vN (atomic rename) -> sha256 -> register candidate (_register)
     -> gate.decide -> live (previous live retired), canary or rejected          (_gate)
 
-A run that fails leaves nothing under ``adapters/`` and its data stays eligible; a run
+A run that fails leaves nothing under ``adapters/`` and its data stays eligible (a full disk
+makes its detail start ``storage_full:``); a run
 that trained consumes its data whatever the gate said. The caller (the server's
 scheduler, or ``learnloop train``) loads a promoted version into the engine.
 """
@@ -31,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from feedback import FeedbackSnapshot, FeedbackStore, ModelVersion, RunState, VersionState
-from feedback.exceptions import LearnloopError
+from feedback.exceptions import ErrorCode, LearnloopError
 from training import pairs
 from training.clean import CleanReport, clean
-from training.config import ROW_FILES, CycleConfig, JobSpec, job_command
+from training.config import ROW_FILES, CycleConfig, JobSpec, disk_full, job_command
 from training.gate import EvalReport, decide
 from training.policy import TrainDecision, should_train
 from training.signals import build_training_data
@@ -147,15 +148,17 @@ class TrainingJobError(LearnloopError):
     """The training subprocess failed; ``detail`` holds the end of its stderr."""
 
 
-def write_job_inputs(cfg: CycleConfig, prepared: PreparedData, *, run_dir: Path, live_adapter: str | None) -> JobSpec:
-    """The job's inputs in ``run_dir``: its rows as TRL JSONL and the ``JobSpec`` naming them (spec.json).
+def failure_reason(exc: Exception) -> str:
+    """A failed run's detail: the error's text, led by ``storage_full:`` when the disk was full."""
+    if disk_full(exc) and not str(exc).startswith(ErrorCode.STORAGE_FULL):
+        return f"{ErrorCode.STORAGE_FULL}: no space left on device: {exc}"
+    return str(exc)
 
-    With ``contrast_pick = "live"`` the contrast rows are candidates and go to files of their own,
-    for the job to narrow; otherwise they are ordinary pairs.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    train, heldout, weighted = prepared.train, prepared.heldout, prepared.weighted_train
-    spec = JobSpec(
+
+def job_spec(cfg: CycleConfig, prepared: PreparedData, *, run_dir: Path, live_adapter: str | None) -> JobSpec:
+    """The ``JobSpec`` of a run in ``run_dir`` (pure: nothing is written)."""
+    train = prepared.train
+    return JobSpec(
         base_model=cfg.base_model,
         train=cfg.train,
         run_dir=run_dir,
@@ -165,6 +168,17 @@ def write_job_inputs(cfg: CycleConfig, prepared: PreparedData, *, run_dir: Path,
         system_prompt=cfg.system_prompt,
         corrections=tuple(sorted({r.chosen for r in train.dpo if r.source == "correction"})),
     )
+
+
+def write_job_inputs(cfg: CycleConfig, prepared: PreparedData, *, run_dir: Path, live_adapter: str | None) -> JobSpec:
+    """The job's inputs in ``run_dir``: its rows as TRL JSONL and the ``JobSpec`` naming them (spec.json).
+
+    With ``contrast_pick = "live"`` the contrast rows are candidates and go to files of their own,
+    for the job to narrow; otherwise they are ordinary pairs.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    heldout, weighted = prepared.heldout, prepared.weighted_train
+    spec = job_spec(cfg, prepared, run_dir=run_dir, live_adapter=live_adapter)
     pool = cfg.train.picks_in_job
 
     def dpo(rows: tuple[pairs.DPORow, ...], *, contrast: bool, source: bool = False) -> list[dict[str, Any]]:
@@ -248,18 +262,18 @@ class TrainingCycle:
         run_dir = self.config.runs_dir / f"run-{run_id}"
         # a live adapter that learned from erased data is neither continued nor used to score rows
         tainted = live.trained_on_erased is not None
-        spec = write_job_inputs(
-            self.config, prepared, run_dir=run_dir, live_adapter=None if tainted else live.adapter_path
-        )
+        adapter = None if tainted else live.adapter_path
+        spec = job_spec(self.config, prepared, run_dir=run_dir, live_adapter=adapter)
         log.info("training run %d started: %s", run_id, counts)
         try:
-            try:
+            try:  # inside: a full disk while writing the rows fails the run like any other failure
+                write_job_inputs(self.config, prepared, run_dir=run_dir, live_adapter=adapter)
                 job = await self._run_job(run_id, spec)
             finally:  # the rows hold customers' words: keep them no longer than the run
                 remove_job_rows(spec)
             version = await self._register(run_id, spec, prepared, job, parent=live.name)
         except Exception as exc:
-            await self._fail(run_id, spec, str(exc))
+            await self._fail(run_id, spec, failure_reason(exc))
             return CycleResult(
                 CycleStatus.FAILED, str(exc), run_id=run_id, seconds=time.monotonic() - started, counts=counts
             )
@@ -338,10 +352,14 @@ class TrainingCycle:
         return status, gate.reasons
 
     async def _fail(self, run_id: int, spec: JobSpec, detail: str) -> None:
-        """The run failed: nothing of it stays under adapters/, and its data stays eligible."""
+        """The run failed: nothing of it stays under adapters/, and its data stays eligible.
+
+        The half-written adapter goes first: on a full disk, its bytes are the room the store's
+        write of the failure may need.
+        """
+        shutil.rmtree(spec.output_dir, ignore_errors=True)
         log.error("training run %d failed: %s", run_id, detail)
         await self.store.runs.finish(run_id, state=RunState.FAILED, detail=detail[-4000:])
-        shutil.rmtree(spec.output_dir, ignore_errors=True)
 
     async def _run_job(self, run_id: int, spec: JobSpec) -> JobResult:
         """``python -m training.train SPEC`` in a subprocess (under ``accelerate launch`` when
@@ -379,6 +397,11 @@ class TrainingCycle:
             self.job_pid = None
         if out.cancelled:
             raise TrainingJobError("cancelled by an operator")
+        if out.error is not None and out.error.get("code") == ErrorCode.STORAGE_FULL:
+            raise TrainingJobError(
+                f"{ErrorCode.STORAGE_FULL}: the training job stopped: {out.error.get('detail')}",
+                code=ErrorCode.STORAGE_FULL,
+            )
         if proc.returncode != 0 or out.report is None:
             tail = "\n".join(out.stderr_tail)
             raise TrainingJobError(f"training job exited with code {proc.returncode}:\n{tail}")
@@ -425,6 +448,8 @@ class TrainingCycle:
                 )
             elif event.get("event") == "report":
                 out.report = event
+            elif event.get("event") == "error":
+                out.error = event
 
 
 @dataclass(frozen=True)
@@ -442,6 +467,7 @@ class _JobOutput:
     """What a running job said so far."""
 
     report: dict[str, Any] | None = None  # its report line
+    error: dict[str, Any] | None = None  # its error line: {"code": "storage_full", "detail": ...}
     history: list[dict[str, Any]] = field(default_factory=list)  # the loss curve, at most MAX_LOSS_POINTS
     stderr_tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=40))
     cancelled: bool = False  # an operator cancelled the run and the job was killed

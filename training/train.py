@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
 from feedback.specials import defuse_row, tokenizer_specials
-from training.config import JobSpec, device_args
+from training.config import JobSpec, device_args, disk_full
 from training.evaluate import LIVE, REPLAY_CHAT, evaluate_pairs, load_generic_chat, rejected_scores
 from training.gate import EvalReport
 from training.pairs import pick_likeliest
@@ -68,7 +68,12 @@ def main() -> None:
     if len(sys.argv) != 2:
         raise SystemExit("usage: python -m training.train SPEC.json")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run(JobSpec.from_json(Path(sys.argv[1]).read_text()))
+    try:
+        run(JobSpec.from_json(Path(sys.argv[1]).read_text()))
+    except Exception as exc:
+        if disk_full(exc):  # say so in a line the cycle reads: the run fails with a storage reason
+            emit("error", code="storage_full", detail=f"no space left on device: {exc}")
+        raise
 
 
 def run(spec: JobSpec) -> None:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from feedback import ErrorCode, FeedbackStore, RaterState
 from feedback.accounts import OperatorRole
 from feedback.browse import ConversationFilter
+from server.console import redact as redacted
 from server.console.auth import COOKIE, ROLE_KEY, AsAdmin, AsReviewer, AsViewer, authenticate, role
 from server.errors import ApiError, install_error_handlers
 from server.listener import RunningListener, serve_app
@@ -227,19 +228,34 @@ def create_console(
             rating, version or None, channel or None, since, until, has_correction, flagged, q or None, site or None
         )
         items, next_cursor = await store.browse.list_conversations(f, limit=limit, cursor=cursor)
-        return {"items": items, "next_cursor": next_cursor}
+        return {"items": [redacted.summary(i) for i in items], "next_cursor": next_cursor}
 
-    @app.get("/api/v1/conversations/{conversation_id}", **role(viewer))
-    async def transcript(conversation_id: str) -> dict[str, Any]:
+    raw_views = redacted.RawViews()
+
+    async def conversation_view(conversation_id: str, *, raw: bool) -> dict[str, Any]:
         t = await store.browse.transcript(conversation_id)
         if t is None:
             raise ApiError(f"no conversation {conversation_id!r}", code=ErrorCode.NOT_FOUND)
         takeover = presence.takeovers.get(conversation_id)
+        shown = {**t, "conversation": redacted.summary(t["conversation"], raw=True), "redacted": False}
         return {
-            **t,
+            **(shown if raw else redacted.transcript(t)),
             "takeover": asdict(takeover) if takeover else None,
             "connected": presence.connected(conversation_id),
         }
+
+    @app.get("/api/v1/conversations/{conversation_id}", **role(viewer))
+    async def transcript(conversation_id: str) -> dict[str, Any]:
+        """The transcript with personal data redacted (``server/console/redact.py``)."""
+        return await conversation_view(conversation_id, raw=False)
+
+    @app.get("/api/v1/conversations/{conversation_id}/raw", **role(reviewer))
+    async def raw_transcript(conversation_id: str, p: AsReviewer) -> dict[str, Any]:
+        """The transcript as the customer wrote it: each look is audited."""
+        view = await conversation_view(conversation_id, raw=True)
+        if raw_views.due(p.operator.name, conversation_id, time.monotonic()):
+            await store.accounts.audit(p.operator.name, "transcript.raw", conversation_id, {})
+        return view
 
     @app.post("/api/v1/messages/{message_id}/correction", status_code=201, **role(reviewer))
     async def correct(message_id: str, body: CorrectionBody, p: AsReviewer) -> dict[str, Any]:

@@ -629,6 +629,7 @@
     const reviewer = can('reviewer');
     const page = {
       sig: null,
+      raw: false, // the transcript unredacted (reviewers; audited)
       open: {}, // message id -> 'correct' | 'exclude'
       drafts: {}, // message id -> {text, reason, exclude}
     };
@@ -649,17 +650,29 @@
       reviewer ? el('div', { class: 'takeover-actions' }, startBtn, text, el('div', { class: 'row' }, sendBtn, stopBtn)) : null,
     );
     const list = el('div', { id: 'messages', class: 'messages' });
+    // personal data is redacted by default; a reviewer may show it, and each look is audited
+    const privacyNote = el('span', { id: 'redaction-note', class: 'muted' }, '');
+    const rawBtn = el('button', { id: 'raw-toggle', type: 'button', hidden: !reviewer }, 'Show personal data');
+    const privacy = el('p', { id: 'redaction', class: 'row' }, privacyNote, rawBtn);
+    rawBtn.addEventListener('click', () => act(rawBtn, async () => {
+      page.raw = !page.raw;
+      await load(true);
+    }));
 
     main.replaceChildren(
       el('p', {}, el('a', { href: '/conversations', class: 'back' }, '← Conversations')),
-      title, meta, panel, list,
+      title, meta, panel, privacy, list,
     );
 
     const convPath = `/conversations/${enc(id)}`;
 
     async function load(force) {
-      const data = await api('GET', convPath);
+      const data = await api('GET', page.raw ? `${convPath}/raw` : convPath);
       if (!ctx.alive()) return;
+      privacyNote.textContent = data.redacted
+        ? 'Personal data is redacted ([EMAIL], [PHONE], ...). '
+        : 'Showing personal data: this view is recorded in the audit log. ';
+      rawBtn.textContent = page.raw ? 'Hide personal data' : 'Show personal data';
       renderMeta(data);
       renderTakeover(data);
       const sig = JSON.stringify(data.messages || []);

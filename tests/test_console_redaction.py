@@ -1,0 +1,107 @@
+"""Scenario 14: the console shows transcripts with personal data redacted; the raw text is one
+audited step away for reviewers (``server/console/redact.py``). Through the REST API of a real
+running server; the browser side is in ``tests/test_console_browser.py``."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from feedback import FeedbackStore, Role
+from server.app import App
+from tests.console_support import running_app
+from tests.test_console import login
+
+EMAIL, PHONE, STREET, NAME, CARD = (
+    "jane.doe@example.com",
+    "+49 170 1234567",
+    "12 Baker Street",
+    "Jane Roe",
+    "4111 1111 1111 1111",
+)
+PLANTED = (EMAIL, PHONE, STREET, NAME, CARD, "jane.doe", "1234567", "4111")
+# the first message is longer than the list's preview (160 characters) and the e-mail address
+# straddles the cut: cut first and redacted after, half an address would show
+FIRST = "x" * 150 + f" mail {EMAIL}; my name is {NAME}, I live at {STREET}."
+
+
+async def seed_pii(store: FeedbackStore) -> tuple[str, str]:
+    """A conversation with PII in a message, a reply, a rating comment and a correction."""
+    cid = uuid.uuid4().hex
+    await store.conversations.create(cid, user_id="cust-pii")
+    first = await store.conversations.add_message(
+        message_id=uuid.uuid4().hex, conversation_id=cid, role=Role.USER, text=FIRST, parent_id=None
+    )
+    user = await store.conversations.add_message(
+        message_id=uuid.uuid4().hex,
+        conversation_id=cid,
+        role=Role.USER,
+        text=f"Call me on {PHONE}, card {CARD}.",
+        parent_id=first.id,
+    )
+    reply = await store.conversations.add_message(
+        message_id=uuid.uuid4().hex,
+        conversation_id=cid,
+        role=Role.ASSISTANT,
+        text=f"Thanks, we will write to {EMAIL}.",
+        parent_id=user.id,
+        model_version="base",
+    )
+    await store.conversations.add_rating(
+        message_id=reply.id, value=-1, rater="cust-pii", client_id="r1", comment=f"use {PHONE} instead"
+    )
+    await store.conversations.add_correction(message_id=reply.id, text=f"We will call {PHONE}.", operator="rita")
+    return cid, reply.id
+
+
+@pytest.fixture
+async def app(tiny_model: Path, tmp_path: Path) -> AsyncIterator[App]:
+    async with running_app(tiny_model, tmp_path) as a:
+        yield a
+
+
+def leaks(body: object) -> list[str]:
+    text = json.dumps(body, ensure_ascii=False)
+    return [v for v in PLANTED if v in text]
+
+
+async def raw_looks(admin: httpx.AsyncClient, cid: str) -> list[dict[str, object]]:
+    entries = (await admin.get("/api/v1/audit")).json()["items"]
+    return [e for e in entries if e["action"] == "transcript.raw" and e["subject"] == cid]
+
+
+async def test_transcripts_are_redacted_by_default_and_raw_text_is_an_audited_reviewer_step(app: App) -> None:
+    assert app.store is not None
+    cid, _ = await seed_pii(app.store)
+    vic, rita, alice = [await login(app, n) for n in ("vic", "rita", "alice")]
+    try:
+        for client in (vic, rita, alice):  # every role: the default view is redacted
+            view = (await client.get(f"/api/v1/conversations/{cid}")).json()
+            assert view["redacted"] is True and not leaks(view), leaks(view)
+            text = json.dumps(view)
+            for kind in ("[EMAIL]", "[PHONE]", "[NAME]", "[ADDRESS]", "[CARD]"):
+                assert kind in text
+            listing = (await client.get("/api/v1/conversations")).json()["items"]
+            preview = next(i["preview"] for i in listing if i["id"] == cid)
+            assert not leaks(preview) and preview.endswith("…") and len(preview) <= 160
+        assert not await raw_looks(alice, cid)
+
+        refused = await vic.get(f"/api/v1/conversations/{cid}/raw")  # a viewer never sees raw text
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+
+        raw = (await rita.get(f"/api/v1/conversations/{cid}/raw")).json()
+        assert raw["redacted"] is False and set(leaks(raw)) == set(PLANTED)
+        looks = await raw_looks(alice, cid)
+        assert [e["actor"] for e in looks] == ["rita"]
+        await rita.get(f"/api/v1/conversations/{cid}/raw")  # the page's 2 s poll: one entry per look
+        assert len(await raw_looks(alice, cid)) == 1
+        await alice.get(f"/api/v1/conversations/{cid}/raw")
+        assert sorted(str(e["actor"]) for e in await raw_looks(alice, cid)) == ["alice", "rita"]
+    finally:
+        for client in (vic, rita, alice):
+            await client.aclose()

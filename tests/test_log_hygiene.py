@@ -1,0 +1,219 @@
+"""Scenario 20: everything ``learnloop -v serve`` logs (JSON lines, DEBUG) after customers and
+operators sent planted personal data, tokens and credentials, through chat, ratings, errors,
+overload, the console and, as root, a full disk: none of it is in the log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.serve_process import ROOT, ServeProcess
+
+TOKEN = "tok-3b9f1c7e-never-log"
+WRONG_TOKEN = "tok-3b9f1c7e-never-lOG"
+PASSWORD = "pw-horse-battery-8812"
+PII = {
+    "email": "jane.doe@example.com",
+    "phone": "+49 170 1234567",
+    "card": "4111 1111 1111 1111",
+    "iban": "DE89370400440532013000",
+    "name": "Jane Roebuck",
+    "street": "12 Baker Street",
+}
+WORDS = "private-words-5521"  # a customer's own words, no PII shape
+SAID = f"{WORDS}: my name is {PII['name']}, mail {PII['email']}, call {PII['phone']}, card {PII['card']}, "
+SAID += f"IBAN {PII['iban']}, I live at {PII['street']}."
+ADD_ALICE = ("operator", "add", "alice", "--role", "admin", "--password-stdin")
+CONSOLE = re.compile(r"operator console on http://[^:]+:(\d+)")
+
+
+async def recv(ws: Any, timeout: float = 60) -> dict[str, Any]:
+    return dict(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
+
+
+async def until(ws: Any, kind: str) -> dict[str, Any]:
+    while (frame := await recv(ws))["type"] != kind:
+        pass
+    return frame
+
+
+def open_ws(url: str, **options: Any) -> Any:
+    """A websocket with ``server.token`` in its handshake (``Authorization: Bearer``)."""
+    return connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"}, **options)
+
+
+async def hello(ws: Any) -> dict[str, Any]:
+    await ws.send(json.dumps({"type": "hello", "token": TOKEN, "user": PII["email"]}))
+    return await until(ws, "ready")
+
+
+async def drive_chat(port: int) -> tuple[list[str], str]:
+    """Chat, ratings and every kind of refused frame, each carrying the planted text; returns the
+    conversation ids and the id of a reply."""
+    url = f"ws://127.0.0.1:{port}"
+    ids: list[str] = []
+    with pytest.raises(InvalidStatus) as refused_handshake:  # a wrong token: 401 before any session
+        async with connect(url, additional_headers={"Authorization": f"Bearer {WRONG_TOKEN}"}):
+            pass
+    assert refused_handshake.value.response.status_code == 401
+    async with open_ws(url, max_size=None) as ws:
+        ids.append((await hello(ws))["conversation_id"])
+        await ws.send(json.dumps({"type": "message", "text": SAID, "client_id": "m1"}))
+        reply = (await until(ws, "done"))["message_id"]
+        rating = {"type": "rating", "message_id": reply, "value": -1, "id": "r1", "comment": SAID}
+        await ws.send(json.dumps(rating))
+        assert (await recv(ws))["type"] == "ack"
+        refused = [
+            "{not json " + SAID,
+            json.dumps({"type": SAID, "text": SAID}),
+            json.dumps({"type": "rating", "message_id": SAID, "value": 1, "id": "r2", "comment": SAID}),
+            json.dumps({"type": "rating", "message_id": reply, "value": SAID, "id": "r3"}),
+            json.dumps({"type": "message", "text": SAID * 200, "client_id": "m2"}),  # over max_text_chars
+            json.dumps({"type": "hello", "token": TOKEN}),  # a second hello
+            "[" * 5000 + json.dumps(SAID) + "]" * 5000,
+        ]
+        for frame in refused:
+            await ws.send(frame)
+            assert (await recv(ws))["type"] == "error", frame[:80]
+        await ws.send(SAID.encode())  # binary
+        assert (await recv(ws))["type"] == "error"
+    # over the overload limit (model.max_pending = 1): replies refused with overloaded
+    async with contextlib.AsyncExitStack() as stack:
+        sockets = [await stack.enter_async_context(open_ws(url)) for _ in range(6)]
+        for ws in sockets:
+            ids.append((await hello(ws))["conversation_id"])
+        for n, ws in enumerate(sockets):
+            await ws.send(json.dumps({"type": "message", "text": SAID, "client_id": f"o{n}"}))
+        ends = [await until_end(ws) for ws in sockets]
+        assert "overloaded" in ends and "done" in ends, ends
+    # a frame over server.max_frame_bytes closes its connection (1009)
+    async with open_ws(url, max_size=None) as ws:
+        await hello(ws)
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(json.dumps({"type": "message", "text": SAID * 3000, "client_id": "big"}))
+            await recv(ws)
+    return ids, reply
+
+
+async def until_end(ws: Any) -> str:
+    while True:
+        frame = await recv(ws)
+        if frame["type"] == "done":
+            return "done"
+        if frame["type"] == "error":
+            return str(frame["code"])
+
+
+async def drive_console(port: int, conversation: str, reply: str) -> list[str]:
+    """Log in (after a wrong password), search for PII, read, correct; returns the credentials seen."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+        bad = await c.post("/api/v1/session", json={"name": "alice", "password": PASSWORD[::-1]})
+        assert bad.status_code == 401
+        r = await c.post("/api/v1/session", json={"name": "alice", "password": PASSWORD})
+        assert r.status_code == 200, r.text
+        csrf = r.json()["csrf_token"]
+        c.headers["X-CSRF-Token"] = csrf
+        session = c.cookies.get("learnloop_session")
+        assert session
+        assert (await c.get("/api/v1/conversations", params={"q": PII["email"]})).status_code == 200
+        assert (await c.get(f"/api/v1/conversations/{conversation}/raw")).status_code == 200
+        assert (await c.get(f"/api/v1/conversations/{SAID}")).status_code == 404
+        fixed = await c.post(f"/api/v1/messages/{reply}/correction", json={"text": SAID, "reason": SAID[:150]})
+        assert fixed.status_code == 201, fixed.text
+        assert (await c.post("/api/v1/erasures", json={"user": SAID[:200]})).status_code == 200
+        return [session, csrf]
+
+
+async def drive_full_disk(port: int, data: Path, conversation: str, reply: str) -> None:
+    """As root: the data folder's tmpfs filled up; a rating and a turn get storage_full."""
+    from tests.test_disk_full import fill
+
+    filler = fill(data, leave=0)
+    try:
+        async with open_ws(f"ws://127.0.0.1:{port}") as ws:
+            await ws.send(json.dumps({"type": "hello", "token": TOKEN, "user": PII["email"]}))
+            assert (await recv(ws))["code"] == "storage_full"  # a new conversation cannot be stored
+            await ws.send(json.dumps({"type": "hello", "token": TOKEN, "conversation_id": conversation}))
+            await until(ws, "ready")  # an old one resumes
+            await ws.send(json.dumps({"type": "rating", "message_id": reply, "value": 1, "id": "f1", "comment": SAID}))
+            assert (await recv(ws))["code"] == "storage_full"
+            await ws.send(json.dumps({"type": "message", "text": SAID, "client_id": "f2"}))
+            assert (await recv(ws))["code"] == "storage_full"
+    finally:
+        filler.unlink()
+
+
+def test_nothing_sent_by_customers_or_operators_reaches_the_log(tiny_model: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    root = os.geteuid() == 0
+    mounted = root and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(data)]).returncode == 0
+    try:
+        subprocess.run(
+            [*(sys.executable, "-m", "server.cli", "--data-dir", str(data)), *ADD_ALICE],
+            input=PASSWORD,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if k != "LEARNLOOP_CONFIG"},
+        )
+        env = {
+            "LEARNLOOP_SERVER_LOG_FORMAT": "json",
+            "LEARNLOOP_SERVER_TOKEN": TOKEN,
+            "LEARNLOOP_SERVER_RATE_PER_S": "1000",
+            "LEARNLOOP_SERVER_RATE_BURST": "1000",
+            "LEARNLOOP_SERVER_MAX_FRAME_BYTES": "200000",
+            "LEARNLOOP_MODEL_MAX_PENDING": "1",
+            "LEARNLOOP_MODEL_MAX_NEW_TOKENS": "24",
+            "LEARNLOOP_MODEL_DTYPE": "float32",
+            "LEARNLOOP_CHANNELS_ENABLED": "false",
+        }
+        server = ServeProcess(data, tiny_model, env, verbose=True)
+        try:
+            port = server.port()
+            console = next(int(m.group(1)) for line in server.log if (m := CONSOLE.search(line)))
+            ids, reply = asyncio.run(drive_chat(port))
+            credentials = asyncio.run(drive_console(console, ids[0], reply))
+            if mounted:
+                asyncio.run(drive_full_disk(port, data, ids[0], reply))
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.proc.wait(30) == 0
+        finally:
+            server.stop()
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(data)], check=False)
+
+    records = [json.loads(line) for line in server.log if line.startswith("{")]
+    levels = {r["level"] for r in records}
+    assert "DEBUG" in levels and "ERROR" in levels, levels  # -v took effect; the errors were logged
+    if mounted:
+        assert any("storage full" in r["msg"] for r in records)
+    logged = "\n".join(server.log)
+    planted = {
+        "token": TOKEN,
+        "wrong token": WRONG_TOKEN,
+        "password": PASSWORD,
+        "wrong password": PASSWORD[::-1],
+        "words": WORDS,
+        **PII,
+        "console session": credentials[0],
+        "csrf token": credentials[1],
+        **{f"conversation {n}": cid for n, cid in enumerate(ids)},
+    }
+    found = {what: value for what, value in planted.items() if value in logged}
+
+    assert not found, found
