@@ -139,6 +139,12 @@ async def main() -> None:
     )
     parser.add_argument("--kill9", type=int, default=20, help="kill -9 rounds (phase 3)")
     parser.add_argument("--kill9-sessions", type=int, default=16)
+    parser.add_argument(
+        "--kill9-model",
+        default="smollm2-135m-instruct",
+        help="the model phase 3 restarts with: the default model on the default engine (llamacpp), whose start"
+        " is what an operator waits for; 'tiny' for the tiny random Llama of phases 1-2 (transformers engine)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="learnloop-load-") as tmp:
@@ -153,8 +159,13 @@ async def main() -> None:
         piped = await burst_phase(root / "piped", model, args.burst_clients, args.burst, None)
         print(f"phase 2b: burst, every rating sent at once: {piped}", flush=True)
         result.update({"piped_acks_per_s": piped["acks_per_s"], "piped_ack_p99_ms": piped["burst_ack_p99_ms"]})
+        kill9_model = model if args.kill9_model == "tiny" else args.kill9_model
         trials = await kill9_trials(
-            root / "kill9", model, trials=args.kill9, sessions=args.kill9_sessions, log=lambda m: print(m, flush=True)
+            root / "kill9",
+            kill9_model,
+            trials=args.kill9,
+            sessions=args.kill9_sessions,
+            log=lambda m: print(m, flush=True),
         )
         result.update(
             {

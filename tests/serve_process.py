@@ -28,7 +28,10 @@ _SERVING = re.compile(r"learnloop serving .* on ws://[^:]+:(\d+)")
 
 
 class ServeProcess:
-    """Start ``python -m server.cli --data-dir DIR serve --model MODEL --port 0``; learn the port from its log."""
+    """Start ``python -m server.cli --data-dir DIR serve --model MODEL --port 0``; learn the port from its log.
+
+    ``model``: a folder or a name ``learnloop serve --model`` takes (``smollm2-135m-instruct``).
+    """
 
     def __init__(
         self, data_dir: Path, model: Path, env: Mapping[str, str] | None = None, *, verbose: bool = False
@@ -214,7 +217,7 @@ class KillTrial:
 
 
 async def kill9_trials(
-    data_dir: Path, model: Path, *, trials: int, sessions: int, seed: int = 0, log: Any = None
+    data_dir: Path, model: Path | str, *, trials: int, sessions: int, seed: int = 0, log: Any = None
 ) -> list[KillTrial]:
     """Rating bursts through ``learnloop serve``, each killed with SIGKILL at a random moment; then check the disk."""
     rng = random.Random(seed)

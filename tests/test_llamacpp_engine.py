@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -35,6 +36,7 @@ if not llama_cpp_available():
     pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]')", allow_module_level=True)
 
 from server.app import App
+from server.engines import gguf as gguf_tools
 from server.settings import load_settings
 from tests.factories import ask_reply, register_candidate
 from tests.test_engine import make_adapter
@@ -457,3 +459,32 @@ async def test_kv_reuse_replies_equal_full_prefills(smollm: tuple[str, str], ada
     assert with_reuse == without
     assert plain.kv.reused_tokens == 0 and plain.kv.copies == 0
     assert e.kv.reused_tokens > e.kv.prompt_tokens // 4 and e.kv.copies > 0  # reuse really happened
+
+
+def test_a_failed_extra_buffer_probe_is_remembered_beside_the_gguf(
+    smollm: tuple[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the CPU advertises AMX, the probe decodes once in a subprocess; on these VMs it
+    crashes, costing seconds of every restart. The failure is written beside the GGUF and the next
+    process (here: the in-process memo cleared) takes it from there without probing."""
+    if "amx_tile" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU advertises no AMX: nothing is probed")
+    gguf = tmp_path / "model.gguf"
+    gguf.symlink_to(smollm[0])
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    record = gguf_tools.probe_record(str(gguf), cpuinfo)
+    gguf_tools._extra_buffers.pop(str(gguf), None)
+    with caplog.at_level(logging.WARNING, logger="learnloop.engine.llamacpp"):
+        usable = gguf_tools.extra_buffers_usable(str(gguf))
+    if usable:
+        assert not record.exists()
+        pytest.skip("the extra buffers work on this CPU: there is no failure to remember")
+    assert record.exists() and "probe exit" in record.read_text()
+    assert "probe exit" in caplog.text
+    caplog.clear()
+    gguf_tools._extra_buffers.pop(str(gguf))  # a new process
+    with caplog.at_level(logging.WARNING, logger="learnloop.engine.llamacpp"):
+        assert gguf_tools.extra_buffers_usable(str(gguf)) is False
+    assert "failed on this CPU before" in caplog.text and "probe exit" not in caplog.text
+    # another llama.cpp build, kernel or CPU is another record: probed afresh
+    assert gguf_tools.probe_record(str(gguf), cpuinfo.replace("flags", "flags\t: other\nflags", 1)) != record

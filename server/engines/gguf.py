@@ -8,12 +8,14 @@ reads the environment: where the converter comes from is the engine's constructo
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
 import logging
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -240,8 +242,28 @@ def gguf_linear_shapes(gguf_path: str) -> dict[str, tuple[int, int]]:
     """Linear layer (transformers module name) -> (out, in), read from a GGUF's tensor infos.
 
     Empty when the architecture is unknown to the installed ``gguf`` package (then shapes are
-    not checked before loading; llama.cpp still refuses an adapter that does not fit).
+    not checked before loading; llama.cpp still refuses an adapter that does not fit). The
+    ``gguf`` package parses every metadata field in Python (the vocabulary too: about 2 s of each
+    start for SmolLM2 on these cores), so the shapes are kept beside the file, keyed by its size
+    and time, and read from there by later starts.
     """
+    stat = Path(gguf_path).stat()
+    stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+    kept = Path(f"{gguf_path}.linear-shapes.json")
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        found = json.loads(kept.read_text())
+        if found["stamp"] == stamp:
+            return {name: (int(o), int(i)) for name, (o, i) in found["linear"].items()}
+    linear = _read_linear_shapes(gguf_path)
+    if linear:
+        with contextlib.suppress(OSError):  # a read-only model cache: read the file again next start
+            tmp = kept.with_name(f"{kept.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"stamp": stamp, "linear": linear}))
+            tmp.replace(kept)
+    return linear
+
+
+def _read_linear_shapes(gguf_path: str) -> dict[str, tuple[int, int]]:
     try:
         import gguf
 
@@ -314,15 +336,24 @@ def extra_buffers_usable(gguf_path: str) -> bool:
 
     Some virtual machines advertise AMX (``amx_tile`` in /proc/cpuinfo) but fault on its
     instructions (SIGILL in the first prefill). Where AMX is advertised, a subprocess decodes
-    once with the extra buffers to find out (once per file and process).
+    once with the extra buffers to find out (once per file and process). A failed probe is
+    remembered on disk beside the GGUF (``probe_record``), keyed by the CPU, the kernel and the
+    llama.cpp build: the crashing probe costs seconds of every restart (issue 15's kill -9
+    restarts), and a "usable" verdict is never taken from disk, since a wrong one would crash
+    the server at its first reply rather than cost it speed.
     """
     try:
-        advertised = "amx_tile" in Path("/proc/cpuinfo").read_text()
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        advertised = False
-    if not advertised:
+        cpuinfo = ""
+    if "amx_tile" not in cpuinfo:
         return True
     if gguf_path not in _extra_buffers:
+        record = probe_record(gguf_path, cpuinfo)
+        if record.exists():
+            _extra_buffers[gguf_path] = False
+            log.warning("llama.cpp's AMX/repacked weights failed on this CPU before (%s); serving without them", record)
+            return False
         proc = subprocess.run([sys.executable, "-c", _PROBE, gguf_path], capture_output=True, timeout=300)
         _extra_buffers[gguf_path] = proc.returncode == 0
         if proc.returncode != 0:
@@ -330,7 +361,25 @@ def extra_buffers_usable(gguf_path: str) -> bool:
                 "llama.cpp's AMX/repacked weights fail on this CPU (probe exit %s); serving without them",
                 proc.returncode,
             )
+            with contextlib.suppress(OSError):  # a read-only model cache: probe again next start
+                record.write_text(f"probe exit {proc.returncode}\n")
     return _extra_buffers[gguf_path]
+
+
+def probe_record(gguf_path: str, cpuinfo: str) -> Path:
+    """Where a failed extra-buffer probe of this GGUF is remembered: beside it, named by a hash of
+    what decides the probe's outcome (the CPU's model, flags and microcode, the kernel, the
+    llama.cpp build, the file's size and time)."""
+    import llama_cpp
+
+    cpu = sorted({line for line in cpuinfo.splitlines() if line.split(":")[0].strip() in _CPU_KEYS})
+    stat = Path(gguf_path).stat()
+    key = "\n".join([*cpu, platform.release(), str(llama_cpp.__version__), f"{stat.st_size} {stat.st_mtime_ns}"])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(f"{gguf_path}.no-extra-buffers-{digest}")
+
+
+_CPU_KEYS = {"model name", "flags", "microcode"}
 
 
 _CHATML = (
