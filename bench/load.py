@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -56,6 +57,15 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100
 
 
+_BLOCKED = re.compile(r"event loop blocked for (\d+) ms")
+
+
+def loop_blocks(log: list[str]) -> dict[str, float]:
+    """The server's "event loop blocked" warnings (a 50 ms timer late by over 100 ms): how many, the worst."""
+    blocked = [int(m.group(1)) for line in log if (m := _BLOCKED.search(line))]
+    return {"loop_blocked_over_100ms": len(blocked), "loop_blocked_max_ms": max(blocked, default=0)}
+
+
 def env_for(clients: int) -> dict[str, str]:
     # every client's one chat turn is queued rather than refused: the replies are 4 tokens of the tiny model
     return {**BURST_ENV, "LEARNLOOP_MODEL_MAX_PENDING": str(max(64, clients))}
@@ -73,6 +83,7 @@ async def sessions_phase(
         await asyncio.gather(*(c.run(port, ratings, chat_timeout=600) for c in clients))
         took = time.monotonic() - started
         rss = peak_rss_mb(server.proc.pid)
+        blocks = loop_blocks(server.log)
     finally:
         server.stop()
     ack_ms = [ms for c in clients for ms in c.ack_ms]
@@ -88,6 +99,7 @@ async def sessions_phase(
         "sessions_s": took,
         "rss_start_mb": rss_start,
         "rss_mb": rss,
+        **blocks,
     }
 
 

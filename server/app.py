@@ -158,6 +158,7 @@ class App:
                 self.channels_port = channels.port
             if s.schedule.enabled:
                 scheduler = start_scheduler(trainer.scheduled, interval_s=s.schedule.interval_s)
+            tasks.append(asyncio.create_task(self.metrics.watch_event_loop(), name="event-loop-lag"))
             tasks.append(asyncio.create_task(_every(s.schedule.version_poll_s, release.sync), name="versions"))
             tasks.append(asyncio.create_task(_every(s.canary.check_interval_s, release.check_canary), name="canary"))
             log.info(

@@ -6,7 +6,8 @@ Two kinds of figure, on purpose:
   expects of each replica): connections, replies and their tokens, time to first token and
   between tokens, engine admission refusals (``overloaded``), rating acknowledgements and
   their latency, rating refusals and every error frame sent, by error code, adapters refused by
-  validation, by failed check (an alert: a refused adapter never serves).
+  validation, by failed check (an alert: a refused adapter never serves), and the event
+  loop's lag (``watch_event_loop``).
 - **The store** (gauges read by each scrape, so every replica reports the same truth and a
   restart loses nothing): thumbs up and down per model version, versions by state, training
   runs by state, and the release decisions taken so far (gate rejections, canaries,
@@ -19,6 +20,8 @@ Prometheus scrapes with a bearer token, ``authorization`` in its scrape config).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -30,12 +33,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from feedback import FeedbackStore, RunState, VersionState
 from server.engines import Chunk, Engine, EngineStats, Messages, OverloadedError, SamplingConfig
 
+log = logging.getLogger("learnloop.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # seconds; replies on a CPU take from tens of milliseconds to seconds to start
 _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 _INTER_TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 _ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+LOOP_PROBE_S = 0.05  # how often the event loop's lag is sampled
+LOOP_BLOCKED_S = 0.1  # a lag over this is logged: every socket of the process waited that long
 
 
 class Metrics:
@@ -98,6 +105,28 @@ class Metrics:
         self.wire_errors = Counter(
             "learnloop_wire_errors", "Error frames sent to websocket clients, by code.", ["code"], registry=registry
         )
+
+        self.loop_lag = Histogram(
+            "learnloop_event_loop_lag_seconds",
+            "How late a 50 ms timer of the event loop fired: at least the longest callback run meanwhile.",
+            buckets=_LAG_BUCKETS,
+            registry=registry,
+        )
+
+    async def watch_event_loop(self) -> None:
+        """Sample the event loop's lag until cancelled; a lag over ``LOOP_BLOCKED_S`` is logged.
+
+        A timer that fires late was held up by whatever ran in that iteration of the loop, so the
+        lag bounds the longest callback from above (``bench/load.py`` reports its maximum).
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(LOOP_PROBE_S)
+            lag = max(0.0, loop.time() - started - LOOP_PROBE_S)
+            self.loop_lag.observe(lag)
+            if lag > LOOP_BLOCKED_S:
+                log.warning("event loop blocked for %.0f ms", lag * 1000)
 
     def rating_acked(self, value: int, started: float) -> None:
         self.rating_acks.labels(value="up" if value > 0 else "down").inc()

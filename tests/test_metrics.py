@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.logs import JsonFormatter
+from server.metrics import Metrics
 from server.settings import SettingsError, load_settings
 from tests.console_support import running_app
 from tests.factories import ask_reply
@@ -89,3 +94,24 @@ def test_log_format_is_checked() -> None:
     assert load_settings(env={}, overrides={"server": {"log_format": "json"}}).server.log_format == "json"
     with pytest.raises(SettingsError, match="log_format"):
         load_settings(env={}, overrides={"server": {"log_format": "xml"}})
+
+
+async def test_a_blocked_event_loop_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    """The lag watcher: a callback that holds the loop for 300 ms (three times the threshold)
+    shows up as one "event loop blocked" warning and in the lag histogram's top buckets."""
+    metrics = Metrics()
+    watching = asyncio.create_task(metrics.watch_event_loop())
+    await asyncio.sleep(0.12)  # a few quiet samples
+    with caplog.at_level(logging.WARNING, logger="learnloop.metrics"):
+        time.sleep(0.3)  # noqa: ASYNC251 (the point: a callback that blocks the loop)
+        await asyncio.sleep(0.12)
+    watching.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watching
+    blocked = [r.getMessage() for r in caplog.records if "event loop blocked" in r.getMessage()]
+    assert len(blocked) == 1, blocked
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
+    buckets = {
+        s.labels["le"]: s.value for s in families["learnloop_event_loop_lag_seconds"].samples if "le" in s.labels
+    }
+    assert buckets["+Inf"] >= 3 and buckets["+Inf"] - buckets["0.25"] == 1  # one sample over 250 ms
