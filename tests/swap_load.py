@@ -125,8 +125,23 @@ class SwapRun:
         on = {v: sum(1 for r in self.replies if r.version == v) for v in self.unloaded}
         return {v: (n, on[v]) for v, n in self.unloaded.items() if n != on[v] or self.ended.get(v) != on[v]}
 
+    def old_after_rollback(self) -> list[ReplySeen]:
+        """Replies asked for once the rollback call had returned that still came from the version rolled back."""
+        return [r for r in self.replies if r.version == self.rollback_from and r.sent_at >= self.rollback_returned]
+
+    def in_flight_at_rollback(self) -> int:
+        """Replies on the version rolled back, asked before the call and ended after it: they finish on it."""
+        return sum(
+            1
+            for r in self.replies
+            if r.version == self.rollback_from
+            and r.sent_at < self.rollback_called
+            and (r.done_at or 0.0) > self.rollback_called
+        )
+
     def figures(self) -> dict[str, Any]:
         pauses = [returned - called for _, called, returned in self.swaps]
+        waits = sorted(r.first_token_at - r.sent_at for r in self.accepted if r.first_token_at is not None)
         return {
             "sessions": self.sessions,
             "swaps": len(self.swaps),
@@ -141,12 +156,16 @@ class SwapRun:
             "late_unloads": len(self.late_unloads()),
             "promote_call_max_s": round(max(pauses, default=0.0), 3),
             "rollback_call_s": round(self.rollback_returned - self.rollback_called, 3),
+            "in_flight_at_rollback": self.in_flight_at_rollback(),
+            "old_after_rollback": len(self.old_after_rollback()),
             "rollback_first_token_s": None
             if self.rollback_first_token is None
             else round(self.rollback_first_token - self.rollback_called, 3),
             "rollback_first_done_s": None
             if self.rollback_first_done is None
             else round(self.rollback_first_done - self.rollback_called, 3),
+            "first_token_p50_s": round(waits[len(waits) // 2], 3) if waits else None,  # any reply: the queue's wait
+            "first_token_p99_s": round(waits[min(len(waits) - 1, int(0.99 * len(waits)))], 3) if waits else None,
             "took_s": round(self.took_s, 1),
         }
 

@@ -40,6 +40,7 @@ async def test_hot_swap_under_load_every_reply_whole_on_one_version(tiny_model: 
     # the rollback routes new replies at once and reaches customers quickly, every session streaming;
     # bounds generous for 2 shared cores (the figures are printed; bench/swap.py records them)
     figures = run.figures()
+    assert run.old_after_rollback() == []  # every reply asked for after the call is on the version rolled back to
     assert figures["rollback_call_s"] < 10.0
     assert figures["rollback_first_token_s"] is not None and figures["rollback_first_token_s"] < 30.0
 
