@@ -57,6 +57,8 @@ async def main() -> None:
     figures["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     for version, n in sorted(run.unloaded.items(), key=lambda kv: int(kv[0].lstrip("v") or 0)):
         print(f"{version}: freed after its {n} replies had ended ({run.ended.get(version, 0)} ended on it in all)")
+    for version, (freed_after, on_it) in run.late_unloads().items():
+        print(f"{version}: freed after {freed_after} replies ended, {on_it} seen on it by the clients")
     for r in (run.failed() + run.wrong_text())[:5]:
         print("bad reply:", r)
     print(

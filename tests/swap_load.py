@@ -123,7 +123,7 @@ class SwapRun:
     def late_unloads(self) -> dict[str, tuple[int, int]]:
         """Versions freed before all their replies had ended: version -> (ended when freed, replies on it)."""
         on = {v: sum(1 for r in self.replies if r.version == v) for v in self.unloaded}
-        return {v: (n, on[v]) for v, n in self.unloaded.items() if n != on[v] or self.ended.get(v) != on[v]}
+        return {v: (n, on[v]) for v, n in self.unloaded.items() if n != on[v] or self.ended.get(v, 0) != on[v]}
 
     def old_after_rollback(self) -> list[ReplySeen]:
         """Replies asked for once the rollback call had returned that still came from the version rolled back."""
@@ -284,11 +284,11 @@ async def run_swap(
         ) as console:
             await _until(lambda: len(run.replies) >= sessions)  # every session has asked
             for name in names:
-                ended = _ended(run)
                 called = time.monotonic()
                 response = await console.post(f"/api/v1/versions/{name}/promote")
                 assert response.status_code == 200, response.text
                 run.swaps.append((name, called, time.monotonic()))
+                ended = _ended(run)  # counted from here: every version serves replies before the next comes
                 await _until(lambda ended=ended: _ended(run) >= ended + max(1, sessions // 3))
             run.rollback_from, run.rollback_to = names[-1], names[-2] if len(names) > 1 else "base"
             run.rollback_called = time.monotonic()

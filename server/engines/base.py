@@ -324,9 +324,8 @@ class LocalEngine(Generic[R]):
     def _free_retired(self) -> None:
         """Free the unloaded adapters that no admitted reply uses any more (on the worker)."""
         for name in list(self._retired):
-            with self._lock:
-                if self._users.get(name, 0) > 0:
-                    continue
+            if self._users.get(name, 0) > 0:  # only falls: no reply joins once it left ``_adapters`` (locked)
+                continue
             self._free_adapter(name, self._retired.pop(name))
             self.stats.unloaded[name] = self.stats.replies_ended.get(name, 0)
             log.info("adapter %s unloaded", name)
