@@ -318,7 +318,6 @@ class _Connection:
     async def generate(self, g: Generate, cancel: StopSignal) -> None:
         """Store the user turn (ack), stream the reply, store it (done); a failure rolls the session back."""
         assert self.session.conversation_id is not None
-        version = self.ctx.serving_version(self.pinned)
         try:
             if g.user_turn is not None:
                 await self._store_user_turn(g.user_turn, g.context[-2].id if len(g.context) > 1 else None)
@@ -327,6 +326,9 @@ class _Connection:
             async def send_token(delta: str) -> None:
                 await self.send({"type": "token", "message_id": g.message_id, "delta": delta})
 
+            # chosen now, with no await before the engine admits the reply: a version picked before
+            # the user turn was stored could have been unloaded by then (two swaps in that time)
+            version = self.ctx.serving_version(self.pinned)
             reply = await stream_reply(
                 self.ctx.store,
                 self.ctx.engine,

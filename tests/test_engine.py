@@ -95,6 +95,38 @@ async def test_versions_are_served_side_by_side(engine: TransformersEngine, tiny
     assert (await collect(engine))[0] == base_alone
 
 
+async def test_an_unloaded_version_finishes_its_running_and_queued_replies_then_is_freed(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    e = TransformersEngine(str(tiny_model), dtype="float32", max_pending=8, max_active=1)
+    await asyncio.to_thread(e.load)
+    try:
+        base_alone, _ = await collect(e)
+        await e.load_adapter("v1", str(make_adapter(tiny_model, tmp_path / "v1", seed=1)))
+        await e.load_adapter("v2", str(make_adapter(tiny_model, tmp_path / "v2", seed=2)))
+        v1_alone, _ = await collect(e, "v1")
+        running = e.stream(CHAT, version="v1", sampling=GREEDY)
+        first = await running.__anext__()  # generating
+        queued = e.stream(CHAT, version="v1", sampling=GREEDY)
+        queued_first = asyncio.create_task(queued.__anext__())  # admitted, waiting: max_active is 1
+        await asyncio.sleep(0)
+        await e.unload_adapter("v1")
+        assert e.versions == {"base", "v2"} and "v1" not in e.stats.unloaded  # no new reply, still held
+        with pytest.raises(UnknownVersionError):
+            await collect(e, "v1")
+        assert first.delta + "".join([c.delta async for c in running]) == v1_alone
+        assert (await queued_first).delta + "".join([c.delta async for c in queued]) == v1_alone
+        for _ in range(200):  # freed by the worker once the last of them ended
+            if "v1" in e.stats.unloaded:
+                break
+            await asyncio.sleep(0.01)
+        assert e.stats.unloaded == {"v1": 3}  # every reply on v1 had ended when it was freed
+        await e.unload_adapter("v2")  # the last adapter out: the plain model again
+        assert e.stats.unloaded["v2"] == 0 and (await collect(e))[0] == base_alone
+    finally:
+        await asyncio.to_thread(e.close)
+
+
 async def test_overload_is_refused_at_once(engine: TransformersEngine) -> None:
     long = SamplingConfig(max_new_tokens=10_000, temperature=1.0)
     cancels = [threading.Event() for _ in range(3)]

@@ -78,6 +78,8 @@ class EngineStats:
     requests: int = 0
     decode_steps: int = 0  # forward passes in the decode phase (a batch counts once)
     swap_pauses_s: list[float] = field(default_factory=list)
+    replies_ended: dict[str, int] = field(default_factory=dict)  # version -> replies ended on it (any reason)
+    unloaded: dict[str, int] = field(default_factory=dict)  # version -> its replies_ended when its adapter was freed
 
 
 class Engine(Protocol):
@@ -184,9 +186,11 @@ class LocalEngine(Generic[R]):
     """The worker thread, admission, commands, adapter slots and the chunk stream of a local engine.
 
     A subclass implements what differs: ``_open``/``_free`` (the model, on the worker),
-    ``_round`` (one round over the active requests), ``_attach``/``_unload_adapter`` (one
+    ``_round`` (one round over the active requests), ``_attach``/``_free_adapter`` (one
     adapter), ``_render_ids`` (the chat as token ids), ``_post`` (hand a chunk to the event
     loop), and sets ``_is_eog`` and ``_text`` when it opens the model.
+    An unloaded version takes no new reply, and its adapter is freed once the last reply admitted
+    on it (queued ones too) has ended (``stats.unloaded``): a reply ends on the version it began on.
     """
 
     worker_name = "engine-worker"
@@ -213,6 +217,7 @@ class LocalEngine(Generic[R]):
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._adapters: dict[str, Any] = {}  # version -> the engine's handle on its adapter (loaded, routable)
+        self._retired: dict[str, Any] = {}  # unloaded (no new reply starts on it), freed once no reply uses it
         self._users: dict[str, int] = {}  # version -> requests admitted and not finished
         self._pending = 0
         self._lock = threading.Lock()
@@ -280,6 +285,7 @@ class LocalEngine(Generic[R]):
         return float(await self._call(lambda: self._load_adapter(name, path, prepared)))
 
     async def unload_adapter(self, name: str) -> None:
+        """No new reply starts on ``name`` from now; its adapter is freed once its last reply ends."""
         await self._call(lambda: self._unload_adapter(name))
 
     async def _prepare_adapter(self, path: str) -> Any:
@@ -309,7 +315,27 @@ class LocalEngine(Generic[R]):
         raise NotImplementedError
 
     def _unload_adapter(self, name: str) -> None:
-        raise NotImplementedError
+        with self._lock:  # ``stream`` checks the version and counts its user under the same lock
+            handle = self._adapters.pop(name, None)
+        if handle is not None:
+            self._retired[name] = handle
+            self._free_retired()
+
+    def _free_retired(self) -> None:
+        """Free the unloaded adapters that no admitted reply uses any more (on the worker)."""
+        for name in list(self._retired):
+            if self._users.get(name, 0) > 0:  # only falls: no reply joins once it left ``_adapters`` (locked)
+                continue
+            self._free_adapter(name, self._retired.pop(name))
+            self.stats.unloaded[name] = self.stats.replies_ended.get(name, 0)
+            log.info("adapter %s unloaded", name)
+
+    def _adapter(self, name: str) -> Any:
+        """The handle of a loaded adapter, or of an unloaded one replies still use; else None."""
+        return self._adapters.get(name, self._retired.get(name))
+
+    def _free_adapter(self, name: str, handle: Any) -> None:
+        raise NotImplementedError  # free one adapter no request uses any more (on the worker)
 
     # --- prompts -------------------------------------------------------------------------
 
@@ -390,6 +416,7 @@ class LocalEngine(Generic[R]):
             with self._worker_context():
                 while not self._stopping.is_set():
                     run_commands(self._commands)
+                    self._free_retired()  # unloaded adapters whose last reply ended in the last round
                     while len(active) < self.max_active:
                         try:
                             r = self._inbox.get_nowait()
@@ -428,6 +455,7 @@ class LocalEngine(Generic[R]):
                 self._release(r)
                 with self._lock:
                     self._users[r.version] -= 1
+                self.stats.replies_ended[r.version] = self.stats.replies_ended.get(r.version, 0) + 1
 
     def _release(self, r: R) -> None:
         """Free what a finished request held in the model (default: nothing)."""

@@ -140,7 +140,6 @@ class LlamaCppEngine(LocalEngine[_Request]):
         self._bos = ""
         self._eos = ""
         self._batch: Any = None  # the worker's llama_batch
-        self._retired: dict[str, _Adapter] = {}  # unloaded, freed once no request uses it
         self._current: str | None = None  # adapter set on the context (None: none, the base model)
         self._n_batch = max_prompt_tokens + max_active  # a whole prompt always fits beside every decode token
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Chunk], Chunk]]] = {}
@@ -255,23 +254,11 @@ class LlamaCppEngine(LocalEngine[_Request]):
             raise EngineError(f"llama.cpp refused the adapter {gguf} (does it fit {self.gguf_path}?)")
         return _Adapter(handle, gguf, scale)
 
-    def _unload_adapter(self, name: str) -> None:
-        adapter = self._adapters.pop(name, None)
-        if adapter is not None:
-            self._retired[name] = adapter
-            self._free_retired()
-
-    def _free_retired(self) -> None:
-        """Free the unloaded adapters that no request uses any more."""
-        for name in list(self._retired):
-            with self._lock:
-                if self._users.get(name, 0) > 0:
-                    continue
-            if self._current == name:
-                self._use(BASE_VERSION)
-            self._run(self.kv.drop_version(name))  # a version name may be loaded again, with other weights
-            self._ll.llama_adapter_lora_free(self._retired.pop(name).handle)
-            log.info("adapter %s unloaded", name)
+    def _free_adapter(self, name: str, handle: Any) -> None:
+        if self._current == name:
+            self._use(BASE_VERSION)
+        self._run(self.kv.drop_version(name))  # a version name may be loaded again, with other weights
+        self._ll.llama_adapter_lora_free(handle.handle)
 
     def _use(self, version: str) -> None:
         """Set the version's adapter on the context (none for base) if another one is set."""
@@ -283,7 +270,7 @@ class LlamaCppEngine(LocalEngine[_Request]):
         if target is None:
             rc = ll.llama_set_adapters_lora(self._ctx, None, 0, None)
         else:
-            adapter = self._adapters.get(target) or self._retired.get(target)
+            adapter = self._adapter(target)
             if adapter is None:
                 raise UnknownVersionError(f"version {version!r} is not loaded")
             handles = (ll.llama_adapter_lora_p_ctypes * 1)(adapter.handle)
@@ -402,8 +389,6 @@ class LlamaCppEngine(LocalEngine[_Request]):
         self._retire(active, finished)
         if self._urgent or time.monotonic() - self._delivered_at >= self.stream_interval_s:
             self._deliver()
-        if self._retired:
-            self._free_retired()
 
     def _release(self, r: _Request) -> None:
         """Free the request's slot; its cells stay for reuse, unless a decode failed or its version is gone."""

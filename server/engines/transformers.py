@@ -117,25 +117,23 @@ class TransformersEngine(LocalEngine[_Request]):
         self.model.eval()
         return path
 
-    def _unload_adapter(self, name: str) -> None:
-        if name not in self._adapters:
+    def _free_adapter(self, name: str, handle: Any) -> None:
+        others = sorted({*self._adapters, *self._retired})
+        if not others:  # PEFT keeps at least one adapter: go back to the plain model
+            self.model = self.model.unload()
+            self._active_adapter, self._adapters_off = None, False
             return
         if self._active_adapter == name:
-            remaining = sorted(set(self._adapters) - {name})
-            if remaining:
-                self.model.set_adapter(remaining[0])
-                self._active_adapter = remaining[0]
-        if len(self._adapters) > 1:
-            self.model.delete_adapter(name)
-            del self._adapters[name]
-            log.info("adapter %s unloaded", name)
+            self.model.set_adapter(others[0])
+            self._active_adapter = others[0]
+        self.model.delete_adapter(name)
 
     def _use(self, version: str) -> None:
         target = None if version == BASE_VERSION else version
-        if target is not None and target not in self._adapters:
+        if target is not None and self._adapter(target) is None:
             raise UnknownVersionError(f"version {version!r} is not loaded")
         current = None if self._adapters_off else self._active_adapter
-        if not self._adapters or target == current:
+        if (not self._adapters and not self._retired) or target == current:
             return
         if target is None:
             self.model.base_model.disable_adapter_layers()
