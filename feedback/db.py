@@ -58,12 +58,13 @@ class _Pending:
     sync: SyncWriteOp | None = None  # set instead of ``op`` by ``write_sync``
 
 
+_BUSY_TIMEOUT_MS = 10_000
 _PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA secure_delete=ON",  # erased rows are overwritten, not just unlinked
     "PRAGMA synchronous=FULL",
     "PRAGMA foreign_keys=ON",
-    "PRAGMA busy_timeout=10000",
+    f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}",
 )
 
 
@@ -164,6 +165,8 @@ class Database:
         self._task = asyncio.create_task(self._write_loop(), name="feedback-writer")
         self._read_lock = asyncio.Lock()
         self.commits = 0  # number of transactions committed (group commit makes it < writes)
+        self._closing = False
+        self._next_truncate = 0.0  # loop time before which a WAL truncation is not tried again
 
     @classmethod
     async def open(cls, path: str | Path, *, max_batch: int = 512) -> Database:
@@ -183,8 +186,14 @@ class Database:
         return cls(path, writer, reader, max_batch=max_batch)
 
     async def close(self) -> None:
+        """Finish what is queued, then close. A write asked for once closing began gets ``StoreError``."""
+        self._closing = True
         await self._queue.put(None)
         await self._task
+        while not self._queue.empty():  # queued behind the end: answered, never left waiting
+            item = self._queue.get_nowait()
+            if item is not None and not item.future.done():
+                item.future.set_exception(StoreError("the store is closed"))
         await self._reader.close()
         await self._writer.close()
 
@@ -196,7 +205,7 @@ class Database:
         ``outside_transaction``: run it alone, between two group commits, without a
         transaction (for statements such as a WAL checkpoint).
         """
-        if self._task.done():
+        if self._closing or self._task.done():
             raise StoreError("the store is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(op, future, outside_transaction))
@@ -210,7 +219,7 @@ class Database:
         group commit made only of these operations takes one trip in all, BEGIN to COMMIT. The
         hot path (ratings: ``bench/load.py``) uses it; ``op`` must not block on anything but SQLite.
         """
-        if self._task.done():
+        if self._closing or self._task.done():
             raise StoreError("the store is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(None, future, sync=op))
@@ -312,10 +321,28 @@ class Database:
         return wal > 0 and 2 * wal > disk.f_bavail * disk.f_frsize
 
     async def _checkpoint_truncate(self) -> None:
+        """Checkpoint and truncate the WAL now, without waiting for readers.
+
+        A TRUNCATE checkpoint waits for readers (another process, a ``snapshot``) through the busy
+        handler, up to ``busy_timeout`` (10 s) of the writer's time per commit; here it does not
+        wait (``busy_timeout`` 0 for the call). When a reader holds it up, the next try is a second
+        later rather than after the next commit.
+        """
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_truncate:
+            return
+        conn = self._writer
         try:
-            await (await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")).close()
+            await conn.execute("PRAGMA busy_timeout=0")
+            try:
+                row = await fetch_one(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                await conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         except Exception as exc:
             log.warning("checkpoint of a WAL outgrowing its disk failed: %s", exc)
+            row = None
+        if row is None or row[0]:  # failed, or busy: a reader holds frames the checkpoint needs
+            self._next_truncate = loop.time() + 1.0
 
     async def _checkpoint_after_full(self) -> None:
         """The disk is full: copy the WAL into the database file and truncate it, now.
@@ -379,7 +406,8 @@ async def _on_thread(conn: Connection, fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn(sqlite3_connection, *args)`` on ``conn``'s own thread, in one trip.
 
     aiosqlite has no public call for this; ``_execute`` and ``_conn`` are what its own
-    ``execute`` uses (aiosqlite 0.20 to 0.22; ``tests/test_store.py`` covers this path).
+    ``execute`` uses (aiosqlite 0.20 to 0.22, the range pyproject.toml allows; ``tests/test_store.py``
+    covers this path).
     """
     result: T = await conn._execute(lambda: fn(conn._conn, *args))  # type: ignore[no-untyped-call]
     return result

@@ -76,6 +76,8 @@ class GatewayContext:
     idle_timeout_s: float = 0.0  # 0: never
     send_timeout_s: float | None = None  # None: a send waits as long as the client takes
     connections: set[_Connection] = field(default_factory=set)  # open ones, for the drain at shutdown
+    # ratings being stored, of every connection (one may outlive its connection): the drain waits for them
+    ratings: set[asyncio.Task[None]] = field(default_factory=set)
     draining: bool = False  # shutting down: no new replies start
 
     def __post_init__(self) -> None:
@@ -273,8 +275,9 @@ class _Connection:
                 log.exception("answering rating %s failed", effect.client_id)
 
         task = asyncio.create_task(store_and_answer())
-        self.ratings.add(task)
-        task.add_done_callback(self.ratings.discard)
+        for tracked in (self.ratings, self.ctx.ratings):
+            tracked.add(task)
+            task.add_done_callback(tracked.discard)
 
     async def rate(self, effect: StoreRating) -> list[Effect]:
         started = time.monotonic()
@@ -454,7 +457,8 @@ async def drain(ctx: GatewayContext, server: Server, *, drain_s: float) -> None:
     New connections are refused at once and no new reply starts; replies in flight stream on for
     up to ``drain_s`` seconds, then are stopped: each ends with ``done`` (``finish_reason``
     ``shutdown``) and is stored with the text it had. Ratings being stored get their ``ack``.
-    Then every client gets close 1001.
+    Then every client gets close 1001; a rating read during the closing handshake is committed
+    before the store closes, unacknowledged (its client resends it, stored once by its ``id``).
     """
     ctx.draining = True
     server.server.close()  # the listening socket: new connections are refused
@@ -468,8 +472,9 @@ async def drain(ctx: GatewayContext, server: Server, *, drain_s: float) -> None:
                 conn.cancel.set()
         if late:
             await asyncio.wait(late, timeout=5)  # the engine stops at its next step; the reply is stored
-    ratings = [t for c in ctx.connections for t in c.ratings]
-    if ratings:  # each is committed and acknowledged before the store closes
-        await asyncio.wait(ratings, timeout=5)
+    if ctx.ratings:  # each is committed and acknowledged while its connection is still open
+        await asyncio.wait(set(ctx.ratings), timeout=5)
     server.close()  # close 1001 (going away) to every client
     await server.wait_closed()
+    if ctx.ratings:  # read during the close handshake: committed before the store closes (no ack can go out;
+        await asyncio.wait(set(ctx.ratings), timeout=5)  # the client resends it with the same id)

@@ -301,3 +301,45 @@ def test_kill_9_loses_no_acknowledged_rating(tmp_path: Path) -> None:
     stored = {row[0] for row in conn.execute("SELECT client_id FROM ratings")}
     conn.close()
     assert set(acked) <= stored
+
+
+async def test_a_write_asked_for_while_the_store_closes_is_refused_not_left_waiting(tmp_path: Path) -> None:
+    """A rating task can outlive its connection and reach the store as it closes: it gets
+    ``StoreError`` at once (its client never saw an ack and resends it), never a future that no
+    writer will answer."""
+    store = await FeedbackStore.open(tmp_path / "x.db")
+    _, reply_id = await seed(store)
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(conn: Connection) -> None:  # the writer is busy with an earlier batch
+        held.set()
+        await release.wait()
+
+    holding = asyncio.create_task(store.db.write(hold))
+    await held.wait()
+    closing = asyncio.create_task(store.close())
+    await asyncio.sleep(0)  # close() has queued its end marker behind the held batch
+    late = asyncio.create_task(store.conversations.add_rating(message_id=reply_id, value=1, rater="u", client_id="x"))
+    await asyncio.sleep(0)
+    release.set()
+    await holding
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(late, 5)
+    await closing
+
+
+async def test_the_wal_truncation_does_not_wait_for_a_reader(tmp_path: Path) -> None:
+    """On a nearly full disk the writer truncates the WAL after a commit; a reader in another
+    process holding a snapshot would make that checkpoint wait ``busy_timeout`` (10 s) of the
+    writer's time per commit. It does not wait: busy, it gives up and tries again later."""
+    async with await FeedbackStore.open(tmp_path / "x.db") as store:
+        await seed(store)
+        reader = sqlite3.connect(tmp_path / "x.db")
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT COUNT(*) FROM messages").fetchone()  # holds a read snapshot
+            await seed(store, "c2")  # frames the reader's snapshot does not hold
+            await asyncio.wait_for(store.db._checkpoint_truncate(), 5)
+            await seed(store, "c3")  # the writer goes on
+        finally:
+            reader.close()
