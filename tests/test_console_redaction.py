@@ -14,8 +14,11 @@ import pytest
 
 from feedback import FeedbackStore, Role
 from server.app import App
+from server.console import redact as redacted
 from tests.console_support import running_app
+from tests.test_clean_redos import at_most
 from tests.test_console import login
+from training.clean import DEFAULT_DETECTORS, Span
 
 EMAIL, PHONE, STREET, NAME, CARD = (
     "jane.doe@example.com",
@@ -105,3 +108,44 @@ async def test_transcripts_are_redacted_by_default_and_raw_text_is_an_audited_re
     finally:
         for client in (vic, rita, alice):
             await client.aclose()
+
+
+def test_a_preview_redacts_a_bounded_prefix_and_shows_no_half_value_from_its_edge() -> None:
+    seen: list[int] = []
+
+    def recording(text: str) -> list[Span]:
+        seen.append(len(text))
+        return []
+
+    long_first = "hello " * 700  # 4,200 characters: the console looks at 400 of them, once
+    out = redacted.preview(long_first, (*DEFAULT_DETECTORS, recording))
+    assert seen == [redacted.REDACT_CHARS] and out.endswith("…") and len(out) == 160
+    # a long street shrinks to [ADDRESS]: the 160 characters shown reach far into the raw text, and
+    # an e-mail address cut at the 400th character is half an address the detectors never saw
+    street = "12 " + " ".join(["A" + "a" * 59] * 4) + " Street"
+    text = street + " " + "y" * (redacted.REDACT_CHARS - 5 - len(street) - 1) + EMAIL + " thanks"
+    assert text.index(EMAIL) < redacted.REDACT_CHARS < text.index(EMAIL) + len(EMAIL)
+    out = redacted.preview(text)
+    assert out.startswith("[ADDRESS] yyy") and out.endswith("…") and "jane" not in out, out
+
+
+async def test_a_hostile_first_message_does_not_stall_the_console(app: App) -> None:
+    """60 times "市" once never finished the address pattern; the list and the transcript answer."""
+    assert app.store is not None
+    cid = uuid.uuid4().hex
+    await app.store.conversations.create(cid, user_id=None)
+    parent = None
+    for text in ("市" * 60, "北京市" * 1333, "市" * 3990 + "路1号"):
+        m = await app.store.conversations.add_message(
+            message_id=uuid.uuid4().hex, conversation_id=cid, role=Role.USER, text=text, parent_id=parent
+        )
+        parent = m.id
+    vic = await login(app, "vic")
+    try:
+        with at_most(20.0, "the console on hostile text"):
+            listing = (await vic.get("/api/v1/conversations")).json()["items"]
+            view = (await vic.get(f"/api/v1/conversations/{cid}")).json()
+        assert next(i["preview"] for i in listing if i["id"] == cid) == "市" * 60
+        assert view["messages"][2]["text"].endswith("[ADDRESS]")
+    finally:
+        await vic.aclose()

@@ -6,14 +6,25 @@ rating comments, corrections, the list's previews) goes through ``training.clean
 same detectors that keep PII out of training rows, so ``[EMAIL]``, ``[PHONE]``, ``[NAME]``... The
 raw text is one explicit step away (``GET /api/v1/conversations/{id}/raw``, reviewer role), and
 each look at it is written to the audit log.
+
+This runs in the event loop the websocket gateway shares, on text customers typed: the detectors
+are linear in the text (``tests/test_clean_redos.py``), and a list preview redacts a bounded
+prefix of the first message, not all of it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from feedback.browse import PREVIEW_CHARS
-from training.clean import redact
+from training.clean import DEFAULT_DETECTORS, Detector, find_pii, redact
+
+# A preview redacts the first REDACT_CHARS characters of the first message and shows none past
+# REDACT_CHARS - MARGIN of them: a value cut in half at REDACT_CHARS escapes the detectors, so the
+# preview stops MARGIN characters before (no e-mail address, phone or card number is that long).
+REDACT_CHARS = 400
+MARGIN = 100
 
 
 def redact_text(text: str | None) -> str | None:
@@ -24,11 +35,30 @@ def shorten(text: str) -> str:
     return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
 
 
+def preview(text: str, detectors: Sequence[Detector] = DEFAULT_DETECTORS) -> str:
+    """The first message redacted, then cut to PREVIEW_CHARS (redacted before it is cut, so that no
+    value is cut in half past the detectors), looking at no more than REDACT_CHARS of it."""
+    head = text[:REDACT_CHARS]
+    shown = len(head) if len(text) <= REDACT_CHARS else REDACT_CHARS - MARGIN
+    parts: list[str] = []
+    pos = 0
+    for start, end, kind in find_pii(head, detectors):
+        if start >= shown:
+            break
+        parts += [head[pos:start], f"[{kind}]"]
+        pos = end
+    if pos < shown:
+        parts.append(head[pos:shown])
+    out = "".join(parts)
+    if len(text) > max(pos, shown):  # cut: say so even where the redacted head is short
+        return out[: PREVIEW_CHARS - 1] + "…"
+    return shorten(out)
+
+
 def summary(item: dict[str, Any], *, raw: bool = False) -> dict[str, Any]:
-    """A conversation's summary for the console; the preview redacted (before it is cut short,
-    so that no value is cut in half past the detectors) unless ``raw``."""
-    preview = item.get("preview") or ""
-    return {**item, "preview": shorten(preview if raw else redact(preview)[0])}
+    """A conversation's summary for the console; the preview redacted (``preview``) unless ``raw``."""
+    text = item.get("preview") or ""
+    return {**item, "preview": shorten(text) if raw else preview(text)}
 
 
 def transcript(t: dict[str, Any]) -> dict[str, Any]:
