@@ -12,12 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from feedback import FeedbackStore, Role
+from feedback import FeedbackStore, Role, StorageFullError
 from server.app import App
 from server.console import redact as redacted
 from tests.console_support import running_app
 from tests.test_clean_redos import at_most
 from tests.test_console import login
+from tests.test_reliability import fill_the_database, set_page_limit
 from training.clean import DEFAULT_DETECTORS, Span
 
 EMAIL, PHONE, STREET, NAME, CARD = (
@@ -149,3 +150,27 @@ async def test_a_hostile_first_message_does_not_stall_the_console(app: App) -> N
         assert view["messages"][2]["text"].endswith("[ADDRESS]")
     finally:
         await vic.aclose()
+
+
+async def test_a_raw_look_whose_audit_entry_fails_is_not_shown_and_the_next_look_is_audited(app: App) -> None:
+    """The database is full: the audit entry cannot be written, so the raw text is not served (507),
+    and the look is not counted as audited: once there is room, the next look writes its entry."""
+    assert app.store is not None
+    cid, _ = await seed_pii(app.store)
+    rita, alice = await login(app, "rita"), await login(app, "alice")
+    try:
+        await fill_the_database(app.store)
+        for _ in range(100_000):  # and the audit log's last page: smaller entries than a look's
+            try:
+                await app.store.accounts.audit("f", "f", None)
+            except StorageFullError:
+                break
+        refused = await rita.get(f"/api/v1/conversations/{cid}/raw")
+        assert refused.status_code == 507 and refused.json()["error"]["code"] == "storage_full"
+        await set_page_limit(app.store, 1_000_000)
+        raw = await rita.get(f"/api/v1/conversations/{cid}/raw")
+        assert raw.status_code == 200 and leaks(raw.json())
+        assert [e["actor"] for e in await raw_looks(alice, cid)] == ["rita"]
+    finally:
+        for client in (rita, alice):
+            await client.aclose()

@@ -251,10 +251,13 @@ def create_console(
 
     @app.get("/api/v1/conversations/{conversation_id}/raw", **role(reviewer))
     async def raw_transcript(conversation_id: str, p: AsReviewer) -> dict[str, Any]:
-        """The transcript as the customer wrote it: each look is audited."""
+        """The transcript as the customer wrote it: each look is audited (the entry written first; a look
+        whose entry fails is not shown, and the next one tries again)."""
         view = await conversation_view(conversation_id, raw=True)
-        if raw_views.due(p.operator.name, conversation_id, time.monotonic()):
+        now = time.monotonic()
+        if raw_views.due(p.operator.name, conversation_id, now):
             await store.accounts.audit(p.operator.name, "transcript.raw", conversation_id, {})
+            raw_views.seen(p.operator.name, conversation_id, now)
         return view
 
     @app.post("/api/v1/messages/{message_id}/correction", status_code=201, **role(reviewer))

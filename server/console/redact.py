@@ -78,17 +78,16 @@ def transcript(t: dict[str, Any]) -> dict[str, Any]:
 class RawViews:
     """When a look at a raw transcript goes to the audit log: an operator's first look at a
     conversation, then again once ``every_s`` passed (the console page polls every 2 s; one entry
-    per look, not per poll)."""
+    per look, not per poll). ``due`` asks; ``seen`` records a look once its entry is written."""
 
     def __init__(self, every_s: float = 900.0) -> None:
         self.every_s = every_s
         self._last: dict[tuple[str, str], float] = {}
 
     def due(self, operator: str, conversation_id: str, now: float) -> bool:
-        key = (operator, conversation_id)
-        if now - self._last.get(key, -self.every_s) < self.every_s:
-            return False
+        return now - self._last.get((operator, conversation_id), -self.every_s) >= self.every_s
+
+    def seen(self, operator: str, conversation_id: str, now: float) -> None:
         if len(self._last) > 10_000:  # forget the oldest looks; at worst an extra entry
             self._last = dict(sorted(self._last.items(), key=lambda kv: kv[1])[5_000:])
-        self._last[key] = now
-        return True
+        self._last[(operator, conversation_id)] = now
