@@ -174,3 +174,58 @@ async def test_a_raw_look_whose_audit_entry_fails_is_not_shown_and_the_next_look
     finally:
         for client in (rita, alice):
             await client.aclose()
+
+
+# a client may use an e-mail address or a phone number as a user id or a rater id
+USER_ID, RATER = "li.wei@example.org", "+86 138 0013 8000"
+
+
+async def test_reasons_and_personal_ids_are_redacted_and_search_is_the_reviewers(app: App) -> None:
+    """Every free text of the default view (ratings' reasons, correction and exclusion reasons) and
+    the ids a client chose (user id, rater) when they are personal data; the rater list likewise for
+    viewers. ``q`` searches the raw text: reviewers and admins only."""
+    assert app.store is not None
+    store = app.store
+    cid = uuid.uuid4().hex
+    await store.conversations.create(cid, user_id=USER_ID)
+    ask = await store.conversations.add_message(
+        message_id=uuid.uuid4().hex, conversation_id=cid, role=Role.USER, text="hello", parent_id=None
+    )
+    reply = await store.conversations.add_message(
+        message_id=uuid.uuid4().hex, conversation_id=cid, role=Role.ASSISTANT, text="hi", parent_id=ask.id
+    )
+    await store.conversations.add_rating(
+        message_id=reply.id, value=-1, rater=RATER, client_id="r1", reason=f"wrong, mail {EMAIL}"
+    )
+    await store.conversations.add_correction(
+        message_id=reply.id, text="Hi.", operator="rita", reason=f"asked on {PHONE}"
+    )
+    await store.conversations.exclude_message(reply.id, reason=f"has card {CARD}", operator="rita")
+    await store.raters.flag({RATER: ["burst"]})
+    planted = (USER_ID, RATER, EMAIL, CARD, PHONE, "li.wei", "0013 8000", "1234567")
+    vic, rita = await login(app, "vic"), await login(app, "rita")
+    try:
+        view = (await vic.get(f"/api/v1/conversations/{cid}")).json()
+        text = json.dumps(view, ensure_ascii=False)
+        assert not [v for v in planted if v in text], text
+        rating = view["messages"][1]["ratings"][0]
+        assert rating["rater"] == "[PHONE]" and rating["reason"] == "wrong, mail [EMAIL]"
+        assert view["messages"][1]["corrections"][0]["reason"] == "asked on [PHONE]"
+        assert view["messages"][1]["excluded"]["reason"] == "has card [CARD]"
+        assert view["conversation"]["user_id"] == "[EMAIL]"
+        listing = (await vic.get("/api/v1/conversations")).json()["items"]
+        assert next(i["user_id"] for i in listing if i["id"] == cid) == "[EMAIL]"
+        for_viewer = (await vic.get("/api/v1/raters")).json()["items"]
+        assert [r["rater"] for r in for_viewer] == ["[PHONE]"]
+        for_reviewer = (await rita.get("/api/v1/raters")).json()["items"]  # who acts on a rater by its id
+        assert [r["rater"] for r in for_reviewer] == [RATER]
+        raw = json.dumps((await rita.get(f"/api/v1/conversations/{cid}/raw")).json(), ensure_ascii=False)
+        assert all(v in raw for v in (USER_ID, RATER, EMAIL, CARD, PHONE))
+
+        refused = await vic.get("/api/v1/conversations", params={"q": "0013"})  # a prefix oracle for a viewer
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+        found = await rita.get("/api/v1/conversations", params={"q": "hello"})
+        assert found.status_code == 200 and cid in [i["id"] for i in found.json()["items"]]
+    finally:
+        for client in (vic, rita):
+            await client.aclose()

@@ -223,7 +223,13 @@ def create_console(
         q: str | None = Query(default=None, max_length=200),
         limit: int = Query(default=50, ge=1, le=200),
         cursor: str | None = None,
+        *,
+        p: AsViewer,
     ) -> dict[str, Any]:
+        """``q`` searches the raw text (personal data included): reviewers and admins only, or a viewer
+        could find a phone number digit by digit (the last word matches as a prefix)."""
+        if q and not p.operator.role.allows(reviewer):
+            raise ApiError("searching message text needs the reviewer role", code=ErrorCode.FORBIDDEN)
         f = ConversationFilter(
             rating, version or None, channel or None, since, until, has_correction, flagged, q or None, site or None
         )
@@ -279,8 +285,9 @@ def create_console(
         return {"message_id": message_id, "excluded": False}
 
     @app.get("/api/v1/raters", **role(viewer))
-    async def raters() -> dict[str, Any]:
-        return {"items": await store.raters.reviews()}
+    async def raters(p: AsViewer) -> dict[str, Any]:
+        items = await store.raters.reviews()  # a reviewer acts on a rater by its id; a viewer sees it redacted
+        return {"items": items if p.operator.role.allows(reviewer) else redacted.raters(items)}
 
     @app.post("/api/v1/raters/{rater}/review", **role(reviewer))
     async def review(rater: str, body: ReviewBody, p: AsReviewer) -> dict[str, Any]:

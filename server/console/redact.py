@@ -1,11 +1,14 @@
 """The console's redacted view: personal data in what operators read is replaced by its kind.
 
 Operators read customers' conversations to review them; they rarely need the card number, the
-e-mail address or the street in them. Every text the console's conversation views show (messages,
-rating comments, corrections, the list's previews) goes through ``training.clean.redact``: the
-same detectors that keep PII out of training rows, so ``[EMAIL]``, ``[PHONE]``, ``[NAME]``... The
-raw text is one explicit step away (``GET /api/v1/conversations/{id}/raw``, reviewer role), and
-each look at it is written to the audit log.
+e-mail address or the street in them. Every free text the console's conversation views show
+(messages, ratings' reasons and comments, corrections and their reasons, exclusion reasons, the
+list's previews) goes through ``training.clean``'s detectors: the same that keep PII out of
+training rows, so ``[EMAIL]``, ``[PHONE]``, ``[NAME]``... Identifiers the client chose (a
+conversation's ``user_id``, a rating's ``rater``) go through them too: an e-mail address or a phone
+number used as an id shows as ``[EMAIL]``, ``[PHONE]``. The raw text is one explicit step away
+(``GET /api/v1/conversations/{id}/raw``, reviewer role), and each look at it is written to the
+audit log.
 
 This runs in the event loop the websocket gateway shares, on text customers typed: the detectors
 are linear in the text (``tests/test_clean_redos.py``), and a list preview redacts a bounded
@@ -56,23 +59,43 @@ def preview(text: str, detectors: Sequence[Detector] = DEFAULT_DETECTORS) -> str
 
 
 def summary(item: dict[str, Any], *, raw: bool = False) -> dict[str, Any]:
-    """A conversation's summary for the console; the preview redacted (``preview``) unless ``raw``."""
+    """A conversation's summary for the console: the preview and the user id redacted unless ``raw``."""
     text = item.get("preview") or ""
-    return {**item, "preview": shorten(text) if raw else preview(text)}
+    if raw:
+        return {**item, "preview": shorten(text)}
+    return {**item, "preview": preview(text), "user_id": redact_text(item.get("user_id"))}
 
 
 def transcript(t: dict[str, Any]) -> dict[str, Any]:
-    """A transcript (``Browse.transcript``) with every free text redacted; ``redacted: true``."""
+    """A transcript (``Browse.transcript``) with every free text and client-chosen id redacted;
+    ``redacted: true``."""
+
+    def rating(r: dict[str, Any]) -> dict[str, Any]:
+        return {**r, **{k: redact_text(r.get(k)) for k in ("reason", "comment", "rater")}}
+
+    def correction(k: dict[str, Any]) -> dict[str, Any]:
+        return {**k, "text": redact_text(k.get("text")), "reason": redact_text(k.get("reason"))}
+
+    def excluded(x: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if x is None else {**x, "reason": redact_text(x.get("reason"))}
+
     messages = [
         {
             **m,
             "text": redact_text(m["text"]),
-            "ratings": [{**r, "comment": redact_text(r.get("comment"))} for r in m["ratings"]],
-            "corrections": [{**k, "text": redact_text(k.get("text"))} for k in m["corrections"]],
+            "ratings": [rating(r) for r in m["ratings"]],
+            "corrections": [correction(k) for k in m["corrections"]],
+            "excluded": excluded(m.get("excluded")),
         }
         for m in t["messages"]
     ]
     return {**t, "conversation": summary(t["conversation"]), "messages": messages, "redacted": True}
+
+
+def raters(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rater reviews for a viewer: a rater id that is personal data shows as its kind (reviewers,
+    who act on a rater by its id, get them as they are)."""
+    return [{**r, "rater": redact_text(r["rater"])} for r in items]
 
 
 class RawViews:
