@@ -121,7 +121,7 @@ async def test_login_csrf_tokens_and_rate_limit(app: App) -> None:
 
 
 async def test_filters_search_and_paging(app: App, seeded: Seeded) -> None:
-    c = await login(app, "vic")
+    c = await login(app, "rita")  # q searches the raw text: a reviewer's (tests/test_console_redaction.py)
     try:
 
         async def ids(**params: Any) -> list[str]:

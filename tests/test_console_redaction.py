@@ -12,10 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from feedback import FeedbackStore, Role
+from feedback import FeedbackStore, Role, StorageFullError
 from server.app import App
+from server.console import redact as redacted
 from tests.console_support import running_app
+from tests.test_clean_redos import at_most
 from tests.test_console import login
+from tests.test_reliability import fill_the_database, set_page_limit
+from training.clean import DEFAULT_DETECTORS, Span
 
 EMAIL, PHONE, STREET, NAME, CARD = (
     "jane.doe@example.com",
@@ -104,4 +108,124 @@ async def test_transcripts_are_redacted_by_default_and_raw_text_is_an_audited_re
         assert sorted(str(e["actor"]) for e in await raw_looks(alice, cid)) == ["alice", "rita"]
     finally:
         for client in (vic, rita, alice):
+            await client.aclose()
+
+
+def test_a_preview_redacts_a_bounded_prefix_and_shows_no_half_value_from_its_edge() -> None:
+    seen: list[int] = []
+
+    def recording(text: str) -> list[Span]:
+        seen.append(len(text))
+        return []
+
+    long_first = "hello " * 700  # 4,200 characters: the console looks at 400 of them, once
+    out = redacted.preview(long_first, (*DEFAULT_DETECTORS, recording))
+    assert seen == [redacted.REDACT_CHARS] and out.endswith("…") and len(out) == 160
+    # a long street shrinks to [ADDRESS]: the 160 characters shown reach far into the raw text, and
+    # an e-mail address cut at the 400th character is half an address the detectors never saw
+    street = "12 " + " ".join(["A" + "a" * 59] * 4) + " Street"
+    text = street + " " + "y" * (redacted.REDACT_CHARS - 5 - len(street) - 1) + EMAIL + " thanks"
+    assert text.index(EMAIL) < redacted.REDACT_CHARS < text.index(EMAIL) + len(EMAIL)
+    out = redacted.preview(text)
+    assert out.startswith("[ADDRESS] yyy") and out.endswith("…") and "jane" not in out, out
+
+
+async def test_a_hostile_first_message_does_not_stall_the_console(app: App) -> None:
+    """60 times "市" once never finished the address pattern; the list and the transcript answer."""
+    assert app.store is not None
+    cid = uuid.uuid4().hex
+    await app.store.conversations.create(cid, user_id=None)
+    parent = None
+    for text in ("市" * 60, "北京市" * 1333, "市" * 3990 + "路1号"):
+        m = await app.store.conversations.add_message(
+            message_id=uuid.uuid4().hex, conversation_id=cid, role=Role.USER, text=text, parent_id=parent
+        )
+        parent = m.id
+    vic = await login(app, "vic")
+    try:
+        with at_most(20.0, "the console on hostile text"):
+            listing = (await vic.get("/api/v1/conversations")).json()["items"]
+            view = (await vic.get(f"/api/v1/conversations/{cid}")).json()
+        assert next(i["preview"] for i in listing if i["id"] == cid) == "市" * 60
+        assert view["messages"][2]["text"].endswith("[ADDRESS]")
+    finally:
+        await vic.aclose()
+
+
+async def test_a_raw_look_whose_audit_entry_fails_is_not_shown_and_the_next_look_is_audited(app: App) -> None:
+    """The database is full: the audit entry cannot be written, so the raw text is not served (507),
+    and the look is not counted as audited: once there is room, the next look writes its entry."""
+    assert app.store is not None
+    cid, _ = await seed_pii(app.store)
+    rita, alice = await login(app, "rita"), await login(app, "alice")
+    try:
+        await fill_the_database(app.store)
+        for _ in range(100_000):  # and the audit log's last page: smaller entries than a look's
+            try:
+                await app.store.accounts.audit("f", "f", None)
+            except StorageFullError:
+                break
+        refused = await rita.get(f"/api/v1/conversations/{cid}/raw")
+        assert refused.status_code == 507 and refused.json()["error"]["code"] == "storage_full"
+        await set_page_limit(app.store, 1_000_000)
+        raw = await rita.get(f"/api/v1/conversations/{cid}/raw")
+        assert raw.status_code == 200 and leaks(raw.json())
+        assert [e["actor"] for e in await raw_looks(alice, cid)] == ["rita"]
+    finally:
+        for client in (rita, alice):
+            await client.aclose()
+
+
+# a client may use an e-mail address or a phone number as a user id or a rater id
+USER_ID, RATER = "li.wei@example.org", "+86 138 0013 8000"
+
+
+async def test_reasons_and_personal_ids_are_redacted_and_search_is_the_reviewers(app: App) -> None:
+    """Every free text of the default view (ratings' reasons, correction and exclusion reasons) and
+    the ids a client chose (user id, rater) when they are personal data; the rater list likewise for
+    viewers. ``q`` searches the raw text: reviewers and admins only."""
+    assert app.store is not None
+    store = app.store
+    cid = uuid.uuid4().hex
+    await store.conversations.create(cid, user_id=USER_ID)
+    ask = await store.conversations.add_message(
+        message_id=uuid.uuid4().hex, conversation_id=cid, role=Role.USER, text="hello", parent_id=None
+    )
+    reply = await store.conversations.add_message(
+        message_id=uuid.uuid4().hex, conversation_id=cid, role=Role.ASSISTANT, text="hi", parent_id=ask.id
+    )
+    await store.conversations.add_rating(
+        message_id=reply.id, value=-1, rater=RATER, client_id="r1", reason=f"wrong, mail {EMAIL}"
+    )
+    await store.conversations.add_correction(
+        message_id=reply.id, text="Hi.", operator="rita", reason=f"asked on {PHONE}"
+    )
+    await store.conversations.exclude_message(reply.id, reason=f"has card {CARD}", operator="rita")
+    await store.raters.flag({RATER: ["burst"]})
+    planted = (USER_ID, RATER, EMAIL, CARD, PHONE, "li.wei", "0013 8000", "1234567")
+    vic, rita = await login(app, "vic"), await login(app, "rita")
+    try:
+        view = (await vic.get(f"/api/v1/conversations/{cid}")).json()
+        text = json.dumps(view, ensure_ascii=False)
+        assert not [v for v in planted if v in text], text
+        rating = view["messages"][1]["ratings"][0]
+        assert rating["rater"] == "[PHONE]" and rating["reason"] == "wrong, mail [EMAIL]"
+        assert view["messages"][1]["corrections"][0]["reason"] == "asked on [PHONE]"
+        assert view["messages"][1]["excluded"]["reason"] == "has card [CARD]"
+        assert view["conversation"]["user_id"] == "[EMAIL]"
+        listing = (await vic.get("/api/v1/conversations")).json()["items"]
+        assert next(i["user_id"] for i in listing if i["id"] == cid) == "[EMAIL]"
+        for_viewer = (await vic.get("/api/v1/raters")).json()["items"]
+        assert [r["rater"] for r in for_viewer] == ["[PHONE]"]
+        for_reviewer = (await rita.get("/api/v1/raters")).json()["items"]  # who acts on a rater by its id
+        assert [r["rater"] for r in for_reviewer] == [RATER]
+        raw = json.dumps((await rita.get(f"/api/v1/conversations/{cid}/raw")).json(), ensure_ascii=False)
+        assert all(v in raw for v in (USER_ID, RATER, EMAIL, CARD, PHONE))
+
+        refused = await vic.get("/api/v1/conversations", params={"q": "0013"})  # a prefix oracle for a viewer
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+        found = await rita.get("/api/v1/conversations", params={"q": "hello"})
+        assert found.status_code == 200 and cid in [i["id"] for i in found.json()["items"]]
+    finally:
+        for client in (vic, rita):
             await client.aclose()

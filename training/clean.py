@@ -32,7 +32,11 @@ C = TypeVar("C", KTORow, SFTRow)
 Span = tuple[int, int, str]
 Detector = Callable[[str], list[Span]]
 
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+# Every pattern here runs on untrusted text in the console's event loop: each is linear in the text.
+# No nested or overlapping quantifiers; runs are possessive (``++``) or atomic (``(?>...)``) where
+# what follows cannot take back what they took, and a run starts only where the run starts (a
+# lookbehind), so a long run is scanned once, not once per position (tests/test_clean_redos.py).
+_EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]++@[A-Za-z0-9-]++(?:\.[A-Za-z0-9-]++)*\.[A-Za-z]{2,}")
 _CN_ID = re.compile(r"(?<![0-9A-Za-z])\d{17}[0-9Xx](?![0-9A-Za-z])")
 _CARD = re.compile(r"(?<![\d+-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
@@ -52,20 +56,27 @@ _STREET_TYPES = (
     "|Place|Pl\\.?|Way|Terrace|Close|Crescent|Square|Sq\\.?|Parkway|Highway|Hwy\\.?|Strasse|Straße"
 )
 _ADDRESS_EN = re.compile(
-    rf"\b\d{{1,5}}[A-Za-z]?,?\s+(?:[A-Z][a-z'-]+\.?\s+){{1,4}}(?:{_STREET_TYPES})(?![A-Za-z])"
-    r"(?:,?\s+(?:Apt|Apartment|Suite|Unit|Flat)\.?\s*#?\w+)?"
+    rf"\b\d{{1,5}}+[A-Za-z]?,?\s++(?:[A-Z][a-z'-]++\.?\s++){{1,4}}(?:{_STREET_TYPES})(?![A-Za-z])"
+    r"(?:,?\s++(?:Apt|Apartment|Suite|Unit|Flat)\.?\s*+#?\w++)?"
 )
+# Chinese: up to five administrative parts (北京市, 朝阳区, 广西壮族自治区: up to eight characters
+# that are no 省/市/区/县/镇, then one; atomic, so a run of them splits one way only), a road name of
+# one to ten characters, the road type, the number. The parts used to be ``(?:[\u4e00-\u9fa5]{1,8}?
+# (?:省|...))*``: any character could end a part or begin the next, and 60 times "市" never finished.
+_ZH_PART = r"(?>(?:(?![省市区县镇])[\u4e00-\u9fa5]){0,8}[省市区县镇])"
+_ZH_ROAD_NUMBER = r"(?:路|街|大道|大街|巷|弄)\d{1,5}+(?:号|號)"
 _ADDRESS_ZH = re.compile(
-    r"(?:[\u4e00-\u9fa5]{1,8}?(?:省|自治区|市|区|县|镇))*[\u4e00-\u9fa5]{1,10}?(?:路|街|大道|大街|巷|弄)"
-    r"\d{1,5}(?:号|號)(?:[\u4e00-\u9fa5\dA-Za-z-]{0,12}?(?:室|楼|栋|幢|单元))?"
+    rf"{_ZH_PART}{{0,5}}[\u4e00-\u9fa5]{{1,10}}?{_ZH_ROAD_NUMBER}"
+    r"(?:[\u4e00-\u9fa5\dA-Za-z-]{0,12}?(?:室|楼|栋|幢|单元))?"
 )
+_HAS_ROAD_NUMBER = re.compile(_ZH_ROAD_NUMBER)
 # names said as names: after "my name is", a title, or 我叫 / 我的名字是 / 姓名; or 张先生-style
 _NAME_EN = re.compile(
-    r"(?:\b[Mm]y name is|\b[Mm]y name's|\b[Nn]ame:|\b(?:Mr|Mrs|Ms|Miss|Dr|Prof)\.?)\s+"
-    r"(?P<name>[A-Z][a-z'-]+(?:\s+[A-Z][a-z'-]+){0,2})"
+    r"(?:\b[Mm]y name is|\b[Mm]y name's|\b[Nn]ame:|\b(?:Mr|Mrs|Ms|Miss|Dr|Prof)\.?)\s++"
+    r"(?P<name>[A-Z][a-z'-]++(?:\s++[A-Z][a-z'-]++){0,2})"
 )
 _NAME_ZH = re.compile(
-    r"(?:我叫|我的名字是|我的名字叫|姓名[:：]?\s*|联系人[:：]?\s*)(?P<name>[\u4e00-\u9fa5]{2,4}?)(?=[，,。.！!？?\s的]|$)"
+    r"(?:我叫|我的名字是|我的名字叫|姓名[:：]?\s*+|联系人[:：]?\s*+)(?P<name>[\u4e00-\u9fa5]{2,4}?)(?=[，,。.！!？?\s的]|$)"
     r"|(?P<surname>[\u4e00-\u9fa5]{1,2})(?:先生|女士|小姐)"
 )
 _COMMON_ZH_SURNAMES = set(
@@ -147,7 +158,8 @@ def detect_phones(text: str) -> list[Span]:
 
 def detect_addresses(text: str) -> list[Span]:
     """Street addresses (house number and street; Chinese road and number), not whole postal addresses."""
-    return [(m.start(), m.end(), "ADDRESS") for m in (*_ADDRESS_EN.finditer(text), *_ADDRESS_ZH.finditer(text))]
+    chinese = _ADDRESS_ZH.finditer(text) if _HAS_ROAD_NUMBER.search(text) else ()
+    return [(m.start(), m.end(), "ADDRESS") for m in (*_ADDRESS_EN.finditer(text), *chinese)]
 
 
 def detect_names(text: str) -> list[Span]:
@@ -175,22 +187,33 @@ DEFAULT_DETECTORS: tuple[Detector, ...] = (
 )
 
 
-def redact(text: str, detectors: Sequence[Detector] = DEFAULT_DETECTORS) -> tuple[str, Counter[str]]:
-    """Replace every detected value with ``[KIND]``; returns the text and counts per kind."""
+def find_pii(text: str, detectors: Sequence[Detector] = DEFAULT_DETECTORS) -> list[Span]:
+    """Every detected value, in text order, none overlapping (on overlap the earlier detector wins).
+    Linear in the text: a value's characters are marked taken, not compared with every value before."""
     taken: list[Span] = []
+    used = bytearray(len(text))
     for detector in detectors:
         for start, end, kind in detector(text):
-            if all(end <= s or start >= e for s, e, _ in taken):
+            if end > start and 1 not in used[start:end]:
+                used[start:end] = b"\x01" * (end - start)
                 taken.append((start, end, kind))
+    return sorted(taken)
+
+
+def redact(text: str, detectors: Sequence[Detector] = DEFAULT_DETECTORS) -> tuple[str, Counter[str]]:
+    """Replace every detected value with ``[KIND]``; returns the text and counts per kind."""
     counts: Counter[str] = Counter()
-    out = text
-    for start, end, kind in sorted(taken, reverse=True):
-        out = out[:start] + f"[{kind}]" + out[end:]
+    parts: list[str] = []
+    pos = 0
+    for start, end, kind in find_pii(text, detectors):
+        parts += [text[pos:start], f"[{kind}]"]
+        pos = end
         counts[kind] += 1
-    return out, counts
+    parts.append(text[pos:])
+    return "".join(parts), counts
 
 
-_BLOB = re.compile(r"[A-Za-z0-9+/=_-]{200,}")
+_BLOB = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/=_-]{200,}")
 
 
 def is_non_text(text: str) -> bool:

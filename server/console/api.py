@@ -223,7 +223,13 @@ def create_console(
         q: str | None = Query(default=None, max_length=200),
         limit: int = Query(default=50, ge=1, le=200),
         cursor: str | None = None,
+        *,
+        p: AsViewer,
     ) -> dict[str, Any]:
+        """``q`` searches the raw text (personal data included): reviewers and admins only, or a viewer
+        could find a phone number digit by digit (the last word matches as a prefix)."""
+        if q and not p.operator.role.allows(reviewer):
+            raise ApiError("searching message text needs the reviewer role", code=ErrorCode.FORBIDDEN)
         f = ConversationFilter(
             rating, version or None, channel or None, since, until, has_correction, flagged, q or None, site or None
         )
@@ -251,10 +257,13 @@ def create_console(
 
     @app.get("/api/v1/conversations/{conversation_id}/raw", **role(reviewer))
     async def raw_transcript(conversation_id: str, p: AsReviewer) -> dict[str, Any]:
-        """The transcript as the customer wrote it: each look is audited."""
+        """The transcript as the customer wrote it: each look is audited (the entry written first; a look
+        whose entry fails is not shown, and the next one tries again)."""
         view = await conversation_view(conversation_id, raw=True)
-        if raw_views.due(p.operator.name, conversation_id, time.monotonic()):
+        now = time.monotonic()
+        if raw_views.due(p.operator.name, conversation_id, now):
             await store.accounts.audit(p.operator.name, "transcript.raw", conversation_id, {})
+            raw_views.seen(p.operator.name, conversation_id, now)
         return view
 
     @app.post("/api/v1/messages/{message_id}/correction", status_code=201, **role(reviewer))
@@ -276,8 +285,9 @@ def create_console(
         return {"message_id": message_id, "excluded": False}
 
     @app.get("/api/v1/raters", **role(viewer))
-    async def raters() -> dict[str, Any]:
-        return {"items": await store.raters.reviews()}
+    async def raters(p: AsViewer) -> dict[str, Any]:
+        items = await store.raters.reviews()  # a reviewer acts on a rater by its id; a viewer sees it redacted
+        return {"items": items if p.operator.role.allows(reviewer) else redacted.raters(items)}
 
     @app.post("/api/v1/raters/{rater}/review", **role(reviewer))
     async def review(rater: str, body: ReviewBody, p: AsReviewer) -> dict[str, Any]:

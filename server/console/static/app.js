@@ -521,7 +521,8 @@
     const form = el(
       'form',
       { id: 'filters', class: 'filters' },
-      field('Search', q), field('Rating', rating), field('Version', version), field('Channel', channel),
+      // searching message text is the reviewer's: it searches the raw text (docs/console.md)
+      ...(can('reviewer') ? [field('Search', q)] : []), field('Rating', rating), field('Version', version), field('Channel', channel),
       field('Site', site), field('Since', since), field('Until', until), field('Correction', correction),
       el('label', { class: 'field check' }, flagged, el('span', {}, 'flagged raters only')),
       el('span', { class: 'field actions' }, apply, reset),
@@ -563,7 +564,9 @@
 
     // the API query: the URL's filters with dates turned into unix seconds
     const query = new URLSearchParams();
-    for (const k of ['rating', 'version', 'channel', 'site', 'has_correction', 'q']) if (f[k]) query.set(k, f[k]);
+    for (const k of ['rating', 'version', 'channel', 'site', 'has_correction', ...(can('reviewer') ? ['q'] : [])]) {
+      if (f[k]) query.set(k, f[k]);
+    }
     if (f.flagged === 'true') query.set('flagged', 'true');
     const sinceTs = dateToUnix(f.since, false);
     const untilTs = dateToUnix(f.until, true);
