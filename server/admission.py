@@ -12,7 +12,8 @@
    site, whose own checks decide (``server/channels/identity.py``). A token in the URL is not
    read: proxies and access logs keep URLs;
 3. HTTP 429 (``Retry-After``) when its client address already holds
-   ``server.max_connections_per_address`` websockets (handshakes in progress count).
+   ``server.max_connections_per_address`` websockets (handshakes in progress count; a connection
+   is forgotten when it closes).
 
 No session exists before the upgrade, so a refused handshake costs no store write. The token is
 compared in constant time and never logged.
@@ -124,7 +125,7 @@ class Admission:
         self._by_address: dict[str, set[ChatSocket]] = {}
 
     def open_from(self, address: str) -> int:
-        """Websockets open (or opening) from ``address``; closed ones are forgotten here."""
+        """Websockets open (or opening) from ``address`` (tracked only under a cap)."""
         sockets = self._by_address.get(address)
         if sockets is None:
             return 0
@@ -158,8 +159,17 @@ class Admission:
             response.headers["Retry-After"] = str(RETRY_AFTER_S)
             return response
         connection.address = address
-        self._by_address.setdefault(address, set()).add(connection)
+        if self.max_per_address:  # counted only under a cap; forgotten when the connection ends
+            self._by_address.setdefault(address, set()).add(connection)
+            connection.connection_lost_waiter.add_done_callback(lambda _: self._forget(address, connection))
         return None
+
+    def _forget(self, address: str, connection: ChatSocket) -> None:
+        sockets = self._by_address.get(address)
+        if sockets is not None:
+            sockets.discard(connection)
+            if not sockets:
+                del self._by_address[address]
 
     def select_subprotocol(self, connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
         """``learnloop.v1`` when offered (a browser carrying its token offers it); never the bearer one."""

@@ -1,0 +1,57 @@
+"""The gateway's handshake checks on real loopback websockets (no model): the per-address table,
+repeated headers and the trusted proxies' X-Forwarded-For."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+
+from server.admission import Admission, ChatSocket
+
+TOKEN = "s3cret"
+
+
+@asynccontextmanager
+async def gateway(cap: int) -> AsyncIterator[tuple[Admission, int]]:
+    adm = Admission(
+        token=TOKEN,
+        origin_allowed=lambda o: True,
+        site_origin=lambda o: False,
+        max_per_address=cap,
+    )
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.wait_closed()
+
+    async with serve(
+        handler,
+        "127.0.0.1",
+        0,
+        process_request=adm.check,
+        select_subprotocol=adm.select_subprotocol,
+        create_connection=ChatSocket,
+    ) as srv:
+        yield adm, next(iter(srv.sockets)).getsockname()[1]
+
+
+async def wait_empty(adm: Admission) -> None:
+    for _ in range(100):  # the server sees each close a moment after the client
+        if not adm._by_address:
+            return
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("cap", [0, 3], ids=["no cap", "cap 3"])
+async def test_closed_connections_leave_the_per_address_table(cap: int) -> None:
+    async with gateway(cap) as (adm, port):
+        for i in range(50):
+            headers = {"Authorization": f"Bearer {TOKEN}", "X-Forwarded-For": f"10.0.0.{i}"}
+            async with connect(f"ws://127.0.0.1:{port}", additional_headers=headers):
+                pass
+        await wait_empty(adm)
+        assert adm._by_address == {}
