@@ -1,6 +1,6 @@
 """Who may open the chat websocket, decided before the upgrade; the socket that keeps the time.
 
-``Admission`` is the gateway's ``process_request``. In this order, a handshake gets
+``Admission`` is the gateway's ``process_request``. A handshake gets
 
 1. HTTP 403 when its ``Origin`` is not allowed (``server.allowed_origins``, the sites', the demo's);
 2. HTTP 401 (``WWW-Authenticate: Bearer``) when ``server.token`` is set and the handshake does
@@ -11,7 +11,8 @@
    come without it: a public page cannot keep a secret, and its ``hello`` must then name the
    site, whose own checks decide (``server/channels/identity.py``). A token in the URL is not
    read: proxies and access logs keep URLs;
-3. HTTP 429 (``Retry-After``) when its client address already holds
+3. HTTP 400 when it repeats ``Origin`` or ``Authorization`` (one warning line, no traceback);
+4. HTTP 429 (``Retry-After``) when its client address already holds
    ``server.max_connections_per_address`` websockets (handshakes in progress count; a connection
    is forgotten when it closes).
 
@@ -66,8 +67,11 @@ class ChatSocket(ServerConnection):
 
 
 def presented_token(headers: Headers) -> str | None:
-    """The token a handshake carries: ``Authorization: Bearer`` or a ``learnloop.bearer.*`` subprotocol."""
-    auth = headers.get("Authorization")
+    """The token a handshake carries: ``Authorization: Bearer`` or a ``learnloop.bearer.*`` subprotocol.
+
+    The caller has refused a handshake with more than one ``Authorization`` header."""
+    values = headers.get_all("Authorization")
+    auth = values[0] if values else None
     if auth is not None:
         scheme, _, value = auth.strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():
@@ -137,6 +141,10 @@ class Admission:
     def check(self, connection: ServerConnection, request: Request) -> Response | None:
         """None lets the handshake go on; a Response refuses it before any session exists."""
         assert isinstance(connection, ChatSocket)
+        for name in ("Origin", "Authorization"):
+            if len(request.headers.get_all(name)) > 1:  # ``Headers.get`` would raise: HTTP 500 and a traceback
+                log.warning("websocket handshake refused: more than one %s header", name)
+                return connection.respond(HTTPStatus.BAD_REQUEST, f"send one {name} header\n")
         origin = request.headers.get("Origin")
         if not self.origin_allowed(origin):
             log.warning("websocket handshake refused: Origin %r is not allowed", origin)

@@ -4,12 +4,14 @@ repeated headers and the trusted proxies' X-Forwarded-For."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import InvalidStatus
 
 from server.admission import Admission, ChatSocket
 
@@ -55,3 +57,19 @@ async def test_closed_connections_leave_the_per_address_table(cap: int) -> None:
                 pass
         await wait_empty(adm)
         assert adm._by_address == {}
+
+
+async def test_a_repeated_origin_or_authorization_header_gets_400_and_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with gateway(100) as (_, port):
+        for name, values in (
+            ("Authorization", [f"Bearer {TOKEN}", "Bearer x"]),
+            ("Origin", ["https://a", "https://b"]),
+        ):
+            with pytest.raises(InvalidStatus) as err:
+                await connect(f"ws://127.0.0.1:{port}", additional_headers=[(name, v) for v in values])
+            assert err.value.response.status_code == 400
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len([r for r in caplog.records if "more than one" in r.getMessage()]) == 2
