@@ -12,9 +12,9 @@
    site, whose own checks decide (``server/channels/identity.py``). A token in the URL is not
    read: proxies and access logs keep URLs;
 3. HTTP 400 when it repeats ``Origin`` or ``Authorization`` (one warning line, no traceback);
-4. HTTP 429 (``Retry-After``) when its client address already holds
-   ``server.max_connections_per_address`` websockets (handshakes in progress count; a connection
-   is forgotten when it closes).
+4. HTTP 429 (``Retry-After``) when its client address (see ``client_address``; behind a proxy in
+   ``server.trusted_proxies``, the forwarded one) already holds ``server.max_connections_per_address``
+   websockets (handshakes in progress count; a connection is forgotten when it closes).
 
 No session exists before the upgrade, so a refused handshake costs no store write. The token is
 compared in constant time and never logged.
@@ -91,20 +91,41 @@ def bearer_subprotocol(token: str) -> str:
     return BEARER_PREFIX + base64.urlsafe_b64encode(token.encode()).decode().rstrip("=")
 
 
-def client_address(peer: Any, headers: Headers) -> str:
-    """The address a connection counts against: the peer's, or behind a proxy on loopback the last
-    ``X-Forwarded-For`` entry (the one that proxy added)."""
-    host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
-    forwarded = headers.get_all("X-Forwarded-For")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1"))
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as written in a peer or an ``X-Forwarded-For`` entry (``1.2.3.4:80``, ``[::1]:80``)."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1 : text.find("]")] if "]" in text else text[1:]
+    elif text.count(":") == 1:  # IPv4 with a port; a bare IPv6 has several colons
+        text = text.partition(":")[0]
     try:
-        loopback = ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(text)
     except ValueError:
-        loopback = False
-    if loopback and forwarded:
-        last = forwarded[-1].split(",")[-1].strip()
-        if last:
-            return last
-    return host
+        return None
+
+
+def client_address(peer: Any, headers: Headers, trusted: Sequence[Network] = LOOPBACK) -> str:
+    """The address a connection counts against: the peer's, or when the peer is a trusted proxy the
+    right-most ``X-Forwarded-For`` entry that is not itself one (what the nearest untrusted hop was)."""
+    host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+
+    def is_trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+        return ip is not None and any(ip in net for net in trusted if ip.version == net.version)
+
+    if not is_trusted(_ip(host)):
+        return host
+    entries = [e.strip() for value in headers.get_all("X-Forwarded-For") for e in value.split(",") if e.strip()]
+    for entry in reversed(entries):
+        ip = _ip(entry)
+        if ip is None:
+            return entry  # not an address (``unknown``, a token): counted as written, never trusted
+        if not is_trusted(ip):
+            return str(ip)
+    return str(_ip(entries[0])) if entries else host  # every hop a trusted proxy: the first one
 
 
 def _offered(headers: Headers) -> list[str]:
@@ -121,8 +142,10 @@ class Admission:
         origin_allowed: Callable[[str | None], bool],
         site_origin: Callable[[str | None], bool],
         max_per_address: int,
+        trusted_proxies: Sequence[str] = ("127.0.0.0/8", "::1"),
     ) -> None:
         self.token = token
+        self.trusted_proxies = tuple(ipaddress.ip_network(p, strict=False) for p in trusted_proxies)
         self.origin_allowed = origin_allowed
         self.site_origin = site_origin
         self.max_per_address = max_per_address
@@ -160,7 +183,7 @@ class Admission:
                 response = connection.respond(HTTPStatus.UNAUTHORIZED, "send server.token: Authorization: Bearer\n")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="learnloop"'
                 return response
-        address = client_address(connection.remote_address, request.headers)
+        address = client_address(connection.remote_address, request.headers, self.trusted_proxies)
         if self.max_per_address and self.open_from(address) >= self.max_per_address:
             log.warning("websocket handshake refused: %d connections from one address", self.max_per_address)
             response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many connections from this address\n")

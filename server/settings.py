@@ -15,6 +15,7 @@ as ``LEARNLOOP_<SECTION>_<KEY>`` (upper case), for example ``LEARNLOOP_SERVER_PO
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -97,8 +98,17 @@ class ServerConfig:
     max_connections_per_address: int = field(
         default=100,
         metadata={
-            "help": "Websockets open at once from one client address (behind a proxy on loopback: the last "
-            "X-Forwarded-For entry); one more gets HTTP 429 with Retry-After before the upgrade (0 = no cap)."
+            "help": "Websockets open at once from one client address (behind a proxy in server.trusted_proxies: "
+            "the right-most X-Forwarded-For entry that is not one); one more gets HTTP 429 with Retry-After "
+            "before the upgrade (0 = no cap)."
+        },
+    )
+    trusted_proxies: tuple[str, ...] = field(
+        default=("127.0.0.0/8", "::1"),
+        metadata={
+            "help": "Addresses or networks (CIDR, comma-separated in env) of reverse proxies whose "
+            "X-Forwarded-For is believed: a connection from one counts against the right-most entry that is "
+            "not itself a trusted proxy. Default: loopback only; add a proxy container's address or network."
         },
     )
     max_connections_per_user: int = field(
@@ -165,6 +175,13 @@ class ServerConfig:
                 raise SettingsError(f"server.allowed_origins: {origin!r}: write scheme://host[:port]")
             normalized.append(n)
         object.__setattr__(self, "allowed_origins", tuple(normalized))
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise SettingsError(
+                    f"server.trusted_proxies: {proxy!r}: write an IP address or a CIDR network"
+                ) from None
 
 
 ENGINES = ("auto", "transformers", "llamacpp", "openai")

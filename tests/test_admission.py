@@ -5,26 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 
-from server.admission import Admission, ChatSocket
+from server.admission import Admission, ChatSocket, client_address
 
 TOKEN = "s3cret"
 
 
 @asynccontextmanager
-async def gateway(cap: int) -> AsyncIterator[tuple[Admission, int]]:
+async def gateway(cap: int, trusted: Sequence[str] = ("127.0.0.0/8", "::1")) -> AsyncIterator[tuple[Admission, int]]:
     adm = Admission(
         token=TOKEN,
         origin_allowed=lambda o: True,
         site_origin=lambda o: False,
         max_per_address=cap,
+        trusted_proxies=trusted,
     )
 
     async def handler(ws: ServerConnection) -> None:
@@ -73,3 +75,30 @@ async def test_a_repeated_origin_or_authorization_header_gets_400_and_one_warnin
             assert err.value.response.status_code == 400
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len([r for r in caplog.records if "more than one" in r.getMessage()]) == 2
+
+
+def test_x_forwarded_for_is_read_from_trusted_proxies_only() -> None:
+    proxies = Admission(
+        token=None, origin_allowed=bool, site_origin=bool, max_per_address=1, trusted_proxies=["172.18.0.0/16", "::1"]
+    ).trusted_proxies
+    xff = Headers([("X-Forwarded-For", "6.6.6.6, 198.51.100.7:5123"), ("X-Forwarded-For", "172.18.0.9")])
+    # a proxy container on the docker network: its client's address, past another trusted hop, port stripped
+    assert client_address(("172.18.0.2", 4000), xff, proxies) == "198.51.100.7"
+    assert (
+        client_address(("::1", 4000, 0, 0), Headers({"X-Forwarded-For": "[2001:db8::1]:443"}), proxies) == "2001:db8::1"
+    )
+    assert client_address(("203.0.113.5", 4000), xff, proxies) == "203.0.113.5"  # not a proxy: its own address
+    assert client_address(("127.0.0.1", 4000), xff, proxies) == "127.0.0.1"  # loopback is not trusted here
+    assert client_address(("127.0.0.1", 4000), xff) == "172.18.0.9"  # the default: loopback only, as before
+
+
+async def test_a_trusted_proxys_clients_are_counted_apart() -> None:
+    async with gateway(1, trusted=["127.0.0.0/8"]) as (adm, port):
+        url = f"ws://127.0.0.1:{port}"
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with connect(url, additional_headers={**auth, "X-Forwarded-For": "198.51.100.7, 127.0.0.5"}):
+            async with connect(url, additional_headers={**auth, "X-Forwarded-For": "198.51.100.8"}):
+                assert set(adm._by_address) == {"198.51.100.7", "198.51.100.8"}
+            with pytest.raises(InvalidStatus) as err:
+                await connect(url, additional_headers={**auth, "X-Forwarded-For": "198.51.100.7:9"})
+            assert err.value.response.status_code == 429
