@@ -129,7 +129,8 @@ class ServerConfig:
         default=30.0,
         metadata={
             "help": "A client that does not read: when a frame cannot be handed to the socket for this long "
-            "(the write buffer stays over server.write_limit_bytes), the connection is closed with 1008."
+            "(the write buffer stays over server.write_limit_bytes), the connection is dropped without a close "
+            "frame (its client sees 1006)."
         },
     )
     write_limit_bytes: int = field(
