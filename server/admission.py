@@ -108,6 +108,14 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+def proxy_networks(values: Sequence[str]) -> tuple[Network, ...]:
+    """``server.trusted_proxies`` parsed; ValueError names an entry that is no address or CIDR network."""
+    try:
+        return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in values)
+    except ValueError as exc:
+        raise ValueError(f"{exc}: write an IP address or a CIDR network") from None
+
+
 def client_address(peer: Any, headers: Headers, trusted: Sequence[Network] = LOOPBACK) -> str:
     """The address a connection counts against: the peer's, or when the peer is a trusted proxy the
     right-most ``X-Forwarded-For`` entry that is not itself one (what the nearest untrusted hop was)."""
@@ -145,7 +153,7 @@ class Admission:
         trusted_proxies: Sequence[str] = ("127.0.0.0/8", "::1"),
     ) -> None:
         self.token = token
-        self.trusted_proxies = tuple(ipaddress.ip_network(p, strict=False) for p in trusted_proxies)
+        self.trusted_proxies = proxy_networks(trusted_proxies)
         self.origin_allowed = origin_allowed
         self.site_origin = site_origin
         self.max_per_address = max_per_address

@@ -15,7 +15,6 @@ as ``LEARNLOOP_<SECTION>_<KEY>`` (upper case), for example ``LEARNLOOP_SERVER_PO
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import tomllib
 import types
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from feedback.exceptions import ErrorCode, LearnloopError
+from server.admission import proxy_networks
 from server.channels.config import (
     SITE_NAME,
     ChannelsConfig,
@@ -97,19 +97,11 @@ class ServerConfig:
     )
     max_connections_per_address: int = field(
         default=100,
-        metadata={
-            "help": "Websockets open at once from one client address (behind a proxy in server.trusted_proxies: "
-            "the right-most X-Forwarded-For entry that is not one); one more gets HTTP 429 with Retry-After "
-            "before the upgrade (0 = no cap)."
-        },
+        metadata={"help": "Websockets open per client address; one more gets HTTP 429 + Retry-After (0 = no cap)."},
     )
     trusted_proxies: tuple[str, ...] = field(
         default=("127.0.0.0/8", "::1"),
-        metadata={
-            "help": "Addresses or networks (CIDR, comma-separated in env) of reverse proxies whose "
-            "X-Forwarded-For is believed: a connection from one counts against the right-most entry that is "
-            "not itself a trusted proxy. Default: loopback only; add a proxy container's address or network."
-        },
+        metadata={"help": "Proxies (IPs, CIDRs) whose X-Forwarded-For is read: its right-most entry not one counts."},
     )
     max_connections_per_user: int = field(
         default=16,
@@ -127,11 +119,7 @@ class ServerConfig:
     )
     send_timeout_s: float = field(
         default=30.0,
-        metadata={
-            "help": "A client that does not read: when a frame cannot be handed to the socket for this long "
-            "(the write buffer stays over server.write_limit_bytes), the connection is dropped without a close "
-            "frame (its client sees 1006)."
-        },
+        metadata={"help": "Drop a client that does not read once a frame waits this long to be sent (it sees 1006)."},
     )
     write_limit_bytes: int = field(
         default=32768,
@@ -176,13 +164,10 @@ class ServerConfig:
                 raise SettingsError(f"server.allowed_origins: {origin!r}: write scheme://host[:port]")
             normalized.append(n)
         object.__setattr__(self, "allowed_origins", tuple(normalized))
-        for proxy in self.trusted_proxies:
-            try:
-                ipaddress.ip_network(proxy, strict=False)
-            except ValueError:
-                raise SettingsError(
-                    f"server.trusted_proxies: {proxy!r}: write an IP address or a CIDR network"
-                ) from None
+        try:
+            proxy_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise SettingsError(f"server.trusted_proxies: {exc}") from None
 
 
 ENGINES = ("auto", "transformers", "llamacpp", "openai")

@@ -304,14 +304,7 @@ class LocalEngine(Generic[R]):
         started = time.monotonic()
         if name in self._adapters:
             raise EngineError(f"version {name!r} is already loaded; versions are immutable")
-        if name in self._retired:
-            # unloaded while replies on it still decode, promoted again before they ended: the same
-            # weights (a version name is immutable), so its handle serves again and is not freed under it
-            with self._lock:
-                self._adapters[name] = self._retired.pop(name)
-            log.info("adapter %s loaded again before its last reply ended; its handle is kept", name)
-            return 0.0
-        self._adapters[name] = self._attach(name, prepared)
+        self._adapters[name] = self._retired.pop(name, None) or self._attach(name, prepared)  # see _unload_adapter
         pause = time.monotonic() - started
         self.stats.swap_pauses_s.append(pause)
         log.info("adapter %s loaded from %s; decoding paused %.0f ms", name, path, pause * 1000)
@@ -325,8 +318,7 @@ class LocalEngine(Generic[R]):
         with self._lock:  # ``stream`` checks the version and counts its user under the same lock
             handle = self._adapters.pop(name, None)
         if handle is not None:
-            assert name not in self._retired  # ``_load_adapter`` takes a retired handle back, never a second one
-            self._retired[name] = handle
+            self._retired[name] = handle  # promoted again before freed: ``_load_adapter`` takes it back (same weights)
             self._free_retired()
 
     def _free_retired(self) -> None:
