@@ -118,6 +118,7 @@ class App:
                     max_frame_bytes=s.server.max_frame_bytes,
                     open_timeout_s=s.server.open_timeout_s,
                     max_connections_per_address=s.server.max_connections_per_address,
+                    trusted_proxies=s.server.trusted_proxies,
                     write_limit_bytes=s.server.write_limit_bytes,
                     compression=s.server.compression,
                     ping_interval_s=s.server.ping_interval_s,

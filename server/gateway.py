@@ -366,6 +366,7 @@ class SocketLimits:
     max_frame_bytes: int = 65536
     open_timeout_s: float = 10.0
     max_connections_per_address: int = 0  # 0: no cap
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1")  # whose X-Forwarded-For is believed
     write_limit_bytes: int = 32768
     compression: bool = False
     ping_interval_s: float = 20.0
@@ -387,6 +388,7 @@ async def start_gateway(ctx: GatewayContext, *, host: str, port: int, limits: So
         origin_allowed=ctx.origin_allowed,
         site_origin=ctx.site_origin,
         max_per_address=limits.max_connections_per_address,
+        trusted_proxies=limits.trusted_proxies,
     )
 
     def process_request(connection: ServerConnection, request: Request) -> Response | None:

@@ -35,11 +35,15 @@ log = logging.getLogger("learnloop.release")
 
 
 class AdapterRejectedError(LearnloopError):
-    """An adapter file failed validation; the old version keeps serving. ``kind``: the failed check."""
+    """An adapter file failed validation; the old version keeps serving. ``kind``: the failed check.
 
-    def __init__(self, message: str, *, kind: str) -> None:
+    ``passing``: the fault may mend itself (the weights file is not there yet, say while a volume
+    mounts; an I/O error), so a live version refused for it is tried again on later polls."""
+
+    def __init__(self, message: str, *, kind: str, passing: bool = False) -> None:
         super().__init__(message)
         self.kind = kind
+        self.passing = passing
 
 
 def adapters_to_unload(loaded: Iterable[str], *, live: str, canary: str | None, previous_live: str | None) -> list[str]:
@@ -118,6 +122,7 @@ class Release:
         self.canary_version: str | None = None
         self.previous_live: str | None = None
         self.refused_live: set[str] = set()  # live versions whose adapter failed validation: not retried
+        self._passing: dict[str, str] = {}  # live version -> its last passing fault (said once, retried)
         self._lock = asyncio.Lock()
 
     # --- routing -------------------------------------------------------------------------
@@ -144,6 +149,9 @@ class Release:
         serving: at start-up, the base model. A refused live version is not tried again (no new
         alert, no new count) until an operator promotes a version by hand or the server restarts:
         its file does not mend itself, and the version poll would otherwise re-alert every round.
+        A passing fault (the weights file missing, an I/O error: a volume still mounting) is not
+        remembered: the old version serves meanwhile, each poll tries again, and each distinct
+        fault is said in one warning line (no raise, no traceback per poll).
         """
         async with self._lock:
             live = await self.store.versions.live()
@@ -152,20 +160,25 @@ class Release:
                 try:
                     await self._load(canary)
                 except AdapterRejectedError as exc:
-                    log.error("canary %s refused: %s", canary.name, exc)
-                    await self.store.versions.rollback(
-                        canary.name, actor="validation", reasons=[f"adapter refused: {exc}"]
-                    )
-                    canary = None
+                    if exc.passing:  # not readable yet: no canary traffic this round, tried again next poll
+                        canary = None
+                    else:
+                        log.error("canary %s refused: %s", canary.name, exc)
+                        await self.store.versions.rollback(
+                            canary.name, actor="validation", reasons=[f"adapter refused: {exc}"]
+                        )
+                        canary = None
             rejected: AdapterRejectedError | None = None
             if live.name not in (BASE_VERSION, *self.refused_live) and not self.engine.has_version(live.name):
                 try:
                     await self._load(live)
                 except AdapterRejectedError as exc:
-                    self.refused_live.add(live.name)
-                    rejected = exc
+                    if not exc.passing:
+                        self.refused_live.add(live.name)
+                        rejected = exc
             old = self.live_version
-            serve = old if live.name in self.refused_live else live.name  # refused: the old one keeps serving
+            loaded = live.name == BASE_VERSION or self.engine.has_version(live.name)
+            serve = live.name if loaded else old  # refused, or not readable yet: the old one keeps serving
             self.live_version = serve
             self.canary_version = canary.name if canary else None
             self.previous_live = previous_live_after(old, serve, self.previous_live)
@@ -211,12 +224,31 @@ class Release:
                 refusal=self.engine.adapter_refusal,
             )
         except AdapterInvalidError as exc:
-            raise self._refused(version.name, f"version {version.name}: {exc}", exc.kind) from exc
+            passing = exc.kind == "missing"  # the weights file is not there (yet): a volume may be mounting
+            raise self._refused(version.name, f"version {version.name}: {exc}", exc.kind, passing=passing) from exc
+        except OSError as exc:  # unreadable now (I/O error, a mount going away): tried again later
+            raise self._refused(version.name, f"version {version.name}: {exc}", "io", passing=True) from exc
         pause = await self.engine.load_adapter(version.name, version.adapter_path)
+        self._passing.pop(version.name, None)  # a passing fault mended: a new one is said again
         log.info("version %s loaded; decoding paused %.0f ms", version.name, pause * 1000)
 
-    def _refused(self, version: str, message: str, kind: str) -> AdapterRejectedError:
-        """The alert for a refused adapter: one log line (with the version and the failed check), the callback."""
+    def _refused(self, version: str, message: str, kind: str, *, passing: bool = False) -> AdapterRejectedError:
+        """The alert for a refused adapter: one log line (with the version and the failed check), the callback.
+
+        A passing fault is said once per distinct message, as a warning, not on every poll."""
+        if passing:
+            if self._passing.get(version) != message:
+                self._passing[version] = message
+                log.warning(
+                    "adapter not loadable yet (%s): %s; serving %s meanwhile, tried again on every poll",
+                    kind,
+                    message,
+                    self.live_version,
+                    extra={"version": version, "check": kind},
+                )
+                if self.on_refused is not None:
+                    self.on_refused(version, kind)
+            return AdapterRejectedError(message, kind=kind, passing=True)
         log.error("adapter refused (%s): %s", kind, message, extra={"version": version, "check": kind})
         if self.on_refused is not None:
             self.on_refused(version, kind)

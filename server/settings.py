@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from feedback.exceptions import ErrorCode, LearnloopError
+from server.admission import proxy_networks
 from server.channels.config import (
     SITE_NAME,
     ChannelsConfig,
@@ -96,10 +97,11 @@ class ServerConfig:
     )
     max_connections_per_address: int = field(
         default=100,
-        metadata={
-            "help": "Websockets open at once from one client address (behind a proxy on loopback: the last "
-            "X-Forwarded-For entry); one more gets HTTP 429 with Retry-After before the upgrade (0 = no cap)."
-        },
+        metadata={"help": "Websockets open per client address; one more gets HTTP 429 + Retry-After (0 = no cap)."},
+    )
+    trusted_proxies: tuple[str, ...] = field(
+        default=("127.0.0.0/8", "::1"),
+        metadata={"help": "Proxies (IPs, CIDRs) whose X-Forwarded-For is read: its right-most entry not one counts."},
     )
     max_connections_per_user: int = field(
         default=16,
@@ -117,10 +119,7 @@ class ServerConfig:
     )
     send_timeout_s: float = field(
         default=30.0,
-        metadata={
-            "help": "A client that does not read: when a frame cannot be handed to the socket for this long "
-            "(the write buffer stays over server.write_limit_bytes), the connection is closed with 1008."
-        },
+        metadata={"help": "Drop a client that does not read once a frame waits this long to be sent (it sees 1006)."},
     )
     write_limit_bytes: int = field(
         default=32768,
@@ -165,6 +164,10 @@ class ServerConfig:
                 raise SettingsError(f"server.allowed_origins: {origin!r}: write scheme://host[:port]")
             normalized.append(n)
         object.__setattr__(self, "allowed_origins", tuple(normalized))
+        try:
+            proxy_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise SettingsError(f"server.trusted_proxies: {exc}") from None
 
 
 ENGINES = ("auto", "transformers", "llamacpp", "openai")

@@ -127,6 +127,32 @@ async def test_an_unloaded_version_finishes_its_running_and_queued_replies_then_
         await asyncio.to_thread(e.close)
 
 
+async def test_a_version_loaded_again_while_its_last_replies_run_keeps_its_adapter(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    e = TransformersEngine(str(tiny_model), dtype="float32", max_pending=8, max_active=1)
+    await asyncio.to_thread(e.load)
+    try:
+        base_alone, _ = await collect(e)
+        path = str(make_adapter(tiny_model, tmp_path / "v1", seed=1))
+        await e.load_adapter("v1", path)
+        v1_alone, _ = await collect(e, "v1")
+        assert v1_alone != base_alone
+        running = e.stream(CHAT, version="v1", sampling=GREEDY)
+        first = await running.__anext__()  # a reply on v1 streams
+        await e.unload_adapter("v1")  # v1 leaves; its adapter waits for that reply
+        await e.load_adapter("v1", path)  # ... and is promoted again before the reply ends
+        assert first.delta + "".join([c.delta async for c in running]) == v1_alone
+        for _ in range(20):  # let the worker run the rounds after the reply's end
+            await asyncio.sleep(0.01)
+        assert "v1" not in e.stats.unloaded  # the live v1's adapter was not freed under it
+        assert (await collect(e, "v1"))[0] == v1_alone
+        await e.unload_adapter("v1")
+        assert e.stats.unloaded == {"v1": 3} and (await collect(e))[0] == base_alone
+    finally:
+        await asyncio.to_thread(e.close)
+
+
 async def test_overload_is_refused_at_once(engine: TransformersEngine) -> None:
     long = SamplingConfig(max_new_tokens=10_000, temperature=1.0)
     cancels = [threading.Event() for _ in range(3)]

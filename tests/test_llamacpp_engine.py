@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -459,6 +460,46 @@ async def test_kv_reuse_replies_equal_full_prefills(smollm: tuple[str, str], ada
     assert with_reuse == without
     assert plain.kv.reused_tokens == 0 and plain.kv.copies == 0
     assert e.kv.reused_tokens > e.kv.prompt_tokens // 4 and e.kv.copies > 0  # reuse really happened
+
+
+@pytest.mark.parametrize(
+    ("probe", "remembered"),
+    [
+        ("import os, signal; os.kill(os.getpid(), signal.SIGILL)", True),  # what the AMX fault does
+        ("import sys; sys.exit(1)", False),  # an import error, memory pressure: may pass
+    ],
+    ids=["crash by signal", "exit 1"],
+)
+def test_only_a_probe_that_crashed_by_a_signal_is_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, probe: str, remembered: bool
+) -> None:
+    """The probe's script is replaced by one that fails as each case does (a real subprocess);
+    both cost this process the extra buffers, only the crash is written down for the next."""
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    if "amx_tile" not in cpuinfo:
+        pytest.skip("this CPU advertises no AMX: nothing is probed")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")  # only its size and time key the record here
+    monkeypatch.setattr(gguf_tools, "_PROBE", probe)
+    gguf_tools._extra_buffers.pop(str(gguf), None)
+    try:
+        assert gguf_tools.extra_buffers_usable(str(gguf)) is False
+    finally:
+        gguf_tools._extra_buffers.pop(str(gguf), None)
+    assert gguf_tools.probe_record(str(gguf), cpuinfo).exists() is remembered
+
+
+def test_the_kept_linear_shapes_are_keyed_by_the_gguf_package_version(smollm: tuple[str, str], tmp_path: Path) -> None:
+    gguf = tmp_path / "model.gguf"
+    gguf.symlink_to(smollm[0])
+    real = gguf_tools.gguf_linear_shapes(str(gguf))
+    kept = Path(f"{gguf}.linear-shapes.json")
+    found = json.loads(kept.read_text())
+    stat = gguf.stat()
+    found["stamp"] = f"{stat.st_size}:{stat.st_mtime_ns}"  # as an older gguf package (or learnloop) kept it
+    found["linear"] = {"model.layers.0.self_attn.q_proj": [1, 1]}
+    kept.write_text(json.dumps(found))
+    assert gguf_tools.gguf_linear_shapes(str(gguf)) == real  # read again, not taken from another version's file
 
 
 def test_a_failed_extra_buffer_probe_is_remembered_beside_the_gguf(

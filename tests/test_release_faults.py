@@ -344,6 +344,61 @@ async def test_a_live_version_refused_at_start_up_serves_base_with_one_alert(
         assert done["model_version"] == "v2"
 
 
+async def test_a_live_adapter_missing_while_its_volume_mounts_is_retried_and_said_once(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A passing fault (the weights file not there yet) is not remembered like a corrupt file: base
+    serves meanwhile, one warning line and one count, and the version poll loads it once it appears."""
+    settings = load_settings(
+        env={},
+        data_dir=tmp_path / "data",
+        overrides={
+            "console": {"enabled": False},
+            "channels": {"enabled": False},
+            "server": {"port": 0},
+            "model": {"name": str(tiny_model), "max_new_tokens": 6},
+            "schedule": {"enabled": False, "version_poll_s": 0.05},
+        },
+    )
+    folder = make_adapter(tiny_model, tmp_path / "v1", seed=2)
+    weights = folder / "adapter_model.safetensors"
+    async with await FeedbackStore.open(settings.db_path) as store:
+        await store.versions.ensure_base(str(tiny_model))
+        await store.versions.register(
+            adapter_path=str(folder),
+            sha256=sha256_file(weights),
+            parent="base",
+            base_model=str(tiny_model),
+            eval_report={},
+            feedback_ids={},
+            training_run_id=None,
+        )
+        await store.versions.set_state("v1", VersionState.LIVE, actor="test")
+    aside = tmp_path / "aside.safetensors"
+    weights.rename(aside)  # the volume has not mounted yet
+
+    caplog.set_level(logging.INFO)
+    app = App(settings)
+    async with app.lifespan():
+        assert app.release is not None and app.engine is not None
+        assert app.release.live_version == "base"
+        for _ in range(10):  # rounds of the version poll (every 0.05 s) and a sync by hand
+            await asyncio.sleep(0.05)
+        await app.release.sync()
+        assert app.release.live_version == "base" and "v1" not in app.release.refused_live
+        aside.rename(weights)  # mounted
+        for _ in range(200):
+            if app.release.live_version == "v1":
+                break
+            await asyncio.sleep(0.05)
+        assert app.release.live_version == "v1" and "v1" in app.engine.versions
+        said = [r for r in caplog.records if "not loadable yet" in r.getMessage()]
+        assert len(said) == 1 and said[0].levelno == logging.WARNING
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("learnloop")]
+        refusals = app.metrics.registry.get_sample_value("learnloop_adapter_refusals_total", {"check": "missing"})
+        assert refusals == 1
+
+
 async def test_continuing_from_live_with_a_kto_stage(tiny_model: Path, tmp_path: Path) -> None:
     """init_from=live starts from v1's weights; thumbs both ways add a KTO stage on the same adapter."""
     async with await FeedbackStore.open(tmp_path / "db.sqlite") as store:

@@ -6,7 +6,7 @@ the widget, which reconnects, sends it in the same conversation, and stops the l
 follows; then the store holds the rating and both siblings. The README's tag on a shop's page
 (a verified customer, a forged hash, a foreign origin). A message the server never
 acknowledged is sent again after a drop, and stored once. An operator takeover shows a human
-agent. axe-core finds no serious or critical violation in the open panel. Screenshots go to
+agent. A tab closed for idleness (4408) stays closed until its visitor focuses the chat. axe-core finds no serious or critical violation in the open panel. Screenshots go to
 ``test-artifacts/widget/``.
 """
 
@@ -445,4 +445,42 @@ async def test_an_operator_takeover_shows_a_human_agent(tiny_model: Path, tmp_pa
         ratings = (await app.store.conversations.export_feedback()).ratings
         agent_id = await agent.get_attribute("data-id")
         assert [(r.message_id, r.value) for r in ratings] == [(agent_id, 1)]
+        assert not problems, problems
+
+
+async def test_a_tab_closed_for_idleness_stays_closed_until_the_visitor_comes_back(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    s = widget_settings(tiny_model, tmp_path / "data")
+    app = App(dataclasses.replace(s, server=dataclasses.replace(s.server, idle_timeout_s=1.0)))
+    async with app.lifespan(), browser_page() as (page, problems):
+        closes: list[int] = []
+
+        async def count(ws: Any) -> None:
+            server = ws.connect_to_server()
+
+            async def closed(code: int | None, reason: str | None) -> None:
+                closes.append(code or 0)
+                await ws.close(code=code, reason=reason)  # a handler on the server side stops the forwarding
+
+            server.on_close(closed)
+
+        await page.route_web_socket(re.compile(r"^ws://"), count)
+        await page.goto(f"http://127.0.0.1:{app.channels_port}/")
+        await w(page, ".bubble").click()
+        await online(page)
+        await page.evaluate("() => document.querySelector('learnloop-chat').shadowRoot.activeElement?.blur()")
+        for _ in range(300):  # the server closes it with 4408 after a second without a frame
+            if closes:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(3)  # the old widget reconnected within 0.5 s, and was closed again each second
+        assert closes == [4408]
+        assert await w(page, ".banner").is_hidden()  # quiet: not "Reconnecting…"
+        assert await w(page, ".status").text_content() == ""
+        await w(page, "textarea").focus()  # the visitor comes back: connected again
+        await online(page)
+        await w(page, "textarea").fill(QUESTION)
+        await w(page, "textarea").press("Enter")
+        await w(page, "li.bot[data-state=done]").wait_for()
         assert not problems, problems

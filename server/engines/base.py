@@ -304,7 +304,7 @@ class LocalEngine(Generic[R]):
         started = time.monotonic()
         if name in self._adapters:
             raise EngineError(f"version {name!r} is already loaded; versions are immutable")
-        self._adapters[name] = self._attach(name, prepared)
+        self._adapters[name] = self._retired.pop(name, None) or self._attach(name, prepared)  # see _unload_adapter
         pause = time.monotonic() - started
         self.stats.swap_pauses_s.append(pause)
         log.info("adapter %s loaded from %s; decoding paused %.0f ms", name, path, pause * 1000)
@@ -318,7 +318,7 @@ class LocalEngine(Generic[R]):
         with self._lock:  # ``stream`` checks the version and counts its user under the same lock
             handle = self._adapters.pop(name, None)
         if handle is not None:
-            self._retired[name] = handle
+            self._retired[name] = handle  # promoted again before freed: ``_load_adapter`` takes it back (same weights)
             self._free_retired()
 
     def _free_retired(self) -> None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -245,10 +247,11 @@ def gguf_linear_shapes(gguf_path: str) -> dict[str, tuple[int, int]]:
     not checked before loading; llama.cpp still refuses an adapter that does not fit). The
     ``gguf`` package parses every metadata field in Python (the vocabulary too: about 2 s of each
     start for SmolLM2 on these cores), so the shapes are kept beside the file, keyed by its size
-    and time, and read from there by later starts.
+    and time and by the ``gguf`` package's version (a newer one may map more architectures or map
+    them differently), and read from there by later starts.
     """
     stat = Path(gguf_path).stat()
-    stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+    stamp = f"{stat.st_size}:{stat.st_mtime_ns}:gguf {_gguf_version()}"
     kept = Path(f"{gguf_path}.linear-shapes.json")
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         found = json.loads(kept.read_text())
@@ -261,6 +264,13 @@ def gguf_linear_shapes(gguf_path: str) -> dict[str, tuple[int, int]]:
             tmp.write_text(json.dumps({"stamp": stamp, "linear": linear}))
             tmp.replace(kept)
     return linear
+
+
+def _gguf_version() -> str:
+    try:
+        return importlib.metadata.version("gguf")  # the package has no __version__
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def _read_linear_shapes(gguf_path: str) -> dict[str, tuple[int, int]]:
@@ -336,9 +346,11 @@ def extra_buffers_usable(gguf_path: str) -> bool:
 
     Some virtual machines advertise AMX (``amx_tile`` in /proc/cpuinfo) but fault on its
     instructions (SIGILL in the first prefill). Where AMX is advertised, a subprocess decodes
-    once with the extra buffers to find out (once per file and process). A failed probe is
-    remembered on disk beside the GGUF (``probe_record``), keyed by the CPU, the kernel and the
-    llama.cpp build: the crashing probe costs seconds of every restart (issue 15's kill -9
+    once with the extra buffers to find out (once per file and process). A probe that crashed
+    (killed by a signal: SIGILL, SIGSEGV, SIGBUS) is remembered on disk beside the GGUF
+    (``probe_record``), keyed by the CPU, the kernel and the llama.cpp build; one that merely
+    failed (exit 1: an import error, memory pressure) costs this process the extra buffers and
+    is probed again next start: the crashing probe costs seconds of every restart (issue 15's kill -9
     restarts), and a "usable" verdict is never taken from disk, since a wrong one would crash
     the server at its first reply rather than cost it speed.
     """
@@ -361,8 +373,9 @@ def extra_buffers_usable(gguf_path: str) -> bool:
                 "llama.cpp's AMX/repacked weights fail on this CPU (probe exit %s); serving without them",
                 proc.returncode,
             )
-            with contextlib.suppress(OSError):  # a read-only model cache: probe again next start
-                record.write_text(f"probe exit {proc.returncode}\n")
+            if proc.returncode < 0:  # a crash by signal says what the CPU does; anything else may pass
+                with contextlib.suppress(OSError):  # a read-only model cache: probe again next start
+                    record.write_text(f"probe exit {proc.returncode} ({signal.Signals(-proc.returncode).name})\n")
     return _extra_buffers[gguf_path]
 
 

@@ -322,11 +322,13 @@ form .icon{color:var(--ll-accent)}
     state.outbox.push({ kind: "message", id, text });
     add({ role: "user", cid: id, text, st: "queued" });
     save();
+    wake();
     pump();
   });
 
   // ---- the connection ----
   let ws = null, ready = false, attempt = 0, timer = 0, fatal = false;
+  let asleep = false; // closed with 4408 (idle): no reconnect until the visitor comes back to the chat
   let inflight = null; // the outbox message sent on this connection and not acked yet
   let reply = null; // {e, node}: the reply being written
   let operator = false, wasOperator = false;
@@ -344,6 +346,7 @@ form .icon{color:var(--ll-accent)}
 
   function connect() {
     if (fatal || ws) return;
+    asleep = false;
     clearTimeout(timer);
     let sock;
     try { sock = new WebSocket(SERVER); } catch { return refuse("bad data-server"); }
@@ -351,11 +354,11 @@ form .icon{color:var(--ll-accent)}
     let opened = false;
     sock.onopen = () => { opened = true; hello(); };
     sock.onmessage = (ev) => { try { receive(JSON.parse(ev.data)); } catch (err) { console.error("learnloop widget:", err); } };
-    sock.onclose = () => {
+    sock.onclose = (ev) => {
       if (ws !== sock) return;
       ws = null;
       if (!opened) checkOrigin();
-      dropped();
+      dropped(ev.code === 4408);
     };
   }
   function checkOrigin() {
@@ -368,13 +371,21 @@ form .icon{color:var(--ll-accent)}
   function hello() {
     send({ type: "hello", site: SITE || undefined, user: USER || undefined, user_hash: d.userHash || undefined, conversation_id: state.cid || undefined });
   }
-  function dropped() {
+  function dropped(idle) {
     ready = false;
     inflight = null;
     wasOperator = operator;
     operator = false;
     flag("data-operator", false);
     if (reply) endReply("cut");
+    if (idle) {
+      // the server frees sockets of tabs left open (server.idle_timeout_s): stay closed, quietly, until
+      // the visitor focuses or opens the chat or sends (see wake); reconnecting at once would undo it
+      asleep = true;
+      attempt = 0;
+      setStatus("", false);
+      return;
+    }
     setStatus(T.connecting, true);
     if (fatal) return;
     // exponential backoff with jitter: 0.5 s doubling to 20 s, each wait drawn from its upper half
@@ -388,7 +399,10 @@ form .icon{color:var(--ll-accent)}
     status.textContent = "";
     if (ws) ws.close();
   }
-  addEventListener("online", () => { if (!ws && !fatal) { attempt = 0; connect(); } });
+  addEventListener("online", () => { if (!ws && !fatal && !asleep) { attempt = 0; connect(); } });
+  const wake = () => { if (asleep) connect(); };
+  input.addEventListener("focus", wake);
+  input.addEventListener("keydown", wake);
 
   function pump() {
     if (!ready || Date.now() < hold) return;
