@@ -36,8 +36,8 @@ if not llama_cpp_available():
         pytest.fail("llama_cpp does not import, and CI is set: install llama-cpp-python", pytrace=False)
     pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]')", allow_module_level=True)
 
+import server.engines as engines
 from server.app import App
-from server.engines import gguf as gguf_tools
 from server.settings import load_settings
 from tests.factories import ask_reply, register_candidate
 from tests.test_engine import make_adapter
@@ -470,9 +470,7 @@ async def test_kv_reuse_replies_equal_full_prefills(smollm: tuple[str, str], ada
     ],
     ids=["crash by signal", "exit 1"],
 )
-def test_only_a_probe_that_crashed_by_a_signal_is_remembered(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, probe: str, remembered: bool
-) -> None:
+def test_only_a_probe_that_crashed_by_a_signal_is_remembered(tmp_path: Path, probe: str, remembered: bool) -> None:
     """The probe's script is replaced by one that fails as each case does (a real subprocess);
     both cost this process the extra buffers, only the crash is written down for the next."""
     cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -480,26 +478,21 @@ def test_only_a_probe_that_crashed_by_a_signal_is_remembered(
         pytest.skip("this CPU advertises no AMX: nothing is probed")
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")  # only its size and time key the record here
-    monkeypatch.setattr(gguf_tools, "_PROBE", probe)
-    gguf_tools._extra_buffers.pop(str(gguf), None)
-    try:
-        assert gguf_tools.extra_buffers_usable(str(gguf)) is False
-    finally:
-        gguf_tools._extra_buffers.pop(str(gguf), None)
-    assert gguf_tools.probe_record(str(gguf), cpuinfo).exists() is remembered
+    assert engines.extra_buffers_usable(str(gguf), fresh=True, probe=probe) is False  # its own tmp path
+    assert engines.probe_record(str(gguf), cpuinfo).exists() is remembered
 
 
 def test_the_kept_linear_shapes_are_keyed_by_the_gguf_package_version(smollm: tuple[str, str], tmp_path: Path) -> None:
     gguf = tmp_path / "model.gguf"
     gguf.symlink_to(smollm[0])
-    real = gguf_tools.gguf_linear_shapes(str(gguf))
+    real = engines.gguf_linear_shapes(str(gguf))
     kept = Path(f"{gguf}.linear-shapes.json")
     found = json.loads(kept.read_text())
     stat = gguf.stat()
     found["stamp"] = f"{stat.st_size}:{stat.st_mtime_ns}"  # as an older gguf package (or learnloop) kept it
     found["linear"] = {"model.layers.0.self_attn.q_proj": [1, 1]}
     kept.write_text(json.dumps(found))
-    assert gguf_tools.gguf_linear_shapes(str(gguf)) == real  # read again, not taken from another version's file
+    assert engines.gguf_linear_shapes(str(gguf)) == real  # read again, not taken from another version's file
 
 
 def test_a_failed_extra_buffer_probe_is_remembered_beside_the_gguf(
@@ -513,19 +506,17 @@ def test_a_failed_extra_buffer_probe_is_remembered_beside_the_gguf(
     gguf = tmp_path / "model.gguf"
     gguf.symlink_to(smollm[0])
     cpuinfo = Path("/proc/cpuinfo").read_text()
-    record = gguf_tools.probe_record(str(gguf), cpuinfo)
-    gguf_tools._extra_buffers.pop(str(gguf), None)
+    record = engines.probe_record(str(gguf), cpuinfo)
     with caplog.at_level(logging.WARNING, logger="learnloop.engine.llamacpp"):
-        usable = gguf_tools.extra_buffers_usable(str(gguf))
+        usable = engines.extra_buffers_usable(str(gguf), fresh=True)
     if usable:
         assert not record.exists()
         pytest.skip("the extra buffers work on this CPU: there is no failure to remember")
     assert record.exists() and "probe exit" in record.read_text()
     assert "probe exit" in caplog.text
     caplog.clear()
-    gguf_tools._extra_buffers.pop(str(gguf))  # a new process
     with caplog.at_level(logging.WARNING, logger="learnloop.engine.llamacpp"):
-        assert gguf_tools.extra_buffers_usable(str(gguf)) is False
+        assert engines.extra_buffers_usable(str(gguf), fresh=True) is False  # as a new process
     assert "failed on this CPU before" in caplog.text and "probe exit" not in caplog.text
     # another llama.cpp build, kernel or CPU is another record: probed afresh
-    assert gguf_tools.probe_record(str(gguf), cpuinfo.replace("flags", "flags\t: other\nflags", 1)) != record
+    assert engines.probe_record(str(gguf), cpuinfo.replace("flags", "flags\t: other\nflags", 1)) != record

@@ -341,7 +341,7 @@ sys.exit(ll.llama_decode(ctx, b))
 """
 
 
-def extra_buffers_usable(gguf_path: str) -> bool:
+def extra_buffers_usable(gguf_path: str, *, fresh: bool = False, probe: str = _PROBE) -> bool:
     """Whether llama.cpp may put weights in its extra buffer types (AMX tiles, repacked layouts).
 
     Some virtual machines advertise AMX (``amx_tile`` in /proc/cpuinfo) but fault on its
@@ -353,7 +353,12 @@ def extra_buffers_usable(gguf_path: str) -> bool:
     is probed again next start: the crashing probe costs seconds of every restart (issue 15's kill -9
     restarts), and a "usable" verdict is never taken from disk, since a wrong one would crash
     the server at its first reply rather than cost it speed.
+
+    ``fresh``: forget this process's verdict first (as a new process would start); ``probe``: the
+    script the subprocess runs (the tests pass scripts that fail in each way).
     """
+    if fresh:
+        _extra_buffers.pop(gguf_path, None)
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -366,7 +371,7 @@ def extra_buffers_usable(gguf_path: str) -> bool:
             _extra_buffers[gguf_path] = False
             log.warning("llama.cpp's AMX/repacked weights failed on this CPU before (%s); serving without them", record)
             return False
-        proc = subprocess.run([sys.executable, "-c", _PROBE, gguf_path], capture_output=True, timeout=300)
+        proc = subprocess.run([sys.executable, "-c", probe, gguf_path], capture_output=True, timeout=300)
         _extra_buffers[gguf_path] = proc.returncode == 0
         if proc.returncode != 0:
             log.warning(
