@@ -211,11 +211,11 @@ class ModelConfig:
         },
     )
     kv_reuse: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "llamacpp: keep prompts' KV cells between replies (next turns, regenerations and new "
-            "conversations prefill only what no cached prefix holds; flash attention off). Off by default: "
-            "under concurrency a random adapter's greedy reply was seen to fork late (README, KV reuse)."
+            "conversations prefill only what no cached prefix holds; flash attention off). Greedy replies "
+            "equal full prefills' under the same schedule (README, KV reuse); false: full prefills."
         },
     )
     kv_resident: int = field(

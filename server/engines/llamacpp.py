@@ -98,7 +98,7 @@ class LlamaCppEngine(LocalEngine[_Request]):
         system_prompt: str | None = None,
         n_threads: int | None = None,
         stream_interval_s: float = 0.04,
-        kv_reuse: bool = False,
+        kv_reuse: bool = True,
         kv_resident: int = 8,
         flash_attn: bool | None = None,
     ) -> None:
