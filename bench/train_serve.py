@@ -20,10 +20,11 @@ For each variant, a setting of the training job:
 the serving measurement runs idle first, then a real training run starts on the server's store (the
 cycle the scheduler runs: ``python -m training.train`` in a subprocess, ``--max-steps`` DPO steps,
 evaluation, the gate; the gate is set to reject so that every run starts from the same live
-version), the same measurement runs once its first step is logged, and the run goes on to its end.
-Each variant's ratios are against the idle figures measured just before it (drift in the
-machine's speed hits both sides alike); a run's seconds are the whole cycle's, under the same
-serving work in every variant, so their difference is what the variant costs the training time.
+version), the same measurement runs once its first step is logged, the run goes on to its end,
+and the idle measurement runs again. Each variant's ratios are against its idle figures before
+and after the run (the mean throughput, the worse TTFT p95), so that drift in the machine's speed
+hits both sides alike. A run's seconds are the whole cycle's, under the same serving work in
+every variant, so their difference is what the variant costs the training time.
 The load average (1 minute) is printed beside each phase: other processes on the machine count.
 Last line: one JSON object.
 """
@@ -185,8 +186,27 @@ async def bench(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
             print(f"[{variant}] idle: {fmt(idle)} (load {load:.2f})", flush=True)
             during = await training_run(app, variant, args)
             print(f"[{variant}] training: {fmt(during['serving'])} (load {during['load1']:.2f})", flush=True)
-            results[variant] = {"idle": idle, "idle_load1": round(load, 2), **during}
+            after_load = load1()
+            after = await measure(app.port, args.singles, args.rounds)
+            print(f"[{variant}] idle after: {fmt(after)} (load {after_load:.2f})", flush=True)
+            results[variant] = {
+                "idle": {n: mean_of(idle[n], after[n]) for n in idle},
+                "idle_load1": round((load + after_load) / 2, 2),
+                **during,
+            }
     return results
+
+
+def mean_of(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Idle before and after a run, together: drift in the machine's speed (other processes) over
+    the run hits the idle side as it hits the training side. Throughput is the mean of the two;
+    TTFT p95 the worse."""
+    return {
+        "agg_tps": (before["agg_tps"] + after["agg_tps"]) / 2,
+        "ttft_p50_s": (before["ttft_p50_s"] + after["ttft_p50_s"]) / 2,
+        "ttft_p95_s": max(before["ttft_p95_s"], after["ttft_p95_s"]),
+        "replies": before["replies"] + after["replies"],
+    }
 
 
 def fmt(m: dict[str, dict[str, float]]) -> str:
