@@ -50,33 +50,38 @@ QA = [
 ]
 
 
+async def seed(store: FeedbackStore, model: str, conversations: int, prefix: str = "") -> None:
+    """``conversations`` conversations, each reply corrected by an operator and rated down."""
+    await store.versions.ensure_base(model)
+    for i in range(conversations):
+        question, bad, good = QA[i % len(QA)]
+        cid = f"{prefix}c{i}"
+        await store.conversations.create(cid, user_id=f"user{i}")
+        u = await store.conversations.add_message(
+            message_id=f"{prefix}u{i}",
+            conversation_id=cid,
+            role=Role.USER,
+            text=f"{question} (order #{1000 + i})",
+            parent_id=None,
+        )
+        a = await store.conversations.add_message(
+            message_id=f"{prefix}a{i}",
+            conversation_id=cid,
+            role=Role.ASSISTANT,
+            text=bad,
+            parent_id=u.id,
+            model_version="base",
+        )
+        await store.conversations.add_correction(message_id=a.id, text=good, operator="op")
+        await store.conversations.add_rating(message_id=a.id, value=-1, rater=f"user{i}", client_id="r")
+
+
 async def main(args: argparse.Namespace) -> None:
     model = resolve_model("smollm2-135m-instruct")
     with tempfile.TemporaryDirectory() as tmp:
         store = await FeedbackStore.open(Path(tmp) / "db.sqlite")
         try:
-            await store.versions.ensure_base(model)
-            for i in range(args.conversations):
-                question, bad, good = QA[i % len(QA)]
-                cid = f"c{i}"
-                await store.conversations.create(cid, user_id=f"user{i}")
-                u = await store.conversations.add_message(
-                    message_id=f"u{i}",
-                    conversation_id=cid,
-                    role=Role.USER,
-                    text=f"{question} (order #{1000 + i})",
-                    parent_id=None,
-                )
-                a = await store.conversations.add_message(
-                    message_id=f"a{i}",
-                    conversation_id=cid,
-                    role=Role.ASSISTANT,
-                    text=bad,
-                    parent_id=u.id,
-                    model_version="base",
-                )
-                await store.conversations.add_correction(message_id=a.id, text=good, operator="op")
-                await store.conversations.add_rating(message_id=a.id, value=-1, rater=f"user{i}", client_id="r")
+            await seed(store, model, args.conversations)
             train = dataclasses.replace(TrainConfig(), max_steps=args.max_steps)
             cycle = TrainingCycle(
                 store, CycleConfig(base_model=model, data_dir=Path(tmp), min_new_feedback=1, train=train)

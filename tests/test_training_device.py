@@ -6,13 +6,15 @@ here, so the rule is tested as a function and the launcher end to end on CPU.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from feedback import FeedbackStore
-from tests.test_release_faults import config, seed
+from tests.test_release_faults import config, seed, wait_for_job
 from training.config import device_args, job_command
 from training.cycle import CycleStatus, TrainingCycle
 
@@ -34,6 +36,41 @@ def test_the_job_command() -> None:
     launched = job_command("py", "s.json", accelerate_config="acc.yaml")
     assert launched[:5] == ["py", "-m", "accelerate.commands.launch", "--config_file", "acc.yaml"]
     assert launched[5:] == ["-m", "training.train", "s.json"]
+    assert job_command("py", "s.json", accelerate_config=None, nice=19)[:3] == ["nice", "-n", "19"]
+
+
+def thread_nices(pid: int) -> set[int]:
+    """The niceness of every thread of process ``pid`` (field 19 of /proc/PID/task/TID/stat)."""
+    nices = set()
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            after_name = stat.read_text().rsplit(")", 1)[1].split()  # fields 3 onwards
+        except OSError:  # the thread ended
+            continue
+        nices.add(int(after_name[16]))
+    return nices
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the job's threads from /proc")
+async def test_the_job_runs_at_training_nice_with_training_threads(tiny_model: Path, tmp_path: Path) -> None:
+    """training.nice and training.threads reach the real job: every one of its threads runs that much
+    nicer than this process while it trains, and it reports the torch threads it trained with."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    async with await FeedbackStore.open(tmp_path / "db.sqlite") as store:
+        await seed(store)
+        # steps until the 3 s budget is spent: the job is still training when its threads are read
+        cycle = TrainingCycle(
+            store, config(tiny_model, tmp_path, nice=7, threads=1, max_steps=100_000, max_minutes=0.05)
+        )
+        run = asyncio.create_task(cycle.run())
+        await wait_for_job(cycle, store)
+        assert cycle.job_pid is not None
+        nices = thread_nices(cycle.job_pid)
+        result = await run
+        assert result.version is not None, result.reason
+        budget = (await store.versions.get(result.version)).eval_report["budget"]  # type: ignore[index]
+    assert nices == {min(own + 7, 19)}
+    assert budget["nice"] == min(own + 7, 19) and budget["threads"] == 1
 
 
 async def test_a_run_under_accelerate_launch_on_cpu(tiny_model: Path, tmp_path: Path) -> None:

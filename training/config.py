@@ -36,11 +36,15 @@ def device_args(device: str, *, cuda_available: bool, bf16_supported: bool) -> d
     }
 
 
-def job_command(python: str, spec_path: str, *, accelerate_config: str | None) -> list[str]:
-    """The training job's command line: one process, or ``accelerate launch`` with a config file."""
+def job_command(python: str, spec_path: str, *, accelerate_config: str | None, nice: int = 0) -> list[str]:
+    """The training job's command line: one process, or ``accelerate launch`` with a config file;
+    under ``nice -n NICE`` when ``nice`` is above 0 (every thread and process of the job inherits it
+    from the start, imports included)."""
+    prefix = ["nice", "-n", str(nice)] if nice else []
     if accelerate_config is None:
-        return [python, "-m", "training.train", spec_path]
+        return [*prefix, python, "-m", "training.train", spec_path]
     return [
+        *prefix,
         python,
         "-m",
         "accelerate.commands.launch",
@@ -105,6 +109,17 @@ class TrainConfig:
             "help": "An accelerate config file: the job runs under `accelerate launch` with it (several GPUs, DDP; "
             "DeepSpeed ZeRO as accelerate configures it). Unset: one process."
         },
+    )
+    nice: int = field(
+        default=19,
+        metadata={
+            "help": "Niceness of the training job (0-19; 0 = the server's own priority). At 19 the replies being "
+            "written take the cores whenever they need them and the job trains on what is left "
+            "(bench/train_serve.py)."
+        },
+    )
+    threads: int = field(
+        default=0, metadata={"help": "Torch threads of the training job (0 = torch's default, one per core)."}
     )
     learning_rate: float = field(
         default=2e-4, metadata={"help": "LoRA learning rate. TRL's 1e-6 default is far too low for LoRA."}
@@ -198,6 +213,10 @@ class TrainConfig:
             raise ValueError("training.replay_pairs must be 0 or more")
         if self.number_pairs < 0:
             raise ValueError("training.number_pairs must be 0 or more")
+        if not 0 <= self.nice <= 19:
+            raise ValueError(f"training.nice {self.nice}: use 0 (the server's priority) to 19 (the lowest)")
+        if self.threads < 0:
+            raise ValueError("training.threads must be 0 (torch's default) or more")
         if self.device not in DEVICES:
             raise ValueError(f"training.device {self.device!r}: use one of {', '.join(DEVICES)}")
         if self.init_from not in ("base", "live"):

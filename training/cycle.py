@@ -366,7 +366,10 @@ class TrainingCycle:
         ``training.accelerate_config`` is set): its progress lines go to the run's row;
         an operator's cancel, the time-out or our own cancellation kills it."""
         command = job_command(
-            sys.executable, str(spec.run_dir / SPEC_FILE), accelerate_config=spec.train.accelerate_config
+            sys.executable,
+            str(spec.run_dir / SPEC_FILE),
+            accelerate_config=spec.train.accelerate_config,
+            nice=spec.train.nice,
         )
         proc = await asyncio.create_subprocess_exec(
             *command,

@@ -80,6 +80,8 @@ def run(spec: JobSpec) -> None:
     started = time.monotonic()
     cfg = spec.train
     torch.manual_seed(cfg.seed)
+    if cfg.threads:  # training.threads; its niceness (training.nice) came with the command line
+        torch.set_num_threads(cfg.threads)
     tokenizer = load_tokenizer(spec.base_model)
     model, lora = load_model(spec)
     rows = Rows.read(spec).defused(tokenizer_specials(tokenizer))
@@ -110,6 +112,8 @@ def run(spec: JobSpec) -> None:
     budget = budget_report(
         stages, max_minutes=cfg.max_minutes, epochs=cfg.epochs, seconds=time.monotonic() - train_started
     )
+    # the share of the machine it trained with: its niceness and torch threads, as they were
+    budget |= {"nice": os.getpriority(os.PRIO_PROCESS, 0), "threads": torch.get_num_threads()}
 
     report = evaluate(trainer.model, tokenizer, rows.heldout, spec)
     if not PartialState().is_main_process:  # the main process saves and reports
