@@ -232,9 +232,10 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))] if ordered else float("nan")
 
 
-async def concurrent_level(port: int, sessions: int) -> dict[str, float]:
-    """``sessions`` clients, each on its own connection, send one prompt at the same moment."""
-    conns = [await connect(f"ws://127.0.0.1:{port}") for _ in range(sessions)]
+async def sessions_at_once(port: int, n: int) -> tuple[int, float, list[float], list[float]]:
+    """``n`` clients, each on its own connection, send one prompt at the same moment: tokens, wall
+    seconds, times to first token, gaps between tokens (``bench/train_serve.py`` uses it too)."""
+    conns = [await connect(f"ws://127.0.0.1:{port}") for _ in range(n)]
     try:
         for ws in conns:
             await ws.send(json.dumps({"type": "hello"}))
@@ -270,6 +271,12 @@ async def concurrent_level(port: int, sessions: int) -> dict[str, float]:
     finally:
         for ws in conns:
             await ws.close()
+    return tokens, wall, ttfts, gaps
+
+
+async def concurrent_level(port: int, sessions: int) -> dict[str, float]:
+    """``sessions`` clients, each on its own connection, send one prompt at the same moment."""
+    tokens, wall, ttfts, gaps = await sessions_at_once(port, sessions)
     return {
         "sessions": sessions,
         "agg_tps": tokens / wall,

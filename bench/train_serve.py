@@ -44,10 +44,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from websockets.asyncio.client import connect
 
 from bench.cycle import seed
-from bench.serve import LONG_PROMPTS, pct
+from bench.serve import pct, sessions_at_once
 from server.app import App
 from server.settings import load_settings
 
@@ -63,49 +62,13 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
-async def sessions_at_once(port: int, n: int) -> tuple[int, float, list[float]]:
-    """``n`` new sessions send one prompt each at the same moment: tokens, wall seconds, TTFTs."""
-    conns = [await connect(f"ws://127.0.0.1:{port}") for _ in range(n)]
-    ttfts: list[float] = []
-    tokens = 0
-    try:
-        for ws in conns:
-            await ws.send(json.dumps({"type": "hello"}))
-            json.loads(await ws.recv())
-
-        async def one(ws: Any, i: int) -> None:
-            nonlocal tokens
-            await ws.send(
-                json.dumps({"type": "message", "text": LONG_PROMPTS[i % len(LONG_PROMPTS)], "client_id": "c"})
-            )
-            sent, first = time.perf_counter(), True
-            while True:
-                frame = json.loads(await ws.recv())
-                if frame["type"] == "token" and first:
-                    ttfts.append(time.perf_counter() - sent)
-                    first = False
-                elif frame["type"] == "done":
-                    tokens += frame["usage"]["completion_tokens"]
-                    return
-                elif frame["type"] == "error":
-                    raise RuntimeError(frame)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(one(ws, i) for i, ws in enumerate(conns)))
-        wall = time.perf_counter() - started
-    finally:
-        for ws in conns:
-            await ws.close()
-    return tokens, wall, ttfts
-
-
 async def measure(port: int, singles: int, rounds: int) -> dict[str, dict[str, float]]:
     """Aggregate tokens/s and TTFT p50/p95 at 1 session (``singles`` replies) and 4 (``rounds`` rounds)."""
     out: dict[str, dict[str, float]] = {}
     for n, repeats in ((1, singles), (4, rounds)):
         tokens, wall, ttfts = 0, 0.0, []
         for _ in range(repeats):
-            t, w, f = await sessions_at_once(port, n)
+            t, w, f, _ = await sessions_at_once(port, n)
             print(f"  {n} session(s): {t} tokens in {w:.1f} s, TTFT {' '.join(f'{x:.2f}' for x in f)} s", flush=True)
             tokens, wall, ttfts = tokens + t, wall + w, ttfts + f
         out[str(n)] = {
