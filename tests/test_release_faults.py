@@ -281,13 +281,9 @@ async def test_bad_adapter_is_refused_and_the_old_version_keeps_serving(
         assert done["model_version"] == "v1"
 
 
-async def test_a_live_version_refused_at_start_up_serves_base_with_one_alert(
-    tiny_model: Path, tmp_path: Path, open_client: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Scenario 7: the store's live version has a corrupted adapter when the server starts. It
-    serves the base model, says so in one error line and one count, and the version poll does
-    not re-alert; promoting a good version by hand serves it."""
-    settings = load_settings(
+def polling_settings(tiny_model: Path, tmp_path: Path) -> Any:
+    """A gateway alone (no console, no channels) whose version poll runs every 50 ms."""
+    return load_settings(
         env={},
         data_dir=tmp_path / "data",
         overrides={
@@ -298,6 +294,15 @@ async def test_a_live_version_refused_at_start_up_serves_base_with_one_alert(
             "schedule": {"enabled": False, "version_poll_s": 0.05},
         },
     )
+
+
+async def test_a_live_version_refused_at_start_up_serves_base_with_one_alert(
+    tiny_model: Path, tmp_path: Path, open_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scenario 7: the store's live version has a corrupted adapter when the server starts. It
+    serves the base model, says so in one error line and one count, and the version poll does
+    not re-alert; promoting a good version by hand serves it."""
+    settings = polling_settings(tiny_model, tmp_path)
     good = make_adapter(tiny_model, tmp_path / "good", seed=1)
     async with await FeedbackStore.open(settings.db_path) as store:
         await store.versions.ensure_base(str(tiny_model))
@@ -349,17 +354,7 @@ async def test_a_live_adapter_missing_while_its_volume_mounts_is_retried_and_sai
 ) -> None:
     """A passing fault (the weights file not there yet) is not remembered like a corrupt file: base
     serves meanwhile, one warning line and one count, and the version poll loads it once it appears."""
-    settings = load_settings(
-        env={},
-        data_dir=tmp_path / "data",
-        overrides={
-            "console": {"enabled": False},
-            "channels": {"enabled": False},
-            "server": {"port": 0},
-            "model": {"name": str(tiny_model), "max_new_tokens": 6},
-            "schedule": {"enabled": False, "version_poll_s": 0.05},
-        },
-    )
+    settings = polling_settings(tiny_model, tmp_path)
     folder = make_adapter(tiny_model, tmp_path / "v1", seed=2)
     weights = folder / "adapter_model.safetensors"
     async with await FeedbackStore.open(settings.db_path) as store:
