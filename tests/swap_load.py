@@ -30,6 +30,7 @@ from server.app import App
 from server.engines import SamplingConfig, TransformersEngine
 from server.settings import load_settings
 from tests.factories import register_candidate
+from tests.test_engine import make_adapter
 
 QUESTIONS = (
     "Where is my order?",
@@ -37,23 +38,6 @@ QUESTIONS = (
     "How long does shipping take?",
     "How do I reset my password?",
 )
-
-
-def make_lora(model_dir: Path, out: Path, seed: int) -> Path:
-    """A random LoRA (r=4 on q and v, scaled up so its replies differ from base), saved by PEFT."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_" in name:
-                p.mul_(20)
-    peft.save_pretrained(out)
-    return out
 
 
 @dataclass
@@ -264,7 +248,7 @@ async def run_swap(
     max_active: int = 16,
 ) -> SwapRun:
     """Run the scenario on a fresh data folder under ``work``; returns what it saw."""
-    adapters = [make_lora(model_dir, work / "adapters" / f"a{i}", seed=100 + i) for i in range(1, swaps + 1)]
+    adapters = [make_adapter(model_dir, work / "adapters" / f"a{i}", seed=100 + i) for i in range(1, swaps + 1)]
     app = App(
         swap_settings(model_dir, work / "data", sessions=sessions, max_new_tokens=max_new_tokens, max_active=max_active)
     )

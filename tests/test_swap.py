@@ -14,7 +14,8 @@ import pytest
 from feedback import FeedbackStore, VersionState
 from server.app import App
 from tests.factories import register_candidate
-from tests.swap_load import make_lora, run_swap, swap_settings
+from tests.swap_load import run_swap, swap_settings
+from tests.test_engine import make_adapter
 
 
 @pytest.mark.slow
@@ -56,7 +57,9 @@ async def test_a_reply_takes_the_version_live_when_it_starts_not_when_its_turn_a
     async with a.lifespan():
         assert a.store is not None and a.release is not None and a.engine is not None and a.port is not None
         names = [
-            await register_candidate(a.store, make_lora(tiny_model, tmp_path / f"a{i}", seed=20 + i), str(tiny_model))
+            await register_candidate(
+                a.store, make_adapter(tiny_model, tmp_path / f"a{i}", seed=20 + i), str(tiny_model)
+            )
             for i in range(3)
         ]
         await a.release.promote(names[0], actor="test")
