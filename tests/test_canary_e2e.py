@@ -59,7 +59,11 @@ async def chat_and_rate(app: App, open_client: Any, *, canary_vote: int, n: int 
         c = await open_client(app.port)
         ready = await c.hello(user=f"customer{i}")
         done, _ = await c.chat("Can I return my order?", f"m{i}")
-        assert done["model_version"] == ready["model_version"]  # the conversation keeps its version
+        if done["model_version"] != ready["model_version"]:
+            # the server's canary check (every 0.3 s) decided between this hello and this reply:
+            # from then on every conversation, pinned or not, follows live
+            assert app.release.canary_version is None, (ready, done)
+            assert done["model_version"] == app.release.live_version
         arms[done["model_version"]] = arms.get(done["model_version"], 0) + 1
         vote = canary_vote if done["model_version"] == "v1" else -canary_vote
         await c.send(type="rating", message_id=done["message_id"], value=vote, id=f"r{i}")
