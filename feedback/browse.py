@@ -413,9 +413,9 @@ class Browse:
         rows = await self._db.read(
             "SELECT m.model_version AS version, CAST(m.created_at / ? AS INTEGER) * ? AS bucket_start,"
             " COUNT(*) AS replies,"
-            " SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = 1)) AS ups,"
-            " SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = -1)) AS downs,"
-            " SUM(EXISTS (SELECT 1 FROM messages x WHERE x.regenerated_from = m.id)) AS regenerations,"
+            " CAST(SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = 1)) AS INTEGER) AS ups,"
+            " CAST(SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = -1)) AS INTEGER) AS downs,"
+            " COUNT(*) FILTER (WHERE EXISTS (SELECT 1 FROM messages x WHERE x.regenerated_from = m.id)) AS regenerations,"
             " AVG(m.latency_ms) AS latency_ms, AVG(LENGTH(m.text)) AS reply_chars"
             " FROM messages m WHERE m.role = 'assistant' AND m.author IS NULL AND m.model_version IS NOT NULL"
             " AND m.finish_reason != 'error' AND m.created_at >= ?"
@@ -437,8 +437,8 @@ class Browse:
         when = "m.created_at >= ?" if since > 0 else "+m.created_at >= ?"
         rows = await self._db.read(
             "SELECT c.channel AS channel, m.model_version AS version, COUNT(*) AS replies,"
-            " SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = 1)) AS ups,"
-            " SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = -1)) AS downs"
+            " CAST(SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = 1)) AS INTEGER) AS ups,"
+            " CAST(SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = -1)) AS INTEGER) AS downs"
             " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
             " WHERE m.role = 'assistant' AND m.author IS NULL AND m.model_version IS NOT NULL"
             f" AND m.finish_reason != 'error' AND {when}"

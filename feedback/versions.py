@@ -228,11 +228,11 @@ class Versions:
             "WITH replies AS (SELECT id, conversation_id, model_version, latency_ms, n_tokens, finish_reason"
             "  FROM messages WHERE role = 'assistant' AND author IS NULL AND model_version IS NOT NULL"
             f"  AND {when})"
-            " SELECT model_version, COUNT(DISTINCT conversation_id), SUM(finish_reason != 'error'),"
-            "  SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = p.id AND r.value = 1)),"
-            "  SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = p.id AND r.value = -1)),"
-            "  SUM(EXISTS (SELECT 1 FROM messages x WHERE x.regenerated_from = p.id)),"
-            "  SUM(finish_reason = 'error'),"
+            " SELECT model_version, COUNT(DISTINCT conversation_id), COUNT(*) FILTER (WHERE finish_reason != 'error'),"
+            "  CAST(SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = p.id AND r.value = 1)) AS INTEGER),"
+            "  CAST(SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = p.id AND r.value = -1)) AS INTEGER),"
+            "  COUNT(*) FILTER (WHERE EXISTS (SELECT 1 FROM messages x WHERE x.regenerated_from = p.id)),"
+            "  COUNT(*) FILTER (WHERE finish_reason = 'error'),"
             "  AVG(CASE WHEN finish_reason != 'error' THEN latency_ms END),"
             "  AVG(CASE WHEN finish_reason != 'error' THEN n_tokens END)"
             " FROM replies p GROUP BY model_version",
@@ -259,7 +259,7 @@ class Versions:
     async def thumbs(self) -> dict[str, tuple[int, int]]:
         """(thumbs up, thumbs down) on model-written replies, per version, in one pass (for metrics)."""
         found = await self._db.read(
-            "SELECT m.model_version, SUM(r.value = 1), SUM(r.value = -1) FROM ratings r"
+            "SELECT m.model_version, COUNT(*) FILTER (WHERE r.value = 1), COUNT(*) FILTER (WHERE r.value = -1) FROM ratings r"
             " JOIN messages m ON m.id = r.message_id"
             " WHERE m.role = 'assistant' AND m.author IS NULL AND m.model_version IS NOT NULL"
             " GROUP BY m.model_version"
