@@ -22,8 +22,9 @@ What is PostgreSQL's own stays here:
 - the schema's history in PostgreSQL's types (``feedback.schema.postgres_ddl``), applied under
   an advisory lock (two processes starting at once migrate once), its step count in
   ``learnloop_schema``;
-- erasure: ``VACUUM`` of the tables an erasure deletes from (``checkpoint``); what that does
-  and does not promise about old bytes is in docs/architecture.md, "The store".
+- erasure: the search index rebuilt (``purge_search_index``) and ``VACUUM`` of the tables an
+  erasure deletes from (``checkpoint``); what that does and does not promise about old bytes is
+  in docs/architecture.md, "The store".
 """
 
 from __future__ import annotations
@@ -333,7 +334,7 @@ class PostgresDatabase(Database):
                 raw = RawConnection(await loop.run_in_executor(executor, _connect_writer, url))
                 reader = await psycopg.AsyncConnection.connect(url, autocommit=True)
             except psycopg.OperationalError as exc:
-                raise StoreError(f"cannot connect to {redact(url)}: {str(exc).strip()}") from None
+                raise StoreError(f"cannot connect to {redact(url)}: {' '.join(str(exc).split())}") from None
             _configure(reader)
             await loop.run_in_executor(executor, _check_durability, raw)
             await loop.run_in_executor(executor, _migrate, raw)
@@ -376,8 +377,14 @@ class PostgresDatabase(Database):
     # --- forgetting deleted bytes (erasure) -------------------------------------------
 
     async def purge_search_index(self) -> None:
-        """Nothing of its own: the search index is a GIN index on ``messages``, which ``checkpoint``'s
-        ``VACUUM`` cleans with the table."""
+        """Rebuild the search index: a GIN index keeps a deleted word as a key (with no rows) even after
+        ``VACUUM``, so the word's bytes would stay in the index's pages. ``REINDEX CONCURRENTLY``
+        builds a new index beside the old one and drops it, without blocking writes."""
+
+        async def op(conn: Any) -> None:
+            await conn.execute("REINDEX INDEX CONCURRENTLY messages_search")
+
+        await self.write(op, outside_transaction=True)
 
     async def checkpoint(self) -> None:
         """``VACUUM`` the tables an erasure deletes from: their dead tuples and index entries are removed

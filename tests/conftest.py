@@ -47,6 +47,15 @@ def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sto
         drop_schema(target.schema)
 
 
+@pytest.fixture
+def postgres_target(tmp_path: Path) -> Iterator[StoreTarget]:
+    """A fresh PostgreSQL schema for a test about PostgreSQL alone (as ``store_target``'s second case)."""
+    target = make_target("postgresql", tmp_path)
+    yield target
+    assert target.schema is not None
+    drop_schema(target.schema)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
