@@ -30,8 +30,10 @@ from tests.store_backends import StoreTarget
 
 
 @pytest.fixture
-async def app(tiny_model: Path, tmp_path: Path) -> AsyncIterator[App]:
-    async with running_app(tiny_model, tmp_path) as a:
+async def app(tiny_model: Path, tmp_path: Path, store_target: StoreTarget) -> AsyncIterator[App]:
+    """The console on each backend (store.url for PostgreSQL)."""
+    url = None if store_target.backend == "sqlite" else str(store_target.target)
+    async with running_app(tiny_model, tmp_path, store_url=url) as a:
         yield a
 
 
