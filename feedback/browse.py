@@ -185,11 +185,16 @@ _COMMON_SEARCH_RANK = 6
 
 
 def _clauses(
-    f: ConversationFilter, *, rowids: tuple[int | None, int | None] = (None, None), dialect: _Dialect = SQLITE
+    f: ConversationFilter,
+    *,
+    rowids: tuple[int | None, int | None] = (None, None),
+    since: float = 0.0,
+    dialect: _Dialect = SQLITE,
 ) -> list[_Clause]:
-    """The membership conditions of a filter. On SQLite the search's probe matches only the messages
-    with a rowid in ``rowids`` (first, last): those of the conversations it checks (FTS5 seeks to
-    them); on PostgreSQL it checks each conversation's messages through the GIN index."""
+    """The membership conditions of a filter. The search's probe matches only the messages of the
+    conversations it checks: on SQLite those with a rowid in ``rowids`` (first, last; FTS5 seeks to
+    them), on PostgreSQL those written at ``since`` or later (the GIN index and ``messages_created``
+    combined in one bitmap; a probe per conversation would compute ``to_tsvector`` for every message)."""
     out: list[_Clause] = []
     if f.rating == "up":
         out.append(_Clause(f"c.id IN ({_RATED} WHERE r.value = 1)", _rated_probe(" AND r.value = 1"), (), 5))
@@ -220,7 +225,7 @@ def _clauses(
         match = dialect.search(f.q)
         if dialect.postgres:
             as_set = f"c.id IN (SELECT m.conversation_id FROM messages m WHERE {_TS_MATCH})"
-            probe = f"EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id AND {_TS_MATCH})"
+            probe = f"c.id IN (SELECT m.conversation_id FROM messages m WHERE {_TS_MATCH} AND m.created_at >= ?)"
         else:
             as_set = f"c.id IN ({_MATCHED}))"
             probe = f"c.id IN ({_MATCHED} AND rowid BETWEEN ? AND ?))"
@@ -232,7 +237,7 @@ def _clauses(
                 2,
                 in_page_order=None,  # a common word fills the page among the newest conversations
                 set_only=True,
-                probe_params=(match,) if dialect.postgres else (match, *rowids),
+                probe_params=(match, since) if dialect.postgres else (match, *rowids),
             )
         )
     return out
@@ -408,7 +413,8 @@ class Browse:
             )
             rowids = (rows[0]["first"], rows[0]["last"])
         where, params = list(window), list(window_params)
-        for clause in _clauses(f, rowids=rowids, dialect=self._sql):
+        since = edge[0]["created_at"] if edge else 0.0  # a window's messages come after its oldest conversation
+        for clause in _clauses(f, rowids=rowids, since=since, dialect=self._sql):
             sql, clause_params = clause.probe()
             where.append(sql)
             params.extend(clause_params)
