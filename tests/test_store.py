@@ -354,3 +354,27 @@ async def test_the_wal_truncation_does_not_wait_for_a_reader(tmp_path: Path) -> 
             await seed(store, "c3")  # the writer goes on
         finally:
             reader.close()
+
+
+def test_postgresql_placeholders_are_translated_outside_quoted_strings() -> None:
+    from feedback.postgres import translate
+
+    assert translate("SELECT * FROM t WHERE a = ? AND b IN (?, ?)") == "SELECT * FROM t WHERE a = %s AND b IN (%s, %s)"
+    assert translate("SELECT '?', \"a?\" FROM t WHERE c LIKE 'op:%' AND d = ?") == (
+        "SELECT '?', \"a?\" FROM t WHERE c LIKE 'op:%%' AND d = %s"
+    )
+    assert translate("SELECT 'it''s ?' || ?") == "SELECT 'it''s ?' || %s"
+
+
+async def test_two_processes_opening_a_new_postgresql_store_at_once_migrate_it_once(
+    postgres_target: StoreTarget,
+) -> None:
+    """The migrations run under an advisory lock: the second opener waits, then finds them applied."""
+    first, second = await asyncio.gather(postgres_target.open(), postgres_target.open())
+    try:
+        assert postgres_target.sql("SELECT version FROM learnloop_schema") == [(SCHEMA_VERSION,)]
+        await first.conversations.create("c1")
+        assert (await second.conversations.get("c1")).id == "c1"
+    finally:
+        await first.close()
+        await second.close()
