@@ -306,6 +306,13 @@ SELECT c.id, c.user_id, c.channel, c.site, c.created_at, c.model_version AS pinn
      ORDER BY m.seq LIMIT 1) AS preview
 FROM conversations c
 """
+# PostgreSQL runs a correlated subquery once per row: over the whole history the per-message thumbs
+# are joined from one grouped pass over ratings instead (SQLite plans the subqueries well)
+THUMBS = (
+    "thumbs AS (SELECT message_id, COUNT(*) FILTER (WHERE value = 1) AS ups,"
+    " COUNT(*) FILTER (WHERE value = -1) AS downs FROM ratings GROUP BY message_id)"
+)
+
 _ROW_AGGREGATES = {
     SQLITE: _ROW_AGGREGATES_TEMPLATE.format(versions="GROUP_CONCAT(DISTINCT m.model_version)"),
     POSTGRES: _ROW_AGGREGATES_TEMPLATE.format(versions="string_agg(DISTINCT m.model_version, ',')"),
@@ -486,6 +493,23 @@ class Browse:
         bucket = (
             "CAST(FLOOR(m.created_at / ?) AS BIGINT)" if self._sql.postgres else "CAST(m.created_at / ? AS INTEGER)"
         )
+        if self._sql.postgres:
+            return _rates(
+                await self._db.read(
+                    f"WITH {THUMBS}, regens AS (SELECT DISTINCT regenerated_from AS id FROM messages"
+                    " WHERE regenerated_from IS NOT NULL)"
+                    f" SELECT m.model_version AS version, {bucket} * ? AS bucket_start, COUNT(*) AS replies,"
+                    " CAST(COALESCE(SUM(t.ups), 0) AS INTEGER) AS ups,"
+                    " CAST(COALESCE(SUM(t.downs), 0) AS INTEGER) AS downs, COUNT(g.id) AS regenerations,"
+                    " AVG(m.latency_ms) AS latency_ms, AVG(LENGTH(m.text)) AS reply_chars"
+                    " FROM messages m LEFT JOIN thumbs t ON t.message_id = m.id LEFT JOIN regens g ON g.id = m.id"
+                    " WHERE m.role = 'assistant' AND m.author IS NULL AND m.model_version IS NOT NULL"
+                    " AND m.finish_reason != 'error' AND m.created_at >= ?"
+                    " GROUP BY version, bucket_start ORDER BY bucket_start, version",
+                    (bucket_s, bucket_s, since),
+                ),
+                regen=True,
+            )
         rows = await self._db.read(
             f"SELECT m.model_version AS version, {bucket} * ? AS bucket_start,"
             " COUNT(*) AS replies,"
@@ -511,6 +535,21 @@ class Browse:
         """Per channel and version: replies, thumbs up and down and the up rate (model-written replies)."""
         # the whole history scans messages in table order: the created_at index would look each one up
         when = "m.created_at >= ?" if since > 0 else f"{self._sql.plus}m.created_at >= ?"
+        if self._sql.postgres:
+            return _rates(
+                await self._db.read(
+                    f"WITH {THUMBS} SELECT c.channel AS channel, m.model_version AS version, COUNT(*) AS replies,"
+                    " CAST(COALESCE(SUM(t.ups), 0) AS INTEGER) AS ups,"
+                    " CAST(COALESCE(SUM(t.downs), 0) AS INTEGER) AS downs"
+                    " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+                    " LEFT JOIN thumbs t ON t.message_id = m.id"
+                    " WHERE m.role = 'assistant' AND m.author IS NULL AND m.model_version IS NOT NULL"
+                    f" AND m.finish_reason != 'error' AND {when}"
+                    " GROUP BY c.channel, m.model_version ORDER BY c.channel, m.model_version",
+                    (since,),
+                ),
+                regen=False,
+            )
         rows = await self._db.read(
             "SELECT c.channel AS channel, m.model_version AS version, COUNT(*) AS replies,"
             " CAST(SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = 1)) AS INTEGER) AS ups,"
@@ -558,3 +597,16 @@ class Browse:
                 d["detail"] = json.loads(d["detail"]) if d["detail"] else None
             out.append(d)
         return out
+
+
+def _rates(rows: list[Row], *, regen: bool) -> list[dict[str, Any]]:
+    """Rows of per-version counts with ``up_rate`` (and ``regen_rate``) added."""
+    out = []
+    for r in rows:
+        d = dict(r)
+        rated = d["ups"] + d["downs"]
+        d["up_rate"] = d["ups"] / rated if rated else None
+        if regen:
+            d["regen_rate"] = d["regenerations"] / d["replies"] if d["replies"] else None
+        out.append(d)
+    return out

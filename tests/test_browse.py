@@ -37,6 +37,8 @@ async def seed(store: FeedbackStore) -> None:
             text=f"answer {i}",
             parent_id=f"{cid}-u",
             model_version="base" if i % 2 == 0 else "v1",
+            finish_reason="stop",
+            latency_ms=100.0,
         )
         if i % 4 in (0, 1):
             value = 1 if i % 4 == 0 else -1
@@ -97,3 +99,25 @@ async def test_every_filter_pages_through_what_was_stored(
         assert [m["id"] for m in transcript["messages"]] == ["c00-u", "c00-a"]
         assert transcript["messages"][1]["ratings"][0]["value"] == 1
         assert transcript["conversation"]["flagged"] is False
+
+
+async def test_the_whole_history_tables_count_what_was_stored(store_target: StoreTarget) -> None:
+    """Thumbs per channel and version, the per-version series and the Versions page's stats: the
+    PostgreSQL backend reads them in one grouped pass over ratings (its own SQL), SQLite with
+    subqueries; both give the stored counts."""
+    async with await store_target.open() as store:
+        await seed(store)
+        channels = await store.browse.channel_stats()
+        assert [(r["channel"], r["version"], r["replies"], r["ups"], r["downs"]) for r in channels] == [
+            ("telegram", "v1", 20, 0, 10),
+            ("websocket", "base", 20, 10, 0),
+        ]
+        series = await store.browse.version_series(bucket_s=1e10)
+        assert [(r["version"], r["bucket_start"], r["replies"], r["ups"], r["downs"]) for r in series] == [
+            ("base", 0, 20, 10, 0),
+            ("v1", 0, 20, 0, 10),
+        ]
+        stats = await store.versions.all_stats()
+        assert (stats["base"].conversations, stats["base"].replies, stats["base"].thumbs_up) == (20, 20, 10)
+        assert (stats["v1"].thumbs_down, stats["v1"].regenerated, stats["v1"].mean_latency_ms) == (10, 0, 100.0)
+        assert stats == {name: await store.versions.stats(name) for name in stats}
