@@ -334,7 +334,7 @@ def is_postgres_url(target: str | Path) -> bool:
 async def open_database(target: str | Path, *, tombstone_path: Path | None = None, max_batch: int = 512) -> Database:
     """Open (or create) the database at ``target`` and bring its schema up to date.
 
-    ``target``: a SQLite file (a path, or ``sqlite:///path``) or a ``postgresql://`` URL.
+    ``target``: a SQLite file (a path, or ``sqlite:///absolute/path``) or a ``postgresql://`` URL.
     ``tombstone_path``: where erasures are also written; beside a SQLite file by default,
     required for PostgreSQL. ``max_batch``: the most operations one group commit takes.
     """

@@ -258,7 +258,7 @@ def _check_durability(raw: RawConnection) -> None:
     """Refuse a server where a commit may return before it is on disk: acks would not be durable."""
     for name in ("fsync", "synchronous_commit"):
         row = raw.execute(f"SHOW {name}").fetchone()
-        if row is None or row[0] not in ("on", "remote_write", "remote_apply"):
+        if row is None or row[0] not in ("on", "local", "remote_write", "remote_apply"):
             found = row[0] if row else "unknown"
             raise StoreError(f"PostgreSQL's {name} is {found}: acknowledged writes could be lost; not serving")
 

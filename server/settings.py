@@ -296,7 +296,7 @@ class StoreConfig:
         metadata={
             "help": "Where the feedback store lives. Unset: the SQLite file data_dir/learnloop.db (the default); "
             "postgresql://USER:PASSWORD@HOST:PORT/DBNAME: PostgreSQL (pip install 'learnloop[postgres]'; the "
-            "schema is created and migrated at start-up); sqlite:///PATH: another SQLite file. Never printed."
+            "schema is created and migrated at start-up); sqlite:///ABSOLUTE/PATH: another SQLite file. Never printed."
         },
     )
 

@@ -229,5 +229,5 @@ def test_the_store_is_a_sqlite_file_unless_store_url_names_postgresql(tmp_path: 
     s = load_settings(env={"LEARNLOOP_STORE_URL": url}, data_dir=tmp_path)
     assert s.store_target == url and s.tombstone_path == tmp_path / "learnloop.db.erasures"
     assert "hunter2" not in repr(s.store) and "hunter2" not in str(s)  # a Secret: never printed
-    with pytest.raises(SettingsError, match="store.url"):
+    with pytest.raises(SettingsError, match=r"store\.url"):
         load_settings(env={"LEARNLOOP_STORE_URL": "mysql://x@y/z"})

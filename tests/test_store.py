@@ -378,3 +378,10 @@ async def test_two_processes_opening_a_new_postgresql_store_at_once_migrate_it_o
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_sqlite_url_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "elsewhere" / "store.db"
+    async with await FeedbackStore.open(f"sqlite://{path}") as store:
+        await seed(store)
+    assert path.exists() and path.with_name("store.db.erasures") == store.db.tombstone_path
