@@ -37,6 +37,11 @@ class StoreTarget:
     tombstones: Path
     schema: str | None = None  # PostgreSQL: the test's own schema
 
+    @property
+    def url(self) -> str | None:
+        """What ``store.url`` is set to for this backend (None: the default SQLite file in ``data_dir``)."""
+        return str(self.target) if self.backend == "postgresql" else None
+
     async def open(self) -> FeedbackStore:
         """Open (or reopen) the test's store."""
         return await FeedbackStore.open(self.target, tombstone_path=self.tombstones)
