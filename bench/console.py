@@ -1,6 +1,7 @@
 """Operator console benchmark: conversation list, filters and search at 100,000 conversations.
 
     python bench/console.py [--conversations 100000] [--reps 20] [--data-dir DIR] [--keep]
+                            [--store-url postgresql://...]
 
 A fresh store gets the real schema (``FeedbackStore.open``), then synthetic history is
 bulk-inserted with ``sqlite3`` in one transaction (the FTS triggers index every message):
@@ -17,6 +18,11 @@ trip, and p50 and p95 of the same read called on the store directly (``list_conv
 ``transcript``: the queries without HTTP). ``GET /api/v1/me`` gives the floor of a request
 (auth and HTTP, no query to speak of).
 The last line is one JSON object with the figures.
+
+``--store-url postgresql://...`` measures the PostgreSQL backend instead: the bench makes a
+schema ``console_bench`` afresh in that database (dropping an old one), seeds it with psycopg
+in one transaction (the same rows, from the same seed), runs ``ANALYZE`` (as autovacuum would
+soon after a bulk load), and drops the schema at the end unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx
 
 from feedback import FeedbackStore
-from feedback.browse import ConversationFilter, fts_query
+from feedback.browse import ConversationFilter, fts_query, tsquery
 from server.console.api import start_console
 from server.presence import Presence
 from server.settings import ConsoleConfig
@@ -288,8 +295,35 @@ class Seeded:
     sample_conversation: str = ""
 
 
-def seed(path: Path, n: int, *, rng: random.Random, now: float) -> Seeded:
-    """Bulk-insert ``n`` synthetic conversations into a store file that already has the schema."""
+class _PgBulk:
+    """The few calls ``seed`` makes, on PostgreSQL (psycopg's executemany pipelines the rows)."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        from feedback.postgres import translate
+
+        self._translate = translate
+        self.conn = psycopg.connect(url, autocommit=True)
+        self.conn.execute("SET synchronous_commit = off")  # a bulk load, as SQLite's synchronous=OFF
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        if sql.startswith("PRAGMA"):
+            return None
+        return self.conn.execute(self._translate(sql), params)
+
+    def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            with self.conn.cursor() as cursor:
+                cursor.executemany(self._translate(sql), rows)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def seed(path: Path | str, n: int, *, rng: random.Random, now: float) -> Seeded:
+    """Bulk-insert ``n`` synthetic conversations into a store (a SQLite file, or a PostgreSQL URL)
+    that already has the schema."""
     started = time.perf_counter()
     out = Seeded(now=now)
     rare = rare_words(rng, max(50, n // 20))
@@ -324,7 +358,7 @@ def seed(path: Path, n: int, *, rng: random.Random, now: float) -> Seeded:
     messages: list[tuple[Any, ...]] = []
     ratings: list[tuple[Any, ...]] = []
     corrections: list[tuple[Any, ...]] = []
-    conn = sqlite3.connect(path, isolation_level=None)
+    conn: Any = _PgBulk(path) if isinstance(path, str) else sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA synchronous=OFF")
     conn.execute("PRAGMA cache_size=-262144")
     conn.execute("BEGIN")
@@ -485,10 +519,10 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def measure(path: Path, s: Seeded, reps: int) -> list[Kind]:
-    store = await FeedbackStore.open(path)
+async def measure(path: Path | str, s: Seeded, reps: int, tombstones: Path) -> list[Kind]:
+    store = await FeedbackStore.open(path, tombstone_path=tombstones)
     try:
-        await store.accounts.add_operator("bench", "bench-password-1", "viewer", actor="bench")
+        await store.accounts.add_operator("bench", "bench-password-1", "reviewer", actor="bench")  # q needs it
         token = await store.accounts.create_token("bench", label="bench", actor="bench")
         console = await start_console(ConsoleConfig(port=0), store=store, presence=Presence(store))
         try:
@@ -571,7 +605,54 @@ def report(s: Seeded, results: list[Kind], reps: int) -> dict[str, Any]:
     return summary
 
 
+def _bench_schema(url: str) -> str:
+    """A fresh schema ``console_bench`` in ``url``'s database; the store URL that uses it."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS console_bench CASCADE")
+        conn.execute("CREATE SCHEMA console_bench")
+    joiner = "&" if "?" in url else "?"
+    return url + joiner + "options=" + urllib.parse.quote("-csearch_path=console_bench")
+
+
+async def run_postgres(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
+    import psycopg
+
+    url = _bench_schema(args.store_url)
+    try:
+        store = await FeedbackStore.open(url, tombstone_path=data_dir / "erasures")  # the real schema
+        await store.close()
+        s = seed(url, args.conversations, rng=random.Random(20261129), now=time.time())
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ANALYZE")
+            size = conn.execute(
+                "SELECT SUM(pg_total_relation_size(c.oid)) FROM pg_class c"
+                " WHERE c.relnamespace = 'console_bench'::regnamespace AND c.relkind = 'r'"
+            ).fetchone()
+            terms = [COMMON_WORD, s.rare_word, TWO_WORDS, PREFIX, NO_MATCH]
+            counts = [
+                conn.execute("SELECT COUNT(*) FROM messages WHERE to_tsvector('simple', text) @@ to_tsquery('simple', %s)",
+                             (tsquery(t),)).fetchone()[0]
+                for t in terms
+            ]  # fmt: skip
+        print(
+            f"seeded {s.conversations} conversations, {s.messages} messages, {s.ratings} ratings, "
+            f"{s.corrections} corrections, {s.pending_raters} raters held for review in {s.seed_s:.1f} s "
+            f"(PostgreSQL, {(size[0] if size else 0) / 2**20:.0f} MiB with indexes)"
+        )
+        print("messages matching each search: " + ", ".join(f"{t!r} {k}" for t, k in zip(terms, counts, strict=True)))
+        results = await measure(url, s, args.reps, data_dir / "erasures")
+        return report(s, results, args.reps) | {"backend": "postgresql"}
+    finally:
+        if not args.keep:
+            with psycopg.connect(args.store_url, autocommit=True) as conn:
+                conn.execute("DROP SCHEMA IF EXISTS console_bench CASCADE")
+
+
 async def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
+    if args.store_url:
+        return await run_postgres(args, data_dir)
     path = data_dir / "console-bench.sqlite3"
     for stale in data_dir.glob("console-bench.sqlite3*"):
         stale.unlink()
@@ -591,8 +672,8 @@ async def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     ]
     conn.close()
     print("messages matching each search: " + ", ".join(f"{t!r} {k}" for t, k in zip(terms, counts, strict=True)))
-    results = await measure(path, s, args.reps)
-    return report(s, results, args.reps)
+    results = await measure(path, s, args.reps, path.with_name(path.name + ".erasures"))
+    return report(s, results, args.reps) | {"backend": "sqlite"}
 
 
 def main() -> None:
@@ -603,6 +684,9 @@ def main() -> None:
         "--data-dir", type=Path, help="where the store file goes (made afresh, and kept; default: a temporary folder)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
+    parser.add_argument(
+        "--store-url", help="measure PostgreSQL: a postgresql:// URL of a database the bench may add a schema to"
+    )
     args = parser.parse_args()
     if args.data_dir is not None:
         args.data_dir.mkdir(parents=True, exist_ok=True)

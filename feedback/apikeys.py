@@ -127,7 +127,7 @@ class ApiKeys:
         first, each with its messages in order (two reads, whatever ``limit`` is)."""
         found = await self._db.read(
             "SELECT c.* FROM api_openings o JOIN conversations c ON c.id = o.conversation_id"
-            " WHERE o.opening = ? AND c.channel = 'openai' AND c.site = ? AND c.user_id IS ?"
+            " WHERE o.opening = ? AND c.channel = 'openai' AND c.site = ? AND c.user_id IS NOT DISTINCT FROM ?"
             " ORDER BY o.created_at DESC, o.rowid DESC LIMIT ?",
             (opening, site, user_id, limit),
         )

@@ -10,14 +10,18 @@ The query builder (``conversation_filter``) and the cursor and search-string rul
 pure functions; ``Browse`` (``store.browse``) runs the queries. ``bench/console.py``
 measures it.
 
-SQLite's own SQL here (a second backend needs its own forms of these): the FTS5 search
-(``messages_fts MATCH``, bounded by ``rowid``) and ``GROUP_CONCAT``.
+Each backend's own SQL here (``Browse`` picks by ``Database.backend``): the full-text search
+(SQLite: ``messages_fts MATCH``, bounded by ``rowid``; PostgreSQL: ``to_tsvector('simple', text)
+@@ to_tsquery(...)`` through the GIN index ``messages_search``, probed per conversation), the
+list of versions (``GROUP_CONCAT`` / ``string_agg``), time buckets, and SQLite's query-planner
+hints (a unary ``+`` that keeps SQLite off an index), which PostgreSQL's planner needs not.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +62,50 @@ def fts_query(text: str) -> str:
     return " ".join(quoted)
 
 
+_WORD = re.compile(r"\w+")
+
+
+def tsquery(text: str) -> str:
+    """A user's search words as a PostgreSQL ``to_tsquery('simple', ...)`` text: every word must appear
+    (as a prefix for the last), as ``fts_query`` asks of FTS5.
+
+    Words are cut at what is not a letter or digit, as FTS5's tokenizer cuts them, and each is
+    quoted, so tsquery operators in the input (``&``, ``|``, ``!``, ``<->``, ``:*``) are never read.
+    """
+    words = _WORD.findall(text.lower())
+    if not words:
+        raise BrowseError("the search text has no words")
+    quoted = [f"'{w}'" for w in words[:16]]
+    quoted[-1] += ":*"
+    return " & ".join(quoted)
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    """The SQL of one backend where the two differ."""
+
+    postgres: bool
+
+    @property
+    def plus(self) -> str:
+        """SQLite's unary ``+``: the planner leaves an index alone (PostgreSQL plans without it)."""
+        return "" if self.postgres else "+"
+
+    def search(self, q: str) -> str:
+        return tsquery(q) if self.postgres else fts_query(q)
+
+
+_MATCHED = (  # left open: the probe adds a rowid range
+    "SELECT m.conversation_id FROM messages m"
+    " WHERE m.rowid IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?"
+)
+_TS_MATCH = "to_tsvector('simple', m.text) @@ to_tsquery('simple', ?)"  # the GIN index messages_search
+
+
+SQLITE = _Dialect(postgres=False)
+POSTGRES = _Dialect(postgres=True)
+
+
 def encode_cursor(created_at: float, conversation_id: str) -> str:
     return f"{created_at!r}~{conversation_id}"
 
@@ -93,10 +141,6 @@ def _column_filter(f: ConversationFilter) -> tuple[list[str], list[Any]]:
 
 _RATED = "SELECT m.conversation_id FROM ratings r JOIN messages m ON m.id = r.message_id"
 _CORRECTED = "SELECT m.conversation_id FROM corrections k JOIN messages m ON m.id = k.message_id"
-_MATCHED = (  # left open: the probe adds a rowid range
-    "SELECT m.conversation_id FROM messages m"
-    " WHERE m.rowid IN (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ?"
-)
 _CORRECTED_PROBE = (
     "EXISTS (SELECT 1 FROM messages m JOIN corrections k ON k.message_id = m.id WHERE m.conversation_id = c.id)"
 )
@@ -140,9 +184,17 @@ class _Clause:
 _COMMON_SEARCH_RANK = 6
 
 
-def _clauses(f: ConversationFilter, *, rowids: tuple[int | None, int | None] = (None, None)) -> list[_Clause]:
-    """The membership conditions of a filter. The search's probe matches only the messages with a
-    rowid in ``rowids`` (first, last): those of the conversations it checks (FTS5 seeks to them)."""
+def _clauses(
+    f: ConversationFilter,
+    *,
+    rowids: tuple[int | None, int | None] = (None, None),
+    since: float = 0.0,
+    dialect: _Dialect = SQLITE,
+) -> list[_Clause]:
+    """The membership conditions of a filter. The search's probe matches only the messages of the
+    conversations it checks: on SQLite those with a rowid in ``rowids`` (first, last; FTS5 seeks to
+    them), on PostgreSQL those written at ``since`` or later (the GIN index and ``messages_created``
+    combined in one bitmap; a probe per conversation would compute ``to_tsvector`` for every message)."""
     out: list[_Clause] = []
     if f.rating == "up":
         out.append(_Clause(f"c.id IN ({_RATED} WHERE r.value = 1)", _rated_probe(" AND r.value = 1"), (), 5))
@@ -157,7 +209,7 @@ def _clauses(f: ConversationFilter, *, rowids: tuple[int | None, int | None] = (
             _Clause(
                 "c.id IN (SELECT conversation_id FROM messages WHERE model_version = ?)",
                 # unary +: the probe goes through messages(conversation_id, seq), not the version index
-                "EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id AND +m.model_version = ?)",
+                f"EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id AND {dialect.plus}m.model_version = ?)",
                 (f.version,),
                 3,
             )
@@ -170,35 +222,43 @@ def _clauses(f: ConversationFilter, *, rowids: tuple[int | None, int | None] = (
         flagged = f"c.id IN ({_RATED} WHERE r.rater IN (SELECT rater FROM rater_reviews WHERE state = 'pending'))"
         out.append(_Clause(flagged, flagged, (), 0, in_page_order=False))
     if f.q:
-        match = fts_query(f.q)
+        match = dialect.search(f.q)
+        if dialect.postgres:
+            as_set = f"c.id IN (SELECT m.conversation_id FROM messages m WHERE {_TS_MATCH})"
+            probe = f"c.id IN (SELECT m.conversation_id FROM messages m WHERE {_TS_MATCH} AND m.created_at >= ?)"
+        else:
+            as_set = f"c.id IN ({_MATCHED}))"
+            probe = f"c.id IN ({_MATCHED} AND rowid BETWEEN ? AND ?))"
         out.append(
             _Clause(
-                f"c.id IN ({_MATCHED}))",
-                f"c.id IN ({_MATCHED} AND rowid BETWEEN ? AND ?))",
+                as_set,
+                probe,
                 (match,),
                 2,
                 in_page_order=None,  # a common word fills the page among the newest conversations
                 set_only=True,
-                probe_params=(match, *rowids),
+                probe_params=(match, since) if dialect.postgres else (match, *rowids),
             )
         )
     return out
 
 
-def conversation_filter(f: ConversationFilter) -> tuple[list[str], list[Any]]:
+def conversation_filter(f: ConversationFilter, *, dialect: _Dialect = SQLITE) -> tuple[list[str], list[Any]]:
     """WHERE clauses (on conversations ``c``) and their parameters for a filter (set forms)."""
     where, params = _column_filter(f)
-    for clause in _clauses(f):
+    for clause in _clauses(f, dialect=dialect):
         where.append(clause.as_set)
         params.extend(clause.params)
     return where, params
 
 
-def _older_filter(f: ConversationFilter, *, common_search: bool = False) -> tuple[list[str], list[Any]]:
+def _older_filter(
+    f: ConversationFilter, *, common_search: bool = False, dialect: _Dialect = SQLITE
+) -> tuple[list[str], list[Any]]:
     """The membership clauses for the conversations older than the probe window: the smallest
     set drives, the other conditions are probed on its members (negations alone: their sets).
     A search matching at least ``COMMON_MATCHES`` messages drives last."""
-    clauses = _clauses(f)
+    clauses = _clauses(f, dialect=dialect)
     ranked = [c for c in clauses if c.drive is not None]
 
     def rank(c: _Clause) -> int:
@@ -213,9 +273,9 @@ def _older_filter(f: ConversationFilter, *, common_search: bool = False) -> tupl
         elif clause is driver:
             in_page_order = len(clauses) > 1 if clause.in_page_order is None else clause.in_page_order
             # unary +: SQLite only looks the set up, the scan follows the page order and stops early
-            where.append(("+" if in_page_order else "") + clause.as_set)
+            where.append((dialect.plus if in_page_order else "") + clause.as_set)
         elif clause.set_only:
-            where.append("+" + clause.as_set)
+            where.append(dialect.plus + clause.as_set)
         else:
             where.append(clause.as_probe)
         params.extend(clause.params)
@@ -227,11 +287,11 @@ def _has_probes(f: ConversationFilter) -> bool:
     return f.rating is not None or bool(f.version) or f.has_correction is not None or bool(f.q)
 
 
-_ROW_AGGREGATES = """
+_ROW_AGGREGATES_TEMPLATE = """
 SELECT c.id, c.user_id, c.channel, c.site, c.created_at, c.model_version AS pinned,
   (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS n_messages,
   (SELECT MAX(m.created_at) FROM messages m WHERE m.conversation_id = c.id) AS last_at,
-  (SELECT GROUP_CONCAT(DISTINCT m.model_version) FROM messages m
+  (SELECT {versions} FROM messages m
      WHERE m.conversation_id = c.id AND m.model_version IS NOT NULL) AS versions,
   (SELECT COUNT(*) FROM ratings r JOIN messages m ON m.id = r.message_id
      WHERE m.conversation_id = c.id AND r.value = 1) AS ups,
@@ -246,6 +306,17 @@ SELECT c.id, c.user_id, c.channel, c.site, c.created_at, c.model_version AS pinn
      ORDER BY m.seq LIMIT 1) AS preview
 FROM conversations c
 """
+# PostgreSQL runs a correlated subquery once per row: over the whole history the per-message thumbs
+# are joined from one grouped pass over ratings instead (SQLite plans the subqueries well)
+THUMBS = (
+    "thumbs AS (SELECT message_id, COUNT(*) FILTER (WHERE value = 1) AS ups,"
+    " COUNT(*) FILTER (WHERE value = -1) AS downs FROM ratings GROUP BY message_id)"
+)
+
+_ROW_AGGREGATES = {
+    SQLITE: _ROW_AGGREGATES_TEMPLATE.format(versions="GROUP_CONCAT(DISTINCT m.model_version)"),
+    POSTGRES: _ROW_AGGREGATES_TEMPLATE.format(versions="string_agg(DISTINCT m.model_version, ',')"),
+}
 
 
 def _summary(r: Row) -> dict[str, Any]:
@@ -277,6 +348,7 @@ class Browse:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._sql = POSTGRES if db.backend == "postgresql" else SQLITE
 
     async def list_conversations(
         self, f: ConversationFilter, *, limit: int = 50, cursor: str | None = None
@@ -284,7 +356,7 @@ class Browse:
         """One page, newest first, and the cursor of the next page (None on the last)."""
         if not 1 <= limit <= PAGE_MAX:
             raise BrowseError(f"limit must be 1-{PAGE_MAX}")
-        where, params = conversation_filter(f)  # BrowseError for a filter it cannot understand
+        where, params = conversation_filter(f, dialect=self._sql)  # BrowseError for a filter it cannot understand
         if _has_probes(f):
             page = await self._probed_page(f, cursor, limit + 1)
         else:
@@ -298,7 +370,7 @@ class Browse:
             return [], None
         ids = [r["id"] for r in page]
         marks = ",".join("?" * len(ids))
-        rows = await self._db.read(_ROW_AGGREGATES + f" WHERE c.id IN ({marks})", ids)
+        rows = await self._db.read(_ROW_AGGREGATES[self._sql] + f" WHERE c.id IN ({marks})", ids)
         by_id = {r["id"]: _summary(r) for r in rows}
         items = [by_id[i] for i in ids if i in by_id]
         last = page[-1]
@@ -337,7 +409,9 @@ class Browse:
             window += ["c.created_at >= ?", "(c.created_at, c.id) >= (?, ?)"]
             window_params += [edge[0]["created_at"], edge[0]["created_at"], edge[0]["id"]]
         rowids: tuple[int | None, int | None] = (None, None)
-        if f.q:  # the rowids of every message of the window's conversations lie between these two
+        if (
+            f.q and not self._sql.postgres
+        ):  # the rowids of every message of the window's conversations lie between these two
             rows = await self._db.read(
                 "SELECT MIN(m.rowid) AS first, MAX(m.rowid) AS last FROM conversations c"
                 " CROSS JOIN messages m ON m.conversation_id = c.id"  # CROSS: from the window's conversations
@@ -346,7 +420,8 @@ class Browse:
             )
             rowids = (rows[0]["first"], rows[0]["last"])
         where, params = list(window), list(window_params)
-        for clause in _clauses(f, rowids=rowids):
+        since = edge[0]["created_at"] if edge else 0.0  # a window's messages come after its oldest conversation
+        for clause in _clauses(f, rowids=rowids, since=since, dialect=self._sql):
             sql, clause_params = clause.probe()
             where.append(sql)
             params.extend(clause_params)
@@ -355,19 +430,23 @@ class Browse:
             return page
         common_search = False
         if f.q:
+            hits = (
+                "SELECT 1 FROM messages WHERE to_tsvector('simple', text) @@ to_tsquery('simple', ?) LIMIT ?"
+                if self._sql.postgres
+                else "SELECT 1 FROM messages_fts WHERE messages_fts MATCH ? LIMIT ?"
+            )
             rows = await self._db.read(
-                "SELECT COUNT(*) AS n FROM (SELECT 1 FROM messages_fts WHERE messages_fts MATCH ? LIMIT ?)",
-                (fts_query(f.q), COMMON_MATCHES),
+                f"SELECT COUNT(*) AS n FROM ({hits}) AS hits", (self._sql.search(f.q), COMMON_MATCHES)
             )
             common_search = rows[0]["n"] >= COMMON_MATCHES
-        older, older_params = _older_filter(f, common_search=common_search)
+        older, older_params = _older_filter(f, common_search=common_search, dialect=self._sql)
         where = [*columns, "c.created_at <= ?", "(c.created_at, c.id) < (?, ?)", *older]
         params = [*column_params, edge[0]["created_at"], edge[0]["created_at"], edge[0]["id"], *older_params]
         return page + await self._page(where, params, n - len(page))
 
     async def transcript(self, conversation_id: str) -> dict[str, Any] | None:
         """A conversation with every message, its ratings, corrections, exclusion and siblings."""
-        head = await self._db.read(_ROW_AGGREGATES + " WHERE c.id = ?", (conversation_id,))
+        head = await self._db.read(_ROW_AGGREGATES[self._sql] + " WHERE c.id = ?", (conversation_id,))
         if not head:
             return None
         messages = [
@@ -410,12 +489,33 @@ class Browse:
 
     async def version_series(self, *, bucket_s: float, since: float = 0.0) -> list[dict[str, Any]]:
         """Per version and time bucket: replies, thumbs, regenerations, mean latency and length."""
+        # whole buckets since 1970 (PostgreSQL's CAST rounds, SQLite's truncates)
+        bucket = (
+            "CAST(FLOOR(m.created_at / ?) AS BIGINT)" if self._sql.postgres else "CAST(m.created_at / ? AS INTEGER)"
+        )
+        if self._sql.postgres:
+            return _rates(
+                await self._db.read(
+                    f"WITH {THUMBS}, regens AS (SELECT DISTINCT regenerated_from AS id FROM messages"
+                    " WHERE regenerated_from IS NOT NULL)"
+                    f" SELECT m.model_version AS version, {bucket} * ? AS bucket_start, COUNT(*) AS replies,"
+                    " CAST(COALESCE(SUM(t.ups), 0) AS INTEGER) AS ups,"
+                    " CAST(COALESCE(SUM(t.downs), 0) AS INTEGER) AS downs, COUNT(g.id) AS regenerations,"
+                    " AVG(m.latency_ms) AS latency_ms, AVG(LENGTH(m.text)) AS reply_chars"
+                    " FROM messages m LEFT JOIN thumbs t ON t.message_id = m.id LEFT JOIN regens g ON g.id = m.id"
+                    " WHERE m.role = 'assistant' AND m.author IS NULL AND m.model_version IS NOT NULL"
+                    " AND m.finish_reason != 'error' AND m.created_at >= ?"
+                    " GROUP BY version, bucket_start ORDER BY bucket_start, version",
+                    (bucket_s, bucket_s, since),
+                ),
+                regen=True,
+            )
         rows = await self._db.read(
-            "SELECT m.model_version AS version, CAST(m.created_at / ? AS INTEGER) * ? AS bucket_start,"
+            f"SELECT m.model_version AS version, {bucket} * ? AS bucket_start,"
             " COUNT(*) AS replies,"
-            " SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = 1)) AS ups,"
-            " SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = -1)) AS downs,"
-            " SUM(EXISTS (SELECT 1 FROM messages x WHERE x.regenerated_from = m.id)) AS regenerations,"
+            " CAST(SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = 1)) AS INTEGER) AS ups,"
+            " CAST(SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = -1)) AS INTEGER) AS downs,"
+            " COUNT(*) FILTER (WHERE EXISTS (SELECT 1 FROM messages x WHERE x.regenerated_from = m.id)) AS regenerations,"
             " AVG(m.latency_ms) AS latency_ms, AVG(LENGTH(m.text)) AS reply_chars"
             " FROM messages m WHERE m.role = 'assistant' AND m.author IS NULL AND m.model_version IS NOT NULL"
             " AND m.finish_reason != 'error' AND m.created_at >= ?"
@@ -434,11 +534,26 @@ class Browse:
     async def channel_stats(self, *, since: float = 0.0) -> list[dict[str, Any]]:
         """Per channel and version: replies, thumbs up and down and the up rate (model-written replies)."""
         # the whole history scans messages in table order: the created_at index would look each one up
-        when = "m.created_at >= ?" if since > 0 else "+m.created_at >= ?"
+        when = "m.created_at >= ?" if since > 0 else f"{self._sql.plus}m.created_at >= ?"
+        if self._sql.postgres:
+            return _rates(
+                await self._db.read(
+                    f"WITH {THUMBS} SELECT c.channel AS channel, m.model_version AS version, COUNT(*) AS replies,"
+                    " CAST(COALESCE(SUM(t.ups), 0) AS INTEGER) AS ups,"
+                    " CAST(COALESCE(SUM(t.downs), 0) AS INTEGER) AS downs"
+                    " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+                    " LEFT JOIN thumbs t ON t.message_id = m.id"
+                    " WHERE m.role = 'assistant' AND m.author IS NULL AND m.model_version IS NOT NULL"
+                    f" AND m.finish_reason != 'error' AND {when}"
+                    " GROUP BY c.channel, m.model_version ORDER BY c.channel, m.model_version",
+                    (since,),
+                ),
+                regen=False,
+            )
         rows = await self._db.read(
             "SELECT c.channel AS channel, m.model_version AS version, COUNT(*) AS replies,"
-            " SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = 1)) AS ups,"
-            " SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = -1)) AS downs"
+            " CAST(SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = 1)) AS INTEGER) AS ups,"
+            " CAST(SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = m.id AND r.value = -1)) AS INTEGER) AS downs"
             " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
             " WHERE m.role = 'assistant' AND m.author IS NULL AND m.model_version IS NOT NULL"
             f" AND m.finish_reason != 'error' AND {when}"
@@ -482,3 +597,16 @@ class Browse:
                 d["detail"] = json.loads(d["detail"]) if d["detail"] else None
             out.append(d)
         return out
+
+
+def _rates(rows: list[Row], *, regen: bool) -> list[dict[str, Any]]:
+    """Rows of per-version counts with ``up_rate`` (and ``regen_rate``) added."""
+    out = []
+    for r in rows:
+        d = dict(r)
+        rated = d["ups"] + d["downs"]
+        d["up_rate"] = d["ups"] / rated if rated else None
+        if regen:
+            d["regen_rate"] = d["regenerations"] / d["replies"] if d["replies"] else None
+        out.append(d)
+    return out

@@ -29,7 +29,7 @@ from feedback.records import (
 
 _INSERT_CONVERSATION = rows.insert_sql("conversations", Conversation)
 _INSERT_MESSAGE = rows.insert_sql("messages", Message)
-_INSERT_CORRECTION = rows.insert_sql("corrections", Correction, without=["id"])
+_INSERT_CORRECTION = rows.insert_sql("corrections", Correction, without=["id"]) + " RETURNING id"
 
 
 class Conversations:
@@ -225,9 +225,10 @@ class Conversations:
 
         async def op(conn: Connection) -> int:
             await _require_assistant_message(conn, message_id)
-            cursor = await conn.execute(_INSERT_CORRECTION, rows.row_values(correction, without=["id"]))
+            row = await fetch_one(conn, _INSERT_CORRECTION, rows.row_values(correction, without=["id"]))
             await write_audit(conn, operator, "correct", message_id, {"chars": len(text), "reason": reason})
-            return int(cursor.lastrowid or 0)
+            assert row is not None
+            return int(row[0])
 
         return dataclasses.replace(correction, id=await self._db.write(op))
 

@@ -1,53 +1,115 @@
-"""The database under the feedback store: connections, migrations, the one writer, reads.
+"""The database under the feedback store: the one writer with group commit, reads, and what the
+concept modules may call, whichever database is underneath.
 
-Writes go through one writer task that groups whatever is queued into a single
-``BEGIN IMMEDIATE`` transaction (group commit) and resolves each caller's future only
-after ``COMMIT`` returned; so an acknowledgement sent after
-``await store.conversations.add_rating(...)`` is never for a row that a crash could lose
-(``synchronous=FULL`` in WAL mode). Each operation runs inside its own ``SAVEPOINT``: one
-failing operation does not roll back the others that share its commit. Reads use a
-second connection and never wait for the writer (WAL).
+Writes go through one writer task that groups whatever is queued into a single transaction
+(group commit) and resolves each caller's future only after ``COMMIT`` returned; so an
+acknowledgement sent after ``await store.conversations.add_rating(...)`` is never for a row
+that a crash could lose. Each operation runs inside its own ``SAVEPOINT``: one failing
+operation does not roll back the others that share its commit. Reads use a second
+connection and never wait for the writer.
 
-This is the SQLite database. What is SQLite's own stays in this module: the pragmas, WAL
-checkpoints, ``BEGIN IMMEDIATE``, the FTS5 merge after an erasure, and the mapping of
-SQLite's errors (``IntegrityError`` through ``constraint_errors``, ``SQLITE_FULL`` to
-``StorageFullError``). Outside it, the SQL the concept modules write is plain SQL with
-``?`` parameters, except the console's full-text search (``feedback/browse.py``, marked
-there). A second backend would be a class beside ``Database`` with the same methods.
+Two backends implement ``Database``, chosen by the store's target (``open_database``): a
+SQLite file (``feedback/sqlite.py``, the embedded default) and PostgreSQL
+(``feedback/postgres.py``, a ``postgresql://`` URL). Both keep the writer's connection on a
+thread of its own, so an operation comes in two shapes, and a concept module writes both
+against the protocols below, never against a driver:
+
+- ``write(op)``: ``async def op(conn: Connection)``; each ``await conn.execute(...)`` is a trip
+  to the writer's thread;
+- ``write_sync(op)``: ``def op(conn: RawConnection)``, run on the writer's thread itself; a
+  group commit made only of these takes one trip in all, BEGIN to COMMIT (the hot path:
+  ratings, messages).
+
+The SQL is SQLite's dialect with ``?`` parameters, which PostgreSQL's backend translates
+(``feedback/postgres.py`` says how); what differs beyond that lives in the backend modules and,
+for the console's full-text search, in ``feedback/browse.py`` (marked there). docs/architecture.md,
+"The store", gives the design.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
-import os
 import sqlite3
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, ClassVar, Protocol, TypeAlias, TypeVar
 
-import aiosqlite
-
-from feedback.exceptions import LearnloopError, StorageFullError, StoreError
-from feedback.schema import MIGRATIONS, SCHEMA_VERSION
+from feedback.exceptions import ConstraintError, LearnloopError, StoreError
 
 log = logging.getLogger("learnloop.feedback")
-# aiosqlite logs every statement with its parameters at DEBUG: customers' messages, ratings, PII.
-# It stays at INFO even under ``learnloop -v`` (docs/reliability.md, scenario 20).
-logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 T = TypeVar("T")
-Connection: TypeAlias = aiosqlite.Connection
-"""What a write operation gets: the writer connection, inside the operation's savepoint."""
-Row: TypeAlias = sqlite3.Row
-"""A result row: by column name (``row["id"]``) or position."""
+
+
+class Row(Protocol):
+    """A result row: by column name (``row["id"]``) or position (``row[0]``); ``dict(row)`` works."""
+
+    def __getitem__(self, key: int | str, /) -> Any: ...
+
+    def keys(self) -> list[str]: ...
+
+
+class Cursor(Protocol):
+    """What ``await conn.execute(...)`` gives a ``write`` operation."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    async def fetchone(self) -> Any: ...
+
+    async def fetchall(self) -> Iterable[Any]: ...
+
+
+class Connection(Protocol):
+    """What a ``write`` operation gets: the writer connection, inside the operation's savepoint."""
+
+    def execute(self, sql: str, parameters: Iterable[Any] | None = None, /) -> Awaitable[Cursor]: ...
+
+    def execute_fetchall(self, sql: str, parameters: Iterable[Any] | None = None, /) -> Awaitable[Iterable[Any]]: ...
+
+
+class RawCursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class RawConnection(Protocol):
+    """What a ``write_sync`` operation gets: the writer's plain connection, on its own thread."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> RawCursor: ...
+
+
 WriteOp: TypeAlias = Callable[[Connection], Awaitable[Any]]
-RawConnection: TypeAlias = sqlite3.Connection
-"""What a ``write_sync`` operation gets: the writer's plain connection, on its own thread."""
 SyncWriteOp: TypeAlias = Callable[[RawConnection], Any]
+
+
+async def fetch_one(conn: Connection, sql: str, params: Iterable[Any] = ()) -> Row | None:
+    """Inside a write operation: the first row of a query, or None."""
+    found = list(await conn.execute_fetchall(sql, tuple(params)))
+    return found[0] if found else None
+
+
+@contextlib.contextmanager
+def constraint_errors(error: Callable[[str], LearnloopError]) -> Iterator[None]:
+    """Inside a write operation: a broken unique or foreign key raises ``error(detail)``."""
+    try:
+        yield
+    except (sqlite3.IntegrityError, ConstraintError) as exc:
+        raise error(str(exc)) from exc
+
+
+class Snapshot(Protocol):
+    """Reads inside one read transaction: they all see the same committed state."""
+
+    async def read(self, sql: str, params: Iterable[Any] = ()) -> list[Row]: ...
 
 
 @dataclass
@@ -58,132 +120,28 @@ class _Pending:
     sync: SyncWriteOp | None = None  # set instead of ``op`` by ``write_sync``
 
 
-_BUSY_TIMEOUT_MS = 10_000
-_PRAGMAS = (
-    "PRAGMA journal_mode=WAL",
-    "PRAGMA secure_delete=ON",  # erased rows are overwritten, not just unlinked
-    "PRAGMA synchronous=FULL",
-    "PRAGMA foreign_keys=ON",
-    f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}",
-)
+Results: TypeAlias = list[tuple[_Pending, Any, BaseException | None]]
 
 
-async def _connect(path: Path) -> Connection:
-    conn = await aiosqlite.connect(path, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    try:
-        for pragma in _PRAGMAS:
-            await conn.execute(pragma)
-        await _check_durability(conn, path)
-    except BaseException:
-        await conn.close()
-        raise
-    return conn
+class Database(abc.ABC):
+    """The writer (group commit), shared by both backends; each backend adds its connections.
 
-
-async def _check_durability(conn: Connection, path: Path) -> None:
-    """Refuse a store where WAL or ``synchronous=FULL`` did not take effect: acks would not be durable.
-
-    SQLite answers a pragma it cannot honour by keeping the old mode (WAL needs shared memory,
-    which some network filesystems lack), so the mode is read back, not assumed.
+    A backend gives: ``_writer`` (a ``Connection``), ``_on_thread(fn, *args)`` (run
+    ``fn(raw_connection, *args)`` on the writer's thread), ``_error`` (its errors as the store's),
+    the reads, the erasure helpers and ``_close_connections``.
     """
-    mode = await fetch_one(conn, "PRAGMA journal_mode")
-    if mode is None or str(mode[0]).lower() != "wal":
-        found = mode[0] if mode else "unknown"
-        raise StoreError(f"{path}: journal_mode is {found}, not wal (does this filesystem support it?); not serving")
-    sync = await fetch_one(conn, "PRAGMA synchronous")
-    if sync is None or int(sync[0]) != 2:
-        found = sync[0] if sync else "unknown"
-        raise StoreError(f"{path}: synchronous is {found}, not 2 (FULL): acknowledged writes could be lost")
 
+    backend: ClassVar[str]
+    _begin: ClassVar[str] = "BEGIN"
+    _writer: Connection
 
-def _check_writable(folder: Path) -> None:
-    """The data folder exists (made if need be) and takes a new file, or a one-line ``StoreError``."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        raise StoreError(f"the data folder {folder} is not writable: {exc.strerror or exc}") from None
-
-
-async def _fetch(conn: Connection, sql: str, params: Iterable[Any]) -> list[Row]:
-    # one trip to the connection's thread (execute, fetch and close as three awaits were three)
-    return list(await conn.execute_fetchall(sql, tuple(params)))
-
-
-async def fetch_one(conn: Connection, sql: str, params: Iterable[Any] = ()) -> Row | None:
-    """Inside a write operation: the first row of a query, or None."""
-    found = await _fetch(conn, sql, params)
-    return found[0] if found else None
-
-
-@contextlib.contextmanager
-def constraint_errors(error: Callable[[str], LearnloopError]) -> Iterator[None]:
-    """Inside a write operation: a broken unique or foreign key raises ``error(detail)``."""
-    try:
-        yield
-    except sqlite3.IntegrityError as exc:
-        raise error(str(exc)) from exc
-
-
-def _storage_full(exc: BaseException) -> StorageFullError | None:
-    """``SQLITE_FULL`` (a full disk, or the database at ``max_page_count``) anywhere in ``exc``'s chain.
-
-    SQLite may roll the whole transaction back on it, so the ``ROLLBACK TO`` that follows
-    fails too: the full error is then that failure's context.
-    """
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, sqlite3.OperationalError) and seen.sqlite_errorcode == sqlite3.SQLITE_FULL:
-            full = StorageFullError("the disk or the database is full: nothing was stored")
-            full.__cause__ = seen  # for the server log
-            return full
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-class Snapshot:
-    """Reads inside one read transaction: they all see the same committed state."""
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-
-    async def read(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
-        return await _fetch(self._conn, sql, params)
-
-
-class Database:
-    """One SQLite file. Open with ``await Database.open(path)``; close with ``close()``."""
-
-    def __init__(self, path: Path, writer: Connection, reader: Connection, *, max_batch: int = 512) -> None:
-        self.path = path
-        self._writer = writer
-        self._reader = reader
+    def __init__(self, *, tombstone_path: Path, max_batch: int = 512) -> None:
+        self.tombstone_path = tombstone_path  # erasures, kept outside the database (feedback/erasure.py)
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._write_loop(), name="feedback-writer")
-        self._read_lock = asyncio.Lock()
         self.commits = 0  # number of transactions committed (group commit makes it < writes)
         self._closing = False
-        self._next_truncate = 0.0  # loop time before which a WAL truncation is not tried again
-
-    @classmethod
-    async def open(cls, path: str | Path, *, max_batch: int = 512) -> Database:
-        """Open (or create) the file and bring its schema up to date.
-
-        ``max_batch``: the most operations one group commit takes (default 512).
-        """
-        path = Path(path)
-        _check_writable(path.parent)
-        writer = await _connect(path)
-        try:
-            await _migrate(writer)
-            reader = await _connect(path)
-        except BaseException:
-            await writer.close()  # its thread would otherwise keep the process alive
-            raise
-        return cls(path, writer, reader, max_batch=max_batch)
 
     async def close(self) -> None:
         """Finish what is queued, then close. A write asked for once closing began gets ``StoreError``."""
@@ -194,8 +152,25 @@ class Database:
             item = self._queue.get_nowait()
             if item is not None and not item.future.done():
                 item.future.set_exception(StoreError("the store is closed"))
-        await self._reader.close()
-        await self._writer.close()
+        await self._close_connections()
+
+    @abc.abstractmethod
+    async def _close_connections(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _on_thread(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    def _error(self, exc: BaseException) -> BaseException:
+        """An operation's error as the caller gets it (a full disk: ``StorageFullError``)."""
+        return exc
+
+    async def _after_batch(self, results: Results, failed: BaseException | None) -> None:
+        """After a group commit (``failed``: why it was rolled back), before its callers hear."""
+        return None
+
+    async def _after_acks(self) -> None:
+        """After the callers of a group commit heard."""
+        return None
 
     # --- the writer -------------------------------------------------------------------
 
@@ -203,7 +178,7 @@ class Database:
         """Run ``op`` on the writer; return its result once its transaction has committed.
 
         ``outside_transaction``: run it alone, between two group commits, without a
-        transaction (for statements such as a WAL checkpoint).
+        transaction (for statements such as a WAL checkpoint or ``VACUUM``).
         """
         if self._closing or self._task.done():
             raise StoreError("the store is closed")
@@ -211,13 +186,14 @@ class Database:
         await self._queue.put(_Pending(op, future, outside_transaction))
         return await future
 
-    async def write_sync(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Like ``write``, for an operation written against the plain ``sqlite3`` connection.
+    async def write_sync(self, op: Callable[[RawConnection], T]) -> T:
+        """Like ``write``, for an operation written against the writer's plain connection.
 
-        It runs on the writer connection's own thread. Each ``await`` of an aiosqlite call is a
-        trip to that thread and back through the event loop (about 50-100 µs on a busy loop); a
+        It runs on the writer connection's own thread. Each ``await`` of a ``Connection`` call is
+        a trip to that thread and back through the event loop (about 50-100 µs on a busy loop); a
         group commit made only of these operations takes one trip in all, BEGIN to COMMIT. The
-        hot path (ratings: ``bench/load.py``) uses it; ``op`` must not block on anything but SQLite.
+        hot path (ratings: ``bench/load.py``) uses it; ``op`` must not block on anything but the
+        database.
         """
         if self._closing or self._task.done():
             raise StoreError("the store is closed")
@@ -254,20 +230,20 @@ class Database:
         try:
             item.future.set_result(await item.op(self._writer))
         except Exception as exc:
-            item.future.set_exception(_storage_full(exc) or exc)
+            item.future.set_exception(self._error(exc))
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         conn = self._writer
-        results: list[tuple[_Pending, Any, BaseException | None]] = []
+        results: Results = []
         try:
             if all(item.sync is not None for item in batch):
                 # BEGIN, every operation in its savepoint and COMMIT in one trip to the thread
-                results = await _on_thread(conn, _sync_batch, batch, True)
+                results = await self._on_thread(_sync_batch, batch, self._begin, self._error)
             else:
-                await conn.execute("BEGIN IMMEDIATE")
+                await conn.execute(self._begin)
                 for item in batch:
                     if item.sync is not None:
-                        results += await _on_thread(conn, _sync_batch, [item], False)
+                        results += await self._on_thread(_sync_batch, [item], None, self._error)
                         continue
                     assert item.op is not None
                     await conn.execute("SAVEPOINT op")
@@ -276,7 +252,7 @@ class Database:
                     except Exception as exc:  # the caller gets it; the batch goes on
                         await conn.execute("ROLLBACK TO op")
                         await conn.execute("RELEASE op")
-                        results.append((item, None, _storage_full(exc) or exc))
+                        results.append((item, None, self._error(exc)))
                     else:
                         await conn.execute("RELEASE op")
                         results.append((item, result, None))
@@ -286,140 +262,49 @@ class Database:
             log.exception("group commit of %d operations failed", len(batch))
             with contextlib.suppress(Exception):
                 await conn.execute("ROLLBACK")
-            full = _storage_full(exc)
-            if full is not None:  # before the callers hear of it: a retry finds the WAL's bytes freed
-                await self._checkpoint_after_full()
+            error = self._error(exc)
+            await self._after_batch([], error)  # before the callers hear of it
             for item in batch:
                 if not item.future.done():
-                    item.future.set_exception(full or StoreError(f"commit failed: {exc}"))
+                    item.future.set_exception(error if error is not exc else StoreError(f"commit failed: {exc}"))
             return
-        if any(isinstance(error, StorageFullError) for _, _, error in results):
-            await self._checkpoint_after_full()
-        for item, result, error in results:
+        await self._after_batch(results, None)
+        for item, result, failure in results:
             if item.future.done():
                 continue
-            if error is not None:
-                item.future.set_exception(error)
+            if failure is not None:
+                item.future.set_exception(failure)
             else:
                 item.future.set_result(result)
-        if self._wal_outgrows_disk():  # after the callers heard: their acks do not wait for it
-            await self._checkpoint_truncate()
-
-    def _wal_outgrows_disk(self) -> bool:
-        """Does the WAL hold more than half of the room left on its disk?
-
-        Then it is checkpointed and truncated now, not at ``wal_autocheckpoint`` (about 4 MB): on
-        a nearly full disk the WAL would otherwise grow into every free byte, and a checkpoint
-        needs room in the database file for the pages it copies, so the store would stay full
-        even after space returned (found on a real 2 MiB filesystem). Two system calls a commit.
-        """
-        try:
-            wal = os.stat(f"{self.path}-wal").st_size
-            disk = os.statvfs(self.path.parent)
-        except OSError:
-            return False
-        return wal > 0 and 2 * wal > disk.f_bavail * disk.f_frsize
-
-    async def _checkpoint_truncate(self) -> None:
-        """Checkpoint and truncate the WAL now, without waiting for readers.
-
-        A TRUNCATE checkpoint waits for readers (another process, a ``snapshot``) through the busy
-        handler, up to ``busy_timeout`` (10 s) of the writer's time per commit; here it does not
-        wait (``busy_timeout`` 0 for the call). When a reader holds it up, the next try is a second
-        later rather than after the next commit.
-        """
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._next_truncate:
-            return
-        conn = self._writer
-        try:
-            await conn.execute("PRAGMA busy_timeout=0")
-            try:
-                row = await fetch_one(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                await conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-        except Exception as exc:
-            log.warning("checkpoint of a WAL outgrowing its disk failed: %s", exc)
-            row = None
-        if row is None or row[0]:  # failed, or busy: a reader holds frames the checkpoint needs
-            self._next_truncate = loop.time() + 1.0
-
-    async def _checkpoint_after_full(self) -> None:
-        """The disk is full: copy the WAL into the database file and truncate it, now.
-
-        The automatic checkpoint runs only once the WAL holds ``wal_autocheckpoint`` pages
-        (about 4 MB); on a disk with less room than that the WAL would never shrink, and once
-        space returned every write would fill the disk again. A TRUNCATE checkpoint needs no
-        new space in the database file for pages the WAL already holds, and gives the WAL's
-        bytes back to the disk.
-        """
-        try:
-            cursor = await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            row = await cursor.fetchone()
-            await cursor.close()
-        except Exception as exc:
-            log.warning("checkpoint after a full disk failed: %s", exc)
-            return
-        busy, frames = (row[0], row[1]) if row else (None, None)
-        log.warning("storage full: WAL checkpointed and truncated (busy=%s, frames=%s)", busy, frames)
+        await self._after_acks()
 
     # --- reads ------------------------------------------------------------------------
 
-    async def read(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
-        async with self._read_lock:
-            return await _fetch(self._reader, sql, params)
+    @abc.abstractmethod
+    async def read(self, sql: str, params: Iterable[Any] = ()) -> list[Row]: ...
 
-    @contextlib.asynccontextmanager
-    async def snapshot(self) -> AsyncIterator[Snapshot]:
-        """Several reads that see one consistent state (other reads wait meanwhile)."""
-        async with self._read_lock:
-            await self._reader.execute("BEGIN")
-            try:
-                yield Snapshot(self._reader)
-            finally:
-                await self._reader.execute("COMMIT")
+    @abc.abstractmethod
+    def snapshot(self) -> contextlib.AbstractAsyncContextManager[Snapshot]:
+        """Several reads that see one consistent state."""
 
     # --- forgetting deleted bytes (erasure) -------------------------------------------
 
+    @abc.abstractmethod
     async def purge_search_index(self) -> None:
-        """Merge the full-text index: FTS5 keeps deleted terms in old segments until a merge."""
+        """Make the full-text index forget deleted text."""
 
-        async def op(conn: Connection) -> None:
-            await conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('optimize')")
-
-        await self.write(op)
-
+    @abc.abstractmethod
     async def checkpoint(self) -> None:
-        """Copy the WAL into the database file and truncate the WAL to zero bytes."""
-
-        async def op(conn: Connection) -> tuple[int, int, int]:
-            row = await fetch_one(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
-            return (row[0], row[1], row[2]) if row else (0, 0, 0)
-
-        async with self._read_lock:  # no read snapshot may pin old WAL frames meanwhile
-            busy, _, _ = await self.write(op, outside_transaction=True)
-        if busy:
-            log.warning("WAL checkpoint was blocked by another connection; it completes at the next checkpoint")
-
-
-async def _on_thread(conn: Connection, fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn(sqlite3_connection, *args)`` on ``conn``'s own thread, in one trip.
-
-    aiosqlite has no public call for this; ``_execute`` and ``_conn`` are what its own
-    ``execute`` uses (aiosqlite 0.20 to 0.22, the range pyproject.toml allows; ``tests/test_store.py``
-    covers this path).
-    """
-    result: T = await conn._execute(lambda: fn(conn._conn, *args))  # type: ignore[no-untyped-call]
-    return result
+        """Give deleted rows' bytes back: the WAL truncated (SQLite), dead tuples vacuumed (PostgreSQL)."""
 
 
 def _sync_batch(
-    raw: sqlite3.Connection, batch: list[_Pending], whole: bool
-) -> list[tuple[_Pending, Any, BaseException | None]]:
-    """On the writer's thread: each operation in its own savepoint; ``whole``: BEGIN and COMMIT too."""
-    results: list[tuple[_Pending, Any, BaseException | None]] = []
-    if whole:
-        raw.execute("BEGIN IMMEDIATE")
+    raw: Any, batch: Sequence[_Pending], begin: str | None, error: Callable[[BaseException], BaseException]
+) -> Results:
+    """On the writer's thread: each operation in its own savepoint; ``begin``: BEGIN and COMMIT too."""
+    results: Results = []
+    if begin is not None:
+        raw.execute(begin)
     try:
         for item in batch:
             assert item.sync is not None
@@ -429,36 +314,41 @@ def _sync_batch(
             except Exception as exc:  # the caller gets it; the batch goes on
                 raw.execute("ROLLBACK TO op")
                 raw.execute("RELEASE op")
-                results.append((item, None, _storage_full(exc) or exc))
+                results.append((item, None, error(exc)))
             else:
                 raw.execute("RELEASE op")
                 results.append((item, result, None))
-        if whole:
+        if begin is not None:
             raw.execute("COMMIT")
     except BaseException:
-        if whole and raw.in_transaction:
+        if begin is not None and raw.in_transaction:
             raw.execute("ROLLBACK")
         raise
     return results
 
 
-async def _migrate(conn: Connection) -> None:
-    row = await fetch_one(conn, "PRAGMA user_version")
-    current = int(row[0]) if row else 0
-    if current > SCHEMA_VERSION:
-        raise StoreError(
-            f"database schema version {current} is newer than this learnloop ({SCHEMA_VERSION}); upgrade learnloop"
-        )
-    for number in range(current, SCHEMA_VERSION):
-        await conn.execute("BEGIN IMMEDIATE")
+def is_postgres_url(target: str | Path) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+async def open_database(target: str | Path, *, tombstone_path: Path | None = None, max_batch: int = 512) -> Database:
+    """Open (or create) the database at ``target`` and bring its schema up to date.
+
+    ``target``: a SQLite file (a path, or ``sqlite:///absolute/path``) or a ``postgresql://`` URL.
+    ``tombstone_path``: where erasures are also written; beside a SQLite file by default,
+    required for PostgreSQL. ``max_batch``: the most operations one group commit takes.
+    """
+    if is_postgres_url(target):
+        if tombstone_path is None:
+            raise StoreError("a PostgreSQL store needs a tombstone file for erasures (tombstone_path)")
         try:
-            step = MIGRATIONS[number]
-            for statement in step.split(";") if isinstance(step, str) else step:
-                if statement.strip():
-                    await conn.execute(statement)
-            await conn.execute(f"PRAGMA user_version = {number + 1}")
-            await conn.execute("COMMIT")
-        except Exception:
-            await conn.execute("ROLLBACK")
-            raise
-        log.info("feedback store migrated to schema %d", number + 1)
+            from feedback.postgres import PostgresDatabase  # psycopg is needed only for PostgreSQL
+        except ImportError as exc:
+            raise StoreError(f"a PostgreSQL store needs psycopg: pip install 'learnloop[postgres]' ({exc})") from None
+
+        return await PostgresDatabase.open(str(target), tombstone_path=tombstone_path, max_batch=max_batch)
+    from feedback.sqlite import SqliteDatabase
+
+    text = str(target)
+    path = Path(text.removeprefix("sqlite://") if text.startswith("sqlite:///") else text)
+    return await SqliteDatabase.open(path, tombstone_path=tombstone_path, max_batch=max_batch)

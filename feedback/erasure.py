@@ -33,7 +33,7 @@ class Erasure:
     @property
     def tombstone_path(self) -> Path:
         """Erasures are also kept beside the database, so a restored older backup forgets again."""
-        return self._db.path.with_name(self._db.path.name + ".erasures")
+        return self._db.tombstone_path
 
     async def erase_user(self, user_id: str, *, actor: str) -> dict[str, Any]:
         """Delete a user's conversations and feedback for good, and remember that they were erased.

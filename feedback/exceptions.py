@@ -6,6 +6,7 @@ The tree (``code`` in brackets; ``*`` marks messages that are safe to show a cli
     ├── StoreError [unavailable]                  feedback: the store failed (details only in the log)
     │   ├── StorageFullError [storage_full] *     the disk or the database is full; nothing was stored
     │   ├── NotFoundError [not_found] *           no such conversation, message, version, run
+    │   ├── ConstraintError [unavailable]         PostgreSQL refused a write: a unique, foreign key or check constraint
     │   └── InvalidError [conflict] *             well formed but not allowed (rating a user turn)
     │       └── AccountError [conflict] *         operator names, passwords, roles, tokens
     ├── BrowseError [bad_request] *               feedback.browse: a console filter or cursor is wrong
@@ -108,6 +109,15 @@ class NotFoundError(StoreError):
 
     code = ErrorCode.NOT_FOUND
     public = True
+
+
+class ConstraintError(StoreError):
+    """PostgreSQL refused a statement for a unique, foreign key, not-null or check constraint.
+
+    The PostgreSQL backend raises it in place of the driver's error (the cause is chained);
+    ``feedback.db.constraint_errors`` turns it, like SQLite's ``IntegrityError``, into the error
+    the concept module names (``NotFoundError``, ``AccountError``, ...).
+    """
 
 
 class InvalidError(StoreError):

@@ -40,7 +40,7 @@ class LaneTable(Generic[RowT]):
 
     async def next_due_at(self) -> float | None:
         """When the earliest lane head is due (None: nothing is pending)."""
-        found = await self._db.read(f"SELECT MIN(next_attempt_at) FROM ({self._heads})")
+        found = await self._db.read(f"SELECT MIN(next_attempt_at) FROM ({self._heads}) AS heads")
         return float(found[0][0]) if found and found[0][0] is not None else None
 
     async def get(self, row_id: int) -> RowT | None:

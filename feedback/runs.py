@@ -29,11 +29,14 @@ class Runs:
         now = time.time()
 
         async def op(conn: Connection) -> int:
-            cursor = await conn.execute(
-                "INSERT INTO training_runs (state, started_at, max_rating_id, max_correction_id) VALUES (?, ?, ?, ?)",
+            row = await fetch_one(
+                conn,
+                "INSERT INTO training_runs (state, started_at, max_rating_id, max_correction_id) VALUES (?, ?, ?, ?)"
+                " RETURNING id",
                 (RunState.RUNNING, now, max_rating_id, max_correction_id),
             )
-            return int(cursor.lastrowid or 0)
+            assert row is not None
+            return int(row[0])
 
         return await self._db.write(op)
 

@@ -1,12 +1,40 @@
-"""Schema and migrations. ``PRAGMA user_version`` holds the number of applied steps.
+"""Schema and migrations: one history for both backends.
 
-A step is one string of statements separated by ``;``, or a tuple of statements (for
-statements such as triggers that hold ``;`` themselves).
+SQLite keeps the number of applied steps in ``PRAGMA user_version``, PostgreSQL in the table
+``learnloop_schema``. A step is one string of statements separated by ``;``, or a tuple whose
+items are single statements (for statements such as triggers that hold ``;`` themselves) or
+``Dialects``: statements that differ between the backends (the full-text index; the ``rowid``
+that PostgreSQL lacks).
+
+The statements are written in SQLite's dialect with the types spelled in upper case;
+``postgres_ddl`` rewrites them for PostgreSQL with four rules, and nothing else: ``INTEGER
+PRIMARY KEY AUTOINCREMENT`` becomes an identity column, ``INTEGER`` becomes ``BIGINT`` (SQLite's
+integers are 64-bit), ``REAL`` becomes ``DOUBLE PRECISION`` (SQLite's reals are 8-byte floats,
+PostgreSQL's ``REAL`` is 4 bytes), and ``TEXT`` gets ``COLLATE "C"`` (SQLite compares text
+byte by byte, so ``ORDER BY`` and keyset paging order the same on both).
 """
 
 from __future__ import annotations
 
-MIGRATIONS: tuple[str | tuple[str, ...], ...] = (
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Dialects:
+    """Statements of one step that differ between the backends (each a tuple of single statements)."""
+
+    sqlite: tuple[str, ...] = ()
+    postgresql: tuple[str, ...] = ()
+
+
+def _each(text: str) -> tuple[str, ...]:
+    return tuple(part for part in text.split(";") if part.strip())
+
+
+Step = str | tuple[str | Dialects, ...]
+
+MIGRATIONS: tuple[Step, ...] = (
     # 1: the initial schema
     """
     CREATE TABLE conversations (
@@ -153,18 +181,25 @@ MIGRATIONS: tuple[str | tuple[str, ...], ...] = (
         # covers the version filter's set (the conversations a version answered in) without the table
         "CREATE INDEX messages_version_conversation ON messages(model_version, conversation_id)",
         "CREATE INDEX audit_actor ON audit_log(actor)",
-        "CREATE VIRTUAL TABLE messages_fts USING fts5(text, content='messages', content_rowid='rowid')",
-        """CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
-            INSERT INTO messages_fts(rowid, text) VALUES (new.rowid, new.text);
-        END""",
-        """CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
-            INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.rowid, old.text);
-        END""",
-        """CREATE TRIGGER messages_fts_update AFTER UPDATE OF text ON messages BEGIN
-            INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.rowid, old.text);
-            INSERT INTO messages_fts(rowid, text) VALUES (new.rowid, new.text);
-        END""",
-        "INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')",
+        Dialects(
+            sqlite=(
+                "CREATE VIRTUAL TABLE messages_fts USING fts5(text, content='messages', content_rowid='rowid')",
+                """CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
+                    INSERT INTO messages_fts(rowid, text) VALUES (new.rowid, new.text);
+                END""",
+                """CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+                    INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.rowid, old.text);
+                END""",
+                """CREATE TRIGGER messages_fts_update AFTER UPDATE OF text ON messages BEGIN
+                    INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.rowid, old.text);
+                    INSERT INTO messages_fts(rowid, text) VALUES (new.rowid, new.text);
+                END""",
+                "INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')",
+            ),
+            # the console's search (feedback/browse.py): an expression index, so messages gets no
+            # column that SELECT * would return; 'simple' (no stemming, no stop words) is FTS5's unicode61
+            postgresql=("CREATE INDEX messages_search ON messages USING gin (to_tsvector('simple', text))",),
+        ),
     ),
     # 5: channels: the widget site a conversation came from
     """
@@ -173,7 +208,9 @@ MIGRATIONS: tuple[str | tuple[str, ...], ...] = (
     """,
     # 6: IM channels (Telegram, Slack, signed webhooks): the conversation of each platform thread,
     # inbound events (each processed once, also after a restart) and the outbox of platform calls
-    """
+    (
+        *_each(
+            """
     CREATE TABLE channel_threads (
         conversation_id  TEXT PRIMARY KEY REFERENCES conversations(id) ON DELETE CASCADE,
         channel          TEXT NOT NULL,
@@ -225,9 +262,15 @@ MIGRATIONS: tuple[str | tuple[str, ...], ...] = (
     );
     CREATE INDEX outbox_lanes ON outbox(state, lane, id);
     CREATE INDEX outbox_conversation ON outbox(conversation_id);
-    """,
-    # 7: the OpenAI-compatible API: its keys (SHA-256 hashes only) and each conversation's opening
     """
+        ),
+        # the newest conversation of a thread breaks ties by insertion order (feedback/inbox.py)
+        Dialects(postgresql=("ALTER TABLE channel_threads ADD COLUMN rowid BIGINT GENERATED ALWAYS AS IDENTITY",)),
+    ),
+    # 7: the OpenAI-compatible API: its keys (SHA-256 hashes only) and each conversation's opening
+    (
+        *_each(
+            """
     CREATE TABLE api_keys (
         key_hash    TEXT PRIMARY KEY,
         name        TEXT NOT NULL,
@@ -240,7 +283,11 @@ MIGRATIONS: tuple[str | tuple[str, ...], ...] = (
         created_at       REAL NOT NULL
     );
     CREATE INDEX api_openings_opening ON api_openings(opening, created_at);
-    """,
+    """
+        ),
+        # the newest conversations of an opening break ties by insertion order (feedback/apikeys.py)
+        Dialects(postgresql=("ALTER TABLE api_openings ADD COLUMN rowid BIGINT GENERATED ALWAYS AS IDENTITY",)),
+    ),
     # 8: erasure reaches the model: when a version was found trained on an erased user's data, and
     # when its adapter files were deleted
     """
@@ -250,3 +297,30 @@ MIGRATIONS: tuple[str | tuple[str, ...], ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+_IDENTITY = re.compile(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b")
+_INTEGER = re.compile(r"\bINTEGER\b")
+_REAL = re.compile(r"\bREAL\b")
+_TEXT = re.compile(r"\bTEXT\b")
+
+
+def postgres_ddl(statement: str) -> str:
+    """A statement of the history in PostgreSQL's types (the four rules in this module's docstring)."""
+    statement = _IDENTITY.sub("BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY", statement)
+    statement = _INTEGER.sub("BIGINT", statement)
+    statement = _REAL.sub("DOUBLE PRECISION", statement)
+    return _TEXT.sub('TEXT COLLATE "C"', statement)
+
+
+def statements(number: int, dialect: str) -> list[str]:
+    """The statements of step ``number`` (0-based) for ``dialect`` (``sqlite`` or ``postgresql``)."""
+    step = MIGRATIONS[number]
+    parts: tuple[str | Dialects, ...] = _each(step) if isinstance(step, str) else step
+    out: list[str] = []
+    for part in parts:
+        if isinstance(part, Dialects):
+            out += part.sqlite if dialect == "sqlite" else part.postgresql
+        elif part.strip():
+            out.append(part)
+    return out if dialect == "sqlite" else [postgres_ddl(s) for s in out]

@@ -1,8 +1,8 @@
 """The durable feedback store: one database and one object per concept over it.
 
 ``FeedbackStore`` holds the ``Database`` (``feedback/db.py``: one writer with group
-commit, acknowledgements only after ``COMMIT``) and a namespace per concept, each its own
-module::
+commit, acknowledgements only after ``COMMIT``; a SQLite file or PostgreSQL) and a namespace
+per concept, each its own module::
 
     store.conversations  conversations, messages, ratings, corrections, exclusions, snapshot
     store.versions       model versions: states, live, canary, rollback, stats
@@ -24,7 +24,7 @@ from feedback.accounts import Accounts
 from feedback.apikeys import ApiKeys
 from feedback.browse import Browse
 from feedback.conversations import Conversations
-from feedback.db import Database
+from feedback.db import Database, open_database
 from feedback.erasure import Erasure
 from feedback.inbox import Inbox
 from feedback.outbox import Outbox
@@ -50,9 +50,14 @@ class FeedbackStore:
         self.outbox = Outbox(db)
 
     @classmethod
-    async def open(cls, path: str | Path) -> FeedbackStore:
-        """Open (or create) the database at ``path``, migrate it, and re-apply erasures."""
-        store = cls(await Database.open(path))
+    async def open(cls, target: str | Path, *, tombstone_path: Path | None = None) -> FeedbackStore:
+        """Open (or create) the database, migrate it, and re-apply erasures.
+
+        ``target``: a SQLite file (the default backend) or a ``postgresql://`` URL
+        (``feedback.db.open_database``); ``tombstone_path``: the erasures file (beside a SQLite
+        file by default; required for PostgreSQL).
+        """
+        store = cls(await open_database(target, tombstone_path=tombstone_path))
         try:
             await store.erasure.reapply_tombstones()
         except BaseException:

@@ -15,7 +15,8 @@ from typing import Any
 
 from feedback import rows
 from feedback.accounts import write_audit
-from feedback.db import Connection, Database, fetch_one
+from feedback.browse import THUMBS
+from feedback.db import Connection, Database, Row, fetch_one
 from feedback.exceptions import InvalidError, NotFoundError
 from feedback.records import BASE_VERSION, ModelVersion, VersionState, VersionStats
 
@@ -224,24 +225,45 @@ class Versions:
         without replies gets zeros."""
         # the whole history reads the version index, not a lookup per row through created_at's
         when = "created_at >= ?" if since > 0 else "+created_at >= ?"
-        found = await self._db.read(
+        if self._db.backend == "postgresql":  # one grouped pass over ratings, not a subquery per reply
+            found = await self._db.read(
+                "WITH replies AS (SELECT id, conversation_id, model_version, latency_ms, n_tokens, finish_reason"
+                "  FROM messages WHERE role = 'assistant' AND author IS NULL AND model_version IS NOT NULL"
+                "  AND created_at >= ?),"
+                f" {THUMBS}, regens AS (SELECT DISTINCT regenerated_from AS id FROM messages"
+                "  WHERE regenerated_from IS NOT NULL)"
+                " SELECT p.model_version, COUNT(DISTINCT p.conversation_id),"
+                "  COUNT(*) FILTER (WHERE p.finish_reason != 'error'),"
+                "  CAST(COALESCE(SUM(t.ups), 0) AS INTEGER), CAST(COALESCE(SUM(t.downs), 0) AS INTEGER),"
+                "  COUNT(g.id), COUNT(*) FILTER (WHERE p.finish_reason = 'error'),"
+                "  AVG(CASE WHEN p.finish_reason != 'error' THEN p.latency_ms END),"
+                "  AVG(CASE WHEN p.finish_reason != 'error' THEN p.n_tokens END)"
+                " FROM replies p LEFT JOIN thumbs t ON t.message_id = p.id LEFT JOIN regens g ON g.id = p.id"
+                " GROUP BY p.model_version",
+                (since,),
+            )
+        else:
+            found = await self._read_all_stats(when, since)
+        out = {name: VersionStats(name, 0, 0, 0, 0, 0, 0, None, None) for name in await self._names()}
+        for r in found:
+            out[str(r[0])] = VersionStats(str(r[0]), r[1], r[2] or 0, r[3], r[4], r[5], r[6] or 0, r[7], r[8])
+        return out
+
+    async def _read_all_stats(self, when: str, since: float) -> list[Row]:
+        return await self._db.read(
             "WITH replies AS (SELECT id, conversation_id, model_version, latency_ms, n_tokens, finish_reason"
             "  FROM messages WHERE role = 'assistant' AND author IS NULL AND model_version IS NOT NULL"
             f"  AND {when})"
-            " SELECT model_version, COUNT(DISTINCT conversation_id), SUM(finish_reason != 'error'),"
-            "  SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = p.id AND r.value = 1)),"
-            "  SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = p.id AND r.value = -1)),"
-            "  SUM(EXISTS (SELECT 1 FROM messages x WHERE x.regenerated_from = p.id)),"
-            "  SUM(finish_reason = 'error'),"
+            " SELECT model_version, COUNT(DISTINCT conversation_id), COUNT(*) FILTER (WHERE finish_reason != 'error'),"
+            "  CAST(SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = p.id AND r.value = 1)) AS INTEGER),"
+            "  CAST(SUM((SELECT COUNT(*) FROM ratings r WHERE r.message_id = p.id AND r.value = -1)) AS INTEGER),"
+            "  COUNT(*) FILTER (WHERE EXISTS (SELECT 1 FROM messages x WHERE x.regenerated_from = p.id)),"
+            "  COUNT(*) FILTER (WHERE finish_reason = 'error'),"
             "  AVG(CASE WHEN finish_reason != 'error' THEN latency_ms END),"
             "  AVG(CASE WHEN finish_reason != 'error' THEN n_tokens END)"
             " FROM replies p GROUP BY model_version",
             (since,),
         )
-        out = {name: VersionStats(name, 0, 0, 0, 0, 0, 0, None, None) for name in await self._names()}
-        for r in found:
-            out[str(r[0])] = VersionStats(str(r[0]), r[1], r[2] or 0, r[3], r[4], r[5], r[6] or 0, r[7], r[8])
-        return out
 
     async def _names(self) -> list[str]:
         return [str(r[0]) for r in await self._db.read("SELECT name FROM model_versions ORDER BY seq")]
@@ -259,7 +281,7 @@ class Versions:
     async def thumbs(self) -> dict[str, tuple[int, int]]:
         """(thumbs up, thumbs down) on model-written replies, per version, in one pass (for metrics)."""
         found = await self._db.read(
-            "SELECT m.model_version, SUM(r.value = 1), SUM(r.value = -1) FROM ratings r"
+            "SELECT m.model_version, COUNT(*) FILTER (WHERE r.value = 1), COUNT(*) FILTER (WHERE r.value = -1) FROM ratings r"
             " JOIN messages m ON m.id = r.message_id"
             " WHERE m.role = 'assistant' AND m.author IS NULL AND m.model_version IS NOT NULL"
             " GROUP BY m.model_version"

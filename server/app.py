@@ -64,7 +64,7 @@ class App:
     async def lifespan(self) -> AsyncIterator[App]:
         s = self.settings
         # the store first: an unwritable data folder or a store without WAL refuses before the model loads
-        self.store = store = await FeedbackStore.open(s.db_path)
+        self.store = store = await FeedbackStore.open(s.store_target, tombstone_path=s.tombstone_path)
         scheduler = None
         tasks: list[asyncio.Task[None]] = []
         server = None

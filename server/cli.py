@@ -29,7 +29,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _with_store(settings: Settings, fn: Callable[[FeedbackStore], Awaitable[Any]]) -> Any:
-    store = await FeedbackStore.open(settings.db_path)
+    store = await FeedbackStore.open(settings.store_target, tombstone_path=settings.tombstone_path)
     try:
         return await fn(store)
     finally:

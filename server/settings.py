@@ -1,7 +1,7 @@
 """Settings: read once, in one place. Defaults < TOML file < environment < command line.
 
 The file (``--config PATH`` or ``$LEARNLOOP_CONFIG``) has a top-level ``data_dir``, the
-sections ``[server]``, ``[model]``, ``[schedule]``, ``[training]``, ``[gate]``, ``[trust]``,
+sections ``[server]``, ``[store]``, ``[model]``, ``[schedule]``, ``[training]``, ``[gate]``, ``[trust]``,
 ``[canary]``, ``[console]``, ``[channels]`` and ``[outbox]``, and named tables: one per widget
 site (``[sites.shop]``), Telegram bot (``[telegram.support]``), Slack app (``[slack.support]``)
 and signed-webhook sender (``[webhooks.helpdesk]``). Every key can be set from the environment
@@ -286,6 +286,25 @@ class ModelConfig:
             raise SettingsError(f"model.dtype {self.dtype!r}: use bfloat16 or float32")
 
 
+STORE_SCHEMES = ("postgresql://", "postgres://", "sqlite:///")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: Secret | None = field(
+        default=None,
+        metadata={
+            "help": "Where the feedback store lives. Unset: the SQLite file data_dir/learnloop.db (the default); "
+            "postgresql://USER:PASSWORD@HOST:PORT/DBNAME: PostgreSQL (pip install 'learnloop[postgres]'; the "
+            "schema is created and migrated at start-up); sqlite:///ABSOLUTE/PATH: another SQLite file. Never printed."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not self.url.reveal().startswith(STORE_SCHEMES):
+            raise SettingsError(f"store.url: use {', '.join(STORE_SCHEMES)}... or leave it unset")
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     enabled: bool = field(default=True, metadata={"help": "Run the training cycle on a schedule inside the server."})
@@ -320,6 +339,7 @@ class Settings:
         default=Path("learnloop-data"), metadata={"help": "Database, adapters and training runs live here."}
     )
     server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainConfig = field(default_factory=TrainConfig)
@@ -338,9 +358,20 @@ class Settings:
     def db_path(self) -> Path:
         return self.data_dir / "learnloop.db"
 
+    @property
+    def store_target(self) -> str | Path:
+        """What ``FeedbackStore.open`` takes: ``store.url`` when set, else the SQLite file ``db_path``."""
+        return self.store.url.reveal() if self.store.url is not None else self.db_path
+
+    @property
+    def tombstone_path(self) -> Path:
+        """The erasures file (hashes only), in ``data_dir`` whichever backend holds the store."""
+        return self.data_dir / "learnloop.db.erasures"
+
 
 SECTIONS: dict[str, type] = {
     "server": ServerConfig,
+    "store": StoreConfig,
     "model": ModelConfig,
     "schedule": ScheduleConfig,
     "training": TrainConfig,

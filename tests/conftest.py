@@ -12,22 +12,48 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.factories import build_tiny_model
+from tests.store_backends import BACKENDS, StoreTarget, drop_schema, make_target
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(autouse=True)
 def no_leaked_database_threads() -> Iterator[None]:
-    """A store left open keeps an aiosqlite thread alive, and the test process never exits."""
+    """A store left open keeps an aiosqlite thread (or the PostgreSQL writer's) alive, and the test
+    process never exits."""
     before = {t.ident for t in threading.enumerate()}
     yield
     deadline = time.monotonic() + 5
     while True:
-        leaked = [t.name for t in threading.enumerate() if t.ident not in before and "_connection_worker" in t.name]
+        leaked = [
+            t.name
+            for t in threading.enumerate()
+            if t.ident not in before and ("_connection_worker" in t.name or "feedback-pg-writer" in t.name)
+        ]
         if not leaked or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert not leaked, f"database connections left open: {leaked}"
+
+
+@pytest.fixture(params=BACKENDS)
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreTarget]:
+    """Where the test's store lives, once per backend: a SQLite file in ``tmp_path``, or a fresh
+    PostgreSQL schema, dropped afterwards (tests/store_backends.py; skipped without a server,
+    except in CI). Open it with ``await store_target.open()``, as often as the test reopens."""
+    target = make_target(request.param, tmp_path)
+    yield target
+    if target.schema is not None:
+        drop_schema(target.schema)
+
+
+@pytest.fixture
+def postgres_target(tmp_path: Path) -> Iterator[StoreTarget]:
+    """A fresh PostgreSQL schema for a test about PostgreSQL alone (as ``store_target``'s second case)."""
+    target = make_target("postgresql", tmp_path)
+    yield target
+    assert target.schema is not None
+    drop_schema(target.schema)
 
 
 @pytest.fixture(scope="session")

@@ -19,20 +19,22 @@ OPERATORS = {"alice": "admin", "rita": "reviewer", "vic": "viewer"}
 
 
 @contextlib.asynccontextmanager
-async def running_app(tiny_model: Path, tmp_path: Path) -> AsyncIterator[App]:
-    """A running server (gateway + console) on the tiny model with the three operators."""
-    a = App(console_settings(tiny_model, tmp_path))
+async def running_app(tiny_model: Path, tmp_path: Path, *, store_url: str | None = None) -> AsyncIterator[App]:
+    """A running server (gateway + console) on the tiny model with the three operators; ``store_url``:
+    the store's ``store.url`` (None: the SQLite file in ``tmp_path/data``)."""
+    a = App(console_settings(tiny_model, tmp_path, store_url=store_url))
     async with a.lifespan():
         assert a.store is not None
         await add_operators(a.store)
         yield a
 
 
-def console_settings(tiny_model: Path, tmp_path: Path) -> Settings:
+def console_settings(tiny_model: Path, tmp_path: Path, *, store_url: str | None = None) -> Settings:
     return load_settings(
         env={},
         data_dir=tmp_path / "data",
         overrides={
+            "store": {"url": store_url},
             "console": {"port": 0},
             "channels": {"port": 0},
             "server": {"port": 0},

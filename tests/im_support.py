@@ -35,6 +35,7 @@ def im_settings(
     telegram: str | None = None,
     slack: str | None = None,
     webhook: str | None = None,
+    store_url: str | None = None,
     **outbox: Any,
 ) -> Settings:
     """An App on ports 0 with the tiny model, talking to the stand-ins at these base URLs."""
@@ -42,6 +43,7 @@ def im_settings(
         env={},
         data_dir=data_dir,
         overrides={
+            "store": {"url": store_url},
             "console": {"enabled": False},
             "channels": {"port": 0, "requests_per_minute": 0},
             "server": {"port": 0},

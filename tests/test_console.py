@@ -26,11 +26,14 @@ from tests.console_support import (
     running_app,
     seed,
 )
+from tests.store_backends import StoreTarget
 
 
 @pytest.fixture
-async def app(tiny_model: Path, tmp_path: Path) -> AsyncIterator[App]:
-    async with running_app(tiny_model, tmp_path) as a:
+async def app(tiny_model: Path, tmp_path: Path, store_target: StoreTarget) -> AsyncIterator[App]:
+    """The console on each backend (store.url for PostgreSQL)."""
+    url = None if store_target.backend == "sqlite" else str(store_target.target)
+    async with running_app(tiny_model, tmp_path, store_url=url) as a:
         yield a
 
 
@@ -321,12 +324,12 @@ async def test_channels_sites_and_versions_as_the_console_shows_them(app: App, s
         await http.aclose()
 
 
-async def test_the_versions_page_stats_in_one_pass_equal_each_versions_stats(tmp_path: Path) -> None:
-    """``versions.all_stats`` (GET /versions) against ``versions.stats`` (the canary's) on real SQLite:
+async def test_the_versions_page_stats_in_one_pass_equal_each_versions_stats(store_target: StoreTarget) -> None:
+    """``versions.all_stats`` (GET /versions) against ``versions.stats`` (the canary's) on both backends:
     thumbs, a regeneration, an error, an operator's turn, a version with no reply, a ``since``."""
-    from feedback import FeedbackStore, Role
+    from feedback import Role
 
-    store = await FeedbackStore.open(tmp_path / "fb.sqlite3")
+    store = await store_target.open()
     try:
         await store.versions.ensure_base("tiny")
         v1 = await store.versions.register(

@@ -14,6 +14,7 @@ from feedback import FeedbackStore, ModelVersion, VersionState
 from server.app import App
 from server.release import erased_adapters_to_delete
 from tests.console_support import _conversation, bearer, running_app
+from tests.store_backends import StoreTarget
 from tests.test_engine import make_adapter
 from training.validate import ADAPTER_FILE, sha256_file
 
@@ -137,10 +138,10 @@ def test_a_rollback_needs_somewhere_to_go() -> None:
     assert rollback_target(by_name["v1"], by_name) is None  # retired: not serving, nothing to take out
 
 
-async def test_the_store_refuses_a_rollback_to_nowhere(tmp_path: Path) -> None:
+async def test_the_store_refuses_a_rollback_to_nowhere(store_target: StoreTarget) -> None:
     from feedback import InvalidError
 
-    store = await FeedbackStore.open(tmp_path / "fb.sqlite3")
+    store = await store_target.open()
     try:
         await store.versions.ensure_base("tiny")
         names = []

@@ -17,14 +17,16 @@ from feedback import VersionState
 from server.app import App
 from server.settings import load_settings
 from tests.factories import ask_reply, register_candidate
+from tests.store_backends import StoreTarget
 from tests.test_engine import make_adapter
 
 
-def settings(tiny_model: Path, tmp_path: Path, **server: Any) -> Any:
+def settings(tiny_model: Path, tmp_path: Path, *, store_url: str | None = None, **server: Any) -> Any:
     return load_settings(
         env={},
         data_dir=tmp_path / "data",
         overrides={
+            "store": {"url": store_url},
             "console": {"port": 0},
             "channels": {"port": 0},
             "server": {"port": 0, **server},
@@ -35,8 +37,10 @@ def settings(tiny_model: Path, tmp_path: Path, **server: Any) -> Any:
 
 
 @pytest.fixture
-async def app(tiny_model: Path, tmp_path: Path) -> AsyncIterator[App]:
-    a = App(settings(tiny_model, tmp_path))
+async def app(tiny_model: Path, tmp_path: Path, store_target: StoreTarget) -> AsyncIterator[App]:
+    """The gateway on each backend (store.url for PostgreSQL)."""
+    url = None if store_target.backend == "sqlite" else str(store_target.target)
+    a = App(settings(tiny_model, tmp_path, store_url=url))
     async with a.lifespan():
         yield a
 

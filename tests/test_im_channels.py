@@ -39,6 +39,7 @@ from tests.im_support import (
     wh_headers,
     wh_message,
 )
+from tests.store_backends import StoreTarget
 
 
 @pytest.fixture
@@ -88,9 +89,9 @@ async def conversations(app: App, channel: str) -> list[str]:
 
 
 async def test_telegram_message_reply_thumbs_and_redeliveries(
-    tiny_model: Path, tmp_path: Path, telegram: TelegramStandIn
+    tiny_model: Path, tmp_path: Path, telegram: TelegramStandIn, store_target: StoreTarget
 ) -> None:
-    app = App(im_settings(tiny_model, tmp_path, telegram=telegram.url))
+    app = App(im_settings(tiny_model, tmp_path, telegram=telegram.url, store_url=store_target.url))
     async with app.lifespan(), listener(app) as http:
         assert app.store is not None
         hook = "/hooks/telegram/support"
@@ -194,8 +195,10 @@ async def test_telegram_streams_a_reply_into_one_message(telegram: TelegramStand
     assert all(e["message_id"] == 1000 and e["text"].endswith(" …") for e in edits)
 
 
-async def test_slack_events_reply_in_thread_and_thumbs(tiny_model: Path, tmp_path: Path, slack: SlackStandIn) -> None:
-    app = App(im_settings(tiny_model, tmp_path, slack=slack.url))
+async def test_slack_events_reply_in_thread_and_thumbs(
+    tiny_model: Path, tmp_path: Path, slack: SlackStandIn, store_target: StoreTarget
+) -> None:
+    app = App(im_settings(tiny_model, tmp_path, slack=slack.url, store_url=store_target.url))
     async with app.lifespan(), listener(app) as http:
         assert app.store is not None
         events, interactivity = "/hooks/slack/team/events", "/hooks/slack/team/interactivity"
@@ -295,8 +298,10 @@ async def _wait_delivered(app: App) -> Any:
     raise AssertionError(f"not delivered: {await app.store.outbox.rows()}")
 
 
-async def test_signed_webhooks_both_ways(tiny_model: Path, tmp_path: Path, receiver: WebhookReceiver) -> None:
-    app = App(im_settings(tiny_model, tmp_path, webhook=receiver.url))
+async def test_signed_webhooks_both_ways(
+    tiny_model: Path, tmp_path: Path, receiver: WebhookReceiver, store_target: StoreTarget
+) -> None:
+    app = App(im_settings(tiny_model, tmp_path, webhook=receiver.url, store_url=store_target.url))
     async with app.lifespan(), listener(app) as http:
         assert app.store is not None
         hook = "/hooks/webhook/helpdesk"

@@ -1,13 +1,15 @@
-"""The IM channels' store: inbox dedupe, outbox lanes and attempts, one-transaction finish, erasure. Real SQLite."""
+"""The IM channels' store: inbox dedupe, outbox lanes and attempts, one-transaction finish, erasure.
+On a real SQLite file and a real PostgreSQL (``store_target``)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from feedback import FeedbackStore, Role
+from feedback import Role
 from feedback.inbox import InboxItem, InboxState, Thread
 from feedback.outbox import OutboxItem, OutboxState
+from tests.store_backends import StoreTarget
 
 
 def item(key: str, lane: str = "telegram:support:42", **body: object) -> OutboxItem:
@@ -18,12 +20,12 @@ def event(key: str, *, lane: str = "telegram:support:42", user: str | None = "te
     return InboxItem("telegram", "support", key, lane, "message", {"text": "hi"}, f"t-{key}", f"r-{key}", user)
 
 
-async def test_a_redelivered_event_is_received_once_also_after_reopening(tmp_path: Path) -> None:
-    async with await FeedbackStore.open(tmp_path / "db") as store:
+async def test_a_redelivered_event_is_received_once_also_after_reopening(store_target: StoreTarget) -> None:
+    async with await store_target.open() as store:
         assert await store.inbox.receive(event("update:1")) is True
         assert await store.inbox.receive(event("update:1")) is False
         assert await store.inbox.receive(event("update:2")) is True
-    async with await FeedbackStore.open(tmp_path / "db") as store:
+    async with await store_target.open() as store:
         assert await store.inbox.receive(event("update:1")) is False  # durable: across a restart
         [head] = await store.inbox.due(time.time())  # update:2 waits behind update:1 in its lane
         assert (head.key, head.turn_id, head.reply_id, head.payload) == (
@@ -48,8 +50,8 @@ async def test_a_redelivered_event_is_received_once_also_after_reopening(tmp_pat
         assert await store.inbox.due(now) == [] and await store.inbox.next_due_at() == now + 60
 
 
-async def test_outbox_keys_lanes_and_attempts(tmp_path: Path) -> None:
-    async with await FeedbackStore.open(tmp_path / "db") as store:
+async def test_outbox_keys_lanes_and_attempts(store_target: StoreTarget) -> None:
+    async with await store_target.open() as store:
         assert await store.outbox.enqueue([item("a"), item("b"), item("c", lane="telegram:support:7")]) == 3
         assert await store.outbox.enqueue([item("a", text="again")]) == 0  # the same key is one call
         now = time.time()
@@ -79,8 +81,8 @@ async def test_outbox_keys_lanes_and_attempts(tmp_path: Path) -> None:
         assert await store.outbox.counts() == {"pending": 2, "delivered": 1, "failed": 0}
 
 
-async def test_outbox_gives_up_old_rows_and_an_operator_requeues_them(tmp_path: Path) -> None:
-    async with await FeedbackStore.open(tmp_path / "db") as store:
+async def test_outbox_gives_up_old_rows_and_an_operator_requeues_them(store_target: StoreTarget) -> None:
+    async with await store_target.open() as store:
         await store.outbox.enqueue([item("old")])
         [row] = await store.outbox.give_up(created_before=time.time() + 1)
         failed = await store.outbox.get(row.id)
@@ -98,8 +100,8 @@ async def test_outbox_gives_up_old_rows_and_an_operator_requeues_them(tmp_path: 
         assert await store.outbox.prune(delivered_before=time.time() + 1) == 1
 
 
-async def test_threads_map_to_their_newest_conversation(tmp_path: Path) -> None:
-    async with await FeedbackStore.open(tmp_path / "db") as store:
+async def test_threads_map_to_their_newest_conversation(store_target: StoreTarget) -> None:
+    async with await store_target.open() as store:
         thread = Thread("telegram", "support", "42")
         assert await store.inbox.thread_conversation(thread) is None
         for cid in ("c1", "c2"):
@@ -110,8 +112,8 @@ async def test_threads_map_to_their_newest_conversation(tmp_path: Path) -> None:
         assert await store.inbox.thread_of("nope") is None
 
 
-async def test_erasing_a_user_takes_their_threads_outbox_and_pending_events(tmp_path: Path) -> None:
-    async with await FeedbackStore.open(tmp_path / "db") as store:
+async def test_erasing_a_user_takes_their_threads_outbox_and_pending_events(store_target: StoreTarget) -> None:
+    async with await store_target.open() as store:
         await store.conversations.create("c1", user_id="telegram:42", channel="telegram", site="support")
         await store.conversations.add_message(
             message_id="u1", conversation_id="c1", role=Role.USER, text="secret order 4711", parent_id=None
@@ -126,5 +128,6 @@ async def test_erasing_a_user_takes_their_threads_outbox_and_pending_events(tmp_
         assert await store.inbox.thread_of("c1") is None
         assert await store.outbox.rows() == []
         assert [r.key for r in await store.inbox.rows()] == ["update:10"]
-    data = (tmp_path / "db").read_bytes()
-    assert b"4711" not in data
+    if store_target.backend == "sqlite":  # the bytes left the file (PostgreSQL: tests/test_erasure.py)
+        assert isinstance(store_target.target, Path)
+        assert b"4711" not in store_target.target.read_bytes()

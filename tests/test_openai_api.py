@@ -23,17 +23,20 @@ from server.engines import Engine, SamplingConfig
 from server.errors import ApiError
 from server.ratelimit import KeyedRateLimiter
 from server.settings import load_settings
+from tests.store_backends import StoreTarget
 from training.signals import build_training_data
 
 PER_KEY_PER_MINUTE = 20
 
 
 @pytest.fixture
-async def app(tiny_model: Path, tmp_path: Path) -> AsyncIterator[App]:
+async def app(tiny_model: Path, tmp_path: Path, store_target: StoreTarget) -> AsyncIterator[App]:
+    """The OpenAI-compatible API on each backend (store.url for PostgreSQL)."""
     settings = load_settings(
         env={},
         data_dir=tmp_path,
         overrides={
+            "store": {"url": None if store_target.backend == "sqlite" else str(store_target.target)},
             "server": {"port": 0},
             "console": {"enabled": False},
             "channels": {

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from feedback import FeedbackStore, RaterState, Role
+from tests.store_backends import StoreTarget
 from training.config import CycleConfig
 from training.cycle import prepare
 
@@ -67,9 +68,11 @@ async def attack(store: FeedbackStore, good: dict[str, bool], identities: list[s
 
 
 @pytest.mark.parametrize("identities", [["mallory"], [f"sybil{i}" for i in range(20)]], ids=["one", "twenty"])
-async def test_coordinated_ratings_are_held_and_capped(tmp_path: Path, identities: list[str]) -> None:
+async def test_coordinated_ratings_are_held_and_capped(
+    store_target: StoreTarget, tmp_path: Path, identities: list[str]
+) -> None:
     rng = random.Random(1)
-    async with await FeedbackStore.open(tmp_path / "db.sqlite") as store:
+    async with await store_target.open() as store:
         good = await seed(store, rng)
         await attack(store, good, identities, rng)
         snapshot = await store.conversations.export_feedback()

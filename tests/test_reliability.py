@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import logging
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -17,11 +18,13 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from feedback import FeedbackStore, StoreError, db
+from feedback import FeedbackStore, StoreError
+from feedback import sqlite as sqlite_backend
 from feedback.db import Connection
 from server.admission import bearer_subprotocol
 from server.app import App
 from server.settings import SiteConfig, load_settings
+from tests.store_backends import StoreTarget
 from tests.test_gateway import settings
 
 ROOT = Path(__file__).parent.parent
@@ -126,7 +129,8 @@ async def test_a_store_whose_wal_did_not_take_effect_is_refused_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # as on a filesystem without shared memory: the WAL pragma is not honoured (here: not issued)
-    monkeypatch.setattr(db, "_PRAGMAS", tuple(p for p in db._PRAGMAS if "journal_mode" not in p))
+    pragmas = tuple(p for p in sqlite_backend._PRAGMAS if "journal_mode" not in p)
+    monkeypatch.setattr(sqlite_backend, "_PRAGMAS", pragmas)
     with pytest.raises(StoreError) as refused:
         await FeedbackStore.open(tmp_path / "x.db")
     assert "journal_mode is delete, not wal" in str(refused.value) and "\n" not in str(refused.value)
@@ -135,10 +139,28 @@ async def test_a_store_whose_wal_did_not_take_effect_is_refused_in_one_line(
 async def test_a_store_whose_synchronous_level_did_not_take_effect_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pragmas = tuple(p.replace("synchronous=FULL", "synchronous=NORMAL") for p in db._PRAGMAS)
-    monkeypatch.setattr(db, "_PRAGMAS", pragmas)
+    pragmas = tuple(p.replace("synchronous=FULL", "synchronous=NORMAL") for p in sqlite_backend._PRAGMAS)
+    monkeypatch.setattr(sqlite_backend, "_PRAGMAS", pragmas)
     with pytest.raises(StoreError, match="synchronous is 1, not 2"):
         await FeedbackStore.open(tmp_path / "x.db")
+
+
+async def test_a_postgresql_store_whose_commits_are_not_flushed_is_refused(postgres_target: StoreTarget) -> None:
+    """``synchronous_commit=off`` (here set for the connection, as a server's configuration could):
+    COMMIT would return before the commit is on disk, so an ack could be lost; the store refuses."""
+    url = str(postgres_target.target) + "%20-csynchronous_commit%3Doff"
+    with pytest.raises(StoreError, match="synchronous_commit is off") as refused:
+        await FeedbackStore.open(url, tombstone_path=postgres_target.tombstones)
+    assert "\n" not in str(refused.value) and "postgres@" not in str(refused.value)
+
+
+async def test_a_postgresql_server_that_does_not_answer_is_refused_in_one_line(tmp_path: Path) -> None:
+    url = "postgresql://learnloop:hunter2@127.0.0.1:1/nowhere?connect_timeout=3"
+    with pytest.raises(
+        StoreError, match=re.escape("cannot connect to postgresql://learnloop@127.0.0.1:1/nowhere")
+    ) as refused:
+        await FeedbackStore.open(url, tombstone_path=tmp_path / "erasures")
+    assert "hunter2" not in str(refused.value) and "\n" not in str(refused.value)  # one line, no password
 
 
 async def test_an_unwritable_data_folder_is_refused_in_one_line(tmp_path: Path) -> None:

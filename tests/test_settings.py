@@ -219,3 +219,15 @@ def test_auto_engine_serves_llamacpp_only_where_it_can() -> None:
         "transformers",
         "model.name '/some/tiny/folder' has no GGUF: set model.gguf to serve it with llama.cpp",
     )
+
+
+def test_the_store_is_a_sqlite_file_unless_store_url_names_postgresql(tmp_path: Path) -> None:
+    s = load_settings(env={}, data_dir=tmp_path)
+    assert s.store.url is None and s.store_target == tmp_path / "learnloop.db"
+    assert s.tombstone_path == tmp_path / "learnloop.db.erasures"
+    url = "postgresql://learnloop:hunter2@db.internal:5432/learnloop"
+    s = load_settings(env={"LEARNLOOP_STORE_URL": url}, data_dir=tmp_path)
+    assert s.store_target == url and s.tombstone_path == tmp_path / "learnloop.db.erasures"
+    assert "hunter2" not in repr(s.store) and "hunter2" not in str(s)  # a Secret: never printed
+    with pytest.raises(SettingsError, match=r"store\.url"):
+        load_settings(env={"LEARNLOOP_STORE_URL": "mysql://x@y/z"})
