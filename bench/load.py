@@ -2,10 +2,12 @@
 
 The server is a real ``learnloop serve`` process with the tiny random Llama (the model's speed is
 not the point: the gateway and the store are), on a free port; clients are websocket connections
-on loopback from this process. Three phases:
+on loopback from this process. Three phases (and 1b):
 
 1. ``--sessions`` clients at once, each chatting once then sending ``--ratings`` ratings:
    dropped connections, unacknowledged ratings, p99 rating ack, the server's peak RSS.
+1b. ``--idle`` sockets that say hello and stay silent: the server's resident memory per idle
+   session (after minus before, over the count) and file descriptors per session.
 2. A burst: ``--burst`` ratings from ``--burst-clients`` clients released at the same moment:
    durable acks per second through the gateway, p99 ack.
 3. ``--kill9`` rounds of a burst killed with SIGKILL at a random moment, then a restart:
@@ -30,8 +32,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from websockets.asyncio.client import connect
 
 from tests.factories import build_tiny_model
 from tests.serve_process import BURST_ENV, RatingSession, ServeProcess, kill9_trials, stored_ratings
@@ -49,6 +54,18 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_now_mb(pid: int) -> float:
+    """The process's resident memory now (``VmRSS``), not its peak."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def cpu_s(pid: int) -> float:
@@ -103,6 +120,41 @@ async def sessions_phase(
     }
 
 
+async def idle_phase(data_dir: Path, model: Path, sockets: int) -> dict[str, float]:
+    """``sockets`` connections that say hello and then stay open, silent: the server's memory per idle
+    session (resident memory after minus before, over the count), read while they are all open."""
+    server = ServeProcess(data_dir, model, env_for(sockets))
+    conns: list[Any] = []
+    try:
+        port = await asyncio.to_thread(server.port)
+        warm = [await connect(f"ws://127.0.0.1:{port}") for _ in range(8)]  # first-use allocations
+        for ws in warm:
+            await ws.send(json.dumps({"type": "hello"}))
+            json.loads(await ws.recv())
+        await asyncio.sleep(1.0)
+        before, fds_before = rss_now_mb(server.proc.pid), open_fds(server.proc.pid)
+        for k in range(0, sockets, 100):  # in waves of 100: the handshakes themselves are not the point
+            wave = await asyncio.gather(*(connect(f"ws://127.0.0.1:{port}") for _ in range(min(100, sockets - k))))
+            for ws in wave:
+                await ws.send(json.dumps({"type": "hello", "user": f"idle{len(conns)}"}))
+                conns.append(ws)
+            for ws in wave:
+                assert json.loads(await ws.recv())["type"] == "ready"
+        await asyncio.sleep(2.0)  # the server settles (its per-connection tasks parked on their reads)
+        after, fds_after = rss_now_mb(server.proc.pid), open_fds(server.proc.pid)
+        for ws in [*warm, *conns]:
+            await ws.close()
+    finally:
+        server.stop()
+    return {
+        "idle_sockets": len(conns),
+        "idle_rss_before_mb": before,
+        "idle_rss_after_mb": after,
+        "idle_kib_per_socket": (after - before) * 1024 / max(len(conns), 1),
+        "idle_fds_per_socket": (fds_after - fds_before) / max(len(conns), 1),
+    }
+
+
 async def burst_phase(data_dir: Path, model: Path, clients_n: int, total: int, window: int | None) -> dict[str, float]:
     server = ServeProcess(data_dir, model, env_for(clients_n))
     per_client = max(1, total // clients_n)
@@ -149,6 +201,9 @@ async def main() -> None:
         help="ratings a client has waiting for their ack (1: the next is sent on the last ack, as learnloop's"
         " client does); phase 2 is also run with every rating sent at once (pipelined) for comparison",
     )
+    parser.add_argument(
+        "--idle", type=int, default=1000, help="idle sockets held open in phase 1b (the server's memory per one)"
+    )
     parser.add_argument("--kill9", type=int, default=20, help="kill -9 rounds (phase 3)")
     parser.add_argument("--kill9-sessions", type=int, default=16)
     parser.add_argument(
@@ -165,6 +220,10 @@ async def main() -> None:
         result: dict[str, float] = {}
         result.update(await sessions_phase(root / "sessions", model, args.sessions, args.ratings, args.window))
         print(f"phase 1: {args.sessions} sessions x {args.ratings} ratings: {result}", flush=True)
+        if args.idle:
+            idle = await idle_phase(root / "idle", model, args.idle)
+            print(f"phase 1b: {args.idle} idle sockets: {idle}", flush=True)
+            result.update(idle)
         burst = await burst_phase(root / "burst", model, args.burst_clients, args.burst, args.window)
         print(f"phase 2: burst, window {args.window}: {burst}", flush=True)
         result.update(burst)
