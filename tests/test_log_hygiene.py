@@ -1,6 +1,7 @@
 """Scenario 20: everything ``learnloop -v serve`` logs (JSON lines, DEBUG) after customers and
 operators sent planted personal data, tokens and credentials, through chat, ratings, errors,
-overload, the console and, as root, a full disk: none of it is in the log."""
+overload, the OpenAI-compatible API, a Telegram bot (its Bot API a local stand-in,
+``tests/im_standins.py``), the console and, as root, a full disk: none of it is in the log."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from tests.im_standins import TelegramStandIn
+from tests.im_support import TG_SECRET, TG_TOKEN, eventually, tg_headers, tg_message, tg_press
 from tests.serve_process import ROOT, ServeProcess
 
 TOKEN = "tok-3b9f1c7e-never-log"
@@ -38,6 +42,7 @@ SAID = f"{WORDS}: my name is {PII['name']}, mail {PII['email']}, call {PII['phon
 SAID += f"IBAN {PII['iban']}, I live at {PII['street']}."
 ADD_ALICE = ("operator", "add", "alice", "--role", "admin", "--password-stdin")
 CONSOLE = re.compile(r"operator console on http://[^:]+:(\d+)")
+CHANNELS = re.compile(r"OpenAI-compatible API on http://[^:]+:(\d+)/v1")
 
 
 async def recv(ws: Any, timeout: float = 60) -> dict[str, Any]:
@@ -117,6 +122,40 @@ async def until_end(ws: Any) -> str:
             return str(frame["code"])
 
 
+async def drive_channels(port: int, key: str, telegram: TelegramStandIn) -> list[str]:
+    """The OpenAI-compatible API (a wrong key, a chat, a thumb with a comment, a refused request) and
+    a Telegram bot (a wrong secret, a message from a user whose name is planted, a thumb pressed),
+    each carrying the planted text; returns the ids of the replies the API gave."""
+    auth = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+        body = {"model": "base", "messages": [{"role": "user", "content": SAID}], "user": PII["email"]}
+        wrong = await c.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key[::-1]}"})
+        assert wrong.status_code == 401, wrong.text
+        answered = await c.post("/v1/chat/completions", json=body, headers=auth)
+        assert answered.status_code == 200, answered.text
+        reply = answered.json()["id"]
+        thumb = await c.post("/v1/feedback", json={"id": reply, "value": -1, "comment": SAID}, headers=auth)
+        assert thumb.status_code == 200, thumb.text
+        unknown = await c.post("/v1/feedback", json={"id": SAID[:60], "value": 1, "comment": SAID}, headers=auth)
+        assert unknown.status_code == 404, unknown.text
+        no_user = {"model": "base", "messages": [{"role": "assistant", "content": SAID}]}
+        assert (await c.post("/v1/chat/completions", json=no_user, headers=auth)).status_code == 422
+
+        hook = "/hooks/telegram/support"
+        update = tg_message(1, SAID, user=4242, chat=4242)
+        update["message"]["from"].update(first_name=PII["name"], username=WORDS)
+        assert (await c.post(hook, json=update, headers=tg_headers(TG_SECRET[::-1]))).status_code == 401
+        assert (await c.post(hook, json=update, headers=tg_headers())).status_code == 200
+        [final] = await eventually(
+            lambda: [m for (chat, _), m in telegram.messages.items() if chat == 4242 and "reply_markup" in m],
+            what="the bot's reply with its thumbs",
+        )
+        press = tg_press(2, final, button=1, user=4242)
+        assert (await c.post(hook, json=press, headers=tg_headers())).status_code == 200
+        await eventually(lambda: telegram.calls_of("answerCallbackQuery"), what="the thumb answered")
+    return [reply]
+
+
 async def drive_console(port: int, conversation: str, reply: str) -> list[str]:
     """Log in (after a wrong password), search for PII, read, correct; returns the credentials seen."""
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
@@ -170,6 +209,16 @@ def test_nothing_sent_by_customers_or_operators_reaches_the_log(tiny_model: Path
             cwd=ROOT,
             env={k: v for k, v in os.environ.items() if k != "LEARNLOOP_CONFIG"},
         )
+        key = subprocess.run(
+            [*(sys.executable, "-m", "server.cli", "--data-dir", str(data)), "apikey", "create", "shop"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if k != "LEARNLOOP_CONFIG"},
+        ).stdout.split()[-1]
+        assert key.startswith("llk-"), key
+        telegram = TelegramStandIn(TG_TOKEN)
         env = {
             "LEARNLOOP_SERVER_LOG_FORMAT": "json",
             "LEARNLOOP_SERVER_TOKEN": TOKEN,
@@ -179,20 +228,38 @@ def test_nothing_sent_by_customers_or_operators_reaches_the_log(tiny_model: Path
             "LEARNLOOP_MODEL_MAX_PENDING": "1",
             "LEARNLOOP_MODEL_MAX_NEW_TOKENS": "24",
             "LEARNLOOP_MODEL_DTYPE": "float32",
-            "LEARNLOOP_CHANNELS_ENABLED": "false",
+            "LEARNLOOP_TELEGRAM__SUPPORT__TOKEN": TG_TOKEN,
+            "LEARNLOOP_TELEGRAM__SUPPORT__SECRET_TOKEN": TG_SECRET,
         }
+
+        async def drive(server: ServeProcess) -> tuple[list[str], str, list[str], list[str]]:
+            port = await asyncio.to_thread(server.port)
+            console = next(int(m.group(1)) for line in server.log if (m := CONSOLE.search(line)))
+            channels = next(int(m.group(1)) for line in server.log if (m := CHANNELS.search(line)))
+            ids, reply = await drive_chat(port)
+            api_replies = await drive_channels(channels, key, telegram)
+            credentials = await drive_console(console, ids[0], reply)
+            if mounted:
+                await drive_full_disk(port, data, ids[0], reply)
+            return ids, reply, api_replies, credentials
+
+        # the Bot API stand-in serves from its own loop for the whole test: its port goes into env
+        standin_loop = asyncio.new_event_loop()
+        standin_thread = threading.Thread(target=standin_loop.run_forever, daemon=True)
+        standin_thread.start()
+        asyncio.run_coroutine_threadsafe(telegram.start(), standin_loop).result(30)
+        env["LEARNLOOP_TELEGRAM__SUPPORT__API_BASE"] = telegram.url
         server = ServeProcess(data, tiny_model, env, verbose=True)
         try:
-            port = server.port()
-            console = next(int(m.group(1)) for line in server.log if (m := CONSOLE.search(line)))
-            ids, reply = asyncio.run(drive_chat(port))
-            credentials = asyncio.run(drive_console(console, ids[0], reply))
-            if mounted:
-                asyncio.run(drive_full_disk(port, data, ids[0], reply))
+            ids, _, _, credentials = asyncio.run(drive(server))
             server.proc.send_signal(signal.SIGTERM)
             assert server.proc.wait(30) == 0
         finally:
             server.stop()
+            asyncio.run_coroutine_threadsafe(telegram.stop(), standin_loop).result(30)
+            standin_loop.call_soon_threadsafe(standin_loop.stop)
+            standin_thread.join(30)
+            standin_loop.close()
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(data)], check=False)
@@ -210,6 +277,11 @@ def test_nothing_sent_by_customers_or_operators_reaches_the_log(tiny_model: Path
         "wrong password": PASSWORD[::-1],
         "words": WORDS,
         **PII,
+        "api key": key,
+        "wrong api key": key[::-1],
+        "telegram bot token": TG_TOKEN,
+        "telegram secret": TG_SECRET,
+        "wrong telegram secret": TG_SECRET[::-1],
         "console session": credentials[0],
         "csrf token": credentials[1],
         **{f"conversation {n}": cid for n, cid in enumerate(ids)},
