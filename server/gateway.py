@@ -89,7 +89,7 @@ class _Connection:
     def __init__(self, ctx: GatewayContext, ws: ChatSocket) -> None:
         self.ctx = ctx
         self.ws = ws
-        self.user_slot: tuple[str | None, str] | None = None  # (site, user) this connection counts for
+        self.user_slot: tuple[str | None, str, str | None] | None = None  # what this connection counts for
         self.over_user_cap = False
         self.idle_closing = False
         self.session = ChatSession(new_id=new_id, limits=ctx.limits)
@@ -251,7 +251,7 @@ class _Connection:
         cap = self.ctx.max_connections_per_user
         if not cap or self.user is None:
             return True  # an anonymous visitor counts only against its address
-        key = (self.site, self.user)
+        key = user_slot(self.site, self.user, self.ws.address)
         held = sum(1 for c in self.ctx.connections if c is not self and c.user_slot == key)
         if held >= cap:
             log.warning("websocket hello refused: one user holds %d connections", cap)
@@ -357,6 +357,17 @@ class _Connection:
         except Exception as exc:
             code, message, retry_after = public_view(exc, where=f"reply {g.message_id}")
             await self.apply(self.session.failed(g.message_id, code, message, retry_after=retry_after))
+
+
+def user_slot(site: str | None, user: str, address: str | None) -> tuple[str | None, str, str | None]:
+    """What a connection of ``user`` counts against under ``server.max_connections_per_user``.
+
+    A site's user is verified (its page signed ``user_hash``): the cap is per user, wherever they
+    connect from. A plain websocket's ``hello.user`` is only a claim: it is capped per user AND
+    client address, so nobody can fill another user's slots by claiming their name from elsewhere
+    (a backend relaying its users from one address still caps each of them).
+    """
+    return (site, user, None) if site is not None else (None, user, address)
 
 
 @dataclass(frozen=True)

@@ -106,8 +106,9 @@ class ServerConfig:
     max_connections_per_user: int = field(
         default=16,
         metadata={
-            "help": "Websockets open at once for one user (hello.user, or a site's verified user; anonymous "
-            "visitors count only per address); one more gets error rate_limited and close 1013 (0 = no cap)."
+            "help": "Websockets open at once for one user: a site's verified user wherever they connect from, a "
+            "plain hello.user (a claim) per client address; anonymous visitors count only per address. One more "
+            "gets error rate_limited and close 1013 (0 = no cap)."
         },
     )
     idle_timeout_s: float = field(

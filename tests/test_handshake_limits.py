@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from server.admission import bearer_subprotocol
 from server.app import App
+from server.gateway import user_slot
 from server.settings import SiteConfig
 from tests.test_gateway import settings
 from tests.test_reliability import ws_frame
@@ -134,10 +135,15 @@ async def test_connections_are_capped_per_address_with_429_and_per_user_with_clo
             await ann[2].recv()
         assert ann[2].ws.close_code == 1013  # try again later
         assert (await held[0].hello(user="bob"))["type"] == "ready"  # another user is not affected
+        # hello.user is only a claim: "ann" from another address has slots of its own, so nobody
+        # can lock a user out by claiming their name (a site's verified user is capped wherever)
+        elsewhere = await open_client(a.port, local_addr=("127.0.0.4", 0))
+        assert (await elsewhere.hello(user="ann"))["type"] == "ready"
+        await elsewhere.ws.close()
         await ann[0].ws.close()
         again = await open_client(a.port, local_addr=("127.0.0.3", 0))
         assert (await again.hello(user="ann"))["type"] == "ready"
-        assert await conversations(a) == 4  # ann twice, bob, ann again: the refused hello opened nothing
+        assert await conversations(a) == 5  # ann twice, bob, ann elsewhere, ann again: the refused hello opened nothing
 
 
 # --- scenario 11: idle sockets ----------------------------------------------------------------
@@ -346,3 +352,10 @@ async def test_a_client_that_never_reads_holds_at_most_the_write_limit_and_is_dr
         await c.send(type="stop")
         done, _ = await c.until("done")
         assert done["finish_reason"] == "cancelled"
+
+
+def test_a_claimed_user_is_capped_per_address_and_a_verified_one_everywhere() -> None:
+    assert user_slot(None, "ann", "127.0.0.3") != user_slot(None, "ann", "127.0.0.4")
+    assert user_slot(None, "ann", "127.0.0.3") == user_slot(None, "ann", "127.0.0.3")
+    assert user_slot("shop", "ann", "127.0.0.3") == user_slot("shop", "ann", "127.0.0.4")
+    assert user_slot("shop", "ann", "127.0.0.3") != user_slot("blog", "ann", "127.0.0.3")
