@@ -293,7 +293,9 @@ class _Connection:
 
     async def _rate(self, effect: StoreRating) -> list[Effect]:
         rater = self.user or f"conversation:{self.session.conversation_id}"
-        retry_after = self.ctx.rating_limiter.check(rater, time.monotonic())
+        # keyed as the connection cap: a claimed hello.user spends its budget per client address
+        budget = rater if self.user is None else "\x1f".join(map(str, user_slot(self.site, self.user, self.ws.address)))
+        retry_after = self.ctx.rating_limiter.check(budget, time.monotonic())
         if retry_after is not None:
             return [
                 Send(

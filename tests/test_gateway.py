@@ -236,6 +236,13 @@ async def test_ratings_are_limited_per_rater_across_connections(
         done, _ = await other.chat("hi", "s")
         await other.send(type="rating", message_id=done["message_id"], value=1, id="s1")
         await other.until("ack")
+        # hello.user is a claim: "rita" from another address has a budget of its own, so a stranger
+        # cannot spend hers (a site's verified user has one budget wherever they rate from)
+        claimed = await open_client(a.port, local_addr=("127.0.0.2", 0))
+        await claimed.hello(user="rita")
+        done, _ = await claimed.chat("hi", "x")
+        await claimed.send(type="rating", message_id=done["message_id"], value=1, id="x1")
+        await claimed.until("ack")
 
 
 async def test_five_times_capacity_excess_refused_fast_the_rest_complete(
