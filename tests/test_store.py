@@ -462,3 +462,49 @@ async def test_a_sqlite_url_names_the_file(tmp_path: Path) -> None:
     async with await FeedbackStore.open(f"sqlite://{path}") as store:
         await seed(store)
     assert path.exists() and path.with_name("store.db.erasures") == store.db.tombstone_path
+
+
+async def test_one_training_lease_holder_when_two_stores_ask_at_once(store_target: StoreTarget) -> None:
+    """The training lease (``training/cycle.py``: one run at a time across processes) on two stores
+    opened on one database. On PostgreSQL a second client holds a lock on ``leases`` until both
+    asks are waiting at their write, so both have read the lease as free first (what let both
+    take it when the check was a SELECT before the upsert): still exactly one holder, each time."""
+    first, second = await store_target.open(), await store_target.open()
+    try:
+        for round_ in range(3):
+            name = f"training-{round_}"
+            if store_target.backend == "postgresql":
+                import psycopg
+
+                with psycopg.connect(str(store_target.target), autocommit=True) as other:
+                    other.execute("BEGIN")
+                    other.execute("LOCK TABLE leases IN SHARE ROW EXCLUSIVE MODE")  # reads pass, writes wait
+                    asks = asyncio.gather(
+                        first.runs.acquire_lease(name, "a", 60), second.runs.acquire_lease(name, "b", 60)
+                    )
+                    for _ in range(200):
+                        waiting = other.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+                        ).fetchone()
+                        if waiting is not None and waiting[0] == 2:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert waiting is not None and waiting[0] == 2
+                    other.execute("COMMIT")
+                    taken = await asks
+            else:
+                taken = await asyncio.gather(
+                    first.runs.acquire_lease(name, "a", 60), second.runs.acquire_lease(name, "b", 60)
+                )
+            assert sorted(taken) == [False, True]
+            holder, loser = ("a", "b") if taken[0] else ("b", "a")
+            store = first if holder == "a" else second
+            assert await store.runs.acquire_lease(name, holder, 60)  # the holder renews it
+            assert not await store.runs.acquire_lease(name, loser, 60)
+            await store.runs.release_lease(name, holder)
+            assert await store.runs.acquire_lease(name, loser, 60)  # released: free for the other
+        assert await first.runs.acquire_lease("short", "a", -1)  # expired at once: anyone may take it
+        assert await second.runs.acquire_lease("short", "b", 60)
+    finally:
+        await first.close()
+        await second.close()
