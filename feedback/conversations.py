@@ -203,11 +203,11 @@ class Conversations:
             # the hot path of a rating burst, on the writer's thread (Database.write_sync): one
             # statement for a new rating (a round trip to the server on PostgreSQL); a replay or an
             # error takes one or two more
-            row = conn.execute(
+            stored = conn.execute(
                 _INSERT_RATING, (message_id, value, reason, comment, rater, client_id, now, message_id, Role.ASSISTANT)
-            ).fetchone()
-            if row is not None:
-                return rows.rating(row), True
+            ).fetchall()  # all: sqlite3 finishes (resets) the statement
+            if stored:
+                return rows.rating(stored[0]), True
             row = conn.execute(
                 "SELECT * FROM ratings WHERE message_id = ? AND client_id = ?", (message_id, client_id)
             ).fetchone()
