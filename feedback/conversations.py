@@ -30,6 +30,12 @@ from feedback.records import (
 _INSERT_CONVERSATION = rows.insert_sql("conversations", Conversation)
 _INSERT_MESSAGE = rows.insert_sql("messages", Message)
 _INSERT_CORRECTION = rows.insert_sql("corrections", Correction, without=["id"]) + " RETURNING id"
+# a rating of an assistant message, unless (message_id, client_id) has one: the row, or none
+_INSERT_RATING = (
+    "INSERT INTO ratings (message_id, value, reason, comment, rater, client_id, created_at)"
+    " SELECT ?, ?, ?, ?, ?, ?, ? FROM messages WHERE id = ? AND role = ?"
+    " ON CONFLICT (message_id, client_id) DO NOTHING RETURNING *"
+)
 
 
 class Conversations:
@@ -194,20 +200,23 @@ class Conversations:
         now = time.time()
 
         def op(conn: RawConnection) -> tuple[Rating, bool]:
-            # the hot path of a rating burst: plain sqlite3 on the writer's thread (Database.write_sync)
-            found = conn.execute("SELECT role FROM messages WHERE id = ?", (message_id,)).fetchone()
-            _check_assistant(message_id, found)
-            cursor = conn.execute(
-                "INSERT INTO ratings (message_id, value, reason, comment, rater, client_id, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_id, client_id) DO NOTHING",
-                (message_id, value, reason, comment, rater, client_id, now),
-            )
-            created = cursor.rowcount == 1
+            # the hot path of a rating burst, on the writer's thread (Database.write_sync): one
+            # statement for a new rating (a round trip to the server on PostgreSQL); a replay or an
+            # error takes one or two more
+            stored = conn.execute(
+                _INSERT_RATING, (message_id, value, reason, comment, rater, client_id, now, message_id, Role.ASSISTANT)
+            ).fetchall()  # all: sqlite3 finishes (resets) the statement
+            if stored:
+                return rows.rating(stored[0]), True
             row = conn.execute(
                 "SELECT * FROM ratings WHERE message_id = ? AND client_id = ?", (message_id, client_id)
             ).fetchone()
-            assert row is not None
-            return rows.rating(row), created
+            if row is not None:  # a replay (a rating exists only on an assistant message)
+                return rows.rating(row), False
+            _check_assistant(
+                message_id, conn.execute("SELECT role FROM messages WHERE id = ?", (message_id,)).fetchone()
+            )
+            raise AssertionError(f"rating of {message_id!r} neither stored nor found")  # pragma: no cover
 
         return await self._db.write_sync(op)
 

@@ -5,8 +5,12 @@ Writes go through one writer task that groups whatever is queued into a single t
 (group commit) and resolves each caller's future only after ``COMMIT`` returned; so an
 acknowledgement sent after ``await store.conversations.add_rating(...)`` is never for a row
 that a crash could lose. Each operation runs inside its own ``SAVEPOINT``: one failing
-operation does not roll back the others that share its commit. Reads use a second
-connection and never wait for the writer.
+operation does not roll back the others that share its commit (on PostgreSQL a group commit of
+``write_sync`` operations runs first without them, and again with them only when one failed:
+``Database._optimistic``). A backend may replace a lost connection (``_reconnect``): the
+batch in flight fails with ``StoreError`` and is not acknowledged; a batch whose ``BEGIN``
+failed (nothing of it reached the database) runs once more on the new connection. Reads use a
+second connection and never wait for the writer.
 
 Two backends implement ``Database``, chosen by the store's target (``open_database``): a
 SQLite file (``feedback/sqlite.py``, the embedded default) and PostgreSQL
@@ -133,6 +137,11 @@ class Database(abc.ABC):
 
     backend: ClassVar[str]
     _begin: ClassVar[str] = "BEGIN"
+    # a group commit of ``write_sync`` operations runs first without a savepoint per operation
+    # (two statements fewer each: two round trips on PostgreSQL); when one fails, the whole
+    # transaction is rolled back and run again with savepoints, so the failure is that
+    # operation's alone. Such operations must therefore touch nothing but the connection.
+    _optimistic: ClassVar[bool] = False
     _writer: Connection
 
     def __init__(self, *, tombstone_path: Path, max_batch: int = 512) -> None:
@@ -172,6 +181,10 @@ class Database(abc.ABC):
         """After the callers of a group commit heard."""
         return None
 
+    async def _reconnect(self) -> bool:
+        """After a failure: open a new writer connection if the old one is lost; True if it did."""
+        return False
+
     # --- the writer -------------------------------------------------------------------
 
     async def write(self, op: Callable[[Connection], Awaitable[T]], *, outside_transaction: bool = False) -> T:
@@ -193,7 +206,8 @@ class Database(abc.ABC):
         a trip to that thread and back through the event loop (about 50-100 µs on a busy loop); a
         group commit made only of these operations takes one trip in all, BEGIN to COMMIT. The
         hot path (ratings: ``bench/load.py``) uses it; ``op`` must not block on anything but the
-        database.
+        database. On PostgreSQL (``_optimistic``) ``op`` may run twice, the first run rolled back
+        when another operation of its group commit failed: it must change nothing but the database.
         """
         if self._closing or self._task.done():
             raise StoreError("the store is closed")
@@ -230,43 +244,31 @@ class Database(abc.ABC):
         try:
             item.future.set_result(await item.op(self._writer))
         except Exception as exc:
+            await self._reconnect()
             item.future.set_exception(self._error(exc))
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
-        conn = self._writer
         results: Results = []
         try:
-            if all(item.sync is not None for item in batch):
-                # BEGIN, every operation in its savepoint and COMMIT in one trip to the thread
-                results = await self._on_thread(_sync_batch, batch, self._begin, self._error)
-            else:
-                await conn.execute(self._begin)
-                for item in batch:
-                    if item.sync is not None:
-                        results += await self._on_thread(_sync_batch, [item], None, self._error)
-                        continue
-                    assert item.op is not None
-                    await conn.execute("SAVEPOINT op")
-                    try:
-                        result = await item.op(conn)
-                    except Exception as exc:  # the caller gets it; the batch goes on
-                        await conn.execute("ROLLBACK TO op")
-                        await conn.execute("RELEASE op")
-                        results.append((item, None, self._error(exc)))
-                    else:
-                        await conn.execute("RELEASE op")
-                        results.append((item, result, None))
-                await conn.execute("COMMIT")
+            try:
+                results = await self._commit_batch(batch)
+            except _BeginFailed as exc:
+                # nothing of the batch reached the database: on a new connection it is run once more
+                if not await self._reconnect():
+                    raise exc.cause from None
+                results = await self._commit_batch(batch)
             self.commits += 1
         except Exception as exc:
-            log.exception("group commit of %d operations failed", len(batch))
+            cause = exc.cause if isinstance(exc, _BeginFailed) else exc
+            log.error("group commit of %d operations failed: %s", len(batch), cause, exc_info=cause)
             with contextlib.suppress(Exception):
-                await conn.execute("ROLLBACK")
-            error = self._error(exc)
+                await self._writer.execute("ROLLBACK")
+            await self._reconnect()  # the next batch gets a connection; this one is not acknowledged
+            error = self._error(cause)
             await self._after_batch([], error)  # before the callers hear of it
             for item in batch:
                 if not item.future.done():
-                    item.future.set_exception(error if error is not exc else StoreError(f"commit failed: {exc}"))
+                    item.future.set_exception(error if error is not cause else StoreError(f"commit failed: {cause}"))
             return
         await self._after_batch(results, None)
         for item, result, failure in results:
@@ -277,6 +279,40 @@ class Database(abc.ABC):
             else:
                 item.future.set_result(result)
         await self._after_acks()
+
+    async def _commit_batch(self, batch: list[_Pending]) -> Results:
+        """BEGIN, each operation, COMMIT; ``_BeginFailed`` when BEGIN itself failed."""
+        if all(item.sync is not None for item in batch):
+            # BEGIN, every operation and COMMIT in one trip to the thread
+            if self._optimistic:
+                try:
+                    return await self._on_thread(_sync_batch, batch, self._begin, self._error, False)
+                except _OpFailed:  # rolled back: again, each operation in its savepoint
+                    pass
+            return await self._on_thread(_sync_batch, batch, self._begin, self._error, True)
+        conn = self._writer
+        results: Results = []
+        try:
+            await conn.execute(self._begin)
+        except Exception as exc:
+            raise _BeginFailed(exc) from exc
+        for item in batch:
+            if item.sync is not None:
+                results += await self._on_thread(_sync_batch, [item], None, self._error, True)
+                continue
+            assert item.op is not None
+            await conn.execute("SAVEPOINT op")
+            try:
+                result = await item.op(conn)
+            except Exception as exc:  # the caller gets it; the batch goes on
+                await conn.execute("ROLLBACK TO op")
+                await conn.execute("RELEASE op")
+                results.append((item, None, self._error(exc)))
+            else:
+                await conn.execute("RELEASE op")
+                results.append((item, result, None))
+        await conn.execute("COMMIT")
+        return results
 
     # --- reads ------------------------------------------------------------------------
 
@@ -298,16 +334,48 @@ class Database(abc.ABC):
         """Give deleted rows' bytes back: the WAL truncated (SQLite), dead tuples vacuumed (PostgreSQL)."""
 
 
+class _BeginFailed(Exception):
+    """BEGIN failed: no operation of the batch reached the database (``cause``: why)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _OpFailed(Exception):
+    """An operation failed in a group commit run without savepoints; the transaction was rolled back."""
+
+
 def _sync_batch(
-    raw: Any, batch: Sequence[_Pending], begin: str | None, error: Callable[[BaseException], BaseException]
+    raw: Any,
+    batch: Sequence[_Pending],
+    begin: str | None,
+    error: Callable[[BaseException], BaseException],
+    savepoints: bool = True,
 ) -> Results:
-    """On the writer's thread: each operation in its own savepoint; ``begin``: BEGIN and COMMIT too."""
+    """On the writer's thread: the operations of a batch; ``begin``: BEGIN and COMMIT around them too.
+
+    ``savepoints``: each operation in its own, so that one failing leaves the others; without them
+    (``begin`` given), a failing operation rolls the transaction back and raises ``_OpFailed``
+    (the connection's own failure, a ROLLBACK that fails too, is raised as it is).
+    """
     results: Results = []
     if begin is not None:
-        raw.execute(begin)
+        try:
+            raw.execute(begin)
+        except Exception as exc:
+            raise _BeginFailed(exc) from exc
     try:
         for item in batch:
             assert item.sync is not None
+            if not savepoints:
+                try:
+                    result = item.sync(raw)
+                except Exception as exc:
+                    raw.execute("ROLLBACK")  # raises if the connection is lost: the batch fails
+                    raise _OpFailed(str(exc)) from exc
+                results.append((item, result, None))
+                continue
             raw.execute("SAVEPOINT op")
             try:
                 result = item.sync(raw)
@@ -320,9 +388,13 @@ def _sync_batch(
                 results.append((item, result, None))
         if begin is not None:
             raw.execute("COMMIT")
+    except _OpFailed:
+        raise
     except BaseException:
-        if begin is not None and raw.in_transaction:
-            raw.execute("ROLLBACK")
+        if begin is not None:
+            with contextlib.suppress(Exception):
+                if raw.in_transaction:
+                    raw.execute("ROLLBACK")
         raise
     return results
 

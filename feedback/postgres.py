@@ -18,7 +18,8 @@ What is PostgreSQL's own stays here:
   ``numeric`` results (``AVG`` of integers, ``SUM`` of counts) loaded as ``float``;
 - errors: a unique, foreign key, not-null or check violation becomes ``ConstraintError``
   (``feedback.db.constraint_errors`` names it), a full disk (SQLSTATE 53100)
-  ``StorageFullError``, a lost connection ``StoreError``;
+  ``StorageFullError``, a lost connection ``StoreError``; a lost writer or reader connection is
+  replaced (``_reconnect``, ``_reader_connection``), a failed read asked once more;
 - the schema's history in PostgreSQL's types (``feedback.schema.postgres_ddl``), applied under
   an advisory lock (two processes starting at once migrate once), its step count in
   ``learnloop_schema``;
@@ -303,6 +304,7 @@ class PostgresDatabase(Database):
 
     backend = "postgresql"
     _begin = "BEGIN"
+    _optimistic = True  # a savepoint and its release are two round trips per operation
 
     def __init__(
         self,
@@ -358,16 +360,57 @@ class PostgresDatabase(Database):
     def _error(self, exc: BaseException) -> BaseException:
         return _store_error(exc)
 
+    async def _reconnect(self) -> bool:
+        """A lost writer connection (the server restarted, the backend was terminated) is replaced,
+        checked for durability as at open; the write that was in flight was not acknowledged."""
+        raw = self._pg_writer._raw
+        if not (raw.conn.broken or raw.conn.closed):
+            return False
+
+        def reopen(raw: RawConnection) -> None:
+            with contextlib.suppress(Exception):
+                raw.conn.close()
+            raw.conn = _connect_writer(self.url)
+            _check_durability(raw)
+
+        try:
+            await self._on_thread(reopen)
+        except Exception as exc:  # the next failing batch tries again
+            log.error("the store's writer lost %s and cannot reconnect: %s", redact(self.url), _store_error(exc))
+            return False
+        log.warning("the store's writer lost its connection to %s and reconnected", redact(self.url))
+        return True
+
     # --- reads ------------------------------------------------------------------------
 
+    async def _reader_connection(self) -> psycopg.AsyncConnection[Any]:
+        """The reader, a new one if it was lost (a read that failed with it got ``StoreError``)."""
+        if self._reader.broken or self._reader.closed:
+            with contextlib.suppress(Exception):
+                await self._reader.close()
+            try:
+                self._reader = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+            except psycopg.OperationalError as exc:
+                raise StoreError(f"cannot connect to {redact(self.url)}: {' '.join(str(exc).split())}") from None
+            _configure(self._reader)
+            log.warning("the store's reader lost its connection to %s and reconnected", redact(self.url))
+        return self._reader
+
     async def read(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        """One query; on a lost connection it is asked once more, on a new one (a read changes nothing)."""
         async with self._read_lock:
-            return await _read(self._reader, sql, params)
+            try:
+                return await _read(await self._reader_connection(), sql, params)
+            except StoreError:
+                if not (self._reader.broken or self._reader.closed):
+                    raise
+            return await _read(await self._reader_connection(), sql, params)
 
     @contextlib.asynccontextmanager
     async def snapshot(self) -> AsyncIterator[Snapshot]:
         """Several reads that see one consistent state (other reads wait meanwhile)."""
         async with self._read_lock:
+            await self._reader_connection()
             await self._reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             try:
                 yield Snapshot(self._reader)

@@ -62,20 +62,22 @@ class Runs:
     async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         """Take (or renew) a named lease; False while another holder's lease is unexpired.
 
-        This is what keeps training to one run at a time across server processes and CLIs.
+        This is what keeps training to one run at a time across server processes and CLIs. One
+        statement decides: on PostgreSQL two processes asking at once would both have read the
+        lease free before either wrote it (READ COMMITTED); the upsert's ``WHERE`` is checked on
+        the row as it is once the other's insert or update committed.
         """
         now = time.time()
 
         async def op(conn: Connection) -> bool:
-            row = await fetch_one(conn, "SELECT holder, expires_at FROM leases WHERE name = ?", (name,))
-            if row is not None and row[0] != holder and row[1] > now:
-                return False
-            await conn.execute(
+            row = await fetch_one(
+                conn,
                 "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at",
-                (name, holder, now + ttl_s),
+                " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at"
+                " WHERE leases.holder = excluded.holder OR leases.expires_at <= ? RETURNING holder",
+                (name, holder, now + ttl_s, now),
             )
-            return True
+            return row is not None
 
         return await self._db.write(op)
 

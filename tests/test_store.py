@@ -26,7 +26,7 @@ from feedback import (
     StoreError,
     VersionState,
 )
-from feedback.db import Connection, RawConnection
+from feedback.db import Connection, RawConnection, constraint_errors
 from feedback.schema import SCHEMA_VERSION
 from tests.store_backends import StoreTarget
 
@@ -156,6 +156,83 @@ async def test_a_group_commit_mixes_sync_and_async_operations_in_order_and_isola
         assert store.db.commits - before == 1
         actors = await store.db.read("SELECT actor FROM audit_log WHERE action = 'x' ORDER BY id")
         assert [r["actor"] for r in actors] == ["s1", "a1", "s3", "a3"]
+
+
+async def test_a_group_commit_of_sync_operations_isolates_a_failing_one(store_target: StoreTarget) -> None:
+    """On PostgreSQL a group commit of ``write_sync`` operations runs first without savepoints; an
+    operation that fails (a broken unique key: the database's error; or its own, after it wrote)
+    rolls it back, and it runs again with a savepoint per operation: the others still commit, once."""
+    async with await store_target.open() as store:
+        await seed(store)
+
+        def op(tag: str, fail: str | None) -> Any:
+            def run(conn: RawConnection) -> str:
+                conn.execute("INSERT INTO audit_log (at, actor, action) VALUES (0, ?, 'y')", (tag,))
+                if fail == "database":
+                    with constraint_errors(InvalidError):
+                        conn.execute("INSERT INTO conversations (id, channel, created_at) VALUES ('c1', 'x', 0)")
+                if fail == "own":
+                    raise InvalidError(f"{tag} fails")
+                return tag
+
+            return run
+
+        plan = [("s1", None), ("s2", "database"), ("s3", None), ("s4", "own"), ("s5", None)]
+        before = store.db.commits
+        results = await asyncio.gather(*(store.db.write_sync(op(t, f)) for t, f in plan), return_exceptions=True)
+        assert [r if isinstance(r, str) else type(r) for r in results] == ["s1", InvalidError, "s3", InvalidError, "s5"]
+        assert store.db.commits - before == 1
+        actors = await store.db.read("SELECT actor FROM audit_log WHERE action = 'y' ORDER BY id")
+        assert [r["actor"] for r in actors] == ["s1", "s3", "s5"]
+
+
+async def test_the_postgresql_writer_and_reader_reconnect_after_their_connection_is_lost(
+    postgres_target: StoreTarget,
+) -> None:
+    """A write in flight when the writer's backend is terminated (``pg_terminate_backend``, as a
+    server restart would) gets ``StoreError`` and is not stored; the next write succeeds on a new
+    connection, and so does a write after an idle writer's and a read after the reader's termination."""
+    import psycopg
+
+    async with await postgres_target.open() as store:
+        _, reply_id = await seed(store)
+        with psycopg.connect(str(postgres_target.target), autocommit=True) as other:
+            other.execute("BEGIN")
+            other.execute("LOCK TABLE ratings IN ACCESS EXCLUSIVE MODE")  # the rating's INSERT waits for it
+            in_flight = asyncio.create_task(
+                store.conversations.add_rating(message_id=reply_id, value=1, rater="alice", client_id="lost")
+            )
+            waiting: list[int] = []
+            for _ in range(200):
+                waiting = [
+                    row[0]
+                    for row in other.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+                    ).fetchall()
+                ]
+                if waiting:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(waiting) == 1 and not in_flight.done()
+            other.execute("SELECT pg_terminate_backend(%s)", (waiting[0],))
+            with pytest.raises(StoreError):
+                await asyncio.wait_for(in_flight, 10)
+            other.execute("ROLLBACK")
+        _, created = await store.conversations.add_rating(message_id=reply_id, value=1, rater="alice", client_id="next")
+        assert created
+        assert postgres_target.sql("SELECT client_id FROM ratings") == [("next",)]
+
+        def backend_pid(conn: RawConnection) -> int:
+            return int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+
+        writer = await store.db.write_sync(backend_pid)
+        assert writer != waiting[0]
+        reader = (await store.db.read("SELECT pg_backend_pid()"))[0][0]
+        postgres_target.sql("SELECT pg_terminate_backend(%s), pg_terminate_backend(%s)", (writer, reader))
+        _, created = await store.conversations.add_rating(message_id=reply_id, value=1, rater="bob", client_id="idle")
+        assert created and await store.db.write_sync(backend_pid) != writer
+        assert (await store.db.read("SELECT pg_backend_pid()"))[0][0] != reader
+        assert [r.client_id for r in (await store.conversations.export_feedback()).ratings] == ["next", "idle"]
 
 
 async def test_corrections_and_versions(store_target: StoreTarget) -> None:
@@ -385,3 +462,49 @@ async def test_a_sqlite_url_names_the_file(tmp_path: Path) -> None:
     async with await FeedbackStore.open(f"sqlite://{path}") as store:
         await seed(store)
     assert path.exists() and path.with_name("store.db.erasures") == store.db.tombstone_path
+
+
+async def test_one_training_lease_holder_when_two_stores_ask_at_once(store_target: StoreTarget) -> None:
+    """The training lease (``training/cycle.py``: one run at a time across processes) on two stores
+    opened on one database. On PostgreSQL a second client holds a lock on ``leases`` until both
+    asks are waiting at their write, so both have read the lease as free first (what let both
+    take it when the check was a SELECT before the upsert): still exactly one holder, each time."""
+    first, second = await store_target.open(), await store_target.open()
+    try:
+        for round_ in range(3):
+            name = f"training-{round_}"
+            if store_target.backend == "postgresql":
+                import psycopg
+
+                with psycopg.connect(str(store_target.target), autocommit=True) as other:
+                    other.execute("BEGIN")
+                    other.execute("LOCK TABLE leases IN SHARE ROW EXCLUSIVE MODE")  # reads pass, writes wait
+                    asks = asyncio.gather(
+                        first.runs.acquire_lease(name, "a", 60), second.runs.acquire_lease(name, "b", 60)
+                    )
+                    for _ in range(200):
+                        waiting = other.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+                        ).fetchone()
+                        if waiting is not None and waiting[0] == 2:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert waiting is not None and waiting[0] == 2
+                    other.execute("COMMIT")
+                    taken = await asks
+            else:
+                taken = await asyncio.gather(
+                    first.runs.acquire_lease(name, "a", 60), second.runs.acquire_lease(name, "b", 60)
+                )
+            assert sorted(taken) == [False, True]
+            holder, loser = ("a", "b") if taken[0] else ("b", "a")
+            store = first if holder == "a" else second
+            assert await store.runs.acquire_lease(name, holder, 60)  # the holder renews it
+            assert not await store.runs.acquire_lease(name, loser, 60)
+            await store.runs.release_lease(name, holder)
+            assert await store.runs.acquire_lease(name, loser, 60)  # released: free for the other
+        assert await first.runs.acquire_lease("short", "a", -1)  # expired at once: anyone may take it
+        assert await second.runs.acquire_lease("short", "b", 60)
+    finally:
+        await first.close()
+        await second.close()
