@@ -366,7 +366,8 @@ class Browse:
         return page + await self._page(where, params, n - len(page))
 
     async def transcript(self, conversation_id: str) -> dict[str, Any] | None:
-        """A conversation with every message, its ratings, corrections, exclusion and siblings."""
+        """A conversation with every message, its ratings, corrections, exclusion, siblings and (a reply)
+        what the customer's next message said about it (``reaction``: implicit feedback, or None)."""
         head = await self._db.read(_ROW_AGGREGATES + " WHERE c.id = ?", (conversation_id,))
         if not head:
             return None
@@ -391,12 +392,17 @@ class Browse:
             " JOIN messages m ON m.id = k.message_id WHERE m.conversation_id = ? ORDER BY k.id",
             (conversation_id,),
         )
+        reactions = await self._db.read(
+            "SELECT r.reply_id, r.message_id, r.signal, r.confidence, r.cue, r.value, r.weight, r.created_at"
+            " FROM reactions r JOIN messages m ON m.id = r.reply_id WHERE m.conversation_id = ?",
+            (conversation_id,),
+        )
         by_message: dict[str, dict[str, Any]] = {}
         turns: dict[tuple[str | None, str], list[str]] = {}
         for m in messages:
             excluded_reason, excluded_by = m.pop("excluded_reason"), m.pop("excluded_by")
             m["excluded"] = {"reason": excluded_reason, "operator": excluded_by} if excluded_by else None
-            m["ratings"], m["corrections"] = [], []
+            m["ratings"], m["corrections"], m["reaction"] = [], [], None
             by_message[m["id"]] = m
             turns.setdefault((m["parent_id"], m["role"]), []).append(m["id"])
         for m in messages:
@@ -406,6 +412,8 @@ class Browse:
             by_message[r["message_id"]]["ratings"].append(_without(r, "message_id"))
         for k in corrections:
             by_message[k["message_id"]]["corrections"].append(_without(k, "message_id"))
+        for x in reactions:
+            by_message[x["reply_id"]]["reaction"] = _without(x, "reply_id")
         return {"conversation": _summary(head[0]), "messages": messages}
 
     async def version_series(self, *, bucket_s: float, since: float = 0.0) -> list[dict[str, Any]]:

@@ -3,7 +3,7 @@
 Against a real running server (gateway + console, tiny model): log in, filter and search
 conversations, open a transcript, write a correction and find it in the dataset preview,
 promote and roll back a version, and take over a live conversation while a websocket
-client receives the operator's reply. Screenshots go to ``test-artifacts/console/`` (or
+client receives the operator's reply (and see what the customer wrote after each reply). Screenshots go to ``test-artifacts/console/`` (or
 ``$LEARNLOOP_ARTIFACTS``), which ``.ci/run`` lists at the end.
 """
 
@@ -222,6 +222,15 @@ async def test_take_over_a_live_conversation_in_the_browser(app: App, page: Any,
     await customer.until("operator_left")
     done, _ = await customer.chat("Thank you!", "c3")  # the model answers again
     assert done["model_version"] == "base"
+    # what the customer wrote after each reply shows on it: a weak label, not a thumb
+    thanked = page.locator(".msg[data-role=assistant]:has-text('re-sent your parcel') .reaction")
+    await thanked.wait_for()
+    assert (await thanked.get_attribute("data-signal"), await thanked.inner_text()) == (
+        "gratitude",
+        "customer: gratitude ▲",
+    )
+    first_reply = page.locator(".msg[data-role=assistant]").first
+    assert await first_reply.locator(".reaction").get_attribute("data-signal") == "none"  # "is someone there?"
 
 
 async def test_the_transcript_shows_personal_data_only_after_the_toggle(app: App, page: Any) -> None:

@@ -740,6 +740,18 @@
       }
     }
 
+    /** What the customer's next message said about a reply (implicit feedback): a weak label, not a thumb. */
+    function reactionBadge(r) {
+      const label = r.value > 0 ? 'up' : r.value < 0 ? 'down' : 'none';
+      const arrow = r.value > 0 ? ' ▲' : r.value < 0 ? ' ▼' : '';
+      const weight = r.value ? ` · weak label ${r.value > 0 ? '+1' : '−1'}, weight ${fmtNum(r.weight, 2)}` : ' · no label';
+      return el('span', {
+        class: `badge reaction reaction-${label}`,
+        dataset: { signal: r.signal || '', value: r.value ?? '' },
+        title: `implicit feedback: ${r.signal} (confidence ${fmtNum(r.confidence, 2)}; ${r.cue || ''})${weight}`,
+      }, `customer: ${r.signal}${arrow}`);
+    }
+
     function messageNode(m, byId) {
       const isAssistant = m.role === 'assistant';
       const siblings = Array.isArray(m.siblings) ? m.siblings.filter((s) => s !== m.id) : [];
@@ -768,6 +780,7 @@
           class: 'badge excluded',
           title: `excluded by ${nameOf(m.excluded.operator)}${m.excluded.reason ? `: ${m.excluded.reason}` : ''}`,
         }, 'excluded') : null,
+        isAssistant && m.reaction ? reactionBadge(m.reaction) : null,
       );
       node.append(head);
       node.append(el('div', { class: 'msg-text' }, m.text || ''));
