@@ -42,6 +42,7 @@ class ConversationFilter:
     flagged: bool | None = None
     q: str | None = None
     site: str | None = None  # the widget site, IM bot or API key a conversation came through
+    reaction: str | None = None  # "up", "down": a reply whose customer's next message gave that weak label
 
 
 def fts_query(text: str) -> str:
@@ -102,6 +103,16 @@ _CORRECTED_PROBE = (
 )
 
 
+_REACTED = "SELECT m.conversation_id FROM reactions x JOIN messages m ON m.id = x.reply_id"
+
+
+def _reacted_probe(condition: str) -> str:
+    return (
+        "EXISTS (SELECT 1 FROM messages m JOIN reactions x ON x.reply_id = m.id"
+        f" WHERE m.conversation_id = c.id{condition})"
+    )
+
+
 def _rated_probe(condition: str) -> str:
     return (
         "EXISTS (SELECT 1 FROM messages m JOIN ratings r ON r.message_id = m.id"
@@ -152,6 +163,18 @@ def _clauses(f: ConversationFilter, *, rowids: tuple[int | None, int | None] = (
         out.append(_Clause(f"c.id NOT IN ({_RATED})", "NOT " + _rated_probe(""), (), None))
     elif f.rating is not None:
         raise BrowseError("rating must be up, down or none")
+    if f.reaction in ("up", "down"):
+        value = 1 if f.reaction == "up" else -1
+        out.append(
+            _Clause(
+                f"c.id IN ({_REACTED} WHERE x.value = {value})",
+                _reacted_probe(f" AND x.value = {value}"),
+                (),
+                4,
+            )
+        )
+    elif f.reaction is not None:
+        raise BrowseError("reaction must be up or down")
     if f.version:
         out.append(
             _Clause(
@@ -224,7 +247,9 @@ def _older_filter(f: ConversationFilter, *, common_search: bool = False) -> tupl
 
 def _has_probes(f: ConversationFilter) -> bool:
     """Whether the filter has a condition whose probe differs from its set."""
-    return f.rating is not None or bool(f.version) or f.has_correction is not None or bool(f.q)
+    return (
+        f.rating is not None or f.reaction is not None or bool(f.version) or f.has_correction is not None or bool(f.q)
+    )
 
 
 _ROW_AGGREGATES = """

@@ -217,6 +217,7 @@ def create_console(
     @app.get("/api/v1/conversations", **role(viewer))
     async def conversations(
         rating: Literal["up", "down", "none"] | None = None,
+        reaction: Literal["up", "down"] | None = None,
         version: str | None = None,
         channel: str | None = Query(default=None, max_length=100),
         site: str | None = Query(default=None, max_length=100),
@@ -235,7 +236,16 @@ def create_console(
         if q and not p.operator.role.allows(reviewer):
             raise ApiError("searching message text needs the reviewer role", code=ErrorCode.FORBIDDEN)
         f = ConversationFilter(
-            rating, version or None, channel or None, since, until, has_correction, flagged, q or None, site or None
+            rating,
+            version or None,
+            channel or None,
+            since,
+            until,
+            has_correction,
+            flagged,
+            q or None,
+            site or None,
+            reaction=reaction,
         )
         items, next_cursor = await store.browse.list_conversations(f, limit=limit, cursor=cursor)
         return {"items": [redacted.summary(i) for i in items], "next_cursor": next_cursor}
