@@ -57,6 +57,9 @@ def test_a_turn_is_read_against_the_reply_before_it_and_its_question() -> None:
     human = reaction_after(branch, message_id="u2", text="转人工", config=CONFIG)
     assert human is not None and (human.signal, human.value) == ("human", -1)
     assert reaction_after(branch[:1], message_id="u2", text="thanks", config=CONFIG) is None  # no reply before it
+    # a long turn is read by its first 1,000 characters (the rules run in the event loop)
+    late = reaction_after(branch, message_id="u2", text="x " * 600 + "that's wrong", config=CONFIG)
+    assert late is not None and late.signal == "none"
     assert reaction_after([], message_id="u1", text="hello", config=CONFIG) is None
 
 
