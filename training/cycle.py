@@ -272,6 +272,13 @@ class TrainingCycle:
         if not prepared.trainable:
             return CycleResult(CycleStatus.SKIPPED, f"no trainable rows yet ({counts})", counts=counts)
 
+        if prepared.train.dpo and prepared.train.kto and self.config.train.kto_steps == 0:
+            log.info(
+                "%d KTO rows (%s implicit) do not train in this run: it has preference pairs and "
+                "training.kto_steps is 0",
+                len(prepared.train.kto),
+                counts.get("train_implicit", 0),
+            )
         run_id = await self.store.runs.start(
             max_rating_id=snapshot.max_rating_id, max_correction_id=snapshot.max_correction_id
         )
