@@ -154,6 +154,7 @@ def test_implicit_labels_have_their_own_caps_per_conversation_and_customer() -> 
     trusted, report = filter_snapshot(snap, TrustConfig(implicit_max_per_conversation=10))
     assert sum(r.reply_id.startswith("long") for r in trusted.reactions) == 1
     assert report.capped == {"implicit:loud": 4}
+    assert (report.summary()["capped_implicit"], report.summary()["capped_ratings"]) == (4, 0)
     assert not filter_snapshot(snap, TrustConfig(implicit_max_per_conversation=0))[0].reactions
 
 

@@ -89,7 +89,7 @@ class TrustConfig:
 class TrustReport:
     removed: Counter[str] = field(default_factory=Counter)  # reason -> number of items
     held_raters: dict[str, int] = field(default_factory=dict)  # rater -> ratings held
-    capped: dict[str, int] = field(default_factory=dict)  # "rater:x" / "channel:y" -> ratings cut
+    capped: dict[str, int] = field(default_factory=dict)  # "rater:x" / "channel:y" / "implicit:z" -> items cut
     new_flags: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, object]:
@@ -97,7 +97,8 @@ class TrustReport:
             "removed": dict(self.removed),
             "held_raters": len(self.held_raters),
             "held_ratings": sum(self.held_raters.values()),
-            "capped_ratings": sum(self.capped.values()),
+            "capped_ratings": sum(v for k, v in self.capped.items() if not k.startswith("implicit:")),
+            "capped_implicit": sum(v for k, v in self.capped.items() if k.startswith("implicit:")),
             "new_flags": len(self.new_flags),
         }
 
