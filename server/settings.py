@@ -290,7 +290,7 @@ class ScheduleConfig:
     enabled: bool = field(default=True, metadata={"help": "Run the training cycle on a schedule inside the server."})
     interval_s: float = field(default=3600.0, metadata={"help": "Seconds between scheduled training checks."})
     min_new_feedback: int = field(
-        default=10, metadata={"help": "New ratings, corrections and regenerations needed to start a run."}
+        default=10, metadata={"help": "New ratings, corrections, regenerations (implicit labels too) to start a run."}
     )
     heldout_fraction: float = field(default=0.2, metadata={"help": "Share of conversations held out for the gate."})
     timeout_s: float = field(default=3600.0, metadata={"help": "A training run longer than this is killed."})
