@@ -251,6 +251,7 @@ async def test_take_over_a_live_conversation_in_the_browser(app: App, page: Any,
         "gratitude",
         "customer: gratitude ▲",
     )
+    await shot(page, "09b-reactions")
     first_reply = page.locator(".msg[data-role=assistant]").first
     assert await first_reply.locator(".reaction").get_attribute("data-signal") == "none"  # "is someone there?"
 
