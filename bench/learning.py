@@ -12,12 +12,17 @@ Northwind Goods (12 intents). Each cycle:
    a short conversation whose last turn is the question) and rate each reply by the
    published rubric (``bench/rater.py``); with ``--thumbs-share`` below 1 only that share of
    them clicks a thumb, and with ``--reactions`` each writes a next message as a real
-   customer would (``bench/reactions.py``);
+   customer would (``bench/reactions.py``), which the gateway reads and records against the
+   reply like any customer's (``training/implicit.py``);
 2. a simulated operator writes the policy answer for ``--correct-share`` of the
    thumbs-down replies, as in the console, except for the deployment's never-corrected
-   intents (the shop's ``gift_card`` and ``stores``), which measure leakage;
+   intents (the shop's ``gift_card`` and ``stores``), which measure leakage; with
+   ``--operator-reads-reactions`` (on with ``--reactions``) also of the replies without a thumb
+   whose recorded reaction is a weak thumbs down (the console's ``customer: complaint ▼`` badge);
 3. the training job the scheduler runs (``Trainer.scheduled``) trains, gates and
-   promotes a version;
+   promotes a version; with ``--implicit-training`` (``implicit.train``, on with
+   ``--reactions``) the recorded reactions are weak KTO rows of the run (they train in a
+   thumbs-only run, or in the ``--kto-steps`` stage after DPO);
 4. the new live version answers every held-out paraphrase and a set of generic chat
    prompts; satisfaction is the share of thumbs up.
 
@@ -25,7 +30,9 @@ Prints, per version: held-out and training satisfaction, leaks, generic-chat per
 cycle wall time; writes a PNG plot; the last line is one JSON object. ``--all`` runs every
 deployment for every seed of ``--seeds`` and every mode of ``--modes`` one after another
 (``explicit``: every customer clicks a thumb; ``implicit``: ``--thumbs-share`` of them, 0.2
-unless set below 1, and every one reacts), then prints one table and the mean gain per mode.
+unless set below 1, and every one reacts, read by the operator and trained; ``sparse``: the
+same thumbs and reactions, neither read nor trained: what is lost when few customers click),
+then prints one table and the mean gain per mode.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.rater import Deployment, deployment_names, load_deployment
-from bench.sim import ask, ask_and_rate
+from bench.sim import Answer, ask, ask_and_rate
+from feedback import Reaction
 from server.app import App
 from server.settings import load_settings
 from training.evaluate import load_generic_chat
@@ -88,6 +96,7 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     "number_pairs": args.numbers,
                 },
                 "canary": {"share": 0.0},
+                "implicit": {"train": args.implicit_training},
             },
         )
         app = App(settings)
@@ -160,25 +169,39 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                 asked = [(i, q) for i in intents for q in i.train]
                 train_sat = sum(r.up for r in results) / len(results)
                 by_version[live]["train"] = train_sat
-                corrected = 0
-                # The operator finds wrong replies by their thumbs down, as in the console.
+                corrected = from_reactions = 0
+                # The operator finds wrong replies by their thumbs down, as in the console, and with
+                # --operator-reads-reactions by the weak thumbs down the console shows on a reply
+                # without a thumb (what the gateway recorded from the customer's next message).
+                complained = await recorded_complaints(app, results) if args.operator_reads_reactions else set()
                 for (intent, _q), answer in zip(asked, results, strict=True):
-                    if (
-                        answer.rated
-                        and not answer.up
-                        and intent.id not in uncorrected
-                        and rng.random() < args.correct_share
-                    ):
+                    flagged = (answer.rated and not answer.up) or (not answer.rated and answer.message_id in complained)
+                    if flagged and intent.id not in uncorrected and rng.random() < args.correct_share:
                         await app.store.conversations.add_correction(
                             message_id=answer.message_id, text=intent.answer, operator="sim-op"
                         )
                         corrected += 1
+                        from_reactions += not answer.rated
                 reactions = Counter(r.reaction.signal.value for r in results if r.reaction is not None)
+                recorded = await recorded_reactions(app, results)
+                read = Counter(x.signal for x in recorded.values())
+                agree = sum(
+                    x.signal == r.reaction.signal.value
+                    for r in results
+                    if r.reaction is not None and (x := recorded.get(r.message_id)) is not None
+                )
                 result = await app.trainer.run(force=True)
                 train_s = time.monotonic() - t0
                 print(
-                    f"cycle {cycle}: {live} training satisfaction {train_sat:.0%}, {corrected} corrections; "
-                    f"training -> {result.status} {result.version} ({result.reason[:160]})",
+                    f"cycle {cycle}: {live} training satisfaction {train_sat:.0%}, {corrected} corrections"
+                    f" ({from_reactions} found by a reaction); "
+                    + (
+                        f"{len(recorded)} reactions recorded, {agree} read as meant, "
+                        f"{result.counts.get('train_implicit', 0)} implicit rows; "
+                        if args.reactions
+                        else ""
+                    )
+                    + f"training -> {result.status} {result.version} ({result.reason[:160]})",
                     flush=True,
                 )
                 version = app.release.live_version
@@ -197,6 +220,12 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     "ratings": sum(r.rated for r in results),
                     "corrections": corrected,
                     "reactions": dict(sorted(reactions.items())),
+                    # what the gateway read and stored (silence is never stored), and how often it
+                    # read what the simulated customer meant
+                    "reactions_recorded": dict(sorted(read.items())),
+                    "reactions_read_right": agree,
+                    "corrected_from_reactions": from_reactions,
+                    "implicit_rows": (trained_report.get("counts") or {}).get("train_implicit", 0),
                     "status": str(result.status),
                     "seconds": round(time.monotonic() - t0, 1),
                     "training_seconds": round(result.seconds, 1),
@@ -217,6 +246,8 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
         "seed": args.seed,
         "thumbs_share": args.thumbs_share,
         "reactions": args.reactions,
+        "implicit_training": args.implicit_training,
+        "operator_reads_reactions": args.operator_reads_reactions,
         "base": round(base, 3),
         "by_version": {k: round(v["heldout"], 3) for k, v in versions.items()},
         "train_by_version": {k: round(v["train"], 3) for k, v in versions.items() if "train" in v},
@@ -236,6 +267,20 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
         "leak_examples": {k: v["leak_examples"] for k, v in versions.items() if v["leak_examples"]},
     }
     return summary
+
+
+async def recorded_reactions(app: App, results: list[Answer]) -> dict[str, Reaction]:
+    """What the gateway recorded against each reply of ``results`` (reply id -> reading)."""
+    assert app.store is not None
+    found: dict[str, Reaction] = {}
+    for conversation_id in {r.conversation_id for r in results}:
+        found |= {x.reply_id: x for x in await app.store.conversations.reactions(conversation_id)}
+    return found
+
+
+async def recorded_complaints(app: App, results: list[Answer]) -> set[str]:
+    """The replies whose recorded reaction is a weak thumbs down (complaint, re-ask, asking for a person)."""
+    return {reply_id for reply_id, x in (await recorded_reactions(app, results)).items() if x.value == -1}
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
@@ -271,7 +316,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-MODES = ("explicit", "implicit")
+MODES = ("explicit", "implicit", "sparse")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -282,7 +327,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seeds", default="0,1", help="--all: the operator seeds")
     parser.add_argument(
-        "--modes", default="explicit,implicit", help="--all: explicit (thumbs on every reply), implicit"
+        "--modes",
+        default="explicit,implicit",
+        help="--all: explicit (thumbs on every reply), implicit (thumbs on --thumbs-share, reactions read and "
+        "trained), sparse (the same thumbs and reactions, neither read nor trained)",
     )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--cycles", type=int, default=3)
@@ -304,6 +352,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--correct-share", type=float, default=0.5)
     parser.add_argument("--thumbs-share", type=float, default=1.0, help="share of customers who click a thumb (seeded)")
     parser.add_argument("--reactions", action="store_true", help="every customer writes a next message (or leaves)")
+    parser.add_argument(
+        "--implicit-training",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="implicit.train: recorded reactions are weak KTO rows (default: on with --reactions)",
+    )
+    parser.add_argument(
+        "--operator-reads-reactions",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the operator also corrects replies whose recorded reaction is a weak thumbs down (default: on with "
+        "--reactions)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--generic", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=4)
@@ -312,6 +373,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 <= args.thumbs_share <= 1:
         parser.error("--thumbs-share is a share: 0 to 1")
+    for name in ("implicit_training", "operator_reads_reactions"):
+        if getattr(args, name) is None:
+            setattr(args, name, args.reactions)
+        elif getattr(args, name) and not args.reactions:
+            parser.error(f"--{name.replace('_', '-')} reads the customers' reactions: add --reactions")
     if unknown := set(args.modes.split(",")) - set(MODES):
         parser.error(f"--modes: unknown {sorted(unknown)}; choose from {', '.join(MODES)}")
     return args
@@ -341,7 +407,14 @@ def write_outputs(summary: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def mode_label(summary: dict[str, Any]) -> str:
     thumbs = f"thumbs {summary['thumbs_share']:.0%}"
-    return f"{thumbs} + reactions" if summary["reactions"] else thumbs
+    if not summary["reactions"]:
+        return thumbs
+    used = [
+        w
+        for w, on in (("read", summary.get("operator_reads_reactions")), ("trained", summary.get("implicit_training")))
+        if on
+    ]
+    return f"{thumbs} + reactions ({' and '.join(used) if used else 'unused'})"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -377,7 +450,8 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             for mode in args.modes.split(","):
                 run_args = argparse.Namespace(**vars(args))
                 run_args.seed = seed
-                run_args.reactions = mode == "implicit"
+                run_args.reactions = mode != "explicit"
+                run_args.implicit_training = run_args.operator_reads_reactions = mode == "implicit"
                 run_args.thumbs_share = (
                     1.0 if mode == "explicit" else (args.thumbs_share if args.thumbs_share < 1 else 0.2)
                 )

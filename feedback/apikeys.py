@@ -12,6 +12,7 @@ conversations it could continue without reading every conversation of the key.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Sequence
@@ -20,12 +21,13 @@ from dataclasses import dataclass
 from feedback import rows
 from feedback.accounts import new_secret, token_hash, write_audit
 from feedback.db import Connection, Database, constraint_errors, fetch_one
-from feedback.exceptions import AccountError, NotFoundError
-from feedback.records import CLIENT_AUTHOR, Conversation, Message, Role
+from feedback.exceptions import AccountError, InvalidError, NotFoundError
+from feedback.records import CLIENT_AUTHOR, Conversation, Message, Reaction, Role
 
 KEY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 KEY_PREFIX = "llk-"
 _INSERT_MESSAGE = rows.insert_sql("messages", Message)
+_INSERT_REACTION = rows.insert_sql("reactions", Reaction) + " ON CONFLICT (reply_id) DO NOTHING"
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,16 @@ class ApiKeys:
         *,
         parent_id: str | None,
         opening: str | None = None,
+        reaction: Reaction | None = None,
     ) -> list[Message]:
         """Append ``(id, role, text)`` turns, each the child of the one before (the first of
-        ``parent_id``), and remember a new conversation's ``opening``: one transaction."""
+        ``parent_id``), and remember a new conversation's ``opening``: one transaction. ``reaction``:
+        the first turn's reading as implicit feedback on ``parent_id``, a reply (stored with it)."""
         now = time.time()
+        if reaction is not None:
+            if not turns or reaction.message_id != turns[0][0] or reaction.reply_id != parent_id:
+                raise InvalidError("a reaction belongs to the first new turn and is about its parent reply")
+            reaction = dataclasses.replace(reaction, created_at=now)
 
         async def op(conn: Connection) -> list[Message]:
             if opening is not None:
@@ -116,6 +124,10 @@ class ApiKeys:
                     await conn.execute(_INSERT_MESSAGE, rows.row_values(message))
                 added.append(message)
                 parent = message_id
+            if reaction is not None:
+                found = await fetch_one(conn, "SELECT role FROM messages WHERE id = ?", (reaction.reply_id,))
+                if found is not None and found["role"] == Role.ASSISTANT:
+                    await conn.execute(_INSERT_REACTION, rows.row_values(reaction))
             return added
 
         return await self._db.write(op)

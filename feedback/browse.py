@@ -46,6 +46,7 @@ class ConversationFilter:
     flagged: bool | None = None
     q: str | None = None
     site: str | None = None  # the widget site, IM bot or API key a conversation came through
+    reaction: str | None = None  # "up", "down": a reply whose customer's next message gave that weak label
 
 
 def fts_query(text: str) -> str:
@@ -146,6 +147,16 @@ _CORRECTED_PROBE = (
 )
 
 
+_REACTED = "SELECT m.conversation_id FROM reactions x JOIN messages m ON m.id = x.reply_id"
+
+
+def _reacted_probe(condition: str) -> str:
+    return (
+        "EXISTS (SELECT 1 FROM messages m JOIN reactions x ON x.reply_id = m.id"
+        f" WHERE m.conversation_id = c.id{condition})"
+    )
+
+
 def _rated_probe(condition: str) -> str:
     return (
         "EXISTS (SELECT 1 FROM messages m JOIN ratings r ON r.message_id = m.id"
@@ -204,6 +215,18 @@ def _clauses(
         out.append(_Clause(f"c.id NOT IN ({_RATED})", "NOT " + _rated_probe(""), (), None))
     elif f.rating is not None:
         raise BrowseError("rating must be up, down or none")
+    if f.reaction in ("up", "down"):
+        value = 1 if f.reaction == "up" else -1
+        out.append(
+            _Clause(
+                f"c.id IN ({_REACTED} WHERE x.value = {value})",
+                _reacted_probe(f" AND x.value = {value}"),
+                (),
+                4,
+            )
+        )
+    elif f.reaction is not None:
+        raise BrowseError("reaction must be up or down")
     if f.version:
         out.append(
             _Clause(
@@ -284,7 +307,9 @@ def _older_filter(
 
 def _has_probes(f: ConversationFilter) -> bool:
     """Whether the filter has a condition whose probe differs from its set."""
-    return f.rating is not None or bool(f.version) or f.has_correction is not None or bool(f.q)
+    return (
+        f.rating is not None or f.reaction is not None or bool(f.version) or f.has_correction is not None or bool(f.q)
+    )
 
 
 _ROW_AGGREGATES_TEMPLATE = """
@@ -445,7 +470,8 @@ class Browse:
         return page + await self._page(where, params, n - len(page))
 
     async def transcript(self, conversation_id: str) -> dict[str, Any] | None:
-        """A conversation with every message, its ratings, corrections, exclusion and siblings."""
+        """A conversation with every message, its ratings, corrections, exclusion, siblings and (a reply)
+        what the customer's next message said about it (``reaction``: implicit feedback, or None)."""
         head = await self._db.read(_ROW_AGGREGATES[self._sql] + " WHERE c.id = ?", (conversation_id,))
         if not head:
             return None
@@ -470,12 +496,17 @@ class Browse:
             " JOIN messages m ON m.id = k.message_id WHERE m.conversation_id = ? ORDER BY k.id",
             (conversation_id,),
         )
+        reactions = await self._db.read(
+            "SELECT r.reply_id, r.message_id, r.signal, r.confidence, r.cue, r.value, r.weight, r.created_at"
+            " FROM reactions r JOIN messages m ON m.id = r.reply_id WHERE m.conversation_id = ?",
+            (conversation_id,),
+        )
         by_message: dict[str, dict[str, Any]] = {}
         turns: dict[tuple[str | None, str], list[str]] = {}
         for m in messages:
             excluded_reason, excluded_by = m.pop("excluded_reason"), m.pop("excluded_by")
             m["excluded"] = {"reason": excluded_reason, "operator": excluded_by} if excluded_by else None
-            m["ratings"], m["corrections"] = [], []
+            m["ratings"], m["corrections"], m["reaction"] = [], [], None
             by_message[m["id"]] = m
             turns.setdefault((m["parent_id"], m["role"]), []).append(m["id"])
         for m in messages:
@@ -485,6 +516,8 @@ class Browse:
             by_message[r["message_id"]]["ratings"].append(_without(r, "message_id"))
         for k in corrections:
             by_message[k["message_id"]]["corrections"].append(_without(k, "message_id"))
+        for x in reactions:
+            by_message[x["reply_id"]]["reaction"] = _without(x, "reply_id")
         return {"conversation": _summary(head[0]), "messages": messages}
 
     async def version_series(self, *, bucket_s: float, since: float = 0.0) -> list[dict[str, Any]]:

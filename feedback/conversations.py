@@ -1,7 +1,8 @@
 """Conversations, their messages and the feedback on them: what training reads.
 
 ``store.conversations``: create and read conversations, append messages (a customer's turn,
-a model's reply, an operator's own answer), store ratings and corrections of replies, keep
+with what it says about the reply before it; a model's reply; an operator's own answer), store
+ratings and corrections of replies, keep
 messages out of training, and read all of it in one snapshot for a training run. Pinning a
 conversation to a model version happens when it is created (``model_version``).
 """
@@ -23,6 +24,7 @@ from feedback.records import (
     Message,
     RaterState,
     Rating,
+    Reaction,
     Role,
     operator_author,
 )
@@ -36,6 +38,7 @@ _INSERT_RATING = (
     " SELECT ?, ?, ?, ?, ?, ?, ? FROM messages WHERE id = ? AND role = ?"
     " ON CONFLICT (message_id, client_id) DO NOTHING RETURNING *"
 )
+_INSERT_REACTION = rows.insert_sql("reactions", Reaction) + " ON CONFLICT (reply_id) DO NOTHING"
 
 
 class Conversations:
@@ -84,10 +87,21 @@ class Conversations:
         finish_reason: str | None = None,
         n_tokens: int | None = None,
         author: str | None = None,
+        reaction: Reaction | None = None,
     ) -> Message:
-        """Append a message; its ``seq`` is the next in the conversation."""
+        """Append a message; its ``seq`` is the next in the conversation.
+
+        ``reaction``: a user turn's reading as implicit feedback on the reply it answers (its
+        ``reply_id`` is ``parent_id``, its ``message_id`` this message), stored in the same
+        transaction; only the first user turn after a reply is kept (a later one, say after a
+        regeneration of the turn, leaves the first reading as it was).
+        """
         now = time.time()
         finish = None if finish_reason is None else FinishReason(finish_reason)  # ValueError for an unknown one
+        if reaction is not None:
+            if role is not Role.USER or reaction.reply_id != parent_id or reaction.message_id != message_id:
+                raise InvalidError("a reaction belongs to a user turn and is about that turn's parent reply")
+            reaction = dataclasses.replace(reaction, created_at=now)
 
         def op(conn: RawConnection) -> Message:  # every chat turn: one trip to the writer (write_sync)
             row = conn.execute(
@@ -114,6 +128,10 @@ class Conversations:
                 )
             ):
                 conn.execute(_INSERT_MESSAGE, rows.row_values(message))
+            if reaction is not None:
+                parent = conn.execute("SELECT role FROM messages WHERE id = ?", (parent_id,)).fetchone()
+                if parent is not None and parent["role"] == Role.ASSISTANT:
+                    conn.execute(_INSERT_REACTION, rows.row_values(reaction))
             return message
 
         return await self._db.write_sync(op)
@@ -241,14 +259,27 @@ class Conversations:
 
         return dataclasses.replace(correction, id=await self._db.write(op))
 
-    async def count_new_feedback(self, *, after_rating_id: int, after_correction_id: int, after_time: float) -> int:
-        """Ratings and corrections after these ids, regenerations and operator replies after this time."""
+    async def reactions(self, conversation_id: str) -> list[Reaction]:
+        """The implicit-feedback readings of a conversation's replies, in the order they were read."""
+        found = await self._db.read(
+            "SELECT r.* FROM reactions r JOIN messages m ON m.id = r.reply_id"
+            " WHERE m.conversation_id = ? ORDER BY r.created_at, r.reply_id",
+            (conversation_id,),
+        )
+        return [rows.reaction(r) for r in found]
+
+    async def count_new_feedback(
+        self, *, after_rating_id: int, after_correction_id: int, after_time: float, implicit: bool = False
+    ) -> int:
+        """Ratings and corrections after these ids, regenerations and operator replies after this time,
+        and with ``implicit`` the labelled reactions after this time."""
         found = await self._db.read(
             "SELECT (SELECT COUNT(*) FROM ratings WHERE id > ?)"
             " + (SELECT COUNT(*) FROM corrections WHERE id > ?)"
             " + (SELECT COUNT(*) FROM messages WHERE (regenerated_from IS NOT NULL OR author LIKE 'operator:%')"
-            " AND created_at > ?)",
-            (after_rating_id, after_correction_id, after_time),
+            " AND created_at > ?)"
+            " + (SELECT COUNT(*) FROM reactions WHERE ? = 1 AND value IS NOT NULL AND created_at > ?)",
+            (after_rating_id, after_correction_id, after_time, int(implicit), after_time),
         )
         return int(found[0][0])
 
@@ -262,7 +293,8 @@ class Conversations:
                     " SELECT DISTINCT x.conversation_id FROM messages x"
                     " WHERE x.regenerated_from IS NOT NULL OR x.author LIKE 'operator:%'"
                     " OR x.id IN (SELECT message_id FROM ratings)"
-                    " OR x.id IN (SELECT message_id FROM corrections))"
+                    " OR x.id IN (SELECT message_id FROM corrections)"
+                    " OR x.id IN (SELECT reply_id FROM reactions WHERE value IS NOT NULL))"
                     " ORDER BY m.conversation_id, m.seq"
                 )
             )
@@ -277,6 +309,12 @@ class Conversations:
             excluded = frozenset(r[0] for r in await snap.read("SELECT message_id FROM training_exclusions"))
             reviews = await snap.read("SELECT rater, state FROM rater_reviews")
             erased = frozenset(r[0] for r in await snap.read("SELECT subject_hash FROM erasures"))
+            reactions = tuple(
+                rows.reaction(r)
+                for r in await snap.read(
+                    "SELECT * FROM reactions WHERE value IS NOT NULL ORDER BY created_at, reply_id"
+                )
+            )
         return FeedbackSnapshot(
             messages=messages,
             ratings=ratings,
@@ -287,6 +325,7 @@ class Conversations:
             excluded_messages=excluded,
             rater_states={r[0]: RaterState(r[1]) for r in reviews},
             erased_subjects=erased,
+            reactions=reactions,
         )
 
 

@@ -334,7 +334,7 @@ class Database(abc.ABC):
         """Give deleted rows' bytes back: the WAL truncated (SQLite), dead tuples vacuumed (PostgreSQL)."""
 
 
-class _BeginFailed(Exception):
+class _BeginFailed(StoreError):
     """BEGIN failed: no operation of the batch reached the database (``cause``: why)."""
 
     def __init__(self, cause: BaseException) -> None:
@@ -342,7 +342,7 @@ class _BeginFailed(Exception):
         self.cause = cause
 
 
-class _OpFailed(Exception):
+class _OpFailed(StoreError):
     """An operation failed in a group commit run without savepoints; the transaction was rolled back."""
 
 

@@ -137,6 +137,26 @@ class Correction:
 
 
 @dataclass(frozen=True)
+class Reaction:
+    """What the customer's next message said about a reply (implicit feedback), read when it arrived.
+
+    ``signal`` is a ``training.implicit.ImplicitSignal`` value (gratitude, complaint, repeat, human,
+    none), ``value`` the weak label it gives (+1, -1 or None) and ``weight`` that label's weight
+    relative to one explicit thumb (the rule's weight times its confidence). Silence (abandon) is
+    never stored: it is read from the messages' times when needed.
+    """
+
+    reply_id: str  # the assistant reply it is about
+    message_id: str  # the customer's next message
+    signal: str
+    confidence: float
+    cue: str  # the rule or words that decided it, for audits
+    value: int | None
+    weight: float
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
 class FeedbackSnapshot:
     """Everything the pair builder needs, read in one consistent transaction."""
 
@@ -149,6 +169,7 @@ class FeedbackSnapshot:
     excluded_messages: frozenset[str] = frozenset()  # operators took these out of training
     rater_states: Mapping[str, RaterState] = field(default_factory=dict)
     erased_subjects: frozenset[str] = frozenset()  # subject_hash() of erased users
+    reactions: tuple[Reaction, ...] = ()  # implicit feedback with a label (value not None)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from feedback.records import (
     Message,
     ModelVersion,
     Rating,
+    Reaction,
     Role,
     RunState,
     TrainingRun,
@@ -71,6 +72,10 @@ def rating(r: Row) -> Rating:
 
 def correction(r: Row) -> Correction:
     return _record(Correction, r)
+
+
+def reaction(r: Row) -> Reaction:
+    return _record(Reaction, r)
 
 
 def _json_or_none(v: str | None) -> Any:

@@ -294,6 +294,22 @@ MIGRATIONS: tuple[Step, ...] = (
     ALTER TABLE model_versions ADD COLUMN trained_on_erased REAL;
     ALTER TABLE model_versions ADD COLUMN adapter_deleted REAL;
     """,
+    # 9: implicit feedback: what the customer's next message says about the reply before it (one
+    # reading per reply, from the first user turn after it; the rules live in training/implicit.py)
+    """
+    CREATE TABLE reactions (
+        reply_id    TEXT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+        message_id  TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        signal      TEXT NOT NULL,
+        confidence  REAL NOT NULL,
+        cue         TEXT NOT NULL,
+        value       INTEGER CHECK (value IN (-1, 1)),
+        weight      REAL NOT NULL,
+        created_at  REAL NOT NULL
+    );
+    CREATE INDEX reactions_message ON reactions(message_id);
+    CREATE INDEX reactions_labelled ON reactions(created_at) WHERE value IS NOT NULL;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -108,6 +108,7 @@ class App:
                 max_connections_per_user=s.server.max_connections_per_user,
                 idle_timeout_s=s.server.idle_timeout_s,
                 send_timeout_s=s.server.send_timeout_s,
+                implicit=s.implicit,
             )
             self.gateway = ctx
             server = await start_gateway(
@@ -128,7 +129,13 @@ class App:
             self.port = next(iter(server.sockets)).getsockname()[1]
             if s.console.enabled:
                 console = await start_console(
-                    s.console, store=store, presence=presence, release=release, trainer=trainer, metrics=self.metrics
+                    s.console,
+                    store=store,
+                    presence=presence,
+                    release=release,
+                    trainer=trainer,
+                    metrics=self.metrics,
+                    implicit=s.implicit,
                 )
                 self.console_port = console.port
                 self.console = console.app

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -44,8 +44,9 @@ from server.protocol import (
     error_frame,
 )
 from server.ratelimit import KeyedRateLimiter
-from server.replies import StopSignal, latest_branch, new_id, open_conversation, stream_reply
+from server.replies import StopSignal, latest_branch, new_id, open_conversation, reaction_after, stream_reply
 from server.settings import SiteConfig
+from training.implicit import ImplicitConfig
 
 log = logging.getLogger("learnloop.gateway")
 MAX_RATINGS_IN_FLIGHT = 64  # per connection; the reader waits past this
@@ -79,6 +80,7 @@ class GatewayContext:
     # ratings being stored, of every connection (one may outlive its connection): the drain waits for them
     ratings: set[asyncio.Task[None]] = field(default_factory=set)
     draining: bool = False  # shutting down: no new replies start
+    implicit: ImplicitConfig = field(default_factory=ImplicitConfig)  # how a turn after a reply is read
 
     def __post_init__(self) -> None:
         if self.presence is None:
@@ -174,20 +176,25 @@ class _Connection:
 
     async def store_turn(self, effect: StoreTurn) -> list[Effect]:
         try:
-            await self._store_user_turn(effect.turn, effect.parent_id)
+            history = self.session.history
+            before = history[: history.index(effect.turn)] if effect.turn in history else []
+            await self._store_user_turn(effect.turn, effect.parent_id, before)
         except Exception as exc:
             code, message, _ = public_view(exc, where="storing a user turn")
             return self.session.turn_failed(effect, code, message)
         return self.session.turn_stored(effect)
 
-    async def _store_user_turn(self, turn: Turn, parent_id: str | None) -> None:
+    async def _store_user_turn(self, turn: Turn, parent_id: str | None, branch: Sequence[Turn] = ()) -> None:
+        """Store a user turn; ``branch``: the conversation before it, whose last reply it reacts to."""
         assert self.session.conversation_id is not None
+        reaction = reaction_after(branch, message_id=turn.id, text=turn.text, config=self.ctx.implicit)
         await self.ctx.store.conversations.add_message(
             message_id=turn.id,
             conversation_id=self.session.conversation_id,
             role=Role.USER,
             text=turn.text,
             parent_id=parent_id,
+            reaction=reaction if reaction is not None and reaction.reply_id == parent_id else None,
         )
 
     async def _open(self, effect: OpenConversation) -> list[Effect]:
@@ -325,7 +332,9 @@ class _Connection:
         assert self.session.conversation_id is not None
         try:
             if g.user_turn is not None:
-                await self._store_user_turn(g.user_turn, g.context[-2].id if len(g.context) > 1 else None)
+                await self._store_user_turn(
+                    g.user_turn, g.context[-2].id if len(g.context) > 1 else None, g.context[:-1]
+                )
                 await self.apply(self.session.user_turn_stored(g))
 
             async def send_token(delta: str) -> None:

@@ -4,7 +4,8 @@ The websocket gateway, the OpenAI-compatible API and the IM webhooks are thin sh
 these functions and the same store: a conversation is opened the same way (pinned to the
 canary for the canary's share), a reply is stored the same way (with the version that wrote
 it, its time to first token and why it ended), so every channel's customers train the same
-model and are measured by the same numbers.
+model and are measured by the same numbers. A customer's turn that follows a reply is read as
+implicit feedback on it the same way too (``reaction_after``), and stored with the turn.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from feedback import FeedbackStore, FinishReason, Message, Role
+from feedback import FeedbackStore, FinishReason, Message, Reaction, Role
 from server.engines import Engine, SamplingConfig
 from server.protocol import Turn
+from training.implicit import ImplicitConfig, classify_reaction, reaction_record
 
 
 class StopSignal(threading.Event):
@@ -76,6 +78,26 @@ def latest_branch(messages: Iterable[Message]) -> list[Turn]:
         node = by_id.get(node.parent_id) if node.parent_id else None
     branch.reverse()
     return branch
+
+
+REACTION_READ_CHARS = 1000
+"""How much of a turn (and of the question before it) the rules read: reactions are short, and the
+rules run in the event loop (measured: up to 29 ms for 4,000 adversarial characters, 2-3 ms for 1,000)."""
+
+
+def reaction_after(branch: Sequence[Turn], *, message_id: str, text: str, config: ImplicitConfig) -> Reaction | None:
+    """The customer's new turn ``text`` (id ``message_id``) read as implicit feedback on the reply it
+    follows: ``branch`` is the conversation up to that turn, oldest first, and its last turn the reply.
+    None when the turn follows no assistant reply (the first turn of a conversation)."""
+    if not branch or branch[-1].role != Role.ASSISTANT:
+        return None
+    previous = branch[-2].text if len(branch) > 1 and branch[-2].role == Role.USER else None
+    reading = classify_reaction(
+        text[:REACTION_READ_CHARS],
+        previous_user=None if previous is None else previous[:REACTION_READ_CHARS],
+        config=config,
+    )
+    return reaction_record(reading, reply_id=branch[-1].id, message_id=message_id)
 
 
 def scan_stop(text: str, stops: Sequence[str]) -> tuple[int, bool]:

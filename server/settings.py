@@ -1,15 +1,15 @@
 """Settings: read once, in one place. Defaults < TOML file < environment < command line.
 
-The file (``--config PATH`` or ``$LEARNLOOP_CONFIG``) has a top-level ``data_dir``, the
-sections ``[server]``, ``[store]``, ``[model]``, ``[schedule]``, ``[training]``, ``[gate]``, ``[trust]``,
-``[canary]``, ``[console]``, ``[channels]`` and ``[outbox]``, and named tables: one per widget
-site (``[sites.shop]``), Telegram bot (``[telegram.support]``), Slack app (``[slack.support]``)
-and signed-webhook sender (``[webhooks.helpdesk]``). Every key can be set from the environment
-as ``LEARNLOOP_<SECTION>_<KEY>`` (upper case), for example ``LEARNLOOP_SERVER_PORT=9000`` or
+The file (``--config PATH`` or ``$LEARNLOOP_CONFIG``) has a top-level ``data_dir``, the sections
+``[server]``, ``[store]``, ``[model]``, ``[schedule]``, ``[training]``, ``[gate]``, ``[trust]``, ``[implicit]``,
+``[canary]``, ``[console]``, ``[channels]`` and ``[outbox]``, and named tables: one per widget site
+(``[sites.shop]``), Telegram bot (``[telegram.support]``), Slack app (``[slack.support]``) and
+signed-webhook sender (``[webhooks.helpdesk]``). Every key can be set from the environment as
+``LEARNLOOP_<SECTION>_<KEY>`` (upper case), for example ``LEARNLOOP_SERVER_PORT=9000`` or
 ``LEARNLOOP_TRAINING_MAX_STEPS=20``; a named table's keys as ``LEARNLOOP_<TABLE>__<NAME>__<KEY>``
 (double underscores: ``LEARNLOOP_SITES__SHOP__ORIGINS=https://a.example,https://b.example``,
-``LEARNLOOP_TELEGRAM__SUPPORT__TOKEN=...``); the top-level ``data_dir`` is
-``LEARNLOOP_DATA_DIR``. Unknown keys are errors, not ignored.
+``LEARNLOOP_TELEGRAM__SUPPORT__TOKEN=...``); the top-level ``data_dir`` is ``LEARNLOOP_DATA_DIR``.
+Unknown keys are errors, not ignored.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from server.secret import Secret
 from training.canary import CanaryConfig
 from training.config import TrainConfig
 from training.gate import GateConfig
+from training.implicit import ImplicitConfig
 from training.models import DEFAULT_MODEL
 from training.trust import TrustConfig
 
@@ -123,8 +124,7 @@ class ServerConfig:
         metadata={"help": "Drop a client that does not read once a frame waits this long to be sent (it sees 1006)."},
     )
     write_limit_bytes: int = field(
-        default=32768,
-        metadata={"help": "Bytes a connection may have waiting to be written before its sender waits."},
+        default=32768, metadata={"help": "Bytes a connection may have waiting to be written before its sender waits."}
     )
     compression: bool = field(
         default=False,
@@ -186,8 +186,7 @@ class ModelConfig:
         },
     )
     gguf: str | None = field(
-        default=None,
-        metadata={"help": "GGUF file for the llamacpp engine; default: the default model's GGUF."},
+        default=None, metadata={"help": "GGUF file for the llamacpp engine; default: the default model's GGUF."}
     )
     gguf_quant: str = field(
         default="q8_0",
@@ -311,7 +310,7 @@ class ScheduleConfig:
     enabled: bool = field(default=True, metadata={"help": "Run the training cycle on a schedule inside the server."})
     interval_s: float = field(default=3600.0, metadata={"help": "Seconds between scheduled training checks."})
     min_new_feedback: int = field(
-        default=10, metadata={"help": "New ratings, corrections and regenerations needed to start a run."}
+        default=10, metadata={"help": "New ratings, corrections, regenerations (implicit labels too) to start a run."}
     )
     heldout_fraction: float = field(default=0.2, metadata={"help": "Share of conversations held out for the gate."})
     timeout_s: float = field(default=3600.0, metadata={"help": "A training run longer than this is killed."})
@@ -346,6 +345,7 @@ class Settings:
     training: TrainConfig = field(default_factory=TrainConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    implicit: ImplicitConfig = field(default_factory=ImplicitConfig)
     canary: CanaryConfig = field(default_factory=CanaryConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     channels: ChannelsConfig = field(default_factory=ChannelsConfig)
@@ -378,6 +378,7 @@ SECTIONS: dict[str, type] = {
     "training": TrainConfig,
     "gate": GateConfig,
     "trust": TrustConfig,
+    "implicit": ImplicitConfig,
     "canary": CanaryConfig,
     "console": ConsoleConfig,
     "channels": ChannelsConfig,

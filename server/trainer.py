@@ -34,6 +34,7 @@ def cycle_config(settings: Settings, base_model: str) -> CycleConfig:
         train=settings.training,
         gate=settings.gate,
         trust=settings.trust,
+        implicit=settings.implicit,
         canary_share=settings.canary.share,
     )
 

@@ -14,9 +14,12 @@ import httpx
 import pytest
 from fastapi.routing import APIRoute
 
+from feedback import Role
 from feedback.accounts import OperatorRole
 from server.app import App
 from server.console.api import ROLE_KEY
+from server.protocol import Turn
+from server.replies import reaction_after
 from tests.console_support import (
     OPERATORS,
     PASSWORD,
@@ -27,6 +30,7 @@ from tests.console_support import (
     seed,
 )
 from tests.store_backends import StoreTarget
+from training.implicit import ImplicitConfig
 
 
 @pytest.fixture
@@ -143,6 +147,24 @@ async def test_filters_search_and_paging(app: App, seeded: Seeded) -> None:
         assert await ids(version="v9") == []
         assert len(await ids(version="base")) == 3
         assert await ids(has_correction="true") == []
+        # implicit feedback: the customer complains after the Telegram reply; the reaction filter finds it
+        assert app.store is not None
+        reply = [m for m in await app.store.conversations.messages(seeded.telegram) if m.role == "assistant"][-1]
+        branch = [Turn(reply.parent_id or "", "user", "?"), Turn(reply.id, "assistant", reply.text)]
+        await app.store.conversations.add_message(
+            message_id="complaint",
+            conversation_id=seeded.telegram,
+            role=Role.USER,
+            text="no, that's wrong",
+            parent_id=reply.id,
+            reaction=reaction_after(branch, message_id="complaint", text="no, that's wrong", config=ImplicitConfig()),
+        )
+        assert await ids(reaction="down") == [seeded.telegram]
+        assert await ids(reaction="down", rating="none") == [seeded.telegram]
+        assert await ids(reaction="down", rating="down") == [] and await ids(reaction="up") == []
+        assert (await c.get("/api/v1/conversations", params={"reaction": "none"})).status_code == 422
+        shown = (await c.get(f"/api/v1/conversations/{seeded.telegram}")).json()
+        assert [m["reaction"]["signal"] for m in shown["messages"] if m["id"] == reply.id] == ["complaint"]
         # keyset paging: two pages of one and one of one, newest first, no repeats
         r1 = (await c.get("/api/v1/conversations", params={"limit": 2})).json()
         r2 = (await c.get("/api/v1/conversations", params={"limit": 2, "cursor": r1["next_cursor"]})).json()

@@ -3,7 +3,7 @@
 Against a real running server (gateway + console, tiny model): log in, filter and search
 conversations, open a transcript, write a correction and find it in the dataset preview,
 promote and roll back a version, and take over a live conversation while a websocket
-client receives the operator's reply. Screenshots go to ``test-artifacts/console/`` (or
+client receives the operator's reply (and see what the customer wrote after each reply). Screenshots go to ``test-artifacts/console/`` (or
 ``$LEARNLOOP_ARTIFACTS``), which ``.ci/run`` lists at the end.
 """
 
@@ -17,9 +17,12 @@ from typing import Any
 
 import pytest
 
-from feedback import RunState
+from feedback import Role, RunState
 from server.app import App
+from server.protocol import Turn
+from server.replies import reaction_after
 from tests.console_support import PASSWORD, Seeded, register_adapter, running_app, seed
+from training.implicit import ImplicitConfig
 
 CHROMIUM = os.environ.get("LEARNLOOP_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("LEARNLOOP_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
@@ -85,6 +88,25 @@ async def test_review_correct_and_release_in_the_browser(app: App, page: Any, ti
     await page.wait_for_function("document.querySelectorAll('tr.conv-row').length === 1")
     assert await rows.first.get_attribute("data-id") == seeded.refund
     await page.select_option("#filter-rating", "")
+    # "Customer wrote": a complaint after the Telegram reply (implicit feedback) finds that conversation
+    messages = await app.store.conversations.messages(seeded.telegram)
+    branch = [Turn(m.id, str(m.role), m.text) for m in messages]
+    complaint = "no, that's wrong"
+    await app.store.conversations.add_message(
+        message_id="complaint",
+        conversation_id=seeded.telegram,
+        role=Role.USER,
+        text=complaint,
+        parent_id=messages[-1].id,
+        reaction=reaction_after(branch, message_id="complaint", text=complaint, config=ImplicitConfig()),
+    )
+    await page.select_option("#filter-reaction", "down")
+    await page.click("#filter-apply")
+    await page.wait_for_function("new URLSearchParams(location.search).get('reaction') === 'down'")
+    await page.wait_for_function(
+        f"[...document.querySelectorAll('tr.conv-row')].map(r => r.dataset.id).join() === '{seeded.telegram}'"
+    )
+    await page.select_option("#filter-reaction", "")
     await page.fill("#search-q", "shipping")
     await page.press("#search-q", "Enter")
     await page.wait_for_function(
@@ -222,6 +244,16 @@ async def test_take_over_a_live_conversation_in_the_browser(app: App, page: Any,
     await customer.until("operator_left")
     done, _ = await customer.chat("Thank you!", "c3")  # the model answers again
     assert done["model_version"] == "base"
+    # what the customer wrote after each reply shows on it: a weak label, not a thumb
+    thanked = page.locator(".msg[data-role=assistant]:has-text('re-sent your parcel') .reaction")
+    await thanked.wait_for()
+    assert (await thanked.get_attribute("data-signal"), await thanked.inner_text()) == (
+        "gratitude",
+        "customer: gratitude ▲",
+    )
+    await shot(page, "09b-reactions")
+    first_reply = page.locator(".msg[data-role=assistant]").first
+    assert await first_reply.locator(".reaction").get_attribute("data-signal") == "none"  # "is someone there?"
 
 
 async def test_the_transcript_shows_personal_data_only_after_the_toggle(app: App, page: Any) -> None:

@@ -161,6 +161,18 @@ async def test_telegram_message_reply_thumbs_and_redeliveries(
             and next(m.text for m in await app.store.conversations.messages(second)) == "Do you ship abroad?"
         )
 
+        # what the customer writes next is read as implicit feedback on the reply before it
+        await http.post(hook, json=tg_message(6, "no, that's wrong"), headers=tg_headers())
+        await eventually(lambda: len(thumbed(telegram)) == 3, what="the third reply")
+        _, shipping_reply, complaint, _ = await app.store.conversations.messages(second)
+        [reaction] = await app.store.conversations.reactions(second)
+        assert (reaction.reply_id, reaction.message_id, reaction.signal, reaction.value) == (
+            shipping_reply.id,
+            complaint.id,
+            "complaint",
+            -1,
+        )
+
 
 async def test_telegram_streams_a_reply_into_one_message(telegram: TelegramStandIn) -> None:
     """The first piece of text is sent at once; later pieces edit that message at most every interval."""

@@ -15,6 +15,8 @@ def _row(deployment: str, seed: int, gain: float, *, reactions: bool = False) ->
         "seed": seed,
         "thumbs_share": 0.2 if reactions else 1.0,
         "reactions": reactions,
+        "implicit_training": reactions,
+        "operator_reads_reactions": reactions,
         "base": 0.0,
         "by_version": {"base": 0.0, "v1": gain / 100},
         "best_version": "v1",
@@ -32,8 +34,22 @@ def test_defaults_keep_the_shop_run() -> None:
     assert parse_args(["--all"]).seeds == "0,1"
 
 
+def test_reactions_are_read_and_trained_unless_told_otherwise() -> None:
+    args = parse_args(["--thumbs-share", "0.2", "--reactions"])
+    assert args.implicit_training and args.operator_reads_reactions
+    args = parse_args(["--reactions", "--no-implicit-training"])
+    assert not args.implicit_training and args.operator_reads_reactions
+    assert not parse_args([]).implicit_training
+    assert parse_args(["--all", "--modes", "explicit,implicit,sparse"]).modes == "explicit,implicit,sparse"
+
+
 def test_bad_flags_are_refused() -> None:
-    for argv in (["--thumbs-share", "1.5"], ["--modes", "explicit,loud"], ["--deployment", "nowhere"]):
+    for argv in (
+        ["--thumbs-share", "1.5"],
+        ["--modes", "explicit,loud"],
+        ["--deployment", "nowhere"],
+        ["--implicit-training"],  # reads reactions: needs --reactions
+    ):
         with pytest.raises(SystemExit):
             parse_args(argv)
 
@@ -42,10 +58,10 @@ def test_table_has_a_row_per_run_and_the_mean_gain_per_mode() -> None:
     text = table([_row("shop", 0, 38.9), _row("bank", 1, 20.0), _row("shop", 0, 10.0, reactions=True)])
     lines = text.splitlines()
     assert lines[2] == "| shop | 0 | thumbs 100% | 0.0% | 38.9% (v1) | +38.9 | 2 / 1 | -16.8% | 14.5 |"
-    assert "| thumbs 20% + reactions |" in lines[4]
+    assert "| thumbs 20% + reactions (read and trained) |" in lines[4]
     assert lines[-3:] == [
         "mean gain, thumbs 100%: +29.4 pp over 2 runs",
-        "mean gain, thumbs 20% + reactions: +10.0 pp over 1 runs",
+        "mean gain, thumbs 20% + reactions (read and trained): +10.0 pp over 1 runs",
         "mean gain, all runs: +23.0 pp over 3 runs",
     ]
     assert table([_row("shop", 0, 38.9)]).splitlines()[-1] == "mean gain, thumbs 100%: +38.9 pp over 1 runs"

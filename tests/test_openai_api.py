@@ -148,6 +148,14 @@ async def test_history_continues_or_regenerates_the_stored_conversation(app: App
     assert [m.role for m in messages].count(Role.USER) == 2 and [m.role for m in messages].count(Role.SYSTEM) == 1
     follow_turn = by_id[r2.parent_id or ""]
     assert (follow_turn.text, follow_turn.parent_id) == ("refund?", r1.id)  # continued after the first reply
+    # the turn after the first reply is read as implicit feedback on it (a new question: no label)
+    [reaction] = await app.store.conversations.reactions(r1.conversation_id)
+    assert (reaction.reply_id, reaction.message_id, reaction.signal, reaction.value) == (
+        r1.id,
+        follow_turn.id,
+        "none",
+        None,
+    )
     assert r3.parent_id == r1.parent_id and r3.regenerated_from == r1.id  # the same turn answered again: a sibling
 
 

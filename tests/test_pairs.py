@@ -528,7 +528,7 @@ def test_readme_names_the_function_of_every_signal() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     table = readme.split("## Feedback becomes training data", 1)[1].split("\n\n", 2)[1]
     named = [re.findall(r"`(\w+)`", line.rsplit("|", 2)[1]) for line in table.splitlines()[2:]]
-    assert all(named) and len(named) == 9
+    assert all(named) and len(named) == 10
     builders = {name for name in signals.__all__ if name.endswith(("_pairs", "_demos", "_rows"))}
     assert {name for names in named for name in names} == builders
     assert all(callable(getattr(signals, name)) for name in builders)

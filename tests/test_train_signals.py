@@ -212,6 +212,19 @@ def test_the_kto_only_and_sft_only_runs_train(tiny_model: Path, tmp_path: Path) 
     assert nll(tiny_model, tmp_path / "sft" / "adapter", ORDER_Q, ORDER_A) < before
 
 
+def test_a_kto_row_weight_scales_its_loss(tiny_model: Path, tmp_path: Path) -> None:
+    """Implicit labels train as KTO rows with a ``weight`` column: weight 1 trains exactly as a thumb's
+    row without one; a lower weight trains less (another adapter)."""
+    plain = run_job(tiny_model, tmp_path / "plain", {"kto": THUMBS}, max_steps=3)
+    ones = run_job(tiny_model, tmp_path / "ones", {"kto": [{**t, "weight": 1.0} for t in THUMBS]}, max_steps=3)
+    weak = [{**t, "weight": 0.3} for t in THUMBS[:2]] + THUMBS[2:]  # some rows weighted, others not
+    light = run_job(tiny_model, tmp_path / "light", {"kto": weak}, max_steps=3)
+    assert plain["trainer"] == ones["trainer"] == light["trainer"] == "kto"
+    a, b, c = (lora_weights(tmp_path / name / "adapter") for name in ("plain", "ones", "light"))
+    assert all(a[k].equal(b[k]) for k in a)
+    assert any(not a[k].equal(c[k]) for k in a) and changed(tmp_path / "light" / "adapter")
+
+
 def test_the_deadline_stops_training_at_the_end_of_a_step() -> None:
     from transformers import TrainerControl
 

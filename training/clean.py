@@ -295,17 +295,20 @@ def clean(data: TrainingData, config: CleanConfig | None = None) -> tuple[Traini
         fixed: Callable[[R], R],
         answers: Callable[[R], tuple[str, ...]],
         tags: Callable[[R], tuple[str, ...]] = lambda _: (),
+        weaker: Callable[[R], bool] = lambda _: False,
     ) -> tuple[R, ...]:
         """The rows fixed, without those with a problem or a near-duplicate (same last prompt
-        message and answers, normalised, and same ``tags``) of a row kept before."""
-        out: list[R] = []
-        for raw in rows:
-            row: R = fixed(raw)
+        message and answers, normalised, and same ``tags``) of a row kept before; a ``weaker`` row
+        comes after every other, so a near-duplicate of both kinds keeps the stronger. The rows
+        keep their order."""
+        out: list[tuple[int, R]] = []
+        for i in sorted(range(len(rows)), key=lambda i: weaker(rows[i])):  # stable: the order within a kind stays
+            row: R = fixed(rows[i])
             texts = [m["content"] for m in row.prompt] + list(answers(row))
             key = (kind, norm_text(row.prompt[-1]["content"]), *map(norm_text, answers(row)), *tags(row))
             if keep(kind, row, texts, key):
-                out.append(row)
-        return tuple(out)
+                out.append((i, row))
+        return tuple(row for _, row in sorted(out, key=lambda x: x[0]))
 
     def fix_completion(r: C) -> C:
         return dataclasses.replace(r, prompt=fix_prompt(r.prompt), completion=fix(r.completion))
@@ -316,6 +319,9 @@ def clean(data: TrainingData, config: CleanConfig | None = None) -> tuple[Traini
         lambda r: dataclasses.replace(r, prompt=fix_prompt(r.prompt), chosen=fix(r.chosen), rejected=fix(r.rejected)),
         lambda r: (r.chosen, r.rejected),
     )
-    kto = kept("kto", data.kto, fix_completion, lambda r: (r.completion,), lambda r: (str(r.label),))
+    # a thumb and an implicit label on the same answer: the thumb's row stays (implicit labels are weaker)
+    kto = kept(
+        "kto", data.kto, fix_completion, lambda r: (r.completion,), lambda r: (str(r.label),), lambda r: bool(r.signal)
+    )
     sft = kept("sft", data.sft, fix_completion, lambda r: (r.completion,))
     return TrainingData(dpo, kto, sft), report

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from training.gate import GateConfig
+from training.implicit import ImplicitConfig
 from training.trust import TrustConfig
 
 CONTRAST_PICKS = ("hash", "live")
@@ -236,6 +237,7 @@ class CycleConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    implicit: ImplicitConfig = field(default_factory=ImplicitConfig)  # implicit.train: weak labels train
     canary_share: float = 0.0  # > 0: a version that passes the gate becomes a canary first
 
     @property

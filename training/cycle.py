@@ -84,7 +84,12 @@ class PreparedData:
 
     @property
     def counts(self) -> dict[str, int]:
-        return {**{f"train_{k}": v for k, v in self.train.counts().items()}, "heldout_dpo": len(self.heldout.dpo)}
+        implicit = sum(1 for r in self.train.kto if r.signal)
+        return {
+            **{f"train_{k}": v for k, v in self.train.counts().items()},
+            "heldout_dpo": len(self.heldout.dpo),
+            **({"train_implicit": implicit} if implicit else {}),  # of train_kto: weak labels (implicit.train)
+        }
 
     @property
     def trainable(self) -> bool:
@@ -96,7 +101,11 @@ class PreparedData:
         by_source = collections.Counter([r.source for r in self.data.dpo] + [r.source for r in self.data.sft])
         out: dict[str, Any] = {
             "rows": self.data.counts(),
-            "by_signal": {**dict(by_source), "thumbs (kto)": len(self.data.kto)},
+            "by_signal": {
+                **dict(by_source),
+                "thumbs (kto)": sum(1 for r in self.data.kto if r.signal is None),
+                **({"implicit (kto)": n} if (n := sum(1 for r in self.data.kto if r.signal)) else {}),
+            },
             "split": self.counts,
             "trust": self.trust.summary(),
             "held_raters": self.trust.held_raters,
@@ -107,7 +116,7 @@ class PreparedData:
         }
         if rows:
             out["train_rows"] = [
-                {"kind": kind, "source": getattr(r, "source", "thumbs"), "split": split, **r.to_trl()}
+                {"kind": kind, "source": _source(r), "split": split, **r.to_trl()}
                 for split, data in (("train", self.train), ("heldout", self.heldout))
                 for kind, rs in (("dpo", data.dpo), ("kto", data.kto), ("sft", data.sft))
                 for r in rs
@@ -126,6 +135,13 @@ class PreparedData:
         return [r for k, rows in kinds.items() if kind in (None, k) for r in rows]
 
 
+def _source(row: pairs.Row) -> str:
+    """The signal a row came from, as the dataset preview names it."""
+    if isinstance(row, pairs.KTORow):
+        return f"implicit:{row.signal}" if row.signal else "thumbs"
+    return row.source
+
+
 def prepare(snapshot: FeedbackSnapshot, cfg: CycleConfig) -> PreparedData:
     """Snapshot -> trust filter -> rows -> cleaning -> split -> weighting. Pure."""
     trusted, trust_report = filter_snapshot(snapshot, cfg.trust)
@@ -137,6 +153,7 @@ def prepare(snapshot: FeedbackSnapshot, cfg: CycleConfig) -> PreparedData:
             numbers=cfg.train.number_pairs,
             contrast_pool=cfg.train.picks_in_job,
             transplants=cfg.train.transplant_pairs,
+            implicit=cfg.implicit.train,
         )
     )
     train, heldout = pairs.split(data, cfg.heldout_fraction)
@@ -255,6 +272,13 @@ class TrainingCycle:
         if not prepared.trainable:
             return CycleResult(CycleStatus.SKIPPED, f"no trainable rows yet ({counts})", counts=counts)
 
+        if prepared.train.dpo and prepared.train.kto and self.config.train.kto_steps == 0:
+            log.info(
+                "%d KTO rows (%s implicit) do not train in this run: it has preference pairs and "
+                "training.kto_steps is 0",
+                len(prepared.train.kto),
+                counts.get("train_implicit", 0),
+            )
         run_id = await self.store.runs.start(
             max_rating_id=snapshot.max_rating_id, max_correction_id=snapshot.max_correction_id
         )
@@ -296,6 +320,7 @@ class TrainingCycle:
             after_rating_id=last.max_rating_id if last else 0,
             after_correction_id=last.max_correction_id if last else 0,
             after_time=last.started_at if last else 0.0,
+            implicit=self.config.implicit.train,
         )
         return should_train(new_feedback=new, min_new_feedback=self.config.min_new_feedback, force=force)
 

@@ -17,6 +17,12 @@ question's content words (English) or character bigrams (Chinese) again), a lone
 "are you sure" (COMPLAINT, weaker), GRATITUDE (not inside a question about something else:
 "how do I write a thank-you note?" is NONE), NONE.
 
+``reaction_record`` turns a reading into the ``feedback.records.Reaction`` the store keeps
+against the reply (the gateway, the IM inbox and the OpenAI-compatible API record one when a
+customer's next message arrives). ``silent_replies`` finds the replies a customer left without a
+word: silence is no event, so ABANDON is never recorded but read from the messages' times by
+whoever needs it (the console), with the ``abandon_after_s`` in force then.
+
 ``implicit_label`` turns a signal into a training label and a weight relative to one
 explicit thumb (weight 1.0); multiply it by the reading's confidence:
 
@@ -41,7 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from feedback.records import Message, Role
+from feedback.records import Message, Reaction, Role
 
 
 class ImplicitSignal(Enum):
@@ -62,6 +68,17 @@ class ImplicitReading:
 
 @dataclass(frozen=True)
 class ImplicitConfig:
+    """The ``[implicit]`` settings: how next messages are read, and whether their labels train."""
+
+    train: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on implicit feedback: a reply's weak label from the customer's next message (thanks +1; "
+            "complaint, re-ask, asking for a person -1) becomes a KTO row weighted below a thumb, capped per "
+            "customer and conversation (trust.implicit_*), never where a thumb or correction exists. Readings are "
+            "recorded and shown in the console either way. Off until bench/learning.py measures a gain."
+        },
+    )
     abandon_after_s: float = field(
         default=1800.0, metadata={"help": "A reply that ends a conversation silent this long was abandoned."}
     )
@@ -276,3 +293,41 @@ def reading_after_reply(
     if any(m.created_at > reply.created_at for m in messages if m.id != reply.id):
         return ImplicitReading(ImplicitSignal.NONE, 0.5, "the conversation went on elsewhere")
     return classify_reaction(None, idle_s=now - reply.created_at, config=config)
+
+
+MAX_CUE_CHARS = 120
+
+
+def label_weight(reading: ImplicitReading) -> tuple[int | None, float]:
+    """The reading's weak label and its weight (``implicit_label``'s weight times the confidence)."""
+    value, weight = implicit_label(reading.signal)
+    return value, round(weight * reading.confidence, 4) if value is not None else 0.0
+
+
+def reaction_record(reading: ImplicitReading, *, reply_id: str, message_id: str) -> Reaction:
+    """What the store keeps of a reading against the reply ``reply_id`` (``message_id``: the next message)."""
+    value, weight = label_weight(reading)
+    return Reaction(
+        reply_id=reply_id,
+        message_id=message_id,
+        signal=reading.signal.value,
+        confidence=reading.confidence,
+        cue=reading.cue[:MAX_CUE_CHARS],
+        value=value,
+        weight=weight,
+    )
+
+
+def silent_replies(
+    messages: Sequence[Message], *, now: float, config: ImplicitConfig = ImplicitConfig()
+) -> dict[str, ImplicitReading]:
+    """The assistant reply of one conversation that was abandoned, with its reading: the newest
+    message, if it is a reply after which nothing came (no next message, no regeneration, no other
+    branch) for ``config.abandon_after_s``. Empty when there is none."""
+    if not messages:
+        return {}
+    last = max(messages, key=lambda m: (m.created_at, m.seq))  # only the newest message has nothing after it
+    if last.role is not Role.ASSISTANT or not last.text.strip():
+        return {}
+    reading = reading_after_reply(messages, last.id, now=now, config=config)
+    return {last.id: reading} if reading.signal is ImplicitSignal.ABANDON else {}

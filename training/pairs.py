@@ -68,16 +68,24 @@ class DPORow:
 
 @dataclass(frozen=True)
 class KTORow:
-    """A rated reply: ``label`` is True for a thumbs up."""
+    """A rated reply: ``label`` is True for a thumbs up.
+
+    A weak label read from the customer's next message (implicit feedback) names its ``signal``
+    and weighs ``weight`` (below one thumb's 1.0); its TRL row carries a ``weight`` column, which
+    the training job multiplies into that row's KTO loss (a thumb's row has none: weight 1).
+    """
 
     prompt: Prompt
     completion: str
     label: bool  # True: the raters' verdict is up
     group: str
     refs: FeedbackRef = field(default_factory=FeedbackRef)
+    weight: float = 1.0
+    signal: str | None = None  # implicit feedback: what the next message said (None: a thumb)
 
     def to_trl(self) -> dict[str, Any]:
-        return {"prompt": _chat(self.prompt), "completion": _reply(self.completion), "label": self.label}
+        row = {"prompt": _chat(self.prompt), "completion": _reply(self.completion), "label": self.label}
+        return row if self.signal is None else {**row, "weight": self.weight}
 
 
 @dataclass(frozen=True)
@@ -121,9 +129,10 @@ class TrainingData:
         return {"ratings": sorted(ratings), "corrections": sorted(corrections), "messages": sorted(messages)}
 
     def kto_weights(self) -> tuple[float, float]:
-        """(desirable_weight, undesirable_weight) that make both classes weigh the same in total."""
-        n_up = sum(1 for r in self.kto if r.label)
-        n_down = len(self.kto) - n_up
+        """(desirable_weight, undesirable_weight) that make both classes weigh the same in total
+        (each row counted by its weight: a thumb 1, an implicit label less)."""
+        n_up = sum(r.weight for r in self.kto if r.label)
+        n_down = sum(r.weight for r in self.kto if not r.label)
         if not n_up or not n_down:
             return 1.0, 1.0
         if n_up >= n_down:

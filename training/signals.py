@@ -7,6 +7,8 @@ over it (README, "Feedback becomes training data"; the row types live in ``train
 >>> #                                          correction_demos: SFT(correction)
 >>> # regenerate, one sibling rated up/kept -> sibling_pairs: DPO(chosen=that sibling, rejected=regenerated-away one)
 >>> # thumbs on a reply                     -> thumbs_rows: KTO(label = majority of raters' latest votes)
+>>> # what the customer wrote next (thanks, complaint, re-ask, asking for a person; ``implicit``)
+>>> #                                       -> implicit_rows: KTO(label = the weak label, weight < 1)
 >>> # up and down on answers to one context -> opposite_thumbs_pairs: DPO(chosen=up, rejected=down)
 >>> # operator takeover reply               -> takeover_demos: SFT(the operator's reply)
 >>> # correction C of a reply to Q, with other corrections D (``contrast`` > 0)
@@ -50,7 +52,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from feedback.records import Correction, FeedbackSnapshot, FinishReason, Message, Role
+from feedback.records import Correction, FeedbackSnapshot, FinishReason, Message, Reaction, Role
 from training.pairs import (
     ChatMessage,
     DPORow,
@@ -347,6 +349,23 @@ def thumbs_rows(ctx: SignalContext) -> list[KTORow]:
     return rows
 
 
+def implicit_rows(ctx: SignalContext, reactions: Iterable[Reaction]) -> list[KTORow]:
+    """What the customer wrote next, read as a weak label on a model's reply: KTO(label = the label,
+    ``weight`` = its weight, below a thumb's). Never where a thumb gave a verdict or an operator
+    corrected the reply (``training.trust`` already left those out; this holds without it too)."""
+    rows = []
+    for r in reactions:
+        reply = ctx.by_id.get(r.reply_id)
+        if r.value is None or r.weight <= 0 or reply is None or not _model_reply(reply):
+            continue
+        if r.reply_id in ctx.verdicts or r.reply_id in ctx.corrections:
+            continue
+        if (prompt := ctx.prompts.get(reply.id)) is not None:
+            refs = FeedbackRef(messages=(reply.id, r.message_id))
+            rows.append(KTORow(prompt, reply.text, r.value > 0, reply.conversation_id, refs, r.weight, r.signal))
+    return rows
+
+
 def _model_reply(m: Message) -> bool:
     """A reply the model wrote, with text: no author (an operator's reply has one, and so has an assistant
     turn a client wrote itself in an OpenAI-API request)."""
@@ -387,11 +406,13 @@ def build_training_data(
     numbers: int = 0,
     contrast_pool: bool = False,
     transplants: bool = False,
+    implicit: bool = False,
 ) -> TrainingData:
     """Every DPO, KTO and SFT row the snapshot supports.
 
     ``system_prompt`` opens every prompt; ``contrast`` and ``contrast_pool``: ``contrast_pairs``;
-    ``numbers``: ``number_pairs``; ``transplants``: ``transplant_pairs`` (all off by default).
+    ``numbers``: ``number_pairs``; ``transplants``: ``transplant_pairs``; ``implicit``:
+    ``implicit_rows`` from the snapshot's reactions (all off by default).
     """
     ctx = SignalContext.of(snapshot, system_prompt=system_prompt)
     dpo = _unique(
@@ -403,7 +424,7 @@ def build_training_data(
             *(transplant_pairs(ctx) if transplants else []),
         ]
     )
-    kto = thumbs_rows(ctx)
+    kto = thumbs_rows(ctx) + (implicit_rows(ctx, snapshot.reactions) if implicit else [])
     sft = correction_demos(ctx) + takeover_demos(ctx)
     return TrainingData(dpo=canonical(dpo), kto=canonical(kto), sft=canonical(sft))
 
@@ -440,6 +461,7 @@ __all__ = [
     "correction_demos",
     "correction_pairs",
     "fact_fragments",
+    "implicit_rows",
     "number_pairs",
     "opposite_thumbs_pairs",
     "replay_rows",

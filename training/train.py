@@ -39,6 +39,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
 from feedback.specials import defuse_row, tokenizer_specials
 from training.config import JobSpec, device_args, disk_full
@@ -194,9 +195,12 @@ class Rows:
                 return [json.loads(line) for line in f if line.strip()]
 
         dpo = read_jsonl("dpo")
+        kto = read_jsonl("kto")
+        if any("weight" in r for r in kto):  # implicit labels weigh less than a thumb (weight 1)
+            kto = [{**r, "weight": float(r.get("weight", 1.0))} for r in kto]
         return cls(
             dpo=dpo,
-            kto=read_jsonl("kto"),
+            kto=kto,
             sft=read_jsonl("sft"),
             heldout=read_jsonl("heldout"),
             contrast=read_jsonl("contrast"),
@@ -379,12 +383,63 @@ def build_trainer(
     )
 
 
+@dataclass
+class _WeightedCollator(DataCollatorForUnpairedPreference):
+    """TRL's KTO collator, passing each row's ``weight`` on as a tensor."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super().torch_call(examples)
+        if "weight" in examples[0]:
+            output["weight"] = torch.tensor([float(e["weight"]) for e in examples], dtype=torch.float32)
+        return output
+
+
+class WeightedKTOTrainer(KTOTrainer):  # type: ignore[misc]
+    """KTO with a weight per row: a ``weight`` column (implicit labels, below 1) scales that row's loss
+    on top of its class's weight; rows without the column weigh 1, as in TRL.
+
+    TRL multiplies the chosen and the rejected losses of a batch by ``desirable_weight`` and
+    ``undesirable_weight``; for one batch these become tensors, the class weight times the weights
+    of that class's rows in batch order (TRL takes them in that order too), then they are put back.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("data_collator") is None:
+            config, tokenizer = kwargs["args"], kwargs["processing_class"]
+            kwargs["data_collator"] = _WeightedCollator(
+                pad_token_id=tokenizer.pad_token_id,
+                max_length=config.max_length,
+                pad_to_multiple_of=config.pad_to_multiple_of,
+            )
+        super().__init__(*args, **kwargs)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and "weight" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "weight"]
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        weight = inputs.pop("weight", None)
+        if weight is None:
+            return super()._compute_loss(model, inputs, return_outputs)
+        labels = torch.as_tensor(inputs["label"], dtype=torch.bool)
+        weight = weight.to(self.accelerator.device)
+        desirable, undesirable = self.desirable_weight, self.undesirable_weight
+        self.desirable_weight = desirable * weight[labels.to(weight.device)]
+        self.undesirable_weight = undesirable * weight[~labels.to(weight.device)]
+        try:
+            return super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            self.desirable_weight, self.undesirable_weight = desirable, undesirable
+
+
 def trainer_config(objective: Objective, spec: JobSpec, **overrides: Any) -> tuple[type[Any], Any]:
     """The TRL trainer class and its config for ``objective``:
 
     * DPO (sigmoid loss) mixed with an SFT loss on the chosen answers, weighted ``sft_weight``
       (plain DPO moved margins but no greedy reply: bench/RESULTS.md);
-    * KTO on thumbs, both classes weighing the same in total (``JobSpec.kto_weights``);
+    * KTO on thumbs, both classes weighing the same in total (``JobSpec.kto_weights``), each row
+      scaled by its own ``weight`` where it has one (implicit labels: ``WeightedKTOTrainer``);
     * SFT on demonstrations.
     """
     cfg = spec.train
@@ -394,7 +449,8 @@ def trainer_config(objective: Objective, spec: JobSpec, **overrides: Any) -> tup
         return DPOTrainer, DPOConfig(**args, beta=cfg.beta, loss_type=losses, loss_weights=weights)
     if objective is Objective.KTO:
         desirable, undesirable = spec.kto_weights
-        return KTOTrainer, KTOConfig(**args, beta=cfg.beta, desirable_weight=desirable, undesirable_weight=undesirable)
+        config = KTOConfig(**args, beta=cfg.beta, desirable_weight=desirable, undesirable_weight=undesirable)
+        return WeightedKTOTrainer, config
     return SFTTrainer, SFTConfig(**args)
 
 

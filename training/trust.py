@@ -10,6 +10,12 @@ Before rows are built:
   the largest per-identity count ``k`` with ``k <= share * sum(min(count, k))`` is kept
   (earliest ratings first). Operator corrections and takeover replies are reviewed data and
   are not capped; they are repeated ``operator_weight`` times in the training set instead.
+* implicit feedback (a weak label read from the customer's next message) has its own caps: at
+  most ``implicit_max_per_conversation`` labels from one conversation (the earliest), and no
+  customer supplies more than ``implicit_max_rater_share`` of the run's implicit labels (nor
+  more than ``rater_share_multiple`` equal shares). It never overrides an explicit verdict: a
+  reply that any thumb (a held rater's too) or an operator's correction judged gets no implicit
+  label, and a customer held for review teaches nothing implicitly either.
 
 Raters are flagged when they rate in bursts, rate far more than the typical rater, or keep
 contradicting the other raters or the operators of the same replies.
@@ -23,7 +29,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from feedback.records import FeedbackSnapshot, RaterState, Rating, subject_hash
+from feedback.records import Conversation, FeedbackSnapshot, RaterState, Rating, Reaction, subject_hash
 from training.pairs import TrainingData
 
 
@@ -54,9 +60,20 @@ class TrustConfig:
     operator_weight: int = field(
         default=2, metadata={"help": "Operator-reviewed rows (corrections, takeovers) count this many times."}
     )
+    implicit_max_rater_share: float = field(
+        default=0.2,
+        metadata={
+            "help": "Largest share of a run's implicit labels (implicit.train) one customer may supply (1 = no cap); "
+            "also no more than rater_share_multiple equal shares."
+        },
+    )
+    implicit_max_per_conversation: int = field(
+        default=3,
+        metadata={"help": "Most implicit labels one conversation gives a run (its earliest; 0 = none)."},
+    )
 
     def __post_init__(self) -> None:
-        for name in ("max_rater_share", "max_channel_share", "max_tenant_share"):
+        for name in ("max_rater_share", "max_channel_share", "max_tenant_share", "implicit_max_rater_share"):
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"trust.{name} is a share: set it in (0, 1]")
@@ -64,13 +81,15 @@ class TrustConfig:
             raise ValueError("trust.rater_share_multiple: 0 (off) or at least 1")
         if self.operator_weight < 1:
             raise ValueError("trust.operator_weight must be at least 1")
+        if self.implicit_max_per_conversation < 0:
+            raise ValueError("trust.implicit_max_per_conversation must be 0 or more")
 
 
 @dataclass
 class TrustReport:
     removed: Counter[str] = field(default_factory=Counter)  # reason -> number of items
     held_raters: dict[str, int] = field(default_factory=dict)  # rater -> ratings held
-    capped: dict[str, int] = field(default_factory=dict)  # "rater:x" / "channel:y" -> ratings cut
+    capped: dict[str, int] = field(default_factory=dict)  # "rater:x" / "channel:y" / "implicit:z" -> items cut
     new_flags: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, object]:
@@ -78,7 +97,8 @@ class TrustReport:
             "removed": dict(self.removed),
             "held_raters": len(self.held_raters),
             "held_ratings": sum(self.held_raters.values()),
-            "capped_ratings": sum(self.capped.values()),
+            "capped_ratings": sum(v for k, v in self.capped.items() if not k.startswith("implicit:")),
+            "capped_implicit": sum(v for k, v in self.capped.items() if k.startswith("implicit:")),
             "new_flags": len(self.new_flags),
         }
 
@@ -149,12 +169,14 @@ def cap_counts(counts: dict[str, int], max_share: float) -> dict[str, int]:
     return {who: min(c, lo) for who, c in counts.items()}
 
 
-def rater_share(config: TrustConfig, raters: int) -> float:
-    """The largest share of the run's ratings one rater may supply when ``raters`` contribute:
-    ``max_rater_share``, and at most ``rater_share_multiple`` equal shares."""
+def rater_share(config: TrustConfig, raters: int, *, implicit: bool = False) -> float:
+    """The largest share of the run's ratings (``implicit``: implicit labels) one rater may supply when
+    ``raters`` contribute: ``max_rater_share`` (``implicit_max_rater_share``), and at most
+    ``rater_share_multiple`` equal shares."""
+    share = config.implicit_max_rater_share if implicit else config.max_rater_share
     if config.rater_share_multiple == 0 or raters == 0:
-        return config.max_rater_share
-    return min(config.max_rater_share, config.rater_share_multiple / raters)
+        return share
+    return min(share, config.rater_share_multiple / raters)
 
 
 def _cap(
@@ -223,10 +245,67 @@ def filter_snapshot(snapshot: FeedbackSnapshot, config: TrustConfig) -> tuple[Fe
             corrections.append(c)
         else:
             report.removed["correction of a removed message"] += 1
+    reactions = _trusted_reactions(snapshot, kept_ids, conversations, conversation_of, held, config, report)
     filtered = dataclasses.replace(
-        snapshot, messages=tuple(messages), ratings=tuple(ratings), corrections=tuple(corrections)
+        snapshot,
+        messages=tuple(messages),
+        ratings=tuple(ratings),
+        corrections=tuple(corrections),
+        reactions=reactions,
     )
     return filtered, report
+
+
+def reaction_rater(conversation_id: str, conversations: dict[str, Conversation]) -> str:
+    """Who an implicit label comes from: the conversation's user, or the conversation itself for an
+    anonymous one (the rater name the gateway gives an anonymous conversation's thumbs)."""
+    conv = conversations.get(conversation_id)
+    user = conv.user_id if conv is not None else None
+    return user or f"conversation:{conversation_id}"
+
+
+def _trusted_reactions(
+    snapshot: FeedbackSnapshot,
+    kept_ids: set[str],
+    conversations: dict[str, Conversation],
+    conversation_of: dict[str, str],
+    held: set[str],
+    config: TrustConfig,
+    report: TrustReport,
+) -> tuple[Reaction, ...]:
+    """The implicit labels that may train (module docstring): capped per conversation, then per customer."""
+    judged = {r.message_id for r in snapshot.ratings} | {c.message_id for c in snapshot.corrections}
+    candidates: list[tuple[Reaction, str, str]] = []  # (reaction, conversation, rater)
+    for r in sorted(snapshot.reactions, key=lambda r: (r.created_at, r.reply_id)):
+        if r.value is None:
+            continue
+        if r.reply_id not in kept_ids or r.message_id not in kept_ids:
+            report.removed["implicit label of a removed message"] += 1
+        elif r.reply_id in judged:
+            report.removed["implicit label where a thumb or correction decides"] += 1
+        elif (rater := reaction_rater(conversation_of[r.reply_id], conversations)) in held:
+            report.removed["implicit label of a rater held for review"] += 1
+        else:
+            candidates.append((r, conversation_of[r.reply_id], rater))
+    per_conversation: Counter[str] = Counter()
+    within: list[tuple[Reaction, str]] = []
+    for r, conversation_id, rater in candidates:
+        per_conversation[conversation_id] += 1
+        if per_conversation[conversation_id] > config.implicit_max_per_conversation:
+            report.removed["implicit label over the per-conversation cap"] += 1
+        else:
+            within.append((r, rater))
+    counts = Counter(rater for _, rater in within)
+    allowed = cap_counts(dict(counts), rater_share(config, len(counts), implicit=True))
+    used: Counter[str] = Counter()
+    kept: list[Reaction] = []
+    for r, rater in within:
+        used[rater] += 1
+        if used[rater] > allowed[rater]:
+            report.capped[f"implicit:{rater}"] = report.capped.get(f"implicit:{rater}", 0) + 1
+        else:
+            kept.append(r)
+    return tuple(kept)
 
 
 def weight_reviewed(data: TrainingData, operator_weight: int) -> TrainingData:

@@ -32,7 +32,8 @@ from server.channels.lanes import LaneWorker
 from server.channels.outbox import next_attempt_at
 from server.engines import Engine, OverloadedError, SamplingConfig
 from server.ratelimit import KeyedRateLimiter
-from server.replies import latest_branch, open_conversation, stream_reply
+from server.replies import latest_branch, open_conversation, reaction_after, stream_reply
+from training.implicit import ImplicitConfig
 
 log = logging.getLogger("learnloop.channels.inbox")
 
@@ -65,6 +66,7 @@ class InboxWorker(LaneWorker[InboxRow]):
         max_text_chars: int,
         queued: Callable[[], None],
         rand: Callable[[], float] = random.random,
+        implicit: ImplicitConfig | None = None,
     ) -> None:
         super().__init__(name="inbox", concurrency=config.concurrency, max_age_s=config.max_age_s)
         self.store = store
@@ -78,6 +80,7 @@ class InboxWorker(LaneWorker[InboxRow]):
         self.max_text_chars = max_text_chars
         self._queued = queued  # wakes the outbox
         self._rand = rand
+        self.implicit = implicit or ImplicitConfig()  # how a turn after a reply is read
 
     async def due(self, now: float, *, skip_lanes: Iterable[str], limit: int) -> list[InboxRow]:
         return await self.store.inbox.due(now, skip_lanes=skip_lanes, limit=limit)
@@ -174,6 +177,7 @@ class InboxWorker(LaneWorker[InboxRow]):
                 role=Role.USER,
                 text=event.text,
                 parent_id=branch[-1].id if branch else None,
+                reaction=reaction_after(branch, message_id=row.turn_id, text=event.text, config=self.implicit),
             )
             messages = [*messages, turn]
         context = latest_branch([m for m in messages if m.seq <= turn.seq])

@@ -36,7 +36,7 @@ from server.engines import Engine, SamplingConfig
 from server.errors import ApiError, public_view
 from server.protocol import Limits, Turn
 from server.ratelimit import KeyedRateLimiter
-from server.replies import Reply, new_id, open_conversation, stream_reply
+from server.replies import Reply, new_id, open_conversation, reaction_after, stream_reply
 from server.settings import Settings
 
 log = logging.getLogger("learnloop.channels.openai")
@@ -126,6 +126,7 @@ class OpenAIChannel:
         self.versions = versions
         self.rating_limiter = rating_limiter
         self.max_text_chars = settings.server.max_text_chars
+        self.implicit = settings.implicit  # how a turn after a reply is read
         per_minute = settings.channels.openai_requests_per_minute
         self.key_limiter = KeyedRateLimiter(per_minute=per_minute or None, burst=max(1, int(per_minute)))
         self._tasks: set[asyncio.Task[Any]] = set()  # held until done: the loop keeps only weak references
@@ -198,6 +199,13 @@ class OpenAIChannel:
         ids = [new_id() for _ in where.new_turns]
         parent = ids[-1] if ids else where.answer
         assert parent is not None
+        reaction = None
+        if ids and where.parent_id is not None and where.new_turns[0].role is Role.USER:
+            stored = {m.id: m for c, messages in found if c.id == where.conversation_id for m in messages}
+            reply = stored.get(where.parent_id)
+            before = stored.get(reply.parent_id or "") if reply is not None else None
+            branch = [Turn(m.id, str(m.role), m.text) for m in (before, reply) if m is not None]
+            reaction = reaction_after(branch, message_id=ids[0], text=where.new_turns[0].text, config=self.implicit)
 
         async def store_turns() -> None:
             if new:
@@ -214,6 +222,7 @@ class OpenAIChannel:
                 [(i, t.role, t.text) for i, t in zip(ids, where.new_turns, strict=True)],
                 parent_id=where.parent_id,
                 opening=opened if new else None,
+                reaction=reaction,
             )
 
         # written while the engine prefills (off the time to first token); the reply is stored after them

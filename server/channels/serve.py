@@ -75,6 +75,7 @@ class ImChannels:
             rating_limiter=rating_limiter,
             max_text_chars=settings.server.max_text_chars,
             queued=self.outbox.wake,
+            implicit=settings.implicit,
         )
         self._housekeeping: asyncio.Task[None] | None = None
 

@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from feedback import ErrorCode, FeedbackStore, RaterState
+from feedback import ErrorCode, FeedbackStore, Message, RaterState, Role
 from feedback.accounts import OperatorRole
 from feedback.browse import ConversationFilter
 from server.console import redact as redacted
@@ -37,6 +37,7 @@ from server.presence import Presence
 from server.ratelimit import KeyedRateLimiter
 from server.release import rollback_target
 from server.settings import ConsoleConfig
+from training.implicit import ImplicitConfig, silent_replies
 
 log = logging.getLogger("learnloop.console")
 
@@ -118,9 +119,12 @@ def create_console(
     release: Releases | None,
     trainer: Training | None,
     metrics: Metrics | None = None,
+    implicit: ImplicitConfig | None = None,
 ) -> FastAPI:
     """The console's app. Without ``release``/``trainer`` (a console over a store alone), the routes
-    that move versions or start training answer ``unavailable``."""
+    that move versions or start training answer ``unavailable``. ``implicit``: when a reply counts as
+    abandoned (``implicit.abandon_after_s``)."""
+    implicit = implicit or ImplicitConfig()
 
     def releases() -> Releases:
         if release is None:
@@ -213,6 +217,7 @@ def create_console(
     @app.get("/api/v1/conversations", **role(viewer))
     async def conversations(
         rating: Literal["up", "down", "none"] | None = None,
+        reaction: Literal["up", "down"] | None = None,
         version: str | None = None,
         channel: str | None = Query(default=None, max_length=100),
         site: str | None = Query(default=None, max_length=100),
@@ -231,7 +236,16 @@ def create_console(
         if q and not p.operator.role.allows(reviewer):
             raise ApiError("searching message text needs the reviewer role", code=ErrorCode.FORBIDDEN)
         f = ConversationFilter(
-            rating, version or None, channel or None, since, until, has_correction, flagged, q or None, site or None
+            rating,
+            version or None,
+            channel or None,
+            since,
+            until,
+            has_correction,
+            flagged,
+            q or None,
+            site or None,
+            reaction=reaction,
         )
         items, next_cursor = await store.browse.list_conversations(f, limit=limit, cursor=cursor)
         return {"items": [redacted.summary(i) for i in items], "next_cursor": next_cursor}
@@ -242,6 +256,7 @@ def create_console(
         t = await store.browse.transcript(conversation_id)
         if t is None:
             raise ApiError(f"no conversation {conversation_id!r}", code=ErrorCode.NOT_FOUND)
+        with_silence(t["messages"], now=time.time(), config=implicit)
         takeover = presence.takeovers.get(conversation_id)
         shown = {**t, "conversation": redacted.summary(t["conversation"], raw=True), "redacted": False}
         return {
@@ -473,6 +488,36 @@ def create_console(
     return app
 
 
+def with_silence(messages: list[dict[str, Any]], *, now: float, config: ImplicitConfig) -> None:
+    """Give the transcript's abandoned reply (nothing came after it for ``abandon_after_s``) its
+    reaction: silence is read from the messages' times when shown, never stored."""
+    records = [
+        Message(
+            m["id"],
+            m["conversation_id"],
+            m["seq"],
+            Role(m["role"]),
+            m["text"],
+            m["parent_id"],
+            created_at=m["created_at"],
+        )
+        for m in messages
+    ]
+    silent = silent_replies(records, now=now, config=config)
+    for m in messages:
+        reading = silent.get(m["id"])
+        if reading is not None and m.get("reaction") is None:
+            m["reaction"] = {
+                "message_id": None,
+                "signal": reading.signal.value,
+                "confidence": reading.confidence,
+                "cue": reading.cue,
+                "value": None,
+                "weight": 0.0,
+                "created_at": None,
+            }
+
+
 def _plain(record: Any) -> dict[str, Any]:
     """A run or version record as JSON-ready fields (its state as a plain string)."""
     d = asdict(record)
@@ -491,6 +536,9 @@ async def start_console(
     release: Releases | None = None,
     trainer: Training | None = None,
     metrics: Metrics | None = None,
+    implicit: ImplicitConfig | None = None,
 ) -> RunningListener:
-    app = create_console(config, store=store, presence=presence, release=release, trainer=trainer, metrics=metrics)
+    app = create_console(
+        config, store=store, presence=presence, release=release, trainer=trainer, metrics=metrics, implicit=implicit
+    )
     return await serve_app(app, host=config.host, port=config.port, name="console")

@@ -3,7 +3,7 @@
 Operators read customers' conversations to review them; they rarely need the card number, the
 e-mail address or the street in them. Every free text the console's conversation views show
 (messages, ratings' reasons and comments, corrections and their reasons, exclusion reasons, the
-list's previews) goes through ``training.clean``'s detectors: the same that keep PII out of
+cues of implicit-feedback readings, the list's previews) goes through ``training.clean``'s detectors: the same that keep PII out of
 training rows, so ``[EMAIL]``, ``[PHONE]``, ``[NAME]``... Identifiers the client chose (a
 conversation's ``user_id``, a rating's ``rater``) go through them too: an e-mail address or a phone
 number used as an id shows as ``[EMAIL]``, ``[PHONE]``. The raw text is one explicit step away
@@ -79,6 +79,9 @@ def transcript(t: dict[str, Any]) -> dict[str, Any]:
     def excluded(x: dict[str, Any] | None) -> dict[str, Any] | None:
         return None if x is None else {**x, "reason": redact_text(x.get("reason"))}
 
+    def reaction(r: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if r is None else {**r, "cue": redact_text(r.get("cue"))}
+
     messages = [
         {
             **m,
@@ -86,6 +89,7 @@ def transcript(t: dict[str, Any]) -> dict[str, Any]:
             "ratings": [rating(r) for r in m["ratings"]],
             "corrections": [correction(k) for k in m["corrections"]],
             "excluded": excluded(m.get("excluded")),
+            "reaction": reaction(m.get("reaction")),
         }
         for m in t["messages"]
     ]

@@ -487,7 +487,7 @@
 
   // ---------------------------------------------------------------- page: conversations
 
-  const FILTER_KEYS = ['rating', 'version', 'channel', 'site', 'since', 'until', 'has_correction', 'flagged', 'q'];
+  const FILTER_KEYS = ['rating', 'reaction', 'version', 'channel', 'site', 'since', 'until', 'has_correction', 'flagged', 'q'];
   const CHANNELS = ['websocket', 'widget', 'openai', 'telegram', 'slack', 'webhook'];
 
   /** "2024-05-01" -> unix seconds of local midnight (endOfDay: 23:59:59 of that day). */
@@ -504,6 +504,9 @@
 
     const rating = select({ id: 'filter-rating', name: 'rating' },
       [['', 'any'], ['up', 'up'], ['down', 'down'], ['none', 'none']], f.rating);
+    // implicit feedback: a reply whose customer's next message read as a weak thumbs up or down
+    const reaction = select({ id: 'filter-reaction', name: 'reaction' },
+      [['', 'any'], ['down', 'weak down ▼'], ['up', 'weak up ▲']], f.reaction);
     const version = el('input', { id: 'filter-version', name: 'version', value: f.version, placeholder: 'e.g. v3', size: 8 });
     const channel = select({ id: 'filter-channel', name: 'channel' },
       [['', 'any'], ...[...new Set([...CHANNELS, ...(f.channel ? [f.channel] : [])])].map((c) => [c, c])], f.channel);
@@ -522,7 +525,7 @@
       'form',
       { id: 'filters', class: 'filters' },
       // searching message text is the reviewer's: it searches the raw text (docs/console.md)
-      ...(can('reviewer') ? [field('Search', q)] : []), field('Rating', rating), field('Version', version), field('Channel', channel),
+      ...(can('reviewer') ? [field('Search', q)] : []), field('Rating', rating), field('Customer wrote', reaction), field('Version', version), field('Channel', channel),
       field('Site', site), field('Since', since), field('Until', until), field('Correction', correction),
       el('label', { class: 'field check' }, flagged, el('span', {}, 'flagged raters only')),
       el('span', { class: 'field actions' }, apply, reset),
@@ -533,6 +536,7 @@
       const put = (k, v) => { if (v) next.set(k, v); };
       put('q', q.value.trim());
       put('rating', rating.value);
+      put('reaction', reaction.value);
       put('version', version.value.trim());
       put('channel', channel.value);
       put('site', site.value.trim());
@@ -564,7 +568,7 @@
 
     // the API query: the URL's filters with dates turned into unix seconds
     const query = new URLSearchParams();
-    for (const k of ['rating', 'version', 'channel', 'site', 'has_correction', ...(can('reviewer') ? ['q'] : [])]) {
+    for (const k of ['rating', 'reaction', 'version', 'channel', 'site', 'has_correction', ...(can('reviewer') ? ['q'] : [])]) {
       if (f[k]) query.set(k, f[k]);
     }
     if (f.flagged === 'true') query.set('flagged', 'true');
@@ -740,6 +744,18 @@
       }
     }
 
+    /** What the customer's next message said about a reply (implicit feedback): a weak label, not a thumb. */
+    function reactionBadge(r) {
+      const label = r.value > 0 ? 'up' : r.value < 0 ? 'down' : 'none';
+      const arrow = r.value > 0 ? ' ▲' : r.value < 0 ? ' ▼' : '';
+      const weight = r.value ? ` · weak label ${r.value > 0 ? '+1' : '−1'}, weight ${fmtNum(r.weight, 2)}` : ' · no label';
+      return el('span', {
+        class: `badge reaction reaction-${label}`,
+        dataset: { signal: r.signal || '', value: r.value ?? '' },
+        title: `implicit feedback: ${r.signal} (confidence ${fmtNum(r.confidence, 2)}; ${r.cue || ''})${weight}`,
+      }, `customer: ${r.signal}${arrow}`);
+    }
+
     function messageNode(m, byId) {
       const isAssistant = m.role === 'assistant';
       const siblings = Array.isArray(m.siblings) ? m.siblings.filter((s) => s !== m.id) : [];
@@ -768,6 +784,7 @@
           class: 'badge excluded',
           title: `excluded by ${nameOf(m.excluded.operator)}${m.excluded.reason ? `: ${m.excluded.reason}` : ''}`,
         }, 'excluded') : null,
+        isAssistant && m.reaction ? reactionBadge(m.reaction) : null,
       );
       node.append(head);
       node.append(el('div', { class: 'msg-text' }, m.text || ''));
