@@ -1,9 +1,9 @@
 """The store's two backends for tests: a SQLite file in the test's tmp folder, or a fresh schema in
 a real PostgreSQL.
 
-PostgreSQL is found at ``$LEARNLOOP_TEST_POSTGRES`` (default
+PostgreSQL is found at ``$PGTEST_ADMIN_URL`` (default
 ``postgresql://postgres@127.0.0.1:5432/postgres``, trust auth as on this machine kind); each test
-gets its own schema in the database ``$LEARNLOOP_TEST_DATABASE`` (default ``learnloop_test``, made
+gets its own schema in the database ``$PGTEST_DATABASE`` (default ``learnloop_test``, made
 here when missing; ``.ci/run`` makes a fresh ``learnloop_ci``), reached through ``search_path`` in the URL, and the schema is dropped after the
 test. When no server answers, the PostgreSQL cases are skipped with that reason, except in CI
 (``CI=true``), where they fail: CI starts PostgreSQL and must run them.
@@ -24,8 +24,8 @@ import pytest
 from feedback import FeedbackStore
 
 BACKENDS = ("sqlite", "postgresql")
-ADMIN_URL = os.environ.get("LEARNLOOP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
-TEST_DATABASE = os.environ.get("LEARNLOOP_TEST_DATABASE", "learnloop_test")  # .ci/run makes learnloop_ci
+ADMIN_URL = os.environ.get("PGTEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+TEST_DATABASE = os.environ.get("PGTEST_DATABASE", "learnloop_test")  # .ci/run makes learnloop_ci
 
 
 @dataclass(frozen=True)
