@@ -34,7 +34,7 @@ class ServeProcess:
     """
 
     def __init__(
-        self, data_dir: Path, model: Path, env: Mapping[str, str] | None = None, *, verbose: bool = False
+        self, data_dir: Path, model: Path | str, env: Mapping[str, str] | None = None, *, verbose: bool = False
     ) -> None:
         self.data_dir = data_dir
         self.log: list[str] = []
