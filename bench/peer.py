@@ -1,7 +1,7 @@
 """The peer benchmark: learnloop's gateway against llama.cpp's own ``llama-server`` on the same GGUF.
 
     python bench/peer.py [--gateway-quant q8_0] [--peer-quants shipped,q8_0] [--max-new-tokens 128]
-                         [--singles 4] [--rounds 2] [--turns 6] [--turn-runs 1] [--threads N]
+                         [--singles 4] [--rounds 2] [--turns 6] [--turn-runs 2] [--threads N]
                          [--cache-reuse 256] [--sdist PATH | --src DIR]
 
 Both sides are real servers in their own processes, on loopback, driven by this process as a client:
@@ -32,7 +32,11 @@ A B B A over the sides (gateway, peer formats..., then the reverse), ``--rounds`
     bench/turns.py's ~600-token system prompt (the gateway's ``model.system_prompt``: a second
     ``learnloop serve``; the peer gets it as the system message), the TTFT of each turn, median
     over the ``2 x --turn-runs`` runs; every run's first message names the run, so that only the
-    system prompt can come from an earlier run.
+    system prompt can come from an earlier run (a one-turn conversation on each side before the
+    runs: the system prompt's cells are there for turn 1, as for every conversation but a
+    server's first).
+
+Before the blocks, each side serves one reply alone and 8 at once (first-call costs).
 
 Every prompt carries a tag that names the round and the session, so that neither side's prefix
 cache holds it from an earlier reply (only the chat template's default system prompt is shared).
@@ -249,7 +253,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--singles", type=int, default=4, help="single-stream replies per visit")
     ap.add_argument("--rounds", type=int, default=2, help="A B B A passes of the single and 8-session blocks")
     ap.add_argument("--turns", type=int, default=6, help="turns of the conversation (0: no conversation)")
-    ap.add_argument("--turn-runs", type=int, default=1, help="A B B A passes of the conversation")
+    ap.add_argument("--turn-runs", type=int, default=2, help="A B B A passes of the conversation")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama-server -t (default: every core)")
     ap.add_argument("--cache-reuse", type=int, default=256, help="llama-server --cache-reuse (0: off)")
     ap.add_argument("--sdist", default=None, help="llama-cpp-python sdist to build llama-server from")
@@ -448,9 +452,11 @@ async def measure(sides: dict[str, Side], args: argparse.Namespace) -> dict[str,
     """The three blocks, each A B B A over the sides, ``--rounds`` (``--turn-runs``) times."""
     got = {name: Measured() for name in sides}
     order = palindrome(list(sides))
-    for name, side in sides.items():  # warm-up: first-call costs, and the prompt templates' shared prefix
+    for name, side in sides.items():  # warm-up: first-call costs, and the prefixes every side may keep
         await side.sessions(1, start=0, tag="warm-up")
         await side.sessions(SESSIONS, start=0, tag="warm-up 8")
+        if args.turns:  # a first turn: the system prompt's cells, as every conversation after the first finds them
+            await side.conversation(-1, 1)
         print(f"  warmed up {name}", flush=True)
     for r in range(args.rounds):
         for k, name in enumerate(order):
