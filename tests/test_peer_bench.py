@@ -1,7 +1,7 @@
 """bench/peer.py and bench/llama_server.py: the arithmetic, the arguments, the settings each side
 gets, the JSON line, and the llama-server build's cache and source handling (no build: CI never
 compiles llama-server). The slow test runs the whole bench at a tiny size where llama-server is
-already built on the machine (``python bench/llama_server.py``, 5-10 minutes on 2 cores)."""
+already built on the machine (``python bench/llama_server.py``; 206 compile steps, 43 minutes on 2 busy cores here)."""
 
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ def test_a_source_without_the_server_is_refused(tmp_path: Path) -> None:
 def test_the_bench_runs_at_a_tiny_size() -> None:
     """The whole bench, once, tiny: where llama-server was built on this machine before."""
     if not llama_server.binary_path().is_file():
-        pytest.skip("llama-server is not built here (python bench/llama_server.py builds it, 5-10 min)")
+        pytest.skip("llama-server is not built here (python bench/llama_server.py builds it once)")
     cmd = [sys.executable, "bench/peer.py", "--peer-quants", "q8_0", "--max-new-tokens", "8"]
     cmd += ["--singles", "1", "--rounds", "1", "--turns", "2"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
