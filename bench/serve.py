@@ -232,9 +232,19 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))] if ordered else float("nan")
 
 
-async def sessions_at_once(port: int, n: int) -> tuple[int, float, list[float], list[float]]:
-    """``n`` clients, each on its own connection, send one prompt at the same moment: tokens, wall
-    seconds, times to first token, gaps between tokens (``bench/train_serve.py`` uses it too)."""
+def long_prompt(i: int, tag: str = "") -> str:
+    """The ``i``-th of LONG_PROMPTS (cyclically); with a ``tag``, opened by ``(tag #i)``, which makes
+    it new to every prefix cache (``bench/peer.py`` sends the same texts to llama-server)."""
+    text = LONG_PROMPTS[i % len(LONG_PROMPTS)]
+    return f"({tag} #{i}) {text}" if tag else text
+
+
+async def sessions_at_once(
+    port: int, n: int, *, start: int = 0, tag: str = ""
+) -> tuple[int, float, list[float], list[float]]:
+    """``n`` clients, each on its own connection, send one prompt at the same moment (client ``i``
+    sends ``long_prompt(start + i, tag)``): tokens, wall seconds, times to first token, gaps between
+    tokens (``bench/train_serve.py`` and ``bench/peer.py`` use it too)."""
     conns = [await connect(f"ws://127.0.0.1:{port}") for _ in range(n)]
     try:
         for ws in conns:
@@ -246,9 +256,7 @@ async def sessions_at_once(port: int, n: int) -> tuple[int, float, list[float], 
 
         async def one(ws: Any, i: int) -> None:
             nonlocal tokens
-            await ws.send(
-                json.dumps({"type": "message", "text": LONG_PROMPTS[i % len(LONG_PROMPTS)], "client_id": "c"})
-            )
+            await ws.send(json.dumps({"type": "message", "text": long_prompt(start + i, tag), "client_id": "c"}))
             sent, last = time.perf_counter(), None
             while True:
                 frame = json.loads(await ws.recv())
