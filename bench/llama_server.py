@@ -67,7 +67,7 @@ def find_sdist(version: str = VERSION, cache: Path | None = None) -> Path:
     found = sorted(downloads.glob(f"llama_cpp_python-{version}.tar.gz"))
     if found:
         return found[0]
-    from server.engines.gguf import fetch_sdist
+    from server.engines import fetch_sdist
 
     return fetch_sdist(version, downloads)
 
