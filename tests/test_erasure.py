@@ -7,12 +7,13 @@ import json
 import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from feedback import FeedbackStore, Role, subject_hash
-from server.cli import main as cli_main
 from tests.store_backends import StoreTarget
+from tests.test_cli import run_cli
 from training.config import CycleConfig
 from training.cycle import prepare
 
@@ -54,6 +55,26 @@ async def seed(store: FeedbackStore) -> dict[str, list]:
     return ids
 
 
+async def register_trained_on_eve(store: FeedbackStore, ids: dict[str, list]) -> None:
+    """Version v1, trained on eve's messages (the erasure names it)."""
+    await store.versions.register(
+        adapter_path="/x",
+        sha256="0",
+        parent="base",
+        base_model="m",
+        eval_report={},
+        feedback_ids={"messages": ids["messages"], "ratings": [], "corrections": []},
+        training_run_id=None,
+    )
+
+
+async def erase_eve(data_dir: Path) -> dict[str, Any]:
+    """``learnloop erase --user eve`` through the CLI: its JSON summary."""
+    code, out = await asyncio.to_thread(run_cli, data_dir, "erase", "--user", "eve")
+    assert code == 0
+    return dict(json.loads(out.split("\nthese model versions")[0]))
+
+
 def raw_bytes(db: Path) -> bytes:
     data = db.read_bytes()
     wal = db.with_name(db.name + "-wal")
@@ -65,15 +86,7 @@ async def test_erase_removes_every_byte_and_keeps_them_out(tmp_path: Path) -> No
     db = data_dir / "learnloop.db"
     async with await FeedbackStore.open(db) as store:
         ids = await seed(store)
-        await store.versions.register(
-            adapter_path="/x",
-            sha256="0",
-            parent="base",
-            base_model="m",
-            eval_report={},
-            feedback_ids={"messages": ids["messages"], "ratings": [], "corrections": []},
-            training_run_id=None,
-        )
+        await register_trained_on_eve(store, ids)
         await store.versions.register(
             adapter_path="/y",
             sha256="0",
@@ -87,20 +100,7 @@ async def test_erase_removes_every_byte_and_keeps_them_out(tmp_path: Path) -> No
         shutil.copy(db, tmp_path / "backup.db")  # an older backup, taken while eve's data was there
         shutil.copy(db.with_name("learnloop.db-wal"), tmp_path / "backup.db-wal")
 
-    out = tmp_path / "out.txt"
-
-    def erase() -> int:
-        import contextlib
-        import io
-
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            code = cli_main(["--data-dir", str(data_dir), "erase", "--user", "eve"])
-        out.write_text(buf.getvalue())
-        return code
-
-    assert await asyncio.to_thread(erase) == 0
-    result = json.loads(out.read_text().split("\nthese model versions")[0])
+    result = await erase_eve(data_dir)
     assert result["versions_trained_on_them"] == ["v1"]
     assert (result["conversations"], result["messages"], result["corrections"]) == (2, 4, 2)
     assert result["ratings"] == 3
@@ -156,7 +156,7 @@ def tuples_holding(target: StoreTarget, table: str) -> int:
 
 
 async def test_erase_on_postgresql_leaves_no_row_tuple_or_index_entry(
-    postgres_target: StoreTarget, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    postgres_target: StoreTarget, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """PostgreSQL (store.url): the CLI erases through the setting; afterwards no query, no tuple (live
     or dead) and no index page holds the user's words, and the tombstone file erases them again when
@@ -175,34 +175,14 @@ async def test_erase_on_postgresql_leaves_no_row_tuple_or_index_entry(
                 parent_id=None,
             )
         ids = await seed(store)
-        await store.versions.register(
-            adapter_path="/x",
-            sha256="0",
-            parent="base",
-            base_model="m",
-            eval_report={},
-            feedback_ids={"messages": ids["messages"], "ratings": [], "corrections": []},
-            training_run_id=None,
-        )
+        await register_trained_on_eve(store, ids)
     assert target.sql("SELECT COUNT(*) FROM messages WHERE text LIKE 'ZEBRA%%'") == [(2,)]
     assert tuples_holding(target, "messages") == 2 and pages_holding(target, "messages_search") >= 1
 
     data_dir = target.tombstones.parent
     monkeypatch.setenv("LEARNLOOP_STORE_URL", str(target.target))
-    out = tmp_path / "out.txt"
 
-    def erase() -> int:
-        import contextlib
-        import io
-
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            code = cli_main(["--data-dir", str(data_dir), "erase", "--user", "eve"])
-        out.write_text(buf.getvalue())
-        return code
-
-    assert await asyncio.to_thread(erase) == 0
-    result = json.loads(out.read_text().split("\nthese model versions")[0])
+    result = await erase_eve(data_dir)
     assert result["versions_trained_on_them"] == ["v1"]
     assert (result["conversations"], result["messages"], result["corrections"], result["ratings"]) == (2, 4, 2, 3)
 
