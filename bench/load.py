@@ -49,17 +49,10 @@ def p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
-def peak_rss_mb(pid: int) -> float:
+def status_mb(pid: int, field: str = "VmHWM") -> float:
+    """A memory figure of ``/proc/PID/status`` in MB: ``VmHWM`` (peak resident) or ``VmRSS`` (now)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_now_mb(pid: int) -> float:
-    """The process's resident memory now (``VmRSS``), not its peak."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -94,12 +87,12 @@ async def sessions_phase(
     server = ServeProcess(data_dir, model, env_for(sessions))
     try:
         port = await asyncio.to_thread(server.port)
-        rss_start = peak_rss_mb(server.proc.pid)
+        rss_start = status_mb(server.proc.pid)
         clients = [RatingSession(f"s{k}", window) for k in range(sessions)]
         started = time.monotonic()
         await asyncio.gather(*(c.run(port, ratings, chat_timeout=600) for c in clients))
         took = time.monotonic() - started
-        rss = peak_rss_mb(server.proc.pid)
+        rss = status_mb(server.proc.pid)
         blocks = loop_blocks(server.log)
     finally:
         server.stop()
@@ -132,7 +125,7 @@ async def idle_phase(data_dir: Path, model: Path, sockets: int) -> dict[str, flo
             await ws.send(json.dumps({"type": "hello"}))
             json.loads(await ws.recv())
         await asyncio.sleep(1.0)
-        before, fds_before = rss_now_mb(server.proc.pid), open_fds(server.proc.pid)
+        before, fds_before = status_mb(server.proc.pid, "VmRSS"), open_fds(server.proc.pid)
         for k in range(0, sockets, 100):  # in waves of 100: the handshakes themselves are not the point
             wave = await asyncio.gather(*(connect(f"ws://127.0.0.1:{port}") for _ in range(min(100, sockets - k))))
             for ws in wave:
@@ -141,7 +134,7 @@ async def idle_phase(data_dir: Path, model: Path, sockets: int) -> dict[str, flo
             for ws in wave:
                 assert json.loads(await ws.recv())["type"] == "ready"
         await asyncio.sleep(2.0)  # the server settles (its per-connection tasks parked on their reads)
-        after, fds_after = rss_now_mb(server.proc.pid), open_fds(server.proc.pid)
+        after, fds_after = status_mb(server.proc.pid, "VmRSS"), open_fds(server.proc.pid)
         for ws in [*warm, *conns]:
             await ws.close()
     finally:
