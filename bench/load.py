@@ -67,13 +67,24 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100
 
 
-_BLOCKED = re.compile(r"event loop blocked for (\d+) ms")
+_BLOCKED = re.compile(r"event loop blocked for (\d+) ms \(its thread ran (\d+) ms\)")
+_GC = re.compile(r"garbage collection \(generation \d\) paused the process for (\d+) ms \((\d+) ms of CPU\)")
 
 
 def loop_blocks(log: list[str]) -> dict[str, float]:
-    """The server's "event loop blocked" warnings (a 50 ms timer late by over 100 ms): how many, the worst."""
-    blocked = [int(m.group(1)) for line in log if (m := _BLOCKED.search(line))]
-    return {"loop_blocked_over_100ms": len(blocked), "loop_blocked_max_ms": max(blocked, default=0)}
+    """The server's "event loop blocked" warnings (a 50 ms timer late by over 100 ms): how many, the
+    worst, and the most CPU time the loop's thread used in one of them (the longest its callbacks
+    can have run; the rest of a lag is waiting for a core or the GIL); garbage collections over 100 ms
+    and the most CPU time one of them took (the rest of its pause: the thread was not running)."""
+    blocked = [(int(m.group(1)), int(m.group(2))) for line in log if (m := _BLOCKED.search(line))]
+    paused = [(int(m.group(1)), int(m.group(2))) for line in log if (m := _GC.search(line))]
+    return {
+        "loop_blocked_over_100ms": len(blocked),
+        "loop_blocked_max_ms": max((lag for lag, _ in blocked), default=0),
+        "loop_ran_max_ms": max((ran for _, ran in blocked), default=0),
+        "gc_pauses_over_100ms": len(paused),
+        "gc_pause_cpu_max_ms": max((cpu for _, cpu in paused), default=0),
+    }
 
 
 def env_for(clients: int) -> dict[str, str]:

@@ -25,7 +25,7 @@ from server.console.api import start_console
 from server.engines import Engine, SamplingConfig, create_engine
 from server.gateway import GatewayContext, SocketLimits, drain, start_gateway
 from server.listener import RunningListener
-from server.metrics import MeteredEngine, Metrics
+from server.metrics import MeteredEngine, Metrics, freeze_startup_heap
 from server.presence import Presence
 from server.protocol import Limits
 from server.ratelimit import KeyedRateLimiter
@@ -237,10 +237,13 @@ async def _every(seconds: float, job: Callable[[], Awaitable[object]]) -> None:
 async def serve_forever(settings: Settings) -> None:
     app = App(settings)
     async with app.lifespan():
+        # the process serves until it exits: its start-up heap need never be scanned again
+        log.info("%d start-up objects moved out of the garbage collector's scans", freeze_startup_heap())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        with app.metrics.watch_gc():
+            await stop.wait()
         log.info("shutting down")

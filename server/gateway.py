@@ -360,7 +360,7 @@ class _Connection:
                 effects = self.session.failed(g.message_id, ErrorCode.INTERNAL, "generation failed")
             else:
                 effects = self.session.finished(
-                    g.message_id, reply.text, version, reply.finish_reason, completion_tokens=reply.n_tokens
+                    g.message_id, reply.text, reply.version, reply.finish_reason, completion_tokens=reply.n_tokens
                 )
             await self.apply(effects)
         except asyncio.CancelledError:

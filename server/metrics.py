@@ -6,8 +6,8 @@ Two kinds of figure, on purpose:
   expects of each replica): connections, replies and their tokens, time to first token and
   between tokens, engine admission refusals (``overloaded``), rating acknowledgements and
   their latency, rating refusals and every error frame sent, by error code, adapters refused by
-  validation, by failed check (an alert: a refused adapter never serves), and the event
-  loop's lag (``watch_event_loop``).
+  validation, by failed check (an alert: a refused adapter never serves), the event
+  loop's lag (``watch_event_loop``) and the garbage collector's pauses (``watch_gc``).
 - **The store** (gauges read by each scrape, so every replica reports the same truth and a
   restart loses nothing): thumbs up and down per model version, versions by state, training
   runs by state, and the release decisions taken so far (gate rejections, canaries,
@@ -21,10 +21,12 @@ Prometheus scrapes with a bearer token, ``authorization`` in its scrape config).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -43,6 +45,7 @@ _ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 _LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 LOOP_PROBE_S = 0.05  # how often the event loop's lag is sampled
 LOOP_BLOCKED_S = 0.1  # a lag over this is logged: every socket of the process waited that long
+_GC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
 
 
 class Metrics:
@@ -113,20 +116,63 @@ class Metrics:
             registry=registry,
         )
 
+        self.gc_pause = Histogram(
+            "learnloop_gc_pause_seconds",
+            "Garbage collections of this process, by generation: each holds the GIL, so every thread waits.",
+            ["generation"],
+            buckets=_GC_BUCKETS,
+            registry=registry,
+        )
+
+    @contextlib.contextmanager
+    def watch_gc(self) -> Iterator[None]:
+        """Time every garbage collection while the block runs; one over ``LOOP_BLOCKED_S`` is logged.
+
+        A collection runs in whichever thread allocates and holds the GIL throughout, so the event
+        loop waits for all of it: a full one over the start-up's heap took about 200 ms here
+        (``freeze_startup_heap`` takes that heap out of its reach).
+        """
+        started: list[tuple[float, float]] = []
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                started.append((time.perf_counter(), time.thread_time()))
+            elif started:
+                wall, cpu = started.pop()
+                pause = time.perf_counter() - wall
+                self.gc_pause.labels(generation=str(info["generation"])).observe(pause)
+                if pause > LOOP_BLOCKED_S:  # the CPU time tells a long collection from a descheduled thread
+                    log.warning(
+                        "garbage collection (generation %d) paused the process for %.0f ms (%.0f ms of CPU)",
+                        info["generation"],
+                        pause * 1000,
+                        (time.thread_time() - cpu) * 1000,
+                    )
+
+        gc.callbacks.append(on_gc)
+        try:
+            yield
+        finally:
+            gc.callbacks.remove(on_gc)
+
     async def watch_event_loop(self) -> None:
         """Sample the event loop's lag until cancelled; a lag over ``LOOP_BLOCKED_S`` is logged.
 
         A timer that fires late was held up by whatever ran in that iteration of the loop, so the
-        lag bounds the longest callback from above (``bench/load.py`` reports its maximum).
+        lag bounds the longest callback from above (``bench/load.py`` reports its maximum). A late
+        timer has two causes, told apart in the log line by the CPU time the loop's thread used
+        meanwhile: callbacks that ran long (it ran about as long as the lag), or a thread that was
+        not running (it ran little: it waited for a core, or for the GIL another thread held).
         """
         loop = asyncio.get_running_loop()
         while True:
-            started = loop.time()
+            started, cpu = loop.time(), time.thread_time()
             await asyncio.sleep(LOOP_PROBE_S)
             lag = max(0.0, loop.time() - started - LOOP_PROBE_S)
             self.loop_lag.observe(lag)
             if lag > LOOP_BLOCKED_S:
-                log.warning("event loop blocked for %.0f ms", lag * 1000)
+                ran = time.thread_time() - cpu
+                log.warning("event loop blocked for %.0f ms (its thread ran %.0f ms)", lag * 1000, ran * 1000)
 
     def rating_acked(self, value: int, started: float) -> None:
         self.rating_acks.labels(value="up" if value > 0 else "down").inc()
@@ -239,6 +285,9 @@ class MeteredEngine:
     async def unload_adapter(self, name: str) -> None:
         await self.inner.unload_adapter(name)
 
+    def redirect(self, versions: Iterable[str], to: str) -> None:
+        self.inner.redirect(versions, to)
+
     async def stream(
         self, messages: Messages, *, version: str, sampling: SamplingConfig, cancel: threading.Event | None = None
     ) -> AsyncIterator[Chunk]:
@@ -248,6 +297,7 @@ class MeteredEngine:
         m.in_flight.inc()
         try:
             async for chunk in self.inner.stream(messages, version=version, sampling=sampling, cancel=cancel):
+                version = chunk.version or version  # redirected before it started
                 if chunk.delta:
                     now = time.monotonic()
                     if first:
@@ -265,3 +315,18 @@ class MeteredEngine:
             raise
         finally:
             m.in_flight.dec()
+
+
+def freeze_startup_heap() -> int:
+    """Collect once, then move every object alive now (imported libraries, the model, the app) to
+    the collector's permanent generation, where no later collection scans it; returns how many.
+
+    ``learnloop serve`` calls it once it serves: the start-up heap (torch, transformers, FastAPI,
+    about 240,000 objects) made each full collection hold the GIL for about 200 ms, and every
+    socket waited (docs/reliability.md, scenario 2). The cost: a reference cycle that was alive
+    at start-up is never collected once it becomes garbage; serving creates no such cycles among
+    start-up objects (the app, engine and store live until the process exits).
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

@@ -238,6 +238,8 @@ class ChatSession:
     def _check_text(self, text: str, name: str, limit: int | None) -> None:
         if limit is not None and len(text) > limit:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"{name} has {len(text)} characters; the limit is {limit}")
+        if "\x00" in text:  # no chat text holds one, and PostgreSQL's text cannot store it
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} holds a NUL character (U+0000)")
 
     def _on_message(self, frame: dict[str, Any]) -> list[Effect]:
         text = _field(frame, "text", str)

@@ -52,6 +52,13 @@ def adapters_to_unload(loaded: Iterable[str], *, live: str, canary: str | None, 
     return sorted(set(loaded) - keep)
 
 
+def demoted(loaded: Iterable[str], *, live: str, canary: str | None) -> list[str]:
+    """Loaded versions no new reply is asked of (neither live nor the canary; sorted): replies still
+    queued on them start on live instead (``Engine.redirect``), so a rollback or a promotion
+    reaches every reply that has not started, not only those asked after it."""
+    return sorted(set(loaded) - {live, canary})
+
+
 def previous_live_after(old_live: str, new_live: str, previous_live: str | None) -> str | None:
     """The version an instant rollback goes back to: the live one just replaced, else the same as before."""
     return old_live if old_live != new_live else previous_live
@@ -184,6 +191,7 @@ class Release:
             self.previous_live = previous_live_after(old, serve, self.previous_live)
             if old != serve:
                 log.info("new replies now use version %s (was %s)", serve, old)
+            self.engine.redirect(demoted(self.engine.versions, live=serve, canary=self.canary_version), to=serve)
             unload = adapters_to_unload(
                 self.engine.versions, live=serve, canary=self.canary_version, previous_live=self.previous_live
             )

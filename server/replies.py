@@ -10,6 +10,7 @@ implicit feedback on it the same way too (``reaction_after``), and stored with t
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -131,6 +132,9 @@ async def stream_reply(
 ) -> Reply:
     """Stream a reply to ``context`` from ``version`` (``on_delta`` per piece of text), then store it.
 
+    The reply carries the version that wrote it: ``version``, or the one the engine started it on
+    when ``version`` was demoted (rolled back, replaced) while the reply waited in the queue.
+
     ``stop``: sequences that end the reply where they first appear (not included; the reply's
     finish reason is ``stop``). ``before_store``: awaited before the reply is stored (the writes
     of its context, run beside generation); if it raises, the reply is not stored. A failed reply is stored too (empty, no latency): error rates per
@@ -144,6 +148,9 @@ async def stream_reply(
     messages = [{"role": t.role, "content": t.text} for t in context]
     cancel = cancel if cancel is not None or not stop else threading.Event()
     async for chunk in engine.stream(messages, version=version, sampling=sampling, cancel=cancel):
+        version = chunk.version or version  # a demoted version's reply starts on the one that replaced it
+        if "\x00" in chunk.delta:  # a NUL means nothing in a reply, and PostgreSQL's text cannot hold one
+            chunk = dataclasses.replace(chunk, delta=chunk.delta.replace("\x00", ""))
         if chunk.delta and not stopped:
             if first_token_s is None:
                 first_token_s = time.monotonic() - started

@@ -70,7 +70,8 @@ class SwapRun:
     rollback_to: str = ""
     rollback_called: float = 0.0
     rollback_returned: float = 0.0
-    rollback_first_token: float | None = None  # first token of a reply on rollback_to sent after the call
+    rollback_first_token: float | None = None  # the first token on rollback_to after the call (any reply)
+    rollback_first_asked: float | None = None  # the first token of a reply on rollback_to asked after the call
     rollback_first_done: float | None = None
     stored: dict[str, tuple[str, str, int | None, str]] = field(default_factory=dict)  # id -> text, version, n, reason
     expected: dict[tuple[str, str], str] = field(default_factory=dict)  # (version, question) -> greedy reply
@@ -114,7 +115,9 @@ class SwapRun:
         return [r for r in self.replies if r.version == self.rollback_from and r.sent_at >= self.rollback_returned]
 
     def in_flight_at_rollback(self) -> int:
-        """Replies on the version rolled back, asked before the call and ended after it: they finish on it."""
+        """Replies on the version rolled back, asked before the call and ended after it: those already
+        decoding then finish on it (at most ``model.max_active``); the queued ones start on the
+        version rolled back to."""
         return sum(
             1
             for r in self.replies
@@ -145,6 +148,9 @@ class SwapRun:
             "rollback_first_token_s": None
             if self.rollback_first_token is None
             else round(self.rollback_first_token - self.rollback_called, 3),
+            "rollback_first_asked_s": None
+            if self.rollback_first_asked is None
+            else round(self.rollback_first_asked - self.rollback_called, 3),
             "rollback_first_done_s": None
             if self.rollback_first_done is None
             else round(self.rollback_first_done - self.rollback_called, 3),
@@ -279,12 +285,14 @@ async def run_swap(
             response = await console.post(f"/api/v1/versions/{run.rollback_from}/rollback")
             run.rollback_returned = time.monotonic()
             assert response.status_code == 200, response.text
-            await _until(lambda: _first_on(run, run.rollback_to, run.rollback_called) is not None)
+            await _until(lambda: _first_on(run, run.rollback_to, run.rollback_called, asked_after=True) is not None)
             stop.set()
         await asyncio.gather(*tasks)
         first = _first_on(run, run.rollback_to, run.rollback_called)
-        assert first is not None
+        asked = _first_on(run, run.rollback_to, run.rollback_called, asked_after=True)
+        assert first is not None and asked is not None
         run.rollback_first_token, run.rollback_first_done = first.first_token_at, first.done_at
+        run.rollback_first_asked = asked.first_token_at
         run.took_s = time.monotonic() - started
         stats = app.engine.stats
         run.unloaded, run.ended = dict(stats.unloaded), dict(stats.replies_ended)
@@ -301,8 +309,16 @@ def _ended(run: SwapRun) -> int:
     return sum(1 for r in run.replies if r.done_at is not None or r.error is not None)
 
 
-def _first_on(run: SwapRun, version: str, after: float) -> ReplySeen | None:
-    on = [r for r in run.replies if r.version == version and r.sent_at >= after and r.done_at is not None]
+def _first_on(run: SwapRun, version: str, after: float, *, asked_after: bool = False) -> ReplySeen | None:
+    """The reply on ``version`` with the earliest first token after ``after``: any reply (queued ones
+    included), or with ``asked_after`` one asked after it."""
+    on = [
+        r
+        for r in run.replies
+        if r.version == version
+        and r.done_at is not None
+        and (r.sent_at >= after if asked_after else (r.first_token_at or r.done_at) >= after)
+    ]
     return min(on, key=lambda r: r.first_token_at or r.done_at or 0.0, default=None)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from server.engines import Chunk, EngineError, OverloadedError, SamplingConfig, TransformersEngine, UnknownVersionError
+from server.engines.base import redirected
 
 GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0)
 CHAT = [{"role": "user", "content": "What is your refund policy?"}]
@@ -125,6 +126,69 @@ async def test_an_unloaded_version_finishes_its_running_and_queued_replies_then_
         assert e.stats.unloaded["v2"] == 0 and (await collect(e))[0] == base_alone
     finally:
         await asyncio.to_thread(e.close)
+
+
+async def test_a_demoted_versions_queued_replies_start_on_the_version_that_replaced_it(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """``redirect`` (what a rollback or promotion does to the engine): the reply decoding on v1
+    ends on v1; the one queued behind it starts on v2, says so before its first text, writes
+    v2's text, and v1's adapter is freed once its one remaining reply ended."""
+    e = TransformersEngine(str(tiny_model), dtype="float32", max_pending=8, max_active=1)
+    await asyncio.to_thread(e.load)
+    try:
+        await e.load_adapter("v1", str(make_adapter(tiny_model, tmp_path / "v1", seed=1)))
+        await e.load_adapter("v2", str(make_adapter(tiny_model, tmp_path / "v2", seed=2)))
+        v1_alone, _ = await collect(e, "v1")
+        v2_alone, _ = await collect(e, "v2")
+        assert v1_alone != v2_alone
+        ended_on_v1 = e.stats.replies_ended["v1"]
+        running = e.stream(CHAT, version="v1", sampling=GREEDY)
+        first = await running.__anext__()  # decoding on v1
+        queued = e.stream(CHAT, version="v1", sampling=GREEDY)
+        queued_first = asyncio.create_task(queued.__anext__())  # admitted, waiting: max_active is 1
+        await asyncio.sleep(0)
+        e.redirect(["v1"], to="v2")
+        later = e.stream(CHAT, version="v1", sampling=GREEDY)  # asked of v1 after its demotion: on purpose
+        later_first = asyncio.create_task(later.__anext__())
+        await asyncio.sleep(0)
+        await e.unload_adapter("v1")
+        rest = [c async for c in running]
+        assert first.delta + "".join(c.delta for c in rest) == v1_alone
+        assert {c.version for c in [first, *rest]} == {None}  # it began on v1 and ends there
+        head = await queued_first
+        tail = [c async for c in queued]
+        assert head.version == "v2" and head.delta == ""  # said before any text
+        assert "".join(c.delta for c in tail) == v2_alone and {c.version for c in tail} == {None}
+        stays = [await later_first, *[c async for c in later]]
+        assert "".join(c.delta for c in stays) == v1_alone and {c.version for c in stays} == {None}
+        for _ in range(200):
+            if "v1" in e.stats.unloaded:
+                break
+            await asyncio.sleep(0.01)
+        assert e.stats.unloaded == {"v1": ended_on_v1 + 2}  # the redirected reply no longer held v1
+        # a redirect to a version no longer loaded moves nothing
+        running = e.stream(CHAT, version="v2", sampling=GREEDY)
+        first = await running.__anext__()
+        queued = e.stream(CHAT, version="v2", sampling=GREEDY)
+        queued_first = asyncio.create_task(queued.__anext__())
+        await asyncio.sleep(0)
+        e.redirect(["v2"], to="v1")
+        assert first.delta + "".join([c.delta async for c in running]) == v2_alone
+        stays = [await queued_first, *[c async for c in queued]]
+        assert "".join(c.delta for c in stays) == v2_alone and {c.version for c in stays} == {None}
+    finally:
+        await asyncio.to_thread(e.close)
+
+
+def test_redirects_are_followed_to_their_end() -> None:
+    """Only replies asked before a demotion follow it."""
+    assert redirected("v1", 0, {}) == "v1"
+    assert redirected("v1", 5, {"v1": ("v2", 10), "v2": ("v3", 20)}) == "v3"  # demoted twice
+    assert redirected("v1", 15, {"v1": ("v2", 10), "v2": ("v3", 20)}) == "v1"  # asked of v1 after its demotion
+    assert redirected("v2", 15, {"v1": ("v2", 10), "v2": ("v3", 20)}) == "v3"
+    assert redirected("v1", 5, {"v1": ("v2", 10), "v2": ("v1", 20)}) == "v2"  # a loop ends before it repeats
+    assert redirected("v3", 0, {"v1": ("v2", 10)}) == "v3"
 
 
 async def test_a_version_loaded_again_while_its_last_replies_run_keeps_its_adapter(

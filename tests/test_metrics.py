@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.logs import JsonFormatter
-from server.metrics import Metrics
+from server.metrics import Metrics, freeze_startup_heap
 from server.settings import SettingsError, load_settings
 from tests.console_support import running_app
 from tests.factories import ask_reply
@@ -96,22 +98,87 @@ def test_log_format_is_checked() -> None:
         load_settings(env={}, overrides={"server": {"log_format": "xml"}})
 
 
-async def test_a_blocked_event_loop_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("hold", ["sleeping", "running"])
+async def test_a_blocked_event_loop_is_logged_and_counted(hold: str, caplog: pytest.LogCaptureFixture) -> None:
     """The lag watcher: a callback that holds the loop for 300 ms (three times the threshold)
-    shows up as one "event loop blocked" warning and in the lag histogram's top buckets."""
+    shows up as one "event loop blocked" warning and in the lag histogram's top buckets; the line
+    says how much of it the loop's thread ran: nearly none when the thread waited (here a sleep,
+    as for a core or the GIL), nearly all when a callback computed."""
     metrics = Metrics()
     watching = asyncio.create_task(metrics.watch_event_loop())
     await asyncio.sleep(0.12)  # a few quiet samples
     with caplog.at_level(logging.WARNING, logger="learnloop.metrics"):
-        time.sleep(0.3)  # noqa: ASYNC251 (the point: a callback that blocks the loop)
+        if hold == "sleeping":
+            time.sleep(0.3)  # noqa: ASYNC251 (the point: a callback that blocks the loop)
+        else:
+            until = time.thread_time() + 0.3
+            while time.thread_time() < until:
+                pass
         await asyncio.sleep(0.12)
     watching.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watching
     blocked = [r.getMessage() for r in caplog.records if "event loop blocked" in r.getMessage()]
     assert len(blocked) == 1, blocked
+    ran = int(blocked[0].split("its thread ran ")[1].split(" ms")[0])
+    assert ran < 100 if hold == "sleeping" else ran >= 300, blocked
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
     buckets = {
         s.labels["le"]: s.value for s in families["learnloop_event_loop_lag_seconds"].samples if "le" in s.labels
     }
     assert buckets["+Inf"] >= 3 and buckets["+Inf"] - buckets["0.25"] == 1  # one sample over 250 ms
+
+
+def test_garbage_collections_are_timed_while_watched(caplog: pytest.LogCaptureFixture) -> None:
+    """``watch_gc``: each collection in the block is one observation of its generation, a pause
+    over the threshold is one warning line, and the callback is gone after the block."""
+    metrics = Metrics()
+
+    def full_collections() -> float:
+        found = samples(generate_latest(metrics.registry).decode())
+        return found.get(("learnloop_gc_pause_seconds_count", (("generation", "2"),)), 0.0)
+
+    with metrics.watch_gc():
+        gc.collect()
+        gc.collect()
+    assert full_collections() == 2
+    gc.collect()
+    assert full_collections() == 2  # unwatched
+    cycles = [[] for _ in range(300_000)]  # a heap big enough for a slow full collection
+    for c in cycles:
+        c.append(c)
+    with caplog.at_level(logging.WARNING, logger="learnloop.metrics"), metrics.watch_gc(), _slow_gc():
+        gc.collect()
+    del cycles
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if "garbage collection (generation 2) paused" in r.getMessage()]
+
+
+@contextlib.contextmanager
+def _slow_gc() -> Iterator[None]:
+    """A collection longer than the warning's threshold whatever the machine: a callback that
+    runs before the watcher's timing ends sleeps past it."""
+
+    def slow(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop":
+            time.sleep(0.15)
+
+    gc.callbacks.insert(0, slow)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(slow)
+
+
+def test_the_startup_heap_is_frozen_out_of_every_later_collection() -> None:
+    """``freeze_startup_heap`` (called by ``learnloop serve`` once it serves): what is alive then
+    is in no generation a collection scans, and what is allocated afterwards still is."""
+    before = object.__new__(type("Before", (), {}))
+    try:
+        frozen = freeze_startup_heap()
+        after = object.__new__(type("After", (), {}))
+        tracked = {id(o) for o in gc.get_objects()}
+        assert frozen >= 1000 and gc.get_freeze_count() == frozen
+        assert id(before) not in tracked and id(after) in tracked
+    finally:
+        gc.unfreeze()

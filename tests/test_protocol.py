@@ -57,6 +57,7 @@ def test_bad_frames_get_typed_errors() -> None:
     assert error_code(s.receive(frame(type="message", text="  ", client_id="c"), 0.0)) == ErrorCode.BAD_REQUEST
     assert error_code(s.receive(frame(type="message", text="hi"), 0.0)) == ErrorCode.BAD_REQUEST
     assert error_code(s.receive(frame(type="hello"), 0.0)) == ErrorCode.CONFLICT
+    assert error_code(s.receive(frame(type="message", text="a\u0000b", client_id="c"), 0.0)) == ErrorCode.BAD_REQUEST
     assert s.phase is Phase.IDLE
 
 

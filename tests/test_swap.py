@@ -17,10 +17,12 @@ from tests.factories import register_candidate
 from tests.swap_load import run_swap, swap_settings
 from tests.test_engine import make_adapter
 
+MAX_ACTIVE = 16
+
 
 @pytest.mark.slow
 async def test_hot_swap_under_load_every_reply_whole_on_one_version(tiny_model: Path, tmp_path: Path) -> None:
-    run = await run_swap(tiny_model, tmp_path, sessions=100, swaps=10)
+    run = await run_swap(tiny_model, tmp_path, sessions=100, swaps=10, max_active=MAX_ACTIVE)
     print("\nhot swap under load:", run.figures())
     assert not run.connection_errors
     assert run.overloaded == 0  # max_pending is above the sessions: every reply queues
@@ -42,6 +44,8 @@ async def test_hot_swap_under_load_every_reply_whole_on_one_version(tiny_model: 
     # bounds generous for 2 shared cores (the figures are printed; bench/swap.py records them)
     figures = run.figures()
     assert run.old_after_rollback() == []  # every reply asked for after the call is on the version rolled back to
+    # ... and every reply queued then: only those already decoding end on the version rolled back
+    assert figures["in_flight_at_rollback"] <= MAX_ACTIVE, figures
     assert figures["rollback_call_s"] < 10.0
     assert figures["rollback_first_token_s"] is not None and figures["rollback_first_token_s"] < 30.0
 

@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sized
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sized
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -58,6 +58,7 @@ class Chunk:
     finish_reason: str | None = None  # "stop" (end of turn), "length", "cancelled", "error"
     n_tokens: int = 0
     error: str | None = None
+    version: str | None = None  # set before any text when the reply starts on another version (``redirect``)
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,32 @@ class Engine(Protocol):
     def versions(self) -> set[str]: ...
     async def load_adapter(self, name: str, path: str) -> float: ...
     async def unload_adapter(self, name: str) -> None: ...
+    def redirect(self, versions: Iterable[str], to: str) -> None:
+        """Replies asked of ``versions`` that have not started yet start on ``to`` instead (their
+        first chunk says so in ``Chunk.version``); replies already decoding end where they began."""
+        ...
+
     def stream(
         self, messages: Messages, *, version: str, sampling: SamplingConfig, cancel: threading.Event | None = None
     ) -> AsyncIterator[Chunk]: ...
+
+
+def redirected(version: str, asked: int, redirects: Mapping[str, tuple[str, int]]) -> str:
+    """The version a reply asked of ``version`` (the engine's ``asked``-th request) starts on.
+
+    ``redirects``: demoted version -> (where its replies go, the count of requests asked when it
+    was demoted); only a reply asked before a demotion follows it, to its end (a version demoted
+    twice goes where the second demotion sent its replies; a loop ends where it would repeat). A
+    reply asked of a demoted version afterwards was asked of it on purpose (a test, a probe).
+    """
+    seen = {version}
+    while version in redirects:
+        to, upto = redirects[version]
+        if asked >= upto or to in seen:
+            break
+        version = to
+        seen.add(version)
+    return version
 
 
 Rendered = TypeVar("Rendered", bound=Sized)
@@ -176,6 +200,7 @@ class Request:
     cancel: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
     sent_chars: int = 0
+    asked: int = 0  # the engine's count of requests submitted before this one (see ``redirect``)
     prefix_len: int = 0  # leading prompt tokens that are the rendered system turn (shared by conversations)
 
 
@@ -219,6 +244,8 @@ class LocalEngine(Generic[R]):
         self._adapters: dict[str, Any] = {}  # version -> the engine's handle on its adapter (loaded, routable)
         self._retired: dict[str, Any] = {}  # unloaded (no new reply starts on it), freed once no reply uses it
         self._users: dict[str, int] = {}  # version -> requests admitted and not finished
+        self._redirects: dict[str, tuple[str, int]] = {}  # demoted version -> (its queued replies' new version, asked)
+        self._asked = 0  # requests submitted so far: a redirect reaches those asked before it
         self._pending = 0
         self._lock = threading.Lock()
         # per token, the worker calls these directly (bound C callables where the engine has them:
@@ -288,6 +315,27 @@ class LocalEngine(Generic[R]):
         """No new reply starts on ``name`` from now; its adapter is freed once its last reply ends."""
         await self._call(lambda: self._unload_adapter(name))
 
+    def redirect(self, versions: Iterable[str], to: str) -> None:
+        """Replies queued on ``versions`` start on ``to`` when the worker takes them up (see
+        ``_take_up``); ``to`` itself takes its own replies again (a rollback to it)."""
+        with self._lock:
+            for name in versions:
+                if name != to and name not in self._redirects:  # the first demotion reached all its replies
+                    self._redirects[name] = (to, self._asked)
+            self._redirects.pop(to, None)
+
+    def _take_up(self, r: R) -> None:
+        """A queued request leaves the inbox: on the version its demotions lead to, if that one is
+        loaded (checked and counted under the lock, as ``stream`` does), else on its own."""
+        with self._lock:
+            to = redirected(r.version, r.asked, self._redirects)
+            if to == r.version or not self.has_version(to):
+                return
+            self._users[r.version] -= 1
+            self._users[to] = self._users.get(to, 0) + 1
+            r.version = to
+        self._post(r, Chunk("", version=to))
+
     async def _prepare_adapter(self, path: str) -> Any:
         """What ``_attach`` needs, made while decoding goes on (default: the folder itself)."""
         return path
@@ -305,6 +353,8 @@ class LocalEngine(Generic[R]):
         if name in self._adapters:
             raise EngineError(f"version {name!r} is already loaded; versions are immutable")
         self._adapters[name] = self._retired.pop(name, None) or self._attach(name, prepared)  # see _unload_adapter
+        with self._lock:
+            self._redirects.pop(name, None)  # routed again: it takes its own replies
         pause = time.monotonic() - started
         self.stats.swap_pauses_s.append(pause)
         log.info("adapter %s loaded from %s; decoding paused %.0f ms", name, path, pause * 1000)
@@ -370,6 +420,8 @@ class LocalEngine(Generic[R]):
                 )
             self._pending += 1
             self._users[version] = self._users.get(version, 0) + 1  # keeps the adapter until the reply ends
+            asked = self._asked
+            self._asked += 1
         submitted = False
         try:
             chunks: asyncio.Queue[Chunk] = asyncio.Queue()
@@ -378,6 +430,7 @@ class LocalEngine(Generic[R]):
                 prompt_ids=prompt_ids,
                 prefix_len=prefix_len,
                 version=version,
+                asked=asked,
                 sampling=sampling,
                 loop=asyncio.get_running_loop(),
                 chunks=chunks,
@@ -391,7 +444,13 @@ class LocalEngine(Generic[R]):
                     chunk = await chunks.get()
                     while chunk.finish_reason is None and not chunks.empty():  # the reader lagged: one piece
                         more = chunks.get_nowait()
-                        chunk = Chunk(chunk.delta + more.delta, more.finish_reason, more.n_tokens, more.error)
+                        chunk = Chunk(
+                            chunk.delta + more.delta,
+                            more.finish_reason,
+                            more.n_tokens,
+                            more.error,
+                            more.version or chunk.version,
+                        )
                     yield chunk
                     if chunk.finish_reason is not None:
                         return
@@ -422,6 +481,7 @@ class LocalEngine(Generic[R]):
                             r = self._inbox.get_nowait()
                         except queue.Empty:
                             break
+                        self._take_up(r)
                         self._activate(r)
                         active.append(r)
                     if not active:
@@ -490,8 +550,9 @@ class LocalEngine(Generic[R]):
         return False
 
     def _flush(self, r: R, *, final: bool) -> str:
-        """New text since the last flush; holds back a trailing partial UTF-8 character."""
-        text = self._text(r.generated)
+        """New text since the last flush; holds back a trailing partial UTF-8 character. A NUL the
+        model writes is dropped (it means nothing in a chat, and PostgreSQL's text cannot hold it)."""
+        text = self._text(r.generated).replace("\x00", "")
         if not final and text.endswith("\ufffd"):
             return ""
         delta = text[r.sent_chars :]

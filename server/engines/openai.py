@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import httpx
@@ -154,6 +154,10 @@ class OpenAIEngine:
         r = await self._http().post(f"{root}/v1/unload_lora_adapter", json={"lora_name": served})
         if r.status_code >= 400:
             log.warning("unloading adapter %s failed: %s %s", served, r.status_code, r.text[:200])
+
+    def redirect(self, versions: Iterable[str], to: str) -> None:
+        """Nothing to redirect here: a request is sent to the server when it is asked, naming its
+        adapter, and waits in the server's own queue (vLLM's), out of learnloop's reach."""
 
     # --- generation ---------------------------------------------------------------------
 
