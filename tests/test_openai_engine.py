@@ -26,6 +26,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
+from feedback import VersionState
 from feedback.specials import JOINER, tokenizer_specials
 from server.app import App
 from server.engines import EngineError, OpenAIEngine, SamplingConfig, UnknownVersionError, trim_messages
@@ -369,7 +370,7 @@ async def test_releases_through_two_vllm_replicas(
     app = App(vllm_app_settings(tiny_model, tmp_path / "data", [a.base_url, b.base_url]))
     async with app.lifespan():
         assert app.store is not None and app.release is not None and app.port is not None
-        paths = [make_adapter(tiny_model, tmp_path / f"adapter{i}", seed=30 + i) for i in range(4)]
+        paths = [make_adapter(tiny_model, tmp_path / f"adapter{i}", seed=30 + i) for i in range(5)]
         names = [await register_candidate(app.store, p, str(tiny_model)) for p in paths]
         client = await open_client(app.port)
         await client.hello(user="u1")
@@ -390,3 +391,12 @@ async def test_releases_through_two_vllm_replicas(
         assert set(a.loras) == set(b.loras) == {f"learnloop-{names[1]}", f"learnloop-{names[2]}"}
         done, text = await client.chat("And now?", "after")
         assert done["model_version"] == names[2] and text.startswith(f"Answer from learnloop-{names[2]} ")
+        # a canary that one replica cannot load is rolled back, as any refused canary is
+        a.unreadable.add(str(paths[4]))
+        await app.store.versions.set_state(names[4], VersionState.CANARY, actor="gate")
+        await app.release.sync()
+        canary = await app.store.versions.get(names[4])
+        assert canary.state is VersionState.ROLLED_BACK and any("refused" in r for r in canary.gate_reasons)
+        assert app.release.canary_version is None and f"learnloop-{names[4]}" not in {*a.loras, *b.loras}
+        refusals = app.metrics.registry.get_sample_value("learnloop_adapter_refusals_total", {"check": "engine"})
+        assert refusals == 2  # the live version, then the canary
