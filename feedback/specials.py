@@ -13,10 +13,12 @@ the same defused text.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 JOINER = "\u2060"
+_OPENER = re.compile(r"[<\[](?=[^\s\u2060])")
 
 
 def special_strings(tokens: Iterable[str]) -> tuple[str, ...]:
@@ -42,6 +44,17 @@ def defuse(text: str, specials: Sequence[str]) -> str:
         if token in text:
             text = text.replace(token, token[0] + JOINER + token[1:])
     return text
+
+
+def defuse_openers(text: str) -> str:
+    """``text`` with a WORD JOINER after every ``<`` and ``[`` that a visible character follows.
+
+    The fallback where the tokenizer's special tokens are not known (the ``openai`` engine without
+    the served model's files): no special-token string that begins with ``<`` or ``[``
+    (``<|im_start|>``, ``</s>``, ``<start_of_turn>``, ``[INST]``) survives it, at the price of
+    changing ordinary text such as ``a<b``. Defusing twice changes nothing more.
+    """
+    return _OPENER.sub(lambda m: m.group(0) + JOINER, text) if text else text
 
 
 def defuse_messages(messages: Sequence[Mapping[str, Any]], specials: Sequence[str]) -> list[dict[str, Any]]:

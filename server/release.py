@@ -26,7 +26,7 @@ from typing import Any
 
 from feedback import BASE_VERSION, FeedbackStore, LearnloopError, ModelVersion, VersionState, VersionStats
 from feedback.versions import rollback_refusal
-from server.engines import Engine
+from server.engines import Engine, EngineError
 from training.canary import CanaryAction, CanaryConfig, CanaryDecision, assign
 from training.canary import decide as decide_canary
 from training.validate import AdapterInvalidError, check_adapter
@@ -236,7 +236,10 @@ class Release:
             raise self._refused(version.name, f"version {version.name}: {exc}", exc.kind, passing=passing) from exc
         except OSError as exc:  # unreadable now (I/O error, a mount going away): tried again later
             raise self._refused(version.name, f"version {version.name}: {exc}", "io", passing=True) from exc
-        pause = await self.engine.load_adapter(version.name, version.adapter_path)
+        try:
+            pause = await self.engine.load_adapter(version.name, version.adapter_path)
+        except EngineError as exc:  # the engine (or a model server: any of its replicas) refused it
+            raise self._refused(version.name, f"version {version.name}: {exc}", "engine") from exc
         self._passing.pop(version.name, None)  # a passing fault mended: a new one is said again
         log.info("version %s loaded; decoding paused %.0f ms", version.name, pause * 1000)
 

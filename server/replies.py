@@ -129,11 +129,13 @@ async def stream_reply(
     regenerated_from: str | None = None,
     stop: Sequence[str] = (),
     before_store: Awaitable[object] | None = None,
+    on_version: Callable[[str], None] | None = None,
 ) -> Reply:
     """Stream a reply to ``context`` from ``version`` (``on_delta`` per piece of text), then store it.
 
     The reply carries the version that wrote it: ``version``, or the one the engine started it on
-    when ``version`` was demoted (rolled back, replaced) while the reply waited in the queue.
+    when ``version`` was demoted (rolled back, replaced) while the reply waited in the queue
+    (``on_version`` hears of it before the first ``on_delta``).
 
     ``stop``: sequences that end the reply where they first appear (not included; the reply's
     finish reason is ``stop``). ``before_store``: awaited before the reply is stored (the writes
@@ -148,7 +150,10 @@ async def stream_reply(
     messages = [{"role": t.role, "content": t.text} for t in context]
     cancel = cancel if cancel is not None or not stop else threading.Event()
     async for chunk in engine.stream(messages, version=version, sampling=sampling, cancel=cancel):
-        version = chunk.version or version  # a demoted version's reply starts on the one that replaced it
+        if chunk.version and chunk.version != version:  # a demoted version's reply starts on the one that replaced it
+            version = chunk.version
+            if on_version is not None:
+                on_version(version)
         if "\x00" in chunk.delta:  # a NUL means nothing in a reply, and PostgreSQL's text cannot hold one
             chunk = dataclasses.replace(chunk, delta=chunk.delta.replace("\x00", ""))
         if chunk.delta and not stopped:

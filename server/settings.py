@@ -238,6 +238,15 @@ class ModelConfig:
         default="http://127.0.0.1:8000/v1",
         metadata={"help": "Base URL of the OpenAI-compatible server (openai engine)."},
     )
+    openai_replicas: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Base URLs of several replicas of the OpenAI-compatible server (openai engine; comma-separated "
+            "in the environment); when set, model.openai_url is not used. Each replica loads every version "
+            "(a version one of them refuses serves on none) and replies go to the replica with the fewest in "
+            "flight. A load balancer's URL cannot hot-swap: a load call through it reaches one replica."
+        },
+    )
     openai_model: str | None = field(
         default=None, metadata={"help": "Model name the OpenAI-compatible server serves (default: model.name)."}
     )

@@ -153,7 +153,7 @@ def slack_dm(ts: str, text: str, *, thread_ts: str | None = None) -> dict[str, A
     return event | ({"thread_ts": thread_ts} if thread_ts else {})
 
 
-def slack_press(post: dict[str, Any], action_id: str) -> bytes:
+def slack_press(post: dict[str, Any], action_id: str, *, user: str = "U1", username: str = "ann") -> bytes:
     """The interactivity request of a press on one of a posted message's buttons (a form with ``payload``)."""
     [button] = [
         b
@@ -164,7 +164,7 @@ def slack_press(post: dict[str, Any], action_id: str) -> bytes:
     ]
     payload = {
         "type": "block_actions",
-        "user": {"id": "U1", "username": "ann", "team_id": "T1"},
+        "user": {"id": user, "username": username, "name": username, "team_id": "T1"},
         "api_app_id": "A1",
         "team": {"id": "T1", "domain": "example"},
         "container": {

@@ -1,7 +1,9 @@
 """Scenario 20: everything ``learnloop -v serve`` logs (JSON lines, DEBUG) after customers and
 operators sent planted personal data, tokens and credentials, through chat, ratings, errors,
-overload, the OpenAI-compatible API, a Telegram bot (its Bot API a local stand-in,
-``tests/im_standins.py``), the console and, as root, a full disk: none of it is in the log."""
+overload, the OpenAI-compatible API, a Telegram bot, a Slack app and a Standard Webhooks sender
+(Telegram's Bot API, Slack's Web API and the webhook receiver are local stand-ins speaking their
+documented wire formats, ``tests/im_standins.py``), the console and, as root, a full disk: none
+of it is in the log."""
 
 from __future__ import annotations
 
@@ -22,8 +24,23 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.im_standins import TelegramStandIn
-from tests.im_support import TG_SECRET, TG_TOKEN, eventually, tg_headers, tg_message, tg_press
+from tests.im_standins import SlackStandIn, TelegramStandIn, WebhookReceiver
+from tests.im_support import (
+    SLACK_SECRET,
+    SLACK_TOKEN,
+    TG_SECRET,
+    TG_TOKEN,
+    WH_KEY,
+    WH_SECRET,
+    eventually,
+    slack_event,
+    slack_headers,
+    slack_press,
+    tg_headers,
+    tg_message,
+    tg_press,
+    wh_headers,
+)
 from tests.serve_process import ROOT, ServeProcess
 
 TOKEN = "tok-3b9f1c7e-never-log"
@@ -41,6 +58,8 @@ WORDS = "private-words-5521"  # a customer's own words, no PII shape
 SAID = f"{WORDS}: my name is {PII['name']}, mail {PII['email']}, call {PII['phone']}, card {PII['card']}, "
 SAID += f"IBAN {PII['iban']}, I live at {PII['street']}."
 ADD_ALICE = ("operator", "add", "alice", "--role", "admin", "--password-stdin")
+SLACK_USER = "U0PLANTED5521"  # a Slack user id, planted like any identifier of a customer
+WH_WRONG_KEY = b"fedcba9876543210fedcba9876543210"
 CONSOLE = re.compile(r"operator console on http://[^:]+:(\d+)")
 CHANNELS = re.compile(r"OpenAI-compatible API on http://[^:]+:(\d+)/v1")
 
@@ -122,10 +141,14 @@ async def until_end(ws: Any) -> str:
             return str(frame["code"])
 
 
-async def drive_channels(port: int, key: str, telegram: TelegramStandIn) -> list[str]:
-    """The OpenAI-compatible API (a wrong key, a chat, a thumb with a comment, a refused request) and
-    a Telegram bot (a wrong secret, a message from a user whose name is planted, a thumb pressed),
-    each carrying the planted text; returns the ids of the replies the API gave."""
+async def drive_channels(
+    port: int, key: str, telegram: TelegramStandIn, slack: SlackStandIn, receiver: WebhookReceiver, seen: list[str]
+) -> list[str]:
+    """The OpenAI-compatible API (a wrong key, a chat, a thumb with a comment, a refused request), a
+    Telegram bot (a wrong secret, a message from a user whose name is planted, a thumb pressed), a
+    Slack app and a Standard Webhooks sender (each: a forged signature, a message, the reply out, a
+    thumb), each carrying the planted text; returns the ids of the replies the API gave, and adds
+    the signatures sent to ``seen``."""
     auth = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
         body = {"model": "base", "messages": [{"role": "user", "content": SAID}], "user": PII["email"]}
@@ -153,6 +176,45 @@ async def drive_channels(port: int, key: str, telegram: TelegramStandIn) -> list
         press = tg_press(2, final, button=1, user=4242)
         assert (await c.post(hook, json=press, headers=tg_headers())).status_code == 200
         await eventually(lambda: telegram.calls_of("answerCallbackQuery"), what="the thumb answered")
+
+        # Slack: a DM from a planted user, the reply posted in its thread, a thumb pressed by that user
+        events, interactivity = "/hooks/slack/support/events", "/hooks/slack/support/interactivity"
+        dm = {"type": "message", "channel": "D9", "channel_type": "im", "user": SLACK_USER, "text": SAID,
+              "ts": "1700000000.000100", "event_ts": "1700000000.000100"}  # fmt: skip
+        body = slack_event("EvPlanted1", dm)
+        forged = slack_headers(body, secret=SLACK_SECRET[::-1])
+        assert (await c.post(events, content=body, headers=forged)).status_code == 401
+        signed = slack_headers(body)
+        seen += [forged["X-Slack-Signature"], signed["X-Slack-Signature"]]
+        assert (await c.post(events, content=body, headers=signed)).status_code == 200
+        [post] = await eventually(lambda: [p for p in slack.posts if p["channel"] == "D9"], what="the Slack reply")
+        press = slack_press(post, "learnloop_down", user=SLACK_USER, username=PII["name"])
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        signed = slack_headers(press)
+        seen.append(signed["X-Slack-Signature"])
+        assert (await c.post(interactivity, content=press, headers=signed | form)).status_code == 200
+        await eventually(lambda: slack.updates, what="the Slack thumb shown")
+
+        # Standard Webhooks: a message from a planted user (forged first), the signed reply.created
+        # out to the receiver, then a thumb down with a planted comment
+        hook = "/hooks/webhook/helpdesk"
+        message = {"type": "message.created", "data": {"thread": WORDS, "user": PII["email"], "text": SAID}}
+        body = json.dumps(message).encode()
+        forged = wh_headers("msg_planted1", body, key=WH_WRONG_KEY)
+        assert (await c.post(hook, content=body, headers=forged)).status_code == 401
+        signed = wh_headers("msg_planted1", body)
+        seen += [forged["webhook-signature"], signed["webhook-signature"]]
+        assert (await c.post(hook, content=body, headers=signed)).json() == {"status": "accepted"}
+        [(_, event)] = await eventually(lambda: receiver.received, what="the signed reply.created")
+        rating = {
+            "type": "rating.created",
+            "data": {"message_id": event["data"]["message_id"], "value": -1, "user": PII["email"], "comment": SAID},
+        }
+        body = json.dumps(rating).encode()
+        signed = wh_headers("msg_planted2", body)
+        seen.append(signed["webhook-signature"])
+        assert (await c.post(hook, content=body, headers=signed)).json() == {"status": "accepted"}
+        assert receiver.refused == 0
     return [reply]
 
 
@@ -219,6 +281,9 @@ def test_nothing_sent_by_customers_or_operators_reaches_the_log(tiny_model: Path
         ).stdout.split()[-1]
         assert key.startswith("llk-"), key
         telegram = TelegramStandIn(TG_TOKEN)
+        slack = SlackStandIn(SLACK_TOKEN)
+        receiver = WebhookReceiver(WH_SECRET)
+        signatures: list[str] = []
         env = {
             "LEARNLOOP_SERVER_LOG_FORMAT": "json",
             "LEARNLOOP_SERVER_TOKEN": TOKEN,
@@ -230,6 +295,9 @@ def test_nothing_sent_by_customers_or_operators_reaches_the_log(tiny_model: Path
             "LEARNLOOP_MODEL_DTYPE": "float32",
             "LEARNLOOP_TELEGRAM__SUPPORT__TOKEN": TG_TOKEN,
             "LEARNLOOP_TELEGRAM__SUPPORT__SECRET_TOKEN": TG_SECRET,
+            "LEARNLOOP_SLACK__SUPPORT__BOT_TOKEN": SLACK_TOKEN,
+            "LEARNLOOP_SLACK__SUPPORT__SIGNING_SECRET": SLACK_SECRET,
+            "LEARNLOOP_WEBHOOKS__HELPDESK__SECRET": WH_SECRET,
         }
 
         async def drive(server: ServeProcess) -> tuple[list[str], str, list[str], list[str]]:
@@ -237,18 +305,22 @@ def test_nothing_sent_by_customers_or_operators_reaches_the_log(tiny_model: Path
             console = next(int(m.group(1)) for line in server.log if (m := CONSOLE.search(line)))
             channels = next(int(m.group(1)) for line in server.log if (m := CHANNELS.search(line)))
             ids, reply = await drive_chat(port)
-            api_replies = await drive_channels(channels, key, telegram)
+            api_replies = await drive_channels(channels, key, telegram, slack, receiver, signatures)
             credentials = await drive_console(console, ids[0], reply)
             if mounted:
                 await drive_full_disk(port, data, ids[0], reply)
             return ids, reply, api_replies, credentials
 
-        # the Bot API stand-in serves from its own loop for the whole test: its port goes into env
+        # the platforms' stand-ins serve from their own loop for the whole test: their ports go into env
+        standins = (telegram, slack, receiver)
         standin_loop = asyncio.new_event_loop()
         standin_thread = threading.Thread(target=standin_loop.run_forever, daemon=True)
         standin_thread.start()
-        asyncio.run_coroutine_threadsafe(telegram.start(), standin_loop).result(30)
+        for standin in standins:
+            asyncio.run_coroutine_threadsafe(standin.start(), standin_loop).result(30)
         env["LEARNLOOP_TELEGRAM__SUPPORT__API_BASE"] = telegram.url
+        env["LEARNLOOP_SLACK__SUPPORT__API_BASE"] = slack.url
+        env["LEARNLOOP_WEBHOOKS__HELPDESK__OUTBOUND_URL"] = receiver.url + "/"
         server = ServeProcess(data, tiny_model, env, verbose=True)
         try:
             ids, _, _, credentials = asyncio.run(drive(server))
@@ -256,7 +328,8 @@ def test_nothing_sent_by_customers_or_operators_reaches_the_log(tiny_model: Path
             assert server.proc.wait(30) == 0
         finally:
             server.stop()
-            asyncio.run_coroutine_threadsafe(telegram.stop(), standin_loop).result(30)
+            for standin in standins:
+                asyncio.run_coroutine_threadsafe(standin.stop(), standin_loop).result(30)
             standin_loop.call_soon_threadsafe(standin_loop.stop)
             standin_thread.join(30)
             standin_loop.close()
@@ -282,6 +355,14 @@ def test_nothing_sent_by_customers_or_operators_reaches_the_log(tiny_model: Path
         "telegram bot token": TG_TOKEN,
         "telegram secret": TG_SECRET,
         "wrong telegram secret": TG_SECRET[::-1],
+        "slack bot token": SLACK_TOKEN,
+        "slack signing secret": SLACK_SECRET,
+        "wrong slack signing secret": SLACK_SECRET[::-1],
+        "slack user id": SLACK_USER,
+        "webhooks secret": WH_SECRET,
+        "webhooks key": WH_KEY.decode(),
+        "wrong webhooks key": WH_WRONG_KEY.decode(),
+        **{f"signature {n}": sig for n, sig in enumerate(signatures)},
         "console session": credentials[0],
         "csrf token": credentials[1],
         **{f"conversation {n}": cid for n, cid in enumerate(ids)},

@@ -23,7 +23,9 @@ from server.engines import Engine, SamplingConfig
 from server.errors import ApiError
 from server.ratelimit import KeyedRateLimiter
 from server.settings import load_settings
+from tests.factories import register_candidate
 from tests.store_backends import StoreTarget
+from tests.test_engine import make_adapter
 from training.signals import build_training_data
 
 PER_KEY_PER_MINUTE = 20
@@ -325,3 +327,55 @@ async def test_a_stream_the_client_closes_stops_its_reply(tiny_model: Path, tmp_
             await asyncio.sleep(0.05)
         [(finish_reason, n_tokens)] = [tuple(r) for r in messages]
         assert finish_reason == "cancelled" and n_tokens < 400
+
+
+async def test_a_reply_takes_the_version_live_when_the_engine_admits_it_not_when_its_request_arrived(
+    app: App, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The websocket gateway's rule (docs/reliability.md, scenario 17) on this channel too. Two
+    requests name the live version and then wait for the store (their read of the stored
+    conversations is held, as a slow or busy store holds it) while two promotions make another
+    version live and unload the one they named: both replies must come from the version live when
+    the engine admits them, whole and streamed, and be stored with it; none may fail."""
+    assert app.store is not None and app.release is not None and app.engine is not None
+    names = [
+        await register_candidate(app.store, make_adapter(tiny_model, tmp_path / f"a{i}", seed=40 + i), str(tiny_model))
+        for i in range(3)
+    ]
+    await app.release.promote(names[0], actor="test")
+    client = await client_for(app)
+    read = app.store.api_keys.candidates
+    waiting: list[str] = []
+    gate = asyncio.Event()
+
+    async def held(opening: str, **kwargs: Any) -> Any:
+        waiting.append(opening)
+        await gate.wait()
+        return await read(opening, **kwargs)
+
+    monkeypatch.setattr(app.store.api_keys, "candidates", held)
+    whole = asyncio.create_task(
+        client.chat.completions.create(model=names[0], messages=chat("Where is my order?"), user="ann")
+    )
+
+    async def streamed() -> tuple[str, list[str], str]:
+        stream = await client.chat.completions.create(
+            model=names[0], messages=chat("Where is my parcel?"), user="bob", stream=True
+        )
+        chunks = [c async for c in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return chunks[0].id, sorted({c.model for c in chunks}), text
+
+    stream = asyncio.create_task(streamed())
+    while len(waiting) < 2:
+        await asyncio.sleep(0.01)
+    for name in names[1:]:
+        await app.release.promote(name, actor="test")
+    assert not app.engine.has_version(names[0])  # neither live nor kept for a rollback: unloaded
+    gate.set()
+    answer = await whole
+    stream_id, stream_models, stream_text = await stream
+    assert answer.model == names[2] and answer.choices[0].finish_reason in ("stop", "length")
+    assert stream_models == [names[2]] and stream_text
+    for reply_id in (answer.id, stream_id):
+        assert (await app.store.conversations.get_message(reply_id)).model_version == names[2]

@@ -174,7 +174,10 @@ class OpenAIChannel:
         return listed
 
     def version_for(self, model: str) -> tuple[str, str | None]:
-        """(the version that answers, the canary a new conversation is pinned to or None)."""
+        """(the version that answers now, the canary a new conversation is pinned to or None).
+
+        Checked when the request arrives; the version that writes the reply is picked again by
+        ``serving_version`` when the engine admits it."""
         live, canary = self.versions()
         if model == live:
             return live, None
@@ -183,13 +186,21 @@ class OpenAIChannel:
         names = f"{live!r}" + (f" or the canary {canary!r}" if canary else "")
         raise ApiError(f"the model {model!r} does not exist; use {names} (GET /v1/models)", code=ErrorCode.NOT_FOUND)
 
+    def serving_version(self, pin: str | None) -> str:
+        """The version a reply is written by, read right before the engine admits it (the gateway's
+        rule): the canary the request named while it still runs, else whatever is live by then. A
+        version picked when the request arrived may have been unloaded meanwhile (two promotions
+        while the request waited for the store)."""
+        live, canary = self.versions()
+        return pin if pin is not None and pin == canary else live
+
     # --- a completion ----------------------------------------------------------------------
 
     async def prepare(self, caller: Caller, body: ChatRequest) -> Completion:
         """Check the request, map it onto a stored conversation and start storing its new turns."""
         turns = parse_messages(body.messages, max_text_chars=self.max_text_chars)
         stops = body.stops()
-        version, pin = self.version_for(body.model)
+        _, pin = self.version_for(body.model)
         user_id = f"{CHANNEL}:{caller.name}:{body.user}" if body.user is not None else None
         opened = opening(caller.name, user_id, turns)
         found = await self.store.api_keys.candidates(opened, site=caller.name, user_id=user_id, limit=CANDIDATES)
@@ -238,7 +249,7 @@ class OpenAIChannel:
             seed=body.seed,
         )
         return Completion(
-            self, conversation_id, turns, parent, where.regenerated_from, version, sampling, stops, turns_stored
+            self, conversation_id, turns, parent, where.regenerated_from, pin, sampling, stops, turns_stored
         )
 
     # --- feedback --------------------------------------------------------------------------
@@ -321,7 +332,7 @@ class Completion:
     turns: tuple[ChatTurn, ...]
     parent_id: str  # the user turn it answers
     regenerated_from: str | None
-    version: str
+    pin: str | None  # the canary the request named, or None: it follows live
     sampling: SamplingConfig
     stops: tuple[str, ...]
     turns_stored: asyncio.Task[Any]  # the request's new turns; the reply is stored after them
@@ -330,8 +341,12 @@ class Completion:
         self.message_id = new_id()
         self.created = int(time.time())
         self.cancel = threading.Event()
+        self.version = ""  # set when the engine admits the reply
 
     async def _reply(self, on_delta: Callable[[str], Any]) -> Reply:
+        # picked now, with no await before the engine admits the reply (``stream_reply`` awaits
+        # nothing before it): as the websocket gateway does
+        self.version = self.channel.serving_version(self.pin)
         return await stream_reply(
             self.channel.store,
             self.channel.engine,
@@ -346,7 +361,13 @@ class Completion:
             regenerated_from=self.regenerated_from,
             stop=self.stops,
             before_store=self.turns_stored,
+            on_version=self._started_on,
         )
+
+    def _started_on(self, version: str) -> None:
+        """The engine started the reply on another version (``version`` was demoted while it
+        waited): the chunks still to come name it."""
+        self.version = version
 
     def _usage(self, reply: Reply) -> dict[str, int]:
         prompt = _prompt_tokens(self.channel.engine, self.turns)

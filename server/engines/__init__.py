@@ -129,12 +129,13 @@ def create_engine(model: ModelConfig, base_model_dir: str) -> Engine:
         from server.engines.openai import OpenAIEngine
 
         return OpenAIEngine(
-            model.openai_url,
+            model.openai_replicas or model.openai_url,
             model.openai_model or model.name,
             api_key=model.openai_api_key,
             max_prompt_tokens=model.max_prompt_tokens,
             max_pending=model.max_pending,
             system_prompt=model.system_prompt,
+            tokenizer=base_model_dir,  # the served model's special tokens, from its local files
         )
     if engine == "llamacpp":
         from server.engines.llamacpp import LlamaCppEngine
