@@ -61,11 +61,16 @@ async def main() -> None:
         print(f"{version}: freed after {freed_after} replies ended, {on_it} seen on it by the clients")
     for r in (run.failed() + run.wrong_text())[:5]:
         print("bad reply:", r)
+    for error in run.connection_errors[:5]:
+        print("connection error:", error)
     print(
         f"{args.sessions} sessions x {args.swaps} swaps: {figures['accepted']} replies, {figures['failed']} failed, "
-        f"{figures['wrong_text']} not their version's text, {figures['late_unloads']} adapters freed early; "
+        f"{figures['wrong_text']} not their version's text, {figures['late_unloads']} adapters freed early, "
+        f"{figures['connection_errors']} connection errors; "
         f"rollback: call {figures['rollback_call_s']} s, first token on {run.rollback_to} "
-        f"{figures['rollback_first_token_s']} s after the call",
+        f"{figures['rollback_first_token_s']} s after the call (of a reply asked after it: "
+        f"{figures['rollback_first_asked_s']} s), {figures['in_flight_at_rollback']} replies ended on {run.rollback_from} "
+        "after the call",
         flush=True,
     )
     print(json.dumps(figures))

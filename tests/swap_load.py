@@ -167,7 +167,8 @@ def swap_settings(model_dir: Path, data_dir: Path, *, sessions: int, max_new_tok
         overrides={
             "console": {"port": 0},
             "channels": {"port": 0, "enabled": False},
-            "server": {"port": 0, "rate_per_s": 1000.0, "rate_burst": 1000},
+            # every session connects from 127.0.0.1: no per-address cap (100 by default refused 400 of 500)
+            "server": {"port": 0, "rate_per_s": 1000.0, "rate_burst": 1000, "max_connections_per_address": 0},
             "model": {
                 "name": str(model_dir),
                 "engine": "transformers",

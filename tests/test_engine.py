@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from server.engines import Chunk, EngineError, OverloadedError, SamplingConfig, TransformersEngine, UnknownVersionError
-from server.engines.base import redirected
+from server.engines import (
+    Chunk,
+    EngineError,
+    OverloadedError,
+    SamplingConfig,
+    TransformersEngine,
+    UnknownVersionError,
+    redirected,
+)
 
 GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0)
 CHAT = [{"role": "user", "content": "What is your refund policy?"}]

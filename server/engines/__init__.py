@@ -24,6 +24,7 @@ from server.engines.base import (
     SamplingConfig,
     UnknownVersionError,
     fit_prompt,
+    redirected,
 )
 
 log = logging.getLogger("learnloop.engine")
@@ -71,6 +72,7 @@ __all__ = [
     "gguf_linear_shapes",
     "llama_cpp_available",
     "probe_record",
+    "redirected",
     "requantize",
     "route_llama_log",
     "trim_messages",
