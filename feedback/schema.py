@@ -327,6 +327,7 @@ MIGRATIONS: tuple[Step, ...] = (
         Dialects(
             postgresql=(
                 "CREATE UNLOGGED TABLE rate_buckets (scope TEXT NOT NULL, key TEXT NOT NULL,"
+                " rate DOUBLE PRECISION NOT NULL, burst DOUBLE PRECISION NOT NULL,"
                 " tokens DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL,"
                 " full_at DOUBLE PRECISION NOT NULL, allowed BOOLEAN NOT NULL, PRIMARY KEY (scope, key))",
                 "CREATE INDEX rate_buckets_full ON rate_buckets(full_at)",

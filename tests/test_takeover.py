@@ -237,6 +237,17 @@ async def test_shared_token_buckets_follow_the_token_bucket_rule(postgres_target
         assert await store_a.limits.prune(now=t0 + 12.0) == 2
         assert await store_b.limits.take("ratings", "ann", rate=0.5, burst=3, now=t0 + 12.0) is None
         assert await store_b.limits.take("ratings", "ann", rate=0.5, burst=3, now=t0 + 12.0) == pytest.approx(1.0)
+
+        # checks asked at once share statements; the same key asked five times takes three tokens, not five
+        before = store_a.limits.statements
+        at = t0 + 100.0
+        answers = await asyncio.gather(
+            *(store_a.limits.take("ratings", f"k{i}", rate=0.5, burst=3, now=at) for i in range(50)),
+            *(store_a.limits.take("ratings", "carl", rate=0.5, burst=3, now=at) for _ in range(5)),
+        )
+        assert answers[:50] == [None] * 50
+        assert sum(a is None for a in answers[50:]) == 3
+        assert store_a.limits.statements - before <= 6  # 55 checks: one statement per round of distinct keys
     finally:
         await store_a.close()
         await store_b.close()
