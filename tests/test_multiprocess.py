@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from feedback import VersionState
 from tests.conftest import ChatClient
 from tests.console_support import PASSWORD, add_operators
 from tests.factories import register_candidate
@@ -277,3 +278,45 @@ async def test_a_raters_rating_limit_holds_across_the_processes(
         assert [f.get("code") for f in refused] == ["rate_limited"] * 2, refused
         assert all(10 < f["retry_after"] <= 15 for f in refused), refused
         assert postgres_target.sql("SELECT count(*) FROM ratings") == [(4,)]
+
+
+async def test_a_conversation_pinned_to_the_canary_on_one_process_stays_on_it_on_the_other(
+    tiny_model: Path, tmp_path: Path, postgres_target: StoreTarget, open_client: Any
+) -> None:
+    adapter = make_adapter(tiny_model, tmp_path / "adapter", seed=7)
+    env = server_env(postgres_target, LEARNLOOP_CANARY_SHARE="0.9", LEARNLOOP_CANARY_CHECK_INTERVAL_S="3600")
+    with two_servers(tmp_path, tiny_model, env) as (a, b):
+        on_live: ChatClient = await open_client(a.port())  # before the canary: on live, and not pinned
+        live_cid = (await on_live.hello(user="lee"))["conversation_id"]
+        await on_live.ws.close()
+        store = await postgres_target.open()
+        try:
+            name = await register_candidate(store, adapter, str(tiny_model))
+            await store.versions.set_state(name, VersionState.CANARY, actor="test")
+        finally:
+            await store.close()
+        for server in (a, b):  # each loads the canary through its version poll, then draws it for new ones
+            deadline = time.monotonic() + 30
+            while await served_version(open_client, server.port()) != name:
+                assert time.monotonic() < deadline, server.log[-20:]
+                await asyncio.sleep(0.1)
+        while True:  # a new conversation on a that lands on the canary's share
+            on_a: ChatClient = await open_client(a.port())
+            ready = await on_a.hello(user="ann")
+            if ready["model_version"] == name:
+                break
+            await on_a.ws.close()
+        cid = ready["conversation_id"]
+        first, _ = await on_a.chat("Where is my order?", "m-1")
+        assert first["model_version"] == name
+        await on_a.ws.close()
+
+        on_b: ChatClient = await open_client(b.port())
+        resumed = await on_b.hello(user="ann", conversation_id=cid)
+        assert resumed["model_version"] == name  # pinned: b serves it the canary, not b's own draw
+        second, _ = await on_b.chat("And when does it arrive?", "m-2")
+        assert second["model_version"] == name
+        unpinned: ChatClient = await open_client(b.port())
+        assert (await unpinned.hello(user="lee", conversation_id=live_cid))["model_version"] == "base"
+    rows = postgres_target.sql("SELECT model_version FROM conversations WHERE id = %s", (cid,))
+    assert rows == [(name,)]
