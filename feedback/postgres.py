@@ -23,6 +23,10 @@ What is PostgreSQL's own stays here:
 - the schema's history in PostgreSQL's types (``feedback.schema.postgres_ddl``), applied under
   an advisory lock (two processes starting at once migrate once), its step count in
   ``learnloop_schema``;
+- what several server processes share beyond tables: ``counter``, a connection of its own in
+  autocommit with ``synchronous_commit = off`` for the shared rate limits (``feedback/limits.py``),
+  and ``listen``, a connection that ``LISTEN``s on the store's channel (``notify_channel``, one
+  per schema) for the takeover notices (``feedback/takeovers.py``, ``server/presence.py``);
 - erasure: the search index rebuilt (``purge_search_index``) and ``VACUUM`` of the tables an
   erasure deletes from (``checkpoint``); what that does and does not promise about old bytes is
   in docs/architecture.md, "The store".

@@ -24,7 +24,7 @@ from server.channels.widget import demo_enabled, demo_site, find_site
 from server.console.api import start_console
 from server.engines import Engine, SamplingConfig, create_engine
 from server.gateway import GatewayContext, SocketLimits, drain, start_gateway
-from server.limiters import rate_limiter
+from server.limiters import PRUNE_EVERY_S, rate_limiter
 from server.listener import RunningListener
 from server.metrics import MeteredEngine, Metrics
 from server.presence import Presence
@@ -169,6 +169,8 @@ class App:
             tasks.append(asyncio.create_task(self.metrics.watch_event_loop(), name="event-loop-lag"))
             tasks.append(asyncio.create_task(_every(s.schedule.version_poll_s, release.sync), name="versions"))
             tasks.append(asyncio.create_task(_every(s.canary.check_interval_s, release.check_canary), name="canary"))
+            if store.limits.shared:  # a bucket names its rater: deleted once refilled (at most PRUNE_EVERY_S later)
+                tasks.append(asyncio.create_task(_every(PRUNE_EVERY_S, store.limits.prune), name="rate-buckets"))
             log.info(
                 "learnloop serving %s (version %s) on ws://%s:%d",
                 s.model.name,

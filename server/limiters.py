@@ -24,7 +24,7 @@ from server.ratelimit import KeyedRateLimiter
 
 log = logging.getLogger("learnloop.ratelimit")
 
-PRUNE_EVERY_S = 60.0  # a shared limiter forgets the refilled buckets of every scope this often
+PRUNE_EVERY_S = 60.0  # the app deletes the refilled buckets of every scope this often (store.limits.prune)
 
 
 class RateLimiter(Protocol):
@@ -51,16 +51,12 @@ class SharedLimiter:
         self.scope = scope
         self.per_minute = per_minute
         self.burst = max(1, burst)
-        self._pruned = time.monotonic()
 
     async def check(self, key: str) -> float | None:
         if self.per_minute is None:
             return None
         try:
             retry_after = await self.store.limits.take(self.scope, key, rate=self.per_minute / 60.0, burst=self.burst)
-            if time.monotonic() - self._pruned > PRUNE_EVERY_S:
-                self._pruned = time.monotonic()
-                await self.store.limits.prune()
         except StoreError as exc:  # fail open: the request's own write meets the same store
             log.warning("the shared rate limit %r could not be checked: %s", self.scope, exc)
             return None
