@@ -251,3 +251,21 @@ async def test_shared_token_buckets_follow_the_token_bucket_rule(postgres_target
     finally:
         await store_a.close()
         await store_b.close()
+
+
+async def test_a_lost_counter_connection_is_replaced_and_the_limit_keeps_counting(postgres_target: StoreTarget) -> None:
+    store = await postgres_target.open()
+    try:
+        t0 = 2_000_000.0
+        assert await store.limits.take("login", "name:rita", rate=0.1, burst=2, now=t0) is None
+        cut = postgres_target.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE query LIKE %s AND query NOT LIKE %s AND pid <> pg_backend_pid()",
+            ("%INSERT INTO rate_buckets%", "%pg_stat_activity%"),
+        )
+        assert len(cut) == 1
+        # asked again on a new connection: the bucket is in the table, so the second token is the last
+        assert await store.limits.take("login", "name:rita", rate=0.1, burst=2, now=t0) is None
+        assert await store.limits.take("login", "name:rita", rate=0.1, burst=2, now=t0) == pytest.approx(10.0)
+    finally:
+        await store.close()
