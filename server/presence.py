@@ -148,12 +148,17 @@ class Presence:
                             log.warning("ignoring a notification that is not a takeover notice")
                         elif notice.origin != self.origin:  # its own: its connections were told at once
                             await self._take_in(notice)
-            except StoreError as exc:
+            except Exception as exc:  # StoreError: the connection was lost; anything else is logged too
                 if not ready.done():  # at start: the app does not start without its store
                     ready.set_exception(exc)
                     return
                 self.reconnects += 1
-                log.warning("takeover notifications lost (%s); listening again in %.1f s", exc, delay)
+                log.warning(
+                    "takeover notifications lost (%s); listening again in %.1f s",
+                    exc,
+                    delay,
+                    exc_info=not isinstance(exc, StoreError),
+                )
             await asyncio.sleep(delay)
             delay = min(30.0, delay * 2)
 
