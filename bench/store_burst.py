@@ -8,7 +8,11 @@ Each round opens a fresh store per backend (a SQLite file in a temporary folder;
 ``store.conversations.add_rating``: the group commit takes what is queued) and times each call
 from the burst's start to its acknowledgement (after COMMIT). Prints acks/s, the p50 and p99
 ack latency, the number of commits, and PostgreSQL's figures as a ratio of SQLite's in the same
-round. The backends alternate, SQLite first.
+round. The backends alternate, SQLite first. ``postgresql+limit`` is PostgreSQL again with the
+rating limit shared by the server processes checked before each rating, as the gateway does
+(``server.limiters.SharedLimiter``: one statement on ``store.limits``' own connection; the limit
+high enough that all pass). ``serial_ms`` is the median of 200 ratings asked one after the other
+(check and rating), after the burst.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from feedback import FeedbackStore, Role
+from server.limiters import SharedLimiter
 
 REPLIES = 200
 
 
-async def burst(target: str | Path, tombstones: Path, n: int) -> dict[str, float]:
+async def burst(target: str | Path, tombstones: Path, n: int, *, limit: bool = False) -> dict[str, float]:
     store = await FeedbackStore.open(target, tombstone_path=tombstones)
+    limiter = SharedLimiter(store, "ratings", per_minute=60.0 * 10 * n, burst=10 * n) if limit else None
     try:
         for i in range(REPLIES):
             await store.conversations.create(f"c{i}")
@@ -45,6 +51,8 @@ async def burst(target: str | Path, tombstones: Path, n: int) -> dict[str, float
         latencies: list[float] = []
 
         async def rate(k: int) -> None:
+            if limiter is not None:
+                assert await limiter.check(f"r{k}") is None
             await store.conversations.add_rating(
                 message_id=f"a{k % REPLIES}", value=1, rater=f"r{k}", client_id=f"k{k}"
             )
@@ -53,7 +61,13 @@ async def burst(target: str | Path, tombstones: Path, n: int) -> dict[str, float
         await asyncio.gather(*(rate(k) for k in range(n)))
         wall = time.perf_counter() - started
         latencies.sort()
+        serial: list[float] = []
+        for k in range(n, n + 200):
+            one = time.perf_counter()
+            await rate(k)
+            serial.append(time.perf_counter() - one)
         return {
+            "serial_ms": 1000 * statistics.median(serial),
             "acks_per_s": n / wall,
             "p50_ms": 1000 * latencies[len(latencies) // 2],
             "p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1],
@@ -85,7 +99,7 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--store-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args()
-    results: dict[str, list[dict[str, float]]] = {"sqlite": [], "postgresql": []}
+    results: dict[str, list[dict[str, float]]] = {"sqlite": [], "postgresql": [], "postgresql+limit": []}
     try:
         for _ in range(args.rounds):
             with tempfile.TemporaryDirectory(prefix="store-burst-") as tmp:
@@ -93,15 +107,18 @@ async def main() -> None:
                 results["sqlite"].append(await burst(db, Path(tmp) / "erasures", args.ratings))
                 url = fresh_schema(args.store_url)
                 results["postgresql"].append(await burst(url, Path(tmp) / "erasures", args.ratings))
+                url = fresh_schema(args.store_url)
+                results["postgresql+limit"].append(await burst(url, Path(tmp) / "erasures", args.ratings, limit=True))
     finally:
         drop_schema(args.store_url)
     print(f"{args.ratings} ratings at once, {args.rounds} rounds (median; each round's figures in brackets)")
-    for key in ("acks_per_s", "p50_ms", "p99_ms", "commits"):
+    for key in ("acks_per_s", "p50_ms", "p99_ms", "commits", "serial_ms"):
         base = statistics.median(r[key] for r in results["sqlite"])
         for backend, runs in results.items():
             med = statistics.median(r[key] for r in runs)
-            rounds = ", ".join(f"{r[key]:.0f}" for r in runs)
-            print(f"{key:11} {backend:10} {med:9.0f}  x{med / base:.2f}  ({rounds})")
+            digits = 2 if key == "serial_ms" else 0
+            rounds = ", ".join(f"{r[key]:.{digits}f}" for r in runs)
+            print(f"{key:11} {backend:16} {med:9.{digits}f}  x{med / base:.2f}  ({rounds})")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeAlias, TypeVar
@@ -318,6 +318,21 @@ class Database(abc.ABC):
 
     @abc.abstractmethod
     async def read(self, sql: str, params: Iterable[Any] = ()) -> list[Row]: ...
+
+    # --- what several processes share (PostgreSQL only) ---------------------------------
+
+    # the channel of this store's notifications (``pg_notify``), one per schema; None: no process to tell
+    notify_channel: str | None = None
+
+    async def counter(self, sql: str, params: dict[str, Any]) -> list[Row]:
+        """One small, non-durable statement outside the group commit (``feedback/limits.py``);
+        the SQL is the backend's own. Only PostgreSQL has it."""
+        raise StoreError(f"a {self.backend} store shares nothing between processes")
+
+    def listen(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[str]]:
+        """The notifications of ``notify_channel`` (their payloads), from the moment the context is
+        entered; the iterator raises ``StoreError`` when the connection is lost. PostgreSQL only."""
+        raise StoreError(f"a {self.backend} store sends no notifications")
 
     @abc.abstractmethod
     def snapshot(self) -> contextlib.AbstractAsyncContextManager[Snapshot]:

@@ -23,6 +23,10 @@ What is PostgreSQL's own stays here:
 - the schema's history in PostgreSQL's types (``feedback.schema.postgres_ddl``), applied under
   an advisory lock (two processes starting at once migrate once), its step count in
   ``learnloop_schema``;
+- what several server processes share beyond tables: ``counter``, a connection of its own in
+  autocommit with ``synchronous_commit = off`` for the shared rate limits (``feedback/limits.py``),
+  and ``listen``, a connection that ``LISTEN``s on the store's channel (``notify_channel``, one
+  per schema) for the takeover notices (``feedback/takeovers.py``, ``server/presence.py``);
 - erasure: the search index rebuilt (``purge_search_index``) and ``VACUUM`` of the tables an
   erasure deletes from (``checkpoint``); what that does and does not promise about old bytes is
   in docs/architecture.md, "The store".
@@ -315,6 +319,7 @@ class PostgresDatabase(Database):
         *,
         tombstone_path: Path,
         max_batch: int = 512,
+        schema: str = "public",
     ) -> None:
         super().__init__(tombstone_path=tombstone_path, max_batch=max_batch)
         self.url = url
@@ -323,6 +328,9 @@ class PostgresDatabase(Database):
         self._reader = reader
         self._executor = executor
         self._read_lock = asyncio.Lock()
+        self._counter: psycopg.AsyncConnection[Any] | None = None  # feedback/limits.py's, opened when first used
+        self._counter_lock = asyncio.Lock()
+        self.notify_channel = f"learnloop:{schema}"[:63]  # an identifier's limit; one channel per schema
 
     @classmethod
     async def open(cls, url: str, *, tombstone_path: Path, max_batch: int = 512) -> PostgresDatabase:
@@ -340,6 +348,7 @@ class PostgresDatabase(Database):
             _configure(reader)
             await loop.run_in_executor(executor, _check_durability, raw)
             await loop.run_in_executor(executor, _migrate, raw)
+            schema = str((await _read(reader, "SELECT current_schema()", ()))[0][0])
         except BaseException:
             if reader is not None:
                 await reader.close()
@@ -347,10 +356,20 @@ class PostgresDatabase(Database):
                 await loop.run_in_executor(executor, raw.conn.close)
             executor.shutdown()
             raise
-        return cls(url, Connection(raw, executor), reader, executor, tombstone_path=tombstone_path, max_batch=max_batch)
+        return cls(
+            url,
+            Connection(raw, executor),
+            reader,
+            executor,
+            tombstone_path=tombstone_path,
+            max_batch=max_batch,
+            schema=schema,
+        )
 
     async def _close_connections(self) -> None:
         await self._reader.close()
+        if self._counter is not None:
+            await self._counter.close()
         await self._pg_writer.call(lambda raw: raw.conn.close())
         self._executor.shutdown()
 
@@ -416,6 +435,57 @@ class PostgresDatabase(Database):
                 yield Snapshot(self._reader)
             finally:
                 await self._reader.execute("COMMIT")
+
+    # --- what several processes share ---------------------------------------------------
+
+    async def counter(self, sql: str, params: dict[str, Any]) -> list[Row]:
+        """One statement on the counters' own connection (autocommit, ``synchronous_commit = off``:
+        no flush is waited for); on a lost connection it is asked once more, on a new one."""
+        async with self._counter_lock:
+            for attempt in (1, 2):
+                conn = self._counter
+                if conn is None or conn.broken or conn.closed:
+                    try:
+                        conn = self._counter = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+                        await conn.execute("SET synchronous_commit = off")
+                    except psycopg.OperationalError as exc:
+                        raise StoreError(
+                            f"cannot connect to {redact(self.url)}: {' '.join(str(exc).split())}"
+                        ) from None
+                try:
+                    cursor = await conn.execute(sql, params, prepare=True)
+                    return _rows(cursor.description, await cursor.fetchall())
+                except psycopg.OperationalError as exc:
+                    if attempt == 2 or not (conn.broken or conn.closed):
+                        raise _store_error(exc) from exc
+        raise AssertionError("unreachable")
+
+    @contextlib.asynccontextmanager
+    async def listen(self) -> AsyncIterator[AsyncIterator[str]]:
+        """``LISTEN`` on a connection of its own; the payloads arrive once the context is entered.
+
+        A lost connection ends the iterator with ``StoreError``: what was notified until the
+        caller listens again is not delivered (``server/presence.py`` reloads the state then)."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise StoreError(f"cannot connect to {redact(self.url)}: {' '.join(str(exc).split())}") from None
+        try:
+            channel = str(self.notify_channel).replace('"', '""')
+            await conn.execute(f'LISTEN "{channel}"')
+
+            async def payloads() -> AsyncIterator[str]:
+                try:
+                    async for notify in conn.notifies():
+                        yield notify.payload
+                except psycopg.OperationalError as exc:
+                    raise _store_error(exc) from exc
+                raise StoreError("the notifications' connection was closed")
+
+            yield payloads()
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     # --- forgetting deleted bytes (erasure) -------------------------------------------
 

@@ -208,6 +208,15 @@ class VersionStats:
 
 
 @dataclass(frozen=True)
+class Takeover:
+    """An operator answers this conversation instead of the model (``store.takeovers``)."""
+
+    conversation_id: str
+    operator: str
+    since: float  # unix time of the join
+
+
+@dataclass(frozen=True)
 class TrainingRun:
     id: int
     state: RunState

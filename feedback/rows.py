@@ -23,6 +23,7 @@ from feedback.records import (
     Reaction,
     Role,
     RunState,
+    Takeover,
     TrainingRun,
     VersionState,
 )
@@ -91,6 +92,10 @@ def version(r: Row) -> ModelVersion:
         gate_reasons=lambda v: tuple(json.loads(v)) if v else (),
         feedback_ids=lambda v: json.loads(v) if v else {},
     )
+
+
+def takeover(r: Row) -> Takeover:
+    return _record(Takeover, r)
 
 
 def run(r: Row) -> TrainingRun:

@@ -310,6 +310,30 @@ MIGRATIONS: tuple[Step, ...] = (
     CREATE INDEX reactions_message ON reactions(message_id);
     CREATE INDEX reactions_labelled ON reactions(created_at) WHERE value IS NOT NULL;
     """,
+    # 10: several server processes on one store: the conversations an operator answers (a takeover
+    # outlives the process that took it: feedback/takeovers.py), and, on PostgreSQL only, the token
+    # buckets of the rate limits shared by the processes (feedback/limits.py; UNLOGGED: no WAL, and
+    # emptied after a crash, which only refills every bucket)
+    (
+        *_each(
+            """
+    CREATE TABLE takeovers (
+        conversation_id  TEXT PRIMARY KEY REFERENCES conversations(id) ON DELETE CASCADE,
+        operator         TEXT NOT NULL,
+        since            REAL NOT NULL
+    );
+    """
+        ),
+        Dialects(
+            postgresql=(
+                "CREATE UNLOGGED TABLE rate_buckets (scope TEXT NOT NULL, key TEXT NOT NULL,"
+                " rate DOUBLE PRECISION NOT NULL, burst DOUBLE PRECISION NOT NULL,"
+                " tokens DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL,"
+                " full_at DOUBLE PRECISION NOT NULL, allowed BOOLEAN NOT NULL, PRIMARY KEY (scope, key))",
+                "CREATE INDEX rate_buckets_full ON rate_buckets(full_at)",
+            )
+        ),
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -14,6 +14,8 @@ per concept, each its own module::
     store.browse         the console's queries: lists, search, transcripts, series, audit log
     store.inbox          IM platform events (each processed once) and the conversation of each thread
     store.outbox         calls to IM platforms waiting for delivery
+    store.takeovers      the conversations an operator answers (shared by the server processes)
+    store.limits         rate limits shared by the server processes (PostgreSQL only)
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from feedback.conversations import Conversations
 from feedback.db import Database, open_database
 from feedback.erasure import Erasure
 from feedback.inbox import Inbox
+from feedback.limits import Limits
 from feedback.outbox import Outbox
 from feedback.runs import Runs
+from feedback.takeovers import Takeovers
 from feedback.trust import Raters
 from feedback.versions import Versions
 
@@ -48,6 +52,8 @@ class FeedbackStore:
         self.browse = Browse(db)
         self.inbox = Inbox(db)
         self.outbox = Outbox(db)
+        self.takeovers = Takeovers(db)
+        self.limits = Limits(db)
 
     @classmethod
     async def open(cls, target: str | Path, *, tombstone_path: Path | None = None) -> FeedbackStore:

@@ -24,11 +24,11 @@ from server.channels.widget import demo_enabled, demo_site, find_site
 from server.console.api import start_console
 from server.engines import Engine, SamplingConfig, create_engine
 from server.gateway import GatewayContext, SocketLimits, drain, start_gateway
+from server.limiters import PRUNE_EVERY_S, rate_limiter
 from server.listener import RunningListener
 from server.metrics import MeteredEngine, Metrics, freeze_startup_heap
 from server.presence import Presence
 from server.protocol import Limits
-from server.ratelimit import KeyedRateLimiter
 from server.release import AdapterRejectedError, Release
 from server.settings import Settings, SiteConfig
 from server.trainer import Trainer, cycle_config
@@ -83,9 +83,9 @@ class App:
                 log.warning("the live version was refused; serving %s until a valid one is live", release.live_version)
             self.trainer = trainer = Trainer(store, cycle_config(s, base_model), release)
             self.presence = presence = Presence(store)
-            rating_limiter = KeyedRateLimiter(
-                per_minute=s.server.ratings_per_minute, burst=max(1, int(s.server.ratings_per_minute))
-            )
+            await presence.start()  # the takeovers in force; on PostgreSQL, the other processes' notices
+            # per rater over every channel, and on PostgreSQL over every process (server/limiters.py)
+            rating_limiter = rate_limiter(store, "ratings", s.server.ratings_per_minute)
             served = MeteredEngine(engine, self.metrics)  # what the channels stream from: measured
             ctx = GatewayContext(
                 store=store,
@@ -169,6 +169,8 @@ class App:
             tasks.append(asyncio.create_task(self.metrics.watch_event_loop(), name="event-loop-lag"))
             tasks.append(asyncio.create_task(_every(s.schedule.version_poll_s, release.sync), name="versions"))
             tasks.append(asyncio.create_task(_every(s.canary.check_interval_s, release.check_canary), name="canary"))
+            if store.limits.shared:  # a bucket names its rater: deleted once refilled (at most PRUNE_EVERY_S later)
+                tasks.append(asyncio.create_task(_every(PRUNE_EVERY_S, store.limits.prune), name="rate-buckets"))
             log.info(
                 "learnloop serving %s (version %s) on ws://%s:%d",
                 s.model.name,
@@ -192,6 +194,8 @@ class App:
                 await self.trainer.aclose()
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
+            if self.presence is not None:
+                await self.presence.close()
             if self.engine is not None:
                 await asyncio.to_thread(self.engine.close)
                 await self.engine.aclose()

@@ -28,6 +28,7 @@ from server.admission import IDLE_CLOSE, RETRY_AFTER_S, Admission, ChatSocket
 from server.channels.identity import IdentityError, admit
 from server.engines import Engine, SamplingConfig
 from server.errors import error_frame_for, public_view
+from server.limiters import RateLimiter
 from server.metrics import Metrics
 from server.presence import Presence
 from server.protocol import (
@@ -43,7 +44,6 @@ from server.protocol import (
     Turn,
     error_frame,
 )
-from server.ratelimit import KeyedRateLimiter
 from server.replies import StopSignal, latest_branch, new_id, open_conversation, reaction_after, stream_reply
 from server.settings import SiteConfig
 from training.implicit import ImplicitConfig
@@ -66,7 +66,7 @@ class GatewayContext:
     limits: Limits
     assign_version: Callable[[str], str | None]  # new conversation -> canary name, or None for live
     serving_version: Callable[[str | None], str]  # pinned version (or None) -> the version that replies
-    rating_limiter: KeyedRateLimiter
+    rating_limiter: RateLimiter
     token: str | None = None
     presence: Presence | None = field(default=None)
     sites: Callable[[str], SiteConfig | None] = field(default=lambda name: None)  # widget site by name
@@ -302,7 +302,7 @@ class _Connection:
         rater = self.user or f"conversation:{self.session.conversation_id}"
         # keyed as the connection cap: a claimed hello.user spends its budget per client address
         budget = rater if self.user is None else "\x1f".join(map(str, user_slot(self.site, self.user, self.ws.address)))
-        retry_after = self.ctx.rating_limiter.check(budget, time.monotonic())
+        retry_after = await self.ctx.rating_limiter.check(budget)
         if retry_after is not None:
             return [
                 Send(

@@ -69,7 +69,11 @@ class ServerConfig:
     rate_per_s: float = field(default=5.0, metadata={"help": "Sustained client frames per second per connection."})
     rate_burst: int = field(default=20, metadata={"help": "Frames a connection may send in a burst."})
     ratings_per_minute: float = field(
-        default=30.0, metadata={"help": "Ratings one rater identity may send per minute, over all connections."}
+        default=30.0,
+        metadata={
+            "help": "Ratings one rater identity may send per minute, over all connections (and all server "
+            "processes on a PostgreSQL store)."
+        },
     )
     log_format: str = field(
         default="text",
@@ -338,7 +342,11 @@ class ConsoleConfig:
         default=False, metadata={"help": "Mark the session cookie Secure (set when the console is behind HTTPS)."}
     )
     login_attempts_per_minute: float = field(
-        default=10.0, metadata={"help": "Login attempts allowed per minute per name and per client address."}
+        default=10.0,
+        metadata={
+            "help": "Login attempts allowed per minute per name and per client address (over all server "
+            "processes on a PostgreSQL store)."
+        },
     )
 
 

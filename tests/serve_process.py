@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 ROOT = Path(__file__).parent.parent
 PORT0 = ("--port", "0")
 _SERVING = re.compile(r"learnloop serving .* on ws://[^:]+:(\d+)")
+_CONSOLE = re.compile(r"operator console on http://[^:]+:(\d+)")
 
 
 class ServeProcess:
@@ -86,6 +87,14 @@ class ServeProcess:
             raise AssertionError("learnloop serve did not start:\n" + "\n".join(self.log[-30:]))
         self.ready_s = time.monotonic() - self.started
         return self._port
+
+    def console_port(self) -> int:
+        """The console's port (it is logged before the gateway's, so it is known once ``port()`` is)."""
+        self.port()
+        found = [int(m.group(1)) for line in self.log if (m := _CONSOLE.search(line))]
+        if not found:
+            raise AssertionError("learnloop serve logged no console port:\n" + "\n".join(self.log[-30:]))
+        return found[0]
 
     @property
     def db_path(self) -> Path:

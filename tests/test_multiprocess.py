@@ -5,9 +5,9 @@ each with its own data folder, both with ``store.url`` set to the same fresh Pos
 (the ``postgres_target`` fixture; skipped without a server, except in CI). What they share is the
 store and nothing else: no memory, no files but the adapters' absolute paths.
 
-Not covered here because it is not built: a takeover from the console of one process does not
-reach a customer connected to the other (``server/presence.py`` keeps takeovers and connections
-in one process's memory; see docs/architecture.md, "Several server processes on one store").
+A takeover made through one process's console reaches a customer connected to the other through
+PostgreSQL's ``NOTIFY`` (``server/presence.py``), and a rater's rating limit is one budget over both
+(``store.limits``); docs/architecture.md, "Several server processes on one store".
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from feedback import VersionState
 from tests.conftest import ChatClient
+from tests.console_support import PASSWORD, add_operators
 from tests.factories import register_candidate
 from tests.serve_process import ROOT, ServeProcess
 from tests.store_backends import StoreTarget
@@ -191,3 +195,128 @@ async def test_when_both_schedulers_fire_exactly_one_training_runs(
     assert refused, results[loser][-10:]  # the other's schedule fired during the run and was refused
     assert served == {"a": "v1", "b": "v1"}, served
     print(f"\ntraining ran in {'b' if loser == 'a' else 'a'}: {ran}; {len(refused)} refusals in {loser}")
+
+
+async def console_login(server: ServeProcess, name: str) -> httpx.AsyncClient:
+    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.console_port()}", timeout=30)
+    r = await client.post("/api/v1/session", json={"name": name, "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    client.headers["X-CSRF-Token"] = r.json()["csrf_token"]
+    return client
+
+
+async def test_a_takeover_from_the_console_of_one_process_reaches_a_customer_on_the_other(
+    tiny_model: Path, tmp_path: Path, postgres_target: StoreTarget, open_client: Any
+) -> None:
+    with two_servers(tmp_path, tiny_model, server_env(postgres_target)) as (a, b):
+        store = await postgres_target.open()
+        try:
+            await add_operators(store)
+        finally:
+            await store.close()
+        customer: ChatClient = await open_client(b.port())  # the customer is on b
+        cid = (await customer.hello(user="cust-9"))["conversation_id"]
+        await customer.chat("Where is my parcel?", "m1")
+        rita, alice = await console_login(a, "rita"), await console_login(b, "alice")  # consoles of a and b
+        try:
+            started = time.perf_counter()
+            r = await rita.post(f"/api/v1/conversations/{cid}/takeover")
+            assert r.status_code == 200, r.text
+            await customer.until("operator_joined")
+            joined_ms = (time.perf_counter() - started) * 1000
+            # the model no longer answers on b: the message is stored and acknowledged, no reply starts
+            await customer.send(type="message", text="Hello? Anyone?", client_id="m2")
+            ack, _ = await customer.until("ack")
+            assert ack["id"] == "m2" and ack.get("operator") is True
+            # a second operator, on b's console, is refused as on one process
+            r = await alice.post(f"/api/v1/conversations/{cid}/takeover")
+            assert r.status_code == 409 and "rita" in r.json()["error"]["message"]
+            seen_by_b = (await alice.get(f"/api/v1/conversations/{cid}")).json()["takeover"]
+            assert seen_by_b is not None and seen_by_b["operator"] == "rita"
+
+            started = time.perf_counter()
+            r = await rita.post(f"/api/v1/conversations/{cid}/replies", json={"text": "Hi, I am Rita. It ships today."})
+            assert r.status_code == 201, r.text
+            pushed, seen = await customer.until("operator_message")
+            reply_ms = (time.perf_counter() - started) * 1000
+            assert (pushed["message_id"], pushed["text"]) == (r.json()["id"], "Hi, I am Rita. It ships today.")
+            assert not [f for f in seen if f["type"] in ("token", "done")]
+
+            # handed back from b's console: the customer hears it, and the model answers again
+            assert (await alice.delete(f"/api/v1/conversations/{cid}/takeover")).status_code == 200
+            await customer.until("operator_left")
+            done, _ = await customer.chat("Thanks!", "m3")
+            assert done["model_version"] == "base"
+            assert postgres_target.sql("SELECT count(*) FROM takeovers") == [(0,)]
+        finally:
+            await rita.aclose()
+            await alice.aclose()
+    print(f"\ntakeover a->b over real processes: operator_joined {joined_ms:.1f} ms, reply {reply_ms:.1f} ms")
+
+
+async def test_a_raters_rating_limit_holds_across_the_processes(
+    tiny_model: Path, tmp_path: Path, postgres_target: StoreTarget, open_client: Any
+) -> None:
+    env = server_env(postgres_target, LEARNLOOP_SERVER_RATINGS_PER_MINUTE="4")  # 4 at once, then one per 15 s
+    with two_servers(tmp_path, tiny_model, env) as (a, b):
+        on_a: ChatClient = await open_client(a.port())
+        cid = (await on_a.hello(user="ann"))["conversation_id"]
+        reply, _ = await on_a.chat("Where is my order?", "m-1")
+        on_b: ChatClient = await open_client(b.port())
+        await on_b.hello(user="ann", conversation_id=cid)  # the same rater, from the same address
+
+        async def rate(client: ChatClient, n: int) -> dict[str, Any]:
+            await client.send(type="rating", message_id=reply["message_id"], value=1, id=f"r-{n}")
+            while True:
+                frame = await client.recv()
+                if frame["type"] in ("ack", "error") and frame.get("id") == f"r-{n}":
+                    return frame
+
+        answers = [await rate(on_a, 1), await rate(on_b, 2), await rate(on_a, 3), await rate(on_b, 4)]
+        assert [f["type"] for f in answers] == ["ack"] * 4, answers
+        refused = [await rate(on_b, 5), await rate(on_a, 6)]  # the budget is spent on both processes
+        assert [f.get("code") for f in refused] == ["rate_limited"] * 2, refused
+        assert all(10 < f["retry_after"] <= 15 for f in refused), refused
+        assert postgres_target.sql("SELECT count(*) FROM ratings") == [(4,)]
+
+
+async def test_a_conversation_pinned_to_the_canary_on_one_process_stays_on_it_on_the_other(
+    tiny_model: Path, tmp_path: Path, postgres_target: StoreTarget, open_client: Any
+) -> None:
+    adapter = make_adapter(tiny_model, tmp_path / "adapter", seed=7)
+    env = server_env(postgres_target, LEARNLOOP_CANARY_SHARE="0.9", LEARNLOOP_CANARY_CHECK_INTERVAL_S="3600")
+    with two_servers(tmp_path, tiny_model, env) as (a, b):
+        on_live: ChatClient = await open_client(a.port())  # before the canary: on live, and not pinned
+        live_cid = (await on_live.hello(user="lee"))["conversation_id"]
+        await on_live.ws.close()
+        store = await postgres_target.open()
+        try:
+            name = await register_candidate(store, adapter, str(tiny_model))
+            await store.versions.set_state(name, VersionState.CANARY, actor="test")
+        finally:
+            await store.close()
+        for server in (a, b):  # each loads the canary through its version poll, then draws it for new ones
+            deadline = time.monotonic() + 30
+            while await served_version(open_client, server.port()) != name:
+                assert time.monotonic() < deadline, server.log[-20:]
+                await asyncio.sleep(0.1)
+        while True:  # a new conversation on a that lands on the canary's share
+            on_a: ChatClient = await open_client(a.port())
+            ready = await on_a.hello(user="ann")
+            if ready["model_version"] == name:
+                break
+            await on_a.ws.close()
+        cid = ready["conversation_id"]
+        first, _ = await on_a.chat("Where is my order?", "m-1")
+        assert first["model_version"] == name
+        await on_a.ws.close()
+
+        on_b: ChatClient = await open_client(b.port())
+        resumed = await on_b.hello(user="ann", conversation_id=cid)
+        assert resumed["model_version"] == name  # pinned: b serves it the canary, not b's own draw
+        second, _ = await on_b.chat("And when does it arrive?", "m-2")
+        assert second["model_version"] == name
+        unpinned: ChatClient = await open_client(b.port())
+        assert (await unpinned.hello(user="lee", conversation_id=live_cid))["model_version"] == "base"
+    rows = postgres_target.sql("SELECT model_version FROM conversations WHERE id = %s", (cid,))
+    assert rows == [(name,)]

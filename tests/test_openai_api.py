@@ -21,7 +21,7 @@ from server.app import App
 from server.channels.openai_api import OpenAIChannel
 from server.engines import Engine, SamplingConfig
 from server.errors import ApiError
-from server.ratelimit import KeyedRateLimiter
+from server.limiters import LocalLimiter
 from server.settings import load_settings
 from tests.factories import register_candidate
 from tests.store_backends import StoreTarget
@@ -277,7 +277,7 @@ async def test_model_names_the_live_version_or_the_canary(tmp_path: Path) -> Non
             cast(Engine, None),  # not asked for a reply here
             sampling=SamplingConfig(),
             versions=lambda: (serving[0] or "", serving[1]),
-            rating_limiter=KeyedRateLimiter(per_minute=None),
+            rating_limiter=LocalLimiter(per_minute=None),
         )
         assert [m["id"] for m in await channel.models()] == ["base"]
         assert channel.version_for("base") == ("base", None)

@@ -31,7 +31,7 @@ from server.channels.im import EventKind, Inbound, Platform, ReplyView
 from server.channels.lanes import LaneWorker
 from server.channels.outbox import next_attempt_at
 from server.engines import Engine, OverloadedError, SamplingConfig
-from server.ratelimit import KeyedRateLimiter
+from server.limiters import RateLimiter
 from server.replies import latest_branch, open_conversation, reaction_after, stream_reply
 from training.implicit import ImplicitConfig
 
@@ -62,7 +62,7 @@ class InboxWorker(LaneWorker[InboxRow]):
         sampling: SamplingConfig,
         assign_version: Callable[[str], str | None],
         serving_version: Callable[[str | None], str],
-        rating_limiter: KeyedRateLimiter,
+        rating_limiter: RateLimiter,
         max_text_chars: int,
         queued: Callable[[], None],
         rand: Callable[[], float] = random.random,
@@ -220,7 +220,7 @@ class InboxWorker(LaneWorker[InboxRow]):
             # a forged button or another bot's reply: thumbs count only where the reply was given
             await platform.acknowledge(event, NOT_HERE)
             return []
-        if self.rating_limiter.check(event.user, time.monotonic()) is not None:
+        if await self.rating_limiter.check(event.user) is not None:
             await platform.acknowledge(event, SLOW_DOWN)
             return []
         try:

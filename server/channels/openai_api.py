@@ -34,6 +34,7 @@ from feedback.exceptions import ErrorCode
 from server.channels.openai_map import ChatTurn, opening, parse_messages, plan
 from server.engines import Engine, SamplingConfig
 from server.errors import ApiError, public_view
+from server.limiters import RateLimiter
 from server.protocol import Limits, Turn
 from server.ratelimit import KeyedRateLimiter
 from server.replies import Reply, new_id, open_conversation, reaction_after, stream_reply
@@ -118,7 +119,7 @@ class OpenAIChannel:
         *,
         sampling: SamplingConfig,
         versions: Callable[[], tuple[str, str | None]],  # (live, canary or None)
-        rating_limiter: KeyedRateLimiter,
+        rating_limiter: RateLimiter,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -278,7 +279,7 @@ class OpenAIChannel:
         ):
             raise unknown  # another key's reply reads as unknown: ids do not leak across keys
         rater = conversation.user_id or f"conversation:{conversation.id}"
-        retry_after = self.rating_limiter.check(rater, time.monotonic())
+        retry_after = await self.rating_limiter.check(rater)
         if retry_after is not None:
             raise ApiError("too many ratings from this rater", code=ErrorCode.RATE_LIMITED, retry_after=retry_after)
         rating, created = await self.store.conversations.add_rating(

@@ -29,8 +29,8 @@ from server.channels.telegram import TelegramPlatform, telegram_router
 from server.channels.webhooks import WebhookPlatform, webhook_router
 from server.channels.widget import demo_enabled, widget_router
 from server.engines import Engine, SamplingConfig
+from server.limiters import RateLimiter
 from server.listener import RunningListener, serve_app
-from server.ratelimit import KeyedRateLimiter
 from server.settings import Settings
 
 log = logging.getLogger("learnloop.channels")
@@ -50,7 +50,7 @@ class ImChannels:
         sampling: SamplingConfig,
         assign_version: Callable[[str], str | None],
         serving_version: Callable[[str | None], str],
-        rating_limiter: KeyedRateLimiter,
+        rating_limiter: RateLimiter,
     ) -> None:
         self.settings = settings
         self.store = store

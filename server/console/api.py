@@ -31,10 +31,10 @@ from feedback.browse import ConversationFilter
 from server.console import redact as redacted
 from server.console.auth import COOKIE, ROLE_KEY, AsAdmin, AsReviewer, AsViewer, authenticate, role
 from server.errors import ApiError, install_error_handlers
+from server.limiters import rate_limiter
 from server.listener import RunningListener, serve_app
 from server.metrics import CONTENT_TYPE, Metrics
 from server.presence import Presence
-from server.ratelimit import KeyedRateLimiter
 from server.release import rollback_target
 from server.settings import ConsoleConfig
 from training.implicit import ImplicitConfig, silent_replies
@@ -136,9 +136,7 @@ def create_console(
             raise ApiError("this console does not run training", code=ErrorCode.UNAVAILABLE)
         return trainer
 
-    login_limiter = KeyedRateLimiter(
-        per_minute=config.login_attempts_per_minute, burst=max(1, int(config.login_attempts_per_minute))
-    )
+    login_limiter = rate_limiter(store, "login", config.login_attempts_per_minute)
     app = FastAPI(
         title="learnloop console API",
         version="1",
@@ -180,9 +178,8 @@ def create_console(
     @app.post("/api/v1/session", openapi_extra={ROLE_KEY: "public"})
     async def login(body: LoginBody, request: Request, response: Response) -> dict[str, Any]:
         client = request.client.host if request.client else "?"
-        now = time.monotonic()
         for key in (f"name:{body.name}", f"addr:{client}"):
-            retry = login_limiter.check(key, now)
+            retry = await login_limiter.check(key)
             if retry is not None:
                 raise ApiError("too many login attempts", code=ErrorCode.RATE_LIMITED, retry_after=retry)
         operator = await store.accounts.check_login(body.name, body.password)
@@ -261,7 +258,7 @@ def create_console(
         shown = {**t, "conversation": redacted.summary(t["conversation"], raw=True), "redacted": False}
         return {
             **(shown if raw else redacted.transcript(t)),
-            "takeover": asdict(takeover) if takeover else None,
+            "takeover": {"operator": takeover.operator, "since": takeover.since} if takeover else None,
             "connected": presence.connected(conversation_id),
         }
 
@@ -315,7 +312,12 @@ def create_console(
     async def take_over(conversation_id: str, p: AsReviewer) -> dict[str, Any]:
         t = await presence.join(conversation_id, p.operator.name)
         await store.accounts.audit(p.operator.name, "takeover.join", conversation_id, {})
-        return {"conversation_id": conversation_id, **asdict(t), "connected": presence.connected(conversation_id)}
+        return {
+            "conversation_id": conversation_id,
+            "operator": t.operator,
+            "since": t.since,
+            "connected": presence.connected(conversation_id),
+        }
 
     @app.post("/api/v1/conversations/{conversation_id}/replies", status_code=201, **role(reviewer))
     async def operator_reply(conversation_id: str, body: ReplyBody, p: AsReviewer) -> dict[str, Any]:
