@@ -76,6 +76,28 @@ async def test_newer_schema_is_refused(store_target: StoreTarget) -> None:
         await store_target.open()
 
 
+async def test_text_with_a_nul_character_is_stored(store_target: StoreTarget) -> None:
+    """A reply of a small model may hold a NUL character (a byte token), as may a user's text:
+    SQLite keeps it; PostgreSQL's text holds none, and stores U+FFFD in its place instead of
+    failing the write (the PostgreSQL pass of the suite found replies lost this way)."""
+    kept = "\ufffd" if store_target.backend == "postgresql" else "\x00"
+    async with await store_target.open() as store:
+        await store.conversations.create("c1", user_id="al\x00ice")
+        user = await store.conversations.add_message(
+            message_id="u", conversation_id="c1", role=Role.USER, text="q\x00q", parent_id=None
+        )
+        await store.conversations.add_message(
+            message_id="a", conversation_id="c1", role=Role.ASSISTANT, text="a\x00", parent_id=user.id
+        )
+        await store.conversations.add_correction(message_id="a", text="b\x00", operator="op")
+        for _ in range(2):  # the second is the same rating again (its client id holds the NUL too)
+            await store.conversations.add_rating(message_id="a", value=1, rater="al\x00ice", client_id="r\x00")
+        snap = await store.conversations.export_feedback()
+    assert [m.text for m in snap.messages] == [f"q{kept}q", f"a{kept}"]
+    assert [c.text for c in snap.corrections] == [f"b{kept}"]
+    assert [(r.rater, r.client_id) for r in snap.ratings] == [(f"al{kept}ice", f"r{kept}")]
+
+
 async def test_ratings_are_idempotent_by_client_id(store_target: StoreTarget) -> None:
     async with await store_target.open() as store:
         user_id, reply_id = await seed(store)
