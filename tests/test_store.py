@@ -98,6 +98,18 @@ async def test_text_with_a_nul_character_is_stored(store_target: StoreTarget) ->
     assert [(r.rater, r.client_id) for r in snap.ratings] == [(f"al{kept}ice", f"r{kept}")]
 
 
+async def test_an_erasure_makes_the_folder_of_its_tombstone_file(store_target: StoreTarget, tmp_path: Path) -> None:
+    """With ``store.url`` set nothing else makes ``data_dir``: the first erasure's tombstone file
+    makes its folder instead of failing the erasure (the PostgreSQL pass of the suite found a
+    console erasure answered 500 with FileNotFoundError, and nothing erased)."""
+    tombstones = tmp_path / "fresh-data-dir" / "learnloop.db.erasures"
+    async with await FeedbackStore.open(store_target.target, tombstone_path=tombstones) as store:
+        await seed(store)
+        assert (await store.erasure.erase_user("alice", actor="t"))["conversations"] == 1
+        assert not (await store.conversations.export_feedback()).messages
+    assert tombstones.exists() and b"alice" not in tombstones.read_bytes()
+
+
 async def test_ratings_are_idempotent_by_client_id(store_target: StoreTarget) -> None:
     async with await store_target.open() as store:
         user_id, reply_id = await seed(store)
