@@ -273,7 +273,8 @@ def test_nothing_sent_by_customers_or_operators_reaches_the_log(tiny_model: Path
 
     records = [json.loads(line) for line in server.log if line.startswith("{")]
     levels = {r["level"] for r in records}
-    assert "DEBUG" in levels and "ERROR" in levels, levels  # -v took effect; the errors were logged
+    assert "DEBUG" in levels, levels  # -v took effect
+    assert "ERROR" in levels or not mounted, levels  # the full disk's errors were logged
     if mounted:
         assert any("storage full" in r["msg"] for r in records)
     logged = "\n".join(server.log)

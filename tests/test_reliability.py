@@ -167,6 +167,7 @@ async def test_a_postgresql_server_that_does_not_answer_is_refused_in_one_line(t
     assert "hunter2" not in str(refused.value) and "\n" not in str(refused.value)  # one line, no password
 
 
+@pytest.mark.sqlite_only("the folder of the SQLite file (serve's check of data_dir on both: the next test)")
 async def test_an_unwritable_data_folder_is_refused_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(StoreError, match=r"the data folder .* is not writable") as refused:

@@ -336,6 +336,7 @@ async def limit_pages(store: FeedbackStore, pages: int | None) -> None:
     await store.db.write(op, outside_transaction=True)
 
 
+@pytest.mark.sqlite_only("fills the SQLite file with PRAGMA max_page_count")
 async def test_a_full_database_refuses_writes_and_takes_them_again_once_there_is_room(tmp_path: Path) -> None:
     """SQLite only: ``max_page_count`` fills a database on purpose. PostgreSQL's full disk (SQLSTATE
     53100) maps to the same ``StorageFullError`` (feedback/postgres.py) but is not provoked here."""
@@ -450,6 +451,7 @@ async def test_a_write_asked_for_while_the_store_closes_is_refused_not_left_wait
     await closing
 
 
+@pytest.mark.sqlite_only("SQLite's WAL checkpoint against a reader holding a snapshot")
 async def test_the_wal_truncation_does_not_wait_for_a_reader(tmp_path: Path) -> None:
     """SQLite only. On a nearly full disk the writer truncates the WAL after a commit; a reader in another
     process holding a snapshot would make that checkpoint wait ``busy_timeout`` (10 s) of the
@@ -491,6 +493,7 @@ async def test_two_processes_opening_a_new_postgresql_store_at_once_migrate_it_o
         await second.close()
 
 
+@pytest.mark.sqlite_only("what a sqlite:/// URL opens")
 async def test_a_sqlite_url_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "elsewhere" / "store.db"
     async with await FeedbackStore.open(f"sqlite://{path}") as store:
