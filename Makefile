@@ -43,7 +43,7 @@ test-fast: install        ## everything but the slow tests
 	$(BIN)/pytest -m "not slow"
 
 test-postgresql: install  ## the suite again with every store a test opens in PostgreSQL (127.0.0.1:5432; README, "Tests")
-	PGTEST_STORE=postgresql $(BIN)/pytest
+	PGTEST_STORE=postgresql $(BIN)/pytest $(PYTEST_ARGS)
 
 check: install            ## lint, format and types
 	$(BIN)/ruff check .
