@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 LLAMA  := $(VENV)/.llamacpp
 SHELL  := /bin/bash
 
-.PHONY: install install-llamacpp serve test test-fast check bench-serve bench-learning clean
+.PHONY: install install-llamacpp serve test test-fast test-postgresql check bench-serve bench-learning clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ test: install             ## every test, the slow end-to-end one with SmolLM2-13
 
 test-fast: install        ## everything but the slow tests
 	$(BIN)/pytest -m "not slow"
+
+test-postgresql: install  ## the suite again with every store a test opens in PostgreSQL (127.0.0.1:5432; README, "Tests")
+	PGTEST_STORE=postgresql $(BIN)/pytest $(PYTEST_ARGS)
 
 check: install            ## lint, format and types
 	$(BIN)/ruff check .

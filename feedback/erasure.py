@@ -75,6 +75,8 @@ class Erasure:
         await self._db.checkpoint()
 
     def _append_tombstone(self, digest: str) -> None:
+        # data_dir may not exist yet: a PostgreSQL store (store.url) makes no file there
+        self.tombstone_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.tombstone_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"subject": digest, "at": time.time()}) + "\n")
             f.flush()

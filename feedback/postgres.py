@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 import psycopg
 import psycopg.errors
 from psycopg.types.numeric import FloatLoader
+from psycopg.types.string import StrDumperUnknown
 
 from feedback.db import Database, Row
 from feedback.exceptions import ConstraintError, StorageFullError, StoreError
@@ -249,8 +250,17 @@ async def _read(conn: psycopg.AsyncConnection[Any], sql: str, params: Iterable[A
         raise mapped from exc
 
 
+class _TextDumper(StrDumperUnknown):
+    """A ``str`` parameter as psycopg sends it, with U+FFFD for each NUL character: PostgreSQL's
+    text cannot hold NUL (SQLite's can), and a reply of a small model or a user's text may."""
+
+    def dump(self, obj: str) -> Any:
+        return super().dump(obj.replace("\x00", "\ufffd") if "\x00" in obj else obj)
+
+
 def _configure(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
     conn.adapters.register_loader("numeric", FloatLoader)  # AVG(integer), SUM(bigint): floats, as SQLite's
+    conn.adapters.register_dumper(str, _TextDumper)  # NUL: U+FFFD (the one text PostgreSQL refuses)
 
 
 def _connect_writer(url: str) -> psycopg.Connection[Any]:

@@ -11,10 +11,95 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from tests import store_backends
 from tests.factories import build_tiny_model
-from tests.store_backends import BACKENDS, StoreTarget, drop_schema, make_target
+from tests.store_backends import BACKENDS, PG_PASS, StoreTarget, drop_schema, make_target
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The PostgreSQL pass of the whole suite (README, "Tests"; tests/store_backends.py says how a store
+# is redirected). PGTEST_RECORD=FILE (the SQLite pass in CI): append the id of each test that opened
+# a store to FILE. PGTEST_SELECT=FILE (the PostgreSQL pass in CI): run only the tests FILE names.
+RECORD = os.environ.get("PGTEST_RECORD")
+SELECT = os.environ.get("PGTEST_SELECT")
+ON_POSTGRES_ALREADY = ("store_target", "postgres_target")  # their PostgreSQL cases run in every pass
+_deselected: dict[str, int] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if PG_PASS or RECORD:
+        store_backends.install()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        marker = item.get_closest_marker("sqlite_only")
+        if marker is not None:
+            if not (marker.args and isinstance(marker.args[0], str) and marker.args[0]):
+                raise pytest.UsageError(f"{item.nodeid}: write why, @pytest.mark.sqlite_only('...')")
+            if PG_PASS:
+                item.add_marker(pytest.mark.skip(reason=f"SQLite only: {marker.args[0]}"))
+    if not PG_PASS:
+        return
+    selected = None
+    if SELECT:
+        path = Path(SELECT)
+        if not path.exists():
+            raise pytest.UsageError(
+                f"PGTEST_SELECT={SELECT}: no such file (the SQLite pass with PGTEST_RECORD writes it)"
+            )
+        selected = set(path.read_text().split())
+    keep, drop = [], []
+    for item in items:
+        if any(name in item.fixturenames for name in ON_POSTGRES_ALREADY):
+            reason = "run on PostgreSQL in every pass (store_target, postgres_target)"
+        elif selected is not None and item.nodeid not in selected:
+            reason = f"opened no store in the SQLite pass ({SELECT})"
+        else:
+            keep.append(item)
+            continue
+        drop.append(item)
+        _deselected[reason] = _deselected.get(reason, 0) + 1
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if PG_PASS:
+        terminalreporter.write_line(
+            "PostgreSQL pass (PGTEST_STORE=postgresql): every store a test opens is a PostgreSQL schema"
+        )
+        for reason, count in _deselected.items():
+            terminalreporter.write_line(f"  deselected {count}: {reason}")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if PG_PASS or RECORD:
+        store_backends.end_session()
+
+
+@pytest.fixture(autouse=True)
+def store_redirect(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The PostgreSQL pass's redirect for this test, and the record of tests that open a store
+    (tests/store_backends.py); nothing in a plain SQLite run."""
+    if not (PG_PASS or RECORD):
+        yield
+        return
+    redirect = store_backends.begin_test()
+    try:
+        yield
+    finally:
+        tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+        files = store_backends.sqlite_files_under(tmp) if isinstance(tmp, Path) else []
+        opened = redirect.opened or bool(files)
+        store_backends.end_test()
+        if RECORD and opened:
+            with open(RECORD, "a") as f:
+                f.write(request.node.nodeid + "\n")
+        if PG_PASS and files:
+            names = ", ".join(str(p.relative_to(tmp)) for p in files)
+            pytest.fail(f"a SQLite store escaped the PostgreSQL pass's redirect: {names} (tests/store_backends.py)")
 
 
 @pytest.fixture(autouse=True)

@@ -22,6 +22,8 @@ from typing import Any
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from tests.store_backends import PG_PASS, peek, store_env
+
 ROOT = Path(__file__).parent.parent
 PORT0 = ("--port", "0")
 _SERVING = re.compile(r"learnloop serving .* on ws://[^:]+:(\d+)")
@@ -44,6 +46,7 @@ class ServeProcess:
             "LEARNLOOP_CONSOLE_PORT": "0",
             "LEARNLOOP_CHANNELS_PORT": "0",
             "LEARNLOOP_SCHEDULE_ENABLED": "false",
+            **store_env(data_dir),  # the PostgreSQL pass: the test's schema for data_dir
             **(env or {}),
         }
         full_env.pop("LEARNLOOP_CONFIG", None)
@@ -208,8 +211,11 @@ async def _until(ws: Any, kind: str, timeout: float) -> dict[str, Any]:
             raise AssertionError(f"unexpected error frame: {frame}")
 
 
-def stored_ratings(db_path: Path) -> tuple[list[str], str]:
-    """(every rating's client id, ``PRAGMA integrity_check``) read with plain sqlite3 after the server is gone."""
+def stored_ratings(db_path: Path) -> tuple[list[str], str | None]:
+    """(every rating's client id, ``PRAGMA integrity_check``) read with plain sqlite3 after the server
+    is gone; in the PostgreSQL pass the ids from the test's schema, and None: no file to check."""
+    if PG_PASS:
+        return [row[0] for row in peek(db_path, "SELECT client_id FROM ratings")], None
     with contextlib.closing(sqlite3.connect(db_path)) as db:
         ids = [row[0] for row in db.execute("SELECT client_id FROM ratings")]
         integrity = str(db.execute("PRAGMA integrity_check").fetchone()[0])
@@ -221,7 +227,7 @@ class KillTrial:
     acked: int
     lost: int
     duplicated: int
-    integrity: str
+    integrity: str | None
     restart_s: float
 
 

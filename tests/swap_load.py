@@ -74,6 +74,7 @@ class SwapRun:
     rollback_first_asked: float | None = None  # the first token of a reply on rollback_to asked after the call
     rollback_first_done: float | None = None
     stored: dict[str, tuple[str, str, int | None, str]] = field(default_factory=dict)  # id -> text, version, n, reason
+    stored_nul: str = "\x00"  # what the store keeps for a NUL in a reply: PostgreSQL's text keeps U+FFFD
     expected: dict[tuple[str, str], str] = field(default_factory=dict)  # (version, question) -> greedy reply
     unloaded: dict[str, int] = field(default_factory=dict)  # version -> replies it had ended when freed
     ended: dict[str, int] = field(default_factory=dict)  # version -> replies ended on it (engine)
@@ -102,7 +103,8 @@ class SwapRun:
             r
             for r in self.accepted
             if r.error is None
-            and self.stored.get(r.message_id) != (r.text, r.version, r.completion_tokens, r.finish_reason)
+            and self.stored.get(r.message_id)
+            != (r.text.replace("\x00", self.stored_nul), r.version, r.completion_tokens, r.finish_reason)
         ]
 
     def late_unloads(self) -> dict[str, tuple[int, int]]:
@@ -298,6 +300,8 @@ async def run_swap(
         stats = app.engine.stats
         run.unloaded, run.ended = dict(stats.unloaded), dict(stats.replies_ended)
         run.still_loaded = set(app.engine.versions)
+        if type(app.store.db).__name__ == "PostgresDatabase":
+            run.stored_nul = "\ufffd"
         for r in run.accepted:
             if r.message_id:
                 m = await app.store.conversations.get_message(r.message_id)

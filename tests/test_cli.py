@@ -11,6 +11,7 @@ from typing import Any
 
 from feedback import FeedbackStore, Role
 from server.cli import main as cli_main
+from tests.store_backends import stored_bytes
 
 
 def run_cli(data_dir: Path, *argv: str) -> tuple[int, str]:
@@ -127,7 +128,7 @@ def test_api_keys_from_the_command_line(tmp_path: Path) -> None:
 
     async def names(*keys: str) -> list[str | None]:
         async with await FeedbackStore.open(data / "learnloop.db") as store:
-            db_text = (data / "learnloop.db").read_bytes()
+            db_text = stored_bytes(data / "learnloop.db")
             assert all(k.encode() not in db_text for k in keys)  # hashes only
             return [await store.api_keys.name_for(k) for k in keys]
 

@@ -152,6 +152,7 @@ async def test_a_hostile_first_message_does_not_stall_the_console(app: App) -> N
         await vic.aclose()
 
 
+@pytest.mark.sqlite_only("fills the SQLite file with PRAGMA max_page_count (no per-test full disk on PostgreSQL)")
 async def test_a_raw_look_whose_audit_entry_fails_is_not_shown_and_the_next_look_is_audited(app: App) -> None:
     """The database is full: the audit entry cannot be written, so the raw text is not served (507),
     and the look is not counted as audited: once there is room, the next look writes its entry."""

@@ -87,6 +87,7 @@ async def test_a_training_run_that_hits_enospc_publishes_nothing(tiny_model: Pat
             assert sha256_file(Path(v2.adapter_path or "") / ADAPTER_FILE) == v2.sha256
 
 
+@pytest.mark.sqlite_only("the SQLite file on the full tmpfs (a PostgreSQL store's disk is the server's)")
 async def test_ratings_on_a_full_filesystem_get_storage_full_never_a_false_ack_and_writes_resume(
     tiny_model: Path, tmp_path: Path, open_client: Any
 ) -> None:

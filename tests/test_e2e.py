@@ -20,6 +20,7 @@ from server.app import App
 from server.cli import main as cli_main
 from server.settings import load_settings
 from server.trainer import describe
+from tests.store_backends import store_env
 from training.cycle import CycleStatus
 
 CORRECT = "Refunds are accepted within 30 days of delivery."
@@ -53,6 +54,7 @@ def env_for(settings: Any) -> dict[str, str]:
     """The same settings as LEARNLOOP_* variables, for a `learnloop` process beside the server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEARNLOOP_")}
     env["LEARNLOOP_DATA_DIR"] = str(settings.data_dir)
+    env.update(store_env(settings.data_dir))  # the PostgreSQL pass: the test's schema (tests/store_backends.py)
     for section in ("model", "schedule", "training", "gate", "trust", "canary"):
         for key, value in dataclasses.asdict(getattr(settings, section)).items():
             if value is not None:

@@ -81,6 +81,9 @@ def raw_bytes(db: Path) -> bytes:
     return data + (wal.read_bytes() if wal.exists() else b"")
 
 
+@pytest.mark.sqlite_only(
+    "the SQLite file's and its WAL's bytes (PostgreSQL's: test_erase_on_postgresql_leaves_no_row_tuple_or_index_entry)"
+)
 async def test_erase_removes_every_byte_and_keeps_them_out(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     db = data_dir / "learnloop.db"

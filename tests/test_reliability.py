@@ -79,6 +79,7 @@ async def set_page_limit(store: FeedbackStore, pages: int) -> None:
     await store.db.write(op, outside_transaction=True)
 
 
+@pytest.mark.sqlite_only("fills the SQLite file with PRAGMA max_page_count (no per-test full disk on PostgreSQL)")
 async def test_a_full_disk_gives_ratings_storage_full_never_a_false_ack_and_writes_resume(
     tiny_model: Path, tmp_path: Path, open_client: Any
 ) -> None:
@@ -110,6 +111,7 @@ async def test_a_full_disk_gives_ratings_storage_full_never_a_false_ack_and_writ
         assert [r.client_id for r in (await a.store.conversations.export_feedback()).ratings] == ["r1"]
 
 
+@pytest.mark.sqlite_only("SQLite's WAL file")
 async def test_the_wal_is_truncated_when_the_disk_fills(tmp_path: Path) -> None:
     """A full disk checkpoints the WAL at once: its bytes go back to the disk (scenario 8)."""
     async with await FeedbackStore.open(tmp_path / "x.db") as store:
@@ -125,6 +127,7 @@ async def test_the_wal_is_truncated_when_the_disk_fills(tmp_path: Path) -> None:
 # --- scenario 7: start-up checks ----------------------------------------------------------
 
 
+@pytest.mark.sqlite_only("SQLite's journal_mode pragma (PostgreSQL's start-up check: synchronous_commit, below)")
 async def test_a_store_whose_wal_did_not_take_effect_is_refused_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -136,6 +139,7 @@ async def test_a_store_whose_wal_did_not_take_effect_is_refused_in_one_line(
     assert "journal_mode is delete, not wal" in str(refused.value) and "\n" not in str(refused.value)
 
 
+@pytest.mark.sqlite_only("SQLite's synchronous pragma (PostgreSQL's start-up check: synchronous_commit, below)")
 async def test_a_store_whose_synchronous_level_did_not_take_effect_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -163,6 +167,7 @@ async def test_a_postgresql_server_that_does_not_answer_is_refused_in_one_line(t
     assert "hunter2" not in str(refused.value) and "\n" not in str(refused.value)  # one line, no password
 
 
+@pytest.mark.sqlite_only("the folder of the SQLite file (serve's check of data_dir on both: the next test)")
 async def test_an_unwritable_data_folder_is_refused_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(StoreError, match=r"the data folder .* is not writable") as refused:

@@ -76,6 +76,40 @@ async def test_newer_schema_is_refused(store_target: StoreTarget) -> None:
         await store_target.open()
 
 
+async def test_text_with_a_nul_character_is_stored(store_target: StoreTarget) -> None:
+    """A reply of a small model may hold a NUL character (a byte token), as may a user's text:
+    SQLite keeps it; PostgreSQL's text holds none, and stores U+FFFD in its place instead of
+    failing the write (the PostgreSQL pass of the suite found replies lost this way)."""
+    kept = "\ufffd" if store_target.backend == "postgresql" else "\x00"
+    async with await store_target.open() as store:
+        await store.conversations.create("c1", user_id="al\x00ice")
+        user = await store.conversations.add_message(
+            message_id="u", conversation_id="c1", role=Role.USER, text="q\x00q", parent_id=None
+        )
+        await store.conversations.add_message(
+            message_id="a", conversation_id="c1", role=Role.ASSISTANT, text="a\x00", parent_id=user.id
+        )
+        await store.conversations.add_correction(message_id="a", text="b\x00", operator="op")
+        for _ in range(2):  # the second is the same rating again (its client id holds the NUL too)
+            await store.conversations.add_rating(message_id="a", value=1, rater="al\x00ice", client_id="r\x00")
+        snap = await store.conversations.export_feedback()
+    assert [m.text for m in snap.messages] == [f"q{kept}q", f"a{kept}"]
+    assert [c.text for c in snap.corrections] == [f"b{kept}"]
+    assert [(r.rater, r.client_id) for r in snap.ratings] == [(f"al{kept}ice", f"r{kept}")]
+
+
+async def test_an_erasure_makes_the_folder_of_its_tombstone_file(store_target: StoreTarget, tmp_path: Path) -> None:
+    """With ``store.url`` set nothing else makes ``data_dir``: the first erasure's tombstone file
+    makes its folder instead of failing the erasure (the PostgreSQL pass of the suite found a
+    console erasure answered 500 with FileNotFoundError, and nothing erased)."""
+    tombstones = tmp_path / "fresh-data-dir" / "learnloop.db.erasures"
+    async with await FeedbackStore.open(store_target.target, tombstone_path=tombstones) as store:
+        await seed(store)
+        assert (await store.erasure.erase_user("alice", actor="t"))["conversations"] == 1
+        assert not (await store.conversations.export_feedback()).messages
+    assert tombstones.exists() and b"alice" not in tombstones.read_bytes()
+
+
 async def test_ratings_are_idempotent_by_client_id(store_target: StoreTarget) -> None:
     async with await store_target.open() as store:
         user_id, reply_id = await seed(store)
@@ -302,6 +336,7 @@ async def limit_pages(store: FeedbackStore, pages: int | None) -> None:
     await store.db.write(op, outside_transaction=True)
 
 
+@pytest.mark.sqlite_only("fills the SQLite file with PRAGMA max_page_count")
 async def test_a_full_database_refuses_writes_and_takes_them_again_once_there_is_room(tmp_path: Path) -> None:
     """SQLite only: ``max_page_count`` fills a database on purpose. PostgreSQL's full disk (SQLSTATE
     53100) maps to the same ``StorageFullError`` (feedback/postgres.py) but is not provoked here."""
@@ -416,6 +451,7 @@ async def test_a_write_asked_for_while_the_store_closes_is_refused_not_left_wait
     await closing
 
 
+@pytest.mark.sqlite_only("SQLite's WAL checkpoint against a reader holding a snapshot")
 async def test_the_wal_truncation_does_not_wait_for_a_reader(tmp_path: Path) -> None:
     """SQLite only. On a nearly full disk the writer truncates the WAL after a commit; a reader in another
     process holding a snapshot would make that checkpoint wait ``busy_timeout`` (10 s) of the
@@ -457,6 +493,7 @@ async def test_two_processes_opening_a_new_postgresql_store_at_once_migrate_it_o
         await second.close()
 
 
+@pytest.mark.sqlite_only("what a sqlite:/// URL opens")
 async def test_a_sqlite_url_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "elsewhere" / "store.db"
     async with await FeedbackStore.open(f"sqlite://{path}") as store:

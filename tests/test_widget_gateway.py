@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from server.app import App
 from server.channels.identity import user_hash
 from server.settings import Secret, SiteConfig, load_settings
 from tests.conftest import ChatClient
+from tests.store_backends import peek
 
 SECRET = "shop-secret-0123456789"
 SHOP = "https://shop.example"
@@ -71,8 +70,7 @@ async def refused(c: ChatClient, **hello: Any) -> str:
 
 async def conversation_count(app: App) -> int:
     """Every stored conversation, with messages or without (the export lists only those with)."""
-    with contextlib.closing(sqlite3.connect(app.settings.db_path)) as db:
-        return int(db.execute("SELECT count(*) FROM conversations").fetchone()[0])
+    return int(peek(app.settings.db_path, "SELECT count(*) FROM conversations")[0][0])
 
 
 async def test_a_site_hello_is_checked_before_anything_opens(app: App, client: Any) -> None:
