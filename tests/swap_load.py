@@ -128,6 +128,17 @@ class SwapRun:
             and (r.done_at or 0.0) > self.rollback_called
         )
 
+    def started_on_old_after_rollback(self) -> list[ReplySeen]:
+        """Replies on the version rolled back whose first text came after the call returned: only
+        those the engine had already taken up (decoding, at most ``model.max_active``), since the
+        queued ones start on the version rolled back to. (Replies that started while the call
+        ran, before the store had the rollback, rightly began on the version then live.)"""
+        return [
+            r
+            for r in self.replies
+            if r.version == self.rollback_from and (r.first_token_at or r.done_at or 0.0) >= self.rollback_returned
+        ]
+
     def figures(self) -> dict[str, Any]:
         pauses = [returned - called for _, called, returned in self.swaps]
         waits = sorted(r.first_token_at - r.sent_at for r in self.accepted if r.first_token_at is not None)
@@ -146,6 +157,7 @@ class SwapRun:
             "promote_call_max_s": round(max(pauses, default=0.0), 3),
             "rollback_call_s": round(self.rollback_returned - self.rollback_called, 3),
             "in_flight_at_rollback": self.in_flight_at_rollback(),
+            "started_on_old_after_rollback": len(self.started_on_old_after_rollback()),
             "old_after_rollback": len(self.old_after_rollback()),
             "rollback_first_token_s": None
             if self.rollback_first_token is None
