@@ -47,7 +47,9 @@ class Versions:
             has_live = bool(row and row[0])
             await conn.execute(
                 "INSERT INTO model_versions (name, seq, state, base_model, created_at, updated_at)"
-                " VALUES (?, 0, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                # no conflict target: a process started at the same moment may have inserted the
+                # row first, and PostgreSQL then reports the clash on seq's unique index, not name's
+                " VALUES (?, 0, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (BASE_VERSION, VersionState.RETIRED if has_live else VersionState.LIVE, base_model, now, now),
             )
 

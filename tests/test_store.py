@@ -545,3 +545,16 @@ async def test_one_training_lease_holder_when_two_stores_ask_at_once(store_targe
     finally:
         await first.close()
         await second.close()
+
+
+async def test_two_servers_starting_at_once_both_find_the_base_version(store_target: StoreTarget) -> None:
+    """Two processes started together on one store both run ``ensure_base``: neither fails. (On
+    PostgreSQL an INSERT that named only ``name`` as its conflict target raised a unique violation
+    on ``seq`` when the other process inserted the same row first.)"""
+    async with await store_target.open() as a, await store_target.open() as b:
+        for _ in range(100):  # 300 rounds reproduced it in the first few
+            store_target.sql("DELETE FROM model_versions")
+            first, second = await asyncio.gather(a.versions.ensure_base("m"), b.versions.ensure_base("m"))
+            assert first.name == second.name == BASE_VERSION
+            assert first.state is second.state is VersionState.LIVE
+        assert store_target.sql("SELECT COUNT(*) FROM model_versions") == [(1,)]

@@ -174,7 +174,9 @@ def readme_tag(*, identified: bool) -> str:
 async def test_chat_rate_regenerate_restart_and_stop(tiny_model: Path, tmp_path: Path, axe_source: str) -> None:
     data_dir = tmp_path / "data"
     async with contextlib.AsyncExitStack() as running:
-        app = App(widget_settings(tiny_model, data_dir))
+        # 48 tokens, not 12: a reader that lags gets the pending tokens as one delta (base.py), and on a
+        # busy CI machine a 12-token reply of the tiny model once came as one frame
+        app = App(widget_settings(tiny_model, data_dir, tokens=48))
         await running.enter_async_context(app.lifespan())
         async with browser_page() as (page, problems):
             received: list[dict[str, Any]] = []
