@@ -10,7 +10,7 @@ llama-cpp-python) with cmake, Release, once: the binary is cached at
 this order: ``src`` (a llama.cpp checkout), ``sdist`` (a llama-cpp-python .tar.gz), the sdist the
 llamacpp engine already keeps for its LoRA converter (``<cache>/llama.cpp/downloads``, see
 ``server/engines/gguf.py``), else one fetched there with pip. Nothing is downloaded during the
-build itself: the web UI, OpenSSL and curl are off. 206 build steps (43 minutes on 2 busy shared cores here); cmake's
+build itself: the web UI, OpenSSL and curl are off. 206 build steps (7 minutes on a quiet 2-core machine here, 43 on busy shared cores); cmake's
 ``[ n/N]`` progress lines are shown, the whole log is kept in ``build.log`` beside the binary.
 
 ``LlamaServer`` starts it on a GGUF on an ephemeral loopback port and waits for ``/health``.

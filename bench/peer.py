@@ -1,7 +1,7 @@
 """The peer benchmark: learnloop's gateway against llama.cpp's own ``llama-server`` on the same GGUF.
 
     python bench/peer.py [--gateway-quant q8_0] [--peer-quants shipped,q8_0] [--max-new-tokens 128]
-                         [--singles 4] [--rounds 2] [--turns 6] [--turn-runs 2] [--threads N]
+                         [--singles 4] [--rounds 2] [--turns 6] [--turn-runs 2] [--think-s 1] [--threads N]
                          [--cache-reuse 256] [--sdist PATH | --src DIR]
 
 Both sides are real servers in their own processes, on loopback, driven by this process as a client:
@@ -34,7 +34,9 @@ A B B A over the sides (gateway, peer formats..., then the reverse), ``--rounds`
     over the ``2 x --turn-runs`` runs; every run's first message names the run, so that only the
     system prompt can come from an earlier run (a one-turn conversation on each side before the
     runs: the system prompt's cells are there for turn 1, as for every conversation but a
-    server's first).
+    server's first). Between a reply's end and the next question the customer reads for
+    ``--think-s`` seconds (1 by default, the same on both sides; the gateway settles the reply's
+    cells meanwhile, see server/engines/kvreuse.py; 0 sends the next question at once).
 
 Before the blocks, each side serves one reply alone and 8 at once (first-call costs).
 
@@ -255,6 +257,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=2, help="A B B A passes of the single and 8-session blocks")
     ap.add_argument("--turns", type=int, default=6, help="turns of the conversation (0: no conversation)")
     ap.add_argument("--turn-runs", type=int, default=2, help="A B B A passes of the conversation")
+    ap.add_argument(
+        "--think-s",
+        type=float,
+        default=1.0,
+        help="seconds the customer reads a reply before the next turn (both sides)",
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama-server -t (default: every core)")
     ap.add_argument("--cache-reuse", type=int, default=256, help="llama-server --cache-reuse (0: off)")
     ap.add_argument("--sdist", default=None, help="llama-cpp-python sdist to build llama-server from")
@@ -363,7 +371,7 @@ class GatewaySide:
 
         return await sessions_at_once(self.port, n, start=start, tag=tag)
 
-    async def conversation(self, run: int, turns: int) -> list[float]:
+    async def conversation(self, run: int, turns: int, think_s: float = 0.0) -> list[float]:
         from bench.turns import QUESTIONS
         from server.client import connect as chat
 
@@ -371,6 +379,8 @@ class GatewaySide:
         ttfts = []
         async with chat(f"ws://127.0.0.1:{self.conversation_port}", reconnect=False) as client:
             for i, q in enumerate(QUESTIONS[:turns]):
+                if i:
+                    await asyncio.sleep(think_s)  # the customer reads the reply
                 started, first = time.perf_counter(), None
                 async for _ in client.stream(f"(chat {run}) {q}" if i == 0 else q):
                     if first is None:
@@ -438,12 +448,14 @@ class PeerSide:
         tokens = await asyncio.gather(*(one(i) for i in range(n)))
         return sum(tokens), time.perf_counter() - started, ttfts, gaps
 
-    async def conversation(self, run: int, turns: int) -> list[float]:
+    async def conversation(self, run: int, turns: int, think_s: float = 0.0) -> list[float]:
         from bench.turns import QUESTIONS, SYSTEM
 
         chat = [{"role": "system", "content": SYSTEM}]
         ttfts = []
         for i, q in enumerate(QUESTIONS[:turns]):
+            if i:
+                await asyncio.sleep(think_s)  # the customer reads the reply
             chat.append({"role": "user", "content": f"(chat {run}) {q}" if i == 0 else q})
             _, sent, times, text = await self.reply(chat)
             assert times, "a reply without a token"
@@ -489,7 +501,7 @@ async def measure(sides: dict[str, Side], args: argparse.Namespace) -> dict[str,
     if args.turns:
         for r in range(args.turn_runs):
             for k, name in enumerate(order):
-                ttfts = await sides[name].conversation(100 * r + k, args.turns)
+                ttfts = await sides[name].conversation(100 * r + k, args.turns, args.think_s)
                 got[name].turns_ttft_s.append(ttfts)
                 print(f"  conversation {r + 1}, {name}: TTFT {' '.join(f'{x:.2f}' for x in ttfts)} s", flush=True)
     return got

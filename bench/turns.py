@@ -1,14 +1,20 @@
 """TTFT of turns 1..N of one conversation with a long system prompt: KV reuse against full prefills.
 
-    python bench/turns.py [--turns 6] [--rounds 2] [--max-new-tokens 32]
+    python bench/turns.py [--turns 6] [--rounds 2] [--max-new-tokens 32] [--think-s 1.0]
+                          [--sides settle,reuse,full]
 
 The llamacpp engine (the default model's GGUF, Q8_0), in process, no gateway. One conversation
-of ``--turns`` turns with a system prompt of about 600 tokens, greedy: the time from the call
-to the first token of each reply. Two engines are loaded side by side, one with KV reuse (the
-default) and one without (``kv_reuse=False``, flash attention off too, so the two differ only
-in reuse); they run interleaved A B B A (``--rounds`` times), so the machine's drift hits both
-alike. Each run is a new conversation: with reuse, only the system prompt's cells come from an
-earlier one (kept after the first run). Prints each turn's TTFT (median over the runs) per side and the ratio, then one JSON line.
+of ``--turns`` turns with a system prompt of about 750 tokens, greedy: the time from the call
+to the first token of each reply. One engine per side, loaded side by side: ``settle`` (the
+default: KV reuse, and each finished reply prefilled again over its decoded cells while the
+engine is idle), ``reuse`` (reuse without settling, ``kv_settle=False``: a turn prefills the
+previous reply again) and ``full`` (``kv_reuse=False``: every prompt whole). Flash attention is
+off on all of them, so they differ only in reuse. The sides run interleaved (A B C C B A,
+``--rounds`` times), so the machine's drift hits all alike. Between a reply's last token and
+the next question the customer reads for ``--think-s`` seconds (the same on every side; 0 sends
+the next question at once, and settling then races it). Each run is a new conversation: with
+reuse, only the system prompt's cells come from an earlier one (kept after the first run).
+Prints each turn's TTFT (median over the runs) per side and the ratios, then one JSON line.
 """
 
 from __future__ import annotations
@@ -46,12 +52,14 @@ QUESTIONS = [
 ]
 
 
-async def conversation(engine: LlamaCppEngine, turns: int, max_new: int, run: int) -> list[float]:
+async def conversation(engine: LlamaCppEngine, turns: int, max_new: int, run: int, think_s: float) -> list[float]:
     """One new conversation (its first message names the run: only the system prompt is shared)."""
     chat: list[dict[str, str]] = []
     ttfts = []
     sampling = SamplingConfig(max_new_tokens=max_new, temperature=0.0)
     for i, q in enumerate(QUESTIONS[:turns]):
+        if i:
+            await asyncio.sleep(think_s)  # the customer reads the reply and writes the next question
         chat.append({"role": "user", "content": f"(chat {run}) {q}" if i == 0 else q})
         started = time.perf_counter()
         first = None
@@ -71,9 +79,16 @@ async def main() -> None:
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--think-s", type=float, default=1.0)
+    ap.add_argument("--sides", default="settle,reuse,full")
     args = ap.parse_args()
+    sides = args.sides.split(",")
+    known = {"settle": (True, True), "reuse": (True, False), "full": (False, False)}
+    if not sides or any(side not in known for side in sides):
+        ap.error(f"--sides: a comma-separated list of {', '.join(known)}")
     engines = {}
-    for name, reuse in (("reuse", True), ("full", False)):
+    for name in sides:
+        reuse, settle = known[name]
         e = LlamaCppEngine(
             str(default_gguf()),
             quant="q8_0",
@@ -82,27 +97,40 @@ async def main() -> None:
             max_new_tokens=args.max_new_tokens,
             max_active=4,
             kv_reuse=reuse,
+            kv_settle=settle,
             flash_attn=False,
             system_prompt=SYSTEM,
         )
         await asyncio.to_thread(e.load)
         engines[name] = e
-    print(f"system prompt: {len(engines['reuse'].prompt_ids([]))} tokens")
-    runs: dict[str, list[list[float]]] = {"reuse": [], "full": []}
+    print(f"system prompt: {len(engines[sides[0]].prompt_ids([]))} tokens; think {args.think_s} s between turns")
+    runs: dict[str, list[list[float]]] = {name: [] for name in sides}
+    order = [*sides, *reversed(sides)]  # A B C C B A
     try:
         for k in range(args.rounds):
-            for j, name in enumerate(("reuse", "full", "full", "reuse")):  # A B B A
-                runs[name].append(await conversation(engines[name], args.turns, args.max_new_tokens, 4 * k + j))
+            for j, name in enumerate(order):
+                run = len(order) * k + j
+                runs[name].append(await conversation(engines[name], args.turns, args.max_new_tokens, run, args.think_s))
     finally:
         for e in engines.values():
             await asyncio.to_thread(e.close)
     med = {k: [statistics.median(r[t] for r in v) for t in range(args.turns)] for k, v in runs.items()}
-    print(f"{'turn':>4} {'reuse s':>8} {'full s':>8} {'full/reuse':>10}")
+    first = sides[0]
+    print(
+        f"{'turn':>4} "
+        + " ".join(f"{name + ' s':>9}" for name in sides)
+        + " "
+        + " ".join(f"{name + '/' + first:>13}" for name in sides[1:])
+    )
     for t in range(args.turns):
-        print(f"{t + 1:>4} {med['reuse'][t]:>8.3f} {med['full'][t]:>8.3f} {med['full'][t] / med['reuse'][t]:>10.2f}")
+        cells = " ".join(f"{med[name][t]:>9.3f}" for name in sides)
+        ratios = " ".join(f"{med[name][t] / med[first][t]:>13.2f}" for name in sides[1:])
+        print(f"{t + 1:>4} {cells} {ratios}")
+    settled = {name: e.kv.settled_tokens for name, e in engines.items()}
     print(
         json.dumps(
-            {"ttft_reuse_s": [round(x, 3) for x in med["reuse"]], "ttft_full_s": [round(x, 3) for x in med["full"]]}
+            {"think_s": args.think_s, "settled_tokens": settled}
+            | {f"ttft_{name}_s": [round(x, 3) for x in med[name]] for name in sides}
         )
     )
 

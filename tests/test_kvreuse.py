@@ -79,3 +79,22 @@ def test_reuse_off_plans_full_prefills() -> None:
     assert book.release(0, "base", [1, 2, 3]) == [Op("keep", 0, n=0)]
     assert book.plan("base", [1, 2, 3, 4]).reuse == 0 and not book.entries
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+
+
+def test_a_settled_reply_is_followed_where_its_entry_moves() -> None:
+    """A settle extends the entry wherever it is now; once a reply took it, there is none to settle."""
+    book = KvBook(1, 1, min_reuse=4)
+    prompt = [*SYSTEM, 1, 2, 3]
+    book.plan("base", prompt)
+    book.release(0, "base", prompt)
+    entry = book.entries[0]
+    book.extend(0, [4, 5, 6])  # the reply and its end of turn, prefilled again
+    assert entry.tokens == [*prompt, 4, 5, 6] and book.settled_tokens == 3
+    next_turn = [*prompt, 4, 5, 6, 7, 8, 9]
+    assert book.plan("base", next_turn).reuse == len(prompt) + 3  # only the new message is prefilled
+    assert book.seq_of(entry) is None  # taken in place by that reply: a pending settle is dropped
+    book.release(0, "base", next_turn)
+    moved = book.entries[0]
+    book.plan("v1", [9, 9, 9])  # the slot is needed: the entry moves to the pool
+    assert book.seq_of(moved) == 1
+    assert book.drop(1) == [Op("keep", 1, n=0)] and book.seq_of(moved) is None

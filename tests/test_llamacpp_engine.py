@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -457,7 +458,9 @@ async def test_kv_reuse_replies_equal_full_prefills(smollm: tuple[str, str], ada
     then four replies of two versions taken in one round (copies out of the pool and into it
     before the same decode), and a new conversation joining one that is decoding, whose system
     prompt comes from a pooled copy made from that conversation's prefill one step before (the
-    copy of a copy, both carried out at the start of the same ``llama_decode``)."""
+    copy of a copy, both carried out at the start of the same ``llama_decode``). Between the
+    sequential turns each reply is settled (prefilled again over its decoded cells), so the next
+    turn prefills only its new message."""
     sampling = SamplingConfig(max_new_tokens=24, temperature=0.0)
 
     async def script(reuse: bool) -> tuple[list[tuple[str, int]], LlamaCppEngine]:
@@ -483,6 +486,9 @@ async def test_kv_reuse_replies_equal_full_prefills(smollm: tuple[str, str], ada
 
         async def turn(chat: list[dict[str, str]], version: str = "base") -> str:
             replies.append(await reply(chat, version))
+            deadline = time.monotonic() + 30
+            while e._settles and time.monotonic() < deadline:  # the customer reads: the reply settles
+                await asyncio.sleep(0.005)
             return replies[-1][0]
 
         try:
@@ -529,6 +535,7 @@ async def test_kv_reuse_replies_equal_full_prefills(smollm: tuple[str, str], ada
     assert with_reuse == without
     assert plain.kv.reused_tokens == 0 and plain.kv.copies == 0
     assert e.kv.reused_tokens > e.kv.prompt_tokens // 4 and e.kv.copies > 0  # reuse really happened
+    assert e.kv.settled_tokens > 24 * 4 and plain.kv.settled_tokens == 0  # and settling
 
 
 @pytest.mark.parametrize(

@@ -485,6 +485,8 @@ class LocalEngine(Generic[R]):
                         self._activate(r)
                         active.append(r)
                     if not active:
+                        if self._idle():
+                            continue  # did a piece of idle work: look for new requests first
                         self._wake.wait(timeout=0.5)
                         self._wake.clear()
                         continue
@@ -502,6 +504,11 @@ class LocalEngine(Generic[R]):
 
     def _activate(self, r: R) -> None:
         """A request leaves the inbox to join the rounds (default: nothing to set up)."""
+
+    def _idle(self) -> bool:
+        """No request in flight or waiting: do one short piece of background work and return True,
+        or False when there is none (default), and the worker sleeps until a request comes."""
+        return False
 
     def _round(self, active: list[R]) -> None:
         """One round over the active requests; finished ones go through ``_retire``."""

@@ -14,6 +14,14 @@ when the pool is full. Only tokens are compared, never conversation ids, so a co
 resumed on another server, regenerated, trimmed or edited reuses exactly the prefix that still
 matches; entries are per version, so a hot-swapped adapter never reads cells another wrote.
 
+Settling: a parked entry holds the reply's prompt only, because the reply's own cells were
+decoded one token at a time, by kernels that round differently from a prefill's (reuse must give
+the replies of full prefills, token for token). When the engine has nothing else to do, it
+prefills the reply and its end of turn again as the next turn's prompt will render them, in
+chunks, over those cells (``extend``): the next turn of the conversation then prefills only the
+customer's new message. A reply that arrives first takes the entry as it is (``plan``); what a
+settle had prefilled by then is reused.
+
 The system prompt: after a reply is prefilled, ``share_prefix`` copies its first
 ``prefix_len`` cells (the rendered system turn) into the pool as a prefix entry, once per
 version and system prompt; a new conversation then copies that instead of prefilling it.
@@ -78,6 +86,7 @@ class KvBook:
         self.reused_tokens = 0  # prompt tokens not prefilled thanks to reuse
         self.prompt_tokens = 0  # prompt tokens of every planned reply
         self.copies = 0  # stream copies ordered
+        self.settled_tokens = 0  # reply tokens prefilled again between replies (``extend``)
         self._tick = 0
 
     def _touch(self, entry: Entry) -> None:
@@ -166,6 +175,24 @@ class KvBook:
         self._touch(entry)
         self.entries[seq] = entry
         return ops
+
+    def seq_of(self, entry: Entry) -> int | None:
+        """Where ``entry`` is now (parked, or moved to the pool), or None once it was taken or dropped."""
+        for s, e in self.entries.items():
+            if e is entry:
+                return s
+        return None
+
+    def extend(self, seq: int, tokens: list[int]) -> None:
+        """``seq``'s cells now hold ``tokens`` right after its entry's: a settle prefilled them."""
+        entry = self.entries[seq]
+        entry.tokens = [*entry.tokens, *tokens]
+        self.settled_tokens += len(tokens)
+
+    def drop(self, seq: int) -> list[Op]:
+        """Forget the entry in ``seq`` (what its cells hold is not known any more)."""
+        self.entries.pop(seq, None)
+        return [Op("keep", seq, n=0)]
 
     def drop_version(self, version: str) -> list[Op]:
         """Forget every entry of ``version`` (its adapter was unloaded)."""

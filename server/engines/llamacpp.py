@@ -52,10 +52,14 @@ from server.engines.gguf import (
     token_piece,
     vocab_specials,
 )
-from server.engines.kvreuse import KvBook, Op
+from server.engines.kvreuse import Entry, KvBook, Op
 from server.engines.sampling import sample
 
 log = logging.getLogger("learnloop.engine.llamacpp")
+
+SETTLE_CHUNK = 32
+"""Reply tokens one idle settle prefills at a time: a request that arrives meanwhile waits for one
+chunk at most (a few tens of ms here), then reuses what was settled (see ``kvreuse.py``)."""
 
 
 @dataclass(eq=False)
@@ -100,6 +104,7 @@ class LlamaCppEngine(LocalEngine[_Request]):
         stream_interval_s: float = 0.04,
         kv_reuse: bool = True,
         kv_resident: int = 8,
+        kv_settle: bool = True,
         flash_attn: bool | None = None,
     ) -> None:
         super().__init__(_Request, max_prompt_tokens, max_pending, max_active, system_prompt)
@@ -127,6 +132,11 @@ class LlamaCppEngine(LocalEngine[_Request]):
         # more sequences keep conversations and system prompts between replies
         self.kv = KvBook(max_active, kv_resident if kv_reuse else 0, enabled=kv_reuse)
         self.kv_bytes_per_cell = 0  # read from the model by ``_open``
+        # between replies, prefill each finished reply again over its decoded cells, so the next
+        # turn prefills only the new message (``_idle``); the newest reply first
+        self.kv_settle = kv_reuse and kv_settle
+        self._settles: list[tuple[Entry, list[int]]] = []
+        self._reply_close: str | None = None  # what the template writes after a reply (``_load_template``)
         # off by default with reuse: llama.cpp's flash attention switches to a tiled kernel at 64
         # query tokens, which rounds differently, so a reused prompt would change greedy replies
         self.flash_attn = (not kv_reuse) if flash_attn is None else flash_attn
@@ -291,6 +301,7 @@ class LlamaCppEngine(LocalEngine[_Request]):
         self._bos = self._piece(ll.llama_vocab_bos(self._vocab), special=True)
         self._eos = self._piece(ll.llama_vocab_eos(self._vocab), special=True)
         self.special_texts = vocab_specials(ll, self._vocab)  # message text never becomes one of these
+        self._reply_close = reply_close(self.render, self._template, self._bos, self._eos)
 
     def _piece(self, token: int, *, special: bool) -> str:
         return token_piece(self._ll, self._vocab, token, special=special)
@@ -395,7 +406,51 @@ class LlamaCppEngine(LocalEngine[_Request]):
         kept = r.kv_ok and r.fed is not None and self.has_version(r.version) and r.version not in self._retired
         # the prompt's cells only: a reply's own were decoded by llama.cpp's vector kernels (kvreuse.py)
         self._run(self.kv.release(r.seq, r.version, r.fed[: r.n_past] if kept and r.fed else None))
+        entry = self.kv.entries.get(r.seq)
+        if kept and r.prefilled and entry is not None and self.kv_settle and self._reply_close is not None:
+            # the reply as the next turn's prompt renders it: its text as streamed, then the end of turn
+            text = self._text(r.generated).replace("\x00", "")
+            self._settles.append((entry, self.tokenize(text + self._reply_close)))
+            del self._settles[: -(self.max_active + self.kv.n_resident)]  # never more than the cells kept
         r.seq = -1
+
+    def _idle(self) -> bool:
+        """Settle the newest finished reply by one chunk (``kvreuse.py``); False when none is left."""
+        while self._settles:
+            entry, rest = self._settles[-1]
+            seq = self.kv.seq_of(entry)
+            if (
+                seq is None  # taken by a reply since, or evicted
+                or len(rest) < 2  # one token alone would go through the vector kernels
+                or not self.has_version(entry.version)
+                or entry.version in self._retired
+                or len(entry.tokens) + len(rest) > self.seq_capacity
+            ):
+                self._settles.pop()
+                continue
+            chunk = rest if len(rest) < SETTLE_CHUNK + 2 else rest[:SETTLE_CHUNK]
+            start = len(entry.tokens)
+            try:
+                self._use(entry.version)
+                self._run([Op("keep", seq, n=start)])  # the decoded cells of the reply go
+                for i, token in enumerate(chunk):
+                    self._fill(self._batch, i, token, start + i, seq, i == len(chunk) - 1)
+                self._batch.n_tokens = len(chunk)
+                rc = self._ll.llama_decode(self._ctx, self._batch)
+                if rc != 0:
+                    raise EngineError(f"llama_decode failed ({rc})")
+            except Exception:
+                log.warning("settling a finished reply's cells failed: they are not reused", exc_info=True)
+                self._settles.pop()
+                self._run(self.kv.drop(seq))
+                return True
+            self.kv.extend(seq, chunk)
+            if len(chunk) == len(rest):
+                self._settles.pop()
+            else:
+                self._settles[-1] = (entry, rest[len(chunk) :])
+            return True
+        return False
 
     def _fail(self, group: list[_Request], exc: Exception, what: str) -> list[_Request]:
         for r in group:
@@ -477,6 +532,28 @@ class LlamaCppEngine(LocalEngine[_Request]):
     def _logits(self, i: int) -> Any:
         """The logits of batch position ``i`` (a view on llama.cpp's buffer: use before the next decode)."""
         return np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, i), shape=(self._n_vocab,))
+
+
+def reply_close(render: Any, template: Any, bos: str, eos: str) -> str | None:
+    """What the chat template writes after an assistant's reply in the history (ChatML: the end of
+    turn and a newline), found by rendering a probe chat with and without a reply; None when the
+    history does not start with the prompt a reply was asked with (then nothing is settled)."""
+    probe, mark = [{"role": "user", "content": "ping"}], "\u2063pong\u2063"
+    try:
+        asked = render(probe)
+        after = str(
+            template.render(
+                messages=[*probe, {"role": "assistant", "content": mark}],
+                add_generation_prompt=False,
+                bos_token=bos,
+                eos_token=eos,
+            )
+        )
+    except Exception:
+        return None
+    if not after.startswith(asked + mark):
+        return None
+    return after[len(asked) + len(mark) :]
 
 
 def _put_all(items: list[tuple[asyncio.Queue[Chunk], Chunk]]) -> None:
