@@ -98,3 +98,30 @@ def test_a_settled_reply_is_followed_where_its_entry_moves() -> None:
     book.plan("v1", [9, 9, 9])  # the slot is needed: the entry moves to the pool
     assert book.seq_of(moved) == 1
     assert book.drop(1) == [Op("keep", 1, n=0)] and book.seq_of(moved) is None
+
+
+def test_each_version_keeps_a_run_of_consecutive_slots() -> None:
+    """Live and canary replies arriving in turn: live fills 0-3 and the canary 15-12, where the
+    lowest free slot would have interleaved them (four micro-batches per step for each)."""
+    book = KvBook(16, 0)
+    slots = {"base": [], "v1": []}
+    for i in range(8):
+        version = ("base", "v1")[i % 2]
+        slots[version].append(book.plan(version, [i, i, i]).seq)
+    assert slots == {"base": [0, 1, 2, 3], "v1": [15, 14, 13, 12]}
+    book.release(1, "base", None)
+    assert book.plan("base", [9, 9, 9]).seq == 1  # a hole in the run is filled again
+    book.release(13, "v1", None)
+    assert book.plan("v2", [9, 9, 9]).seq == 7  # a third version: as far as it can be from both (7 or 8)
+
+
+def test_an_idle_engine_reuses_a_parked_conversation_in_place() -> None:
+    """With nothing in flight any slot will do: the one where the conversation's cells are parked."""
+    book = KvBook(2, 0, min_reuse=4)
+    a, b = [*SYSTEM, 1, 2], [*SYSTEM, 3, 4]
+    book.plan("base", a)
+    book.plan("base", b)
+    book.release(0, "base", a)
+    book.release(1, "base", b)
+    plan = book.plan("base", [*b, 5, 6])
+    assert (plan.seq, plan.reuse, plan.ops) == (1, len(b), [Op("keep", 1, n=len(b))])

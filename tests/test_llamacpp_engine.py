@@ -305,13 +305,18 @@ async def test_versions_are_served_side_by_side(engine: LlamaCppEngine, adapter_
     assert pause > 0 and (adapter_v1 / ADAPTER_GGUF).is_file()
     v1_alone, _ = await collect(engine, "v1")
     assert v1_alone != base_alone
-    # both versions in flight at once: each group is decoded with its own adapter set. Sequences
-    # 0 and 2 are base, 1 and 3 v1, so each version's micro-batches hold one row per decode step,
-    # as alone (the random v1's logits are nearly flat: another composition rounds it elsewhere)
+    # both versions in flight at once: each group is decoded with its own adapter set, in a run of
+    # consecutive sequences (base in 0-1, v1 in 3-2: kvreuse.choose_slot), so each version's
+    # micro-batch holds its two rows, as when two replies of that version alone are decoded
+    # together (the random v1's logits are nearly flat: another composition rounds it elsewhere)
+    pairs = {
+        v: [t for t, _ in await in_one_round(engine, [functools.partial(collect, engine, v)] * 2)]
+        for v in ("base", "v1")
+    }
     switches = engine.adapter_switches
     both = await in_one_round(engine, [functools.partial(collect, engine, v) for v in ("base", "v1") * 2])
-    assert [t for t, _ in both] == [base_alone, v1_alone, base_alone, v1_alone]
-    assert engine.adapter_switches > switches
+    assert [t for t, _ in both] == [pairs["base"][0], pairs["v1"][0], pairs["base"][1], pairs["v1"][1]]
+    assert sorted(engine.kv.active) == [] and engine.adapter_switches > switches
     with pytest.raises(EngineError, match="immutable"):
         await engine.load_adapter("v1", str(adapter_v1))
     with pytest.raises(UnknownVersionError):

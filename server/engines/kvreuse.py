@@ -1,9 +1,9 @@
 """Which KV cells a new reply can reuse: the bookkeeping of the llamacpp engine's sequences (pure).
 
 The llama.cpp context holds ``n_active + n_resident`` sequences, each in its own KV stream
-(non-unified cache). Ids ``[0, n_active)`` are the active slots: a reply decodes in the lowest
-one free, so the replies in flight keep consecutive ids and llama.cpp batches them in one
-micro-batch. Ids ``[n_active, n_active + n_resident)`` are the resident pool. When a reply ends,
+(non-unified cache). Ids ``[0, n_active)`` are the active slots: a reply decodes in a free one
+next to its version's other replies (``choose_slot``), so each version's replies in flight keep
+consecutive ids and llama.cpp batches them in one micro-batch. Ids ``[n_active, n_active + n_resident)`` are the resident pool. When a reply ends,
 its cells stay where they are ("parked") and are recorded as an ``Entry``: the version that
 wrote them and the tokens at positions ``0..n-1``. A new reply reuses the entry of its version
 with the longest common token prefix (``plan``): in place when it is parked in the slot the
@@ -34,6 +34,33 @@ order, so a parked entry is copied out before its slot is overwritten.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+
+def choose_slot(
+    active: dict[int, str], n_active: int, version: str, preferred: list[int] | tuple[int, ...] = ()
+) -> int:
+    """The active slot (sequence id) a new reply of ``version`` decodes in; ``active``: the slots in
+    use and their versions. llama.cpp decodes each version apart, and with a non-unified KV cache
+    it puts only consecutive sequence ids in one micro-batch: a version whose replies hold ids 0, 2,
+    4 and 6 costs four graph computations per step where 0-3 costs one. So a reply goes next to its
+    version's run of slots when it has one, else as far as it can from every other version's (the
+    first canary reply beside live replies in 0-3 takes the top slot, and its run grows down); on an
+    idle engine any slot will do. Among equally good slots, one in ``preferred`` (where the reply's
+    cached prefix is parked: reused in place, no copy), else the lowest. Needs a free slot."""
+    free = [s for s in range(n_active) if s not in active]
+    mine = [s for s, v in active.items() if v == version]
+    others = [s for s, v in active.items() if v != version]
+
+    def cost(slot: int) -> int:
+        if mine:
+            return min(abs(slot - m) for m in mine)  # 1: adjacent to the run
+        if others:
+            return -min(abs(slot - o) for o in others)  # the farther from the others, the better
+        return 0
+
+    best = min(cost(s) for s in free)
+    good = [s for s in free if cost(s) == best]
+    return next((s for s in good if s in preferred), good[0])
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -82,7 +109,7 @@ class KvBook:
         self.min_reuse = min_reuse
         self.enabled = enabled
         self.entries: dict[int, Entry] = {}  # seq id -> what its cells hold (parked or resident; never active)
-        self.active: set[int] = set()
+        self.active: dict[int, str] = {}  # slot -> the version decoding in it
         self.reused_tokens = 0  # prompt tokens not prefilled thanks to reuse
         self.prompt_tokens = 0  # prompt tokens of every planned reply
         self.copies = 0  # stream copies ordered
@@ -98,17 +125,18 @@ class KvBook:
         the ops that put them there. ``prompt`` is what the reply's cells will hold before it
         decodes. At least its last two tokens are prefilled again: one token alone would go
         through llama.cpp's vector kernels, whose rounding differs from a prefill's."""
-        seq = min(s for s in range(self.n_active) if s not in self.active)
-        self.active.add(seq)
-        self.prompt_tokens += len(prompt)
-        best, match = -1, 0
+        matches: dict[int, int] = {}
         if self.enabled:
             for s, e in self.entries.items():
-                if e.version != version:
-                    continue
-                m = min(common_prefix(e.tokens, prompt), len(prompt) - 2)
-                if m > match or (m == match and m > 0 and s == seq):  # in place wins a tie: no copy
-                    best, match = s, m
+                m = min(common_prefix(e.tokens, prompt), len(prompt) - 2) if e.version == version else 0
+                if m > 0:
+                    matches[s] = m
+        match = max(matches.values(), default=0)
+        tied = [s for s, m in matches.items() if m == match]
+        seq = choose_slot(self.active, self.n_active, version, preferred=tied)  # in place wins a tie: no copy
+        self.active[seq] = version
+        self.prompt_tokens += len(prompt)
+        best = seq if seq in tied else (tied[0] if tied else -1)
         ops: list[Op] = []
         if best == seq and match > 0:
             del self.entries[seq]
@@ -163,7 +191,7 @@ class KvBook:
         """A reply in ``seq`` ended; ``tokens``: what its cells hold (None: unknown, after an error).
         Its cells stay parked there; entries of the version that they extend are dropped (stale
         copies of the same conversation), the prefix entries excepted."""
-        self.active.discard(seq)
+        self.active.pop(seq, None)
         if not self.enabled or not tokens:
             return [Op("keep", seq, n=0)]
         ops = []
