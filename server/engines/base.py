@@ -485,9 +485,10 @@ class LocalEngine(Generic[R]):
                         self._activate(r)
                         active.append(r)
                     if not active:
-                        if self._idle():
+                        wait = self._idle()
+                        if wait <= 0:
                             continue  # did a piece of idle work: look for new requests first
-                        self._wake.wait(timeout=0.5)
+                        self._wake.wait(timeout=wait)
                         self._wake.clear()
                         continue
                     self._round(active)
@@ -505,10 +506,10 @@ class LocalEngine(Generic[R]):
     def _activate(self, r: R) -> None:
         """A request leaves the inbox to join the rounds (default: nothing to set up)."""
 
-    def _idle(self) -> bool:
-        """No request in flight or waiting: do one short piece of background work and return True,
-        or False when there is none (default), and the worker sleeps until a request comes."""
-        return False
+    def _idle(self) -> float:
+        """No request in flight or waiting: do one short piece of background work and return 0, or
+        return how long the worker may sleep (until a request wakes it) before asking again."""
+        return 0.5
 
     def _round(self, active: list[R]) -> None:
         """One round over the active requests; finished ones go through ``_retire``."""

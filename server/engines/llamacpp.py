@@ -58,6 +58,10 @@ from server.engines.sampling import sample
 log = logging.getLogger("learnloop.engine.llamacpp")
 
 SETTLE_CHUNK = 16
+SETTLE_AFTER_S = 0.05
+"""Settling starts once the engine has had no request for this long: the end of a reply is often
+followed at once by more (the replies of a burst end together, a client sends its next call), and
+a customer who reads the reply gives it seconds."""
 """Reply tokens one idle settle prefills at a time: a request that arrives meanwhile waits for one
 chunk at most (about 30 ms here, beside a 750-token system prompt), then reuses what was settled (see ``kvreuse.py``)."""
 
@@ -137,6 +141,7 @@ class LlamaCppEngine(LocalEngine[_Request]):
         self.kv_settle = kv_reuse and kv_settle
         self._settles: list[tuple[Entry, list[int]]] = []
         self._reply_close: str | None = None  # what the template writes after a reply (``_load_template``)
+        self._busy_at = 0.0  # the end of the last round (monotonic)
         # off by default with reuse: llama.cpp's flash attention switches to a tiled kernel at 64
         # query tokens, which rounds differently, so a reused prompt would change greedy replies
         self.flash_attn = (not kv_reuse) if flash_attn is None else flash_attn
@@ -400,6 +405,7 @@ class LlamaCppEngine(LocalEngine[_Request]):
         self._retire(active, finished)
         if self._urgent or time.monotonic() - self._delivered_at >= self.stream_interval_s:
             self._deliver()
+        self._busy_at = time.monotonic()
 
     def _release(self, r: _Request) -> None:
         """Free the request's slot; its cells stay for reuse, unless a decode failed or its version is gone."""
@@ -414,8 +420,12 @@ class LlamaCppEngine(LocalEngine[_Request]):
             del self._settles[: -(self.max_active + self.kv.n_resident)]  # never more than the cells kept
         r.seq = -1
 
-    def _idle(self) -> bool:
-        """Settle the newest finished reply by one chunk (``kvreuse.py``); False when none is left."""
+    def _idle(self) -> float:
+        """Settle the newest finished reply by one chunk (``kvreuse.py``) once the engine has been
+        quiet for ``SETTLE_AFTER_S``; returns 0 after a chunk, else how long to sleep."""
+        quiet = time.monotonic() - self._busy_at
+        if self._settles and quiet < SETTLE_AFTER_S:
+            return SETTLE_AFTER_S - quiet
         while self._settles:
             entry, rest = self._settles[-1]
             seq = self.kv.seq_of(entry)
@@ -443,14 +453,14 @@ class LlamaCppEngine(LocalEngine[_Request]):
                 log.warning("settling a finished reply's cells failed: they are not reused", exc_info=True)
                 self._settles.pop()
                 self._run(self.kv.drop(seq))
-                return True
+                return 0.0
             self.kv.extend(seq, chunk)
             if len(chunk) == len(rest):
                 self._settles.pop()
             else:
                 self._settles[-1] = (entry, rest[len(chunk) :])
-            return True
-        return False
+            return 0.0
+        return 0.5
 
     def _fail(self, group: list[_Request], exc: Exception, what: str) -> list[_Request]:
         for r in group:
