@@ -361,7 +361,8 @@ class LlamaCppEngine(LocalEngine[_Request]):
     # --- generation ------------------------------------------------------------------------
 
     def _activate(self, r: _Request) -> None:
-        """The lowest free slot (busy ids stay consecutive), with the longest cached prefix of its prompt."""
+        """A free slot next to its version's others (``kvreuse.choose_slot``: each version's ids stay
+        consecutive), with the longest cached prefix of its prompt."""
         r.fed = r.prompt_ids or [max(self._ll.llama_vocab_bos(self._vocab), 0)]
         plan = self.kv.plan(r.version, r.fed)
         r.seq, r.n_past = plan.seq, plan.reuse
@@ -410,7 +411,8 @@ class LlamaCppEngine(LocalEngine[_Request]):
     def _release(self, r: _Request) -> None:
         """Free the request's slot; its cells stay for reuse, unless a decode failed or its version is gone."""
         kept = r.kv_ok and r.fed is not None and self.has_version(r.version) and r.version not in self._retired
-        # the prompt's cells only: a reply's own were decoded by llama.cpp's vector kernels (kvreuse.py)
+        # the prompt's cells only: a reply's own were decoded by llama.cpp's vector kernels; they are
+        # settled (prefilled again) while the engine is idle (``_idle``, kvreuse.py)
         self._run(self.kv.release(r.seq, r.version, r.fed[: r.n_past] if kept and r.fed else None))
         entry = self.kv.entries.get(r.seq)
         if kept and r.prefilled and entry is not None and self.kv_settle and self._reply_close is not None:
