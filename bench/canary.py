@@ -16,7 +16,7 @@ greedy) and measures the aggregate decode rate (every token over the wall time o
 ``runs`` is the engine's rule (``server/engines/kvreuse.py::choose_slot``: each version keeps a
 run of consecutive ids), ``lowest`` the rule before it (the lowest free slot: arrivals in turn
 interleave the two versions' ids, and llama.cpp puts only consecutive ids in one micro-batch),
-patched in for this bench to measure against. Blocks run A B B A over the rules, ``--rounds``
+swapped in for this bench to measure against (``KvBook.choose_slot``). Blocks run A B B A over the rules, ``--rounds``
 times, each rule doing ``same`` then ``mixed``. Prints the aggregates, mixed/same per rule
 (issue 19: at least 0.8), and one JSON line.
 """
@@ -35,12 +35,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import server.engines.kvreuse as kvreuse
 from bench.serve import LONG_PROMPTS, make_adapter
-from server.engines import LlamaCppEngine, SamplingConfig
+from server.engines import LlamaCppEngine, SamplingConfig, choose_slot
 from training.models import default_cache_dir, default_gguf, resolve_model
 
-RUNS = kvreuse.choose_slot
+RUNS = choose_slot
 
 
 def lowest(active: dict[int, str], n_active: int, version: str, preferred: Any = ()) -> int:
@@ -94,7 +93,7 @@ async def main() -> None:
             order = [*rules, *reversed(rules)]
             for k in range(args.rounds):
                 for j, rule in enumerate(order):
-                    kvreuse.choose_slot = RULES[rule]  # type: ignore[assignment]
+                    engine.kv.choose_slot = RULES[rule]
                     tag = f"round {k} block {j}"
                     results[rule]["same"].append(await block(engine, ["base"] * 8, tag, args.max_new_tokens))
                     results[rule]["mixed"].append(
@@ -106,7 +105,6 @@ async def main() -> None:
                         flush=True,
                     )
     finally:
-        kvreuse.choose_slot = RUNS
         await asyncio.to_thread(engine.close)
     med = {r: {k: statistics.median(v) for k, v in results[r].items()} for r in rules}
     print(f"{'rule':>6} {'same tok/s':>11} {'mixed tok/s':>12} {'mixed/same':>11}")

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
         requantize,
         route_llama_log,
     )
-    from server.engines.kvreuse import KvBook, Op, common_prefix
+    from server.engines.kvreuse import KvBook, Op, choose_slot, common_prefix
     from server.engines.llamacpp import LlamaCppEngine
     from server.engines.openai import OpenAIEngine, trim_messages
     from server.engines.transformers import TransformersEngine
@@ -63,6 +63,7 @@ __all__ = [
     "TransformersEngine",
     "UnknownVersionError",
     "auto_engine",
+    "choose_slot",
     "common_prefix",
     "converted_adapter_ok",
     "create_engine",
@@ -85,6 +86,7 @@ _LAZY = {
     "trim_messages": "openai",
     "KvBook": "kvreuse",
     "Op": "kvreuse",
+    "choose_slot": "kvreuse",
     "common_prefix": "kvreuse",
     "ADAPTER_GGUF": "gguf",
     "converted_adapter_ok": "gguf",

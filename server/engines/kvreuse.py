@@ -114,6 +114,7 @@ class KvBook:
         self.prompt_tokens = 0  # prompt tokens of every planned reply
         self.copies = 0  # stream copies ordered
         self.settled_tokens = 0  # reply tokens prefilled again between replies (``extend``)
+        self.choose_slot = choose_slot  # the slot rule (bench/canary.py swaps in the old one to compare)
         self._tick = 0
 
     def _touch(self, entry: Entry) -> None:
@@ -133,7 +134,7 @@ class KvBook:
                     matches[s] = m
         match = max(matches.values(), default=0)
         tied = [s for s, m in matches.items() if m == match]
-        seq = choose_slot(self.active, self.n_active, version, preferred=tied)  # in place wins a tie: no copy
+        seq = self.choose_slot(self.active, self.n_active, version, tied)  # in place wins a tie: no copy
         self.active[seq] = version
         self.prompt_tokens += len(prompt)
         best = seq if seq in tied else (tied[0] if tied else -1)
