@@ -93,7 +93,7 @@ def env_for(clients: int) -> dict[str, str]:
 
 
 async def sessions_phase(
-    data_dir: Path, model: Path, sessions: int, ratings: int, window: int | None
+    data_dir: Path, model: Path | str, sessions: int, ratings: int, window: int | None
 ) -> dict[str, float]:
     server = ServeProcess(data_dir, model, env_for(sessions))
     try:
@@ -124,7 +124,7 @@ async def sessions_phase(
     }
 
 
-async def idle_phase(data_dir: Path, model: Path, sockets: int) -> dict[str, float]:
+async def idle_phase(data_dir: Path, model: Path | str, sockets: int) -> dict[str, float]:
     """``sockets`` connections that say hello and then stay open, silent: the server's memory per idle
     session (resident memory after minus before, over the count), read while they are all open."""
     server = ServeProcess(data_dir, model, env_for(sockets))
@@ -159,7 +159,9 @@ async def idle_phase(data_dir: Path, model: Path, sockets: int) -> dict[str, flo
     }
 
 
-async def burst_phase(data_dir: Path, model: Path, clients_n: int, total: int, window: int | None) -> dict[str, float]:
+async def burst_phase(
+    data_dir: Path, model: Path | str, clients_n: int, total: int, window: int | None
+) -> dict[str, float]:
     server = ServeProcess(data_dir, model, env_for(clients_n))
     per_client = max(1, total // clients_n)
     try:
@@ -208,6 +210,13 @@ async def main() -> None:
     parser.add_argument(
         "--idle", type=int, default=1000, help="idle sockets held open in phase 1b (the server's memory per one)"
     )
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="the model phases 1-2 serve: 'tiny' (the tiny random Llama on the transformers engine, the default:"
+        " the model's speed is not the point) or a name learnloop serve --model takes, e.g. smollm2-135m-instruct"
+        " (the default engine, llamacpp: its decode releases the GIL, the tiny model's Python does not)",
+    )
     parser.add_argument("--kill9", type=int, default=20, help="kill -9 rounds (phase 3)")
     parser.add_argument("--kill9-sessions", type=int, default=16)
     parser.add_argument(
@@ -220,7 +229,8 @@ async def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="learnloop-load-") as tmp:
         root = Path(tmp)
-        model = build_tiny_model(root / "tiny")
+        tiny = build_tiny_model(root / "tiny")
+        model: Path | str = tiny if args.model == "tiny" else args.model
         result: dict[str, float] = {}
         result.update(await sessions_phase(root / "sessions", model, args.sessions, args.ratings, args.window))
         print(f"phase 1: {args.sessions} sessions x {args.ratings} ratings: {result}", flush=True)
@@ -234,7 +244,7 @@ async def main() -> None:
         piped = await burst_phase(root / "piped", model, args.burst_clients, args.burst, None)
         print(f"phase 2b: burst, every rating sent at once: {piped}", flush=True)
         result.update({"piped_acks_per_s": piped["acks_per_s"], "piped_ack_p99_ms": piped["burst_ack_p99_ms"]})
-        kill9_model = model if args.kill9_model == "tiny" else args.kill9_model
+        kill9_model = tiny if args.kill9_model == "tiny" else args.kill9_model
         trials = await kill9_trials(
             root / "kill9",
             kill9_model,
