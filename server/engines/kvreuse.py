@@ -3,7 +3,8 @@
 The llama.cpp context holds ``n_active + n_resident`` sequences, each in its own KV stream
 (non-unified cache). Ids ``[0, n_active)`` are the active slots: a reply decodes in a free one
 next to its version's other replies (``choose_slot``), so each version's replies in flight keep
-consecutive ids and llama.cpp batches them in one micro-batch. Ids ``[n_active, n_active + n_resident)`` are the resident pool. When a reply ends,
+consecutive ids and llama.cpp batches them in one micro-batch. Ids ``[n_active, n_active +
+n_resident)`` are the resident pool. When a reply ends,
 its cells stay where they are ("parked") and are recorded as an ``Entry``: the version that
 wrote them and the tokens at positions ``0..n-1``. A new reply reuses the entry of its version
 with the longest common token prefix (``plan``): in place when it is parked in the slot the

@@ -58,12 +58,13 @@ from server.engines.sampling import sample
 log = logging.getLogger("learnloop.engine.llamacpp")
 
 SETTLE_CHUNK = 16
+"""Reply tokens one idle settle prefills at a time: a request that arrives meanwhile waits for one
+chunk at most (about 30 ms here, beside a 750-token system prompt), then reuses what was settled
+(see ``kvreuse.py``)."""
 SETTLE_AFTER_S = 0.05
 """Settling starts once the engine has had no request for this long: the end of a reply is often
 followed at once by more (the replies of a burst end together, a client sends its next call), and
 a customer who reads the reply gives it seconds."""
-"""Reply tokens one idle settle prefills at a time: a request that arrives meanwhile waits for one
-chunk at most (about 30 ms here, beside a 750-token system prompt), then reuses what was settled (see ``kvreuse.py``)."""
 
 
 @dataclass(eq=False)
