@@ -125,31 +125,15 @@ def parse_formats(text: str) -> list[str]:
 
 
 def format_file(shipped: Path, fmt: str) -> Path:
-    """The GGUF of ``fmt`` made from the shipped file (once; reused after, as ``requantize`` does)."""
+    """The GGUF of ``fmt`` made from the shipped file (once; reused after): the served formats
+    through ``requantize``, the float references (Q4_1 dequantized) through ``quantize_gguf``."""
+    from server.engines import quantize_gguf, requantize
+
     if fmt == "shipped":
         return shipped
-    if fmt not in FLOAT_TYPES:
-        from server.engines import requantize
-
-        return requantize(shipped, fmt)
-    import llama_cpp.llama_cpp as ll
-
-    from server.engines import route_llama_log
-
-    out = shipped.with_name(f"{shipped.stem}.{fmt}.gguf")
-    if out.is_file() and out.stat().st_mtime >= shipped.stat().st_mtime:
-        return out
-    route_llama_log(ll)
-    params = ll.llama_model_quantize_default_params()
-    params.ftype = getattr(ll, FLOAT_TYPES[fmt])
-    params.allow_requantize = True  # dequantizes Q4_1 to floats
-    params.nthread = os.cpu_count() or 1
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    if ll.llama_model_quantize(str(shipped).encode(), str(tmp).encode(), params) != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"llama.cpp could not convert {shipped} to {fmt}")
-    tmp.replace(out)
-    return out
+    if fmt in FLOAT_TYPES:
+        return quantize_gguf(shipped, fmt, FLOAT_TYPES[fmt])
+    return requantize(shipped, fmt)
 
 
 # --- one format, loaded ------------------------------------------------------------------------

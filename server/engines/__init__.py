@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         gguf_linear_shapes,
         llama_cpp_available,
         probe_record,
+        quantize_gguf,
         requantize,
         route_llama_log,
     )
@@ -73,6 +74,7 @@ __all__ = [
     "gguf_linear_shapes",
     "llama_cpp_available",
     "probe_record",
+    "quantize_gguf",
     "redirected",
     "requantize",
     "route_llama_log",
@@ -95,6 +97,7 @@ _LAZY = {
     "gguf_linear_shapes": "gguf",
     "llama_cpp_available": "gguf",
     "probe_record": "gguf",
+    "quantize_gguf": "gguf",
     "requantize": "gguf",
     "route_llama_log": "gguf",
 }

@@ -216,17 +216,24 @@ def requantize(src: str | Path, quant: str) -> Path:
     weights the adapters were trained against); Q4_0 from Q4_1 rounds them a second time.
     Blocking (about a second for SmolLM2-135M).
     """
-    import llama_cpp.llama_cpp as ll
-
     if quant not in QUANT_TYPES:
         raise EngineError(f"unknown GGUF quantization {quant!r}; use one of {', '.join(QUANT_TYPES)}")
+    return quantize_gguf(src, quant, QUANT_TYPES[quant])
+
+
+def quantize_gguf(src: str | Path, name: str, ftype: str) -> Path:
+    """``src`` written as llama.cpp's file type ``ftype`` (a ``LLAMA_FTYPE_*`` name; requantizing
+    allowed, so a quantized file may become floats too) to ``<stem>.<name>.gguf`` beside it, once:
+    reused while it is newer than ``src``. Blocking."""
+    import llama_cpp.llama_cpp as ll
+
     source = Path(src)
-    out = source.with_name(f"{source.stem}.{quant}.gguf")
+    out = source.with_name(f"{source.stem}.{name}.gguf")
     if out.is_file() and out.stat().st_mtime >= source.stat().st_mtime:
         return out
     route_llama_log(ll)
     params = ll.llama_model_quantize_default_params()
-    params.ftype = getattr(ll, QUANT_TYPES[quant])
+    params.ftype = getattr(ll, ftype)
     params.allow_requantize = True
     params.nthread = os.cpu_count() or 1
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -234,7 +241,7 @@ def requantize(src: str | Path, quant: str) -> Path:
     rc = ll.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
-        raise EngineError(f"llama.cpp could not requantize {source} to {quant} ({rc})")
+        raise EngineError(f"llama.cpp could not requantize {source} to {name} ({rc})")
     tmp.replace(out)
     log.info("requantized %s to %s in %.1f s", source.name, out.name, time.monotonic() - started)
     return out
