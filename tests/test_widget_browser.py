@@ -52,8 +52,16 @@ WHY = "That is not my order number"
 
 
 def widget_settings(
-    tiny_model: Path, data_dir: Path, *, ports: tuple[int, int] = (0, 0), tokens: int = 12, temperature: float = 0.7
+    tiny_model: Path,
+    data_dir: Path,
+    *,
+    ports: tuple[int, int] = (0, 0),
+    tokens: int = 12,
+    temperature: float | None = None,  # None: the setting's default
 ) -> Settings:
+    model: dict[str, Any] = {"name": str(tiny_model), "max_new_tokens": tokens, "dtype": "float32"}
+    if temperature is not None:
+        model["temperature"] = temperature
     s = load_settings(
         env={},
         data_dir=data_dir,
@@ -61,12 +69,7 @@ def widget_settings(
             "console": {"enabled": False},
             "server": {"port": ports[0]},
             "channels": {"port": ports[1]},
-            "model": {
-                "name": str(tiny_model),
-                "max_new_tokens": tokens,
-                "dtype": "float32",
-                "temperature": temperature,
-            },
+            "model": model,
             "schedule": {"enabled": False},
         },
     )

@@ -557,10 +557,14 @@ class LocalEngine(Generic[R]):
             self._post(r, Chunk(delta))
         return False
 
+    def _reply_text(self, r: R) -> str:
+        """The reply so far as it streams and is stored: a NUL the model writes is dropped (it means
+        nothing in a chat, and PostgreSQL's text cannot hold it)."""
+        return self._text(r.generated).replace("\x00", "")
+
     def _flush(self, r: R, *, final: bool) -> str:
-        """New text since the last flush; holds back a trailing partial UTF-8 character. A NUL the
-        model writes is dropped (it means nothing in a chat, and PostgreSQL's text cannot hold it)."""
-        text = self._text(r.generated).replace("\x00", "")
+        """New text since the last flush (``_reply_text``); holds back a trailing partial UTF-8 character."""
+        text = self._reply_text(r)
         if not final and text.endswith("\ufffd"):
             return ""
         delta = text[r.sent_chars :]

@@ -418,8 +418,7 @@ class LlamaCppEngine(LocalEngine[_Request]):
         entry = self.kv.entries.get(r.seq)
         if kept and r.prefilled and entry is not None and self.kv_settle and self._reply_close is not None:
             # the reply as the next turn's prompt renders it: its text as streamed, then the end of turn
-            text = self._text(r.generated).replace("\x00", "")
-            self._settles.append((entry, self.tokenize(text + self._reply_close)))
+            self._settles.append((entry, self.tokenize(self._reply_text(r) + self._reply_close)))
             del self._settles[: -(self.max_active + self.kv.n_resident)]  # never more than the cells kept
         r.seq = -1
 
@@ -463,7 +462,7 @@ class LlamaCppEngine(LocalEngine[_Request]):
             else:
                 self._settles[-1] = (entry, rest[len(chunk) :])
             return 0.0
-        return 0.5
+        return super()._idle()
 
     def _fail(self, group: list[_Request], exc: Exception, what: str) -> list[_Request]:
         for r in group:
