@@ -58,7 +58,7 @@ class Seeded:
     refund_reply: str  # the assistant message in the refund conversation
 
 
-async def _conversation(
+async def stored_conversation(
     store: FeedbackStore,
     turns: list[tuple[str, str]],
     *,
@@ -86,19 +86,19 @@ async def _conversation(
 
 
 async def seed(store: FeedbackStore) -> Seeded:
-    refund, r_ids = await _conversation(
+    refund, r_ids = await stored_conversation(
         store,
         [("user", "How do I get a refund for my blender?"), ("assistant", "Refunds are not possible, sorry.")],
         user="cust-1",
     )
     await store.conversations.add_rating(message_id=r_ids[1], value=-1, rater="cust-1", client_id="r1", reason="wrong")
-    shipping, s_ids = await _conversation(
+    shipping, s_ids = await stored_conversation(
         store,
         [("user", "How long does shipping take?"), ("assistant", "Standard shipping takes 3-5 business days.")],
         user="cust-2",
     )
     await store.conversations.add_rating(message_id=s_ids[1], value=1, rater="cust-2", client_id="r2")
-    telegram, _ = await _conversation(
+    telegram, _ = await stored_conversation(
         store,
         [("user", "Are you open on Sunday?"), ("assistant", "Yes.")],
         user="cust-3",

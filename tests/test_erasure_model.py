@@ -13,7 +13,7 @@ import httpx
 from feedback import FeedbackStore, ModelVersion, VersionState
 from server.app import App
 from server.release import erased_adapters_to_delete
-from tests.console_support import _conversation, bearer, running_app
+from tests.console_support import bearer, running_app, stored_conversation
 from tests.store_backends import StoreTarget
 from tests.test_engine import make_adapter
 from training.validate import ADAPTER_FILE, sha256_file
@@ -67,8 +67,8 @@ async def test_erasure_marks_versions_deletes_superseded_adapters_and_retrains(
     async with running_app(tiny_model, tmp_path) as app:
         store = app.store
         assert store is not None and app.release is not None
-        _, mallory_ids = await _conversation(store, [("user", "my secret"), ("assistant", "noted")], user="erin")
-        _, other_ids = await _conversation(store, [("user", "shipping?"), ("assistant", "3 days")], user="olaf")
+        _, mallory_ids = await stored_conversation(store, [("user", "my secret"), ("assistant", "noted")], user="erin")
+        _, other_ids = await stored_conversation(store, [("user", "shipping?"), ("assistant", "3 days")], user="olaf")
         # what a retrain learns from once the erased users are gone
         await store.conversations.add_correction(message_id=other_ids[1], text="3 to 5 business days.", operator="op")
         a1 = make_adapter(tiny_model, tmp_path / "a1", seed=1)
@@ -92,7 +92,7 @@ async def test_erasure_marks_versions_deletes_superseded_adapters_and_retrains(
         assert not app.engine.has_version(v1) and app.release.previous_live is None  # no rollback to it
 
         # erasing a user the live version learned from: marked, kept while it serves, and a run starts
-        _, live_ids = await _conversation(store, [("user", "hi"), ("assistant", "hello")], user="liv")
+        _, live_ids = await stored_conversation(store, [("user", "hi"), ("assistant", "hello")], user="liv")
         await store.db.write(
             lambda conn: conn.execute(
                 "UPDATE model_versions SET feedback_ids = ? WHERE name = ?", (f'{{"messages": ["{live_ids[1]}"]}}', v2)

@@ -26,13 +26,19 @@ import httpx
 
 from feedback import VersionState
 from tests.conftest import ChatClient
-from tests.console_support import PASSWORD, add_operators
+from tests.console_support import PASSWORD, add_operators, stored_conversation
 from tests.factories import register_candidate
 from tests.serve_process import ROOT, ServeProcess
 from tests.store_backends import StoreTarget
 from tests.test_engine import make_adapter
 
 CORRECT = "Refunds are accepted within 30 days of delivery."
+WRONG = [
+    "We do not offer refunds.",
+    "No, all sales are final.",
+    "Refunds take a year to process.",
+    "Only store credit is possible.",
+]
 QUESTIONS = [
     "What is your refund policy?",
     "Can I get my money back?",
@@ -162,16 +168,17 @@ async def test_when_both_schedulers_fire_exactly_one_training_runs(
         LEARNLOOP_TRAINING_REPLAY_PAIRS="0",
     )
     with two_servers(tmp_path, tiny_model, env) as (a, b):
-        replies = []
-        for i, question in enumerate(QUESTIONS):  # half the customers on each process
-            c: ChatClient = await open_client((a if i % 2 else b).port())
-            await c.hello(user=f"u{i}")
-            done, _ = await c.chat(question, f"q{i}")
-            replies.append(done["message_id"])
+        # The customers' conversations are written to the store, not chatted: the random model's
+        # sampled replies are sometimes blank, and a blank reply's pair is cleaned away, so the gate's
+        # one held-out pair was there or not by chance. Fixed replies make the same pairs, and the
+        # run (seed 0) the same, every time; serving across processes is the first test's.
         store = await postgres_target.open()
         try:
-            for message_id in replies:  # the last correction brings both schedules over min_new_feedback
-                await store.conversations.add_correction(message_id=message_id, text=CORRECT, operator="op")
+            for i, question in enumerate(QUESTIONS):  # the last correction brings both schedules over min_new_feedback
+                _, (_, reply) = await stored_conversation(
+                    store, [("user", question), ("assistant", WRONG[i])], user=f"u{i}"
+                )
+                await store.conversations.add_correction(message_id=reply, text=CORRECT, operator="op")
         finally:
             await store.close()
 
@@ -190,11 +197,12 @@ async def test_when_both_schedulers_fire_exactly_one_training_runs(
     assert [state for _, state in runs] == ["succeeded"], (runs, a.log[-30:], b.log[-30:])
     ran = {label: [r for r in found if r[0] != "skipped"] for label, found in results.items()}
     assert sorted(len(r) for r in ran.values()) == [0, 1], ran  # one cycle ran, in one process
-    loser = "a" if not ran["a"] else "b"
+    loser, winner = ("a", "b") if not ran["a"] else ("b", "a")
     refused = [reason for status, reason in results[loser] if reason == "another process holds the training lease"]
     assert refused, results[loser][-10:]  # the other's schedule fired during the run and was refused
+    assert ran[winner] == [("promoted", ran[winner][0][1])], ran[winner]  # the gate passed v1, with its reasons
     assert served == {"a": "v1", "b": "v1"}, served
-    print(f"\ntraining ran in {'b' if loser == 'a' else 'a'}: {ran}; {len(refused)} refusals in {loser}")
+    print(f"\ntraining ran in {winner}: {ran}; {len(refused)} refusals in {loser}")
 
 
 async def console_login(server: ServeProcess, name: str) -> httpx.AsyncClient:
