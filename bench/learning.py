@@ -56,6 +56,7 @@ from feedback import Reaction
 from server.app import App
 from server.settings import load_settings
 from training.evaluate import load_generic_chat
+from training.gate import EvalReport, GateJudge, verdicts
 
 
 async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
@@ -213,6 +214,14 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     by_version[version]["generic_ppl"] = report.get("candidate", {}).get("generic_ppl")
                 trained = await app.store.versions.get(result.version) if result.version else None
                 trained_report = (trained.eval_report if trained else None) or {}
+                judged = None
+                if trained is not None and trained_report.get("candidate"):
+                    judged = await judge_candidate(app, trained.name, live, trained_report, by_version, evaluate)
+                    print(
+                        f"cycle {cycle}: {trained.name} held-out satisfaction {judged['candidate_heldout']:.0%} "
+                        f"against {live}'s {judged['live_heldout']:.0%}; the gate's judges said {judged['verdicts']}",
+                        flush=True,
+                    )
                 by_version[f"cycle{cycle}"] = {
                     "version": version,
                     "trainer": trained_report.get("trainer"),
@@ -227,6 +236,7 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     "corrected_from_reactions": from_reactions,
                     "implicit_rows": (trained_report.get("counts") or {}).get("train_implicit", 0),
                     "status": str(result.status),
+                    "judged": judged,
                     "seconds": round(time.monotonic() - t0, 1),
                     "training_seconds": round(result.seconds, 1),
                     "feedback_seconds": round(train_s - result.seconds, 1),
@@ -267,6 +277,73 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
         "leak_examples": {k: v["leak_examples"] for k, v in versions.items() if v["leak_examples"]},
     }
     return summary
+
+
+async def judge_candidate(
+    app: App, name: str, live: str, report: dict[str, Any], by_version: dict[str, dict[str, Any]], evaluate: Any
+) -> dict[str, Any]:
+    """What the customers would say of a trained candidate against the live version it was judged
+    against, beside what each of the gate's judges said. A rejected candidate is promoted for its
+    evaluation alone and rolled back at once (its held-out conversations are stored unrated); a
+    promoted one was evaluated as the new live version."""
+    if name in by_version:
+        candidate = by_version[name]
+    else:
+        await app.release.promote(name, actor="bench-judge")
+        try:
+            candidate = await evaluate(name)
+        finally:
+            await app.release.rollback(name, actor="bench-judge")
+        assert app.release.live_version == live, (app.release.live_version, live)
+    said = verdicts(EvalReport.from_dict(report), app.settings.gate)
+    replies = dict(report.get("replies") or {})
+    return {
+        "candidate": name,
+        "candidate_heldout": candidate["heldout"],
+        "candidate_leaks": candidate["leaks_uncorrected"] + candidate["leaks_generic"],
+        "live": live,
+        "live_heldout": by_version[live]["heldout"],
+        "verdicts": said,
+        "reward_margin": report.get("reward_margin"),
+        "chosen_nll": [report["candidate"]["chosen_nll"], report["live"]["chosen_nll"]],
+        "replies": {k: v for k, v in replies.items() if k != "examples"},
+        "reply_examples": replies.get("examples", []),
+    }
+
+
+def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """How often each gate judge agreed with the rubric over every judged cycle of ``runs``: the
+    rubric says "promote" when the candidate's held-out satisfaction is above live's and "reject"
+    when below; equal satisfaction (a tie) decides nothing and is counted apart."""
+    out: dict[str, Any] = {}
+    cycles = [
+        (r["deployment"], r["seed"], mode_label(r), n, c["judged"])
+        for r in runs
+        for n, c in enumerate(r["cycles"], 1)
+        if c.get("judged")
+    ]
+    decided = [x for x in cycles if x[4]["candidate_heldout"] != x[4]["live_heldout"]]
+    for judge in GateJudge:
+        misses = [
+            f"{dep} seed {seed} ({mode}) cycle {n}: {j['candidate']} {j['candidate_heldout']:.0%} vs "
+            f"{j['live']} {j['live_heldout']:.0%}, {judge} said {'promote' if j['verdicts'][judge] else 'reject'}"
+            for dep, seed, mode, n, j in decided
+            if j["verdicts"][judge] != (j["candidate_heldout"] > j["live_heldout"])
+        ]
+        out[str(judge)] = {"agree": len(decided) - len(misses), "of": len(decided), "disagreements": misses}
+    out["ties"] = len(cycles) - len(decided)
+    return out
+
+
+def agreement_table(runs: list[dict[str, Any]]) -> str:
+    found = agreement(runs)
+    lines = ["| judge | agrees with the rubric | disagreements |", "| --- | --- | --- |"]
+    for judge in GateJudge:
+        a = found[str(judge)]
+        share = f"{a['agree'] / a['of']:.0%}" if a["of"] else "-"
+        lines.append(f"| {judge} | {a['agree']} of {a['of']} ({share}) | {'; '.join(a['disagreements']) or '-'} |")
+    lines.append(f"ties (equal satisfaction, not counted): {found['ties']}")
+    return "\n".join(lines)
 
 
 async def recorded_reactions(app: App, results: list[Answer]) -> dict[str, Reaction]:
@@ -370,6 +447,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/out")
+    parser.add_argument(
+        "--agreement",
+        nargs="+",
+        metavar="LEARNING_JSON",
+        help="print how often each gate judge agreed with the rubric over these runs' learning.json files, and stop",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.thumbs_share <= 1:
         parser.error("--thumbs-share is a share: 0 to 1")
@@ -464,13 +547,20 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main() -> None:
     args = parse_args()
+    if args.agreement:
+        runs = [json.loads(Path(p).read_text()) for p in args.agreement]
+        print(agreement_table(runs))
+        print(json.dumps(agreement(runs), ensure_ascii=False))
+        return
     if args.all:
         rows = run_all(args)
         print(table(rows))
+        print(agreement_table(rows))
         gains = [r["best_gain_pp"] for r in rows]
         print(json.dumps({"runs": rows, "mean_gain_pp": round(sum(gains) / len(gains), 1)}, ensure_ascii=False))
         return
     summary = asyncio.run(run(args, load_deployment(args.deployment)))
+    print(agreement_table([summary]))
     print(json.dumps(write_outputs(summary, Path(args.out)), ensure_ascii=False))
 
 

@@ -128,6 +128,10 @@ async def run_loop(settings: Any, open_client: Any, n_conversations: int, *, tra
         assert result["version"] == "v1" and app.release.live_version == "v1"
         assert result["report"]["candidate"]["chosen_nll"] < result["report"]["live"]["chosen_nll"]
         assert result["counts"]["heldout_dpo"] >= 1
+        # the job also read what both models say to the held-out corrected questions (gate.judge)
+        replies = result["report"]["replies"]
+        assert replies["n"] >= 1 and replies["examples"][0]["answer"] == CORRECT
+        assert replies["wins"] + replies["losses"] <= replies["n"]
 
         version = await app.store.versions.get("v1")  # type: ignore[union-attr]
         assert version.state is VersionState.LIVE

@@ -287,6 +287,10 @@ class JobSpec:
         default=(),
         metadata={"help": "The operator corrections in training: the rejected answers of the replay rows."},
     )
+    reply_questions: int = field(
+        default=16, metadata={"help": "gate.reply_questions: held-out questions each model answers (0: none)."}
+    )
+    reply_tokens: int = field(default=48, metadata={"help": "gate.reply_tokens: the longest reply of the reply check."})
 
     def __post_init__(self) -> None:
         if not self.base_model:

@@ -184,6 +184,8 @@ def job_spec(cfg: CycleConfig, prepared: PreparedData, *, run_dir: Path, live_ad
         kto_weights=train.kto_weights(),
         system_prompt=cfg.system_prompt,
         corrections=tuple(sorted({r.chosen for r in train.dpo if r.source == "correction"})),
+        reply_questions=cfg.gate.reply_questions,
+        reply_tokens=cfg.gate.reply_tokens,
     )
 
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from training.gate import EvalReport, ModelScores
+from training.gate import EvalReport, ModelScores, ReplyReport
+from training.reading import leaked, operator_facts, score_reply
 
 CANDIDATE = "default"
 LIVE = "live"
@@ -82,6 +83,101 @@ def _perplexity(model: Any, tokenizer: Any, generic: Sequence[dict[str, Any]]) -
         return None
     lps = [completion_logprob(model, tokenizer, g["prompt"], g["completion"]) for g in generic]
     return math.exp(-sum(lp for lp, _ in lps) / max(sum(n for _, n in lps), 1))
+
+
+def generate_replies(
+    model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]], *, max_new_tokens: int, batch: int = 8
+) -> list[str]:
+    """Greedy replies of the active model to chat ``prompts``, as served: the chat template's
+    generation prompt, the model's end of turn, special tokens dropped."""
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # the new tokens of every row start at the same column
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    replies: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch):
+            texts = [
+                tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
+                for p in prompts[start : start + batch]
+            ]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, use_cache=True
+                )
+            new = out[:, enc["input_ids"].shape[1] :]
+            replies.extend(tokenizer.decode(row, skip_special_tokens=True).strip() for row in new)
+    finally:
+        tokenizer.padding_side = side
+    return replies
+
+
+def read_replies(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[dict[str, Any]],
+    *,
+    live_adapter: str | None,
+    generic: Sequence[dict[str, Any]] = (),
+    corrections: Sequence[str] = (),
+    questions: int = 16,
+    max_new_tokens: int = 48,
+    examples: int = 4,
+) -> ReplyReport | None:
+    """Both models answer up to ``questions`` held-out questions; each reply is scored against
+    the operator's answer (``training.reading``), and each model's replies to the ``generic``
+    prompts are read for operator facts (of ``corrections`` and the held-out answers) that the
+    prompt does not hold. The questions are the held-out corrections' (all held-out pairs' when
+    there are none), one per distinct prompt and answer. None when ``questions`` is 0 or there is
+    no held-out pair."""
+    golden = [p for p in pairs if p.get("source") == "correction"] or list(pairs)
+    seen: set[str] = set()
+    asked: list[tuple[list[dict[str, str]], str]] = []
+    for p in golden:
+        key = json.dumps([p["prompt"], p["chosen"][0]["content"]], sort_keys=True)
+        if key not in seen and len(asked) < questions:
+            seen.add(key)
+            asked.append((list(p["prompt"]), p["chosen"][0]["content"]))
+    if not asked:
+        return None
+    facts = operator_facts([*corrections, *(answer for _, answer in asked)])
+    generic_prompts = [list(g["prompt"]) for g in generic]
+    said: dict[str, list[str]] = {}
+    heard: dict[str, list[str]] = {}
+    for key, adapter in (("cand", CANDIDATE), ("live", live_adapter)):
+        with _as(model, adapter):
+            said[key] = generate_replies(model, tokenizer, [q for q, _ in asked], max_new_tokens=max_new_tokens)
+            heard[key] = generate_replies(model, tokenizer, generic_prompts, max_new_tokens=max_new_tokens)
+    model.set_adapter(CANDIDATE)
+    scores = {
+        key: [score_reply(r, answer).score for r, (_, answer) in zip(said[key], asked, strict=True)] for key in said
+    }
+
+    def leaks(key: str) -> int:
+        return sum(1 for r, p in zip(heard[key], generic_prompts, strict=True) if leaked(r, p[-1]["content"], facts))
+
+    pairs_of_scores = list(zip(scores["cand"], scores["live"], strict=True))
+    return ReplyReport(
+        n=len(asked),
+        candidate=round(sum(scores["cand"]) / len(asked), 4),
+        live=round(sum(scores["live"]) / len(asked), 4),
+        wins=sum(1 for c, v in pairs_of_scores if c > v),
+        losses=sum(1 for c, v in pairs_of_scores if c < v),
+        candidate_leaks=leaks("cand"),
+        live_leaks=leaks("live"),
+        examples=tuple(
+            {
+                "question": q[-1]["content"],
+                "answer": answer,
+                "candidate": said["cand"][i],
+                "candidate_score": scores["cand"][i],
+                "live": said["live"][i],
+                "live_score": scores["live"][i],
+            }
+            for i, (q, answer) in enumerate(asked[:examples])
+        ),
+    )
 
 
 def evaluate_pairs(

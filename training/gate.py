@@ -15,12 +15,28 @@ same held-out preference pairs. Terms, per held-out pair (prompt x, chosen c, re
   next candidate.
 * ``chosen_nll`` (per model): mean per-token negative log-likelihood of the chosen answers of
   held-out operator corrections (of all held-out chosen answers when there are none).
+* ``replies`` (``ReplyReport``): each model *answers* the held-out corrected questions (greedy);
+  each reply is scored against the operator's answer (``training.reading.reply_score``: its words
+  and figures, minus figures the operator did not give), and each model's replies to the generic
+  chat prompts are read for operator facts that do not belong there (leaks).
+
+``gate.judge`` says which evidence decides: ``pairs`` (the likelihood checks above), ``replies``
+(the candidate's replies must score above live's, with no more leaks), or ``both``. The generic
+perplexity check applies to every judge. Whatever the judge, the report holds both kinds of
+figures, and ``verdicts`` gives what each judge would decide.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
 from typing import Any
+
+
+class GateJudge(StrEnum):
+    PAIRS = "pairs"  # likelihoods of the held-out pairs' fixed texts
+    REPLIES = "replies"  # what each model says to the held-out corrected questions
+    BOTH = "both"
 
 
 @dataclass(frozen=True)
@@ -28,6 +44,25 @@ class ModelScores:
     preference_accuracy: float
     chosen_nll: float
     generic_ppl: float | None = None  # perplexity on the generic chat set shipped in training/data
+
+
+@dataclass(frozen=True)
+class ReplyReport:
+    """The replies each model generated to the held-out corrected questions, as read against the
+    operators' answers, and its replies to the generic chat prompts, read for leaks."""
+
+    n: int  # questions answered (distinct held-out prompts with an operator's answer)
+    candidate: float  # mean reply score (training.reading.reply_score), -0.5 to 1
+    live: float
+    wins: int  # questions where the candidate's reply scored higher than live's
+    losses: int
+    candidate_leaks: int = 0  # generic replies stating an operator's fact the prompt does not hold
+    live_leaks: int = 0
+    examples: tuple[dict[str, Any], ...] = ()  # a few questions with both replies and their scores
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ReplyReport:
+        return cls(**{**d, "examples": tuple(d.get("examples") or ())})
 
 
 @dataclass(frozen=True)
@@ -39,6 +74,7 @@ class EvalReport:
     reward_accuracy: float
     extra: dict[str, Any] = field(default_factory=dict)
     base_generic_ppl: float | None = None  # the base model's; None: judge against live's
+    replies: ReplyReport | None = None  # None: the replies were not read (a report of an older version)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +89,7 @@ class EvalReport:
             reward_accuracy=float(d["reward_accuracy"]),
             extra=dict(d.get("extra") or {}),
             base_generic_ppl=d.get("base_generic_ppl"),
+            replies=ReplyReport.from_dict(d["replies"]) if d.get("replies") else None,
         )
 
 
@@ -78,7 +115,34 @@ class GateConfig:
         },
     )
 
+    judge: str = field(
+        default=GateJudge.PAIRS.value,
+        metadata={
+            "help": "Which evidence decides: 'pairs' (likelihoods of the held-out pairs), 'replies' (the candidate's "
+            "answers to the held-out corrected questions must score above live's, with no more leaks on generic "
+            "chat), or 'both'. The generic perplexity check applies to all three."
+        },
+    )
+    reply_questions: int = field(
+        default=16,
+        metadata={
+            "help": "Held-out corrected questions each model answers for the reply check (greedy); 0 reads no "
+            "replies. Each costs two generations in the training job (candidate and live)."
+        },
+    )
+    reply_tokens: int = field(default=48, metadata={"help": "Tokens each reply of the reply check may have."})
+    min_reply_gain: float = field(
+        default=0.0,
+        metadata={
+            "help": "With judge 'replies' or 'both': the candidate's mean reply score must exceed live's by more."
+        },
+    )
+
     def __post_init__(self) -> None:
+        if self.judge not in tuple(GateJudge):
+            raise ValueError(f"gate.judge {self.judge!r}: use one of {', '.join(GateJudge)}")
+        if self.reply_questions < 0 or self.reply_tokens < 1:
+            raise ValueError("gate.reply_questions must be 0 or more and gate.reply_tokens at least 1")
         if self.min_heldout_pairs < 1:
             raise ValueError("gate.min_heldout_pairs must be at least 1: a gate with no evidence is no gate")
         if not 0.0 <= self.min_reward_accuracy <= 1.0:
@@ -91,12 +155,7 @@ class GateDecision:
     reasons: tuple[str, ...]
 
 
-def decide(report: EvalReport, config: GateConfig) -> GateDecision:
-    """Promote only if every check passes; the reasons name each check and its figures."""
-    if report.n_heldout < config.min_heldout_pairs:
-        return GateDecision(
-            False, (f"held-out set has {report.n_heldout} pairs; the gate needs at least {config.min_heldout_pairs}",)
-        )
+def _pair_checks(report: EvalReport, config: GateConfig) -> list[tuple[bool, str]]:
     checks: list[tuple[bool, str]] = []
     checks.append(
         (
@@ -125,6 +184,39 @@ def decide(report: EvalReport, config: GateConfig) -> GateDecision:
             f"chosen NLL {report.candidate.chosen_nll:.4f} vs live {report.live.chosen_nll:.4f} (need <= {ceiling:.4f})",
         )
     )
+    return checks
+
+
+def _reply_checks(report: EvalReport, config: GateConfig) -> list[tuple[bool, str]]:
+    r = report.replies
+    if r is None or r.n == 0:
+        return [(False, "no replies were read (no held-out question with an operator's answer)")]
+    need = r.live + config.min_reply_gain
+    return [
+        (
+            r.candidate > need,
+            f"reply score {r.candidate:.3f} vs live {r.live:.3f} over {r.n} questions, "
+            f"{r.wins} better and {r.losses} worse (need > {need:.3f})",
+        ),
+        (
+            r.candidate_leaks <= r.live_leaks,
+            f"generic replies stating an operator's fact: {r.candidate_leaks} vs live {r.live_leaks} "
+            f"(need <= {r.live_leaks})",
+        ),
+    ]
+
+
+def decide(report: EvalReport, config: GateConfig) -> GateDecision:
+    """Promote only if every check of ``config.judge`` passes; the reasons name each check and its figures."""
+    if report.n_heldout < config.min_heldout_pairs:
+        return GateDecision(
+            False, (f"held-out set has {report.n_heldout} pairs; the gate needs at least {config.min_heldout_pairs}",)
+        )
+    checks: list[tuple[bool, str]] = []
+    if config.judge in (GateJudge.PAIRS, GateJudge.BOTH):
+        checks += _pair_checks(report, config)
+    if config.judge in (GateJudge.REPLIES, GateJudge.BOTH):
+        checks += _reply_checks(report, config)
     cand_ppl = report.candidate.generic_ppl
     ref_ppl, ref_name = (
         (report.base_generic_ppl, "base") if report.base_generic_ppl is not None else (report.live.generic_ppl, "live")
@@ -141,3 +233,9 @@ def decide(report: EvalReport, config: GateConfig) -> GateDecision:
     if failed:
         return GateDecision(False, failed)
     return GateDecision(True, tuple(f"passed: {text}" for _, text in checks))
+
+
+def verdicts(report: EvalReport, config: GateConfig) -> dict[str, bool]:
+    """What each judge would decide on this report, whatever ``config.judge`` is (the learning bench
+    compares them with what customers would say)."""
+    return {str(j): decide(report, replace(config, judge=str(j))).promote for j in GateJudge}

@@ -43,7 +43,7 @@ from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
 from feedback.specials import defuse_row, tokenizer_specials
 from training.config import JobSpec, device_args, disk_full
-from training.evaluate import LIVE, REPLAY_CHAT, evaluate_pairs, load_generic_chat, rejected_scores
+from training.evaluate import LIVE, REPLAY_CHAT, evaluate_pairs, load_generic_chat, read_replies, rejected_scores
 from training.gate import EvalReport
 from training.pairs import pick_likeliest
 from training.signals import replay_rows
@@ -481,14 +481,21 @@ def evaluate(model: Any, tokenizer: Any, heldout: list[TrlRow], spec: JobSpec) -
     """The candidate against the live version (loaded beside it, then dropped) on the held-out pairs."""
     if spec.live_adapter:
         model.load_adapter(spec.live_adapter, adapter_name=LIVE)
-    report = evaluate_pairs(
-        model,
-        tokenizer,
-        heldout,
-        live_adapter=LIVE if spec.live_adapter else None,
-        beta=spec.train.beta,
-        generic=load_generic_chat(),
-    )
+    live = LIVE if spec.live_adapter else None
+    generic = load_generic_chat()
+    report = evaluate_pairs(model, tokenizer, heldout, live_adapter=live, beta=spec.train.beta, generic=generic)
+    if spec.reply_questions > 0:  # what each model says, read against the operators' answers (gate.judge)
+        replies = read_replies(
+            model,
+            tokenizer,
+            heldout,
+            live_adapter=live,
+            generic=generic,
+            corrections=spec.corrections,
+            questions=spec.reply_questions,
+            max_new_tokens=spec.reply_tokens,
+        )
+        report = dataclasses.replace(report, replies=replies)
     if spec.live_adapter:
         model.delete_adapter(LIVE)
     return report

@@ -1,0 +1,122 @@
+"""Reading replies (training/reading.py) and the gate's reply judge (training/gate.py): pure, milliseconds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from training.gate import EvalReport, GateConfig, GateJudge, ModelScores, ReplyReport, decide, verdicts
+from training.reading import content_words, leaked, numbers, operator_facts, reply_score, score_reply
+
+REFUND = "Refunds are accepted within 30 days of delivery."
+
+
+def test_the_docstrings_examples() -> None:
+    close = score_reply("Refunds within 30 days of delivery.", REFUND)
+    assert (round(close.content, 2), close.facts, close.wrong, close.score) == (0.89, 1.0, 0.0, 0.9444)
+    wrong = score_reply("You have 14 days.", REFUND)
+    assert (round(wrong.content, 2), wrong.facts, wrong.wrong, wrong.score) == (0.33, 0.0, 1.0, -0.3333)
+
+
+def test_scores_order_replies_as_a_reader_would() -> None:
+    exact = reply_score(REFUND, REFUND)
+    words_no_figure = reply_score("Refunds are accepted after delivery.", REFUND)
+    silent = reply_score("I am not sure, please ask our team.", REFUND)
+    contradicting = reply_score("Refunds are accepted within 14 days of delivery.", REFUND)
+    assert exact == 1.0
+    assert exact > words_no_figure > silent == 0.0
+    assert contradicting < words_no_figure  # a wrong figure costs more than a missing one
+    assert reply_score("", REFUND) == 0.0 and reply_score("anything", "") == 0.0
+
+
+def test_an_answer_without_figures_is_judged_on_its_words() -> None:
+    answer = "Open Settings, choose Privacy, then Clear history."
+    s = score_reply("Go to Settings, choose Privacy and Clear history.", answer)
+    assert s.facts is None and s.score == s.content > 0.8
+    assert score_reply("Go to Settings, then step 3.", answer).wrong == 1.0  # a figure the operator never gave
+
+
+def test_chinese_counts_characters_and_full_width_digits() -> None:
+    answer = "收货后7天内可以无理由退货。"
+    assert content_words("退货期限是7天") == ["退", "货", "期", "限", "天"]
+    assert numbers("７天，１，０００元") == ["7", "1000"]
+    right = reply_score("７天内可以退货", answer)  # full-width 7 is the operator's 7
+    assert right > 0.6 and right > reply_score("15天内可以退货", answer)
+
+
+def test_numbers_fold_thousands_and_decimal_commas() -> None:
+    assert numbers("1,000 and 12,500.50 and 2.1% and 3,5 and 9:30") == ["1000", "12500.50", "2.1", "3.5", "9:30"]
+
+
+def test_a_leak_is_an_operators_fact_the_prompt_does_not_hold() -> None:
+    facts = operator_facts([REFUND, "Standard shipping takes 3 to 5 business days and costs 4.95."])
+    assert {"30", "4.95", "refunds accepted within days delivery"} <= facts
+    assert "3" not in facts and "5" not in facts  # one digit: too common to be an operator's fact
+    assert leaked("Cats sleep about 30 hours a week.", "How long do cats sleep?", facts) == ("30",)
+    assert leaked("It is 30.", "What is 15 plus 15? Is it 30?", facts) == ()  # the prompt holds it
+    copied = leaked("Poems: refunds are accepted within 30 days of delivery.", "Write a poem", facts)
+    assert copied == ("30", "refunds accepted within days delivery")
+    assert leaked("A haiku about rain.", "Write a haiku", facts) == ()
+
+
+def report(*, cand: float, live: float, leaks: tuple[int, int] = (0, 0), margin: float = 0.5) -> EvalReport:
+    return EvalReport(
+        n_heldout=4,
+        candidate=ModelScores(preference_accuracy=1.0, chosen_nll=1.0, generic_ppl=10.0),
+        live=ModelScores(preference_accuracy=0.5, chosen_nll=2.0, generic_ppl=10.0),
+        reward_margin=margin,
+        reward_accuracy=1.0 if margin > 0 else 0.0,
+        base_generic_ppl=10.0,
+        replies=ReplyReport(
+            n=4, candidate=cand, live=live, wins=3, losses=1, candidate_leaks=leaks[0], live_leaks=leaks[1]
+        ),
+    )
+
+
+def test_the_reply_judge_promotes_only_better_replies_without_new_leaks() -> None:
+    judge = GateConfig(judge="replies")
+    assert decide(report(cand=0.6, live=0.2), judge).promote
+    assert not decide(report(cand=0.2, live=0.2), judge).promote  # no better: no evidence to promote
+    worse = decide(report(cand=0.1, live=0.2), judge)
+    assert not worse.promote and "reply score 0.100 vs live 0.200" in worse.reasons[0]
+    leaky = decide(report(cand=0.6, live=0.2, leaks=(2, 1)), judge)
+    assert not leaky.promote and leaky.reasons == (
+        "failed: generic replies stating an operator's fact: 2 vs live 1 (need <= 1)",
+    )
+    assert not decide(report(cand=0.6, live=0.2), dataclasses.replace(judge, min_reply_gain=0.5)).promote
+    # the pair checks do not count for it; the perplexity check does
+    assert decide(report(cand=0.6, live=0.2, margin=-1.0), judge).promote
+    blown = dataclasses.replace(report(cand=0.6, live=0.2), candidate=ModelScores(1.0, 1.0, generic_ppl=12.0))
+    assert not decide(blown, judge).promote
+
+
+def test_each_judge_reads_its_own_evidence() -> None:
+    assert verdicts(report(cand=0.6, live=0.2, margin=-1.0), GateConfig()) == {
+        "pairs": False,
+        "replies": True,
+        "both": False,
+    }
+    assert verdicts(report(cand=0.1, live=0.2), GateConfig()) == {"pairs": True, "replies": False, "both": False}
+    unread = dataclasses.replace(report(cand=0.6, live=0.2), replies=None)
+    decision = decide(unread, GateConfig(judge=GateJudge.BOTH))
+    assert not decision.promote and "no replies were read" in decision.reasons[0]
+    assert decide(unread, GateConfig()).promote  # the default judge, pairs, needs none
+
+
+def test_a_report_with_replies_survives_json_and_an_older_report_has_none() -> None:
+    r = dataclasses.replace(
+        report(cand=0.6, live=0.2),
+        replies=dataclasses.replace(report(cand=0.6, live=0.2).replies, examples=({"question": "q"},)),  # type: ignore[arg-type]
+    )
+    assert EvalReport.from_dict(r.to_dict()) == r
+    older = r.to_dict()
+    del older["replies"]
+    assert EvalReport.from_dict(older).replies is None
+
+
+def test_a_gate_judge_must_be_known() -> None:
+    with pytest.raises(ValueError, match=r"gate\.judge 'vibes': use one of pairs, replies, both"):
+        GateConfig(judge="vibes")
+    with pytest.raises(ValueError, match="reply_questions"):
+        GateConfig(reply_questions=-1)
