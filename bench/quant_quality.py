@@ -67,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.peer import palindrome
 
 FLOAT_TYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "f32": "LLAMA_FTYPE_ALL_F32"}
-FORMATS = ("f32", "f16", "shipped", "q8_0", "q4_0")
+FORMATS = ("f32", "f16", "shipped", "q8_0", "q4_0", "q5_0", "iq4_nl")
 """``shipped``: the GGUF as the model ships it (Q4_1); the others are made from it."""
 
 

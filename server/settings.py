@@ -44,6 +44,9 @@ from training.implicit import ImplicitConfig
 from training.models import DEFAULT_MODEL
 from training.trust import TrustConfig
 
+GGUF_QUANTS = ("", "q8_0", "q4_0", "q5_0", "iq4_nl")
+"""``model.gguf_quant``: serve the file as it is, or one of ``server.engines.QUANT_TYPES``."""
+
 
 class SettingsError(LearnloopError, ValueError):
     """A setting is unknown or has a value of the wrong type."""
@@ -195,7 +198,7 @@ class ModelConfig:
     gguf_quant: str = field(
         default="q8_0",
         metadata={
-            "help": "llamacpp: requantize model.gguf once to this type before serving (q8_0, q4_0; empty: serve "
+            "help": "llamacpp: requantize model.gguf once to this type before serving (q8_0, q4_0, q5_0, iq4_nl; empty: serve "
             "the file as it is). Q4_1, the default model's file, prefills 2x slower than Q8_0 here "
             "(bench/RESULTS.md)."
         },
@@ -293,8 +296,10 @@ class ModelConfig:
             )
         if not 0 <= self.kv_resident <= 128:
             raise SettingsError(f"model.kv_resident {self.kv_resident}: use 0 to 128")
-        if self.gguf_quant not in ("", "q8_0", "q4_0"):
-            raise SettingsError(f"model.gguf_quant {self.gguf_quant!r}: use q8_0, q4_0 or an empty string")
+        if self.gguf_quant not in GGUF_QUANTS:
+            raise SettingsError(
+                f"model.gguf_quant {self.gguf_quant!r}: use one of {', '.join(q for q in GGUF_QUANTS if q)} or an empty string"
+            )
         if self.dtype not in ("bfloat16", "float32", "float16"):
             raise SettingsError(f"model.dtype {self.dtype!r}: use bfloat16 or float32")
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from bench.learning import parse_args, table
+from bench.learning import agreement, agreement_table, parse_args, table
 
 
 def _row(deployment: str, seed: int, gain: float, *, reactions: bool = False) -> dict[str, Any]:
@@ -65,3 +65,36 @@ def test_table_has_a_row_per_run_and_the_mean_gain_per_mode() -> None:
         "mean gain, all runs: +23.0 pp over 3 runs",
     ]
     assert table([_row("shop", 0, 38.9)]).splitlines()[-1] == "mean gain, thumbs 100%: +38.9 pp over 1 runs"
+
+
+def _judged(cand: float, live: float, pairs: bool, replies: bool) -> dict[str, Any]:
+    return {
+        "judged": {
+            "candidate": "v2",
+            "candidate_heldout": cand,
+            "live": "v1",
+            "live_heldout": live,
+            "verdicts": {"pairs": pairs, "replies": replies, "both": pairs and replies},
+        }
+    }
+
+
+def test_each_judge_is_held_to_the_rubric_and_ties_decide_nothing() -> None:
+    run = _row("bank", 0, 20.0) | {
+        "cycles": [
+            _judged(0.5, 0.2, pairs=True, replies=True),  # better: both right
+            _judged(0.1, 0.2, pairs=True, replies=False),  # worse: pairs wrong (promoted it)
+            _judged(0.3, 0.3, pairs=False, replies=True),  # a tie: not counted
+            {"judged": None},  # a cycle that trained nothing
+        ]
+    }
+    found = agreement([run])
+    assert (found["pairs"]["agree"], found["pairs"]["of"], found["ties"]) == (1, 2, 1)
+    assert (found["replies"]["agree"], found["both"]["agree"]) == (2, 2)
+    assert found["pairs"]["disagreements"] == [
+        "bank seed 0 (thumbs 100%) cycle 2: v2 10% vs v1 20%, pairs said promote"
+    ]
+    lines = agreement_table([run]).splitlines()
+    assert lines[2].startswith("| pairs | 1 of 2 (50%) | bank seed 0")
+    assert lines[3] == "| replies | 2 of 2 (100%) | - |"
+    assert lines[-1] == "ties (equal satisfaction, not counted): 1"

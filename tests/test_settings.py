@@ -52,11 +52,20 @@ def test_env_types() -> None:
         ({"LEARNLOOP_TRAINING_LEARNING_RATE": "3"}, "out of range"),
         ({"LEARNLOOP_MODEL_DTYPE": "int4"}, "bfloat16 or float32"),
         ({"LEARNLOOP_TRAINING_CONTRAST_PICK": "random"}, "use one of hash, live"),
+        ({"LEARNLOOP_MODEL_GGUF_QUANT": "q2_k"}, "use one of q8_0, q4_0, q5_0, iq4_nl or an empty string"),
+        ({"LEARNLOOP_GATE_JUDGE": "vibes"}, "use one of pairs, replies, both"),
     ],
 )
 def test_bad_values_say_what_is_wrong(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         load_settings(env=env)
+
+
+def test_every_served_gguf_format_can_be_made() -> None:
+    from server.engines import QUANT_TYPES
+    from server.settings import GGUF_QUANTS
+
+    assert set(GGUF_QUANTS) == {"", *QUANT_TYPES}  # "" serves the file as it ships
 
 
 def test_bad_files(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ log = logging.getLogger("learnloop.engine")
 if TYPE_CHECKING:
     from server.engines.gguf import (
         ADAPTER_GGUF,
+        QUANT_TYPES,
         converted_adapter_ok,
         extra_buffers_usable,
         fetch_sdist,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADAPTER_GGUF",
+    "QUANT_TYPES",
     "Chunk",
     "Engine",
     "EngineError",
@@ -91,6 +93,7 @@ _LAZY = {
     "choose_slot": "kvreuse",
     "common_prefix": "kvreuse",
     "ADAPTER_GGUF": "gguf",
+    "QUANT_TYPES": "gguf",
     "converted_adapter_ok": "gguf",
     "extra_buffers_usable": "gguf",
     "fetch_sdist": "gguf",

@@ -205,14 +205,21 @@ def rslora_scale(folder: Path) -> float:
 
 # --- the served GGUF ----------------------------------------------------------------------------
 
-QUANT_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+QUANT_TYPES = {
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
+}
+"""The formats ``model.gguf_quant`` may serve: the ones llama.cpp's batched CPU kernels
+(llamafile's tinyBLAS on AVX) cover, so several sequences per step stay fast."""
 
 
 def requantize(src: str | Path, quant: str) -> Path:
-    """``src`` requantized to ``quant`` (``q8_0`` or ``q4_0``) next to it, once; reused after.
+    """``src`` requantized to ``quant`` (a key of ``QUANT_TYPES``) next to it, once; reused after.
 
-    llama.cpp's batched kernels (prefill, several sequences per step) cover Q8_0 and Q4_0 but not
-    the Q4_1 the default model ships in. Q8_0 from Q4_1 keeps the Q4_1 values almost exactly (the
+    llama.cpp's batched kernels (prefill, several sequences per step) cover Q8_0, Q4_0, Q5_0 and
+    IQ4_NL but not the Q4_1 the default model ships in. Q8_0 from Q4_1 keeps the Q4_1 values almost exactly (the
     weights the adapters were trained against); Q4_0 from Q4_1 rounds them a second time.
     Blocking (about a second for SmolLM2-135M).
     """
