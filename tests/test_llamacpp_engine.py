@@ -12,6 +12,8 @@ import functools
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -561,6 +563,41 @@ def test_only_a_probe_that_crashed_by_a_signal_is_remembered(tmp_path: Path, pro
     gguf.write_bytes(b"GGUF")  # only its size and time key the record here
     assert engines.extra_buffers_usable(str(gguf), fresh=True, probe=probe) is False  # its own tmp path
     assert engines.probe_record(str(gguf), cpuinfo).exists() is remembered
+
+
+EIGHT_ROWS = """
+import sys, llama_cpp.llama_cpp as ll
+ll.llama_backend_init()
+p = ll.llama_model_default_params()
+p.use_extra_bufts = sys.argv[2] == "True"
+m = ll.llama_model_load_from_file(sys.argv[1].encode(), p)
+c = ll.llama_context_default_params()
+c.n_ctx, c.n_batch, c.n_threads, c.n_threads_batch, c.n_seq_max = 256, 64, 2, 2, 8
+ctx = ll.llama_init_from_model(m, c)
+b = ll.llama_batch_init(8, 0, 8)
+for i in range(8):  # one token of each of 8 replies, as a decode step of the engine
+    b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = 1, 0, 1, 1
+    b.seq_id[i][0] = i
+b.n_tokens = 8
+sys.exit(ll.llama_decode(ctx, b))
+"""
+
+
+def test_a_format_whose_output_alone_takes_the_extra_buffers_is_probed_on_several_rows(
+    smollm: tuple[str, str], tmp_path: Path
+) -> None:
+    """Requantized to Q5_0, the default model keeps one Q8_0 tensor, the tied output (its 576
+    columns do not fit Q5_0's fallback Q6_K). On these VMs a decode asking the logits of one row
+    passes with the extra buffers and one asking two crashes: the verdict must hold for what the
+    engine decodes, a step of several replies (a real subprocess decodes 8 rows with it)."""
+    if "amx_tile" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU advertises no AMX: nothing is probed")
+    gguf = tmp_path / "model.gguf"
+    gguf.symlink_to(smollm[0])
+    q5 = engines.requantize(gguf, "q5_0")
+    usable = engines.extra_buffers_usable(str(q5), fresh=True)
+    done = subprocess.run([sys.executable, "-c", EIGHT_ROWS, str(q5), str(usable)], capture_output=True, timeout=300)
+    assert done.returncode == 0, (usable, done.returncode)
 
 
 def test_the_kept_linear_shapes_are_keyed_by_the_gguf_package_version(smollm: tuple[str, str], tmp_path: Path) -> None:

@@ -347,8 +347,8 @@ c = ll.llama_context_default_params()
 c.n_ctx, c.n_batch, c.n_threads, c.n_threads_batch = 256, 64, 1, 1
 ctx = ll.llama_init_from_model(m, c)
 b = ll.llama_batch_init(64, 0, 1)
-for i in range(64):
-    b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = 1, i, 1, i == 63
+for i in range(64):  # logits for every row: the output matmul then runs batched, as for 8 replies
+    b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = 1, i, 1, 1
     b.seq_id[i][0] = 0
 b.n_tokens = 64
 sys.exit(ll.llama_decode(ctx, b))
@@ -360,7 +360,10 @@ def extra_buffers_usable(gguf_path: str, *, fresh: bool = False, probe: str = _P
 
     Some virtual machines advertise AMX (``amx_tile`` in /proc/cpuinfo) but fault on its
     instructions (SIGILL in the first prefill). Where AMX is advertised, a subprocess decodes
-    once with the extra buffers to find out (once per file and process). A probe that crashed
+    once with the extra buffers to find out (once per file and process): 64 tokens with logits
+    for every one, so the output matmul runs on many rows as it does for a step of several
+    replies (a Q5_0 file, whose only Q8_0 tensor is the tied output, passed a probe asking the
+    last token's logits alone and then crashed at the first step with two rows). A probe that crashed
     (killed by a signal: SIGILL, SIGSEGV, SIGBUS) is remembered on disk beside the GGUF
     (``probe_record``), keyed by the CPU, the kernel and the llama.cpp build; one that merely
     failed (exit 1: an import error, memory pressure) costs this process the extra buffers and
