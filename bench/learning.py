@@ -24,7 +24,10 @@ Northwind Goods (12 intents). Each cycle:
    ``--reactions``) the recorded reactions are weak KTO rows of the run (they train in a
    thumbs-only run, or in the ``--kto-steps`` stage after DPO);
 4. the new live version answers every held-out paraphrase and a set of generic chat
-   prompts; satisfaction is the share of thumbs up.
+   prompts; satisfaction is the share of thumbs up. A candidate the gate rejected answers them
+   too (promoted for that alone, then rolled back), so every cycle holds what the customers
+   would have said of it beside what each of the gate's judges (``gate.verdicts``) said;
+   ``--judge`` picks the judge that decides (``gate.judge``).
 
 Prints, per version: held-out and training satisfaction, leaks, generic-chat perplexity,
 cycle wall time; writes a PNG plot; the last line is one JSON object. ``--all`` runs every
@@ -97,6 +100,7 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     "number_pairs": args.numbers,
                 },
                 "canary": {"share": 0.0},
+                "gate": {"judge": args.judge},
                 "implicit": {"train": args.implicit_training},
             },
         )
@@ -258,6 +262,7 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
         "reactions": args.reactions,
         "implicit_training": args.implicit_training,
         "operator_reads_reactions": args.operator_reads_reactions,
+        "judge": args.judge,
         "base": round(base, 3),
         "by_version": {k: round(v["heldout"], 3) for k, v in versions.items()},
         "train_by_version": {k: round(v["train"], 3) for k, v in versions.items() if "train" in v},
@@ -426,6 +431,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--transplants", action=argparse.BooleanOptionalAction, default=True, help="training.transplant_pairs"
     )
     parser.add_argument("--numbers", type=int, default=0, help="training.number_pairs")
+    parser.add_argument(
+        "--judge", choices=["pairs", "replies", "both"], default="pairs", help="gate.judge: the evidence that decides"
+    )
     parser.add_argument("--correct-share", type=float, default=0.5)
     parser.add_argument("--thumbs-share", type=float, default=1.0, help="share of customers who click a thumb (seeded)")
     parser.add_argument("--reactions", action="store_true", help="every customer writes a next message (or leaves)")
