@@ -432,7 +432,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--numbers", type=int, default=0, help="training.number_pairs")
     parser.add_argument(
-        "--judge", choices=["pairs", "replies", "both"], default="pairs", help="gate.judge: the evidence that decides"
+        "--judge", choices=[str(j) for j in GateJudge], default="pairs", help="gate.judge: the evidence that decides"
     )
     parser.add_argument("--correct-share", type=float, default=0.5)
     parser.add_argument("--thumbs-share", type=float, default=1.0, help="share of customers who click a thumb (seeded)")

@@ -85,6 +85,12 @@ def _perplexity(model: Any, tokenizer: Any, generic: Sequence[dict[str, Any]]) -
     return math.exp(-sum(lp for lp, _ in lps) / max(sum(n for _, n in lps), 1))
 
 
+def golden(pairs: Sequence[dict[str, Any]]) -> list[int]:
+    """Indices of the held-out pairs whose chosen answer is an operator's correction (the golden
+    answers), or of every pair when there is none: what the chosen NLL and the replies are read on."""
+    return [i for i, p in enumerate(pairs) if p.get("source") == "correction"] or list(range(len(pairs)))
+
+
 def generate_replies(
     model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]], *, max_new_tokens: int, batch: int = 8
 ) -> list[str]:
@@ -131,10 +137,9 @@ def read_replies(
     prompt does not hold. The questions are the held-out corrections' (all held-out pairs' when
     there are none), one per distinct prompt and answer. None when ``questions`` is 0 or there is
     no held-out pair."""
-    golden = [p for p in pairs if p.get("source") == "correction"] or list(pairs)
     seen: set[str] = set()
     asked: list[tuple[list[dict[str, str]], str]] = []
-    for p in golden:
+    for p in (pairs[i] for i in golden(pairs)):
         key = json.dumps([p["prompt"], p["chosen"][0]["content"]], sort_keys=True)
         if key not in seen and len(asked) < questions:
             seen.add(key)
@@ -212,13 +217,13 @@ def evaluate_pairs(
 
     # NLL is measured on the operators' corrections (the golden answers) when the held-out
     # set has any: a sibling that a customer merely preferred is no target to imitate.
-    golden = [i for i, p in enumerate(pairs) if p.get("source") == "correction"] or list(range(len(pairs)))
+    on = golden(pairs)
 
     def model_scores(rows: list[tuple[float, int, float, int]], generic_ppl: float | None) -> ModelScores:
         if not rows:
             return ModelScores(preference_accuracy=0.0, chosen_nll=math.inf, generic_ppl=generic_ppl)
         wins = sum(1 for c, cn, r, rn in rows if c / max(cn, 1) > r / max(rn, 1))
-        nll = sum(-rows[i][0] for i in golden) / max(sum(rows[i][1] for i in golden), 1)
+        nll = sum(-rows[i][0] for i in on) / max(sum(rows[i][1] for i in on), 1)
         return ModelScores(preference_accuracy=wins / len(rows), chosen_nll=nll, generic_ppl=generic_ppl)
 
     margins = [

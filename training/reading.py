@@ -20,7 +20,7 @@ A leak is a generic chat reply (a prompt about nothing the operators corrected) 
 operator's fact: one of a correction's numbers of two or more digits (``30``, ``2.1``, ``59``),
 or five of its content words in a row, that the prompt does not hold.
 
-Examples (``tests/test_replies.py`` asserts them)::
+Examples (``tests/test_reading_replies.py`` asserts them)::
 
     reply_score("Refunds within 30 days of delivery.", "Refunds are accepted within 30 days of delivery.")
     -> 0.9444 (content 0.89, facts 1, wrong 0)
@@ -38,7 +38,9 @@ from dataclasses import dataclass
 
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
-_HAN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+_HAN_CHARS = "\u3400-\u9fff\uf900-\ufaff"
+_HAN = re.compile(f"[{_HAN_CHARS}]")
+_HAN_OR_NOT = re.compile(f"[{_HAN_CHARS}]|[^{_HAN_CHARS}]+")
 
 # function words of the two languages the first users write in; what is left carries meaning
 _STOP_WORDS = """a an the and or but if of to in on at by for with from as is are was were be been being it its
@@ -71,7 +73,7 @@ def content_words(text: str) -> list[str]:
     words: list[str] = []
     for w in _WORD.findall(_fold(text)):
         if _HAN.search(w):  # a run of Chinese: one word per character (Latin letters inside stay whole)
-            words.extend(p for p in re.findall(r"[\u3400-\u9fff\uf900-\ufaff]|[^\u3400-\u9fff\uf900-\ufaff]+", w))
+            words.extend(_HAN_OR_NOT.findall(w))
         else:
             words.append(w)
     return [w for w in words if w not in _STOP]
@@ -107,14 +109,18 @@ def reply_score(reply: str, answer: str) -> float:
     return score_reply(reply, answer).score
 
 
+def _runs(words: Sequence[str]) -> set[str]:
+    """Every five content words in a row."""
+    return {" ".join(words[i : i + 5]) for i in range(len(words) - 4)}
+
+
 def operator_facts(answers: Iterable[str]) -> frozenset[str]:
     """What counts as an operator's fact in a leak: numbers of two or more digits, and runs of
     five content words, of each answer."""
     facts: set[str] = set()
     for answer in answers:
         facts.update(n for n in numbers(answer) if len(n.replace(".", "").replace(":", "")) >= 2)
-        words = content_words(answer)
-        facts.update(" ".join(words[i : i + 5]) for i in range(len(words) - 4))
+        facts.update(_runs(content_words(answer)))
     return frozenset(facts)
 
 
@@ -122,9 +128,7 @@ def leaked(reply: str, prompt: str, facts: frozenset[str]) -> tuple[str, ...]:
     """The operator facts ``reply`` states that ``prompt`` does not hold (sorted)."""
 
     def stated(text: str) -> set[str]:
-        words = content_words(text)
-        runs = {" ".join(words[i : i + 5]) for i in range(len(words) - 4)}
-        return (set(numbers(text)) | runs) & facts
+        return (set(numbers(text)) | _runs(content_words(text))) & facts
 
     return tuple(sorted(stated(reply) - stated(prompt)))
 
