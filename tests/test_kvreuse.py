@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.engines import KvBook, Op, common_prefix
+from server.engines import KvBook, Op, common_prefix, lane_for
 
 SYSTEM = list(range(100, 120))  # a rendered system turn of 20 tokens
 
@@ -125,3 +125,11 @@ def test_an_idle_engine_reuses_a_parked_conversation_in_place() -> None:
     book.release(1, "base", b)
     plan = book.plan("base", [*b, 5, 6])
     assert (plan.seq, plan.reuse, plan.ops) == (1, len(b), [Op("keep", 1, n=len(b))])
+
+
+def test_a_reply_starts_in_the_single_lane_only_when_few_are_in_flight() -> None:
+    assert lane_for(0, 0, 1) == "single"  # alone
+    assert lane_for(1, 0, 1) == "batch"  # beside one in flight (which then moves to the batch lane)
+    assert lane_for(0, 1, 1) == "batch"  # another one waits: a burst is batched from its first reply
+    assert lane_for(1, 0, 2) == "single" and lane_for(1, 1, 2) == "batch"
+    assert lane_for(0, 0, 0) == "batch"  # no single lane

@@ -363,6 +363,9 @@ def gateway_settings(smollm: tuple[str, str], tmp_path: Path) -> Iterator[Any]:
                 "temperature": 0.0,
                 "max_pending": 16,
                 "max_active": 16,
+                # one format: a lone reply (the expected texts) and 8 at once decode on the same
+                # weights (the two formats have their own tests below)
+                "single_streams": 0,
             },
             "schedule": {"enabled": False, "version_poll_s": 0.1},
         },
@@ -638,3 +641,68 @@ def test_a_failed_extra_buffer_probe_is_remembered_beside_the_gguf(
     assert "failed on this CPU before" in caplog.text and "probe exit" not in caplog.text
     # another llama.cpp build, kernel or CPU is another record: probed afresh
     assert engines.probe_record(str(gguf), cpuinfo.replace("flags", "flags\t: other\nflags", 1)) != record
+
+
+async def test_a_lone_reply_decodes_on_the_single_format_and_moves_when_others_arrive(
+    smollm: tuple[str, str], adapter_v1: Path
+) -> None:
+    """Two formats (``single_streams``): a reply alone is the single-stream format's reply, token
+    for token, on base and on an adapter (loaded into both models); when a second reply arrives,
+    the first moves to the batch format (prompt and tokens so far prefilled there) and goes on as
+    that format continues those tokens, greedy."""
+    sampling = SamplingConfig(max_new_tokens=48, temperature=0.0)
+
+    def make(**kw: Any) -> LlamaCppEngine:
+        return LlamaCppEngine(
+            smollm[0],
+            base_model_dir=smollm[1],
+            cache_dir=default_cache_dir(),
+            max_prompt_tokens=256,
+            max_new_tokens=48,
+            max_active=4,
+            **kw,
+        )
+
+    two = make(quant="q8_0", single_streams=1, single_quant=None)
+    single, batch = make(quant=None), make(quant="q8_0")  # the shipped Q4_1 alone; Q8_0 alone
+    for e in (two, single, batch):
+        await asyncio.to_thread(e.load)
+    try:
+        assert [lane.name for lane in two.lanes] == ["batch", "single"]
+        assert two.lanes[1].path == single.gguf_path and two.gguf_path == batch.gguf_path
+        for e in (two, single, batch):
+            await e.load_adapter("v1", str(adapter_v1))
+        for version in ("base", "v1"):
+            alone, _ = await collect(two, version, sampling)
+            assert alone == (await collect(single, version, sampling))[0]
+            assert alone != (await collect(batch, version, sampling))[0]  # the formats really differ
+        assert two.lanes[0].tokens == 0 and two.migrations == 0
+
+        moved: list[list[int]] = []
+        plain = two._migrate
+
+        def record(r: Any, to: Any) -> None:
+            moved.append(list(r.generated))
+            plain(r, to)
+
+        two._migrate = record  # type: ignore[method-assign]
+        started = two.stats.tokens
+        first = asyncio.ensure_future(collect(two, "base", sampling))
+        while two.stats.tokens < started + 4:  # the first reply is a few tokens in
+            await asyncio.sleep(0.002)
+        second = asyncio.ensure_future(collect(two, "base", sampling, chat=[{"role": "user", "content": "Hi there!"}]))
+        (text, last), (other, _) = await asyncio.gather(first, second)
+        assert two.migrations == 1 and len(moved) == 1
+        k = moved[0]
+        assert 0 < len(k) < last.n_tokens  # moved mid-reply
+        lone = (await collect(single, "base", sampling))[0]
+        assert lone.startswith(two.detokenize(k))  # the single format wrote the start
+        # the batch format continues the prompt and those tokens, greedy
+        prompt, _ = two._prompt(CHAT)
+        batch._prompt = lambda messages: (prompt + k, 0)  # type: ignore[method-assign]
+        rest = SamplingConfig(max_new_tokens=48 - len(k), temperature=0.0)
+        assert text == two.detokenize(k) + (await collect(batch, "base", rest))[0]
+        assert other and two.lanes[0].tokens > 0
+    finally:
+        for e in (two, single, batch):
+            await asyncio.to_thread(e.close)

@@ -134,11 +134,21 @@ def test_measured_figures_are_medians_and_the_p95_of_every_reply() -> None:
 
 def test_arguments() -> None:
     a = parse_args([])
-    assert a.gateway_quants == ["q8_0"] and a.peer_quants == ["shipped", "q8_0"]
+    assert a.gateway_quants == ["q8_0+shipped"] and a.peer_quants == ["shipped", "q8_0"]  # the engine's default
     assert (a.max_new_tokens, a.turns, a.threads) == (128, 6, os.cpu_count())
     a = parse_args(["--gateway-quants", "q4_0,shipped", "--peer-quants", "q4_0", "--turns", "0"])
     assert a.gateway_quants == ["q4_0", "shipped"] and a.peer_quants == ["q4_0"] and a.turns == 0
-    for bad in (["--peer-quants", "q5_k"], ["--gateway-quants", ""], ["--peer-quants", "q8_0,q8_0"], ["--rounds", "0"]):
+    a = parse_args(["--gateway-quants", "q8_0+shipped,q8_0"])
+    assert a.gateway_quants == ["q8_0+shipped", "q8_0"]
+    for bad in (
+        ["--peer-quants", "q5_k"],
+        ["--gateway-quants", ""],
+        ["--peer-quants", "q8_0,q8_0"],
+        ["--rounds", "0"],
+        ["--peer-quants", "q8_0+shipped"],  # llama-server serves one format
+        ["--gateway-quants", "q8_0+q8_0"],
+        ["--gateway-quants", "q8_0+shipped+q4_0"],
+    ):
         with pytest.raises(SystemExit):
             parse_args(bad)
     with pytest.raises(SystemExit):
@@ -154,7 +164,14 @@ def test_gateway_settings_are_what_learnloop_serve_reads(tmp_path: Path) -> None
     """The environment the bench gives ``learnloop serve`` is valid, and means what it says."""
     s = load_settings(env=gateway_env("q8_0", 128, None), data_dir=tmp_path)
     assert (s.model.engine, s.model.gguf_quant, s.model.max_new_tokens) == ("llamacpp", "q8_0", 128)
-    assert s.model.temperature == 0.0 and s.model.system_prompt is None
+    assert s.model.temperature == 0.0 and s.model.system_prompt is None and s.model.single_streams == 0
+    s = load_settings(env=gateway_env("q8_0+shipped", 128, None), data_dir=tmp_path)
+    defaults = load_settings(env={}, data_dir=tmp_path).model
+    assert (s.model.gguf_quant, s.model.gguf_quant_single, s.model.single_streams) == (
+        defaults.gguf_quant,
+        defaults.gguf_quant_single,
+        defaults.single_streams,
+    )  # the engine's default is what the bench holds to the peer
     s = load_settings(env=gateway_env("shipped", 64, "Be brief."), data_dir=tmp_path)
     assert s.model.gguf_quant == "" and s.model.system_prompt == "Be brief."
 

@@ -54,6 +54,8 @@ def test_env_types() -> None:
         ({"LEARNLOOP_TRAINING_CONTRAST_PICK": "random"}, "use one of hash, live"),
         ({"LEARNLOOP_MODEL_GGUF_QUANT": "q2_k"}, "use one of q8_0, q4_0, q5_0, iq4_nl or an empty string"),
         ({"LEARNLOOP_GATE_JUDGE": "vibes"}, "use one of pairs, replies, both"),
+        ({"LEARNLOOP_MODEL_SINGLE_STREAMS": "9"}, r"use 0 \(one format\) to 4"),
+        ({"LEARNLOOP_MODEL_GGUF_QUANT_SINGLE": "q4_1"}, "model.gguf_quant_single 'q4_1': use one of q8_0"),
     ],
 )
 def test_bad_values_say_what_is_wrong(env: dict[str, str], message: str) -> None:

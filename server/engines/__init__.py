@@ -43,7 +43,7 @@ if TYPE_CHECKING:
         requantize,
         route_llama_log,
     )
-    from server.engines.kvreuse import KvBook, Op, choose_slot, common_prefix
+    from server.engines.kvreuse import KvBook, Op, choose_slot, common_prefix, lane_for
     from server.engines.llamacpp import LlamaCppEngine
     from server.engines.openai import OpenAIEngine, trim_messages
     from server.engines.transformers import TransformersEngine
@@ -74,6 +74,7 @@ __all__ = [
     "fetch_sdist",
     "fit_prompt",
     "gguf_linear_shapes",
+    "lane_for",
     "llama_cpp_available",
     "probe_record",
     "quantize_gguf",
@@ -92,6 +93,7 @@ _LAZY = {
     "Op": "kvreuse",
     "choose_slot": "kvreuse",
     "common_prefix": "kvreuse",
+    "lane_for": "kvreuse",
     "ADAPTER_GGUF": "gguf",
     "QUANT_TYPES": "gguf",
     "converted_adapter_ok": "gguf",
@@ -162,6 +164,8 @@ def create_engine(model: ModelConfig, base_model_dir: str) -> Engine:
             extra_buffers=model.llama_extra_bufts,
             kv_reuse=model.kv_reuse,
             kv_resident=model.kv_resident,
+            single_streams=model.single_streams,
+            single_quant=model.gguf_quant_single or None,
             max_prompt_tokens=model.max_prompt_tokens,
             max_new_tokens=model.max_new_tokens,
             max_pending=model.max_pending,

@@ -64,6 +64,14 @@ def choose_slot(
     return next((s for s in good if s in preferred), good[0])
 
 
+def lane_for(in_flight: int, waiting: int, single_streams: int) -> str:
+    """The lane a new reply starts in (the engine's two formats, see ``llamacpp.py``): "single"
+    when it and every other reply in flight or waiting number at most ``single_streams`` (0: no
+    single lane), else "batch". Replies in flight count, whichever lane they decode in: when more
+    arrive, the single lane's replies move to the batch lane (the engine's ``_migrate``)."""
+    return "single" if 0 < in_flight + waiting + 1 <= single_streams else "batch"
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two token lists."""
     n = min(len(a), len(b))

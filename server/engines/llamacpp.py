@@ -21,6 +21,18 @@ its adapter is set on the context (``llama_set_adapters_lora``), so a canary and
 side by side. A switch makes llama.cpp re-reserve its compute graph in the next decode (about
 5-8 ms on 2 cores with SmolLM2-135M, against 11-15 ms for a decode step); the version already
 set goes first in a round, so two versions in flight cost one switch per round.
+
+Two formats, one per load (``single_streams``): llama.cpp's batched kernels do not cover the Q4_1
+the default model ships in, so Q8_0 serves many replies at once best, while Q4_1 reads a third
+fewer bytes per token and decodes one stream 1.16-1.25x faster. With ``single_streams`` > 0 the
+engine holds both: a "batch" lane (``quant``, every load) and a "single" lane (``single_quant``,
+the shipped file by default), each a model, a context, a KV book and a batch of its own. A reply
+starts in the single lane when at most ``single_streams`` replies would be in flight with it
+(``lane_for``); when more arrive, the single lane's replies move to the batch lane (``_migrate``:
+their prompt and the tokens decoded so far are prefilled there, reusing what that lane caches,
+and decoding goes on from the last position's logits), so a busy server runs one batched decode
+per version per round again. A reply's text may therefore come from two formats when the load
+rises while it streams; a lone greedy reply is the single format's, token for token.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ import functools
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +64,7 @@ from server.engines.gguf import (
     token_piece,
     vocab_specials,
 )
-from server.engines.kvreuse import Entry, KvBook, Op
+from server.engines.kvreuse import Entry, KvBook, Op, lane_for
 from server.engines.sampling import sample
 
 log = logging.getLogger("learnloop.engine.llamacpp")
@@ -76,11 +88,34 @@ class _Request(Request):
     prefilled: bool = False
     rng: Any = None
     started: bool = False  # its first chunk was posted (the first token is never held back)
+    lane: _Lane | None = None  # where it decodes (``lane_for``; ``_migrate`` moves it)
+    n_prompt: int = 0  # leading tokens of ``fed`` that are the prompt (the rest: reply tokens, after a move)
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One format of the model: its model, context, KV book and batch (see the module docstring)."""
+
+    name: str  # "batch" (every load) or "single" (one or a few replies in flight)
+    quant: str | None  # requantize the GGUF to this first (None: the file as it is)
+    kv: KvBook
+    path: str = ""  # the file served (set by ``_prepare``)
+    extra_buffers: bool = True  # llama.cpp's AMX/repacked weights usable for this file
+    model: Any = None
+    ctx: Any = None
+    batch: Any = None
+    current: str | None = None  # adapter set on the context (None: none, the base model)
+    tokens: int = 0  # tokens decoded in this lane
+    settles: list[tuple[Entry, list[int]]] = field(default_factory=list)
+
+    @property
+    def n_seq(self) -> int:
+        return self.kv.n_active + self.kv.n_resident
 
 
 @dataclass
 class _Adapter:
-    handle: Any  # llama_adapter_lora_p
+    handles: dict[str, Any]  # lane name -> llama_adapter_lora_p (one per model)
     path: str
     scale: float = 1.0
 
@@ -111,10 +146,20 @@ class LlamaCppEngine(LocalEngine[_Request]):
         kv_resident: int = 8,
         kv_settle: bool = True,
         flash_attn: bool | None = None,
+        single_streams: int = 0,
+        single_quant: str | None = None,
+        single_resident: int = 2,
     ) -> None:
         super().__init__(_Request, max_prompt_tokens, max_pending, max_active, system_prompt)
-        self.gguf_path = gguf_path  # the file served (after ``load``, the requantized one when ``quant`` is set)
+        self.gguf_path = (
+            gguf_path  # the file served (after ``load``, the batch lane's: requantized when ``quant`` is set)
+        )
         self.quant = quant  # requantize ``gguf_path`` to this type first (see ``requantize``)
+        # at most this many replies in flight decode in the single lane, on ``single_quant`` (None:
+        # the file as it is); 0, or the same format as ``quant``: one lane for every load
+        self.single_streams = single_streams if single_quant != quant else 0
+        self.single_quant = single_quant
+        self.migrations = 0  # replies moved from the single lane to the batch lane
         # the LoRA converter: its --base (a transformers folder of the same model), and where the
         # converter comes from: ``converter_src`` (a llama.cpp checkout), else the llama-cpp-python
         # ``sdist`` extracted into ``cache_dir``, else an sdist fetched with pip (see ``converter_dir``)
@@ -135,12 +180,15 @@ class LlamaCppEngine(LocalEngine[_Request]):
         self.seq_capacity = 0  # tokens one sequence may hold (read back from the context)
         # KV reuse (server/engines/kvreuse.py): what each sequence's cells hold; ``kv_resident``
         # more sequences keep conversations and system prompts between replies
-        self.kv = KvBook(max_active, kv_resident if kv_reuse else 0, enabled=kv_reuse)
+        self.kv = KvBook(max_active, kv_resident if kv_reuse else 0, enabled=kv_reuse)  # the batch lane's
+        self.lanes = [_Lane("batch", quant, self.kv)]
+        if self.single_streams:  # its own sequences: the replies it serves and ``single_resident`` parked ones
+            book = KvBook(self.single_streams, single_resident if kv_reuse else 0, enabled=kv_reuse)
+            self.lanes.append(_Lane("single", single_quant, book))
         self.kv_bytes_per_cell = 0  # read from the model by ``_open``
         # between replies, prefill each finished reply again over its decoded cells, so the next
         # turn prefills only the new message (``_idle``); the newest reply first
         self.kv_settle = kv_reuse and kv_settle
-        self._settles: list[tuple[Entry, list[int]]] = []
         self._reply_close: str | None = None  # what the template writes after a reply (``_load_template``)
         self._busy_at = 0.0  # the end of the last round (monotonic)
         # off by default with reuse: llama.cpp's flash attention switches to a tiled kernel at 64
@@ -148,19 +196,25 @@ class LlamaCppEngine(LocalEngine[_Request]):
         self.flash_attn = (not kv_reuse) if flash_attn is None else flash_attn
         self._ll: Any = None  # the llama_cpp.llama_cpp module
         self._use_extra_buffers = True
-        self._model: Any = None
-        self._ctx: Any = None
         self._vocab: Any = None
         self._n_vocab = 0
         self._template: Any = None
         self._bos = ""
         self._eos = ""
-        self._batch: Any = None  # the worker's llama_batch
-        self._current: str | None = None  # adapter set on the context (None: none, the base model)
-        self._n_batch = max_prompt_tokens + max_active  # a whole prompt always fits beside every decode token
+        # a whole prompt always fits beside every decode token (with a single lane: a moved reply's
+        # prompt and its tokens so far, see ``_migrate``)
+        self._n_batch = max_prompt_tokens + max_active + (max_new_tokens if self.single_streams else 0)
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Chunk], Chunk]]] = {}
         self._urgent = False  # the outbox holds a first or a last chunk
         self._delivered_at = 0.0
+
+    @property
+    def _settles(self) -> list[tuple[Entry, list[int]]]:
+        """Finished replies whose cells are not settled yet, every lane's."""
+        return [s for lane in self.lanes for s in lane.settles]
+
+    def _lane(self, name: str) -> _Lane | None:
+        return next((lane for lane in self.lanes if lane.name == name), None)
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -169,29 +223,59 @@ class LlamaCppEngine(LocalEngine[_Request]):
 
         route_llama_log(ll)
         self._ll = ll
-        if self.quant:
-            self.gguf_path = str(requantize(self.gguf_path, self.quant))
+        source = self.gguf_path
+        for lane in self.lanes:
+            lane.path = str(requantize(source, lane.quant)) if lane.quant else source
+            usable = self.extra_buffers
+            lane.extra_buffers = extra_buffers_usable(lane.path) if usable is None else usable
+        self.gguf_path = self.lanes[0].path
+        self._use_extra_buffers = self.lanes[0].extra_buffers
         self.base_linear = gguf_linear_shapes(self.gguf_path)
-        usable = self.extra_buffers
-        self._use_extra_buffers = extra_buffers_usable(self.gguf_path) if usable is None else usable
 
     def _open(self) -> None:
-        """Load the model and create the context (on the worker, which owns them)."""
+        """Load each lane's model and create its context (on the worker, which owns them)."""
+        ll = self._ll
+        ll.llama_backend_init()
+        for lane in self.lanes:
+            self._open_lane(lane)
+        model = self.lanes[0].model  # the lanes share the vocabulary and the template (one file, two formats)
+        self._vocab = ll.llama_model_get_vocab(model)
+        self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+        # f16 K and V per layer: n_embd_k_gqa = n_embd_v_gqa = head size x KV heads
+        head = ll.llama_model_n_embd(model) // ll.llama_model_n_head(model)
+        kv_width = 2 * head * ll.llama_model_n_head_kv(model)
+        self.kv_bytes_per_cell = 2 * kv_width * ll.llama_model_n_layer(model)
+        self._load_template()
+        self._is_eog = functools.partial(ll.llama_vocab_is_eog, self._vocab)  # a ctypes call returning a bool
+        self._text = self.detokenize
+        for lane in self.lanes:
+            log.info(
+                "%s lane: %s, %d sequences of %d tokens (%d resident; %.1f MiB of KV each), %d threads",
+                lane.name,
+                lane.path,
+                lane.n_seq,
+                self.seq_capacity,
+                lane.kv.n_resident,
+                self.seq_capacity * self.kv_bytes_per_cell / 2**20,
+                self.n_threads,
+            )
+        if self.single_streams:
+            log.info(
+                "up to %d replies in flight decode in the single lane, more in the batch lane", self.single_streams
+            )
+
+    def _open_lane(self, lane: _Lane) -> None:
         ll = self._ll
         started = time.monotonic()
-        ll.llama_backend_init()
         mparams = ll.llama_model_default_params()
-        mparams.use_extra_bufts = self._use_extra_buffers  # AMX / repacked weights, where the CPU really runs them
-        self._model = ll.llama_model_load_from_file(self.gguf_path.encode(), mparams)
-        if not self._model:
-            raise EngineError(f"llama.cpp could not load {self.gguf_path}")
-        self._vocab = ll.llama_model_get_vocab(self._model)
-        self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+        mparams.use_extra_bufts = lane.extra_buffers  # AMX / repacked weights, where the CPU really runs them
+        lane.model = ll.llama_model_load_from_file(lane.path.encode(), mparams)
+        if not lane.model:
+            raise EngineError(f"llama.cpp could not load {lane.path}")
         per_seq = -(-(self.max_prompt_tokens + self.max_new_tokens) // 256) * 256  # llama.cpp pads to 256
         cparams = ll.llama_context_default_params()
-        n_seq = self.max_active + self.kv.n_resident
-        cparams.n_seq_max = n_seq
-        cparams.n_ctx = per_seq * n_seq
+        cparams.n_seq_max = lane.n_seq
+        cparams.n_ctx = per_seq * lane.n_seq
         cparams.n_batch = self._n_batch
         cparams.n_ubatch = min(512, cparams.n_batch)
         cparams.n_threads = self.n_threads
@@ -199,46 +283,34 @@ class LlamaCppEngine(LocalEngine[_Request]):
         cparams.flash_attn_type = int(self.flash_attn)  # LLAMA_FLASH_ATTN_TYPE_DISABLED (0) / _ENABLED (1)
         cparams.kv_unified = False  # one KV stream per sequence: attention never scans the others' cells
         cparams.no_perf = True
-        self._ctx = ll.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
+        lane.ctx = ll.llama_init_from_model(lane.model, cparams)
+        if not lane.ctx:
             raise EngineError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens")
-        self.seq_capacity = int(ll.llama_n_ctx_seq(self._ctx))
-        # f16 K and V per layer: n_embd_k_gqa = n_embd_v_gqa = head size x KV heads
-        head = ll.llama_model_n_embd(self._model) // ll.llama_model_n_head(self._model)
-        kv_width = 2 * head * ll.llama_model_n_head_kv(self._model)
-        self.kv_bytes_per_cell = 2 * kv_width * ll.llama_model_n_layer(self._model)
-        self._load_template()
-        self._is_eog = functools.partial(ll.llama_vocab_is_eog, self._vocab)  # a ctypes call returning a bool
-        self._text = self.detokenize
-        self._batch = ll.llama_batch_init(self._n_batch, 0, 1)
-        log.info(
-            "loaded %s in %.1f s: %d sequences of %d tokens (%d resident; %.1f MiB of KV each), %d threads",
-            self.gguf_path,
-            time.monotonic() - started,
-            n_seq,
-            self.seq_capacity,
-            self.kv.n_resident,
-            self.seq_capacity * self.kv_bytes_per_cell / 2**20,
-            self.n_threads,
-        )
+        self.seq_capacity = int(ll.llama_n_ctx_seq(lane.ctx))
+        lane.batch = ll.llama_batch_init(self._n_batch, 0, 1)
+        log.debug("%s lane loaded in %.1f s", lane.name, time.monotonic() - started)
 
     def _free(self) -> None:
         ll = self._ll
-        if self._batch is not None:
-            ll.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx:
-            ll.llama_set_adapters_lora(self._ctx, None, 0, None)
+        for lane in self.lanes:
+            if lane.batch is not None:
+                ll.llama_batch_free(lane.batch)
+                lane.batch = None
+            if lane.ctx:
+                ll.llama_set_adapters_lora(lane.ctx, None, 0, None)
+                lane.current = None
         for adapter in [*self._adapters.values(), *self._retired.values()]:
-            ll.llama_adapter_lora_free(adapter.handle)
+            for handle in adapter.handles.values():
+                ll.llama_adapter_lora_free(handle)
         self._adapters.clear()
         self._retired.clear()
-        if self._ctx:
-            ll.llama_free(self._ctx)
-            self._ctx = None
-        if self._model:
-            ll.llama_model_free(self._model)
-            self._model = None
+        for lane in self.lanes:
+            if lane.ctx:
+                ll.llama_free(lane.ctx)
+                lane.ctx = None
+            if lane.model:
+                ll.llama_model_free(lane.model)
+                lane.model = None
 
     # --- adapters ---------------------------------------------------------------------------
 
@@ -264,37 +336,45 @@ class LlamaCppEngine(LocalEngine[_Request]):
         return str(out), rslora_scale(Path(path))
 
     def _attach(self, name: str, prepared: Any) -> _Adapter:
+        """The adapter loaded into every lane's model (each format applies its own copy)."""
         gguf, scale = prepared
-        handle = self._ll.llama_adapter_lora_init(self._model, gguf.encode())
-        if not handle:
-            raise EngineError(f"llama.cpp refused the adapter {gguf} (does it fit {self.gguf_path}?)")
-        return _Adapter(handle, gguf, scale)
+        handles: dict[str, Any] = {}
+        for lane in self.lanes:
+            handle = self._ll.llama_adapter_lora_init(lane.model, gguf.encode())
+            if not handle:
+                for done in handles.values():
+                    self._ll.llama_adapter_lora_free(done)
+                raise EngineError(f"llama.cpp refused the adapter {gguf} (does it fit {lane.path}?)")
+            handles[lane.name] = handle
+        return _Adapter(handles, gguf, scale)
 
     def _free_adapter(self, name: str, handle: Any) -> None:
-        if self._current == name:
-            self._use(BASE_VERSION)
-        self._run(self.kv.drop_version(name))  # a version name may be loaded again, with other weights
-        self._ll.llama_adapter_lora_free(handle.handle)
+        for lane in self.lanes:
+            if lane.current == name:
+                self._use(lane, BASE_VERSION)
+            self._run(lane, lane.kv.drop_version(name))  # a version name may be loaded again, with other weights
+        for lane_handle in handle.handles.values():
+            self._ll.llama_adapter_lora_free(lane_handle)
 
-    def _use(self, version: str) -> None:
-        """Set the version's adapter on the context (none for base) if another one is set."""
+    def _use(self, lane: _Lane, version: str) -> None:
+        """Set the version's adapter on the lane's context (none for base) if another one is set."""
         target = None if version == BASE_VERSION else version
-        if target == self._current:
+        if target == lane.current:
             return
         ll = self._ll
         started = time.perf_counter()
         if target is None:
-            rc = ll.llama_set_adapters_lora(self._ctx, None, 0, None)
+            rc = ll.llama_set_adapters_lora(lane.ctx, None, 0, None)
         else:
             adapter = self._adapter(target)
             if adapter is None:
                 raise UnknownVersionError(f"version {version!r} is not loaded")
-            handles = (ll.llama_adapter_lora_p_ctypes * 1)(adapter.handle)
+            handles = (ll.llama_adapter_lora_p_ctypes * 1)(adapter.handles[lane.name])
             scales = (ctypes.c_float * 1)(adapter.scale)
-            rc = ll.llama_set_adapters_lora(self._ctx, handles, 1, scales)
+            rc = ll.llama_set_adapters_lora(lane.ctx, handles, 1, scales)
         if rc != 0:
             raise EngineError(f"llama_set_adapters_lora failed ({rc}) for version {version!r}")
-        self._current = target
+        lane.current = target
         self.adapter_switches += 1
         self.adapter_switch_s += time.perf_counter() - started
 
@@ -302,7 +382,7 @@ class LlamaCppEngine(LocalEngine[_Request]):
 
     def _load_template(self) -> None:
         ll = self._ll
-        raw = ll.llama_model_chat_template(self._model, None)
+        raw = ll.llama_model_chat_template(self.lanes[0].model, None)
         self._template = chat_template(raw.decode() if raw else None)
         self._bos = self._piece(ll.llama_vocab_bos(self._vocab), special=True)
         self._eos = self._piece(ll.llama_vocab_eos(self._vocab), special=True)
@@ -362,17 +442,37 @@ class LlamaCppEngine(LocalEngine[_Request]):
     # --- generation ------------------------------------------------------------------------
 
     def _activate(self, r: _Request) -> None:
-        """A free slot next to its version's others (``kvreuse.choose_slot``: each version's ids stay
-        consecutive), with the longest cached prefix of its prompt."""
+        """The request's lane (``lane_for``: the single lane when few replies are in flight), then
+        its slot there."""
         r.fed = r.prompt_ids or [max(self._ll.llama_vocab_bos(self._vocab), 0)]
-        plan = self.kv.plan(r.version, r.fed)
-        r.seq, r.n_past = plan.seq, plan.reuse
-        self._run(plan.ops)
+        r.n_prompt = len(r.fed)
+        in_flight = sum(len(lane.kv.active) for lane in self.lanes)
+        self._place(r, self._lane(lane_for(in_flight, self._inbox.qsize(), self.single_streams)) or self.lanes[0])
 
-    def _run(self, ops: list[Op]) -> None:
-        """Carry out the KV book's ops on the context (copies happen at the next ``llama_decode``)."""
+    def _place(self, r: _Request, lane: _Lane) -> None:
+        """A free slot of ``lane`` next to its version's others (``kvreuse.choose_slot``: each
+        version's ids stay consecutive), with the longest cached prefix of what it will prefill."""
+        plan = lane.kv.plan(r.version, r.fed or [])
+        r.lane, r.seq, r.n_past = lane, plan.seq, plan.reuse
+        self._run(lane, plan.ops)
+
+    def _migrate(self, r: _Request, to: _Lane) -> None:
+        """Move a reply to ``to``: its old cells stay there for reuse (the prompt's); ``to``
+        prefills its prompt and the tokens decoded so far (the last one not fed yet) in the next
+        round, reusing what it caches, and samples the next token from the last position."""
+        old = r.lane
+        assert old is not None and r.fed is not None
+        kept = r.kv_ok and self.has_version(r.version) and r.version not in self._retired
+        self._run(old, old.kv.release(r.seq, r.version, r.fed[: min(r.n_past, r.n_prompt)] if kept else None))
+        r.fed = [*r.fed[: r.n_prompt], *r.generated]
+        r.prefilled = False
+        self._place(r, to)
+        self.migrations += 1
+
+    def _run(self, lane: _Lane, ops: list[Op]) -> None:
+        """Carry out the KV book's ops on the lane's context (copies happen at the next ``llama_decode``)."""
         ll = self._ll
-        mem = ll.llama_get_memory(self._ctx)
+        mem = ll.llama_get_memory(lane.ctx)
         for op in ops:
             if op.kind == "copy":
                 ll.llama_memory_seq_cp(mem, op.src, op.dst, -1, -1)
@@ -380,14 +480,15 @@ class LlamaCppEngine(LocalEngine[_Request]):
                 raise EngineError(f"llama.cpp could not trim sequence {op.dst} at {op.n}")
 
     def _round(self, active: list[_Request]) -> None:
-        """One round: drop cancelled requests, then one ``llama_decode`` per version in flight.
+        """One round: drop cancelled requests, move the single lane's replies to the batch lane
+        if more replies are in flight than it takes, then one ``llama_decode`` per lane and version.
 
         A version's decode holds the next token of each of its decoding requests AND the whole
         prompt of its new requests (prefill mixed into the decode step), so eight customers who
         write at once get their first tokens from one forward pass instead of eight.
         """
         finished: list[_Request] = []
-        groups: dict[str, list[_Request]] = {}
+        live: list[_Request] = []
         for r in active:
             if r.cancel.is_set():
                 self._post(r, Chunk("", "cancelled", len(r.generated)))
@@ -396,14 +497,28 @@ class LlamaCppEngine(LocalEngine[_Request]):
                 self._post(r, Chunk(self._flush(r, final=True), "length", len(r.generated)))
                 finished.append(r)
             else:
-                groups.setdefault(r.version, []).append(r)
-        # the version set on the context goes first: one switch fewer per round
-        for version in sorted(groups, key=lambda v: (None if v == BASE_VERSION else v) != self._current):
-            group = groups[version]
-            try:
-                finished += self._step(group, self._batch)
-            except Exception as exc:
-                finished += self._fail(group, exc, "batched decode")
+                live.append(r)
+        single = self._lane("single")
+        if single is not None and single.kv.active and len(live) > self.single_streams:
+            for r in live:
+                if r.lane is single:
+                    self._migrate(r, self.lanes[0])
+        groups: dict[tuple[str, str], list[_Request]] = {}
+        for r in live:
+            assert r.lane is not None
+            groups.setdefault((r.lane.name, r.version), []).append(r)
+        for lane in self.lanes:
+            # the version set on the context goes first: one switch fewer per round
+            versions = sorted(
+                (v for name, v in groups if name == lane.name),
+                key=lambda v: (None if v == BASE_VERSION else v) != lane.current,
+            )
+            for version in versions:
+                group = groups[(lane.name, version)]
+                try:
+                    finished += self._step(lane, group)
+                except Exception as exc:
+                    finished += self._fail(group, exc, "batched decode")
         self._retire(active, finished)
         if self._urgent or time.monotonic() - self._delivered_at >= self.stream_interval_s:
             self._deliver()
@@ -411,15 +526,18 @@ class LlamaCppEngine(LocalEngine[_Request]):
 
     def _release(self, r: _Request) -> None:
         """Free the request's slot; its cells stay for reuse, unless a decode failed or its version is gone."""
+        lane = r.lane
+        assert lane is not None
         kept = r.kv_ok and r.fed is not None and self.has_version(r.version) and r.version not in self._retired
         # the prompt's cells only: a reply's own were decoded by llama.cpp's vector kernels; they are
         # settled (prefilled again) while the engine is idle (``_idle``, kvreuse.py)
-        self._run(self.kv.release(r.seq, r.version, r.fed[: r.n_past] if kept and r.fed else None))
-        entry = self.kv.entries.get(r.seq)
+        prompt = r.fed[: min(r.n_past, r.n_prompt)] if kept and r.fed else None
+        self._run(lane, lane.kv.release(r.seq, r.version, prompt))
+        entry = lane.kv.entries.get(r.seq)
         if kept and r.prefilled and entry is not None and self.kv_settle and self._reply_close is not None:
             # the reply as the next turn's prompt renders it: its text as streamed, then the end of turn
-            self._settles.append((entry, self.tokenize(self._reply_text(r) + self._reply_close)))
-            del self._settles[: -(self.max_active + self.kv.n_resident)]  # never more than the cells kept
+            lane.settles.append((entry, self.tokenize(self._reply_text(r) + self._reply_close)))
+            del lane.settles[: -lane.n_seq]  # never more than the cells kept
         r.seq = -1
 
     def _idle(self) -> float:
@@ -428,40 +546,41 @@ class LlamaCppEngine(LocalEngine[_Request]):
         quiet = time.monotonic() - self._busy_at
         if self._settles and quiet < SETTLE_AFTER_S:
             return SETTLE_AFTER_S - quiet
-        while self._settles:
-            entry, rest = self._settles[-1]
-            seq = self.kv.seq_of(entry)
-            if (
-                seq is None  # taken by a reply since, or evicted
-                or len(rest) < 2  # one token alone would go through the vector kernels
-                or not self.has_version(entry.version)
-                or entry.version in self._retired
-                or len(entry.tokens) + len(rest) > self.seq_capacity
-            ):
-                self._settles.pop()
-                continue
-            chunk = rest if len(rest) < SETTLE_CHUNK + 2 else rest[:SETTLE_CHUNK]
-            start = len(entry.tokens)
-            try:
-                self._use(entry.version)
-                self._run([Op("keep", seq, n=start)])  # the decoded cells of the reply go
-                for i, token in enumerate(chunk):
-                    self._fill(self._batch, i, token, start + i, seq, i == len(chunk) - 1)
-                self._batch.n_tokens = len(chunk)
-                rc = self._ll.llama_decode(self._ctx, self._batch)
-                if rc != 0:
-                    raise EngineError(f"llama_decode failed ({rc})")
-            except Exception:
-                log.warning("settling a finished reply's cells failed: they are not reused", exc_info=True)
-                self._settles.pop()
-                self._run(self.kv.drop(seq))
+        for lane in self.lanes:
+            while lane.settles:
+                entry, rest = lane.settles[-1]
+                seq = lane.kv.seq_of(entry)
+                if (
+                    seq is None  # taken by a reply since, or evicted
+                    or len(rest) < 2  # one token alone would go through the vector kernels
+                    or not self.has_version(entry.version)
+                    or entry.version in self._retired
+                    or len(entry.tokens) + len(rest) > self.seq_capacity
+                ):
+                    lane.settles.pop()
+                    continue
+                chunk = rest if len(rest) < SETTLE_CHUNK + 2 else rest[:SETTLE_CHUNK]
+                start = len(entry.tokens)
+                try:
+                    self._use(lane, entry.version)
+                    self._run(lane, [Op("keep", seq, n=start)])  # the decoded cells of the reply go
+                    for i, token in enumerate(chunk):
+                        self._fill(lane.batch, i, token, start + i, seq, i == len(chunk) - 1)
+                    lane.batch.n_tokens = len(chunk)
+                    rc = self._ll.llama_decode(lane.ctx, lane.batch)
+                    if rc != 0:
+                        raise EngineError(f"llama_decode failed ({rc})")
+                except Exception:
+                    log.warning("settling a finished reply's cells failed: they are not reused", exc_info=True)
+                    lane.settles.pop()
+                    self._run(lane, lane.kv.drop(seq))
+                    return 0.0
+                lane.kv.extend(seq, chunk)
+                if len(chunk) == len(rest):
+                    lane.settles.pop()
+                else:
+                    lane.settles[-1] = (entry, rest[len(chunk) :])
                 return 0.0
-            self.kv.extend(seq, chunk)
-            if len(chunk) == len(rest):
-                self._settles.pop()
-            else:
-                self._settles[-1] = (entry, rest[len(chunk) :])
-            return 0.0
         return super()._idle()
 
     def _fail(self, group: list[_Request], exc: Exception, what: str) -> list[_Request]:
@@ -476,11 +595,13 @@ class LlamaCppEngine(LocalEngine[_Request]):
         batch.seq_id[i][0] = seq
         batch.logits[i] = logits
 
-    def _step(self, group: list[_Request], batch: Any) -> list[_Request]:
-        """One ``llama_decode`` for one version: a token for every decoding request plus the prompts
-        of new ones (as many as fit in the batch; the rest wait a round). Returns those finished.
+    def _step(self, lane: _Lane, group: list[_Request]) -> list[_Request]:
+        """One ``llama_decode`` for one version in one lane: a token for every decoding request plus
+        the prompts of new (or moved) ones, as many as fit in the batch; the rest wait a round.
+        Returns those finished.
         """
-        self._use(group[0].version)
+        self._use(lane, group[0].version)
+        batch = lane.batch
         room = self._n_batch - sum(1 for r in group if r.prefilled)
         starting: list[_Request] = []
         for r in group:  # new requests in arrival order, as many as fit; the batch always fits one
@@ -507,22 +628,24 @@ class LlamaCppEngine(LocalEngine[_Request]):
             rows.append((r, n - 1))
         decoding = [r for r, _ in rows if r.prefilled]
         batch.n_tokens = n
-        rc = self._ll.llama_decode(self._ctx, batch)
+        rc = self._ll.llama_decode(lane.ctx, batch)
         if rc != 0:
             raise EngineError(f"llama_decode failed ({rc})")
         if decoding:
             self.stats.decode_steps += 1
+        lane.tokens += len(rows)
         for r in decoding:
             r.n_past += 1
         for r in starting:
-            self.stats.requests += 1
+            if not r.generated:  # a moved reply was counted where it began
+                self.stats.requests += 1
             r.n_past = len(r.fed or ())
             r.prefilled = True
             if r.prefix_len and r.fed:  # the system turn's cells, shared with later conversations
-                self._run(self.kv.share_prefix(r.version, r.fed[: r.prefix_len], r.seq))
-            if r.sampling.temperature > 0:
+                self._run(lane, lane.kv.share_prefix(r.version, r.fed[: r.prefix_len], r.seq))
+            if r.sampling.temperature > 0 and r.rng is None:
                 r.rng = np.random.default_rng(r.sampling.seed)
-        return [r for r, i in rows if self._accept(r, sample(self._logits(i), r.sampling, r.rng))]
+        return [r for r, i in rows if self._accept(r, sample(self._logits(lane, i), r.sampling, r.rng))]
 
     def _post(self, r: _Request, chunk: Chunk) -> None:
         """Queue a chunk for the request's event loop; ``_deliver`` hands the queued chunks over at once."""
@@ -541,9 +664,9 @@ class LlamaCppEngine(LocalEngine[_Request]):
         self._urgent = False
         self._delivered_at = time.monotonic()
 
-    def _logits(self, i: int) -> Any:
+    def _logits(self, lane: _Lane, i: int) -> Any:
         """The logits of batch position ``i`` (a view on llama.cpp's buffer: use before the next decode)."""
-        return np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, i), shape=(self._n_vocab,))
+        return np.ctypeslib.as_array(self._ll.llama_get_logits_ith(lane.ctx, i), shape=(self._n_vocab,))
 
 
 def reply_close(render: Any, template: Any, bos: str, eos: str) -> str | None:
