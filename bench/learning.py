@@ -82,6 +82,9 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     "max_new_tokens": args.max_new_tokens,
                     "temperature": 0.0,
                     "system_prompt": dep.system_prompt,
+                    # one format at every load: which replies started on the single-stream format
+                    # would depend on arrival timing, and runs must be comparable (README, Two formats)
+                    "single_streams": 0,
                 },
                 "schedule": {"enabled": False, "min_new_feedback": 1, "heldout_fraction": 0.2},
                 "training": {

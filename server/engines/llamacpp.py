@@ -195,7 +195,6 @@ class LlamaCppEngine(LocalEngine[_Request]):
         # query tokens, which rounds differently, so a reused prompt would change greedy replies
         self.flash_attn = (not kv_reuse) if flash_attn is None else flash_attn
         self._ll: Any = None  # the llama_cpp.llama_cpp module
-        self._use_extra_buffers = True
         self._vocab: Any = None
         self._n_vocab = 0
         self._template: Any = None
@@ -229,7 +228,6 @@ class LlamaCppEngine(LocalEngine[_Request]):
             usable = self.extra_buffers
             lane.extra_buffers = extra_buffers_usable(lane.path) if usable is None else usable
         self.gguf_path = self.lanes[0].path
-        self._use_extra_buffers = self.lanes[0].extra_buffers
         self.base_linear = gguf_linear_shapes(self.gguf_path)
 
     def _open(self) -> None:
