@@ -41,7 +41,10 @@ A B B A over the sides (gateway, peer formats..., then the reverse), ``--rounds`
     ``--think-s`` seconds (1 by default, the same on both sides; the gateway settles the reply's
     cells meanwhile, see server/engines/kvreuse.py; 0 sends the next question at once).
 
-Before the blocks, each side serves one reply alone and 8 at once (first-call costs).
+Before the blocks, each side serves one reply alone and 8 at once (first-call costs). Before every
+visit to a side, the run waits until every server is idle (``wait_quiet``: under 5% of a core
+over half a second, read from /proc): a gateway settles its last replies' cells after them, and
+measured beside the next side that work slowed both up to tenfold (run 6, bench/RESULTS.md).
 
 Every prompt carries a tag that names the round and the session, so that neither side's prefix
 cache holds it from an earlier reply (only the chat template's default system prompt is shared).
@@ -492,8 +495,36 @@ class PeerSide:
 Side = GatewaySide | PeerSide
 
 
-async def measure(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Measured]:
-    """The three blocks, each A B B A over the sides, ``--rounds`` (``--turn-runs``) times."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far (user + system, its threads included; Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_share(before: dict[int, float], after: dict[int, float], wall_s: float) -> float:
+    """The cores the processes kept busy between two ``cpu_seconds`` readings, over ``wall_s``."""
+    return sum(after[pid] - before.get(pid, after[pid]) for pid in after) / wall_s
+
+
+async def wait_quiet(
+    pids: Sequence[int], *, window_s: float = 0.5, below: float = 0.05, timeout_s: float = 120
+) -> float:
+    """Wait until the servers ``pids`` keep less than ``below`` of a core busy over ``window_s``
+    (a gateway settles its last replies' cells after them, seconds of llama.cpp work: measured
+    beside the next side, it would slow both; llama.cpp's threads spin at their barriers, so two
+    processes' threads on the same cores can slow a step tenfold). Returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        before = {pid: cpu_seconds(pid) for pid in pids}
+        await asyncio.sleep(window_s)
+        if busy_share(before, {pid: cpu_seconds(pid) for pid in pids}, window_s) < below:
+            break
+    return time.monotonic() - started
+
+
+async def measure(sides: dict[str, Side], args: argparse.Namespace, pids: Sequence[int] = ()) -> dict[str, Measured]:
+    """The three blocks, each A B B A over the sides, ``--rounds`` (``--turn-runs``) times; before
+    each visit to a side, every server (``pids``) is idle (``wait_quiet``)."""
     got = {name: Measured() for name in sides}
     order = palindrome(list(sides))
     for name, side in sides.items():  # warm-up: first-call costs, and the prefixes every side may keep
@@ -504,6 +535,7 @@ async def measure(sides: dict[str, Side], args: argparse.Namespace) -> dict[str,
         print(f"  warmed up {name}", flush=True)
     for r in range(args.rounds):
         for k, name in enumerate(order):
+            await wait_quiet(pids)
             for j in range(args.singles):
                 tokens, _, ttfts, gaps = await sides[name].sessions(1, start=j, tag=f"single {r}.{k}.{j}")
                 got[name].single_tps.append(decode_tps(tokens, sum(gaps)))
@@ -512,6 +544,7 @@ async def measure(sides: dict[str, Side], args: argparse.Namespace) -> dict[str,
             print(f"  single, round {r + 1}, {name}: {' '.join(f'{x:.1f}' for x in recent)} tok/s", flush=True)
     for r in range(args.rounds):
         for k, name in enumerate(order):
+            await wait_quiet(pids)
             tokens, wall, ttfts, _ = await sides[name].sessions(SESSIONS, start=0, tag=f"eight {r}.{k}")
             got[name].agg8_tps.append(tokens / wall)
             got[name].agg8_ttft_s += ttfts
@@ -523,6 +556,7 @@ async def measure(sides: dict[str, Side], args: argparse.Namespace) -> dict[str,
     if args.turns:
         for r in range(args.turn_runs):
             for k, name in enumerate(order):
+                await wait_quiet(pids)
                 ttfts = await sides[name].conversation(100 * r + k, args.turns, args.think_s)
                 got[name].turns_ttft_s.append(ttfts)
                 print(f"  conversation {r + 1}, {name}: TTFT {' '.join(f'{x:.2f}' for x in ttfts)} s", flush=True)
@@ -583,7 +617,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 gateways[side_name("gateway", q)] = GatewaySide(q, procs[q].port(600), conv)
                 print(f"learnloop serve {q}: ws://127.0.0.1:{procs[q].port()}", flush=True)
             sides = {**gateways, **sides}
-            measured = asyncio.run(run(sides, args))
+            pids = [server.proc.pid for server in servers if server.proc is not None]
+            measured = asyncio.run(run(sides, args, pids))
         finally:
             for server in servers:
                 server.stop()
@@ -611,9 +646,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(json_line(summary))
 
 
-async def run(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Measured]:
+async def run(sides: dict[str, Side], args: argparse.Namespace, pids: Sequence[int]) -> dict[str, Measured]:
     try:
-        return await measure(sides, args)
+        return await measure(sides, args, pids)
     finally:
         for side in sides.values():
             if isinstance(side, PeerSide):

@@ -5,6 +5,7 @@ already built on the machine (``python bench/llama_server.py``; 206 compile step
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,8 @@ from bench.peer import (
     SESSIONS,
     Measured,
     bandwidth_share,
+    busy_share,
+    cpu_seconds,
     decode_tps,
     gateway_env,
     json_line,
@@ -30,6 +34,7 @@ from bench.peer import (
     peer_args,
     report,
     summarize,
+    wait_quiet,
 )
 from server.settings import load_settings
 
@@ -230,6 +235,25 @@ def test_the_bench_runs_at_a_tiny_size() -> None:
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["gateway"] == "gateway q8_0" and summary["peer_best"]["single"] == "peer q8_0"
+    assert summary["gateway"] == "gateway q8_0+shipped" and summary["peer_best"]["single"] == "peer q8_0"
     assert summary["gateway_single_tps"] > 0 and summary["peer_agg8_tps"] > 0
     assert len(summary["sides"]["peer q8_0"]["turns_ttft_s"]) == 2
+
+
+def test_servers_are_idle_before_a_visit() -> None:
+    """``wait_quiet`` reads real CPU time: a busy child keeps it waiting, an idle one does not."""
+    assert busy_share({1: 10.0, 2: 5.0}, {1: 10.5, 2: 5.0}, 0.5) == 1.0  # one core's worth
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.3)
+        assert cpu_seconds(busy.pid) > 0.05
+        waited = asyncio.run(wait_quiet([idle.pid], window_s=0.2))
+        assert waited < 1.0
+        waited = asyncio.run(wait_quiet([idle.pid, busy.pid], window_s=0.2, timeout_s=1.0))
+        assert waited >= 1.0  # gave up at the timeout: the busy one never went quiet
+    finally:
+        busy.kill()
+        idle.kill()
+        busy.wait()
+        idle.wait()
