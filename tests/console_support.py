@@ -139,6 +139,19 @@ BUDGET = {
 }
 
 
+REPLIES = {
+    "n": 6,
+    "candidate": 0.41,
+    "live": 0.16,
+    "wins": 5,
+    "losses": 1,
+    "candidate_leaks": 0,
+    "live_leaks": 1,
+    "examples": [],
+}
+"""A gate's reading of the replies (``training.gate.ReplyReport`` as the version's eval report keeps it)."""
+
+
 async def register_adapter(app: App, tiny_model: Path, out: Path, seed_value: int = 3) -> str:
     """A real (random) LoRA adapter registered as a candidate version; returns its name."""
     from tests.test_engine import make_adapter
@@ -146,7 +159,10 @@ async def register_adapter(app: App, tiny_model: Path, out: Path, seed_value: in
     assert app.store is not None
     adapter = make_adapter(tiny_model, out, seed=seed_value)
     return await register_candidate(
-        app.store, adapter, str(tiny_model), eval_report={"reward_accuracy": 0.9, "heldout_pairs": 4, "budget": BUDGET}
+        app.store,
+        adapter,
+        str(tiny_model),
+        eval_report={"reward_accuracy": 0.9, "heldout_pairs": 4, "budget": BUDGET, "replies": REPLIES},
     )
 
 

@@ -167,6 +167,11 @@ async def test_review_correct_and_release_in_the_browser(app: App, page: Any, ti
     await page.click("a[data-nav=versions]")
     row = page.locator(f"tr.version-row[data-name='{version}']")
     await row.wait_for()
+    # the gate's reading of the replies, without opening the raw report
+    assert (
+        await row.locator(".eval-replies").inner_text()
+        == "replies 0.41 vs live 0.16 (5 better, 1 worse of 6) · leaks 0 vs 1"
+    )
     await row.locator(".promote-btn").click()
     await page.wait_for_function(
         f"document.querySelector(\"tr.version-row[data-name='{version}'] .version-state\").textContent.includes('live')"

@@ -1207,6 +1207,15 @@
     return [stages.join('; '), `${pct}% of rows seen`, limit].join(' · ');
   }
 
+  // how the candidate's replies read against live's on the held-out corrected questions, and its
+  // generic replies' leaks: the version's eval_report.replies (training/reading.py, the gate's judge)
+  function repliesText(r) {
+    if (!r || typeof r !== 'object' || !Number.isFinite(Number(r.n))) return null;
+    const score = `replies ${fmtNum(r.candidate, 2)} vs live ${fmtNum(r.live, 2)}`;
+    const counts = `${r.wins} better, ${r.losses} worse of ${r.n}`;
+    return `${score} (${counts}) · leaks ${r.candidate_leaks ?? 0} vs ${r.live_leaks ?? 0}`;
+  }
+
   async function renderRun(main, ctx, id) {
     const head = el('div', { class: 'title-row' }, el('h1', {}, `Run #${id}`));
     const cancel = el('button', { id: 'cancel-run', type: 'button', class: 'danger', hidden: true }, 'Cancel run');
@@ -1314,7 +1323,10 @@
         el('td', { class: 'version-gate' }, reasons.length ? el('ul', { class: 'plain' }, reasons.map((r) => el('li', {}, fmtValue(r)))) : '—'),
         el('td', { class: 'version-stats' }, statsList(v.stats)),
         el('td', { class: 'version-eval' }, v.eval_report
-          ? el('details', { class: 'eval-report' }, el('summary', {}, 'eval report'), el('pre', {}, JSON.stringify(v.eval_report, null, 2)))
+          ? [
+            ...(repliesText(v.eval_report.replies) ? [el('div', { class: 'eval-replies' }, repliesText(v.eval_report.replies))] : []),
+            el('details', { class: 'eval-report' }, el('summary', {}, 'eval report'), el('pre', {}, JSON.stringify(v.eval_report, null, 2))),
+          ]
           : '—'),
       );
       if (can('admin')) {
