@@ -103,7 +103,9 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     "number_pairs": args.numbers,
                 },
                 "canary": {"share": 0.0},
-                "gate": {"judge": args.judge},
+                # the forgetting guard and the leak check in the customers' language (en, zh), as
+                # a deployment's operator sets it: configuration, not a tuned knob
+                "gate": {"judge": args.judge, "generic_chat": dep.language},
                 "implicit": {"train": args.implicit_training},
             },
         )

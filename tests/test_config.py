@@ -24,6 +24,7 @@ def spec(tmp_path: Path, **changes: object) -> JobSpec:
         kto_weights=(0.5, 1.0),
         system_prompt="Be brief.",
         corrections=("Within 30 days.", "3 to 5 days."),
+        generic_chat="zh",
     )
     return dataclasses.replace(base, **changes)
 

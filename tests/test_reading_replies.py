@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from training.gate import EvalReport, GateConfig, GateJudge, ModelScores, ReplyReport, decide, verdicts
+from training.evaluate import generic_chat_path, load_generic_chat
+from training.gate import GENERIC_CHATS, EvalReport, GateConfig, GateJudge, ModelScores, ReplyReport, decide, verdicts
 from training.reading import content_words, leaked, numbers, operator_facts, reply_score, score_reply
 
 REFUND = "Refunds are accepted within 30 days of delivery."
@@ -120,3 +122,19 @@ def test_a_gate_judge_must_be_known() -> None:
         GateConfig(judge="vibes")
     with pytest.raises(ValueError, match="reply_questions"):
         GateConfig(reply_questions=-1)
+
+
+def test_the_generic_chat_set_is_named_or_a_file(tmp_path: Path) -> None:
+    """gate.generic_chat: the shipped English and Chinese sets, or a deployment's own JSONL."""
+    en, zh = (load_generic_chat(generic_chat_path(name)) for name in GENERIC_CHATS)
+    assert len(en) == len(zh) == 24  # the same exchanges, translated
+    assert all(any("\u4e00" <= ch <= "\u9fff" for ch in row["completion"]) for row in zh)
+    own = tmp_path / "fr.jsonl"
+    own.write_text('{"prompt": [{"role": "user", "content": "Bonjour !"}], "completion": "Bonjour !"}\n')
+    assert GateConfig(generic_chat=str(own)).generic_chat == str(own)
+    assert load_generic_chat(generic_chat_path(str(own)))[0]["completion"] == "Bonjour !"
+    with pytest.raises(ValueError, match=r"gate\.generic_chat 'fr': use en or zh or the path of a JSONL file"):
+        GateConfig(generic_chat="fr")
+    own.write_text('{"prompt": "Bonjour !"}\n')
+    with pytest.raises(ValueError, match="row 1: need"):
+        load_generic_chat(own)

@@ -291,6 +291,9 @@ class JobSpec:
         default=16, metadata={"help": "gate.reply_questions: held-out questions each model answers (0: none)."}
     )
     reply_tokens: int = field(default=48, metadata={"help": "gate.reply_tokens: the longest reply of the reply check."})
+    generic_chat: str = field(
+        default="en", metadata={"help": "gate.generic_chat: the everyday chat of the perplexity and leak checks."}
+    )
 
     def __post_init__(self) -> None:
         if not self.base_model:

@@ -186,6 +186,7 @@ def job_spec(cfg: CycleConfig, prepared: PreparedData, *, run_dir: Path, live_ad
         corrections=tuple(sorted({r.chosen for r in train.dpo if r.source == "correction"})),
         reply_questions=cfg.gate.reply_questions,
         reply_tokens=cfg.gate.reply_tokens,
+        generic_chat=cfg.gate.generic_chat,
     )
 
 

@@ -71,10 +71,26 @@ GENERIC_CHAT = Path(__file__).parent / "data" / "generic_chat.jsonl"
 REPLAY_CHAT = Path(__file__).parent / "data" / "replay_chat.jsonl"
 
 
+GENERIC_CHAT_ZH = Path(__file__).parent / "data" / "generic_chat_zh.jsonl"  # the same 24 exchanges in Chinese
+
+
+def generic_chat_path(name: str) -> Path:
+    """The file ``gate.generic_chat`` names: ``en`` and ``zh`` are the shipped sets, anything else a path."""
+    return {"en": GENERIC_CHAT, "zh": GENERIC_CHAT_ZH}.get(name, Path(name))
+
+
 def load_generic_chat(path: Path = GENERIC_CHAT) -> list[dict[str, Any]]:
-    """``{"prompt": [messages], "completion": str}`` rows of ordinary chat."""
+    """``{"prompt": [messages], "completion": str}`` rows of ordinary chat (a row without both is refused)."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    for n, row in enumerate(rows, 1):
+        if not (
+            isinstance(row, dict) and isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), str)
+        ):
+            raise ValueError(f'{path}, row {n}: need {{"prompt": [messages], "completion": "..."}}')
+    if not rows:
+        raise ValueError(f"{path}: no rows of everyday chat")
+    return rows
 
 
 def _perplexity(model: Any, tokenizer: Any, generic: Sequence[dict[str, Any]]) -> float | None:

@@ -8,8 +8,9 @@ same held-out preference pairs. Terms, per held-out pair (prompt x, chosen c, re
   averaged over pairs; ``reward_accuracy`` is the share of pairs where it is positive.
 * ``preference_accuracy`` (per model): share of pairs where the model gives the chosen
   answer a higher mean per-token log-probability than the rejected one.
-* ``generic_ppl`` (per model): perplexity of fixed answers to generic chat prompts shipped in
-  ``training/data/generic_chat.jsonl``: an adapter that forgets how to talk fails here. The
+* ``generic_ppl`` (per model): perplexity of fixed answers to generic chat prompts
+  (``gate.generic_chat``: ``training/data/generic_chat.jsonl`` in English, ``generic_chat_zh.jsonl``
+  in Chinese, or the deployment's own): an adapter that forgets how to talk fails here. The
   limit is relative to the base model (``base_generic_ppl``), which defines how the
   deployment talks: a live version that happens to sit below base does not tighten it for the
   next candidate.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 
@@ -93,6 +95,10 @@ class EvalReport:
         )
 
 
+GENERIC_CHATS = ("en", "zh")
+"""The shipped everyday-chat sets ``gate.generic_chat`` names (``training/data/generic_chat*.jsonl``)."""
+
+
 @dataclass(frozen=True)
 class GateConfig:
     """Thresholds of the offline gate. Every check must pass for a promotion."""
@@ -138,7 +144,20 @@ class GateConfig:
         },
     )
 
+    generic_chat: str = field(
+        default="en",
+        metadata={
+            "help": "The everyday chat the forgetting guard (perplexity) and the leak check (generic replies) read: "
+            "'en' (24 English exchanges, shipped), 'zh' (the same 24 in Chinese, shipped), or a JSONL file of "
+            '{"prompt": [messages], "completion": "..."} rows in your customers\' language.'
+        },
+    )
+
     def __post_init__(self) -> None:
+        if self.generic_chat not in GENERIC_CHATS and not Path(self.generic_chat).is_file():
+            raise ValueError(
+                f"gate.generic_chat {self.generic_chat!r}: use {' or '.join(GENERIC_CHATS)} or the path of a JSONL file"
+            )
         if self.judge not in tuple(GateJudge):
             raise ValueError(f"gate.judge {self.judge!r}: use one of {', '.join(GateJudge)}")
         if self.reply_questions < 0 or self.reply_tokens < 1:

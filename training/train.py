@@ -43,7 +43,15 @@ from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
 from feedback.specials import defuse_row, tokenizer_specials
 from training.config import JobSpec, device_args, disk_full
-from training.evaluate import LIVE, REPLAY_CHAT, evaluate_pairs, load_generic_chat, read_replies, rejected_scores
+from training.evaluate import (
+    LIVE,
+    REPLAY_CHAT,
+    evaluate_pairs,
+    generic_chat_path,
+    load_generic_chat,
+    read_replies,
+    rejected_scores,
+)
 from training.gate import EvalReport
 from training.pairs import pick_likeliest
 from training.signals import replay_rows
@@ -482,7 +490,7 @@ def evaluate(model: Any, tokenizer: Any, heldout: list[TrlRow], spec: JobSpec) -
     if spec.live_adapter:
         model.load_adapter(spec.live_adapter, adapter_name=LIVE)
     live = LIVE if spec.live_adapter else None
-    generic = load_generic_chat()
+    generic = load_generic_chat(generic_chat_path(spec.generic_chat))
     report = evaluate_pairs(model, tokenizer, heldout, live_adapter=live, beta=spec.train.beta, generic=generic)
     if spec.reply_questions > 0:  # what each model says, read against the operators' answers (gate.judge)
         replies = read_replies(
