@@ -128,8 +128,9 @@ def test_an_idle_engine_reuses_a_parked_conversation_in_place() -> None:
 
 
 def test_a_reply_starts_in_the_single_lane_only_when_few_are_in_flight() -> None:
-    assert lane_for(0, 0, 1) == "single"  # alone
-    assert lane_for(1, 0, 1) == "batch"  # beside one in flight (which then moves to the batch lane)
-    assert lane_for(0, 1, 1) == "batch"  # another one waits: a burst is batched from its first reply
-    assert lane_for(1, 0, 2) == "single" and lane_for(1, 1, 2) == "batch"
-    assert lane_for(0, 0, 0) == "batch"  # no single lane
+    assert lane_for(0, 0, 0, 1) == "single"  # alone
+    assert lane_for(1, 0, 0, 1) == "batch"  # beside one in flight (which then moves to the batch lane)
+    assert lane_for(0, 0, 1, 1) == "batch"  # another one waits: a burst is batched from its first reply
+    assert lane_for(1, 0, 0, 2) == "single" and lane_for(1, 0, 1, 2) == "batch"
+    assert lane_for(0, 1, 0, 2) == "batch"  # never beside the batch lane's: one decode a round
+    assert lane_for(0, 0, 0, 0) == "batch"  # no single lane

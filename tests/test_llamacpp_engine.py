@@ -678,23 +678,37 @@ async def test_a_lone_reply_decodes_on_the_single_format_and_moves_when_others_a
             assert alone != (await collect(batch, version, sampling))[0]  # the formats really differ
         assert two.lanes[0].tokens == 0 and two.migrations == 0
 
-        moved: list[list[int]] = []
-        plain = two._migrate
+        moved: list[tuple[list[int], int]] = []  # (the reply's tokens, the single lane's tokens) at the move
+        plain_migrate, plain_accept = two._migrate, two._accept
+        held, arrived = threading.Event(), threading.Event()
 
         def record(r: Any, to: Any) -> None:
-            moved.append(list(r.generated))
-            plain(r, to)
+            moved.append((list(r.generated), two.lanes[1].tokens))
+            plain_migrate(r, to)
+
+        def accept(r: Any, token: int) -> bool:  # after its 4th token the first reply waits for the second
+            done = plain_accept(r, token)
+            if len(r.generated) == 4 and not arrived.is_set():
+                held.set()
+                assert arrived.wait(timeout=60), "the second reply never reached the engine"
+            return done
 
         two._migrate = record  # type: ignore[method-assign]
-        started = two.stats.tokens
+        two._accept = accept  # type: ignore[method-assign]
         first = asyncio.ensure_future(collect(two, "base", sampling))
-        while two.stats.tokens < started + 4:  # the first reply is a few tokens in
+        deadline = time.monotonic() + 60
+        while not held.is_set():  # the first reply decodes alone, in the single lane, 4 tokens in
+            assert time.monotonic() < deadline and not first.done()
             await asyncio.sleep(0.002)
         second = asyncio.ensure_future(collect(two, "base", sampling, chat=[{"role": "user", "content": "Hi there!"}]))
+        while two._inbox.qsize() == 0:  # tokenized and queued: the worker takes it in the next round
+            assert time.monotonic() < deadline and not second.done()
+            await asyncio.sleep(0.002)
+        arrived.set()
         (text, last), (other, _) = await asyncio.gather(first, second)
         assert two.migrations == 1 and len(moved) == 1
-        k = moved[0]
-        assert 0 < len(k) < last.n_tokens  # moved mid-reply
+        k, single_tokens = moved[0]
+        assert len(k) == 4 < last.n_tokens  # moved mid-reply
         lone = (await collect(single, "base", sampling))[0]
         assert lone.startswith(two.detokenize(k))  # the single format wrote the start
         # the batch format continues the prompt and those tokens, greedy
@@ -702,7 +716,8 @@ async def test_a_lone_reply_decodes_on_the_single_format_and_moves_when_others_a
         batch._prompt = lambda messages: (prompt + k, 0)  # type: ignore[method-assign]
         rest = SamplingConfig(max_new_tokens=48 - len(k), temperature=0.0)
         assert text == two.detokenize(k) + (await collect(batch, "base", rest))[0]
-        assert other and two.lanes[0].tokens > 0
+        # after the move every token, the second reply's included, came from the batch lane
+        assert other and two.lanes[1].tokens == single_tokens
     finally:
         for e in (two, single, batch):
             await asyncio.to_thread(e.close)

@@ -64,12 +64,16 @@ def choose_slot(
     return next((s for s in good if s in preferred), good[0])
 
 
-def lane_for(in_flight: int, waiting: int, single_streams: int) -> str:
+def lane_for(single_active: int, batch_active: int, waiting: int, single_streams: int) -> str:
     """The lane a new reply starts in (the engine's two formats, see ``llamacpp.py``): "single"
-    when it and every other reply in flight or waiting number at most ``single_streams`` (0: no
-    single lane), else "batch". Replies in flight count, whichever lane they decode in: when more
-    arrive, the single lane's replies move to the batch lane (the engine's ``_migrate``)."""
-    return "single" if 0 < in_flight + waiting + 1 <= single_streams else "batch"
+    when the batch lane decodes nothing and this reply, the single lane's and every other reply
+    admitted but not decoding yet (``waiting``: queued, or still being tokenized) number at most
+    ``single_streams`` (0: no single lane); else "batch". When more arrive, the single lane's
+    replies move to the batch lane (the engine's ``_migrate``), so one decode per round serves
+    them all; a reply never starts beside the batch lane's, which would make that two."""
+    if batch_active or not 0 < single_active + waiting + 1 <= single_streams:
+        return "batch"
+    return "single"
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

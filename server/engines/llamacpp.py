@@ -200,9 +200,12 @@ class LlamaCppEngine(LocalEngine[_Request]):
         self._template: Any = None
         self._bos = ""
         self._eos = ""
-        # a whole prompt always fits beside every decode token (with a single lane: a moved reply's
-        # prompt and its tokens so far, see ``_migrate``)
-        self._n_batch = max_prompt_tokens + max_active + (max_new_tokens if self.single_streams else 0)
+        self._per_seq = (
+            -(-(max_prompt_tokens + max_new_tokens) // 256) * 256
+        )  # one sequence's cells: llama.cpp pads to 256
+        # a whole prompt always fits beside every decode token; with a single lane, a moved reply's
+        # prompt and tokens so far (``_migrate``: at most a whole sequence)
+        self._n_batch = (self._per_seq if self.single_streams else max_prompt_tokens) + max_active
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Chunk], Chunk]]] = {}
         self._urgent = False  # the outbox holds a first or a last chunk
         self._delivered_at = 0.0
@@ -270,10 +273,9 @@ class LlamaCppEngine(LocalEngine[_Request]):
         lane.model = ll.llama_model_load_from_file(lane.path.encode(), mparams)
         if not lane.model:
             raise EngineError(f"llama.cpp could not load {lane.path}")
-        per_seq = -(-(self.max_prompt_tokens + self.max_new_tokens) // 256) * 256  # llama.cpp pads to 256
         cparams = ll.llama_context_default_params()
         cparams.n_seq_max = lane.n_seq
-        cparams.n_ctx = per_seq * lane.n_seq
+        cparams.n_ctx = self._per_seq * lane.n_seq
         cparams.n_batch = self._n_batch
         cparams.n_ubatch = min(512, cparams.n_batch)
         cparams.n_threads = self.n_threads
@@ -444,8 +446,15 @@ class LlamaCppEngine(LocalEngine[_Request]):
         its slot there."""
         r.fed = r.prompt_ids or [max(self._ll.llama_vocab_bos(self._vocab), 0)]
         r.n_prompt = len(r.fed)
-        in_flight = sum(len(lane.kv.active) for lane in self.lanes)
-        self._place(r, self._lane(lane_for(in_flight, self._inbox.qsize(), self.single_streams)) or self.lanes[0])
+        single = self._lane("single")
+        if single is None:
+            self._place(r, self.lanes[0])
+            return
+        batch_active, single_active = len(self.lanes[0].kv.active), len(single.kv.active)
+        with self._lock:  # admitted replies not decoding yet: queued, or still being tokenized
+            waiting = max(0, self._pending - 1 - batch_active - single_active)
+        name = lane_for(single_active, batch_active, waiting, self.single_streams)
+        self._place(r, single if name == "single" else self.lanes[0])
 
     def _place(self, r: _Request, lane: _Lane) -> None:
         """A free slot of ``lane`` next to its version's others (``kvreuse.choose_slot``: each
