@@ -66,12 +66,10 @@ def _as(model: Any, adapter: str | None) -> Iterator[None]:
 
 
 GENERIC_CHAT = Path(__file__).parent / "data" / "generic_chat.jsonl"
+GENERIC_CHAT_ZH = Path(__file__).parent / "data" / "generic_chat_zh.jsonl"  # the same 24 exchanges in Chinese
 # ordinary chat for training (training.replay_pairs), none of it in GENERIC_CHAT: the gate's
 # perplexity check must stay on prompts the adapter never trained on
 REPLAY_CHAT = Path(__file__).parent / "data" / "replay_chat.jsonl"
-
-
-GENERIC_CHAT_ZH = Path(__file__).parent / "data" / "generic_chat_zh.jsonl"  # the same 24 exchanges in Chinese
 
 
 def generic_chat_path(name: str) -> Path:

@@ -151,9 +151,8 @@ class LlamaCppEngine(LocalEngine[_Request]):
         single_resident: int = 2,
     ) -> None:
         super().__init__(_Request, max_prompt_tokens, max_pending, max_active, system_prompt)
-        self.gguf_path = (
-            gguf_path  # the file served (after ``load``, the batch lane's: requantized when ``quant`` is set)
-        )
+        # the file served (after ``load``, the batch lane's: requantized when ``quant`` is set)
+        self.gguf_path = gguf_path
         self.quant = quant  # requantize ``gguf_path`` to this type first (see ``requantize``)
         # at most this many replies in flight decode in the single lane, on ``single_quant`` (None:
         # the file as it is); 0, or the same format as ``quant``: one lane for every load
@@ -200,9 +199,8 @@ class LlamaCppEngine(LocalEngine[_Request]):
         self._template: Any = None
         self._bos = ""
         self._eos = ""
-        self._per_seq = (
-            -(-(max_prompt_tokens + max_new_tokens) // 256) * 256
-        )  # one sequence's cells: llama.cpp pads to 256
+        # one sequence's cells: llama.cpp pads to 256
+        self._per_seq = -(-(max_prompt_tokens + max_new_tokens) // 256) * 256
         # a whole prompt always fits beside every decode token; with a single lane, a moved reply's
         # prompt and tokens so far (``_migrate``: at most a whole sequence)
         self._n_batch = (self._per_seq if self.single_streams else max_prompt_tokens) + max_active
@@ -469,8 +467,7 @@ class LlamaCppEngine(LocalEngine[_Request]):
         round, reusing what it caches, and samples the next token from the last position."""
         old = r.lane
         assert old is not None and r.fed is not None
-        kept = r.kv_ok and self.has_version(r.version) and r.version not in self._retired
-        self._run(old, old.kv.release(r.seq, r.version, r.fed[: min(r.n_past, r.n_prompt)] if kept else None))
+        self._run(old, old.kv.release(r.seq, r.version, self._kept_prompt(r)))
         r.fed = [*r.fed[: r.n_prompt], *r.generated]
         r.prefilled = False
         self._place(r, to)
@@ -531,17 +528,29 @@ class LlamaCppEngine(LocalEngine[_Request]):
             self._deliver()
         self._busy_at = time.monotonic()
 
+    def _kept_prompt(self, r: _Request) -> list[int] | None:
+        """What of the request's cells stays for reuse when it leaves its slot: the prompt's cells
+        it holds (a reply's own were decoded by llama.cpp's vector kernels; they are settled, i.e.
+        prefilled again, while the engine is idle: ``_idle``, kvreuse.py); None (nothing) after a
+        failed decode or once its version is gone."""
+        if not r.fed or not r.kv_ok or not self.has_version(r.version) or r.version in self._retired:
+            return None
+        return r.fed[: min(r.n_past, r.n_prompt)]
+
     def _release(self, r: _Request) -> None:
         """Free the request's slot; its cells stay for reuse, unless a decode failed or its version is gone."""
         lane = r.lane
         assert lane is not None
-        kept = r.kv_ok and r.fed is not None and self.has_version(r.version) and r.version not in self._retired
-        # the prompt's cells only: a reply's own were decoded by llama.cpp's vector kernels; they are
-        # settled (prefilled again) while the engine is idle (``_idle``, kvreuse.py)
-        prompt = r.fed[: min(r.n_past, r.n_prompt)] if kept and r.fed else None
+        prompt = self._kept_prompt(r)
         self._run(lane, lane.kv.release(r.seq, r.version, prompt))
         entry = lane.kv.entries.get(r.seq)
-        if kept and r.prefilled and entry is not None and self.kv_settle and self._reply_close is not None:
+        if (
+            prompt is not None
+            and r.prefilled
+            and entry is not None
+            and self.kv_settle
+            and self._reply_close is not None
+        ):
             # the reply as the next turn's prompt renders it: its text as streamed, then the end of turn
             lane.settles.append((entry, self.tokenize(self._reply_text(r) + self._reply_close)))
             del lane.settles[: -lane.n_seq]  # never more than the cells kept
