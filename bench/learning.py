@@ -44,6 +44,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -142,6 +143,9 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     if (found := dep.leaks(text))
                 ]
                 uncorrected_ups = sum(r.up for (i, _), r in zip(pairs, results, strict=True) if i.id in uncorrected)
+                # what the seed promises: a trained version answers shorter and sooner where it is right
+                lengths = [dep.rubric.length(r.reply) for r in results]
+                right = [n for n, r in zip(lengths, results, strict=True) if r.up]
                 served = {r.version for r in results}
                 assert served == {version}, served
                 return {
@@ -149,6 +153,9 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     "heldout_uncorrected": uncorrected_ups / sum(1 for i, _ in pairs if i.id in uncorrected),
                     "leaks_uncorrected": len(uncorrected_leaks),
                     "leaks_generic": len(generic_leaks),
+                    "length": statistics.fmean(lengths),
+                    "length_right": statistics.fmean(right) if right else None,
+                    "seconds": statistics.fmean(r.seconds for r in results),
                     "leak_examples": uncorrected_leaks + generic_leaks,
                     "samples": {f"{i.id}: {q}": r.reply for (i, q), r in list(zip(pairs, results, strict=True))[::6]},
                     # why replies failed, counted (a rubric check: are the reasons plausible?)
@@ -161,7 +168,10 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                 }
 
             by_version: dict[str, dict[str, Any]] = {"base": await evaluate("base")}
-            print(f"base: held-out satisfaction {by_version['base']['heldout']:.0%}", flush=True)
+            print(
+                f"base: held-out satisfaction {by_version['base']['heldout']:.0%}, {shape(dep, by_version['base'])}",
+                flush=True,
+            )
             for cycle in range(1, args.cycles + 1):
                 t0 = time.monotonic()
                 live = app.release.live_version
@@ -252,7 +262,7 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                 }
                 print(
                     f"cycle {cycle}: live {version}, held-out satisfaction "
-                    f"{by_version[version]['heldout']:.0%}, {time.monotonic() - t0:.0f} s",
+                    f"{by_version[version]['heldout']:.0%}, {shape(dep, by_version[version])}, {time.monotonic() - t0:.0f} s",
                     flush=True,
                 )
     versions = {k: v for k, v in by_version.items() if not k.startswith("cycle")}
@@ -276,6 +286,16 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
             k: {"uncorrected": v["leaks_uncorrected"], "generic": v["leaks_generic"]} for k, v in versions.items()
         },
         "generic_ppl": {k: round(v, 3) for k, v in ppls.items()},
+        # per version: mean held-out reply length (the rubric's unit), the same over the satisfied
+        # replies, and mean seconds from question to complete reply
+        "shape_by_version": {
+            k: {
+                "length": round(v["length"], 1),
+                "length_right": None if v["length_right"] is None else round(v["length_right"], 1),
+                "seconds": round(v["seconds"], 3),
+            }
+            for k, v in versions.items()
+        },
         "ppl_rise_best": round(ppls[best_name] / ppls["base"] - 1, 4) if best_name in ppls and "base" in ppls else None,
         "cycles": [by_version[f"cycle{c}"] for c in range(1, args.cycles + 1)],
         "best_gain_pp": round((best - base) * 100, 1),
@@ -287,6 +307,17 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
         "leak_examples": {k: v["leak_examples"] for k, v in versions.items() if v["leak_examples"]},
     }
     return summary
+
+
+def shape(dep: Deployment, evaluated: dict[str, Any]) -> str:
+    """One version's reply length and time to a complete reply, as the per-cycle lines print them."""
+    unit = "words" if dep.rubric.max_words is not None else "characters"
+    right = evaluated["length_right"]
+    return (
+        f"replies {evaluated['length']:.1f} {unit} on average"
+        + (f" ({right:.1f} where right)" if right is not None else "")
+        + f", {evaluated['seconds']:.2f} s to a complete reply"
+    )
 
 
 async def judge_candidate(

@@ -59,6 +59,10 @@ class Rubric:
     def prepare(self, text: str) -> str:
         return unicodedata.normalize("NFKC", text) if self.nfkc else text
 
+    def length(self, text: str) -> int:
+        """A reply's length in the unit this rubric limits: words, or characters other than spaces."""
+        return len(text.split()) if self.max_words is not None else len("".join(text.split()))
+
     def length_reason(self, text: str) -> str | None:
         if self.max_words is not None and (words := len(text.split())) > self.max_words:
             return f"rambling ({words} words > {self.max_words})"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,21 +36,22 @@ async def _reply(ws: Any, text: str, client_id: str) -> tuple[str, dict[str, Any
             raise RuntimeError(frame)
 
 
-async def converse(ws: Any, script: Script, user: str) -> tuple[str, dict[str, Any], str]:
-    """Say hello, send every turn of ``script`` in order on one conversation:
-    (reply to the last turn, its done frame, the conversation id)."""
+async def converse(ws: Any, script: Script, user: str) -> tuple[str, dict[str, Any], str, float]:
+    """Say hello, send every turn of ``script`` in order on one conversation: (reply to the last
+    turn, its done frame, the conversation id, seconds from sending the last turn to its done frame)."""
     await ws.send(json.dumps({"type": "hello", "user": user}))
     ready = json.loads(await ws.recv())
     for k, turn in enumerate(script[:-1]):
         await _reply(ws, turn, f"c{k}")
+    sent = time.perf_counter()
     reply, done = await _reply(ws, script[-1], "q")
-    return reply, done, ready["conversation_id"]
+    return reply, done, ready["conversation_id"], time.perf_counter() - sent
 
 
 async def ask(port: int, script: Script, user: str) -> tuple[str, str, str]:
     """One customer, one question, over a real websocket: (reply text, message id, version)."""
     async with connect(f"ws://127.0.0.1:{port}") as ws:
-        reply, done, _ = await converse(ws, script, user)
+        reply, done, _, _ = await converse(ws, script, user)
         return reply, done["message_id"], done["model_version"]
 
 
@@ -63,6 +65,7 @@ class Answer:
     rated: bool  # the customer clicked a thumb
     reaction: Reaction | None  # what the customer wrote next (None: not asked to react)
     conversation_id: str
+    seconds: float  # from sending the question to the reply's done frame: time to a complete reply
 
 
 async def ask_and_rate(
@@ -78,7 +81,7 @@ async def ask_and_rate(
     """A customer asks ``script``; the rubric rates the reply; a thumb if ``send_rating``; a
     next message drawn with ``react_rng`` if one is given."""
     async with connect(f"ws://127.0.0.1:{port}") as ws:
-        reply, frame, conversation_id = await converse(ws, script, user)
+        reply, frame, conversation_id, seconds = await converse(ws, script, user)
         verdict = deployment.rate(intent, reply)
         if send_rating:
             reason = None if verdict.up else verdict.reasons[0][:200]
@@ -109,4 +112,5 @@ async def ask_and_rate(
             send_rating,
             reaction,
             conversation_id,
+            seconds,
         )

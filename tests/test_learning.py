@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from bench.learning import agreement, agreement_table, parse_args, table
+from bench.learning import agreement, agreement_table, parse_args, shape, table
+from bench.rater import load_deployment
 
 
 def _row(deployment: str, seed: int, gain: float, *, reactions: bool = False) -> dict[str, Any]:
@@ -98,3 +99,14 @@ def test_each_judge_is_held_to_the_rubric_and_ties_decide_nothing() -> None:
     assert lines[2].startswith("| pairs | 1 of 2 (50%) | bank seed 0")
     assert lines[3] == "| replies | 2 of 2 (100%) | - |"
     assert lines[-1] == "ties (equal satisfaction, not counted): 1"
+
+
+def test_each_version_prints_its_reply_length_in_the_rubrics_unit_and_its_time() -> None:
+    evaluated = {"length": 23.25, "length_right": 14.0, "seconds": 0.4512}
+    assert shape(load_deployment("shop"), evaluated) == (
+        "replies 23.2 words on average (14.0 where right), 0.45 s to a complete reply"
+    )
+    none_right = {**evaluated, "length_right": None}
+    assert shape(load_deployment("zh_shop"), none_right) == (
+        "replies 23.2 characters on average, 0.45 s to a complete reply"
+    )

@@ -133,6 +133,9 @@ def test_chinese_length_is_counted_in_characters() -> None:
     assert not v.up and v.reasons[-1].startswith("rambling (") and "characters" in v.reasons[-1]
     # spaces are not characters of the reply: the same text spaced out is no longer
     assert ZH.rubric.length_reason(" ".join("签收后7天内可以退货")) is None
+    # a reply's length is counted in the unit its rubric limits
+    assert ZH.rubric.length(" ".join("签收后7天内可以退货")) == 10
+    assert load_deployment("shop").rubric.length("Returns are free within 30 days.") == 6
 
 
 def test_chinese_two_facts_and_leaks() -> None:

@@ -49,6 +49,7 @@ async def test_a_multi_turn_script_is_one_conversation_and_the_last_reply_is_rat
             app.port, script, "cust-1", intent, dep, send_rating=True, react_rng=random.Random(seed)
         )
         assert not answer.up and answer.rated and answer.reaction is not None
+        assert 0 < answer.seconds < 60  # from the question to its done frame
         assert answer.reaction.signal is ImplicitSignal.REPEAT and answer.reaction.text
         messages = await app.store.conversations.messages(answer.conversation_id)
         users = [m.text for m in messages if m.role is Role.USER]
