@@ -2,6 +2,7 @@
 
     python bench/learning.py [--deployment shop] [--cycles 3] [--seed 0] [--out bench/out]
     python bench/learning.py --all [--seeds 0,1] [--modes explicit,implicit]
+    python bench/learning.py --plot-runs runs.png "epochs 1=bench/out/*/learning.json" ...
 
 A simulated deployment (``bench/deployments/<name>/``: a policy sheet, intents with training
 and held-out paraphrases, a rubric, a system prompt; see ``bench/deployments/README.md``)
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
 import json
 import random
 import statistics
@@ -278,6 +280,16 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
         "implicit_training": args.implicit_training,
         "operator_reads_reactions": args.operator_reads_reactions,
         "judge": args.judge,
+        # the knobs a recipe comparison varies, so a run's files say which recipe they measured
+        "recipe": {
+            "steps": args.steps,
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "sft_weight": args.sft_weight,
+            "kto_steps": args.kto_steps,
+            "contrast": args.contrast,
+            "replay": args.replay,
+        },
         "base": round(base, 3),
         "by_version": {k: round(v["heldout"], 3) for k, v in versions.items()},
         "train_by_version": {k: round(v["train"], 3) for k, v in versions.items() if "train" in v},
@@ -434,6 +446,52 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def live_curve(summary: dict[str, Any]) -> list[float]:
+    """Held-out satisfaction of the live version before the first cycle and after each one."""
+    versions = summary["by_version"]
+    return [versions["base"], *(versions[c["version"]] for c in summary["cycles"])]
+
+
+def plot_runs(labelled: list[tuple[str, dict[str, Any]]], path: Path) -> None:
+    """One panel per deployment: the live version's held-out satisfaction over the cycles, a line
+    per run (its label, operator seed and signals), so recipes compare deployment by deployment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({r["deployment"] for _, r in labelled})
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for label, r in labelled:
+            if r["deployment"] == name:
+                curve = [v * 100 for v in live_curve(r)]
+                ax.plot(range(len(curve)), curve, marker="o", label=f"{label}, seed {r['seed']}, {mode_label(r)}")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("cycle")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out satisfaction of live (%)")
+    handles, texts = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, texts, loc="lower center", ncol=min(3, len(texts)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * (len(texts) // 3), 1, 1))
+    fig.savefig(path, dpi=110)
+
+
+def labelled_runs(specs: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """``LABEL=GLOB`` arguments: every learning.json the glob matches, under that label."""
+    out = []
+    for spec in specs:
+        label, sep, pattern = spec.partition("=")
+        if not sep or not label or not pattern:
+            raise ValueError(f"--plot-runs: {spec!r} is not LABEL=GLOB")
+        files = sorted(glob.glob(pattern))
+        if not files:
+            raise ValueError(f"--plot-runs: {pattern!r} matches no file")
+        out += [(label, json.loads(Path(f).read_text())) for f in files]
+    return out
+
+
 MODES = ("explicit", "implicit", "sparse")
 
 
@@ -497,7 +555,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="LEARNING_JSON",
         help="print how often each gate judge agreed with the rubric over these runs' learning.json files, and stop",
     )
+    parser.add_argument(
+        "--plot-runs",
+        nargs="+",
+        metavar="ARG",
+        help="PNG LABEL=GLOB ...: draw the live version's held-out satisfaction per cycle, one panel per "
+        "deployment and a line per learning.json the globs match, into PNG, and stop",
+    )
     args = parser.parse_args(argv)
+    if args.plot_runs is not None and len(args.plot_runs) < 2:
+        parser.error("--plot-runs: give the PNG, then LABEL=GLOB arguments")
     if not 0 <= args.thumbs_share <= 1:
         parser.error("--thumbs-share is a share: 0 to 1")
     for name in ("implicit_training", "operator_reads_reactions"):
@@ -595,6 +662,11 @@ def main() -> None:
         runs = [json.loads(Path(p).read_text()) for p in args.agreement]
         print(agreement_table(runs))
         print(json.dumps(agreement(runs), ensure_ascii=False))
+        return
+    if args.plot_runs:
+        png, *specs = args.plot_runs
+        plot_runs(labelled_runs(specs), Path(png))
+        print(f"plot: {png}")
         return
     if args.all:
         rows = run_all(args)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.learning import agreement, agreement_table, parse_args, shape, table
+from bench.learning import agreement, agreement_table, labelled_runs, live_curve, parse_args, plot_runs, shape, table
 from bench.rater import load_deployment
 
 
@@ -110,3 +112,38 @@ def test_each_version_prints_its_reply_length_in_the_rubrics_unit_and_its_time()
     assert shape(load_deployment("zh_shop"), none_right) == (
         "replies 23.2 characters on average, 0.45 s to a complete reply"
     )
+
+
+def _cycled(deployment: str, seed: int, curve: list[float]) -> dict[str, Any]:
+    """A run whose live version after cycle k held ``curve[k]`` of the held-out paraphrases."""
+    versions = {"base": curve[0], **{f"v{k}": x for k, x in enumerate(curve[1:], start=1)}}
+    return {
+        **_row(deployment, seed, 0.0),
+        "by_version": {**versions, "v9": 0.99},  # a rejected candidate: never live, never on the curve
+        "cycles": [{"version": f"v{k}"} for k in range(1, len(curve))],
+    }
+
+
+def test_runs_are_plotted_per_deployment_from_their_files(tmp_path: Path) -> None:
+    run = _cycled("bank", 0, [0.0, 0.25, 0.5])
+    run["cycles"][1]["version"] = "v1"  # cycle 2's candidate was rejected: v1 stayed live
+    assert live_curve(run) == [0.0, 0.25, 0.25]
+    for name, seed in (("bank", 0), ("shop", 1)):
+        folder = tmp_path / "ep1" / f"{name}-seed{seed}-explicit"
+        folder.mkdir(parents=True)
+        (folder / "learning.json").write_text(json.dumps(_cycled(name, seed, [0.0, 0.1, 0.3])))
+    runs = labelled_runs([f"epochs 1={tmp_path}/ep1/*/learning.json"])
+    assert [(label, r["deployment"], r["seed"]) for label, r in runs] == [
+        ("epochs 1", "bank", 0),
+        ("epochs 1", "shop", 1),
+    ]
+    with pytest.raises(ValueError, match="matches no file"):
+        labelled_runs([f"default={tmp_path}/none/*.json"])
+    with pytest.raises(ValueError, match="LABEL=GLOB"):
+        labelled_runs([f"{tmp_path}/ep1/*/learning.json"])
+    with pytest.raises(SystemExit):
+        parse_args(["--plot-runs", "only.png"])
+    pytest.importorskip("matplotlib")  # the bench extra (make bench-deps)
+    png = tmp_path / "runs.png"
+    plot_runs(runs, png)
+    assert png.read_bytes().startswith(b"\x89PNG")
