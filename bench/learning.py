@@ -61,6 +61,7 @@ from bench.sim import Answer, ask, ask_and_rate
 from feedback import Reaction
 from server.app import App
 from server.settings import load_settings
+from training.config import TrainConfig
 from training.evaluate import load_generic_chat
 from training.gate import EvalReport, GateJudge, verdicts
 
@@ -510,8 +511,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--cycles", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=60, help="training.max_steps (used when --epochs is 0)")
-    parser.add_argument("--epochs", type=float, default=0.0, help="training.epochs (0: --steps steps)")
+    defaults = TrainConfig()
+    parser.add_argument(
+        "--steps", type=int, default=defaults.max_steps, help="training.max_steps (with --epochs 0: exactly this many)"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=defaults.epochs,
+        help="training.epochs (0: --steps steps; the first runs: 0 and 60)",
+    )
     parser.add_argument("--max-minutes", type=float, default=30.0, help="training.max_minutes")
     parser.add_argument("--demo-epochs", type=float, default=1.0, help="training.demo_epochs")
     parser.add_argument("--lr", type=float, default=2e-4)

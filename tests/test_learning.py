@@ -35,6 +35,8 @@ def test_defaults_keep_the_shop_run() -> None:
     assert args.deployment == "shop" and args.seed == 0 and args.cycles == 3
     assert args.thumbs_share == 1.0 and not args.reactions and args.max_new_tokens == 48
     assert parse_args(["--all"]).seeds == "0,1"
+    # the recipe is the product's: one pass over each run's rows, at most 1000 steps
+    assert (args.epochs, args.steps) == (1.0, 1000)
 
 
 def test_reactions_are_read_and_trained_unless_told_otherwise() -> None:

@@ -78,7 +78,7 @@ def cycle_config(model: Path, data_dir: Path, trust: TrustConfig, seed: int = 0)
         min_new_feedback=1,
         heldout_fraction=0.2,
         trust=trust,
-        train=TrainConfig(max_steps=40, learning_rate=1e-2, replay_pairs=0, init_from="base", seed=seed),
+        train=TrainConfig(max_steps=40, epochs=0.0, learning_rate=1e-2, replay_pairs=0, init_from="base", seed=seed),
     )
 
 

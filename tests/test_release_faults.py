@@ -56,7 +56,8 @@ def config(model: Path, data_dir: Path, **train: Any) -> CycleConfig:
         min_new_feedback=1,
         heldout_fraction=0.3,
         # replay rows off: on a random tiny model they would only dilute the few seeded pairs
-        train=TrainConfig(**{"max_steps": 10, "learning_rate": 1e-3, "replay_pairs": 0, **train}),
+        # exactly max_steps steps (epochs 0): the slow and hung jobs below train until stopped
+        train=TrainConfig(**{"max_steps": 10, "epochs": 0.0, "learning_rate": 1e-3, "replay_pairs": 0, **train}),
     )
 
 

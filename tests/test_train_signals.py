@@ -57,11 +57,12 @@ THUMBS = [thumb(REFUND_Q, REFUND_A, True), thumb(SHIP_Q, "no idea at all", False
 
 
 def test_steps_follow_the_data_or_the_fixed_count() -> None:
-    assert plan_steps(200, 2, epochs=1.0, max_steps=60) == 100
-    assert plan_steps(2000, 2, epochs=1.0, max_steps=60) == 1000
+    assert plan_steps(200, 2, epochs=1.0, max_steps=1000) == 100
+    assert plan_steps(2000, 2, epochs=1.0, max_steps=1000) == 1000
     assert plan_steps(5, 2, epochs=2.0, max_steps=60) == 5  # ceil(10 / 2)
     assert plan_steps(1, 4, epochs=0.1, max_steps=60) == 1  # at least one step
-    assert plan_steps(200, 2, epochs=0.0, max_steps=60) == 60  # epochs 0: the measured fixed recipe
+    assert plan_steps(200, 2, epochs=0.0, max_steps=60) == 60  # epochs 0: exactly max_steps
+    assert plan_steps(5000, 2, epochs=1.0, max_steps=1000) == 1000  # max_steps caps a pass
     assert plan_steps(0, 2, epochs=1.0, max_steps=60) == 0
 
 
@@ -126,6 +127,7 @@ def run_job(tiny_model: Path, run_dir: Path, rows: dict[str, list[dict[str, Any]
     cfg = TrainConfig(
         **{
             "max_steps": 6,
+            "epochs": 0.0,  # exactly max_steps steps unless a test asks for passes
             "learning_rate": 5e-3,
             "replay_pairs": 0,
             "contrast_pick": "hash",

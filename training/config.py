@@ -77,13 +77,17 @@ class TrainConfig:
     """Hyperparameters of one LoRA training run (TRL)."""
 
     max_steps: int = field(
-        default=60, metadata={"help": "Optimizer steps of the preference (or only) stage when epochs is 0."}
+        default=1000,
+        metadata={
+            "help": "The most optimizer steps of a stage; with epochs 0, exactly this many steps of the preference "
+            "(or only) stage (the fixed recipe of the first bench/learning.py runs: 60)."
+        },
     )
     epochs: float = field(
-        default=0.0,
+        default=1.0,
         metadata={
-            "help": "Passes over the run's rows: each stage takes ceil(rows x epochs / batch_size) steps, so steps "
-            "follow the data (bounded by max_minutes). 0 = max_steps steps, the recipe bench/RESULTS.md measured."
+            "help": "Passes over the run's rows: each stage takes ceil(rows x epochs / batch_size) steps, at most "
+            "max_steps, so steps follow the data (bounded by max_minutes). 0 = exactly max_steps steps."
         },
     )
     max_minutes: float = field(

@@ -1,8 +1,8 @@
 """How many steps a run takes and what it saw: pure arithmetic, no I/O, no clock.
 
 A run's steps follow its data: ``epochs`` passes over a stage's rows, ``ceil(rows * epochs /
-batch_size)`` steps, or with ``epochs = 0`` the fixed ``max_steps`` (the recipe bench/RESULTS.md
-measured). Either way ``training.max_minutes`` bounds the training steps of the whole run: the job
+batch_size)`` steps at most ``max_steps``, or with ``epochs = 0`` exactly ``max_steps`` (the fixed
+recipe of the first bench/RESULTS.md runs). Either way ``training.max_minutes`` bounds the training steps of the whole run: the job
 stops at the end of the step that passes it (``train.Deadline``) and reports, per stage, the steps
 planned and done, the epochs done and the share of the stage's rows seen (``StageReport``).
 
@@ -25,13 +25,13 @@ TrlRow = dict[str, Any]
 
 
 def plan_steps(rows: int, batch_size: int, *, epochs: float, max_steps: int) -> int:
-    """The optimizer steps of a stage over ``rows`` rows: ``epochs`` passes (at least one step), or
-    ``max_steps`` when ``epochs`` is 0; no rows, no steps."""
+    """The optimizer steps of a stage over ``rows`` rows: ``epochs`` passes (at least one step) but
+    at most ``max_steps``, or exactly ``max_steps`` when ``epochs`` is 0; no rows, no steps."""
     if rows < 1:
         return 0
     if epochs <= 0:
         return max_steps
-    return max(1, math.ceil(rows * epochs / batch_size))
+    return min(max_steps, max(1, math.ceil(rows * epochs / batch_size)))
 
 
 def epochs_done(steps: int, batch_size: int, rows: int) -> float:

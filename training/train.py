@@ -481,7 +481,9 @@ def next_stage(
     if objective is Objective.KTO:
         overrides["max_steps"] = cfg.kto_steps
     else:
-        overrides["max_steps"] = plan_steps(len(rows), cfg.batch_size, epochs=cfg.demo_epochs, max_steps=0)
+        # demo_epochs 0: no SFT stage (no steps), never a fixed count
+        steps = plan_steps(len(rows), cfg.batch_size, epochs=cfg.demo_epochs, max_steps=cfg.max_steps)
+        overrides["max_steps"] = steps if cfg.demo_epochs > 0 else 0
     return build_trainer(objective, model, tokenizer, None, rows, spec, progress, deadline, **overrides)
 
 
