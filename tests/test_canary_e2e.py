@@ -27,7 +27,7 @@ def settings(tiny_model: Path, tmp_path: Path) -> Any:
             "model": {"name": str(tiny_model), "max_new_tokens": 6},
             "schedule": {"enabled": False, "min_new_feedback": 1, "heldout_fraction": 0.3, "version_poll_s": 3600},
             # replay rows off: on a random tiny model they only dilute the few seeded pairs
-            "training": {"max_steps": 10, "learning_rate": 1e-3, "replay_pairs": 0},
+            "training": {"max_steps": 10, "epochs": 0.0, "learning_rate": 1e-3, "replay_pairs": 0},
             # thumbs decide here; the latency rule is tested on its own (tests/test_canary.py), and a
             # tiny model's TTFT on a loaded 2-core machine swings by more than the default 100 ms slack
             "canary": {

@@ -148,12 +148,16 @@ async def run_loop(settings: Any, open_client: Any, n_conversations: int, *, tra
 
 
 async def test_whole_loop_tiny_model(tiny_model: Path, tmp_path: Path, open_client: Any) -> None:
-    settings = settings_for(str(tiny_model), tmp_path / "data", max_steps=10, learning_rate=1e-3, replay_pairs=0)
+    settings = settings_for(
+        str(tiny_model), tmp_path / "data", max_steps=10, epochs=0.0, learning_rate=1e-3, replay_pairs=0
+    )
     await run_loop(settings, open_client, n_conversations=6, train_via_cli=True)
 
 
 async def test_scheduled_cycle_promotes_inside_the_server(tiny_model: Path, tmp_path: Path, open_client: Any) -> None:
-    settings = settings_for(str(tiny_model), tmp_path / "data", max_steps=10, learning_rate=1e-3, replay_pairs=0)
+    settings = settings_for(
+        str(tiny_model), tmp_path / "data", max_steps=10, epochs=0.0, learning_rate=1e-3, replay_pairs=0
+    )
     settings = dataclasses.replace(
         settings, schedule=dataclasses.replace(settings.schedule, enabled=True, interval_s=0.5, min_new_feedback=4)
     )
