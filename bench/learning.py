@@ -448,9 +448,15 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def live_curve(summary: dict[str, Any]) -> list[float]:
-    """Held-out satisfaction of the live version before the first cycle and after each one."""
+    """Held-out satisfaction of the live version before the first cycle and after each one, up to
+    the first cycle whose training job failed (what came after it measured no training)."""
     versions = summary["by_version"]
-    return [versions["base"], *(versions[c["version"]] for c in summary["cycles"])]
+    curve = [versions["base"]]
+    for c in summary["cycles"]:
+        if c.get("status") == "failed":
+            break
+        curve.append(versions[c["version"]])
+    return curve
 
 
 def plot_runs(labelled: list[tuple[str, dict[str, Any]]], path: Path) -> None:

@@ -130,6 +130,8 @@ def test_runs_are_plotted_per_deployment_from_their_files(tmp_path: Path) -> Non
     run = _cycled("bank", 0, [0.0, 0.25, 0.5])
     run["cycles"][1]["version"] = "v1"  # cycle 2's candidate was rejected: v1 stayed live
     assert live_curve(run) == [0.0, 0.25, 0.25]
+    run["cycles"][1]["status"] = "failed"  # a failed job trained nothing: the curve stops
+    assert live_curve(run) == [0.0, 0.25]
     for name, seed in (("bank", 0), ("shop", 1)):
         folder = tmp_path / "ep1" / f"{name}-seed{seed}-explicit"
         folder.mkdir(parents=True)
@@ -145,7 +147,11 @@ def test_runs_are_plotted_per_deployment_from_their_files(tmp_path: Path) -> Non
         labelled_runs([f"{tmp_path}/ep1/*/learning.json"])
     with pytest.raises(SystemExit):
         parse_args(["--plot-runs", "only.png"])
-    pytest.importorskip("matplotlib")  # the bench extra (make bench-deps)
+
+
+def test_the_runs_plot_is_drawn(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")  # the bench extra (make bench-deps); the pure parts are tested above
+    runs = [("one pass", _cycled(name, 0, [0.0, 0.1, 0.3])) for name in ("bank", "shop")]
     png = tmp_path / "runs.png"
     plot_runs(runs, png)
     assert png.read_bytes().startswith(b"\x89PNG")
