@@ -50,6 +50,15 @@ class Intent:
     steps: tuple[re.Pattern[str], ...] = ()  # a procedure: these must appear in this order
 
 
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _chars(text: str) -> int:
+    """Characters other than spaces (a language written without spaces between words)."""
+    return len("".join(text.split()))
+
+
 @dataclass(frozen=True)
 class Rubric:
     max_words: int | None = None
@@ -61,12 +70,12 @@ class Rubric:
 
     def length(self, text: str) -> int:
         """A reply's length in the unit this rubric limits: words, or characters other than spaces."""
-        return len(text.split()) if self.max_words is not None else len("".join(text.split()))
+        return _words(text) if self.max_words is not None else _chars(text)
 
     def length_reason(self, text: str) -> str | None:
-        if self.max_words is not None and (words := len(text.split())) > self.max_words:
+        if self.max_words is not None and (words := _words(text)) > self.max_words:
             return f"rambling ({words} words > {self.max_words})"
-        if self.max_chars is not None and (chars := len("".join(text.split()))) > self.max_chars:
+        if self.max_chars is not None and (chars := _chars(text)) > self.max_chars:
             return f"rambling ({chars} characters > {self.max_chars})"
         return None
 

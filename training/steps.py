@@ -2,9 +2,10 @@
 
 A run's steps follow its data: ``epochs`` passes over a stage's rows, ``ceil(rows * epochs /
 batch_size)`` steps at most ``max_steps``, or with ``epochs = 0`` exactly ``max_steps`` (the fixed
-recipe of the first bench/RESULTS.md runs). Either way ``training.max_minutes`` bounds the training steps of the whole run: the job
-stops at the end of the step that passes it (``train.Deadline``) and reports, per stage, the steps
-planned and done, the epochs done and the share of the stage's rows seen (``StageReport``).
+recipe of the first bench/RESULTS.md runs). Either way ``training.max_minutes`` bounds the training
+steps of the whole run: the job stops at the end of the step that passes it (``train.Deadline``)
+and reports, per stage, the steps planned and done, the epochs done and the share of the stage's
+rows seen (``StageReport``).
 
 Demonstrations (operator takeovers, the SFT demos of corrections) train in a stage of their own
 after the preference pairs; ``extra_demos`` leaves out the demos the pairs already teach: with
