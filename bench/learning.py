@@ -103,6 +103,7 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     "contrast_pairs": args.contrast,
                     "contrast_pick": args.contrast_pick,
                     "replay_pairs": args.replay,
+                    "replay_share": args.replay_share,
                     "transplant_pairs": args.transplants,
                     "number_pairs": args.numbers,
                 },
@@ -290,6 +291,8 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
             "kto_steps": args.kto_steps,
             "contrast": args.contrast,
             "replay": args.replay,
+            "replay_share": args.replay_share,
+            "numbers": args.numbers,
         },
         "base": round(base, 3),
         "by_version": {k: round(v["heldout"], 3) for k, v in versions.items()},
@@ -527,19 +530,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=defaults.epochs,
         help="training.epochs (0: --steps steps; the first runs: 0 and 60)",
     )
-    parser.add_argument("--max-minutes", type=float, default=30.0, help="training.max_minutes")
-    parser.add_argument("--demo-epochs", type=float, default=1.0, help="training.demo_epochs")
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--sft-weight", type=float, default=1.0)
-    parser.add_argument("--init-from", choices=["base", "live"], default="base")
-    parser.add_argument("--kto-steps", type=int, default=0)
-    parser.add_argument("--contrast", type=int, default=3, help="training.contrast_pairs")
-    parser.add_argument("--contrast-pick", choices=["hash", "live"], default="live", help="training.contrast_pick")
-    parser.add_argument("--replay", type=int, default=20, help="training.replay_pairs")
+    parser.add_argument("--max-minutes", type=float, default=defaults.max_minutes, help="training.max_minutes")
+    parser.add_argument("--demo-epochs", type=float, default=defaults.demo_epochs, help="training.demo_epochs")
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="training.learning_rate")
+    parser.add_argument("--sft-weight", type=float, default=defaults.sft_weight, help="training.sft_weight")
+    parser.add_argument("--init-from", choices=["base", "live"], default=defaults.init_from, help="training.init_from")
+    parser.add_argument("--kto-steps", type=int, default=defaults.kto_steps, help="training.kto_steps")
+    parser.add_argument("--contrast", type=int, default=defaults.contrast_pairs, help="training.contrast_pairs")
     parser.add_argument(
-        "--transplants", action=argparse.BooleanOptionalAction, default=True, help="training.transplant_pairs"
+        "--contrast-pick", choices=["hash", "live"], default=defaults.contrast_pick, help="training.contrast_pick"
     )
-    parser.add_argument("--numbers", type=int, default=0, help="training.number_pairs")
+    parser.add_argument("--replay", type=int, default=defaults.replay_pairs, help="training.replay_pairs")
+    parser.add_argument(
+        "--replay-share", type=float, default=defaults.replay_share, help="training.replay_share (0: a fixed count)"
+    )
+    parser.add_argument(
+        "--transplants",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.transplant_pairs,
+        help="training.transplant_pairs",
+    )
+    parser.add_argument("--numbers", type=int, default=defaults.number_pairs, help="training.number_pairs")
     parser.add_argument(
         "--judge", choices=[str(j) for j in GateJudge], default="pairs", help="gate.judge: the evidence that decides"
     )
@@ -580,6 +591,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.plot_runs is not None and len(args.plot_runs) < 2:
         parser.error("--plot-runs: give the PNG, then LABEL=GLOB arguments")
+    for spec in (args.plot_runs or [])[1:]:
+        label, _, pattern = spec.partition("=")
+        if not (label and pattern):
+            parser.error(f"--plot-runs: {spec!r} is not LABEL=GLOB")
     if not 0 <= args.thumbs_share <= 1:
         parser.error("--thumbs-share is a share: 0 to 1")
     for name in ("implicit_training", "operator_reads_reactions"):
@@ -671,8 +686,8 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.agreement:
         runs = [json.loads(Path(p).read_text()) for p in args.agreement]
         print(agreement_table(runs))
@@ -680,7 +695,11 @@ def main() -> None:
         return
     if args.plot_runs:
         png, *specs = args.plot_runs
-        plot_runs(labelled_runs(specs), Path(png))
+        try:
+            runs = labelled_runs(specs)
+        except ValueError as e:  # a glob that matches nothing: said plainly, no traceback
+            raise SystemExit(f"learning.py: error: {e}") from None
+        plot_runs(runs, Path(png))
         print(f"plot: {png}")
         return
     if args.all:

@@ -8,8 +8,19 @@ from typing import Any
 
 import pytest
 
-from bench.learning import agreement, agreement_table, labelled_runs, live_curve, parse_args, plot_runs, shape, table
+from bench.learning import (
+    agreement,
+    agreement_table,
+    labelled_runs,
+    live_curve,
+    main,
+    parse_args,
+    plot_runs,
+    shape,
+    table,
+)
 from bench.rater import load_deployment
+from training.config import TrainConfig
 
 
 def _row(deployment: str, seed: int, gain: float, *, reactions: bool = False) -> dict[str, Any]:
@@ -37,6 +48,24 @@ def test_defaults_keep_the_shop_run() -> None:
     assert parse_args(["--all"]).seeds == "0,1"
     # the recipe is the product's: one pass over each run's rows, at most 1000 steps
     assert (args.epochs, args.steps) == (1.0, 1000)
+    # every training knob the bench sets defaults to the product's own (training.config)
+    product = TrainConfig()
+    assert (args.max_minutes, args.demo_epochs, args.lr, args.sft_weight, args.init_from, args.kto_steps) == (
+        product.max_minutes,
+        product.demo_epochs,
+        product.learning_rate,
+        product.sft_weight,
+        product.init_from,
+        product.kto_steps,
+    )
+    assert (args.contrast, args.contrast_pick, args.replay, args.replay_share, args.transplants, args.numbers) == (
+        product.contrast_pairs,
+        product.contrast_pick,
+        product.replay_pairs,
+        product.replay_share,
+        product.transplant_pairs,
+        product.number_pairs,
+    )
 
 
 def test_reactions_are_read_and_trained_unless_told_otherwise() -> None:
@@ -147,6 +176,10 @@ def test_runs_are_plotted_per_deployment_from_their_files(tmp_path: Path) -> Non
         labelled_runs([f"{tmp_path}/ep1/*/learning.json"])
     with pytest.raises(SystemExit):
         parse_args(["--plot-runs", "only.png"])
+    with pytest.raises(SystemExit):  # a parser error, not a traceback
+        parse_args(["--plot-runs", "runs.png", f"{tmp_path}/ep1/*/learning.json"])
+    with pytest.raises(SystemExit, match="matches no file"):
+        main(["--plot-runs", str(tmp_path / "runs.png"), f"default={tmp_path}/none/*.json"])
 
 
 def test_the_runs_plot_is_drawn(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from feedback.records import Correction, FeedbackSnapshot, FinishReason, Message, Rating, Role, operator_author
 from training import signals
 from training.evaluate import REPLAY_CHAT, load_generic_chat
-from training.pairs import FeedbackRef, TrainingData, dataset_id, pick_likeliest, split, split_groups
+from training.pairs import FeedbackRef, TrainingData, dataset_id, pick_likeliest, replay_plan, split, split_groups
 from training.signals import CONTRAST_POOL, build_training_data, fact_fragments, replay_rows, swap_numbers
 
 
@@ -554,3 +554,27 @@ def test_an_assistant_turn_a_client_wrote_is_never_a_model_reply() -> None:
         corrections=(),
     )
     assert len(build_training_data(model).kto) == 1
+
+
+def test_replay_plan_is_a_fixed_count_until_the_share_asks_for_more() -> None:
+    ship = [30] * 40  # the 40 shipped prompts, each against 30 distinct corrections
+    assert replay_plan(100, prompts=20, share=0.0, candidates=ship) == [1] * 20
+    assert replay_plan(100, prompts=20, share=0.0, candidates=[30] * 8) == [1] * 8  # no more prompts than ship
+    # cycle 1 of the airline (about 126 pairs): 15% asks for 23 pairs, so 23 prompts one each
+    assert replay_plan(126, prompts=20, share=0.15, candidates=ship) == [1] * 23
+    assert replay_plan(60, prompts=20, share=0.15, candidates=ship) == [1] * 20  # the count is a floor
+    # cycle 3 (270 pairs): 48 pairs over the 40 prompts, the first 8 against two corrections
+    plan = replay_plan(270, prompts=20, share=0.15, candidates=ship)
+    assert plan == [2] * 8 + [1] * 32
+    assert sum(plan) / (270 + sum(plan)) >= 0.15
+    # a prompt stands against each correction at most once: the share stops where they run out
+    assert replay_plan(1000, prompts=20, share=0.5, candidates=[2, 1, 3]) == [2, 1, 3]
+    assert replay_plan(10, prompts=1, share=0.5, candidates=[0, 3, 3]) == [0, 3, 3]  # none for a prompt with none
+
+
+def test_replay_plan_off() -> None:
+    assert replay_plan(100, prompts=0, share=0.5, candidates=[30] * 40) == []  # replay_pairs 0 turns replay off
+    assert replay_plan(0, prompts=20, share=0.5, candidates=[30] * 40) == []  # nothing to mix into
+    assert replay_plan(100, prompts=20, share=0.5, candidates=[]) == []
+    with pytest.raises(ValueError, match="replay share"):
+        replay_plan(100, prompts=20, share=1.0, candidates=[30] * 40)

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import struct
@@ -22,6 +23,7 @@ from tests.factories import build_tiny_model
 from tests.test_engine import make_adapter
 from training.config import CycleConfig, TrainConfig
 from training.cycle import CycleStatus, TrainingCycle, sha256_file
+from training.pairs import replay_plan
 
 ANSWER = "Refunds are accepted within 30 days of delivery."
 
@@ -453,3 +455,23 @@ async def test_replay_pairs_add_ordinary_chat_against_a_correction(tiny_model: P
         assert meta["rows"]["replay_candidates"] == 4 * 2  # four prompts, each against both answers
         corrections = meta["rows"]["dpo"] - 4  # one replay pair per prompt, the rest operator rows (x2)
         assert corrections > 0 and corrections % 2 == 0
+
+
+async def test_replay_share_grows_the_replay_with_the_runs_pairs(tiny_model: Path, tmp_path: Path) -> None:
+    """replay_share: the replay pairs make that share of the run's pairs, spread over every shipped
+    prompt, each prompt against as many corrections as the share needs (here both)."""
+    answers = (ANSWER, "Standard shipping takes 3 to 5 business days.")
+    async with await FeedbackStore.open(tmp_path / "db.sqlite") as store:
+        await seed(store, n=6, answers=answers)
+        cfg = config(tiny_model, tmp_path, replay_pairs=2, replay_share=0.9, contrast_pairs=0, contrast_pick="live")
+        result = await TrainingCycle(store, cfg).run(force=True)
+        # the job ran; on a random tiny model nine replay pairs in ten may drown the seeded ones at the gate
+        assert result.status in (CycleStatus.PROMOTED, CycleStatus.REJECTED), result.reason
+        version = await store.versions.get(result.version or "")
+        meta = json.loads((Path(version.adapter_path or "") / "learnloop.json").read_text())
+        assert meta["rows"]["replay_candidates"] == 40 * 2  # every shipped prompt, each against both answers
+        others = 2 * result.counts["train_dpo"]  # each training correction twice (operator weight 2)
+        plan = replay_plan(others, prompts=2, share=0.9, candidates=[2] * 40)
+        # nine in ten asks for 9 * others pairs; each prompt can stand against both answers, no more
+        assert plan == [2] * 40 if 9 * others >= 80 else sum(plan) == math.ceil(9 * others)
+        assert meta["rows"]["dpo"] == others + sum(plan)

@@ -156,6 +156,14 @@ class TrainConfig:
             "contrast_pick says (replays ordinary chat and teaches that shop answers do not belong there; 0 = off)."
         },
     )
+    replay_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "With replay_pairs on: the share of a run's DPO pairs that are replay pairs, when that is more than "
+            "replay_pairs (the replay grows with the feedback: a prompt then stands against several corrections; "
+            "0 = a fixed replay_pairs)."
+        },
+    )
     transplant_pairs: bool = field(
         default=True,
         metadata={
@@ -216,6 +224,8 @@ class TrainConfig:
             raise ValueError(f"training.contrast_pick {self.contrast_pick!r}: use one of {', '.join(CONTRAST_PICKS)}")
         if self.replay_pairs < 0:
             raise ValueError("training.replay_pairs must be 0 or more")
+        if not 0 <= self.replay_share < 1:
+            raise ValueError(f"training.replay_share {self.replay_share}: use 0 (a fixed count) up to below 1")
         if self.number_pairs < 0:
             raise ValueError("training.number_pairs must be 0 or more")
         if not 0 <= self.nice <= 19:

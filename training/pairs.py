@@ -24,6 +24,7 @@ likeliest there.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -179,6 +180,37 @@ def pick_likeliest(rows: Sequence[dict[str, Any]], scores: Sequence[float], k: i
     return [row for i, row in enumerate(rows) if i in keep]
 
 
+def replay_plan(others: int, *, prompts: int, share: float, candidates: Sequence[int]) -> list[int]:
+    """How many replay pairs each shipped ordinary-chat prompt gets (in the shipped order) in a run
+    with ``others`` other pairs, where prompt ``i`` has ``candidates[i]`` corrections to stand
+    against: the first ``prompts`` prompts with one pair each, or, with ``share > 0``, as many
+    pairs as make ``share`` of the run's pairs when that is more, dealt one per prompt in turn
+    (a prompt then stands against several corrections) until the candidates run out.
+    ``prompts = 0`` turns replay off; so do no other pairs.
+
+    >>> replay_plan(100, prompts=3, share=0.0, candidates=[5] * 40)
+    [1, 1, 1]
+    >>> replay_plan(270, prompts=20, share=0.15, candidates=[5] * 40)[:10]
+    [2, 2, 2, 2, 2, 2, 2, 2, 1, 1]
+    """
+    if not 0 <= share < 1:
+        raise ValueError(f"replay share {share}: use 0 (a fixed count) up to below 1")
+    if prompts <= 0 or others <= 0:
+        return []
+    if not share:
+        return [min(1, n) for n in candidates[:prompts]]
+    left = min(sum(candidates), max(prompts, math.ceil(share * others / (1 - share) - 1e-9)))
+    plan = [0] * len(candidates)
+    while left:
+        for i, n in enumerate(candidates):
+            if left and plan[i] < n:
+                plan[i] += 1
+                left -= 1
+    while plan and not plan[-1]:
+        plan.pop()
+    return plan
+
+
 def split_groups(groups: Iterable[str], fraction: float) -> set[str]:
     """The groups held out for evaluation: a stable hash bucket below ``fraction``.
 
@@ -249,6 +281,7 @@ __all__ = [
     "dataset_id",
     "pick_likeliest",
     "prompt_key",
+    "replay_plan",
     "split",
     "split_groups",
     "stable_pick",

@@ -53,7 +53,7 @@ from training.evaluate import (
     rejected_scores,
 )
 from training.gate import EvalReport
-from training.pairs import pick_likeliest
+from training.pairs import pick_likeliest, prompt_key, replay_plan
 from training.signals import replay_rows
 from training.steps import StageReport, budget_report, demo_prompt_completion, extra_demos, plan_steps
 
@@ -246,7 +246,9 @@ def replay_candidates(spec: JobSpec) -> list[TrlRow]:
     """training.replay_pairs: ordinary chat prompts, each against every operator correction."""
     if not spec.train.replay_pairs:
         return []
-    chat = load_generic_chat(REPLAY_CHAT)[: spec.train.replay_pairs]
+    chat = load_generic_chat(REPLAY_CHAT)
+    if not spec.train.replay_share:  # a share may call on every prompt; a fixed count on the first few
+        chat = chat[: spec.train.replay_pairs]
     rows = replay_rows(
         [g["prompt"][-1]["content"] for g in chat],
         [g["completion"] for g in chat],
@@ -262,8 +264,19 @@ def add_hard_negatives(rows: Rows, spec: JobSpec, tokenizer: Any) -> None:
     if not (rows.contrast or rows.heldout_contrast or rows.replay):
         return
     pick = hard_negative_picker(spec, tokenizer)
-    rows.dpo += pick(rows.contrast, spec.train.contrast_pairs) + pick(rows.replay, 1)
+    rows.dpo += pick(rows.contrast, spec.train.contrast_pairs)
     rows.heldout += pick(rows.heldout_contrast, spec.train.contrast_pairs)
+    by_prompt: dict[str, list[TrlRow]] = {}
+    for row in rows.replay:
+        by_prompt.setdefault(prompt_key(row["prompt"]), []).append(row)
+    groups = list(by_prompt.values())  # in the shipped order
+    plan = replay_plan(
+        len(rows.dpo),
+        prompts=spec.train.replay_pairs,
+        share=spec.train.replay_share,
+        candidates=[len(g) for g in groups],
+    )
+    rows.dpo += [row for group, k in zip(groups[: len(plan)], plan, strict=True) for row in pick(group, k)]
     # the scoring model goes with ``pick`` when this returns, before the trainer loads
 
 
