@@ -11,7 +11,7 @@ import pytest
 from feedback.records import Correction, FeedbackSnapshot, Message, Rating, Role
 from training.config import ROW_FILES, CycleConfig, JobSpec, TrainConfig
 from training.cycle import SPEC_FILE, prepare, remove_job_rows, write_job_inputs
-from training.train import Rows
+from training.train import Rows, replay_candidates
 
 
 def spec(tmp_path: Path, **changes: object) -> JobSpec:
@@ -103,3 +103,16 @@ def test_the_job_reads_the_rows_and_spec_the_cycle_wrote(tmp_path: Path, pick: s
     remove_job_rows(read)
     assert not any(read.rows_path(name).exists() for name in ROW_FILES)
     assert (tmp_path / "run-1" / SPEC_FILE).exists()
+
+
+def test_the_job_replays_chat_in_the_language_the_gate_guards(tmp_path: Path) -> None:
+    """A Chinese deployment (gate.generic_chat = "zh") replays Chinese everyday chat, each prompt
+    against each correction; an English one the English set."""
+    train = TrainConfig(replay_pairs=2, contrast_pick="hash")
+    zh = replay_candidates(spec(tmp_path, train=train))
+    assert [r["prompt"][-1]["content"] for r in zh[::2]] == ["你好，今天过得怎么样？", "日本的首都是哪里？"]
+    assert {r["rejected"][0]["content"] for r in zh} == {"Within 30 days.", "3 to 5 days."}
+    en = replay_candidates(spec(tmp_path, train=train, generic_chat="en"))
+    assert en[0]["prompt"][-1]["content"] == "Hello, how are you today?" and len(en) == 4
+    # with a share, every shipped prompt is a candidate: the job deals them out (pairs.replay_plan)
+    assert len(replay_candidates(spec(tmp_path, train=dataclasses.replace(train, replay_share=0.2)))) == 40 * 2

@@ -12,7 +12,14 @@ import pytest
 
 from feedback.records import Correction, FeedbackSnapshot, FinishReason, Message, Rating, Role, operator_author
 from training import signals
-from training.evaluate import REPLAY_CHAT, load_generic_chat
+from training.evaluate import (
+    GENERIC_CHAT,
+    GENERIC_CHAT_ZH,
+    REPLAY_CHAT,
+    REPLAY_CHAT_ZH,
+    load_generic_chat,
+    replay_chat_path,
+)
 from training.pairs import FeedbackRef, TrainingData, dataset_id, pick_likeliest, replay_plan, split, split_groups
 from training.signals import CONTRAST_POOL, build_training_data, fact_fragments, replay_rows, swap_numbers
 
@@ -349,11 +356,22 @@ def test_replay_rows_pit_the_shipped_answer_against_every_correction() -> None:
     assert len(pick_likeliest(rows, [-2.0, -1.0], 1)) == 1
 
 
-def test_replay_chat_never_overlaps_the_gates_generic_set() -> None:
-    replay = [r["prompt"][-1]["content"].strip().lower() for r in load_generic_chat(REPLAY_CHAT)]
-    generic = {g["prompt"][-1]["content"].strip().lower() for g in load_generic_chat()}
+@pytest.mark.parametrize(
+    ("replay_file", "generic_file"), [(REPLAY_CHAT, GENERIC_CHAT), (REPLAY_CHAT_ZH, GENERIC_CHAT_ZH)]
+)
+def test_replay_chat_never_overlaps_the_gates_generic_set(replay_file: Path, generic_file: Path) -> None:
+    replay = [r["prompt"][-1]["content"].strip().lower() for r in load_generic_chat(replay_file)]
+    generic = {g["prompt"][-1]["content"].strip().lower() for g in load_generic_chat(generic_file)}
     assert len(replay) == 40 and len(set(replay)) == 40
     assert not set(replay) & generic
+
+
+def test_the_replay_is_in_the_language_the_gate_guards() -> None:
+    assert replay_chat_path("zh") == REPLAY_CHAT_ZH
+    assert replay_chat_path("en") == REPLAY_CHAT
+    assert replay_chat_path("/srv/our_chat.jsonl") == REPLAY_CHAT  # an operator's own generic set: English replay
+    zh = load_generic_chat(REPLAY_CHAT_ZH)
+    assert all(re.search(r"[\u4e00-\u9fff]", r["prompt"][-1]["content"] + r["completion"]) for r in zh)
 
 
 def test_fact_fragments_are_numbers_with_their_word_or_five_word_runs() -> None:

@@ -151,7 +151,8 @@ class TrainConfig:
     replay_pairs: int = field(
         default=20,
         metadata={
-            "help": "Ordinary chat rows (training/data/replay_chat.jsonl, up to 40, none in the gate's generic set) "
+            "help": "Ordinary chat rows (training/data/replay_chat.jsonl, or replay_chat_zh.jsonl where gate.generic_chat "
+            "is zh; up to 40, none in the gate's generic set) "
             "added to each run as DPO pairs: chosen = the shipped answer, rejected = an operator correction picked as "
             "contrast_pick says (replays ordinary chat and teaches that shop answers do not belong there; 0 = off)."
         },

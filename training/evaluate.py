@@ -70,11 +70,20 @@ GENERIC_CHAT_ZH = Path(__file__).parent / "data" / "generic_chat_zh.jsonl"  # th
 # ordinary chat for training (training.replay_pairs), none of it in GENERIC_CHAT: the gate's
 # perplexity check must stay on prompts the adapter never trained on
 REPLAY_CHAT = Path(__file__).parent / "data" / "replay_chat.jsonl"
+REPLAY_CHAT_ZH = (
+    Path(__file__).parent / "data" / "replay_chat_zh.jsonl"
+)  # the same 40, in Chinese, none in GENERIC_CHAT_ZH
 
 
 def generic_chat_path(name: str) -> Path:
     """The file ``gate.generic_chat`` names: ``en`` and ``zh`` are the shipped sets, anything else a path."""
     return {"en": GENERIC_CHAT, "zh": GENERIC_CHAT_ZH}.get(name, Path(name))
+
+
+def replay_chat_path(generic_chat: str) -> Path:
+    """The replay set in the language the gate guards (``gate.generic_chat``): Chinese for ``zh``,
+    English for ``en`` or a file of the operator's own."""
+    return REPLAY_CHAT_ZH if generic_chat == "zh" else REPLAY_CHAT
 
 
 def load_generic_chat(path: Path = GENERIC_CHAT) -> list[dict[str, Any]]:

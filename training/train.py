@@ -45,12 +45,12 @@ from feedback.specials import defuse_row, tokenizer_specials
 from training.config import JobSpec, device_args, disk_full
 from training.evaluate import (
     LIVE,
-    REPLAY_CHAT,
     evaluate_pairs,
     generic_chat_path,
     load_generic_chat,
     read_replies,
     rejected_scores,
+    replay_chat_path,
 )
 from training.gate import EvalReport
 from training.pairs import pick_likeliest, prompt_key, replay_plan
@@ -246,7 +246,7 @@ def replay_candidates(spec: JobSpec) -> list[TrlRow]:
     """training.replay_pairs: ordinary chat prompts, each against every operator correction."""
     if not spec.train.replay_pairs:
         return []
-    chat = load_generic_chat(REPLAY_CHAT)
+    chat = load_generic_chat(replay_chat_path(spec.generic_chat))
     if not spec.train.replay_share:  # a share may call on every prompt; a fixed count on the first few
         chat = chat[: spec.train.replay_pairs]
     rows = replay_rows(
