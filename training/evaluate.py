@@ -70,9 +70,8 @@ GENERIC_CHAT_ZH = Path(__file__).parent / "data" / "generic_chat_zh.jsonl"  # th
 # ordinary chat for training (training.replay_pairs), none of it in GENERIC_CHAT: the gate's
 # perplexity check must stay on prompts the adapter never trained on
 REPLAY_CHAT = Path(__file__).parent / "data" / "replay_chat.jsonl"
-REPLAY_CHAT_ZH = (
-    Path(__file__).parent / "data" / "replay_chat_zh.jsonl"
-)  # the same 40, in Chinese, none in GENERIC_CHAT_ZH
+# the same 40 in Chinese, none of them in GENERIC_CHAT_ZH (a zh deployment's, gate.generic_chat)
+REPLAY_CHAT_ZH = Path(__file__).parent / "data" / "replay_chat_zh.jsonl"
 
 
 def generic_chat_path(name: str) -> Path:
