@@ -471,18 +471,23 @@ def plot_runs(labelled: list[tuple[str, dict[str, Any]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = sorted({r["deployment"] for _, r in labelled})
+    # one colour per line label across every panel, and each label once in the legend
+    keys = list(dict.fromkeys(f"{label}, seed {r['seed']}, {mode_label(r)}" for label, r in labelled))
+    colours = {key: f"C{i % 10}" for i, key in enumerate(keys)}
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), sharey=True, squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for label, r in labelled:
             if r["deployment"] == name:
                 curve = [v * 100 for v in live_curve(r)]
-                ax.plot(range(len(curve)), curve, marker="o", label=f"{label}, seed {r['seed']}, {mode_label(r)}")
+                key = f"{label}, seed {r['seed']}, {mode_label(r)}"
+                ax.plot(range(len(curve)), curve, marker="o", color=colours[key], label=key)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("cycle")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out satisfaction of live (%)")
-    handles, texts = axes[0][0].get_legend_handles_labels()
+    legend = {text: handle for ax in axes[0] for handle, text in zip(*ax.get_legend_handles_labels(), strict=True)}
+    handles, texts = [legend[k] for k in keys], keys
     fig.legend(handles, texts, loc="lower center", ncol=min(3, len(texts)), fontsize=8)
     fig.tight_layout(rect=(0, 0.08 + 0.04 * (len(texts) // 3), 1, 1))
     fig.savefig(path, dpi=110)
