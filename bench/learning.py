@@ -471,16 +471,19 @@ def plot_runs(labelled: list[tuple[str, dict[str, Any]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = sorted({r["deployment"] for _, r in labelled})
+
     # one colour per line label across every panel, and each label once in the legend
-    keys = list(dict.fromkeys(f"{label}, seed {r['seed']}, {mode_label(r)}" for label, r in labelled))
+    def line(label: str, r: dict[str, Any]) -> str:
+        return f"{label}, seed {r['seed']}, {mode_label(r)}"
+
+    keys = list(dict.fromkeys(line(label, r) for label, r in labelled))
     colours = {key: f"C{i % 10}" for i, key in enumerate(keys)}
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), sharey=True, squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for label, r in labelled:
             if r["deployment"] == name:
                 curve = [v * 100 for v in live_curve(r)]
-                key = f"{label}, seed {r['seed']}, {mode_label(r)}"
-                ax.plot(range(len(curve)), curve, marker="o", color=colours[key], label=key)
+                ax.plot(range(len(curve)), curve, marker="o", color=colours[line(label, r)], label=line(label, r))
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("cycle")
         ax.set_ylim(0, 100)
