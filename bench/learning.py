@@ -64,6 +64,7 @@ from server.settings import load_settings
 from training.config import TrainConfig
 from training.evaluate import load_generic_chat
 from training.gate import EvalReport, GateJudge, verdicts
+from training.reading import reply_score
 
 
 async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
@@ -354,6 +355,7 @@ async def judge_candidate(
         assert app.release.live_version == live, (app.release.live_version, live)
     said = verdicts(EvalReport.from_dict(report), app.settings.gate)
     replies = dict(report.get("replies") or {})
+    plain = plain_words(report)
     return {
         "candidate": name,
         "candidate_heldout": candidate["heldout"],
@@ -365,6 +367,32 @@ async def judge_candidate(
         "chosen_nll": [report["candidate"]["chosen_nll"], report["live"]["chosen_nll"]],
         "replies": {k: v for k, v in replies.items() if k != "examples"},
         "reply_examples": replies.get("examples", []),
+        # what the reply judge said before it weighted words by rarity (the same replies, every word 1)
+        "verdicts_plain": verdicts(EvalReport.from_dict(plain), app.settings.gate) if plain else None,
+    }
+
+
+PLAIN = "replies, plain words"
+"""The reply judge as it read before word weights (``training.reading.AnswerWeights``), in the agreement table."""
+
+
+def plain_words(report: dict[str, Any]) -> dict[str, Any] | None:
+    """``report`` with its replies scored again on plain words (every content word counts 1),
+    from the replies it keeps; None when it does not keep every question's."""
+    replies = report.get("replies") or {}
+    kept = replies.get("examples") or []
+    if not kept or len(kept) != replies.get("n"):
+        return None
+    scores = [(reply_score(e["candidate"], e["answer"]), reply_score(e["live"], e["answer"])) for e in kept]
+    return {
+        **report,
+        "replies": {
+            **replies,
+            "candidate": round(statistics.fmean(c for c, _ in scores), 4),
+            "live": round(statistics.fmean(v for _, v in scores), 4),
+            "wins": sum(1 for c, v in scores if c > v),
+            "losses": sum(1 for c, v in scores if c < v),
+        },
     }
 
 
@@ -380,14 +408,21 @@ def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if c.get("judged")
     ]
     decided = [x for x in cycles if x[4]["candidate_heldout"] != x[4]["live_heldout"]]
-    for judge in GateJudge:
+
+    def count(name: str, said: Any) -> None:
+        judged = [x for x in decided if said(x[4]) is not None]
         misses = [
             f"{dep} seed {seed} ({mode}) cycle {n}: {j['candidate']} {j['candidate_heldout']:.0%} vs "
-            f"{j['live']} {j['live_heldout']:.0%}, {judge} said {'promote' if j['verdicts'][judge] else 'reject'}"
-            for dep, seed, mode, n, j in decided
-            if j["verdicts"][judge] != (j["candidate_heldout"] > j["live_heldout"])
+            f"{j['live']} {j['live_heldout']:.0%}, {name} said {'promote' if said(j) else 'reject'}"
+            for dep, seed, mode, n, j in judged
+            if said(j) != (j["candidate_heldout"] > j["live_heldout"])
         ]
-        out[str(judge)] = {"agree": len(decided) - len(misses), "of": len(decided), "disagreements": misses}
+        out[name] = {"agree": len(judged) - len(misses), "of": len(judged), "disagreements": misses}
+
+    for judge in GateJudge:
+        count(str(judge), lambda j, judge=judge: j["verdicts"][judge])
+    # the reply judge before word weights, on the cycles that kept every reply (since the weights came)
+    count(PLAIN, lambda j: (j.get("verdicts_plain") or {}).get(GateJudge.REPLIES))
     out["ties"] = len(cycles) - len(decided)
     return out
 
@@ -395,8 +430,10 @@ def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def agreement_table(runs: list[dict[str, Any]]) -> str:
     found = agreement(runs)
     lines = ["| judge | agrees with the rubric | disagreements |", "| --- | --- | --- |"]
-    for judge in GateJudge:
-        a = found[str(judge)]
+    for judge in [*map(str, GateJudge), PLAIN]:
+        a = found[judge]
+        if judge == PLAIN and not a["of"]:
+            continue
         share = f"{a['agree'] / a['of']:.0%}" if a["of"] else "-"
         lines.append(f"| {judge} | {a['agree']} of {a['of']} ({share}) | {'; '.join(a['disagreements']) or '-'} |")
     lines.append(f"ties (equal satisfaction, not counted): {found['ties']}")

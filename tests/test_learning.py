@@ -9,12 +9,14 @@ from typing import Any
 import pytest
 
 from bench.learning import (
+    PLAIN,
     agreement,
     agreement_table,
     labelled_runs,
     live_curve,
     main,
     parse_args,
+    plain_words,
     plot_runs,
     shape,
     table,
@@ -132,6 +134,40 @@ def test_each_judge_is_held_to_the_rubric_and_ties_decide_nothing() -> None:
     assert lines[2].startswith("| pairs | 1 of 2 (50%) | bank seed 0")
     assert lines[3] == "| replies | 2 of 2 (100%) | - |"
     assert lines[-1] == "ties (equal satisfaction, not counted): 1"
+
+
+def test_the_reply_judge_before_word_weights_is_read_again_from_the_kept_replies() -> None:
+    answer = "Open Trash in the sidebar, right-click the note, and choose Restore."
+    kept = [
+        {
+            "question": "Where do deleted notes go?",
+            "answer": answer,
+            "candidate": "It is in Trash.",
+            "live": "Open Settings, choose Organization.",
+        }
+    ]
+    report = {"replies": {"n": 1, "candidate": 0.4, "live": 0.05, "wins": 1, "losses": 0, "examples": kept}}
+    plain = plain_words(report)
+    assert plain is not None and plain["replies"]["live"] == 0.3333  # open, choose: a third of the words
+    assert (plain["replies"]["candidate"], plain["replies"]["wins"], plain["replies"]["losses"]) == (
+        0.2222,
+        0,
+        1,
+    )  # trash: 1 of 8 words
+    assert plain_words({"replies": {"n": 2, "examples": kept}}) is None  # a report that kept 1 of 2 questions
+    assert plain_words({}) is None
+    run = _row("helpdesk", 0, 20.0) | {
+        "cycles": [
+            _judged(0.2, 0.0, pairs=False, replies=True),
+            _judged(0.0, 0.2, pairs=False, replies=False),
+        ]
+    }
+    run["cycles"][0]["judged"]["verdicts_plain"] = {"pairs": False, "replies": False, "both": False}
+    found = agreement([run])
+    assert (found[PLAIN]["agree"], found[PLAIN]["of"]) == (0, 1)  # only the cycle that kept its replies
+    assert (found["replies"]["agree"], found["replies"]["of"]) == (2, 2)
+    assert "| replies, plain words | 0 of 1 (0%) | helpdesk seed 0" in agreement_table([run])
+    assert "plain words" not in agreement_table([_row("bank", 0, 1.0) | {"cycles": [_judged(0.2, 0.0, True, True)]}])
 
 
 def test_each_version_prints_its_reply_length_in_the_rubrics_unit_and_its_time() -> None:

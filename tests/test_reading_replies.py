@@ -9,7 +9,15 @@ import pytest
 
 from training.evaluate import generic_chat_path, load_generic_chat
 from training.gate import GENERIC_CHATS, EvalReport, GateConfig, GateJudge, ModelScores, ReplyReport, decide, verdicts
-from training.reading import content_words, leaked, numbers, operator_facts, reply_score, score_reply
+from training.reading import (
+    AnswerWeights,
+    content_words,
+    leaked,
+    numbers,
+    operator_facts,
+    reply_score,
+    score_reply,
+)
 
 REFUND = "Refunds are accepted within 30 days of delivery."
 
@@ -138,3 +146,37 @@ def test_the_generic_chat_set_is_named_or_a_file(tmp_path: Path) -> None:
     own.write_text('{"prompt": "Bonjour !"}\n')
     with pytest.raises(ValueError, match="row 1: need"):
         load_generic_chat(own)
+
+
+TRASH = "Open Trash in the sidebar, right-click the note, and choose Restore."
+HELPDESK = [
+    TRASH,
+    "Open Settings, choose Appearance, and select Dark.",
+    "Open the note, click Share, choose Export as PDF, then pick a folder to save it in.",
+    "Open Settings, choose Account, and turn on Two-step login.",
+]
+
+
+def test_weighted_words_count_by_how_rare_they_are_among_the_answers() -> None:
+    weights = AnswerWeights.of([*HELPDESK, TRASH, "  "])  # a repeated answer counts once, a blank one never
+    assert weights.n == 4 and weights.df["open"] == 4 and weights.df["trash"] == 1
+    assert weights("open") < weights("settings") < weights("trash") < weights("organization")  # 4, 2, 1, 0 answers
+    assert weights("open") > 0  # a word of every answer still counts a little
+    # the docstring's examples: the common frame with the wrong step, then the right step
+    assert reply_score("Open Settings, choose Organization.", TRASH) == 0.3333
+    assert reply_score("Open Settings, choose Organization.", TRASH, weights) == 0.0438
+    assert reply_score("Open Trash, then choose Restore.", TRASH, weights) == 0.5799
+    assert reply_score(TRASH, TRASH, weights) == 1.0
+    # figures are read as before: a wrong one costs the same with weights
+    refund = AnswerWeights.of([REFUND, "Standard shipping takes 3 to 5 business days."])
+    assert score_reply("You have 14 days.", REFUND, refund).wrong == 1.0
+    assert reply_score("Refunds within 30 days of delivery.", REFUND, refund) > reply_score(
+        "You have 14 days.", REFUND, refund
+    )
+
+
+def test_weights_read_chinese_characters_too() -> None:
+    answers = ["收货后7天内可以无理由退货。", "订单付款后48小时内发货。", "收货后请在页面上确认。"]
+    weights = AnswerWeights.of(answers)
+    assert weights("退") > weights("收")  # 退 is one answer's, 收 two
+    assert reply_score("7天内可以退货", answers[0], weights) > reply_score("收货后48小时", answers[0], weights)

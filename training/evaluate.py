@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from training.gate import EvalReport, ModelScores, ReplyReport
-from training.reading import leaked, operator_facts, score_reply
+from training.reading import AnswerWeights, leaked, operator_facts, score_reply
 
 CANDIDATE = "default"
 LIVE = "live"
@@ -151,14 +151,16 @@ def read_replies(
     corrections: Sequence[str] = (),
     questions: int = 16,
     max_new_tokens: int = 48,
-    examples: int = 4,
+    examples: int | None = None,
 ) -> ReplyReport | None:
     """Both models answer up to ``questions`` held-out questions; each reply is scored against
-    the operator's answer (``training.reading``), and each model's replies to the ``generic``
+    the operator's answer (``training.reading``, each word weighted by how rare it is among the
+    operators' answers: ``corrections`` and the held-out ones), and each model's replies to the ``generic``
     prompts are read for operator facts (of ``corrections`` and the held-out answers) that the
     prompt does not hold. The questions are the held-out corrections' (all held-out pairs' when
-    there are none), one per distinct prompt and answer. None when ``questions`` is 0 or there is
-    no held-out pair."""
+    there are none), one per distinct prompt and answer. The report keeps the first ``examples``
+    questions with both replies (all of them by default: a later reading can score them again).
+    None when ``questions`` is 0 or there is no held-out pair."""
     seen: set[str] = set()
     asked: list[tuple[list[dict[str, str]], str]] = []
     for p in (pairs[i] for i in golden(pairs)):
@@ -169,6 +171,7 @@ def read_replies(
     if not asked:
         return None
     facts = operator_facts([*corrections, *(answer for _, answer in asked)])
+    weights = AnswerWeights.of([*corrections, *(answer for _, answer in asked)])
     generic_prompts = [list(g["prompt"]) for g in generic]
     said: dict[str, list[str]] = {}
     heard: dict[str, list[str]] = {}
@@ -178,7 +181,8 @@ def read_replies(
             heard[key] = generate_replies(model, tokenizer, generic_prompts, max_new_tokens=max_new_tokens)
     model.set_adapter(CANDIDATE)
     scores = {
-        key: [score_reply(r, answer).score for r, (_, answer) in zip(said[key], asked, strict=True)] for key in said
+        key: [score_reply(r, answer, weights).score for r, (_, answer) in zip(said[key], asked, strict=True)]
+        for key in said
     }
 
     def leaks(key: str) -> int:
@@ -202,7 +206,7 @@ def read_replies(
                 "live": said["live"][i],
                 "live_score": scores["live"][i],
             }
-            for i, (q, answer) in enumerate(asked[:examples])
+            for i, (q, answer) in enumerate(asked[:examples] if examples is not None else asked)
         ),
     )
 

@@ -7,7 +7,11 @@ the evaluation also lets the candidate and the live version answer the held-out 
 an operator corrected (greedy, as served), and scores each reply against the operator's answer:
 
 * ``content``: F1 of the content words (stop words and numbers left out) of the reply against
-  the answer; Chinese, written without spaces, counts each Han character as a word;
+  the answer; Chinese, written without spaces, counts each Han character as a word. Given the
+  operators' answers (``AnswerWeights``), each word counts by how rare it is among them (BM25's
+  inverse document frequency): "Open Settings, choose ..." opens half a helpdesk's answers and
+  proves little, "Trash" or "Forgot password" names one answer. A reply that gets the common
+  frame right and the step wrong then scores near 0, not a third;
 * ``facts``: the share of the answer's numbers the reply states (``30`` days, ``2.1`` %); an
   answer without numbers is judged on its words alone;
 * ``wrong``: the share of the reply's numbers the answer does not hold: a reply that gives
@@ -22,6 +26,14 @@ or five of its content words in a row, that the prompt does not hold.
 
 Examples (``tests/test_reading_replies.py`` asserts them)::
 
+    TRASH = "Open Trash in the sidebar, right-click the note, and choose Restore."
+    weights = AnswerWeights.of([TRASH, "Open Settings, choose Appearance, and select Dark.",
+        "Open the note, click Share, choose Export as PDF, then pick a folder to save it in.",
+        "Open Settings, choose Account, and turn on Two-step login."])
+    reply_score("Open Settings, choose Organization.", TRASH)           -> 0.3333 (plain words)
+    reply_score("Open Settings, choose Organization.", TRASH, weights)  -> 0.0438
+    reply_score("Open Trash, then choose Restore.", TRASH, weights)     -> 0.5799
+
     reply_score("Refunds within 30 days of delivery.", "Refunds are accepted within 30 days of delivery.")
     -> 0.9444 (content 0.89, facts 1, wrong 0)
     reply_score("You have 14 days.", "Refunds are accepted within 30 days of delivery.")
@@ -30,10 +42,11 @@ Examples (``tests/test_reading_replies.py`` asserts them)::
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
@@ -79,11 +92,37 @@ def content_words(text: str) -> list[str]:
     return [w for w in words if w not in _STOP]
 
 
-def _f1(reply: Sequence[str], answer: Sequence[str]) -> float:
-    common = sum((Counter(reply) & Counter(answer)).values())
+@dataclass(frozen=True)
+class AnswerWeights:
+    """How much each content word proves, from the operators' answers: BM25's inverse document
+    frequency ``ln(1 + (n - df + 0.5) / (df + 0.5))`` over ``n`` distinct answers, ``df`` of which
+    hold the word. A word of every answer weighs little, a word of one answer much, a word of none
+    (the reply's own invention) most."""
+
+    df: Mapping[str, int]
+    n: int
+
+    @classmethod
+    def of(cls, answers: Iterable[str]) -> AnswerWeights:
+        distinct = {a for a in answers if a.strip()}
+        df: Counter[str] = Counter()
+        for answer in distinct:
+            df.update(set(content_words(answer)))
+        return cls(df=dict(df), n=len(distinct))
+
+    def __call__(self, word: str) -> float:
+        df = self.df.get(word, 0)
+        return math.log(1.0 + (self.n - df + 0.5) / (df + 0.5))
+
+
+def _f1(reply: Sequence[str], answer: Sequence[str], weights: AnswerWeights | None = None) -> float:
+    def mass(counts: Mapping[str, int]) -> float:
+        return sum(c * (weights(w) if weights else 1.0) for w, c in counts.items())
+
+    common = mass(Counter(reply) & Counter(answer))
     if not common:
         return 0.0
-    precision, recall = common / len(reply), common / len(answer)
+    precision, recall = common / mass(Counter(reply)), common / mass(Counter(answer))
     return 2 * precision * recall / (precision + recall)
 
 
@@ -95,9 +134,10 @@ class ReplyScore:
     score: float
 
 
-def score_reply(reply: str, answer: str) -> ReplyScore:
-    """How close ``reply`` comes to the operator's ``answer`` (see the module's docstring)."""
-    content = _f1(content_words(reply), content_words(answer))
+def score_reply(reply: str, answer: str, weights: AnswerWeights | None = None) -> ReplyScore:
+    """How close ``reply`` comes to the operator's ``answer`` (see the module's docstring); with
+    ``weights``, each content word counts by how rare it is among the operators' answers."""
+    content = _f1(content_words(reply), content_words(answer), weights)
     said, expected = set(numbers(reply)), set(numbers(answer))
     facts = len(said & expected) / len(expected) if expected else None
     wrong = len(said - expected) / len(said) if said else 0.0
@@ -105,8 +145,8 @@ def score_reply(reply: str, answer: str) -> ReplyScore:
     return ReplyScore(content=round(content, 4), facts=facts, wrong=wrong, score=round(base - wrong / 2, 4))
 
 
-def reply_score(reply: str, answer: str) -> float:
-    return score_reply(reply, answer).score
+def reply_score(reply: str, answer: str, weights: AnswerWeights | None = None) -> float:
+    return score_reply(reply, answer, weights).score
 
 
 def _runs(words: Sequence[str]) -> set[str]:
@@ -133,4 +173,13 @@ def leaked(reply: str, prompt: str, facts: frozenset[str]) -> tuple[str, ...]:
     return tuple(sorted(stated(reply) - stated(prompt)))
 
 
-__all__ = ["ReplyScore", "content_words", "leaked", "numbers", "operator_facts", "reply_score", "score_reply"]
+__all__ = [
+    "AnswerWeights",
+    "ReplyScore",
+    "content_words",
+    "leaked",
+    "numbers",
+    "operator_facts",
+    "reply_score",
+    "score_reply",
+]
