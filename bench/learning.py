@@ -61,8 +61,8 @@ from bench.sim import Answer, ask, ask_and_rate
 from feedback import Reaction
 from server.app import App
 from server.settings import load_settings
+from training.chats import load_chat
 from training.config import TrainConfig
-from training.evaluate import load_generic_chat
 from training.gate import EvalReport, GateJudge, verdicts
 from training.reading import reply_score
 
@@ -72,7 +72,7 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
     intents = dep.intents
     uncorrected = dep.never_corrected
     rng = random.Random(args.seed)
-    prompts = dep.generic if dep.generic is not None else [g["prompt"][-1]["content"] for g in load_generic_chat()]
+    prompts = dep.generic if dep.generic is not None else [g["prompt"][-1]["content"] for g in load_chat()]
     generic = list(prompts)[: args.generic]
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(

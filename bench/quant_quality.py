@@ -266,7 +266,7 @@ class FormatResult:
 
 def reply_set(deployments: Sequence[str], per_intent: int) -> list[Asked]:
     from bench.rater import load_deployment
-    from training.evaluate import load_generic_chat
+    from training.chats import load_chat
 
     asked = []
     for name in deployments:
@@ -274,7 +274,7 @@ def reply_set(deployments: Sequence[str], per_intent: int) -> list[Asked]:
         for intent in dep.intents:
             for k, script in enumerate(intent.heldout[:per_intent]):
                 asked.append(Asked(f"{name}/{intent.id}/{k}", dep.system_prompt, script, name, intent.id))
-    for n, row in enumerate(load_generic_chat()):
+    for n, row in enumerate(load_chat()):
         turns = tuple(m["content"] for m in row["prompt"] if m["role"] == "user")
         asked.append(Asked(f"generic/{n}", None, turns))
     return asked
@@ -379,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
     from bench.serve import LONG_PROMPTS
-    from training.evaluate import load_generic_chat
+    from training.chats import load_chat
     from training.models import DEFAULT_MODEL, default_gguf, resolve_model
 
     started = time.monotonic()
@@ -387,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     shipped = default_gguf()
     folder = resolve_model(DEFAULT_MODEL)  # the trainer's float32 copy of the same weights; its tokenizer
     tok = AutoTokenizer.from_pretrained(folder)
-    generic = load_generic_chat()
+    generic = load_chat()
     scored_ids = [_completion_ids(tok, g["prompt"], g["completion"]) for g in generic]
     asked = reply_set(args.deployments, args.heldout_per_intent)
     speed_ids = _render(tok, [{"role": "user", "content": LONG_PROMPTS[0]}])

@@ -116,3 +116,31 @@ def test_the_job_replays_chat_in_the_language_the_gate_guards(tmp_path: Path) ->
     assert en[0]["prompt"][-1]["content"] == "Hello, how are you today?" and len(en) == 4
     # with a share, every shipped prompt is a candidate: the job deals them out (pairs.replay_plan)
     assert len(replay_candidates(spec(tmp_path, train=dataclasses.replace(train, replay_share=0.2)))) == 40 * 2
+
+
+def test_an_operators_own_replay_file_trains_and_may_not_ask_the_gates_questions(tmp_path: Path) -> None:
+    """training.replay_chat: a deployment that guards its own everyday chat replays its own too;
+    a replay file that asks a question of the gate's set is refused by the job, by name."""
+
+    def chat(path: Path, *questions: str) -> str:
+        rows = [{"prompt": [{"role": "user", "content": q}], "completion": f"{q} Bien sûr."} for q in questions]
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        return str(path)
+
+    generic = chat(tmp_path / "generic_fr.jsonl", "Bonjour, ça va ?", "Quelle heure est-il ?")
+    replay = chat(tmp_path / "replay_fr.jsonl", "Quel temps fait-il ?", "Une blague ?")
+    own = TrainConfig(replay_pairs=2, contrast_pick="hash", replay_chat=replay)
+    rows = replay_candidates(spec(tmp_path, train=own, generic_chat=generic))
+    assert [r["prompt"][-1]["content"] for r in rows[::2]] == ["Quel temps fait-il ?", "Une blague ?"]
+    chat(Path(replay), "Quel temps fait-il ?", "  quelle heure est-il ? ")
+    with pytest.raises(ValueError, match=r"asks 1 question\(s\) of the gate's generic chat .*'quelle heure est-il \?'"):
+        replay_candidates(spec(tmp_path, train=own, generic_chat=generic))
+    # nothing named: the shipped English set, whatever file the gate reads
+    english = replay_candidates(
+        spec(tmp_path, train=TrainConfig(replay_pairs=1, contrast_pick="hash"), generic_chat=generic)
+    )
+    assert english[0]["prompt"][-1]["content"] == "Hello, how are you today?"
+    with pytest.raises(
+        ValueError, match=r"training.replay_chat 'fr': use en or zh or the path of a JSONL file \(or leave it empty\)"
+    ):
+        TrainConfig(replay_chat="fr")

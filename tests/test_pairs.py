@@ -12,14 +12,7 @@ import pytest
 
 from feedback.records import Correction, FeedbackSnapshot, FinishReason, Message, Rating, Role, operator_author
 from training import signals
-from training.evaluate import (
-    GENERIC_CHAT,
-    GENERIC_CHAT_ZH,
-    REPLAY_CHAT,
-    REPLAY_CHAT_ZH,
-    load_generic_chat,
-    replay_chat_path,
-)
+from training.chats import SHIPPED, load_chat, replay_chat_path, shared_prompts
 from training.pairs import FeedbackRef, TrainingData, dataset_id, pick_likeliest, replay_plan, split, split_groups
 from training.signals import CONTRAST_POOL, build_training_data, fact_fragments, replay_rows, swap_numbers
 
@@ -356,21 +349,32 @@ def test_replay_rows_pit_the_shipped_answer_against_every_correction() -> None:
     assert len(pick_likeliest(rows, [-2.0, -1.0], 1)) == 1
 
 
-@pytest.mark.parametrize(
-    ("replay_file", "generic_file"), [(REPLAY_CHAT, GENERIC_CHAT), (REPLAY_CHAT_ZH, GENERIC_CHAT_ZH)]
-)
-def test_replay_chat_never_overlaps_the_gates_generic_set(replay_file: Path, generic_file: Path) -> None:
-    replay = [r["prompt"][-1]["content"].strip().lower() for r in load_generic_chat(replay_file)]
-    generic = {g["prompt"][-1]["content"].strip().lower() for g in load_generic_chat(generic_file)}
-    assert len(replay) == 40 and len(set(replay)) == 40
-    assert not set(replay) & generic
+@pytest.mark.parametrize("language", list(SHIPPED))
+def test_replay_chat_never_overlaps_the_gates_generic_set(language: str) -> None:
+    replay, generic = load_chat(SHIPPED[language].replay), load_chat(SHIPPED[language].generic)
+    assert len(replay) == 40 and len({r["prompt"][-1]["content"] for r in replay}) == 40
+    assert shared_prompts(replay, generic) == []
 
 
-def test_the_replay_is_in_the_language_the_gate_guards() -> None:
-    assert replay_chat_path("zh") == REPLAY_CHAT_ZH
-    assert replay_chat_path("en") == REPLAY_CHAT
-    assert replay_chat_path("/srv/our_chat.jsonl") == REPLAY_CHAT  # an operator's own generic set: English replay
-    zh = load_generic_chat(REPLAY_CHAT_ZH)
+def test_shared_prompts_ignore_case_and_spacing() -> None:
+    def row(q: str) -> dict[str, Any]:
+        return {"prompt": [{"role": "user", "content": q}], "completion": "..."}
+
+    generic = [row("How are you?"), row("Tell me a joke.")]
+    assert shared_prompts([row("how  are you?"), row("What is 2+2?"), row(" TELL me a joke. ")], generic) == [
+        "how are you?",
+        "tell me a joke.",
+    ]
+    assert shared_prompts([row("What is 2+2?")], generic) == []
+
+
+def test_the_replay_is_in_the_language_the_gate_guards_or_the_one_named() -> None:
+    assert replay_chat_path("", "zh") == SHIPPED["zh"].replay
+    assert replay_chat_path("", "en") == SHIPPED["en"].replay
+    assert replay_chat_path("", "/srv/our_chat.jsonl") == SHIPPED["en"].replay  # an operator's own generic set
+    assert replay_chat_path("/srv/our_replay.jsonl", "/srv/our_chat.jsonl") == Path("/srv/our_replay.jsonl")
+    assert replay_chat_path("zh", "en") == SHIPPED["zh"].replay  # named: whatever the gate reads
+    zh = load_chat(SHIPPED["zh"].replay)
     assert all(re.search(r"[\u4e00-\u9fff]", r["prompt"][-1]["content"] + r["completion"]) for r in zh)
 
 

@@ -18,7 +18,7 @@ from bench.quant_quality import (
     reply_set,
     report,
 )
-from training.evaluate import load_generic_chat
+from training.chats import load_chat
 
 
 def test_common_prefix_stops_at_the_first_difference() -> None:
@@ -82,7 +82,7 @@ def test_reply_set_holds_the_heldout_paraphrases_and_the_generic_prompts() -> No
     assert all(a.system for a in held)
     assert any(len(a.turns) > 1 for a in held if a.deployment == "airline")  # multi-turn paraphrases kept whole
     generic = [a for a in asked if a.deployment is None]
-    assert [a.turns[-1] for a in generic] == [g["prompt"][-1]["content"] for g in load_generic_chat()]
+    assert [a.turns[-1] for a in generic] == [g["prompt"][-1]["content"] for g in load_chat()]
     assert all(a.system is None for a in generic)  # as the forgetting guard renders them
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from training.evaluate import generic_chat_path, load_generic_chat
-from training.gate import GENERIC_CHATS, EvalReport, GateConfig, GateJudge, ModelScores, ReplyReport, decide, verdicts
+from training.chats import SHIPPED, generic_chat_path, load_chat
+from training.gate import EvalReport, GateConfig, GateJudge, ModelScores, ReplyReport, decide, verdicts
 from training.reading import (
     AnswerWeights,
     content_words,
@@ -134,18 +134,18 @@ def test_a_gate_judge_must_be_known() -> None:
 
 def test_the_generic_chat_set_is_named_or_a_file(tmp_path: Path) -> None:
     """gate.generic_chat: the shipped English and Chinese sets, or a deployment's own JSONL."""
-    en, zh = (load_generic_chat(generic_chat_path(name)) for name in GENERIC_CHATS)
+    en, zh = (load_chat(generic_chat_path(name)) for name in SHIPPED)
     assert len(en) == len(zh) == 24  # the same exchanges, translated
     assert all(any("\u4e00" <= ch <= "\u9fff" for ch in row["completion"]) for row in zh)
     own = tmp_path / "fr.jsonl"
     own.write_text('{"prompt": [{"role": "user", "content": "Bonjour !"}], "completion": "Bonjour !"}\n')
     assert GateConfig(generic_chat=str(own)).generic_chat == str(own)
-    assert load_generic_chat(generic_chat_path(str(own)))[0]["completion"] == "Bonjour !"
+    assert load_chat(generic_chat_path(str(own)))[0]["completion"] == "Bonjour !"
     with pytest.raises(ValueError, match=r"gate\.generic_chat 'fr': use en or zh or the path of a JSONL file"):
         GateConfig(generic_chat="fr")
     own.write_text('{"prompt": "Bonjour !"}\n')
     with pytest.raises(ValueError, match="row 1: need"):
-        load_generic_chat(own)
+        load_chat(own)
 
 
 TRASH = "Open Trash in the sidebar, right-click the note, and choose Restore."

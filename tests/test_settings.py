@@ -53,6 +53,7 @@ def test_env_types() -> None:
         ({"LEARNLOOP_MODEL_DTYPE": "int4"}, "bfloat16 or float32"),
         ({"LEARNLOOP_TRAINING_CONTRAST_PICK": "random"}, "use one of hash, live"),
         ({"LEARNLOOP_TRAINING_REPLAY_SHARE": "1"}, r"training.replay_share 1.0: use 0 \(a fixed count\)"),
+        ({"LEARNLOOP_TRAINING_REPLAY_CHAT": "/nowhere/replay.jsonl"}, "training.replay_chat '/nowhere/replay.jsonl'"),
         ({"LEARNLOOP_MODEL_GGUF_QUANT": "q2_k"}, "use one of q8_0, q4_0, q5_0, iq4_nl or an empty string"),
         ({"LEARNLOOP_GATE_JUDGE": "vibes"}, "use one of pairs, replies, both"),
         ({"LEARNLOOP_MODEL_SINGLE_STREAMS": "9"}, r"use 0 \(one format\) to 4"),

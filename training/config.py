@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.chats import check_name
 from training.gate import GateConfig
 from training.implicit import ImplicitConfig
 from training.trust import TrustConfig
@@ -157,6 +158,15 @@ class TrainConfig:
             "contrast_pick says (replays ordinary chat and teaches that shop answers do not belong there; 0 = off)."
         },
     )
+    replay_chat: str = field(
+        default="",
+        metadata={
+            "help": "The ordinary chat replay_pairs replays: 'en' or 'zh' (the shipped sets), or a JSONL file of "
+            '{"prompt": [messages], "completion": "..."} rows in your customers\' language, none of whose questions '
+            "are in gate.generic_chat. Empty: the shipped set in gate.generic_chat's language (English when that is "
+            "a file)."
+        },
+    )
     replay_share: float = field(
         default=0.0,
         metadata={
@@ -225,6 +235,7 @@ class TrainConfig:
             raise ValueError(f"training.contrast_pick {self.contrast_pick!r}: use one of {', '.join(CONTRAST_PICKS)}")
         if self.replay_pairs < 0:
             raise ValueError("training.replay_pairs must be 0 or more")
+        check_name("training.replay_chat", self.replay_chat, empty_ok=True)
         if not 0 <= self.replay_share < 1:
             raise ValueError(f"training.replay_share {self.replay_share}: use 0 (a fixed count) up to below 1")
         if self.number_pairs < 0:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import math
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,40 +62,6 @@ def _as(model: Any, adapter: str | None) -> Iterator[None]:
     else:
         model.set_adapter(adapter)
         yield
-
-
-GENERIC_CHAT = Path(__file__).parent / "data" / "generic_chat.jsonl"
-GENERIC_CHAT_ZH = Path(__file__).parent / "data" / "generic_chat_zh.jsonl"  # the same 24 exchanges in Chinese
-# ordinary chat for training (training.replay_pairs), none of it in GENERIC_CHAT: the gate's
-# perplexity check must stay on prompts the adapter never trained on
-REPLAY_CHAT = Path(__file__).parent / "data" / "replay_chat.jsonl"
-# the same 40 in Chinese, none of them in GENERIC_CHAT_ZH (a zh deployment's, gate.generic_chat)
-REPLAY_CHAT_ZH = Path(__file__).parent / "data" / "replay_chat_zh.jsonl"
-
-
-def generic_chat_path(name: str) -> Path:
-    """The file ``gate.generic_chat`` names: ``en`` and ``zh`` are the shipped sets, anything else a path."""
-    return {"en": GENERIC_CHAT, "zh": GENERIC_CHAT_ZH}.get(name, Path(name))
-
-
-def replay_chat_path(generic_chat: str) -> Path:
-    """The replay set in the language the gate guards (``gate.generic_chat``): Chinese for ``zh``,
-    English for ``en`` or a file of the operator's own."""
-    return REPLAY_CHAT_ZH if generic_chat == "zh" else REPLAY_CHAT
-
-
-def load_generic_chat(path: Path = GENERIC_CHAT) -> list[dict[str, Any]]:
-    """``{"prompt": [messages], "completion": str}`` rows of ordinary chat (a row without both is refused)."""
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    for n, row in enumerate(rows, 1):
-        if not (
-            isinstance(row, dict) and isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), str)
-        ):
-            raise ValueError(f'{path}, row {n}: need {{"prompt": [messages], "completion": "..."}}')
-    if not rows:
-        raise ValueError(f"{path}: no rows of everyday chat")
-    return rows
 
 
 def _perplexity(model: Any, tokenizer: Any, generic: Sequence[dict[str, Any]]) -> float | None:

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
+
+from training.chats import check_name
 
 
 class GateJudge(StrEnum):
@@ -95,10 +96,6 @@ class EvalReport:
         )
 
 
-GENERIC_CHATS = ("en", "zh")
-"""The shipped everyday-chat sets ``gate.generic_chat`` names (``training/data/generic_chat*.jsonl``)."""
-
-
 @dataclass(frozen=True)
 class GateConfig:
     """Thresholds of the offline gate. Every check must pass for a promotion."""
@@ -154,10 +151,7 @@ class GateConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.generic_chat not in GENERIC_CHATS and not Path(self.generic_chat).is_file():
-            raise ValueError(
-                f"gate.generic_chat {self.generic_chat!r}: use {' or '.join(GENERIC_CHATS)} or the path of a JSONL file"
-            )
+        check_name("gate.generic_chat", self.generic_chat)
         if self.judge not in tuple(GateJudge):
             raise ValueError(f"gate.judge {self.judge!r}: use one of {', '.join(GateJudge)}")
         if self.reply_questions < 0 or self.reply_tokens < 1:

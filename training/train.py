@@ -42,16 +42,9 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrai
 from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
 from feedback.specials import defuse_row, tokenizer_specials
+from training.chats import generic_chat_path, load_chat, replay_chat_path, shared_prompts
 from training.config import JobSpec, device_args, disk_full
-from training.evaluate import (
-    LIVE,
-    evaluate_pairs,
-    generic_chat_path,
-    load_generic_chat,
-    read_replies,
-    rejected_scores,
-    replay_chat_path,
-)
+from training.evaluate import LIVE, evaluate_pairs, read_replies, rejected_scores
 from training.gate import EvalReport
 from training.pairs import pick_likeliest, prompt_key, replay_plan
 from training.signals import replay_rows
@@ -243,10 +236,19 @@ class Rows:
 
 
 def replay_candidates(spec: JobSpec) -> list[TrlRow]:
-    """training.replay_pairs: ordinary chat prompts, each against every operator correction."""
+    """training.replay_pairs: ordinary chat prompts (``training.chats``), each against every operator
+    correction. A replay set that asks the gate's generic questions is refused: the forgetting
+    guard must read prompts the adapter never trained on."""
     if not spec.train.replay_pairs:
         return []
-    chat = load_generic_chat(replay_chat_path(spec.generic_chat))
+    path = replay_chat_path(spec.train.replay_chat, spec.generic_chat)
+    chat = load_chat(path)
+    shared = shared_prompts(chat, load_chat(generic_chat_path(spec.generic_chat)))
+    if shared:
+        raise ValueError(
+            f"training.replay_chat {str(path)!r} asks {len(shared)} question(s) of the gate's generic chat "
+            f"(gate.generic_chat), e.g. {shared[0]!r}: the gate would judge forgetting on what the adapter trained on"
+        )
     if not spec.train.replay_share:  # a share may call on every prompt; a fixed count on the first few
         chat = chat[: spec.train.replay_pairs]
     rows = replay_rows(
@@ -505,7 +507,7 @@ def evaluate(model: Any, tokenizer: Any, heldout: list[TrlRow], spec: JobSpec) -
     if spec.live_adapter:
         model.load_adapter(spec.live_adapter, adapter_name=LIVE)
     live = LIVE if spec.live_adapter else None
-    generic = load_generic_chat(generic_chat_path(spec.generic_chat))
+    generic = load_chat(generic_chat_path(spec.generic_chat))
     report = evaluate_pairs(model, tokenizer, heldout, live_adapter=live, beta=spec.train.beta, generic=generic)
     if spec.reply_questions > 0:  # what each model says, read against the operators' answers (gate.judge)
         replies = read_replies(
