@@ -300,3 +300,11 @@ class Versions:
     async def all(self) -> list[ModelVersion]:
         """Every version, oldest first."""
         return [rows.version(r) for r in await self._db.read("SELECT * FROM model_versions ORDER BY seq")]
+
+    async def erased_with_files(self) -> list[ModelVersion]:
+        """Versions trained on erased data whose adapter files are not deleted yet, oldest first
+        (the release polls this; it stays short however many versions there are)."""
+        found = await self._db.read(
+            "SELECT * FROM model_versions WHERE trained_on_erased IS NOT NULL AND adapter_deleted IS NULL ORDER BY seq"
+        )
+        return [rows.version(r) for r in found]

@@ -204,7 +204,7 @@ class Release:
     async def _delete_erased_adapters(self) -> None:
         """Delete the files of adapters trained on erased data that no longer serve (under the lock)."""
         gone = erased_adapters_to_delete(
-            await self.store.versions.all(), live=self.live_version, canary=self.canary_version
+            await self.store.versions.erased_with_files(), live=self.live_version, canary=self.canary_version
         )
         for version in gone:
             if self.engine.has_version(version.name):

@@ -83,6 +83,7 @@ async def test_erasure_marks_versions_deletes_superseded_adapters_and_retrains(
         assert result["versions_trained_on_them"] == [v1] and result["retrain_started"] is False
         assert (await store.versions.get(v1)).trained_on_erased is not None
         assert (await store.versions.get(v2)).trained_on_erased is None
+        assert [v.name for v in await store.versions.erased_with_files()] == [v1]  # what the release's poll reads
         audit = await store.browse.audit_log(limit=10)
         assert any(e["action"] == "erase" and e["actor"] == "alice" for e in audit)
 
@@ -90,6 +91,7 @@ async def test_erasure_marks_versions_deletes_superseded_adapters_and_retrains(
         assert not a1.exists() and a2.exists()  # v1 serves no one: its files are gone, v2's stay
         assert (await store.versions.get(v1)).adapter_deleted is not None
         assert not app.engine.has_version(v1) and app.release.previous_live is None  # no rollback to it
+        assert await store.versions.erased_with_files() == []  # done: the next polls read nothing
 
         # erasing a user the live version learned from: marked, kept while it serves, and a run starts
         _, live_ids = await stored_conversation(store, [("user", "hi"), ("assistant", "hello")], user="liv")
