@@ -105,6 +105,7 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     "contrast_pick": args.contrast_pick,
                     "replay_pairs": args.replay,
                     "replay_share": args.replay_share,
+                    "guard_every": args.guard_every,
                     "transplant_pairs": args.transplants,
                     "number_pairs": args.numbers,
                 },
@@ -293,6 +294,7 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
             "contrast": args.contrast,
             "replay": args.replay,
             "replay_share": args.replay_share,
+            "guard_every": args.guard_every,
             "numbers": args.numbers,
         },
         "base": round(base, 3),
@@ -588,6 +590,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replay", type=int, default=defaults.replay_pairs, help="training.replay_pairs")
     parser.add_argument(
         "--replay-share", type=float, default=defaults.replay_share, help="training.replay_share (0: a fixed count)"
+    )
+    parser.add_argument(
+        "--guard-every",
+        type=int,
+        default=defaults.guard_every,
+        help="training.guard_every (0: no forgetting guard inside the run)",
     )
     parser.add_argument(
         "--transplants",

@@ -68,6 +68,7 @@ def test_defaults_keep_the_shop_run() -> None:
         product.transplant_pairs,
         product.number_pairs,
     )
+    assert args.guard_every == product.guard_every
 
 
 def test_reactions_are_read_and_trained_unless_told_otherwise() -> None:

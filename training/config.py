@@ -205,6 +205,15 @@ class TrainConfig:
             "broke SmolLM2: see bench/RESULTS.md)."
         },
     )
+    guard_every: int = field(
+        default=0,
+        metadata={
+            "help": "Every this many training steps (all stages together) the job measures the adapter's perplexity "
+            "on the gate's generic chat; the first time it passes the gate's limit (gate.max_generic_ppl_increase over "
+            "the base model's) the run stops and keeps the last weights that passed, instead of ending as a candidate "
+            "the gate rejects for forgetting (0 = off)."
+        },
+    )
     init_from: str = field(
         default="base",
         metadata={
@@ -246,6 +255,8 @@ class TrainConfig:
             raise ValueError("training.threads must be 0 (torch's default) or more")
         if self.device not in DEVICES:
             raise ValueError(f"training.device {self.device!r}: use one of {', '.join(DEVICES)}")
+        if self.guard_every < 0:
+            raise ValueError("training.guard_every must be 0 (off) or more")
         if self.init_from not in ("base", "live"):
             raise ValueError(f"training.init_from {self.init_from!r}: use 'base' or 'live'")
 
@@ -319,6 +330,10 @@ class JobSpec:
     reply_tokens: int = field(default=48, metadata={"help": "gate.reply_tokens: the longest reply of the reply check."})
     generic_chat: str = field(
         default="en", metadata={"help": "gate.generic_chat: the everyday chat of the perplexity and leak checks."}
+    )
+    generic_ppl_increase: float = field(
+        default=0.10,
+        metadata={"help": "gate.max_generic_ppl_increase: the forgetting guard's limit (training.guard_every)."},
     )
 
     def __post_init__(self) -> None:

@@ -187,6 +187,7 @@ def job_spec(cfg: CycleConfig, prepared: PreparedData, *, run_dir: Path, live_ad
         reply_questions=cfg.gate.reply_questions,
         reply_tokens=cfg.gate.reply_tokens,
         generic_chat=cfg.gate.generic_chat,
+        generic_ppl_increase=cfg.gate.max_generic_ppl_increase,
     )
 
 

@@ -64,7 +64,7 @@ def _as(model: Any, adapter: str | None) -> Iterator[None]:
         yield
 
 
-def _perplexity(model: Any, tokenizer: Any, generic: Sequence[dict[str, Any]]) -> float | None:
+def perplexity(model: Any, tokenizer: Any, generic: Sequence[dict[str, Any]]) -> float | None:
     """Perplexity of the ``generic`` rows' fixed answers under the active model; None without rows."""
     if not generic:
         return None
@@ -199,11 +199,11 @@ def evaluate_pairs(
                 c_lp, c_n = completion_logprob(model, tokenizer, pair["prompt"], pair["chosen"][0]["content"])
                 r_lp, r_n = completion_logprob(model, tokenizer, pair["prompt"], pair["rejected"][0]["content"])
                 scores[key].append((c_lp, c_n, r_lp, r_n))
-            ppl[key] = _perplexity(model, tokenizer, generic)
+            ppl[key] = perplexity(model, tokenizer, generic)
     base_ppl = ppl["live"]  # the base model is live, or is measured on its own:
     if live_adapter is not None:
         with _as(model, None):
-            base_ppl = _perplexity(model, tokenizer, generic)
+            base_ppl = perplexity(model, tokenizer, generic)
     model.set_adapter(CANDIDATE)
 
     # NLL is measured on the operators' corrections (the golden answers) when the held-out

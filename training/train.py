@@ -44,7 +44,8 @@ from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 from feedback.specials import defuse_row, tokenizer_specials
 from training.chats import generic_chat_path, load_chat, replay_chat_path, shared_prompts
 from training.config import JobSpec, device_args, disk_full
-from training.evaluate import LIVE, evaluate_pairs, read_replies, rejected_scores
+from training.evaluate import LIVE, evaluate_pairs, perplexity, read_replies, rejected_scores
+from training.forgetting import ForgettingGuard
 from training.gate import EvalReport
 from training.pairs import pick_likeliest, prompt_key, replay_plan
 from training.signals import replay_rows
@@ -88,27 +89,30 @@ def run(spec: JobSpec) -> None:
     model, lora = load_model(spec)
     rows = Rows.read(spec).defused(tokenizer_specials(tokenizer))
     add_hard_negatives(rows, spec, tokenizer)
-    progress = Progress(started)
     deadline = Deadline(time.monotonic() + cfg.max_minutes * 60)
+    callbacks: list[TrainerCallback] = [Progress(started), deadline]
+    guard = forgetting_guard(spec, tokenizer)
+    if guard is not None:
+        callbacks.append(guard)
     train_started = time.monotonic()
 
     objective = choose_objective(rows)
     stages: list[StageReport] = []
     first = rows.of(objective)
-    trainer = build_trainer(objective, model, tokenizer, lora, first, spec, progress, deadline)
+    trainer = build_trainer(objective, model, tokenizer, lora, first, spec, callbacks)
     stages.append(train_stage(trainer, objective, first, spec))
     names = [str(objective)]
     if objective is Objective.DPO and cfg.kto_steps > 0 and len({r["label"] for r in rows.kto}) == 2:
         # a stage on the same adapter: thumbs (KTO) teach what the pairs cannot, such as
         # "do not answer a gift-card question with the refund window"
-        trainer = next_stage(Objective.KTO, trainer.model, tokenizer, rows.kto, spec, progress, deadline)
+        trainer = next_stage(Objective.KTO, trainer.model, tokenizer, rows.kto, spec, callbacks)
         stages.append(train_stage(trainer, Objective.KTO, rows.kto, spec))
         names.append(str(Objective.KTO))
     demos = [] if objective is Objective.SFT else rows.extra_demos(cfg.sft_weight)
     if demos and cfg.demo_epochs > 0:
         # demonstrations the pairs do not teach (takeover replies) train last, so the pairs' and
         # thumbs' stages cannot pull the model off them
-        trainer = next_stage(Objective.SFT, trainer.model, tokenizer, demos, spec, progress, deadline)
+        trainer = next_stage(Objective.SFT, trainer.model, tokenizer, demos, spec, callbacks)
         stages.append(train_stage(trainer, Objective.SFT, demos, spec))
         names.append(str(Objective.SFT))
     budget = budget_report(
@@ -116,6 +120,11 @@ def run(spec: JobSpec) -> None:
     )
     # the share of the machine it trained with: its niceness and torch threads, as they were
     budget |= {"nice": os.getpriority(os.PRIO_PROCESS, 0), "threads": torch.get_num_threads()}
+    if guard is not None:  # training.guard_every: where the run stopped, and which weights it kept
+        guard.finish(trainer.model)
+        budget["guard"] = guard.report()
+        if guard.crossed:  # the stages it cut short were the guard's doing, not the time budget's
+            budget["stopped_by_budget"] = budget["stopped_by_budget"] and deadline.spent()
 
     report = evaluate(trainer.model, tokenizer, rows.heldout, spec)
     if not PartialState().is_main_process:  # the main process saves and reports
@@ -133,10 +142,11 @@ def run(spec: JobSpec) -> None:
 
 
 def train_stage(trainer: Any, objective: Objective, rows: list[TrlRow], spec: JobSpec) -> StageReport:
-    """Train ``trainer`` unless the time budget is spent; what it did."""
+    """Train ``trainer`` unless the time budget is spent or the forgetting guard stopped the run; what it did."""
     planned = int(trainer.args.max_steps)
-    deadline = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Deadline))
-    if deadline.spent():
+    callbacks = trainer.callback_handler.callbacks
+    deadline = next(cb for cb in callbacks if isinstance(cb, Deadline))
+    if deadline.spent() or any(cb.crossed for cb in callbacks if isinstance(cb, ForgettingGuard)):
         return StageReport(str(objective), len(rows), spec.train.batch_size, planned, 0)
     trainer.train()
     return StageReport(str(objective), len(rows), spec.train.batch_size, planned, int(trainer.state.global_step))
@@ -333,6 +343,20 @@ class Progress(TrainerCallback):
         )
 
 
+def forgetting_guard(spec: JobSpec, tokenizer: Any) -> ForgettingGuard | None:
+    """``training.guard_every``: the guard on the gate's generic chat and limit (``training.forgetting``)."""
+    if not spec.train.guard_every:
+        return None
+    generic = load_chat(generic_chat_path(spec.generic_chat))  # never empty: load_chat refuses that
+
+    def measure(model: Any) -> float:
+        ppl = perplexity(model, tokenizer, generic)
+        assert ppl is not None
+        return ppl
+
+    return ForgettingGuard(spec.train.guard_every, spec.generic_ppl_increase, measure)
+
+
 def run_device(device: str) -> dict[str, Any]:
     """``training.config.device_args`` for this machine."""
     cuda = torch.cuda.is_available()
@@ -386,8 +410,7 @@ def build_trainer(
     lora: LoraConfig | None,
     rows: list[TrlRow],
     spec: JobSpec,
-    progress: Progress,
-    deadline: Deadline,
+    callbacks: list[TrainerCallback],
     **overrides: Any,
 ) -> Any:
     """The one TRL trainer for ``objective`` on ``rows`` (``lora``: a new LoRA; None: train the
@@ -402,7 +425,7 @@ def build_trainer(
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         peft_config=lora,
-        callbacks=[progress, deadline],
+        callbacks=callbacks,
     )
 
 
@@ -483,8 +506,7 @@ def next_stage(
     tokenizer: Any,
     rows: list[TrlRow],
     spec: JobSpec,
-    progress: Progress,
-    deadline: Deadline,
+    callbacks: list[TrainerCallback],
 ) -> Any:
     """A trainer for a later stage on the adapter the last one trained (no new LoRA): KTO for
     ``kto_steps`` steps, SFT for ``demo_epochs`` passes over its rows."""
@@ -499,7 +521,7 @@ def next_stage(
         # demo_epochs 0: no SFT stage (no steps), never a fixed count
         steps = plan_steps(len(rows), cfg.batch_size, epochs=cfg.demo_epochs, max_steps=cfg.max_steps)
         overrides["max_steps"] = steps if cfg.demo_epochs > 0 else 0
-    return build_trainer(objective, model, tokenizer, None, rows, spec, progress, deadline, **overrides)
+    return build_trainer(objective, model, tokenizer, None, rows, spec, callbacks, **overrides)
 
 
 def evaluate(model: Any, tokenizer: Any, heldout: list[TrlRow], spec: JobSpec) -> EvalReport:
