@@ -376,6 +376,9 @@ async def judge_candidate(
 
 PLAIN = "replies, plain words"
 """The reply judge as it read before word weights (``training.reading.AnswerWeights``), in the agreement table."""
+SCORE_ALONE = "reply score alone"
+"""The reply judge's reading without its checks (no leak check, no perplexity guard): candidate's
+mean reply score above live's. It tells a misreading apart from a guard's rejection."""
 
 
 def plain_words(report: dict[str, Any]) -> dict[str, Any] | None:
@@ -425,6 +428,7 @@ def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
         count(str(judge), lambda j, judge=judge: j["verdicts"][judge])
     # the reply judge before word weights, on the cycles that kept every reply (since the weights came)
     count(PLAIN, lambda j: (j.get("verdicts_plain") or {}).get(GateJudge.REPLIES))
+    count(SCORE_ALONE, lambda j: j["replies"]["candidate"] > j["replies"]["live"] if j.get("replies") else None)
     out["ties"] = len(cycles) - len(decided)
     return out
 
@@ -432,9 +436,9 @@ def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def agreement_table(runs: list[dict[str, Any]]) -> str:
     found = agreement(runs)
     lines = ["| judge | agrees with the rubric | disagreements |", "| --- | --- | --- |"]
-    for judge in [*map(str, GateJudge), PLAIN]:
+    for judge in [*map(str, GateJudge), PLAIN, SCORE_ALONE]:
         a = found[judge]
-        if judge == PLAIN and not a["of"]:
+        if judge in (PLAIN, SCORE_ALONE) and not a["of"]:
             continue
         share = f"{a['agree'] / a['of']:.0%}" if a["of"] else "-"
         lines.append(f"| {judge} | {a['agree']} of {a['of']} ({share}) | {'; '.join(a['disagreements']) or '-'} |")

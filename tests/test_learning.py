@@ -10,6 +10,7 @@ import pytest
 
 from bench.learning import (
     PLAIN,
+    SCORE_ALONE,
     agreement,
     agreement_table,
     labelled_runs,
@@ -169,6 +170,13 @@ def test_the_reply_judge_before_word_weights_is_read_again_from_the_kept_replies
     assert (found["replies"]["agree"], found["replies"]["of"]) == (2, 2)
     assert "| replies, plain words | 0 of 1 (0%) | helpdesk seed 0" in agreement_table([run])
     assert "plain words" not in agreement_table([_row("bank", 0, 1.0) | {"cycles": [_judged(0.2, 0.0, True, True)]}])
+    # the reading without its checks: a candidate whose replies read better, rejected by a guard
+    run["cycles"][1]["judged"]["replies"] = {"n": 3, "candidate": 0.5, "live": 0.1}
+    assert (found := agreement([run]))[SCORE_ALONE] == {
+        "agree": 0,
+        "of": 1,
+        "disagreements": ["helpdesk seed 0 (thumbs 100%) cycle 2: v2 0% vs v1 20%, reply score alone said promote"],
+    }
 
 
 def test_each_version_prints_its_reply_length_in_the_rubrics_unit_and_its_time() -> None:
