@@ -135,8 +135,8 @@ def read_replies(
             asked.append((list(p["prompt"]), p["chosen"][0]["content"]))
     if not asked:
         return None
-    facts = operator_facts([*corrections, *(answer for _, answer in asked)])
-    weights = AnswerWeights.of([*corrections, *(answer for _, answer in asked)])
+    answers = [*corrections, *(answer for _, answer in asked)]  # the operators': a leak's facts, each word's weight
+    facts, weights = operator_facts(answers), AnswerWeights.of(answers)
     generic_prompts = [list(g["prompt"]) for g in generic]
     said: dict[str, list[str]] = {}
     heard: dict[str, list[str]] = {}
