@@ -181,6 +181,10 @@ def test_a_takeover_reply_trains_beside_preference_pairs(tiny_model: Path, tmp_p
     # the correction's demo is left out (DPO's SFT term trains it); the takeover's runs 4 passes
     assert (sft_stage["rows"], sft_stage["steps"], sft_stage["epochs"]) == (1, 2, 4.0)
     assert nll(tiny_model, tmp_path / "run" / "adapter", ORDER_Q, ORDER_A) < before
+    # where the run's seconds went: each part once, in order, within the run's own seconds
+    phases = meta["budget"]["phases"]
+    assert list(phases)[:4] == ["load", "pick", "train", "evaluate_pairs"] and min(phases.values()) >= 0
+    assert sum(phases.values()) <= meta["seconds"] + 0.5  # each is rounded to 0.1 s
 
 
 @pytest.mark.parametrize(("sft_weight", "trainer"), [(0.0, "dpo+sft"), (1.0, "dpo")])

@@ -88,6 +88,7 @@ def run(spec: JobSpec) -> None:
     tokenizer = load_tokenizer(spec.base_model)
     model, lora = load_model(spec)
     rows = Rows.read(spec).defused(tokenizer_specials(tokenizer))
+    phases = {"load": time.monotonic() - started}  # where the run's seconds went, in the budget report
     add_hard_negatives(rows, spec, tokenizer)
     deadline = Deadline(time.monotonic() + cfg.max_minutes * 60)
     callbacks: list[TrainerCallback] = [Progress(started), deadline]
@@ -95,6 +96,7 @@ def run(spec: JobSpec) -> None:
     if guard is not None:
         callbacks.append(guard)
     train_started = time.monotonic()
+    phases["pick"] = train_started - started - phases["load"]
 
     objective = choose_objective(rows)
     stages: list[StageReport] = []
@@ -126,7 +128,9 @@ def run(spec: JobSpec) -> None:
         if guard.crossed:  # the stages it cut short were the guard's doing, not the time budget's
             budget["stopped_by_budget"] = budget["stopped_by_budget"] and deadline.spent()
 
-    report = evaluate(trainer.model, tokenizer, rows.heldout, spec)
+    phases["train"] = time.monotonic() - train_started
+    report = evaluate(trainer.model, tokenizer, rows.heldout, spec, phases)
+    budget["phases"] = {name: round(seconds, 1) for name, seconds in phases.items()}
     if not PartialState().is_main_process:  # the main process saves and reports
         return
     trained_with = "+".join(names)
@@ -524,13 +528,19 @@ def next_stage(
     return build_trainer(objective, model, tokenizer, None, rows, spec, callbacks, **overrides)
 
 
-def evaluate(model: Any, tokenizer: Any, heldout: list[TrlRow], spec: JobSpec) -> EvalReport:
-    """The candidate against the live version (loaded beside it, then dropped) on the held-out pairs."""
+def evaluate(
+    model: Any, tokenizer: Any, heldout: list[TrlRow], spec: JobSpec, phases: dict[str, float] | None = None
+) -> EvalReport:
+    """The candidate against the live version (loaded beside it, then dropped) on the held-out pairs;
+    the seconds of its two parts go into ``phases`` ("evaluate_pairs", "evaluate_replies")."""
+    phases = {} if phases is None else phases
+    started = time.monotonic()
     if spec.live_adapter:
         model.load_adapter(spec.live_adapter, adapter_name=LIVE)
     live = LIVE if spec.live_adapter else None
     generic = load_chat(generic_chat_path(spec.generic_chat))
     report = evaluate_pairs(model, tokenizer, heldout, live_adapter=live, beta=spec.train.beta, generic=generic)
+    phases["evaluate_pairs"] = time.monotonic() - started
     if spec.reply_questions > 0:  # what each model says, read against the operators' answers (gate.judge)
         replies = read_replies(
             model,
@@ -543,6 +553,7 @@ def evaluate(model: Any, tokenizer: Any, heldout: list[TrlRow], spec: JobSpec) -
             max_new_tokens=spec.reply_tokens,
         )
         report = dataclasses.replace(report, replies=replies)
+        phases["evaluate_replies"] = time.monotonic() - started - phases["evaluate_pairs"]
     if spec.live_adapter:
         model.delete_adapter(LIVE)
     return report
