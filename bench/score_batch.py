@@ -43,12 +43,16 @@ def rows(deployment: str, prompts: int) -> list[tuple[list[dict[str, str]], str]
 
 
 def one_at_a_time(model: Any, tokenizer: Any, items: list[tuple[list[dict[str, str]], str]]) -> list[tuple[float, int]]:
-    """The old path: each whole conversation in its own forward pass, every position's log-softmax."""
+    """The old path: each whole conversation in its own forward pass, every position's log-softmax
+    (also the reference of ``tests/test_scoring_batches.py``)."""
     import torch
 
     out = []
     for prompt, completion in items:
         prompt_ids, completion_ids = completion_tokens(tokenizer, prompt, completion)
+        if not completion_ids:
+            out.append((0.0, 0))
+            continue
         ids = torch.tensor([prompt_ids + completion_ids])
         with torch.no_grad():
             logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)

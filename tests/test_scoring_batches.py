@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from bench.score_batch import one_at_a_time  # the old path: each whole conversation in its own forward pass
+
 
 def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
@@ -43,29 +45,13 @@ def model_and_tokenizer(tiny_model: Path, request: pytest.FixtureRequest) -> tup
     return model, tokenizer
 
 
-def one_at_a_time(model: Any, tokenizer: Any, prompt: list[dict[str, str]], completion: str) -> tuple[float, int]:
-    """The plain computation: the whole conversation alone, no padding, every position's log-softmax."""
-    import torch
-
-    from training.evaluate import completion_tokens
-
-    prompt_ids, completion_ids = completion_tokens(tokenizer, prompt, completion)
-    if not completion_ids:
-        return 0.0, 0
-    ids = torch.tensor([prompt_ids + completion_ids])
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-    token_lp = logprobs.gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1)[len(prompt_ids) - 1 :]
-    return float(token_lp.sum()), len(completion_ids)
-
-
 @pytest.mark.parametrize("batch_tokens", [1, 64, 4096])  # one row per pass, a few, all at once
 def test_batched_scores_equal_one_row_at_a_time(model_and_tokenizer: tuple[Any, Any], batch_tokens: int) -> None:
     from training.evaluate import completion_logprobs
 
     model, tokenizer = model_and_tokenizer
     batched = completion_logprobs(model, tokenizer, ITEMS, batch_tokens=batch_tokens)
-    alone = [one_at_a_time(model, tokenizer, p, c) for p, c in ITEMS]
+    alone = one_at_a_time(model, tokenizer, ITEMS)
     assert [n for _, n in batched] == [n for _, n in alone]  # in the order given
     for (lp, n), (want, _) in zip(batched, alone, strict=True):
         assert lp == pytest.approx(want, abs=1e-4 * max(n, 1))  # float rounding of another matmul shape only
@@ -79,7 +65,7 @@ def test_pair_scores_and_perplexity_use_the_batches(model_and_tokenizer: tuple[A
 
     model, tokenizer = model_and_tokenizer
     rows = [{"prompt": p, "rejected": [{"role": "assistant", "content": c}]} for p, c in ITEMS if c]
-    alone = [one_at_a_time(model, tokenizer, r["prompt"], r["rejected"][0]["content"]) for r in rows]
+    alone = one_at_a_time(model, tokenizer, [(r["prompt"], r["rejected"][0]["content"]) for r in rows])
     assert rejected_scores(model, tokenizer, rows) == pytest.approx([lp / n for lp, n in alone], abs=1e-4)
     generic = [{"prompt": r["prompt"], "completion": r["rejected"][0]["content"]} for r in rows]
     want = math.exp(-sum(lp for lp, _ in alone) / sum(n for _, n in alone))
