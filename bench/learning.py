@@ -435,7 +435,55 @@ def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
     count(PLAIN, lambda j: (j.get("verdicts_plain") or {}).get(GateJudge.REPLIES))
     count(SCORE_ALONE, lambda j: j["replies"]["candidate"] > j["replies"]["live"] if j.get("replies") else None)
     out["ties"] = len(cycles) - len(decided)
+    out[OWN_QUESTIONS] = own_questions([(dep, seed, mode, n, j) for dep, seed, mode, n, j in decided])
     return out
+
+
+OWN_QUESTIONS = "the rubric on the gate's own questions"
+"""The bench's rubric applied to the replies the gate read (its held-out corrected questions, kept
+in the report): does the reading agree with the rubric on the questions it reads, and do those
+questions agree with the 36 held-out paraphrases? It tells a misreading apart from a sample too
+small to tell."""
+
+
+def rubric_on_kept(deployment: str, judged: dict[str, Any]) -> tuple[int, int, int] | None:
+    """(candidate's right replies, live's, questions) by the deployment's rubric over the replies the
+    gate read, or None when the report did not keep every question's replies."""
+    examples = judged.get("reply_examples") or []
+    if not examples or len(examples) != (judged.get("replies") or {}).get("n"):
+        return None
+    dep = load_deployment(deployment)
+    by_answer = {i.answer: i for i in dep.intents}
+    if any(e["answer"] not in by_answer for e in examples):
+        return None  # an answer the deployment does not hold (an older intents file)
+    right = [
+        (dep.rate(by_answer[e["answer"]], e["candidate"]).up, dep.rate(by_answer[e["answer"]], e["live"]).up)
+        for e in examples
+    ]
+    return sum(c for c, _ in right), sum(v for _, v in right), len(examples)
+
+
+def own_questions(decided: list[tuple[str, int, str, int, dict[str, Any]]]) -> dict[str, Any]:
+    """Over ``decided`` cycles (the rubric on the 36 says better or worse) whose reports kept every
+    reply: how often the gate's own questions, rated by the rubric, could tell the two versions
+    apart; where they could, how often the reading (reply score alone) and the 36 agree with them."""
+    kept = [(x, r) for x in decided if (r := rubric_on_kept(x[0], x[4])) is not None]
+    told = [(x, r) for x, r in kept if r[0] != r[1]]
+    reading = [(x, r) for x, r in told if x[4].get("replies")]
+    return {
+        "cycles": len(kept),
+        "cannot_tell": [
+            f"{dep} seed {seed} ({mode}) cycle {n}: {r[0]} vs {r[1]} right of {r[2]}"
+            for (dep, seed, mode, n, _), r in kept
+            if r[0] == r[1]
+        ],
+        "reading_agrees": sum(
+            (x[4]["replies"]["candidate"] > x[4]["replies"]["live"]) == (r[0] > r[1]) for x, r in reading
+        ),
+        "reading_of": len(reading),
+        "heldout_agrees": sum((x[4]["candidate_heldout"] > x[4]["live_heldout"]) == (r[0] > r[1]) for x, r in told),
+        "heldout_of": len(told),
+    }
 
 
 def agreement_table(runs: list[dict[str, Any]]) -> str:
@@ -448,6 +496,14 @@ def agreement_table(runs: list[dict[str, Any]]) -> str:
         share = f"{a['agree'] / a['of']:.0%}" if a["of"] else "-"
         lines.append(f"| {judge} | {a['agree']} of {a['of']} ({share}) | {'; '.join(a['disagreements']) or '-'} |")
     lines.append(f"ties (equal satisfaction, not counted): {found['ties']}")
+    own = found[OWN_QUESTIONS]
+    if own["cycles"]:
+        lines.append(
+            f"{OWN_QUESTIONS} ({own['cycles']} decided cycles that kept every reply): they tell the versions apart"
+            f" on {own['heldout_of']}; there the reading agrees with them on {own['reading_agrees']} of"
+            f" {own['reading_of']} and the 36 held-out paraphrases on {own['heldout_agrees']} of {own['heldout_of']};"
+            f" they cannot tell on {len(own['cannot_tell'])}: {'; '.join(own['cannot_tell']) or '-'}"
+        )
     return "\n".join(lines)
 
 

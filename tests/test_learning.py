@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from bench.learning import (
+    OWN_QUESTIONS,
     PLAIN,
     SCORE_ALONE,
     agreement,
@@ -177,6 +178,46 @@ def test_the_reply_judge_before_word_weights_is_read_again_from_the_kept_replies
         "of": 1,
         "disagreements": ["helpdesk seed 0 (thumbs 100%) cycle 2: v2 0% vs v1 20%, reply score alone said promote"],
     }
+
+
+def test_the_rubric_reads_the_gates_own_questions_to_tell_a_misreading_from_a_small_sample() -> None:
+    answer = load_deployment("helpdesk").intent("forgot_password").answer
+    right, wrong = answer, "Open Settings, choose Account, and turn on Two-step login."
+
+    def cycle(cand: float, live: float, said: tuple[float, float], replies: list[tuple[str, str]]) -> dict[str, Any]:
+        c = _judged(cand, live, pairs=True, replies=True)
+        c["judged"]["replies"] = {"n": len(replies), "candidate": said[0], "live": said[1]}
+        c["judged"]["reply_examples"] = [
+            {"question": "I forgot my password", "answer": answer, "candidate": a, "live": b} for a, b in replies
+        ]
+        return c
+
+    run = _row("helpdesk", 0, 20.0) | {
+        "cycles": [
+            cycle(0.3, 0.1, (0.9, 0.1), [(right, wrong), (wrong, wrong)]),  # told apart; reading and 36 agree
+            cycle(0.2, 0.1, (0.1, 0.4), [(wrong, wrong)]),  # 0 vs 0 right: the sample cannot tell
+            cycle(0.0, 0.3, (0.5, 0.1), [(right, wrong)]),  # told apart; the 36 say the other way
+            cycle(0.2, 0.0, (0.5, 0.1), []) | {"judged": _judged(0.2, 0.0, True, True)["judged"]},  # kept nothing
+            cycle(0.1, 0.1, (0.9, 0.1), [(right, wrong)]),  # a tie on the 36: not decided
+        ]
+    }
+    own = agreement([run])[OWN_QUESTIONS]
+    assert own == {
+        "cycles": 3,
+        "cannot_tell": ["helpdesk seed 0 (thumbs 100%) cycle 2: 0 vs 0 right of 1"],
+        "reading_agrees": 2,
+        "reading_of": 2,
+        "heldout_agrees": 1,
+        "heldout_of": 2,
+    }
+    assert (
+        agreement_table([run])
+        .splitlines()[-1]
+        .startswith(
+            f"{OWN_QUESTIONS} (3 decided cycles that kept every reply): they tell the versions apart on 2; there the"
+            " reading agrees with them on 2 of 2 and the 36 held-out paraphrases on 1 of 2; they cannot tell on 1:"
+        )
+    )
 
 
 def test_each_version_prints_its_reply_length_in_the_rubrics_unit_and_its_time() -> None:
