@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.factories import build_tiny_model
 from training.config import JobSpec, TrainConfig
-from training.train import Deadline, Objective, Progress, build_trainer, load_model, load_tokenizer
+from training.train import load_model, load_tokenizer
+from training.trainers import Deadline, Objective, Progress, build_trainer
 
 DEMO = [
     {"role": "user", "content": "Where is my order?"},

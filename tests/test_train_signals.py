@@ -234,13 +234,23 @@ def test_a_kto_row_weight_scales_its_loss(tiny_model: Path, tmp_path: Path) -> N
 def test_the_deadline_stops_training_at_the_end_of_a_step() -> None:
     from transformers import TrainerControl
 
-    from training.train import Deadline
+    from training.trainers import Deadline
 
     control = TrainerControl()
     Deadline(at=float("inf")).on_step_end(None, None, control)
     assert not control.should_training_stop
     Deadline(at=0.0).on_step_end(None, None, control)
     assert control.should_training_stop
+
+
+def test_a_later_sft_stage_needs_demo_epochs(tmp_path: Path) -> None:
+    """demo_epochs 0 means no SFT stage; plan_steps reads epochs 0 as "exactly max_steps", so a
+    stage asked for anyway is refused, not run for max_steps (the job never asks: it adds none)."""
+    from training.trainers import Objective, next_stage
+
+    spec = JobSpec(base_model="unused", train=TrainConfig(demo_epochs=0.0), run_dir=tmp_path, dataset_id="t")
+    with pytest.raises(ValueError, match="demo_epochs above 0"):
+        next_stage(Objective.SFT, None, None, [demo(ORDER_Q, ORDER_A)], spec, [])
 
 
 def test_a_spent_budget_is_reported(tiny_model: Path, tmp_path: Path) -> None:
