@@ -46,7 +46,7 @@ from training.forgetting import ForgettingGuard
 from training.gate import EvalReport
 from training.pairs import pick_likeliest, prompt_key, replay_plan
 from training.signals import replay_rows
-from training.steps import StageReport, budget_report, demo_prompt_completion, extra_demos
+from training.steps import StageReport, TrlRow, budget_report, demo_prompt_completion, extra_demos
 from training.trainers import (
     Deadline,
     Objective,
@@ -57,8 +57,6 @@ from training.trainers import (
     run_device,
     train_stage,
 )
-
-TrlRow = dict[str, Any]
 
 
 def main() -> None:

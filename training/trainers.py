@@ -24,9 +24,7 @@ from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
 from training.config import JobSpec, device_args
 from training.forgetting import ForgettingGuard
-from training.steps import StageReport, plan_steps
-
-TrlRow = dict[str, Any]
+from training.steps import StageReport, TrlRow, plan_steps
 
 
 class Objective(StrEnum):
