@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import glob
 import json
 import random
@@ -391,7 +392,7 @@ def plain_words(report: dict[str, Any]) -> dict[str, Any] | None:
     from the replies it keeps; None when it does not keep every question's."""
     replies = report.get("replies") or {}
     kept = replies.get("examples") or []
-    if not kept or len(kept) != replies.get("n"):
+    if not every_reply(kept, replies):
         return None
     scores = [(reply_score(e["candidate"], e["answer"]), reply_score(e["live"], e["answer"])) for e in kept]
     return {
@@ -404,6 +405,11 @@ def plain_words(report: dict[str, Any]) -> dict[str, Any] | None:
             "losses": sum(1 for c, v in scores if c < v),
         },
     }
+
+
+def every_reply(examples: list[dict[str, Any]], replies: dict[str, Any] | None) -> bool:
+    """A report kept the replies of every question it read (``replies["n"]``); older ones kept four."""
+    return bool(examples) and len(examples) == (replies or {}).get("n")
 
 
 def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -435,9 +441,11 @@ def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
     count(PLAIN, lambda j: (j.get("verdicts_plain") or {}).get(GateJudge.REPLIES))
     count(SCORE_ALONE, lambda j: j["replies"]["candidate"] > j["replies"]["live"] if j.get("replies") else None)
     out["ties"] = len(cycles) - len(decided)
-    out[OWN_QUESTIONS] = own_questions([(dep, seed, mode, n, j) for dep, seed, mode, n, j in decided])
+    out[OWN_QUESTIONS] = own_questions(decided)
     return out
 
+
+_deployment = functools.cache(load_deployment)  # the rubric of each deployment, read once per process
 
 OWN_QUESTIONS = "the rubric on the gate's own questions"
 """The bench's rubric applied to the replies the gate read (its held-out corrected questions, kept
@@ -450,9 +458,9 @@ def rubric_on_kept(deployment: str, judged: dict[str, Any]) -> tuple[int, int, i
     """(candidate's right replies, live's, questions) by the deployment's rubric over the replies the
     gate read, or None when the report did not keep every question's replies."""
     examples = judged.get("reply_examples") or []
-    if not examples or len(examples) != (judged.get("replies") or {}).get("n"):
+    if not every_reply(examples, judged.get("replies")):
         return None
-    dep = load_deployment(deployment)
+    dep = _deployment(deployment)
     by_answer = {i.answer: i for i in dep.intents}
     if any(e["answer"] not in by_answer for e in examples):
         return None  # an answer the deployment does not hold (an older intents file)
@@ -466,10 +474,10 @@ def rubric_on_kept(deployment: str, judged: dict[str, Any]) -> tuple[int, int, i
 def own_questions(decided: list[tuple[str, int, str, int, dict[str, Any]]]) -> dict[str, Any]:
     """Over ``decided`` cycles (the rubric on the 36 says better or worse) whose reports kept every
     reply: how often the gate's own questions, rated by the rubric, could tell the two versions
-    apart; where they could, how often the reading (reply score alone) and the 36 agree with them."""
+    apart; where they could, how often the reading (reply score alone) and the 36 agree with them.
+    A report that kept every reply has its reading, so the reading is judged on every such cycle."""
     kept = [(x, r) for x in decided if (r := rubric_on_kept(x[0], x[4])) is not None]
     told = [(x, r) for x, r in kept if r[0] != r[1]]
-    reading = [(x, r) for x, r in told if x[4].get("replies")]
     return {
         "cycles": len(kept),
         "cannot_tell": [
@@ -478,9 +486,9 @@ def own_questions(decided: list[tuple[str, int, str, int, dict[str, Any]]]) -> d
             if r[0] == r[1]
         ],
         "reading_agrees": sum(
-            (x[4]["replies"]["candidate"] > x[4]["replies"]["live"]) == (r[0] > r[1]) for x, r in reading
+            (x[4]["replies"]["candidate"] > x[4]["replies"]["live"]) == (r[0] > r[1]) for x, r in told
         ),
-        "reading_of": len(reading),
+        "reading_of": len(told),
         "heldout_agrees": sum((x[4]["candidate_heldout"] > x[4]["live_heldout"]) == (r[0] > r[1]) for x, r in told),
         "heldout_of": len(told),
     }
