@@ -51,6 +51,7 @@ import asyncio
 import functools
 import glob
 import json
+import math
 import random
 import statistics
 import sys
@@ -58,7 +59,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -169,6 +170,9 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     "length_right": statistics.fmean(right) if right else None,
                     "seconds": statistics.fmean(r.seconds for r in results),
                     "leak_examples": uncorrected_leaks + generic_leaks,
+                    # which held-out questions it answered right, so a cycle's verdict can be tested
+                    # question by question (``rubric_p``)
+                    "right": [f"{i.id}: {q}" for (i, q), r in zip(pairs, results, strict=True) if r.up],
                     "samples": {f"{i.id}: {q}": r.reply for (i, q), r in list(zip(pairs, results, strict=True))[::6]},
                     # why replies failed, counted (a rubric check: are the reasons plausible?)
                     "reasons": dict(
@@ -370,6 +374,8 @@ async def judge_candidate(
         "candidate_leaks": candidate["leaks_uncorrected"] + candidate["leaks_generic"],
         "live": live,
         "live_heldout": by_version[live]["heldout"],
+        "candidate_right": candidate["right"],
+        "live_right": by_version[live]["right"],
         "verdicts": said,
         "reward_margin": report.get("reward_margin"),
         "chosen_nll": [report["candidate"]["chosen_nll"], report["live"]["chosen_nll"]],
@@ -412,40 +418,122 @@ def every_reply(examples: list[dict[str, Any]], replies: dict[str, Any] | None) 
     return bool(examples) and len(examples) == (replies or {}).get("n")
 
 
+class Cycle(NamedTuple):
+    """One judged cycle of a run, as the agreement table reads it."""
+
+    deployment: str
+    seed: int
+    mode: str
+    n: int  # the cycle's number in its run
+    judged: dict[str, Any]  # ``judge_candidate``'s record
+    run: dict[str, Any]  # the run's learning.json
+
+    def label(self) -> str:
+        return f"{self.deployment} seed {self.seed} ({self.mode}) cycle {self.n}"
+
+
 def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """How often each gate judge agreed with the rubric over every judged cycle of ``runs``: the
     rubric says "promote" when the candidate's held-out satisfaction is above live's and "reject"
-    when below; equal satisfaction (a tie) decides nothing and is counted apart."""
+    when below; equal satisfaction (a tie) decides nothing and is counted apart. The same again
+    over the cycles whose verdict could be beyond chance (``rubric_p``)."""
     out: dict[str, Any] = {}
     cycles = [
-        (r["deployment"], r["seed"], mode_label(r), n, c["judged"])
+        Cycle(r["deployment"], r["seed"], mode_label(r), n, c["judged"], r)
         for r in runs
         for n, c in enumerate(r["cycles"], 1)
         if c.get("judged")
     ]
-    decided = [x for x in cycles if x[4]["candidate_heldout"] != x[4]["live_heldout"]]
+    decided = [x for x in cycles if x.judged["candidate_heldout"] != x.judged["live_heldout"]]
+    tested = [(x, *rubric_p(x)) for x in decided]
+    clear = [x for x, p, _ in tested if p < CHANCE]
 
-    def count(name: str, said: Any) -> None:
-        judged = [x for x in decided if said(x[4]) is not None]
+    def count(name: str, said: Any, over: list[Cycle] = decided) -> dict[str, Any]:
+        judged = [x for x in over if said(x.judged) is not None]
         misses = [
-            f"{dep} seed {seed} ({mode}) cycle {n}: {j['candidate']} {j['candidate_heldout']:.0%} vs "
+            f"{x.label()}: {j['candidate']} {j['candidate_heldout']:.0%} vs "
             f"{j['live']} {j['live_heldout']:.0%}, {name} said {'promote' if said(j) else 'reject'}"
-            for dep, seed, mode, n, j in judged
-            if said(j) != (j["candidate_heldout"] > j["live_heldout"])
+            for x in judged
+            if said(j := x.judged) != (j["candidate_heldout"] > j["live_heldout"])
         ]
-        out[name] = {"agree": len(judged) - len(misses), "of": len(judged), "disagreements": misses}
+        return {"agree": len(judged) - len(misses), "of": len(judged), "disagreements": misses}
 
-    for judge in GateJudge:
-        count(str(judge), lambda j, judge=judge: j["verdicts"][judge])
+    def reading(j: dict[str, Any]) -> bool | None:
+        return j["replies"]["candidate"] > j["replies"]["live"] if j.get("replies") else None
+
+    judges = {str(judge): (lambda j, judge=judge: j["verdicts"][judge]) for judge in GateJudge}
+    for name, said in judges.items():
+        out[name] = count(name, said)
     # the reply judge before word weights, on the cycles that kept every reply (since the weights came)
-    count(PLAIN, lambda j: (j.get("verdicts_plain") or {}).get(GateJudge.REPLIES))
-    count(SCORE_ALONE, lambda j: j["replies"]["candidate"] > j["replies"]["live"] if j.get("replies") else None)
+    out[PLAIN] = count(PLAIN, lambda j: (j.get("verdicts_plain") or {}).get(GateJudge.REPLIES))
+    out[SCORE_ALONE] = count(SCORE_ALONE, reading)
     out["ties"] = len(cycles) - len(decided)
     out[OWN_QUESTIONS] = own_questions(decided)
+    out[BEYOND_CHANCE] = {
+        "decided": len(decided),
+        "clear": len(clear),
+        "exact": sum(1 for x, p, exact in tested if exact and p < CHANCE),
+        "judges": {name: count(name, said, clear) for name, said in {**judges, SCORE_ALONE: reading}.items()},
+        "within_chance": [
+            f"{x.label()}: {x.judged['candidate_heldout']:.0%} vs {x.judged['live_heldout']:.0%}, p "
+            + (f"{p:.2f}" if exact else f">= {p:.2f}")
+            for x, p, exact in tested
+            if p >= CHANCE
+        ],
+    }
     return out
 
 
 _deployment = functools.cache(load_deployment)  # the rubric of each deployment, read once per process
+
+CHANCE = 0.05
+"""A cycle's verdict counts as beyond chance when its two-sided exact McNemar p-value is below this."""
+BEYOND_CHANCE = "verdicts beyond chance"
+"""The agreement over the cycles whose rubric verdict (better or worse on the held-out questions)
+could not come from chance alone: a difference of one or two questions of 36 says nothing."""
+
+
+def mcnemar_p(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value of two versions answering the same questions: ``gained``
+    questions the candidate answers right and live wrong, ``lost`` the reverse. Under "neither is
+    better" each of the ``gained + lost`` discordant questions goes either way with chance 1/2.
+    ``mcnemar_p(6, 0)`` is 0.031 and ``mcnemar_p(5, 0)`` 0.0625: of 36 questions, a version must
+    answer at least six more right than the other for its verdict to be beyond chance
+    (``tests/test_learning.py`` asserts these)."""
+    n = gained + lost
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def right_answers(x: Cycle, version: str) -> set[str] | None:
+    """The held-out questions ``version`` answered right in cycle ``x``: as the run recorded them, or
+    rated again by the deployment's rubric from the replies the run kept (promoted versions only);
+    None when neither holds them, or when the rating again does not give the recorded share (a
+    rubric changed since the run)."""
+    recorded = x.judged.get("candidate_right" if version == x.judged["candidate"] else "live_right")
+    if recorded is not None:
+        return set(recorded)
+    replies = (x.run.get("replies") or {}).get(version)
+    if not replies:
+        return None
+    dep = _deployment(x.deployment)
+    right = {key for key, (reply, *_) in replies.items() if dep.rate(dep.intent(key.split(": ")[0]), reply).up}
+    share = x.judged["candidate_heldout" if version == x.judged["candidate"] else "live_heldout"]
+    return right if abs(len(right) / len(replies) - share) < 1e-6 else None
+
+
+def rubric_p(x: Cycle) -> tuple[float, bool]:
+    """The p-value of cycle ``x``'s verdict (candidate better or worse than live on the held-out
+    questions) and whether it is exact. Exact when both versions' right answers are known, question
+    by question; otherwise the smallest p-value the two shares allow (every discordant question
+    going the winner's way), so a cycle counted within chance is within chance whatever the questions."""
+    cand, live = right_answers(x, x.judged["candidate"]), right_answers(x, x.judged["live"])
+    if cand is not None and live is not None:
+        return mcnemar_p(len(cand - live), len(live - cand)), True
+    questions = sum(len(i.heldout) for i in _deployment(x.deployment).intents)
+    net = round(abs(x.judged["candidate_heldout"] - x.judged["live_heldout"]) * questions)
+    return mcnemar_p(net, 0), False
+
 
 OWN_QUESTIONS = "the rubric on the gate's own questions"
 """The bench's rubric applied to the replies the gate read (its held-out corrected questions, kept
@@ -471,25 +559,19 @@ def rubric_on_kept(deployment: str, judged: dict[str, Any]) -> tuple[int, int, i
     return sum(c for c, _ in right), sum(v for _, v in right), len(examples)
 
 
-def own_questions(decided: list[tuple[str, int, str, int, dict[str, Any]]]) -> dict[str, Any]:
+def own_questions(decided: list[Cycle]) -> dict[str, Any]:
     """Over ``decided`` cycles (the rubric on the 36 says better or worse) whose reports kept every
     reply: how often the gate's own questions, rated by the rubric, could tell the two versions
     apart; where they could, how often the reading (reply score alone) and the 36 agree with them.
     A report that kept every reply has its reading, so the reading is judged on every such cycle."""
-    kept = [(x, r) for x in decided if (r := rubric_on_kept(x[0], x[4])) is not None]
-    told = [(x, r) for x, r in kept if r[0] != r[1]]
+    kept = [(x, r) for x in decided if (r := rubric_on_kept(x.deployment, x.judged)) is not None]
+    told = [(x.judged, r) for x, r in kept if r[0] != r[1]]
     return {
         "cycles": len(kept),
-        "cannot_tell": [
-            f"{dep} seed {seed} ({mode}) cycle {n}: {r[0]} vs {r[1]} right of {r[2]}"
-            for (dep, seed, mode, n, _), r in kept
-            if r[0] == r[1]
-        ],
-        "reading_agrees": sum(
-            (x[4]["replies"]["candidate"] > x[4]["replies"]["live"]) == (r[0] > r[1]) for x, r in told
-        ),
+        "cannot_tell": [f"{x.label()}: {r[0]} vs {r[1]} right of {r[2]}" for x, r in kept if r[0] == r[1]],
+        "reading_agrees": sum((j["replies"]["candidate"] > j["replies"]["live"]) == (r[0] > r[1]) for j, r in told),
         "reading_of": len(told),
-        "heldout_agrees": sum((x[4]["candidate_heldout"] > x[4]["live_heldout"]) == (r[0] > r[1]) for x, r in told),
+        "heldout_agrees": sum((j["candidate_heldout"] > j["live_heldout"]) == (r[0] > r[1]) for j, r in told),
         "heldout_of": len(told),
     }
 
@@ -512,6 +594,17 @@ def agreement_table(runs: list[dict[str, Any]]) -> str:
             f" {own['reading_of']} and the 36 held-out paraphrases on {own['heldout_agrees']} of {own['heldout_of']};"
             f" they cannot tell on {len(own['cannot_tell'])}: {'; '.join(own['cannot_tell']) or '-'}"
         )
+    chance = found[BEYOND_CHANCE]
+    judges = ", ".join(
+        f"{name} {a['agree']} of {a['of']}"
+        for name, a in chance["judges"].items()
+        if a["of"] or name in tuple(GateJudge)
+    )
+    lines.append(
+        f"{BEYOND_CHANCE} (exact McNemar p < {CHANCE} over the held-out questions; where a rejected candidate's"
+        f" answers were not kept, p at best): {chance['clear']} of {chance['decided']} decided cycles"
+        f" ({chance['exact']} exact); there {judges or 'no judge'}; within chance: {'; '.join(chance['within_chance']) or '-'}"
+    )
     return "\n".join(lines)
 
 

@@ -9,17 +9,21 @@ from typing import Any
 import pytest
 
 from bench.learning import (
+    BEYOND_CHANCE,
     OWN_QUESTIONS,
     PLAIN,
     SCORE_ALONE,
+    Cycle,
     agreement,
     agreement_table,
     labelled_runs,
     live_curve,
     main,
+    mcnemar_p,
     parse_args,
     plain_words,
     plot_runs,
+    rubric_p,
     shape,
     table,
 )
@@ -136,7 +140,8 @@ def test_each_judge_is_held_to_the_rubric_and_ties_decide_nothing() -> None:
     lines = agreement_table([run]).splitlines()
     assert lines[2].startswith("| pairs | 1 of 2 (50%) | bank seed 0")
     assert lines[3] == "| replies | 2 of 2 (100%) | - |"
-    assert lines[-1] == "ties (equal satisfaction, not counted): 1"
+    assert lines[-2] == "ties (equal satisfaction, not counted): 1"
+    assert lines[-1].startswith(f"{BEYOND_CHANCE} (")
 
 
 def test_the_reply_judge_before_word_weights_is_read_again_from_the_kept_replies() -> None:
@@ -212,10 +217,74 @@ def test_the_rubric_reads_the_gates_own_questions_to_tell_a_misreading_from_a_sm
     }
     assert (
         agreement_table([run])
-        .splitlines()[-1]
+        .splitlines()[-2]
         .startswith(
             f"{OWN_QUESTIONS} (3 decided cycles that kept every reply): they tell the versions apart on 2; there the"
             " reading agrees with them on 2 of 2 and the 36 held-out paraphrases on 1 of 2; they cannot tell on 1:"
+        )
+    )
+
+
+def test_a_verdict_counts_beyond_chance_only_when_enough_questions_went_one_way() -> None:
+    assert (mcnemar_p(6, 0), mcnemar_p(5, 0), round(mcnemar_p(8, 2), 3), mcnemar_p(1, 1), mcnemar_p(0, 0)) == (
+        0.03125,
+        0.0625,
+        0.109,
+        1.0,
+        1.0,
+    )
+    dep = load_deployment("bank")
+    keys = [f"{i.id}: {' | '.join(q)}" for i in dep.intents for q in i.heldout]
+    assert len(keys) == 36
+
+    def cycle(cand: float, live: float, pairs: bool, **kept: Any) -> dict[str, Any]:
+        c = _judged(cand, live, pairs=pairs, replies=not pairs)
+        c["judged"].update(kept)
+        return c
+
+    run = _row("bank", 0, 20.0) | {
+        "cycles": [
+            # recorded question by question: 7 gained, 1 lost (p 0.07): within chance, though 6 net
+            cycle(7 / 36, 1 / 36, True, candidate_right=keys[:7], live_right=keys[7:8]),
+            # recorded: 6 gained, none lost (p 0.03): beyond chance
+            cycle(6 / 36, 0.0, False, candidate_right=keys[:6], live_right=[]),
+            # not recorded: 6 net is the fewest that could be beyond chance, counted as such
+            cycle(8 / 36, 2 / 36, True),
+            # not recorded: 5 net can never be (p 0.0625 at best)
+            cycle(5 / 36, 0.0, True),
+            # worse by 1 question: within chance, whatever a judge says
+            cycle(0.0, 1 / 36, True, candidate_right=[], live_right=keys[:1]),
+        ]
+    }
+    found = agreement([run])[BEYOND_CHANCE]
+    assert (found["decided"], found["clear"], found["exact"]) == (5, 2, 1)
+    assert found["judges"]["pairs"]["agree"] == 1 and found["judges"]["pairs"]["of"] == 2
+    assert found["judges"]["replies"]["agree"] == 1
+    assert found["within_chance"] == [
+        "bank seed 0 (thumbs 100%) cycle 1: 19% vs 3%, p 0.07",
+        "bank seed 0 (thumbs 100%) cycle 4: 14% vs 0%, p >= 0.06",
+        "bank seed 0 (thumbs 100%) cycle 5: 0% vs 3%, p 1.00",
+    ]
+    # a run's kept replies are rated again when the cycle did not record its answers: the base
+    # answered nothing right, the promoted v1 one question
+    intent = dep.intents[0]
+    wrong = "Please contact us."
+    replies = {k: [wrong] for k in keys}
+    run2 = _row("bank", 0, 20.0) | {
+        "replies": {"base": replies, "v1": {**replies, keys[0]: [intent.answer]}},
+        "cycles": [{"judged": {**_judged(1 / 36, 0.0, True, True)["judged"], "candidate": "v1", "live": "base"}}],
+    }
+    assert keys[0].startswith(intent.id)
+    assert rubric_p(Cycle("bank", 0, "thumbs 100%", 1, run2["cycles"][0]["judged"], run2)) == (1.0, True)
+    # the same cycle whose recorded share the rating does not give (a rubric changed): the bound
+    run2["cycles"][0]["judged"]["candidate_heldout"] = 2 / 36
+    assert rubric_p(Cycle("bank", 0, "thumbs 100%", 1, run2["cycles"][0]["judged"], run2)) == (0.5, False)
+    assert (
+        agreement_table([run])
+        .splitlines()[-1]
+        .startswith(
+            f"{BEYOND_CHANCE} (exact McNemar p < 0.05 over the held-out questions; where a rejected candidate's answers"
+            " were not kept, p at best): 2 of 5 decided cycles (1 exact); there pairs 1 of 2, replies 1 of 2, both"
         )
     )
 
