@@ -13,6 +13,7 @@ from training.reading import (
     AnswerWeights,
     content_words,
     leaked,
+    leaks,
     numbers,
     operator_facts,
     reply_score,
@@ -68,6 +69,12 @@ def test_a_leak_is_an_operators_fact_the_prompt_does_not_hold() -> None:
     copied = leaked("Poems: refunds are accepted within 30 days of delivery.", "Write a poem", facts)
     assert copied == ("30", "refunds accepted within days delivery")
     assert leaked("A haiku about rain.", "Write a haiku", facts) == ()
+    # what the gate keeps of each leak, so an operator can read why a candidate failed the check
+    assert leaks(
+        ["Cats sleep about 30 hours a week.", "A haiku about rain.", "It is 30."],
+        ["How long do cats sleep?", "Write a haiku", "What is 15 plus 15? Is it 30?"],
+        facts,
+    ) == [{"prompt": "How long do cats sleep?", "reply": "Cats sleep about 30 hours a week.", "facts": ["30"]}]
 
 
 def report(*, cand: float, live: float, leaks: tuple[int, int] = (0, 0), margin: float = 0.5) -> EvalReport:
@@ -94,6 +101,15 @@ def test_the_reply_judge_promotes_only_better_replies_without_new_leaks() -> Non
     assert not leaky.promote and leaky.reasons == (
         "failed: generic replies stating an operator's fact: 2 vs live 1 (need <= 1)",
     )
+    said = {"model": "candidate", "prompt": "How long do cats sleep?", "reply": "About 30 hours.", "facts": ["30"]}
+    named = dataclasses.replace(
+        report(cand=0.6, live=0.2, leaks=(1, 0)),
+        replies=dataclasses.replace(report(cand=0.6, live=0.2, leaks=(1, 0)).replies, leaked=(said,)),  # type: ignore[arg-type]
+    )
+    assert decide(named, judge).reasons == (
+        "failed: generic replies stating an operator's fact: 1 vs live 0 (need <= 0); the candidate said 30 to"
+        " 'How long do cats sleep?'",
+    )
     assert not decide(report(cand=0.6, live=0.2), dataclasses.replace(judge, min_reply_gain=0.5)).promote
     # the pair checks do not count for it; the perplexity check does
     assert decide(report(cand=0.6, live=0.2, margin=-1.0), judge).promote
@@ -117,7 +133,11 @@ def test_each_judge_reads_its_own_evidence() -> None:
 def test_a_report_with_replies_survives_json_and_an_older_report_has_none() -> None:
     r = dataclasses.replace(
         report(cand=0.6, live=0.2),
-        replies=dataclasses.replace(report(cand=0.6, live=0.2).replies, examples=({"question": "q"},)),  # type: ignore[arg-type]
+        replies=dataclasses.replace(
+            report(cand=0.6, live=0.2).replies,  # type: ignore[arg-type]
+            examples=({"question": "q"},),
+            leaked=({"model": "live", "prompt": "p", "reply": "r 30", "facts": ["30"]},),
+        ),
     )
     assert EvalReport.from_dict(r.to_dict()) == r
     older = r.to_dict()

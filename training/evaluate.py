@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from training.gate import EvalReport, ModelScores, ReplyReport
-from training.reading import AnswerWeights, leaked, operator_facts, score_reply
+from training.reading import AnswerWeights, leaks, operator_facts, score_reply
 
 CANDIDATE = "default"
 LIVE = "live"
@@ -200,6 +200,9 @@ def generate_replies(
     return replies
 
 
+LEAK_MODELS = (("cand", "candidate"), ("live", "live"))
+
+
 def read_replies(
     model: Any,
     tokenizer: Any,
@@ -244,9 +247,7 @@ def read_replies(
         for key in said
     }
 
-    def leaks(key: str) -> int:
-        return sum(1 for r, p in zip(heard[key], generic_prompts, strict=True) if leaked(r, p[-1]["content"], facts))
-
+    leaked = {key: leaks(heard[key], [p[-1]["content"] for p in generic_prompts], facts) for key in heard}
     pairs_of_scores = list(zip(scores["cand"], scores["live"], strict=True))
     return ReplyReport(
         n=len(asked),
@@ -254,8 +255,9 @@ def read_replies(
         live=round(sum(scores["live"]) / len(asked), 4),
         wins=sum(1 for c, v in pairs_of_scores if c > v),
         losses=sum(1 for c, v in pairs_of_scores if c < v),
-        candidate_leaks=leaks("cand"),
-        live_leaks=leaks("live"),
+        candidate_leaks=len(leaked["cand"]),
+        live_leaks=len(leaked["live"]),
+        leaked=tuple({"model": name, **leak} for key, name in LEAK_MODELS for leak in leaked[key]),
         examples=tuple(
             {
                 "question": q[-1]["content"],

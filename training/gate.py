@@ -62,10 +62,12 @@ class ReplyReport:
     candidate_leaks: int = 0  # generic replies stating an operator's fact the prompt does not hold
     live_leaks: int = 0
     examples: tuple[dict[str, Any], ...] = ()  # a few questions with both replies and their scores
+    # each leak counted above: {"model": "candidate" or "live", "prompt", "reply", "facts"}
+    leaked: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ReplyReport:
-        return cls(**{**d, "examples": tuple(d.get("examples") or ())})
+        return cls(**{**d, "examples": tuple(d.get("examples") or ()), "leaked": tuple(d.get("leaked") or ())})
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,8 @@ def _reply_checks(report: EvalReport, config: GateConfig) -> list[tuple[bool, st
     if r is None or r.n == 0:
         return [(False, "no replies were read (no held-out question with an operator's answer)")]
     need = r.live + config.min_reply_gain
+    stated = [leak for leak in r.leaked if leak["model"] == "candidate"]
+    named = "".join(f"; the candidate said {', '.join(x['facts'])} to {x['prompt']!r}" for x in stated[:3])
     return [
         (
             r.candidate > need,
@@ -214,7 +218,7 @@ def _reply_checks(report: EvalReport, config: GateConfig) -> list[tuple[bool, st
         (
             r.candidate_leaks <= r.live_leaks,
             f"generic replies stating an operator's fact: {r.candidate_leaks} vs live {r.live_leaks} "
-            f"(need <= {r.live_leaks})",
+            f"(need <= {r.live_leaks}){named if r.candidate_leaks > r.live_leaks else ''}",
         ),
     ]
 

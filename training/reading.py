@@ -48,6 +48,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
@@ -173,11 +174,22 @@ def leaked(reply: str, prompt: str, facts: frozenset[str]) -> tuple[str, ...]:
     return tuple(sorted(stated(reply) - stated(prompt)))
 
 
+def leaks(replies: Sequence[str], prompts: Sequence[str], facts: frozenset[str]) -> list[dict[str, Any]]:
+    """Each of ``replies`` (to ``prompts``, in order) that states an operator's fact, with the facts:
+    what the gate's leak check counts, kept so an operator can read why a candidate failed it."""
+    return [
+        {"prompt": prompt, "reply": reply, "facts": list(found)}
+        for reply, prompt in zip(replies, prompts, strict=True)
+        if (found := leaked(reply, prompt, facts))
+    ]
+
+
 __all__ = [
     "AnswerWeights",
     "ReplyScore",
     "content_words",
     "leaked",
+    "leaks",
     "numbers",
     "operator_facts",
     "reply_score",
