@@ -142,6 +142,17 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                 results = await asyncio.gather(*jobs)
                 pairs = [(i, " | ".join(q)) for i in intents for q in i.heldout]
                 ups = sum(r.up for r in results)
+                # the deployment's extra held-out paraphrases, after the 36 (whose figures stay
+                # comparable with every earlier run): the verdict of a cycle reads them all
+                extra = [(i, q) for i in intents for q in i.heldout_extra]
+                extra_results = await asyncio.gather(
+                    *(
+                        limited(ask_and_rate(port, q, f"eval-{version}-{i.id}-x{k}", i, dep, send_rating=False))
+                        for k, (i, q) in enumerate(extra)
+                    )
+                )
+                asked = [*pairs, *((i, " | ".join(q)) for i, q in extra)]
+                every = [*results, *extra_results]
                 generic_replies = await asyncio.gather(
                     *(limited(ask(port, (g,), f"generic-{version}-{n}")) for n, g in enumerate(generic))
                 )
@@ -172,22 +183,27 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     "leak_examples": uncorrected_leaks + generic_leaks,
                     # which held-out questions it answered right, so a cycle's verdict can be tested
                     # question by question (``rubric_p``)
-                    "right": [f"{i.id}: {q}" for (i, q), r in zip(pairs, results, strict=True) if r.up],
+                    "right": [f"{i.id}: {q}" for (i, q), r in zip(asked, every, strict=True) if r.up],
+                    "heldout_wide": sum(r.up for r in every) / len(every),
                     "samples": {f"{i.id}: {q}": r.reply for (i, q), r in list(zip(pairs, results, strict=True))[::6]},
                     # why replies failed, counted (a rubric check: are the reasons plausible?)
                     "reasons": dict(
                         Counter(reason.split(" (")[0] for r in results if not r.up for reason in r.reasons)
                     ),
-                    "replies": {
-                        f"{i.id}: {q}": [r.reply, *r.reasons] for (i, q), r in zip(pairs, results, strict=True)
-                    },
+                    "replies": {f"{i.id}: {q}": [r.reply, *r.reasons] for (i, q), r in zip(asked, every, strict=True)},
                 }
 
+            extra_questions = sum(len(i.heldout_extra) for i in intents)
+
+            def held(v: dict[str, Any]) -> str:
+                """A version's held-out satisfaction as the lines print it."""
+                wide = (
+                    f" ({v['heldout_wide']:.0%} of {len(v['replies'])} with the extra ones)" if extra_questions else ""
+                )
+                return f"held-out satisfaction {v['heldout']:.0%}{wide}"
+
             by_version: dict[str, dict[str, Any]] = {"base": await evaluate("base")}
-            print(
-                f"base: held-out satisfaction {by_version['base']['heldout']:.0%}, {shape(dep, by_version['base'])}",
-                flush=True,
-            )
+            print(f"base: {held(by_version['base'])}, {shape(dep, by_version['base'])}", flush=True)
             for cycle in range(1, args.cycles + 1):
                 t0 = time.monotonic()
                 live = app.release.live_version
@@ -254,7 +270,14 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     judged = await judge_candidate(app, trained.name, live, trained_report, by_version, evaluate)
                     print(
                         f"cycle {cycle}: {trained.name} held-out satisfaction {judged['candidate_heldout']:.0%} "
-                        f"against {live}'s {judged['live_heldout']:.0%}; the gate's judges said {judged['verdicts']}",
+                        f"against {live}'s {judged['live_heldout']:.0%}"
+                        + (
+                            f" ({judged['candidate_heldout_wide']:.0%} against {judged['live_heldout_wide']:.0%} with"
+                            f" the extra questions)"
+                            if extra_questions
+                            else ""
+                        )
+                        + f"; the gate's judges said {judged['verdicts']}",
                         flush=True,
                     )
                 by_version[f"cycle{cycle}"] = {
@@ -277,8 +300,8 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     "feedback_seconds": round(train_s - result.seconds, 1),
                 }
                 print(
-                    f"cycle {cycle}: live {version}, held-out satisfaction "
-                    f"{by_version[version]['heldout']:.0%}, {shape(dep, by_version[version])}, {time.monotonic() - t0:.0f} s",
+                    f"cycle {cycle}: live {version}, {held(by_version[version])}, {shape(dep, by_version[version])},"
+                    f" {time.monotonic() - t0:.0f} s",
                     flush=True,
                 )
     versions = {k: v for k, v in by_version.items() if not k.startswith("cycle")}
@@ -309,6 +332,8 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
         },
         "base": round(base, 3),
         "by_version": {k: round(v["heldout"], 3) for k, v in versions.items()},
+        # over the 36 and the deployment's extra held-out questions (the same as by_version without them)
+        "wide_by_version": {k: round(v["heldout_wide"], 3) for k, v in versions.items()},
         "train_by_version": {k: round(v["train"], 3) for k, v in versions.items() if "train" in v},
         "uncorrected_by_version": {k: round(v["heldout_uncorrected"], 3) for k, v in versions.items()},
         "leaks": {
@@ -376,6 +401,10 @@ async def judge_candidate(
         "live_heldout": by_version[live]["heldout"],
         "candidate_right": candidate["right"],
         "live_right": by_version[live]["right"],
+        # over the 36 and the deployment's extra held-out questions: the verdict the gate's judges
+        # are held to (``verdict_shares``)
+        "candidate_heldout_wide": candidate["heldout_wide"],
+        "live_heldout_wide": by_version[live]["heldout_wide"],
         "verdicts": said,
         "reward_margin": report.get("reward_margin"),
         "chosen_nll": [report["candidate"]["chosen_nll"], report["live"]["chosen_nll"]],
@@ -444,18 +473,20 @@ def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for n, c in enumerate(r["cycles"], 1)
         if c.get("judged")
     ]
-    decided = [x for x in cycles if x.judged["candidate_heldout"] != x.judged["live_heldout"]]
+    decided = [x for x in cycles if better(x.judged) is not None]
     tested = [(x, *rubric_p(x)) for x in decided]
     clear = [x for x, p, _ in tested if p < CHANCE]
 
     def count(name: str, said: Any, over: list[Cycle] = decided) -> dict[str, Any]:
         judged = [x for x in over if said(x.judged) is not None]
-        misses = [
-            f"{x.label()}: {j['candidate']} {j['candidate_heldout']:.0%} vs "
-            f"{j['live']} {j['live_heldout']:.0%}, {name} said {'promote' if said(j) else 'reject'}"
-            for x in judged
-            if said(j := x.judged) != (j["candidate_heldout"] > j["live_heldout"])
-        ]
+        misses = []
+        for x in judged:
+            if said(j := x.judged) != better(j):
+                cand, live = verdict_shares(j)
+                misses.append(
+                    f"{x.label()}: {j['candidate']} {cand:.0%} vs {j['live']} {live:.0%}, {name} said "
+                    + ("promote" if said(j) else "reject")
+                )
         return {"agree": len(judged) - len(misses), "of": len(judged), "disagreements": misses}
 
     def reading(j: dict[str, Any]) -> bool | None:
@@ -475,7 +506,9 @@ def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "exact": sum(1 for x, p, exact in tested if exact and p < CHANCE),
         "judges": {name: count(name, said, clear) for name, said in {**judges, SCORE_ALONE: reading}.items()},
         "within_chance": [
-            f"{x.label()}: {x.judged['candidate_heldout']:.0%} vs {x.judged['live_heldout']:.0%}, p "
+            f"{x.label()}: "
+            + " vs ".join(f"{share:.0%}" for share in verdict_shares(x.judged))
+            + ", p "
             + (f"{p:.2f}" if exact else f">= {p:.2f}")
             for x, p, exact in tested
             if p >= CHANCE
@@ -491,6 +524,21 @@ CHANCE = 0.05
 BEYOND_CHANCE = "verdicts beyond chance"
 """The agreement over the cycles whose rubric verdict (better or worse on the held-out questions)
 could not come from chance alone: a difference of one or two questions of 36 says nothing."""
+
+
+def verdict_shares(judged: dict[str, Any]) -> tuple[float, float]:
+    """The held-out satisfaction of the candidate and of live that a cycle's verdict compares: over
+    the 36 and the deployment's extra held-out questions where the cycle asked them, else the 36."""
+    if "candidate_heldout_wide" in judged:
+        return judged["candidate_heldout_wide"], judged["live_heldout_wide"]
+    return judged["candidate_heldout"], judged["live_heldout"]
+
+
+def better(judged: dict[str, Any]) -> bool | None:
+    """The rubric's verdict on a cycle: the candidate satisfied more held-out questions than live
+    (True), fewer (False), or as many (None, a tie that decides nothing)."""
+    cand, live = verdict_shares(judged)
+    return None if cand == live else cand > live
 
 
 def mcnemar_p(gained: int, lost: int) -> float:
@@ -518,7 +566,7 @@ def right_answers(x: Cycle, version: str) -> set[str] | None:
         return None
     dep = _deployment(x.deployment)
     right = {key for key, (reply, *_) in replies.items() if dep.rate(dep.intent(key.split(": ")[0]), reply).up}
-    share = x.judged["candidate_heldout" if version == x.judged["candidate"] else "live_heldout"]
+    share = verdict_shares(x.judged)[0 if version == x.judged["candidate"] else 1]
     return right if abs(len(right) / len(replies) - share) < 1e-6 else None
 
 
@@ -530,8 +578,10 @@ def rubric_p(x: Cycle) -> tuple[float, bool]:
     cand, live = right_answers(x, x.judged["candidate"]), right_answers(x, x.judged["live"])
     if cand is not None and live is not None:
         return mcnemar_p(len(cand - live), len(live - cand)), True
-    questions = sum(len(i.heldout) for i in _deployment(x.deployment).intents)
-    net = round(abs(x.judged["candidate_heldout"] - x.judged["live_heldout"]) * questions)
+    wide = "candidate_heldout_wide" in x.judged
+    questions = sum(len(i.heldout) + wide * len(i.heldout_extra) for i in _deployment(x.deployment).intents)
+    cand, live = verdict_shares(x.judged)
+    net = round(abs(cand - live) * questions)
     return mcnemar_p(net, 0), False
 
 
@@ -571,7 +621,7 @@ def own_questions(decided: list[Cycle]) -> dict[str, Any]:
         "cannot_tell": [f"{x.label()}: {r[0]} vs {r[1]} right of {r[2]}" for x, r in kept if r[0] == r[1]],
         "reading_agrees": sum((j["replies"]["candidate"] > j["replies"]["live"]) == (r[0] > r[1]) for j, r in told),
         "reading_of": len(told),
-        "heldout_agrees": sum((j["candidate_heldout"] > j["live_heldout"]) == (r[0] > r[1]) for j, r in told),
+        "heldout_agrees": sum(better(j) == (r[0] > r[1]) for j, r in told),
         "heldout_of": len(told),
     }
 

@@ -16,6 +16,7 @@ from bench.learning import (
     Cycle,
     agreement,
     agreement_table,
+    better,
     labelled_runs,
     live_curve,
     main,
@@ -26,6 +27,7 @@ from bench.learning import (
     rubric_p,
     shape,
     table,
+    verdict_shares,
 )
 from bench.rater import load_deployment
 from training.config import TrainConfig
@@ -279,6 +281,18 @@ def test_a_verdict_counts_beyond_chance_only_when_enough_questions_went_one_way(
     # the same cycle whose recorded share the rating does not give (a rubric changed): the bound
     run2["cycles"][0]["judged"]["candidate_heldout"] = 2 / 36
     assert rubric_p(Cycle("bank", 0, "thumbs 100%", 1, run2["cycles"][0]["judged"], run2)) == (0.5, False)
+    # a cycle that asked the deployment's extra held-out questions is judged on all of them: a tie on
+    # the 36 becomes a verdict, and its bound counts the extra questions too
+    wide = _judged(0.1, 0.1, pairs=True, replies=False)
+    wide["judged"].update(candidate_heldout_wide=12 / 108, live_heldout_wide=4 / 108)
+    assert (better(wide["judged"]), verdict_shares(wide["judged"])) == (True, (12 / 108, 4 / 108))
+    assert rubric_p(Cycle("bank", 0, "thumbs 100%", 1, wide["judged"], {})) == (mcnemar_p(8, 0), False)
+    tied = agreement([_row("bank", 0, 1.0) | {"cycles": [wide]}])
+    assert (tied["ties"], tied["pairs"]["agree"], tied["replies"]["disagreements"]) == (
+        0,
+        1,
+        ["bank seed 0 (thumbs 100%) cycle 1: v2 11% vs v1 4%, replies said reject"],
+    )
     assert (
         agreement_table([run])
         .splitlines()[-1]

@@ -160,22 +160,27 @@ def test_every_deployment_is_well_formed(name: str) -> None:
     assert 8 <= len(dep.intents) <= 14
     assert len(dep.never_corrected) >= 2
     for intent in dep.intents:
-        assert len(intent.train) >= 6 and len(intent.heldout) >= 3, intent.id
+        assert len(intent.train) >= 6 and len(intent.heldout) >= 3 and len(intent.heldout_extra) == 6, intent.id
         assert dep.rate(intent, intent.answer).up, (intent.id, dep.rate(intent, intent.answer).reasons)
         assert dep.leaks(intent.answer, own=intent.id) == (), intent.id
         assert intent.facts or intent.steps, intent.id
-        # held-out paraphrases are not near-copies of training ones
+        # held-out paraphrases are not near-copies of training ones; the extra ones are not
+        # near-copies of any other paraphrase either
         for held in intent.heldout:
             for train in intent.train:
                 a, b = _bigrams(held[-1]), _bigrams(train[-1])
                 assert len(a & b) / len(a | b) < 0.6, (intent.id, held, train)
+        for k, extra in enumerate(intent.heldout_extra):
+            for other in intent.train + intent.heldout + intent.heldout_extra[:k]:
+                a, b = _bigrams(extra[-1]), _bigrams(other[-1])
+                assert len(a & b) / len(a | b) < 0.6, (intent.id, extra, other)
     assert set(deployment_names()) >= {"shop", "bank", "airline", "helpdesk", "zh_shop"}
 
 
 def test_airline_questions_come_after_a_greeting_or_context() -> None:
     dep = load_deployment("airline")
     for intent in dep.intents:
-        for script in intent.train + intent.heldout:
+        for script in intent.train + intent.heldout + intent.heldout_extra:
             assert 2 <= len(script) <= 3, (intent.id, script)
 
 
