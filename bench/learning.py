@@ -50,20 +50,23 @@ import argparse
 import asyncio
 import functools
 import glob
+import itertools
 import json
 import math
+import operator
 import random
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.rater import Deployment, deployment_names, load_deployment
+from bench.rater import SATISFIED, Deployment, deployment_names, load_deployment
 from bench.sim import Answer, ask, ask_and_rate
 from feedback import Reaction
 from server.app import App
@@ -151,7 +154,8 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                         for k, (i, q) in enumerate(extra)
                     )
                 )
-                asked = [*pairs, *((i, " | ".join(q)) for i, q in extra)]
+                # each question by "intent: turns", as the replies, right answers and samples name it
+                keys = [f"{i.id}: {q}" for i, q in [*pairs, *((i, " | ".join(q)) for i, q in extra)]]
                 every = [*results, *extra_results]
                 generic_replies = await asyncio.gather(
                     *(limited(ask(port, (g,), f"generic-{version}-{n}")) for n, g in enumerate(generic))
@@ -170,7 +174,7 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                 # what the seed promises: a trained version answers shorter and sooner where it is right
                 lengths = [dep.rubric.length(r.reply) for r in results]
                 right = [n for n, r in zip(lengths, results, strict=True) if r.up]
-                served = {r.version for r in results}
+                served = {r.version for r in every}
                 assert served == {version}, served
                 return {
                     "heldout": ups / len(results),
@@ -182,15 +186,15 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     "seconds": statistics.fmean(r.seconds for r in results),
                     "leak_examples": uncorrected_leaks + generic_leaks,
                     # which held-out questions it answered right, so a cycle's verdict can be tested
-                    # question by question (``rubric_p``)
-                    "right": [f"{i.id}: {q}" for (i, q), r in zip(asked, every, strict=True) if r.up],
+                    # question by question and intent by intent (``verdict_chance``)
+                    "right": [key for key, r in zip(keys, every, strict=True) if r.up],
                     "heldout_wide": sum(r.up for r in every) / len(every),
-                    "samples": {f"{i.id}: {q}": r.reply for (i, q), r in list(zip(pairs, results, strict=True))[::6]},
+                    "samples": {key: r.reply for key, r in list(zip(keys[: len(results)], results, strict=True))[::6]},
                     # why replies failed, counted (a rubric check: are the reasons plausible?)
                     "reasons": dict(
                         Counter(reason.split(" (")[0] for r in results if not r.up for reason in r.reasons)
                     ),
-                    "replies": {f"{i.id}: {q}": [r.reply, *r.reasons] for (i, q), r in zip(asked, every, strict=True)},
+                    "replies": {key: [r.reply, *r.reasons] for key, r in zip(keys, every, strict=True)},
                 }
 
             extra_questions = sum(len(i.heldout_extra) for i in intents)
@@ -465,7 +469,8 @@ def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """How often each gate judge agreed with the rubric over every judged cycle of ``runs``: the
     rubric says "promote" when the candidate's held-out satisfaction is above live's and "reject"
     when below; equal satisfaction (a tie) decides nothing and is counted apart. The same again
-    over the cycles whose verdict could be beyond chance (``rubric_p``)."""
+    over the cycles whose verdict is beyond chance (``verdict_chance``), question by question and
+    intent by intent."""
     out: dict[str, Any] = {}
     cycles = [
         Cycle(r["deployment"], r["seed"], mode_label(r), n, c["judged"], r)
@@ -474,23 +479,16 @@ def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if c.get("judged")
     ]
     decided = [x for x in cycles if better(x.judged) is not None]
-    tested = [(x, *rubric_p(x)) for x in decided]
-    clear = [x for x, p, _ in tested if p < CHANCE]
+    tests = [(x, verdict_chance(x)) for x in decided]
 
     def count(name: str, said: Any, over: list[Cycle] = decided) -> dict[str, Any]:
         judged = [x for x in over if said(x.judged) is not None]
-        misses = []
-        for x in judged:
-            if said(j := x.judged) != better(j):
-                cand, live = verdict_shares(j)
-                misses.append(
-                    f"{x.label()}: {j['candidate']} {cand:.0%} vs {j['live']} {live:.0%}, {name} said "
-                    + ("promote" if said(j) else "reject")
-                )
+        misses = [
+            f"{x.label()}: {shares_text(x)}, {name} said {'promote' if said(x.judged) else 'reject'}"
+            for x in judged
+            if said(x.judged) != better(x.judged)
+        ]
         return {"agree": len(judged) - len(misses), "of": len(judged), "disagreements": misses}
-
-    def reading(j: dict[str, Any]) -> bool | None:
-        return j["replies"]["candidate"] > j["replies"]["live"] if j.get("replies") else None
 
     judges = {str(judge): (lambda j, judge=judge: j["verdicts"][judge]) for judge in GateJudge}
     for name, said in judges.items():
@@ -500,27 +498,33 @@ def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out[SCORE_ALONE] = count(SCORE_ALONE, reading)
     out["ties"] = len(cycles) - len(decided)
     out[OWN_QUESTIONS] = own_questions(decided)
+    clear = [x for x, t in tests if t.p_high < CHANCE]
+    by_intent = [(x, t.intent_p) for x, t in tests if t.intent_p is not None]
+    intent_clear = [x for x, p in by_intent if p < CHANCE]
+    every_judge = {**judges, SCORE_ALONE: reading}
     out[BEYOND_CHANCE] = {
         "decided": len(decided),
         "clear": len(clear),
-        "exact": sum(1 for x, p, exact in tested if exact and p < CHANCE),
-        "judges": {name: count(name, said, clear) for name, said in {**judges, SCORE_ALONE: reading}.items()},
-        "within_chance": [
-            f"{x.label()}: "
-            + " vs ".join(f"{share:.0%}" for share in verdict_shares(x.judged))
-            + ", p "
-            + (f"{p:.2f}" if exact else f">= {p:.2f}")
-            for x, p, exact in tested
-            if p >= CHANCE
-        ],
+        "known": len(by_intent),  # both versions' right answers known question by question
+        "judges": {name: count(name, said, clear) for name, said in every_judge.items()},
+        "undetermined": [f"{x.label()}: {t.text(x)}" for x, t in tests if t.p_low < CHANCE <= t.p_high],
+        "within_chance": [f"{x.label()}: {t.text(x)}" for x, t in tests if t.p_low >= CHANCE],
+        "intent_clear": len(intent_clear),
+        "intent_judges": {name: count(name, said, intent_clear) for name, said in every_judge.items()},
     }
     return out
+
+
+def reading(judged: dict[str, Any]) -> bool | None:
+    """The reply judge's reading without its checks: the candidate's mean reply score above live's."""
+    replies = judged.get("replies")
+    return replies["candidate"] > replies["live"] if replies else None
 
 
 _deployment = functools.cache(load_deployment)  # the rubric of each deployment, read once per process
 
 CHANCE = 0.05
-"""A cycle's verdict counts as beyond chance when its two-sided exact McNemar p-value is below this."""
+"""A cycle's verdict counts as beyond chance when its two-sided p-value is below this."""
 BEYOND_CHANCE = "verdicts beyond chance"
 """The agreement over the cycles whose rubric verdict (better or worse on the held-out questions)
 could not come from chance alone: a difference of one or two questions of 36 says nothing."""
@@ -541,48 +545,110 @@ def better(judged: dict[str, Any]) -> bool | None:
     return None if cand == live else cand > live
 
 
+def questions_asked(x: Cycle) -> int:
+    """How many held-out questions the verdict of cycle ``x`` counts: as many as the run's base
+    version answered (its kept replies), else as the deployment holds them now."""
+    kept = (x.run.get("replies") or {}).get("base")
+    if kept:
+        return len(kept)
+    wide = "candidate_heldout_wide" in x.judged
+    return sum(len(i.heldout) + wide * len(i.heldout_extra) for i in _deployment(x.deployment).intents)
+
+
+def shares_text(x: Cycle) -> str:
+    """The candidate's and live's satisfaction in cycle ``x``, with the number of questions."""
+    j, n = x.judged, questions_asked(x)
+    cand, live = verdict_shares(j)
+    return f"{j['candidate']} {cand:.0%} vs {j['live']} {live:.0%} of {n}"
+
+
 def mcnemar_p(gained: int, lost: int) -> float:
     """Two-sided exact McNemar p-value of two versions answering the same questions: ``gained``
     questions the candidate answers right and live wrong, ``lost`` the reverse. Under "neither is
     better" each of the ``gained + lost`` discordant questions goes either way with chance 1/2.
-    ``mcnemar_p(6, 0)`` is 0.031 and ``mcnemar_p(5, 0)`` 0.0625: of 36 questions, a version must
-    answer at least six more right than the other for its verdict to be beyond chance
+    ``mcnemar_p(6, 0)`` is 0.031 and ``mcnemar_p(5, 0)`` 0.0625: a version must answer at least six
+    more right than the other for its verdict to be beyond chance, and more when it also loses some
     (``tests/test_learning.py`` asserts these)."""
     n = gained + lost
     tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n
     return min(1.0, 2 * tail)
 
 
+def share_p_range(cand: int, live: int, questions: int) -> tuple[float, float]:
+    """The smallest and the largest McNemar p-value two versions' right-answer counts allow when
+    which questions each answered right is unknown: the winner gained ``|cand - live|`` more
+    questions than it lost, and it lost from none to as many as the counts allow."""
+    net, small, large = abs(cand - live), min(cand, live), max(cand, live)
+    ps = [mcnemar_p(net + lost, lost) for lost in range(min(small, questions - large) + 1)]
+    return min(ps), max(ps)
+
+
+def intent_p(cand_right: set[str], live_right: set[str]) -> float:
+    """Two-sided exact sign-flip p-value of the net gain summed over intents. A version learns or
+    forgets an intent, not one question: the paraphrases of an intent go right or wrong together,
+    so questions are not independent. Under "neither is better" each intent's net (its questions
+    gained minus lost; keys are ``"intent: question"``) keeps its size and takes either sign with
+    chance 1/2. Six intents all gaining are the fewest that can be beyond chance (p 0.031)."""
+    nets: Counter[str] = Counter()
+    for key in cand_right - live_right:
+        nets[key.split(": ")[0]] += 1
+    for key in live_right - cand_right:
+        nets[key.split(": ")[0]] -= 1
+    sizes = [abs(v) for v in nets.values() if v]
+    observed = abs(sum(nets.values()))
+    if not observed:
+        return 1.0
+    hits = sum(
+        1
+        for signs in itertools.product((1, -1), repeat=len(sizes))
+        if abs(sum(map(operator.mul, signs, sizes))) >= observed
+    )
+    return hits / 2 ** len(sizes)
+
+
+@dataclass(frozen=True)
+class VerdictTest:
+    """How far a cycle's verdict is from chance: the McNemar p-value over its questions (a range
+    when which questions each version answered right is unknown) and the sign-flip p-value over its
+    intents (None when unknown)."""
+
+    p_low: float
+    p_high: float
+    intent_p: float | None
+
+    def text(self, x: Cycle) -> str:
+        p = f"p {self.p_low:.2f}" if self.p_low == self.p_high else f"p {self.p_low:.2f} to {self.p_high:.2f}"
+        by_intent = "" if self.intent_p is None else f", by intent {self.intent_p:.2f}"
+        return f"{shares_text(x)}, {p}{by_intent}"
+
+
+SATISFIED_REASONS = [SATISFIED]  # what a kept reply's reasons read when the rubric was satisfied
+
+
 def right_answers(x: Cycle, version: str) -> set[str] | None:
-    """The held-out questions ``version`` answered right in cycle ``x``: as the run recorded them, or
-    rated again by the deployment's rubric from the replies the run kept (promoted versions only);
-    None when neither holds them, or when the rating again does not give the recorded share (a
-    rubric changed since the run)."""
+    """The held-out questions ``version`` answered right in cycle ``x``: as the cycle recorded them,
+    or as the run's kept replies say (each kept with the rubric's reasons at run time: promoted
+    versions only); None when neither holds them."""
     recorded = x.judged.get("candidate_right" if version == x.judged["candidate"] else "live_right")
     if recorded is not None:
         return set(recorded)
-    replies = (x.run.get("replies") or {}).get(version)
-    if not replies:
-        return None
-    dep = _deployment(x.deployment)
-    right = {key for key, (reply, *_) in replies.items() if dep.rate(dep.intent(key.split(": ")[0]), reply).up}
-    share = verdict_shares(x.judged)[0 if version == x.judged["candidate"] else 1]
-    return right if abs(len(right) / len(replies) - share) < 1e-6 else None
+    kept = (x.run.get("replies") or {}).get(version)
+    if not kept or not all(isinstance(v, list) for v in kept.values()):
+        return None  # not kept, or an older file that kept the reply alone
+    return {key for key, (_, *reasons) in kept.items() if reasons == SATISFIED_REASONS}
 
 
-def rubric_p(x: Cycle) -> tuple[float, bool]:
-    """The p-value of cycle ``x``'s verdict (candidate better or worse than live on the held-out
-    questions) and whether it is exact. Exact when both versions' right answers are known, question
-    by question; otherwise the smallest p-value the two shares allow (every discordant question
-    going the winner's way), so a cycle counted within chance is within chance whatever the questions."""
+def verdict_chance(x: Cycle) -> VerdictTest:
+    """The p-values of cycle ``x``'s verdict (candidate better or worse than live on the held-out
+    questions): exact when both versions' right answers are known question by question; from the
+    two shares alone otherwise, as the range the unknown questions allow, with no intent test."""
     cand, live = right_answers(x, x.judged["candidate"]), right_answers(x, x.judged["live"])
     if cand is not None and live is not None:
-        return mcnemar_p(len(cand - live), len(live - cand)), True
-    wide = "candidate_heldout_wide" in x.judged
-    questions = sum(len(i.heldout) + wide * len(i.heldout_extra) for i in _deployment(x.deployment).intents)
-    cand, live = verdict_shares(x.judged)
-    net = round(abs(cand - live) * questions)
-    return mcnemar_p(net, 0), False
+        p = mcnemar_p(len(cand - live), len(live - cand))
+        return VerdictTest(p, p, intent_p(cand, live))
+    n = questions_asked(x)
+    low, high = share_p_range(*(round(share * n) for share in verdict_shares(x.judged)), n)
+    return VerdictTest(low, high, None)
 
 
 OWN_QUESTIONS = "the rubric on the gate's own questions"
@@ -610,16 +676,16 @@ def rubric_on_kept(deployment: str, judged: dict[str, Any]) -> tuple[int, int, i
 
 
 def own_questions(decided: list[Cycle]) -> dict[str, Any]:
-    """Over ``decided`` cycles (the rubric on the 36 says better or worse) whose reports kept every
-    reply: how often the gate's own questions, rated by the rubric, could tell the two versions
-    apart; where they could, how often the reading (reply score alone) and the 36 agree with them.
-    A report that kept every reply has its reading, so the reading is judged on every such cycle."""
+    """Over ``decided`` cycles (the rubric's held-out verdict says better or worse) whose reports kept
+    every reply: how often the gate's own questions, rated by the rubric, could tell the two versions
+    apart; where they could, how often the reading (reply score alone) and the held-out verdict agree
+    with them. A report that kept every reply has its reading, so it is judged on every such cycle."""
     kept = [(x, r) for x in decided if (r := rubric_on_kept(x.deployment, x.judged)) is not None]
     told = [(x.judged, r) for x, r in kept if r[0] != r[1]]
     return {
         "cycles": len(kept),
         "cannot_tell": [f"{x.label()}: {r[0]} vs {r[1]} right of {r[2]}" for x, r in kept if r[0] == r[1]],
-        "reading_agrees": sum((j["replies"]["candidate"] > j["replies"]["live"]) == (r[0] > r[1]) for j, r in told),
+        "reading_agrees": sum(reading(j) == (r[0] > r[1]) for j, r in told),
         "reading_of": len(told),
         "heldout_agrees": sum(better(j) == (r[0] > r[1]) for j, r in told),
         "heldout_of": len(told),
@@ -641,19 +707,27 @@ def agreement_table(runs: list[dict[str, Any]]) -> str:
         lines.append(
             f"{OWN_QUESTIONS} ({own['cycles']} decided cycles that kept every reply): they tell the versions apart"
             f" on {own['heldout_of']}; there the reading agrees with them on {own['reading_agrees']} of"
-            f" {own['reading_of']} and the 36 held-out paraphrases on {own['heldout_agrees']} of {own['heldout_of']};"
+            f" {own['reading_of']} and the held-out verdict on {own['heldout_agrees']} of {own['heldout_of']};"
             f" they cannot tell on {len(own['cannot_tell'])}: {'; '.join(own['cannot_tell']) or '-'}"
         )
     chance = found[BEYOND_CHANCE]
-    judges = ", ".join(
-        f"{name} {a['agree']} of {a['of']}"
-        for name, a in chance["judges"].items()
-        if a["of"] or name in tuple(GateJudge)
+
+    def judges(counts: dict[str, dict[str, Any]]) -> str:
+        said = [
+            f"{name} {a['agree']} of {a['of']}" for name, a in counts.items() if a["of"] or name in tuple(GateJudge)
+        ]
+        return ", ".join(said) or "no judge"
+
+    lines.append(
+        f"{BEYOND_CHANCE}, question by question (exact McNemar p < {CHANCE}; from the two shares alone where a"
+        f" rejected candidate's answers were not kept): {chance['clear']} of {chance['decided']} decided cycles;"
+        f" there {judges(chance['judges'])}; undetermined by the shares: {'; '.join(chance['undetermined']) or '-'};"
+        f" within chance: {'; '.join(chance['within_chance']) or '-'}"
     )
     lines.append(
-        f"{BEYOND_CHANCE} (exact McNemar p < {CHANCE} over the held-out questions; where a rejected candidate's"
-        f" answers were not kept, p at best): {chance['clear']} of {chance['decided']} decided cycles"
-        f" ({chance['exact']} exact); there {judges or 'no judge'}; within chance: {'; '.join(chance['within_chance']) or '-'}"
+        f"{BEYOND_CHANCE}, intent by intent (exact sign-flip p < {CHANCE} over each intent's net, on the"
+        f" {chance['known']} decided cycles whose answers are known question by question): {chance['intent_clear']};"
+        f" there {judges(chance['intent_judges'])}"
     )
     return "\n".join(lines)
 

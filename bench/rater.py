@@ -84,6 +84,10 @@ class Rubric:
         return None
 
 
+SATISFIED = "states the fact, nothing wrong, concise"
+"""The reason a satisfied reply's verdict gives (the learning bench's kept replies carry it)."""
+
+
 @dataclass(frozen=True)
 class Verdict:
     up: bool
@@ -224,7 +228,7 @@ def rate(intent: Intent, reply: str, intents: list[Intent], rubric: Rubric) -> V
         reasons.append(f"states facts of other topics: {', '.join(leaked)}")
     if too_long := rubric.length_reason(reply):
         reasons.append(too_long)
-    return Verdict(not reasons, tuple(reasons) or ("states the fact, nothing wrong, concise",), leaked)
+    return Verdict(not reasons, tuple(reasons) or (SATISFIED,), leaked)
 
 
 def intents_by_id(intents: list[Intent]) -> dict[str, Intent]:

@@ -14,9 +14,11 @@ from bench.learning import (
     PLAIN,
     SCORE_ALONE,
     Cycle,
+    VerdictTest,
     agreement,
     agreement_table,
     better,
+    intent_p,
     labelled_runs,
     live_curve,
     main,
@@ -24,12 +26,13 @@ from bench.learning import (
     parse_args,
     plain_words,
     plot_runs,
-    rubric_p,
     shape,
+    share_p_range,
     table,
+    verdict_chance,
     verdict_shares,
 )
-from bench.rater import load_deployment
+from bench.rater import SATISFIED, load_deployment
 from training.config import TrainConfig
 
 
@@ -137,13 +140,13 @@ def test_each_judge_is_held_to_the_rubric_and_ties_decide_nothing() -> None:
     assert (found["pairs"]["agree"], found["pairs"]["of"], found["ties"]) == (1, 2, 1)
     assert (found["replies"]["agree"], found["both"]["agree"]) == (2, 2)
     assert found["pairs"]["disagreements"] == [
-        "bank seed 0 (thumbs 100%) cycle 2: v2 10% vs v1 20%, pairs said promote"
+        "bank seed 0 (thumbs 100%) cycle 2: v2 10% vs v1 20% of 36, pairs said promote"
     ]
     lines = agreement_table([run]).splitlines()
     assert lines[2].startswith("| pairs | 1 of 2 (50%) | bank seed 0")
     assert lines[3] == "| replies | 2 of 2 (100%) | - |"
-    assert lines[-2] == "ties (equal satisfaction, not counted): 1"
-    assert lines[-1].startswith(f"{BEYOND_CHANCE} (")
+    assert lines[-3] == "ties (equal satisfaction, not counted): 1"
+    assert lines[-2].startswith(f"{BEYOND_CHANCE}, question by question (")
 
 
 def test_the_reply_judge_before_word_weights_is_read_again_from_the_kept_replies() -> None:
@@ -183,7 +186,9 @@ def test_the_reply_judge_before_word_weights_is_read_again_from_the_kept_replies
     assert (found := agreement([run]))[SCORE_ALONE] == {
         "agree": 0,
         "of": 1,
-        "disagreements": ["helpdesk seed 0 (thumbs 100%) cycle 2: v2 0% vs v1 20%, reply score alone said promote"],
+        "disagreements": [
+            "helpdesk seed 0 (thumbs 100%) cycle 2: v2 0% vs v1 20% of 36, reply score alone said promote"
+        ],
     }
 
 
@@ -219,10 +224,10 @@ def test_the_rubric_reads_the_gates_own_questions_to_tell_a_misreading_from_a_sm
     }
     assert (
         agreement_table([run])
-        .splitlines()[-2]
+        .splitlines()[-3]
         .startswith(
             f"{OWN_QUESTIONS} (3 decided cycles that kept every reply): they tell the versions apart on 2; there the"
-            " reading agrees with them on 2 of 2 and the 36 held-out paraphrases on 1 of 2; they cannot tell on 1:"
+            " reading agrees with them on 2 of 2 and the held-out verdict on 1 of 2; they cannot tell on 1:"
         )
     )
 
@@ -235,9 +240,18 @@ def test_a_verdict_counts_beyond_chance_only_when_enough_questions_went_one_way(
         1.0,
         1.0,
     )
+    # from counts alone: 8 against 2 right of 36 lost none (p 0.03) or up to 2 (8 gained, 2 lost: p 0.11)
+    assert share_p_range(8, 2, 36) == (mcnemar_p(6, 0), mcnemar_p(8, 2))
+    assert share_p_range(6, 0, 36) == (mcnemar_p(6, 0), mcnemar_p(6, 0))  # live had none to lose
+    assert share_p_range(35, 29, 36) == (mcnemar_p(6, 0), mcnemar_p(7, 1))  # one question left for the winner to lose
     dep = load_deployment("bank")
     keys = [f"{i.id}: {' | '.join(q)}" for i in dep.intents for q in i.heldout]
-    assert len(keys) == 36
+    assert len(keys) == 36  # three per intent, in order
+    # six questions gained in two intents: beyond chance question by question, not intent by intent
+    assert intent_p(set(keys[:6]), set()) == 0.5
+    six_intents = {keys[3 * k] for k in range(6)}
+    assert intent_p(six_intents, set()) == mcnemar_p(6, 0)  # one question in each of six intents
+    assert intent_p(set(keys[:3]), set(keys[3:4])) == 1.0  # +3 in one intent, -1 in another: 4 of 4 signs reach 2
 
     def cycle(cand: float, live: float, pairs: bool, **kept: Any) -> dict[str, Any]:
         c = _judged(cand, live, pairs=pairs, replies=not pairs)
@@ -248,9 +262,9 @@ def test_a_verdict_counts_beyond_chance_only_when_enough_questions_went_one_way(
         "cycles": [
             # recorded question by question: 7 gained, 1 lost (p 0.07): within chance, though 6 net
             cycle(7 / 36, 1 / 36, True, candidate_right=keys[:7], live_right=keys[7:8]),
-            # recorded: 6 gained, none lost (p 0.03): beyond chance
-            cycle(6 / 36, 0.0, False, candidate_right=keys[:6], live_right=[]),
-            # not recorded: 6 net is the fewest that could be beyond chance, counted as such
+            # recorded: one question in each of six intents gained, none lost: beyond chance both ways
+            cycle(6 / 36, 0.0, False, candidate_right=sorted(six_intents), live_right=[]),
+            # not recorded: 8 against 2 may be beyond chance or not (p 0.03 to 0.11)
             cycle(8 / 36, 2 / 36, True),
             # not recorded: 5 net can never be (p 0.0625 at best)
             cycle(5 / 36, 0.0, True),
@@ -259,47 +273,53 @@ def test_a_verdict_counts_beyond_chance_only_when_enough_questions_went_one_way(
         ]
     }
     found = agreement([run])[BEYOND_CHANCE]
-    assert (found["decided"], found["clear"], found["exact"]) == (5, 2, 1)
-    assert found["judges"]["pairs"]["agree"] == 1 and found["judges"]["pairs"]["of"] == 2
-    assert found["judges"]["replies"]["agree"] == 1
+    assert (found["decided"], found["clear"], found["known"], found["intent_clear"]) == (5, 1, 3, 1)
+    assert found["judges"]["pairs"] == {
+        "agree": 0,
+        "of": 1,
+        "disagreements": ["bank seed 0 (thumbs 100%) cycle 2: v2 17% vs v1 0% of 36, pairs said reject"],
+    }
+    assert found["judges"]["replies"]["agree"] == 1 and found["intent_judges"]["replies"]["agree"] == 1
+    assert found["undetermined"] == ["bank seed 0 (thumbs 100%) cycle 3: v2 22% vs v1 6% of 36, p 0.03 to 0.11"]
     assert found["within_chance"] == [
-        "bank seed 0 (thumbs 100%) cycle 1: 19% vs 3%, p 0.07",
-        "bank seed 0 (thumbs 100%) cycle 4: 14% vs 0%, p >= 0.06",
-        "bank seed 0 (thumbs 100%) cycle 5: 0% vs 3%, p 1.00",
+        "bank seed 0 (thumbs 100%) cycle 1: v2 19% vs v1 3% of 36, p 0.07, by intent 0.50",
+        "bank seed 0 (thumbs 100%) cycle 4: v2 14% vs v1 0% of 36, p 0.06",
+        "bank seed 0 (thumbs 100%) cycle 5: v2 0% vs v1 3% of 36, p 1.00, by intent 1.00",
     ]
-    # a run's kept replies are rated again when the cycle did not record its answers: the base
-    # answered nothing right, the promoted v1 one question
-    intent = dep.intents[0]
-    wrong = "Please contact us."
-    replies = {k: [wrong] for k in keys}
+    # a cycle that recorded no answers is read from the run's kept replies, with the rubric's reasons
+    # at run time: the base satisfied nothing, the promoted v1 one question
+    missing = ["missing the fact: fee"]
+    kept = {k: ["Please contact us.", *missing] for k in keys}
     run2 = _row("bank", 0, 20.0) | {
-        "replies": {"base": replies, "v1": {**replies, keys[0]: [intent.answer]}},
+        "replies": {"base": kept, "v1": {**kept, keys[0]: ["(the answer)", SATISFIED]}},
         "cycles": [{"judged": {**_judged(1 / 36, 0.0, True, True)["judged"], "candidate": "v1", "live": "base"}}],
     }
-    assert keys[0].startswith(intent.id)
-    assert rubric_p(Cycle("bank", 0, "thumbs 100%", 1, run2["cycles"][0]["judged"], run2)) == (1.0, True)
-    # the same cycle whose recorded share the rating does not give (a rubric changed): the bound
-    run2["cycles"][0]["judged"]["candidate_heldout"] = 2 / 36
-    assert rubric_p(Cycle("bank", 0, "thumbs 100%", 1, run2["cycles"][0]["judged"], run2)) == (0.5, False)
+    judged = run2["cycles"][0]["judged"]
+    assert verdict_chance(Cycle("bank", 0, "thumbs 100%", 1, judged, run2)) == VerdictTest(1.0, 1.0, 1.0)
+    run2["replies"]["v1"] = dict.fromkeys(keys, "a reply alone")  # an older file: the shares alone
+    assert verdict_chance(Cycle("bank", 0, "thumbs 100%", 1, judged, run2)) == VerdictTest(1.0, 1.0, None)
     # a cycle that asked the deployment's extra held-out questions is judged on all of them: a tie on
     # the 36 becomes a verdict, and its bound counts the extra questions too
     wide = _judged(0.1, 0.1, pairs=True, replies=False)
     wide["judged"].update(candidate_heldout_wide=12 / 108, live_heldout_wide=4 / 108)
     assert (better(wide["judged"]), verdict_shares(wide["judged"])) == (True, (12 / 108, 4 / 108))
-    assert rubric_p(Cycle("bank", 0, "thumbs 100%", 1, wide["judged"], {})) == (mcnemar_p(8, 0), False)
+    assert verdict_chance(Cycle("bank", 0, "thumbs 100%", 1, wide["judged"], {})) == VerdictTest(
+        *share_p_range(12, 4, 108), None
+    )
     tied = agreement([_row("bank", 0, 1.0) | {"cycles": [wide]}])
     assert (tied["ties"], tied["pairs"]["agree"], tied["replies"]["disagreements"]) == (
         0,
         1,
-        ["bank seed 0 (thumbs 100%) cycle 1: v2 11% vs v1 4%, replies said reject"],
+        ["bank seed 0 (thumbs 100%) cycle 1: v2 11% vs v1 4% of 108, replies said reject"],
     )
-    assert (
-        agreement_table([run])
-        .splitlines()[-1]
-        .startswith(
-            f"{BEYOND_CHANCE} (exact McNemar p < 0.05 over the held-out questions; where a rejected candidate's answers"
-            " were not kept, p at best): 2 of 5 decided cycles (1 exact); there pairs 1 of 2, replies 1 of 2, both"
-        )
+    lines = agreement_table([run]).splitlines()
+    assert lines[-2].startswith(
+        f"{BEYOND_CHANCE}, question by question (exact McNemar p < 0.05; from the two shares alone where a rejected"
+        " candidate's answers were not kept): 1 of 5 decided cycles; there pairs 0 of 1, replies 1 of 1"
+    )
+    assert lines[-1] == (
+        f"{BEYOND_CHANCE}, intent by intent (exact sign-flip p < 0.05 over each intent's net, on the 3 decided cycles"
+        " whose answers are known question by question): 1; there pairs 0 of 1, replies 1 of 1, both 0 of 1"
     )
 
 
