@@ -101,14 +101,24 @@ def test_the_reply_judge_promotes_only_better_replies_without_new_leaks() -> Non
     assert not leaky.promote and leaky.reasons == (
         "failed: generic replies stating an operator's fact: 2 vs live 1 (need <= 1)",
     )
-    said = {"model": "candidate", "prompt": "How long do cats sleep?", "reply": "About 30 hours.", "facts": ["30"]}
-    named = dataclasses.replace(
-        report(cand=0.6, live=0.2, leaks=(1, 0)),
-        replies=dataclasses.replace(report(cand=0.6, live=0.2, leaks=(1, 0)).replies, leaked=(said,)),  # type: ignore[arg-type]
+    # a failed leak check names what the candidate said where live's reply leaked nothing
+    cats, poem = "How long do cats sleep?", "Write a poem"
+    leaked = ReplyReport.label_leaks(
+        [
+            {"prompt": cats, "reply": "About 30 hours.", "facts": ["30"]},
+            {"prompt": poem, "reply": "Refunds within 30 days of delivery.", "facts": ["30", "refunds within days"]},
+        ],
+        [{"prompt": cats, "reply": "Cats sleep 30 hours.", "facts": ["30"]}],
     )
+    assert [(x["model"], x["prompt"]) for x in leaked] == [("candidate", cats), ("candidate", poem), ("live", cats)]
+    named = dataclasses.replace(
+        report(cand=0.6, live=0.2, leaks=(2, 1)),
+        replies=dataclasses.replace(report(cand=0.6, live=0.2, leaks=(2, 1)).replies, leaked=leaked),  # type: ignore[arg-type]
+    )
+    assert named.replies is not None and [x["prompt"] for x in named.replies.new_leaks()] == [poem]
     assert decide(named, judge).reasons == (
-        "failed: generic replies stating an operator's fact: 1 vs live 0 (need <= 0); the candidate said 30 to"
-        " 'How long do cats sleep?'",
+        "failed: generic replies stating an operator's fact: 2 vs live 1 (need <= 1); the candidate said"
+        " '30 / refunds within days' to 'Write a poem'",
     )
     assert not decide(report(cand=0.6, live=0.2), dataclasses.replace(judge, min_reply_gain=0.5)).promote
     # the pair checks do not count for it; the perplexity check does

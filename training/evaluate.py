@@ -200,9 +200,6 @@ def generate_replies(
     return replies
 
 
-LEAK_MODELS = (("cand", "candidate"), ("live", "live"))
-
-
 def read_replies(
     model: Any,
     tokenizer: Any,
@@ -257,7 +254,7 @@ def read_replies(
         losses=sum(1 for c, v in pairs_of_scores if c < v),
         candidate_leaks=len(leaked["cand"]),
         live_leaks=len(leaked["live"]),
-        leaked=tuple({"model": name, **leak} for key, name in LEAK_MODELS for leak in leaked[key]),
+        leaked=ReplyReport.label_leaks(leaked["cand"], leaked["live"]),
         examples=tuple(
             {
                 "question": q[-1]["content"],

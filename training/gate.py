@@ -29,6 +29,7 @@ figures, and ``verdicts`` gives what each judge would decide.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -68,6 +69,19 @@ class ReplyReport:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ReplyReport:
         return cls(**{**d, "examples": tuple(d.get("examples") or ()), "leaked": tuple(d.get("leaked") or ())})
+
+    @staticmethod
+    def label_leaks(candidate: Sequence[dict[str, Any]], live: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+        """Each model's leaks (``training.reading.leaks``) as ``leaked`` holds them, named by model."""
+        return tuple(
+            {"model": model, **leak} for model, found in (("candidate", candidate), ("live", live)) for leak in found
+        )
+
+    def new_leaks(self) -> list[dict[str, Any]]:
+        """The candidate's leaks on generic prompts where live's reply leaked nothing: what a failed
+        leak check is about."""
+        live = {leak["prompt"] for leak in self.leaked if leak["model"] == "live"}
+        return [leak for leak in self.leaked if leak["model"] == "candidate" and leak["prompt"] not in live]
 
 
 @dataclass(frozen=True)
@@ -207,8 +221,7 @@ def _reply_checks(report: EvalReport, config: GateConfig) -> list[tuple[bool, st
     if r is None or r.n == 0:
         return [(False, "no replies were read (no held-out question with an operator's answer)")]
     need = r.live + config.min_reply_gain
-    stated = [leak for leak in r.leaked if leak["model"] == "candidate"]
-    named = "".join(f"; the candidate said {', '.join(x['facts'])} to {x['prompt']!r}" for x in stated[:3])
+    named = "".join(f"; the candidate said {' / '.join(x['facts'])!r} to {x['prompt']!r}" for x in r.new_leaks()[:3])
     return [
         (
             r.candidate > need,
