@@ -30,7 +30,7 @@ figures, and ``verdicts`` gives what each judge would decide.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
@@ -41,6 +41,16 @@ class GateJudge(StrEnum):
     PAIRS = "pairs"  # likelihoods of the held-out pairs' fixed texts
     REPLIES = "replies"  # what each model says to the held-out corrected questions
     BOTH = "both"
+
+
+def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` without the keys ``cls`` has no field for. A report is written by the training job and
+    read by the server, and the two may run different code: the job starts a fresh interpreter on
+    the code on disk, so a job started after an upgrade writes the newer report to a server still
+    running the older one. Figures it does not know it cannot judge on, and must not fail on; a
+    missing figure still fails."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,7 @@ class ReplyReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ReplyReport:
+        d = _known(cls, d)
         return cls(**{**d, "examples": tuple(d.get("examples") or ()), "leaked": tuple(d.get("leaked") or ())})
 
     @staticmethod
@@ -102,8 +113,8 @@ class EvalReport:
     def from_dict(cls, d: dict[str, Any]) -> EvalReport:
         return cls(
             n_heldout=int(d["n_heldout"]),
-            candidate=ModelScores(**d["candidate"]),
-            live=ModelScores(**d["live"]),
+            candidate=ModelScores(**_known(ModelScores, d["candidate"])),
+            live=ModelScores(**_known(ModelScores, d["live"])),
             reward_margin=float(d["reward_margin"]),
             reward_accuracy=float(d["reward_accuracy"]),
             extra=dict(d.get("extra") or {}),
