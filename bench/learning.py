@@ -622,9 +622,6 @@ class VerdictTest:
         return f"{shares_text(x)}, {p}{by_intent}"
 
 
-SATISFIED_REASONS = [SATISFIED]  # what a kept reply's reasons read when the rubric was satisfied
-
-
 def right_answers(x: Cycle, version: str) -> set[str] | None:
     """The held-out questions ``version`` answered right in cycle ``x``: as the cycle recorded them,
     or as the run's kept replies say (each kept with the rubric's reasons at run time: promoted
@@ -635,7 +632,7 @@ def right_answers(x: Cycle, version: str) -> set[str] | None:
     kept = (x.run.get("replies") or {}).get(version)
     if not kept or not all(isinstance(v, list) for v in kept.values()):
         return None  # not kept, or an older file that kept the reply alone
-    return {key for key, (_, *reasons) in kept.items() if reasons == SATISFIED_REASONS}
+    return {key for key, (_, *reasons) in kept.items() if reasons == [SATISFIED]}
 
 
 def verdict_chance(x: Cycle) -> VerdictTest:
