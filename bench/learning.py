@@ -413,7 +413,9 @@ async def judge_candidate(
         "reward_margin": report.get("reward_margin"),
         "chosen_nll": [report["candidate"]["chosen_nll"], report["live"]["chosen_nll"]],
         "replies": {k: v for k, v in replies.items() if k != "examples"},
-        "reply_examples": replies.get("examples", []),
+        "reply_examples": [e for e in replies.get("examples", []) if not e.get("kept")],
+        # the held-out replies customers rated up, asked again (gate.kept_questions)
+        "kept_examples": [e for e in replies.get("examples", []) if e.get("kept")],
         # what the reply judge said before it weighted words by rarity (the same replies, every word 1)
         "verdicts_plain": verdicts(EvalReport.from_dict(plain), app.settings.gate) if plain else None,
     }
@@ -430,7 +432,7 @@ def plain_words(report: dict[str, Any]) -> dict[str, Any] | None:
     """``report`` with its replies scored again on plain words (every content word counts 1),
     from the replies it keeps; None when it does not keep every question's."""
     replies = report.get("replies") or {}
-    kept = replies.get("examples") or []
+    kept = [e for e in replies.get("examples") or [] if not e.get("kept")]
     if not every_reply(kept, replies):
         return None
     scores = [(reply_score(e["candidate"], e["answer"]), reply_score(e["live"], e["answer"])) for e in kept]

@@ -181,6 +181,40 @@ def test_split_keeps_conversations_whole_and_both_sides_nonempty() -> None:
     assert {r.group for r in heldout.sft} <= {r.group for r in heldout.dpo}
 
 
+def test_conversations_with_thumbs_alone_are_held_out_too_and_pairs_split_as_before() -> None:
+    """The gate asks held-out replies customers liked again (gate.kept_questions): conversations
+    with only thumbs are split by content like the others; the pairs' split does not move."""
+    corrected = [
+        m
+        for i in range(10)
+        for m in (msg(f"u{i}", U, f"q{i}", None, 1, f"c{i}"), msg(f"a{i}", A, "r", f"u{i}", 2, f"c{i}"))
+    ]
+    liked = [
+        m
+        for i in range(40)
+        for m in (msg(f"v{i}", U, f"t{i}", None, 1, f"d{i}"), msg(f"b{i}", A, f"good {i}", f"v{i}", 2, f"d{i}"))
+    ]
+    # a thumbs-only conversation that asks what a corrected one asks: it falls on that one's side
+    again = [msg("vq", U, "q3", None, 1, "dq"), msg("bq", A, "fine", "vq", 2, "dq")]
+    corrections = tuple(Correction(i, f"a{i}", "fixed", "op") for i in range(10))
+    ups = (*(rating(100 + i, f"b{i}", 1) for i in range(40)), rating(200, "bq", 1), rating(201, "b0", -1, "u2"))
+    data = build_training_data(FeedbackSnapshot(tuple(corrected + liked + again), ups, corrections))
+    without = build_training_data(FeedbackSnapshot(tuple(corrected), (), corrections))
+    train, heldout = split(data, 0.3)
+    assert (train.dpo, heldout.dpo, train.sft, heldout.sft) == (
+        split(without, 0.3)[0].dpo,
+        split(without, 0.3)[1].dpo,
+        split(without, 0.3)[0].sft,
+        split(without, 0.3)[1].sft,
+    )
+    assert not {r.group for r in train.kto} & {r.group for r in heldout.kto}
+    assert 0 < len(heldout.kept()) < 40  # replies rated up, one per context
+    assert all(r.label and r.signal is None for r in heldout.kept())
+    q3_held = any(r.prompt[-1]["content"] == "q3" for r in heldout.dpo)
+    assert any(r.group == "dq" for r in (heldout if q3_held else train).kto)
+    assert split(data, 0.0)[1].kto == ()  # nothing held out, nothing asked again
+
+
 def _corrected_chats(n: int) -> FeedbackSnapshot:
     messages, corrections = [], []
     for k in range(n):

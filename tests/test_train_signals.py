@@ -120,7 +120,7 @@ def run_job(tiny_model: Path, run_dir: Path, rows: dict[str, list[dict[str, Any]
     from training import train as job
 
     run_dir.mkdir(parents=True)
-    for name in ("dpo", "kto", "sft"):
+    for name in ("dpo", "kto", "sft", "kept"):
         with open(run_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows.get(name, []))
     (run_dir / "heldout.jsonl").write_text(json.dumps(pair(SHIP_Q, SHIP_A, "no idea")) + "\n")
@@ -216,6 +216,20 @@ def test_the_kto_only_and_sft_only_runs_train(tiny_model: Path, tmp_path: Path) 
     assert sft["trainer"] == "sft" and sft["budget"]["stages"][0]["planned_steps"] == 4  # 4 rows x 2 / 2
     assert changed(tmp_path / "sft" / "adapter")
     assert nll(tiny_model, tmp_path / "sft" / "adapter", ORDER_Q, ORDER_A) < before
+
+
+def test_the_gate_asks_held_out_liked_replies_again(tiny_model: Path, tmp_path: Path) -> None:
+    """The ``kept`` rows (held-out replies rated up) are asked again of both models, each reply
+    scored against the liked one; a prompt the corrected questions already ask is not asked twice."""
+    kept = [thumb(REFUND_Q, REFUND_A, True), thumb(ORDER_Q, ORDER_A, True), thumb(SHIP_Q, SHIP_A, True)]
+    meta = run_job(tiny_model, tmp_path / "run", {"dpo": PAIRS, "kept": kept}, max_steps=2)
+    replies = meta["report"]["replies"]
+    assert (replies["n"], replies["kept"]) == (1, 2)  # SHIP_Q is the held-out pair's question
+    assert replies["kept_lost"] + replies["kept_regained"] <= 2
+    again = [e for e in replies["examples"] if e.get("kept")]
+    assert [(e["question"], e["answer"]) for e in again] == [(REFUND_Q, REFUND_A), (ORDER_Q, ORDER_A)]
+    assert [e["answer"] for e in replies["examples"] if not e.get("kept")] == [SHIP_A]
+    assert all(isinstance(e["candidate"], str) and -0.5 <= e["candidate_score"] <= 1 for e in again)
 
 
 def test_a_kto_row_weight_scales_its_loss(tiny_model: Path, tmp_path: Path) -> None:

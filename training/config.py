@@ -286,7 +286,7 @@ class CycleConfig:
         return self.data_dir / "runs"
 
 
-ROW_FILES = ("dpo", "kto", "sft", "heldout", "contrast", "heldout_contrast")
+ROW_FILES = ("dpo", "kto", "sft", "heldout", "contrast", "heldout_contrast", "kept")
 
 
 @dataclass(frozen=True)
@@ -295,9 +295,10 @@ class JobSpec:
     row files, and ``python -m training.train SPEC`` reads it. The only contract between the two.
 
     The rows are TRL JSONL files in ``run_dir`` named after ``ROW_FILES`` (``rows_path``): ``dpo``,
-    ``kto`` and ``sft`` to train on (operator-reviewed rows repeated), ``heldout`` for the gate, and
-    with ``contrast_pick = "live"`` the contrast candidates apart (``contrast``,
-    ``heldout_contrast``), which the job narrows to hard negatives.
+    ``kto`` and ``sft`` to train on (operator-reviewed rows repeated), ``heldout`` (pairs) and
+    ``kept`` (held-out replies rated up, as KTO rows) for the gate, and with ``contrast_pick =
+    "live"`` the contrast candidates apart (``contrast``, ``heldout_contrast``), which the job
+    narrows to hard negatives.
     """
 
     base_model: str = field(metadata={"help": "The base model: a local folder (or a hub id already cached)."})
@@ -326,6 +327,9 @@ class JobSpec:
     )
     reply_questions: int = field(
         default=16, metadata={"help": "gate.reply_questions: held-out questions each model answers (0: none)."}
+    )
+    kept_questions: int = field(
+        default=16, metadata={"help": "gate.kept_questions: held-out replies rated up that each model answers again."}
     )
     reply_tokens: int = field(default=48, metadata={"help": "gate.reply_tokens: the longest reply of the reply check."})
     generic_chat: str = field(

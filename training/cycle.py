@@ -88,6 +88,7 @@ class PreparedData:
         return {
             **{f"train_{k}": v for k, v in self.train.counts().items()},
             "heldout_dpo": len(self.heldout.dpo),
+            **({"heldout_kept": n} if (n := len(self.heldout.kept())) else {}),  # replies rated up, held out
             **({"train_implicit": implicit} if implicit else {}),  # of train_kto: weak labels (implicit.train)
         }
 
@@ -185,6 +186,7 @@ def job_spec(cfg: CycleConfig, prepared: PreparedData, *, run_dir: Path, live_ad
         system_prompt=cfg.system_prompt,
         corrections=tuple(sorted({r.chosen for r in train.dpo if r.source == "correction"})),
         reply_questions=cfg.gate.reply_questions,
+        kept_questions=cfg.gate.kept_questions,
         reply_tokens=cfg.gate.reply_tokens,
         generic_chat=cfg.gate.generic_chat,
         generic_ppl_increase=cfg.gate.max_generic_ppl_increase,
@@ -213,6 +215,7 @@ def write_job_inputs(cfg: CycleConfig, prepared: PreparedData, *, run_dir: Path,
         "heldout": dpo(heldout.dpo, contrast=False, source=True),
         "contrast": dpo(weighted.dpo, contrast=True) if pool else [],
         "heldout_contrast": dpo(heldout.dpo, contrast=True, source=True) if pool else [],
+        "kept": [r.to_trl() for r in heldout.kept()],
     }
     for name, rows in files.items():
         with open(spec.rows_path(name), "w", encoding="utf-8") as f:

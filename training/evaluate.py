@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from training.gate import EvalReport, ModelScores, ReplyReport
-from training.reading import AnswerWeights, leaks, operator_facts, score_reply
+from training.reading import AnswerWeights, kept_changes, leaks, operator_facts, score_reply
 
 CANDIDATE = "default"
 LIVE = "live"
@@ -209,6 +209,8 @@ def read_replies(
     generic: Sequence[dict[str, Any]] = (),
     corrections: Sequence[str] = (),
     questions: int = 16,
+    kept: Sequence[dict[str, Any]] = (),
+    kept_questions: int = 16,
     max_new_tokens: int = 48,
     examples: int | None = None,
 ) -> ReplyReport | None:
@@ -217,8 +219,12 @@ def read_replies(
     operators' answers: ``corrections`` and the held-out ones), and each model's replies to the ``generic``
     prompts are read for operator facts (of ``corrections`` and the held-out answers) that the
     prompt does not hold. The questions are the held-out corrections' (all held-out pairs' when
-    there are none), one per distinct prompt and answer. The report keeps the first ``examples``
-    questions with both replies (all of them by default: a later reading can score them again).
+    there are none), one per distinct prompt and answer. Then up to ``kept_questions`` of the
+    ``kept`` rows (held-out replies customers rated up, TRL KTO rows) on other prompts: each
+    model's reply is scored against the liked one, and the report counts the kept answers the
+    candidate lost and regained (``training.reading.kept_changes``); they are not in the mean
+    scores. The report keeps the first ``examples`` questions with both replies (all of them by
+    default: a later reading can score them again; a kept one is marked ``"kept": true``).
     None when ``questions`` is 0 or there is no held-out pair."""
     seen: set[str] = set()
     asked: list[tuple[list[dict[str, str]], str]] = []
@@ -229,6 +235,13 @@ def read_replies(
             asked.append((list(p["prompt"]), p["chosen"][0]["content"]))
     if not asked:
         return None
+    prompts = {json.dumps(q, sort_keys=True) for q, _ in asked}
+    again: list[tuple[list[dict[str, str]], str]] = []
+    for row in kept:
+        key = json.dumps(row["prompt"], sort_keys=True)
+        if key not in prompts and len(again) < kept_questions:
+            prompts.add(key)
+            again.append((list(row["prompt"]), row["completion"][0]["content"]))
     answers = [*corrections, *(answer for _, answer in asked)]  # the operators': a leak's facts, each word's weight
     facts, weights = operator_facts(answers), AnswerWeights.of(answers)
     generic_prompts = [list(g["prompt"]) for g in generic]
@@ -236,35 +249,42 @@ def read_replies(
     heard: dict[str, list[str]] = {}
     for key, adapter in (("cand", CANDIDATE), ("live", live_adapter)):
         with _as(model, adapter):
-            said[key] = generate_replies(model, tokenizer, [q for q, _ in asked], max_new_tokens=max_new_tokens)
+            said[key] = generate_replies(model, tokenizer, [q for q, _ in asked + again], max_new_tokens=max_new_tokens)
             heard[key] = generate_replies(model, tokenizer, generic_prompts, max_new_tokens=max_new_tokens)
     model.set_adapter(CANDIDATE)
+    every = asked + again
     scores = {
-        key: [score_reply(r, answer, weights).score for r, (_, answer) in zip(said[key], asked, strict=True)]
+        key: [score_reply(r, answer, weights).score for r, (_, answer) in zip(said[key], every, strict=True)]
         for key in said
     }
-
+    n = len(asked)
+    lost, regained = kept_changes(scores["cand"][n:], scores["live"][n:])
     leaked = {key: leaks(heard[key], [p[-1]["content"] for p in generic_prompts], facts) for key in heard}
-    pairs_of_scores = list(zip(scores["cand"], scores["live"], strict=True))
+    pairs_of_scores = list(zip(scores["cand"][:n], scores["live"][:n], strict=True))
+    shown = range(len(every)) if examples is None else [*range(min(examples, n)), *range(n, n + len(again))][:examples]
     return ReplyReport(
-        n=len(asked),
-        candidate=round(sum(scores["cand"]) / len(asked), 4),
-        live=round(sum(scores["live"]) / len(asked), 4),
+        n=n,
+        candidate=round(sum(scores["cand"][:n]) / n, 4),
+        live=round(sum(scores["live"][:n]) / n, 4),
         wins=sum(1 for c, v in pairs_of_scores if c > v),
         losses=sum(1 for c, v in pairs_of_scores if c < v),
         candidate_leaks=len(leaked["cand"]),
         live_leaks=len(leaked["live"]),
         leaked=ReplyReport.label_leaks(leaked["cand"], leaked["live"]),
+        kept=len(again),
+        kept_lost=lost,
+        kept_regained=regained,
         examples=tuple(
             {
-                "question": q[-1]["content"],
-                "answer": answer,
+                "question": every[i][0][-1]["content"],
+                "answer": every[i][1],
                 "candidate": said["cand"][i],
                 "candidate_score": scores["cand"][i],
                 "live": said["live"][i],
                 "live_score": scores["live"][i],
+                **({"kept": True} if i >= n else {}),
             }
-            for i, (q, answer) in enumerate(asked[:examples] if examples is not None else asked)
+            for i in shown
         ),
     )
 

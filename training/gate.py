@@ -19,10 +19,15 @@ same held-out preference pairs. Terms, per held-out pair (prompt x, chosen c, re
 * ``replies`` (``ReplyReport``): each model *answers* the held-out corrected questions (greedy);
   each reply is scored against the operator's answer (``training.reading.reply_score``: its words
   and figures, minus figures the operator did not give), and each model's replies to the generic
-  chat prompts are read for operator facts that do not belong there (leaks).
+  chat prompts are read for operator facts that do not belong there (leaks). Both models also
+  answer again held-out questions whose reply customers rated up (*kept* questions), each reply
+  scored against the liked one: a kept answer is *lost* when live's reply still reads as it
+  (``training.reading.READS_RIGHT``) and the candidate's no longer does. The corrected questions
+  are all ones live got wrong, so without these the replies cannot show a regression.
 
 ``gate.judge`` says which evidence decides: ``pairs`` (the likelihood checks above), ``replies``
-(the candidate's replies must score above live's, with no more leaks), or ``both``. The generic
+(the candidate's replies must score above live's, with no more leaks, losing at most
+``gate.max_kept_loss`` of the kept answers net of those it regains), or ``both``. The generic
 perplexity check applies to every judge. Whatever the judge, the report holds both kinds of
 figures, and ``verdicts`` gives what each judge would decide.
 """
@@ -75,6 +80,9 @@ class ReplyReport:
     examples: tuple[dict[str, Any], ...] = ()  # a few questions with both replies and their scores
     # each leak counted above: {"model": "candidate" or "live", "prompt", "reply", "facts"}
     leaked: tuple[dict[str, Any], ...] = ()
+    kept: int = 0  # held-out questions whose reply customers rated up, asked again
+    kept_lost: int = 0  # of those: live's reply reads as the liked one, the candidate's does not
+    kept_regained: int = 0  # the other way round
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ReplyReport:
@@ -160,6 +168,21 @@ class GateConfig:
             "replies. Each costs two generations in the training job (candidate and live)."
         },
     )
+    kept_questions: int = field(
+        default=16,
+        metadata={
+            "help": "Held-out questions whose reply customers rated up that each model answers again (greedy), "
+            "each reply scored against the liked one: how the reply check sees a regression, since the corrected "
+            "questions are all ones live got wrong. 0 asks none."
+        },
+    )
+    max_kept_loss: float = field(
+        default=0.1,
+        metadata={
+            "help": "With judge 'replies' or 'both': the share of kept questions the candidate may lose (live's "
+            "reply reads as the liked one, the candidate's does not) net of those it regains."
+        },
+    )
     reply_tokens: int = field(default=48, metadata={"help": "Tokens each reply of the reply check may have."})
     min_reply_gain: float = field(
         default=0.0,
@@ -181,8 +204,12 @@ class GateConfig:
         check_name("gate.generic_chat", self.generic_chat)
         if self.judge not in tuple(GateJudge):
             raise ValueError(f"gate.judge {self.judge!r}: use one of {', '.join(GateJudge)}")
-        if self.reply_questions < 0 or self.reply_tokens < 1:
-            raise ValueError("gate.reply_questions must be 0 or more and gate.reply_tokens at least 1")
+        if self.reply_questions < 0 or self.kept_questions < 0 or self.reply_tokens < 1:
+            raise ValueError(
+                "gate.reply_questions and gate.kept_questions must be 0 or more and gate.reply_tokens at least 1"
+            )
+        if not 0.0 <= self.max_kept_loss <= 1.0:
+            raise ValueError("gate.max_kept_loss is a share of the kept questions: set it between 0 and 1")
         if self.min_heldout_pairs < 1:
             raise ValueError("gate.min_heldout_pairs must be at least 1: a gate with no evidence is no gate")
         if not 0.0 <= self.min_reward_accuracy <= 1.0:
@@ -233,6 +260,16 @@ def _reply_checks(report: EvalReport, config: GateConfig) -> list[tuple[bool, st
         return [(False, "no replies were read (no held-out question with an operator's answer)")]
     need = r.live + config.min_reply_gain
     named = "".join(f"; the candidate said {' / '.join(x['facts'])!r} to {x['prompt']!r}" for x in r.new_leaks()[:3])
+    kept: list[tuple[bool, str]] = []
+    if r.kept:
+        allowed = config.max_kept_loss * r.kept
+        kept.append(
+            (
+                r.kept_lost - r.kept_regained <= allowed,
+                f"kept answers (replies customers rated up): {r.kept_lost} lost and {r.kept_regained} regained of "
+                f"{r.kept} (need net loss <= {allowed:.1f})",
+            )
+        )
     return [
         (
             r.candidate > need,
@@ -244,6 +281,7 @@ def _reply_checks(report: EvalReport, config: GateConfig) -> list[tuple[bool, st
             f"generic replies stating an operator's fact: {r.candidate_leaks} vs live {r.live_leaks} "
             f"(need <= {r.live_leaks}){named if r.candidate_leaks > r.live_leaks else ''}",
         ),
+        *kept,
     ]
 
 

@@ -129,6 +129,17 @@ class TrainingData:
             messages.update(row.refs.messages)
         return {"ratings": sorted(ratings), "corrections": sorted(corrections), "messages": sorted(messages)}
 
+    def kept(self) -> tuple[KTORow, ...]:
+        """The replies raters clicked up (implicit labels left out), one per context: on held-out
+        rows, what the gate asks both models again (``gate.kept_questions``)."""
+        seen: set[str] = set()
+        out: list[KTORow] = []
+        for r in self.kto:
+            if r.label and r.signal is None and (key := prompt_key(r.prompt)) not in seen:
+                seen.add(key)
+                out.append(r)
+        return tuple(out)
+
     def kto_weights(self) -> tuple[float, float]:
         """(desirable_weight, undesirable_weight) that make both classes weigh the same in total
         (each row counted by its weight: a thumb 1, an implicit label less)."""
@@ -235,14 +246,33 @@ def split(data: TrainingData, fraction: float) -> tuple[TrainingData, TrainingDa
     held-out conversation are held out with them. A conversation's side is decided by its
     content (the smallest context among its pairs), not its id, so conversations that open
     alike fall on one side and the same feedback always splits the same way.
+
+    Conversations with thumbs alone (no pair, no demonstration) are split the same way, keyed
+    by their smallest rated context: the held-out ones give the gate replies customers liked,
+    to see whether a candidate still says what live said right (``gate.kept_questions``). A
+    context that a conversation with pairs also opens falls on that conversation's side. Pairs
+    and demonstrations split exactly as without them.
     """
-    keys: dict[str, str] = {}
-    for row in data.dpo:
-        key = prompt_key(row.prompt)
-        if row.group not in keys or key < keys[row.group]:
-            keys[row.group] = key
+
+    def smallest(rows: Iterable[DPORow | KTORow]) -> dict[str, str]:
+        keys: dict[str, str] = {}
+        for row in rows:
+            key = prompt_key(row.prompt)
+            if row.group not in keys or key < keys[row.group]:
+                keys[row.group] = key
+        return keys
+
+    keys = smallest(data.dpo)
     held_keys = split_groups(keys.values(), fraction)
     held = {group for group, key in keys.items() if key in held_keys}
+    taught = set(keys) | {r.group for r in data.sft}
+    thumbs_only = smallest(r for r in data.kto if r.group not in taught)
+    paired = set(keys.values())
+
+    def held_alone(key: str) -> bool:
+        return key in held_keys if key in paired else fraction > 0 and bucket(key) < fraction
+
+    held |= {group for group, key in thumbs_only.items() if held_alone(key)}
 
     def part(rows: Sequence[R], keep_held: bool) -> tuple[R, ...]:
         return tuple(r for r in rows if (r.group in held) == keep_held)

@@ -121,7 +121,7 @@ def run(spec: JobSpec) -> None:
             budget["stopped_by_budget"] = budget["stopped_by_budget"] and deadline.spent()
 
     phases["train"] = time.monotonic() - train_started
-    report = evaluate(trainer.model, tokenizer, rows.heldout, spec, phases)
+    report = evaluate(trainer.model, tokenizer, rows.heldout, spec, phases, rows.kept)
     budget["phases"] = {name: round(seconds, 1) for name, seconds in phases.items()}
     if not PartialState().is_main_process:  # the main process saves and reports
         return
@@ -173,6 +173,7 @@ class Rows:
     contrast: list[TrlRow]  # contrast candidates, with contrast_pick = "live"
     heldout_contrast: list[TrlRow]
     replay: list[TrlRow]  # replay candidates (only when there are pairs to mix them into)
+    kept: list[TrlRow] = dataclasses.field(default_factory=list)  # held-out replies rated up (the gate's)
 
     @classmethod
     def read(cls, spec: JobSpec) -> Rows:
@@ -195,6 +196,7 @@ class Rows:
             contrast=read_jsonl("contrast"),
             heldout_contrast=read_jsonl("heldout_contrast"),
             replay=replay_candidates(spec) if dpo else [],
+            kept=read_jsonl("kept"),
         )
 
     def defused(self, specials: tuple[str, ...]) -> Rows:
@@ -313,10 +315,16 @@ def forgetting_guard(spec: JobSpec, tokenizer: Any) -> ForgettingGuard | None:
 
 
 def evaluate(
-    model: Any, tokenizer: Any, heldout: list[TrlRow], spec: JobSpec, phases: dict[str, float] | None = None
+    model: Any,
+    tokenizer: Any,
+    heldout: list[TrlRow],
+    spec: JobSpec,
+    phases: dict[str, float] | None = None,
+    kept: list[TrlRow] | None = None,
 ) -> EvalReport:
-    """The candidate against the live version (loaded beside it, then dropped) on the held-out pairs;
-    the seconds of its two parts go into ``phases`` ("evaluate_pairs", "evaluate_replies")."""
+    """The candidate against the live version (loaded beside it, then dropped) on the held-out pairs,
+    and on the ``kept`` replies (held out, rated up) when it reads replies; the seconds of its two
+    parts go into ``phases`` ("evaluate_pairs", "evaluate_replies")."""
     phases = {} if phases is None else phases
     started = time.monotonic()
     if spec.live_adapter:
@@ -334,6 +342,8 @@ def evaluate(
             generic=generic,
             corrections=spec.corrections,
             questions=spec.reply_questions,
+            kept=kept or [],
+            kept_questions=spec.kept_questions,
             max_new_tokens=spec.reply_tokens,
         )
         report = dataclasses.replace(report, replies=replies)
