@@ -500,6 +500,11 @@ def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out[SCORE_ALONE] = count(SCORE_ALONE, reading)
     out["ties"] = len(cycles) - len(decided)
     out[OWN_QUESTIONS] = own_questions(decided)
+    out[KEPT] = [
+        f"{x.label()}: {r['kept_lost']} lost, {r['kept_regained']} regained of {r['kept']}; {shares_text(x)}"
+        for x in decided
+        if (r := x.judged.get("replies") or {}).get("kept")
+    ]
     clear = [x for x, t in tests if t.p_high < CHANCE]
     by_intent = [(x, t.intent_p) for x, t in tests if t.intent_p is not None]
     intent_clear = [x for x, p in by_intent if p < CHANCE]
@@ -650,6 +655,11 @@ def verdict_chance(x: Cycle) -> VerdictTest:
     return VerdictTest(low, high, None)
 
 
+KEPT = "kept answers asked again"
+"""The held-out replies customers rated up that the gate asked both models again
+(``gate.kept_questions``): per decided cycle, how many the candidate lost and regained, beside the
+rubric's verdict. Cycles before the kept questions have none."""
+
 OWN_QUESTIONS = "the rubric on the gate's own questions"
 """The bench's rubric applied to the replies the gate read (its held-out corrected questions, kept
 in the report): does the reading agree with the rubric on the questions it reads, and do those
@@ -709,6 +719,8 @@ def agreement_table(runs: list[dict[str, Any]]) -> str:
             f" {own['reading_of']} and the held-out verdict on {own['heldout_agrees']} of {own['heldout_of']};"
             f" they cannot tell on {len(own['cannot_tell'])}: {'; '.join(own['cannot_tell']) or '-'}"
         )
+    if found[KEPT]:
+        lines.append(f"{KEPT} (gate.kept_questions): {'; '.join(found[KEPT])}")
     chance = found[BEYOND_CHANCE]
 
     def judges(counts: dict[str, dict[str, Any]]) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from bench.learning import (
     BEYOND_CHANCE,
+    KEPT,
     OWN_QUESTIONS,
     PLAIN,
     SCORE_ALONE,
@@ -147,6 +148,12 @@ def test_each_judge_is_held_to_the_rubric_and_ties_decide_nothing() -> None:
     assert lines[3] == "| replies | 2 of 2 (100%) | - |"
     assert lines[-3] == "ties (equal satisfaction, not counted): 1"
     assert lines[-2].startswith(f"{BEYOND_CHANCE}, question by question (")
+    # the held-out replies customers liked, asked again: listed beside the rubric's verdict
+    kept = _judged(0.1, 0.2, pairs=True, replies=False)
+    kept["judged"]["replies"] = {"candidate": 0.3, "live": 0.2, "kept": 9, "kept_lost": 3, "kept_regained": 1}
+    found = agreement([_row("bank", 0, 20.0) | {"cycles": [kept]}])
+    assert found[KEPT] == ["bank seed 0 (thumbs 100%) cycle 1: 3 lost, 1 regained of 9; v2 10% vs v1 20% of 36"]
+    assert f"{KEPT} (gate.kept_questions): bank seed 0" in agreement_table([_row("bank", 0, 20.0) | {"cycles": [kept]}])
 
 
 def test_the_reply_judge_before_word_weights_is_read_again_from_the_kept_replies() -> None:
