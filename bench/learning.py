@@ -432,8 +432,10 @@ def plain_words(report: dict[str, Any]) -> dict[str, Any] | None:
     """``report`` with its replies scored again on plain words (every content word counts 1),
     from the replies it keeps; None when it does not keep every question's."""
     replies = report.get("replies") or {}
-    kept = [e for e in replies.get("examples") or [] if not e.get("kept")]
-    if not every_reply(kept, replies):
+    kept = replies.get("examples") or []  # the corrected questions', then the ones customers rated up
+    if not every_reply([e for e in kept if not e.get("kept")], replies) or len(kept) != replies["n"] + replies.get(
+        "kept", 0
+    ):
         return None
     scores = [(reply_score(e["candidate"], e["answer"]), reply_score(e["live"], e["answer"])) for e in kept]
     return {

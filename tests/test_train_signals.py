@@ -230,6 +230,10 @@ def test_the_gate_asks_held_out_liked_replies_again(tiny_model: Path, tmp_path: 
     assert [(e["question"], e["answer"]) for e in again] == [(REFUND_Q, REFUND_A), (ORDER_Q, ORDER_A)]
     assert [e["answer"] for e in replies["examples"] if not e.get("kept")] == [SHIP_A]
     assert all(isinstance(e["candidate"], str) and -0.5 <= e["candidate_score"] <= 1 for e in again)
+    # the mean reply scores count the liked replies' questions beside the corrected one
+    every = replies["examples"]
+    assert replies["candidate"] == round(sum(e["candidate_score"] for e in every) / 3, 4)
+    assert replies["wins"] + replies["losses"] <= 3
 
 
 def test_a_kto_row_weight_scales_its_loss(tiny_model: Path, tmp_path: Path) -> None:

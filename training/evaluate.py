@@ -221,9 +221,9 @@ def read_replies(
     prompt does not hold. The questions are the held-out corrections' (all held-out pairs' when
     there are none), one per distinct prompt and answer. Then up to ``kept_questions`` of the
     ``kept`` rows (held-out replies customers rated up, TRL KTO rows) on other prompts: each
-    model's reply is scored against the liked one, and the report counts the kept answers the
-    candidate lost and regained (``training.reading.kept_changes``); they are not in the mean
-    scores. The report keeps the first ``examples`` questions with both replies (all of them by
+    model's reply is scored against the liked one, counted in the means and the wins and losses,
+    and the report counts the kept answers the candidate lost and regained
+    (``training.reading.kept_changes``). The report keeps the first ``examples`` questions with both replies (all of them by
     default: a later reading can score them again; a kept one is marked ``"kept": true``).
     None when ``questions`` is 0 or there is no held-out pair."""
     seen: set[str] = set()
@@ -260,12 +260,12 @@ def read_replies(
     n = len(asked)
     lost, regained = kept_changes(scores["cand"][n:], scores["live"][n:])
     leaked = {key: leaks(heard[key], [p[-1]["content"] for p in generic_prompts], facts) for key in heard}
-    pairs_of_scores = list(zip(scores["cand"][:n], scores["live"][:n], strict=True))
+    pairs_of_scores = list(zip(scores["cand"], scores["live"], strict=True))
     shown = range(len(every)) if examples is None else [*range(min(examples, n)), *range(n, n + len(again))][:examples]
     return ReplyReport(
         n=n,
-        candidate=round(sum(scores["cand"][:n]) / n, 4),
-        live=round(sum(scores["live"][:n]) / n, 4),
+        candidate=round(sum(scores["cand"]) / len(every), 4),
+        live=round(sum(scores["live"]) / len(every), 4),
         wins=sum(1 for c, v in pairs_of_scores if c > v),
         losses=sum(1 for c, v in pairs_of_scores if c < v),
         candidate_leaks=len(leaked["cand"]),

@@ -21,13 +21,15 @@ same held-out preference pairs. Terms, per held-out pair (prompt x, chosen c, re
   and figures, minus figures the operator did not give), and each model's replies to the generic
   chat prompts are read for operator facts that do not belong there (leaks). Both models also
   answer again held-out questions whose reply customers rated up (*kept* questions), each reply
-  scored against the liked one: a kept answer is *lost* when live's reply still reads as it
-  (``training.reading.READS_RIGHT``) and the candidate's no longer does. The corrected questions
-  are all ones live got wrong, so without these the replies cannot show a regression.
+  scored against the liked one, and these scores count in each model's mean beside the
+  corrected ones': the corrected questions are all ones live got wrong, so without them the
+  replies cannot show a regression. The report also counts the kept answers the candidate
+  *lost* (live's reply still reads as the liked one, ``training.reading.READS_RIGHT``, and the
+  candidate's no longer does) and *regained*.
 
 ``gate.judge`` says which evidence decides: ``pairs`` (the likelihood checks above), ``replies``
-(the candidate's replies must score above live's, with no more leaks, losing at most
-``gate.max_kept_loss`` of the kept answers net of those it regains), or ``both``. The generic
+(the candidate's replies must score above live's over the corrected and the kept questions,
+with no more leaks), or ``both``. The generic
 perplexity check applies to every judge. Whatever the judge, the report holds both kinds of
 figures, and ``verdicts`` gives what each judge would decide.
 """
@@ -70,10 +72,10 @@ class ReplyReport:
     """The replies each model generated to the held-out corrected questions, as read against the
     operators' answers, and its replies to the generic chat prompts, read for leaks."""
 
-    n: int  # questions answered (distinct held-out prompts with an operator's answer)
-    candidate: float  # mean reply score (training.reading.reply_score), -0.5 to 1
+    n: int  # corrected questions answered (distinct held-out prompts with an operator's answer)
+    candidate: float  # mean reply score (training.reading.reply_score), -0.5 to 1, over n + kept questions
     live: float
-    wins: int  # questions where the candidate's reply scored higher than live's
+    wins: int  # questions (of n + kept) where the candidate's reply scored higher than live's
     losses: int
     candidate_leaks: int = 0  # generic replies stating an operator's fact the prompt does not hold
     live_leaks: int = 0
@@ -172,15 +174,8 @@ class GateConfig:
         default=16,
         metadata={
             "help": "Held-out questions whose reply customers rated up that each model answers again (greedy), "
-            "each reply scored against the liked one: how the reply check sees a regression, since the corrected "
-            "questions are all ones live got wrong. 0 asks none."
-        },
-    )
-    max_kept_loss: float = field(
-        default=0.1,
-        metadata={
-            "help": "With judge 'replies' or 'both': the share of kept questions the candidate may lose (live's "
-            "reply reads as the liked one, the candidate's does not) net of those it regains."
+            "each reply scored against the liked one and counted in the mean reply scores: how the reply check "
+            "sees a regression, since the corrected questions are all ones live got wrong. 0 asks none."
         },
     )
     reply_tokens: int = field(default=48, metadata={"help": "Tokens each reply of the reply check may have."})
@@ -208,8 +203,6 @@ class GateConfig:
             raise ValueError(
                 "gate.reply_questions and gate.kept_questions must be 0 or more and gate.reply_tokens at least 1"
             )
-        if not 0.0 <= self.max_kept_loss <= 1.0:
-            raise ValueError("gate.max_kept_loss is a share of the kept questions: set it between 0 and 1")
         if self.min_heldout_pairs < 1:
             raise ValueError("gate.min_heldout_pairs must be at least 1: a gate with no evidence is no gate")
         if not 0.0 <= self.min_reward_accuracy <= 1.0:
@@ -260,20 +253,15 @@ def _reply_checks(report: EvalReport, config: GateConfig) -> list[tuple[bool, st
         return [(False, "no replies were read (no held-out question with an operator's answer)")]
     need = r.live + config.min_reply_gain
     named = "".join(f"; the candidate said {' / '.join(x['facts'])!r} to {x['prompt']!r}" for x in r.new_leaks()[:3])
-    kept: list[tuple[bool, str]] = []
-    if r.kept:
-        allowed = config.max_kept_loss * r.kept
-        kept.append(
-            (
-                r.kept_lost - r.kept_regained <= allowed,
-                f"kept answers (replies customers rated up): {r.kept_lost} lost and {r.kept_regained} regained of "
-                f"{r.kept} (need net loss <= {allowed:.1f})",
-            )
-        )
+    kept = (
+        f" ({r.n} corrected, {r.kept} rated up: {r.kept_lost} of those lost, {r.kept_regained} regained)"
+        if r.kept
+        else ""
+    )
     return [
         (
             r.candidate > need,
-            f"reply score {r.candidate:.3f} vs live {r.live:.3f} over {r.n} questions, "
+            f"reply score {r.candidate:.3f} vs live {r.live:.3f} over {r.n + r.kept} questions{kept}, "
             f"{r.wins} better and {r.losses} worse (need > {need:.3f})",
         ),
         (
@@ -281,7 +269,6 @@ def _reply_checks(report: EvalReport, config: GateConfig) -> list[tuple[bool, st
             f"generic replies stating an operator's fact: {r.candidate_leaks} vs live {r.live_leaks} "
             f"(need <= {r.live_leaks}){named if r.candidate_leaks > r.live_leaks else ''}",
         ),
-        *kept,
     ]
 
 
