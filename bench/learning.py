@@ -74,7 +74,7 @@ from server.settings import load_settings
 from training.chats import load_chat
 from training.config import TrainConfig
 from training.gate import EvalReport, GateJudge, verdicts
-from training.reading import reply_score
+from training.reading import READS_RIGHT, reply_score
 
 
 async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
@@ -432,12 +432,19 @@ def plain_words(report: dict[str, Any]) -> dict[str, Any] | None:
     """``report`` with its replies scored again on plain words (every content word counts 1),
     from the replies it keeps; None when it does not keep every question's."""
     replies = report.get("replies") or {}
-    kept = replies.get("examples") or []  # the corrected questions', then the ones customers rated up
-    if not every_reply([e for e in kept if not e.get("kept")], replies) or len(kept) != replies["n"] + replies.get(
+    shown = replies.get("examples") or []  # the corrected questions', then the ones customers rated up
+    if not every_reply([e for e in shown if not e.get("kept")], replies) or len(shown) != replies["n"] + replies.get(
         "kept", 0
     ):
         return None
-    scores = [(reply_score(e["candidate"], e["answer"]), reply_score(e["live"], e["answer"])) for e in kept]
+    cap = {True: READS_RIGHT, False: 1.0}  # as read_replies counts the liked questions
+    scores = [
+        (
+            min(reply_score(e["candidate"], e["answer"]), cap[bool(e.get("kept"))]),
+            min(reply_score(e["live"], e["answer"]), cap[bool(e.get("kept"))]),
+        )
+        for e in shown
+    ]
     return {
         **report,
         "replies": {
@@ -666,7 +673,9 @@ OWN_QUESTIONS = "the rubric on the gate's own questions"
 """The bench's rubric applied to the replies the gate read (its held-out corrected questions, kept
 in the report): does the reading agree with the rubric on the questions it reads, and do those
 questions agree with the 36 held-out paraphrases? It tells a misreading apart from a sample too
-small to tell."""
+small to tell. Since the gate also asks the questions whose reply customers liked
+(``gate.kept_questions``), the reading counts those too while the rubric here reads the corrected
+ones alone: the liked replies are no rubric answer to rate against."""
 
 
 def rubric_on_kept(deployment: str, judged: dict[str, Any]) -> tuple[int, int, int] | None:

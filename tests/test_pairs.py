@@ -13,7 +13,17 @@ import pytest
 from feedback.records import Correction, FeedbackSnapshot, FinishReason, Message, Rating, Role, operator_author
 from training import signals
 from training.chats import SHIPPED, load_chat, replay_chat_path, shared_prompts
-from training.pairs import FeedbackRef, TrainingData, dataset_id, pick_likeliest, replay_plan, split, split_groups
+from training.pairs import (
+    FeedbackRef,
+    TrainingData,
+    bucket,
+    dataset_id,
+    pick_likeliest,
+    prompt_key,
+    replay_plan,
+    split,
+    split_groups,
+)
 from training.signals import CONTRAST_POOL, build_training_data, fact_fragments, replay_rows, swap_numbers
 
 
@@ -183,7 +193,8 @@ def test_split_keeps_conversations_whole_and_both_sides_nonempty() -> None:
 
 def test_conversations_with_thumbs_alone_are_held_out_too_and_pairs_split_as_before() -> None:
     """The gate asks held-out replies customers liked again (gate.kept_questions): conversations
-    with only thumbs are split by content like the others; the pairs' split does not move."""
+    with only thumbs and a reply rated up are split by content like the others, at most ``liked``
+    contexts of them; the pairs' split does not move, and thumbs nobody asks again stay in training."""
     corrected = [
         m
         for i in range(10)
@@ -194,25 +205,57 @@ def test_conversations_with_thumbs_alone_are_held_out_too_and_pairs_split_as_bef
         for i in range(40)
         for m in (msg(f"v{i}", U, f"t{i}", None, 1, f"d{i}"), msg(f"b{i}", A, f"good {i}", f"v{i}", 2, f"d{i}"))
     ]
-    # a thumbs-only conversation that asks what a corrected one asks: it falls on that one's side
-    again = [msg("vq", U, "q3", None, 1, "dq"), msg("bq", A, "fine", "vq", 2, "dq")]
+    disliked = [
+        m
+        for i in range(40)
+        for m in (msg(f"w{i}", U, f"s{i}", None, 1, f"e{i}"), msg(f"x{i}", A, f"bad {i}", f"w{i}", 2, f"e{i}"))
+    ]
     corrections = tuple(Correction(i, f"a{i}", "fixed", "op") for i in range(10))
-    ups = (*(rating(100 + i, f"b{i}", 1) for i in range(40)), rating(200, "bq", 1), rating(201, "b0", -1, "u2"))
-    data = build_training_data(FeedbackSnapshot(tuple(corrected + liked + again), ups, corrections))
+    ups = tuple(rating(100 + i, f"b{i}", 1) for i in range(40))
+    downs = tuple(rating(200 + i, f"x{i}", -1) for i in range(40))
+    data = build_training_data(FeedbackSnapshot(tuple(corrected + liked + disliked), ups + downs, corrections))
     without = build_training_data(FeedbackSnapshot(tuple(corrected), (), corrections))
-    train, heldout = split(data, 0.3)
+    train, heldout = split(data, 0.3, liked=16)
+    before = split(without, 0.3)
     assert (train.dpo, heldout.dpo, train.sft, heldout.sft) == (
-        split(without, 0.3)[0].dpo,
-        split(without, 0.3)[1].dpo,
-        split(without, 0.3)[0].sft,
-        split(without, 0.3)[1].sft,
+        before[0].dpo,
+        before[1].dpo,
+        before[0].sft,
+        before[1].sft,
     )
     assert not {r.group for r in train.kto} & {r.group for r in heldout.kto}
-    assert 0 < len(heldout.kept()) < 40  # replies rated up, one per context
+    assert 0 < len(heldout.kept()) < 16 and {r.group for r in heldout.kto} <= {f"d{i}" for i in range(40)}
     assert all(r.label and r.signal is None for r in heldout.kept())
-    q3_held = any(r.prompt[-1]["content"] == "q3" for r in heldout.dpo)
-    assert any(r.group == "dq" for r in (heldout if q3_held else train).kto)
-    assert split(data, 0.0)[1].kto == ()  # nothing held out, nothing asked again
+    assert len(split(data, 0.3, liked=2)[1].kept()) == 2  # the cap: the two lowest hashes
+    assert split(data, 0.3)[1].kto == () and split(data, 0.0, liked=16)[1].kto == ()  # nobody asks them
+
+
+def test_a_liked_reply_to_a_question_a_pair_asks_goes_to_the_pairs_side() -> None:
+    """Two corrected conversations, neither hashing below the fraction: the split still holds one
+    out (split_groups), and a thumbs-only conversation asking that question goes with it, though its
+    own hash would keep it in training; one asking the other question stays in training."""
+    questions = ["q-alpha", "q-beta"]
+    snap_msgs = [
+        m
+        for i, q in enumerate(questions)
+        for m in (msg(f"u{i}", U, q, None, 1, f"c{i}"), msg(f"a{i}", A, "r", f"u{i}", 2, f"c{i}"))
+    ]
+    snap_msgs += [
+        m
+        for i, q in enumerate(questions)
+        for m in (msg(f"v{i}", U, q, None, 1, f"d{i}"), msg(f"b{i}", A, "ok", f"v{i}", 2, f"d{i}"))
+    ]
+    corrections = tuple(Correction(i, f"a{i}", "fixed", "op") for i in range(2))
+    ups = tuple(rating(10 + i, f"b{i}", 1) for i in range(2))
+    data = build_training_data(FeedbackSnapshot(tuple(snap_msgs), ups, corrections))
+    fraction = 0.01
+    keys = {r.group: prompt_key(r.prompt) for r in data.dpo}
+    assert all(bucket(k) >= fraction for k in keys.values())  # held out by split_groups' rule alone
+    train, heldout = split(data, fraction, liked=16)
+    (held_pair,) = {r.group for r in heldout.dpo}
+    other = next(g for g in keys if g != held_pair)
+    assert {r.group for r in heldout.kto} == {"d" + held_pair[1:]}
+    assert {r.group for r in train.kto} == {"d" + other[1:]}
 
 
 def _corrected_chats(n: int) -> FeedbackSnapshot:

@@ -231,8 +231,9 @@ def test_the_gate_asks_held_out_liked_replies_again(tiny_model: Path, tmp_path: 
     assert [e["answer"] for e in replies["examples"] if not e.get("kept")] == [SHIP_A]
     assert all(isinstance(e["candidate"], str) and -0.5 <= e["candidate_score"] <= 1 for e in again)
     # the mean reply scores count the liked replies' questions beside the corrected one
-    every = replies["examples"]
-    assert replies["candidate"] == round(sum(e["candidate_score"] for e in every) / 3, 4)
+    every = replies["examples"]  # the liked questions count up to READS_RIGHT (0.6)
+    counted = [e["candidate_score"] if not e.get("kept") else min(e["candidate_score"], 0.6) for e in every]
+    assert replies["candidate"] == round(sum(counted) / 3, 4)
     assert replies["wins"] + replies["losses"] <= 3
 
 

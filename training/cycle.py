@@ -157,7 +157,9 @@ def prepare(snapshot: FeedbackSnapshot, cfg: CycleConfig) -> PreparedData:
             implicit=cfg.implicit.train,
         )
     )
-    train, heldout = pairs.split(data, cfg.heldout_fraction)
+    # the replies customers liked that the gate asks again (none when it reads no replies)
+    liked = cfg.gate.kept_questions if cfg.gate.reply_questions else 0
+    train, heldout = pairs.split(data, cfg.heldout_fraction, liked=liked)
     weighted = weight_reviewed(train, cfg.trust.operator_weight)
     return PreparedData(data, train, weighted, heldout, trust_report, cleaning)
 

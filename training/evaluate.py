@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from training.gate import EvalReport, ModelScores, ReplyReport
-from training.reading import AnswerWeights, kept_changes, leaks, operator_facts, score_reply
+from training.reading import READS_RIGHT, AnswerWeights, kept_changes, leaks, operator_facts, score_reply
 
 CANDIDATE = "default"
 LIVE = "live"
@@ -221,8 +221,9 @@ def read_replies(
     prompt does not hold. The questions are the held-out corrections' (all held-out pairs' when
     there are none), one per distinct prompt and answer. Then up to ``kept_questions`` of the
     ``kept`` rows (held-out replies customers rated up, TRL KTO rows) on other prompts: each
-    model's reply is scored against the liked one, counted in the means and the wins and losses,
-    and the report counts the kept answers the candidate lost and regained
+    model's reply is scored against the liked one and counted in the means and the wins and
+    losses up to ``READS_RIGHT`` (a reply that reads as the liked one counts as that, however
+    close: live may have written it word for word), and the report counts the kept answers the candidate lost and regained
     (``training.reading.kept_changes``). The report keeps the first ``examples`` questions with both replies (all of them by
     default: a later reading can score them again; a kept one is marked ``"kept": true``).
     None when ``questions`` is 0 or there is no held-out pair."""
@@ -259,13 +260,16 @@ def read_replies(
     }
     n = len(asked)
     lost, regained = kept_changes(scores["cand"][n:], scores["live"][n:])
+    # a reply that reads as the liked one counts as that: live, which may have written it, gains
+    # nothing over a candidate that says the same in other words
+    counted = {key: [*v[:n], *(min(x, READS_RIGHT) for x in v[n:])] for key, v in scores.items()}
     leaked = {key: leaks(heard[key], [p[-1]["content"] for p in generic_prompts], facts) for key in heard}
-    pairs_of_scores = list(zip(scores["cand"], scores["live"], strict=True))
+    pairs_of_scores = list(zip(counted["cand"], counted["live"], strict=True))
     shown = range(len(every)) if examples is None else [*range(min(examples, n)), *range(n, n + len(again))][:examples]
     return ReplyReport(
         n=n,
-        candidate=round(sum(scores["cand"]) / len(every), 4),
-        live=round(sum(scores["live"]) / len(every), 4),
+        candidate=round(sum(counted["cand"]) / len(every), 4),
+        live=round(sum(counted["live"]) / len(every), 4),
         wins=sum(1 for c, v in pairs_of_scores if c > v),
         losses=sum(1 for c, v in pairs_of_scores if c < v),
         candidate_leaks=len(leaked["cand"]),

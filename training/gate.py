@@ -21,8 +21,9 @@ same held-out preference pairs. Terms, per held-out pair (prompt x, chosen c, re
   and figures, minus figures the operator did not give), and each model's replies to the generic
   chat prompts are read for operator facts that do not belong there (leaks). Both models also
   answer again held-out questions whose reply customers rated up (*kept* questions), each reply
-  scored against the liked one, and these scores count in each model's mean beside the
-  corrected ones': the corrected questions are all ones live got wrong, so without them the
+  scored against the liked one, and these scores (up to ``training.reading.READS_RIGHT``: a
+  reply that reads as the liked one counts as that, however close) count in each model's mean
+  beside the corrected ones': the corrected questions are all ones live got wrong, so without them the
   replies cannot show a regression. The report also counts the kept answers the candidate
   *lost* (live's reply still reads as the liked one, ``training.reading.READS_RIGHT``, and the
   candidate's no longer does) and *regained*.
@@ -70,7 +71,8 @@ class ModelScores:
 @dataclass(frozen=True)
 class ReplyReport:
     """The replies each model generated to the held-out corrected questions, as read against the
-    operators' answers, and its replies to the generic chat prompts, read for leaks."""
+    operators' answers, and to the held-out questions whose reply customers rated up, as read
+    against the liked replies; and its replies to the generic chat prompts, read for leaks."""
 
     n: int  # corrected questions answered (distinct held-out prompts with an operator's answer)
     candidate: float  # mean reply score (training.reading.reply_score), -0.5 to 1, over n + kept questions

@@ -239,7 +239,7 @@ def split_groups(groups: Iterable[str], fraction: float) -> set[str]:
     return held
 
 
-def split(data: TrainingData, fraction: float) -> tuple[TrainingData, TrainingData]:
+def split(data: TrainingData, fraction: float, *, liked: int = 0) -> tuple[TrainingData, TrainingData]:
     """(train, held-out), split by conversation so no conversation sits on both sides.
 
     The split is over the DPO pairs' conversations (the gate's evidence); other rows of a
@@ -247,11 +247,14 @@ def split(data: TrainingData, fraction: float) -> tuple[TrainingData, TrainingDa
     content (the smallest context among its pairs), not its id, so conversations that open
     alike fall on one side and the same feedback always splits the same way.
 
-    Conversations with thumbs alone (no pair, no demonstration) are split the same way, keyed
-    by their smallest rated context: the held-out ones give the gate replies customers liked,
-    to see whether a candidate still says what live said right (``gate.kept_questions``). A
-    context that a conversation with pairs also opens falls on that conversation's side. Pairs
-    and demonstrations split exactly as without them.
+    With ``liked`` above 0, conversations with thumbs alone (no pair, no demonstration) and a
+    reply rated up are split too, keyed by their smallest rated context: the held-out ones give
+    the gate replies customers liked, to see whether a candidate still says what live said
+    right (``gate.kept_questions``). A context that a pair or a demonstration also asks goes to
+    that row's side (to training when rows of both sides ask it); of the others, those whose
+    hash falls below ``fraction``, at most ``liked`` distinct contexts (the lowest hashes), are
+    held out. Pairs and demonstrations split exactly as without them, and thumbs nobody asks
+    again stay in training.
     """
 
     def smallest(rows: Iterable[DPORow | KTORow]) -> dict[str, str]:
@@ -265,14 +268,8 @@ def split(data: TrainingData, fraction: float) -> tuple[TrainingData, TrainingDa
     keys = smallest(data.dpo)
     held_keys = split_groups(keys.values(), fraction)
     held = {group for group, key in keys.items() if key in held_keys}
-    taught = set(keys) | {r.group for r in data.sft}
-    thumbs_only = smallest(r for r in data.kto if r.group not in taught)
-    paired = set(keys.values())
-
-    def held_alone(key: str) -> bool:
-        return key in held_keys if key in paired else fraction > 0 and bucket(key) < fraction
-
-    held |= {group for group, key in thumbs_only.items() if held_alone(key)}
+    if liked > 0 and fraction > 0:
+        held |= _liked_held(data, held, fraction, liked, smallest)
 
     def part(rows: Sequence[R], keep_held: bool) -> tuple[R, ...]:
         return tuple(r for r in rows if (r.group in held) == keep_held)
@@ -280,6 +277,25 @@ def split(data: TrainingData, fraction: float) -> tuple[TrainingData, TrainingDa
     train = TrainingData(part(data.dpo, False), part(data.kto, False), part(data.sft, False))
     heldout = TrainingData(part(data.dpo, True), part(data.kto, True), part(data.sft, True))
     return train, heldout
+
+
+def _liked_held(
+    data: TrainingData,
+    held: set[str],
+    fraction: float,
+    liked: int,
+    smallest: Callable[[Iterable[DPORow | KTORow]], dict[str, str]],
+) -> set[str]:
+    """The conversations with thumbs alone and a reply rated up that ``split`` holds out."""
+    asking: tuple[DPORow | SFTRow, ...] = (*data.dpo, *data.sft)
+    taught = {r.group for r in asking}
+    sides: dict[str, set[bool]] = defaultdict(set)  # a pair's or a demo's context -> the sides asking it
+    for r in asking:
+        sides[prompt_key(r.prompt)].add(r.group in held)
+    rated_up = {r.group for r in data.kto if r.label and r.signal is None and r.group not in taught}
+    alone = smallest(r for r in data.kto if r.group in rated_up)
+    picked = sorted({k for k in alone.values() if k not in sides and bucket(k) < fraction}, key=bucket)[:liked]
+    return {g for g, k in alone.items() if sides.get(k) == {True} or k in picked}
 
 
 def class_balance_ok(data: TrainingData) -> bool:
