@@ -228,6 +228,8 @@ def test_conversations_with_thumbs_alone_are_held_out_too_and_pairs_split_as_bef
     assert all(r.label and r.signal is None for r in heldout.kept())
     assert len(split(data, 0.3, liked=2)[1].kept()) == 2  # the cap: the two lowest hashes
     assert split(data, 0.3)[1].kto == () and split(data, 0.0, liked=16)[1].kto == ()  # nobody asks them
+    thumbs_alone = dataclasses.replace(data, dpo=(), sft=())  # no held-out pair: the gate reads no replies
+    assert split(thumbs_alone, 0.3, liked=16)[1].kto == ()
 
 
 def test_a_liked_reply_to_a_question_a_pair_asks_goes_to_the_pairs_side() -> None:

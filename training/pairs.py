@@ -254,7 +254,8 @@ def split(data: TrainingData, fraction: float, *, liked: int = 0) -> tuple[Train
     that row's side (to training when rows of both sides ask it); of the others, those whose
     hash falls below ``fraction``, at most ``liked`` distinct contexts (the lowest hashes), are
     held out. Pairs and demonstrations split exactly as without them, and thumbs nobody asks
-    again stay in training.
+    again stay in training: with no held-out pair (a run of thumbs alone) the gate reads no
+    replies, so none is held out.
     """
 
     def smallest(rows: Iterable[DPORow | KTORow]) -> dict[str, str]:
@@ -268,7 +269,7 @@ def split(data: TrainingData, fraction: float, *, liked: int = 0) -> tuple[Train
     keys = smallest(data.dpo)
     held_keys = split_groups(keys.values(), fraction)
     held = {group for group, key in keys.items() if key in held_keys}
-    if liked > 0 and fraction > 0:
+    if liked > 0 and held:  # the gate reads replies only beside held-out pairs
         held |= _liked_held(data, held, fraction, liked, smallest)
 
     def part(rows: Sequence[R], keep_held: bool) -> tuple[R, ...]:
