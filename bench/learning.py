@@ -74,7 +74,7 @@ from server.settings import load_settings
 from training.chats import load_chat
 from training.config import TrainConfig
 from training.gate import EvalReport, GateJudge, verdicts
-from training.reading import READS_RIGHT, reply_score
+from training.reading import counted, reply_score
 
 
 async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
@@ -433,16 +433,11 @@ def plain_words(report: dict[str, Any]) -> dict[str, Any] | None:
     from the replies it keeps; None when it does not keep every question's."""
     replies = report.get("replies") or {}
     shown = replies.get("examples") or []  # the corrected questions', then the ones customers rated up
-    if not every_reply([e for e in shown if not e.get("kept")], replies) or len(shown) != replies["n"] + replies.get(
-        "kept", 0
-    ):
+    corrected = [e for e in shown if not e.get("kept")]
+    if not every_reply(corrected, replies) or len(shown) - len(corrected) != replies.get("kept", 0):
         return None
-    cap = {True: READS_RIGHT, False: 1.0}  # as read_replies counts the liked questions
     scores = [
-        (
-            min(reply_score(e["candidate"], e["answer"]), cap[bool(e.get("kept"))]),
-            min(reply_score(e["live"], e["answer"]), cap[bool(e.get("kept"))]),
-        )
+        tuple(counted(reply_score(e[model], e["answer"]), liked=bool(e.get("kept"))) for model in ("candidate", "live"))
         for e in shown
     ]
     return {

@@ -12,6 +12,7 @@ from training.gate import EvalReport, GateConfig, GateJudge, ModelScores, ReplyR
 from training.reading import (
     AnswerWeights,
     content_words,
+    counted,
     kept_changes,
     leaked,
     leaks,
@@ -131,6 +132,8 @@ def test_the_reply_judge_promotes_only_better_replies_without_new_leaks() -> Non
 def test_the_liked_replies_count_in_the_reading_and_their_losses_are_counted() -> None:
     # a kept answer is lost when live's reply reads as the liked one (0.6 or more) and the candidate's does not
     assert kept_changes([0.9, 0.2, 0.7, 0.1, 0.65], [0.95, 0.8, 0.3, 0.1, 0.6]) == (1, 1)
+    # a liked question counts up to 0.6 (reading as the liked reply is all it shows); a corrected one as scored
+    assert (counted(0.9, liked=True), counted(0.4, liked=True), counted(0.9, liked=False)) == (0.6, 0.4, 0.9)
     liked = "Refunds are accepted within 30 days of delivery."
     assert reply_score("You can return it within 30 days of delivery.", liked) >= 0.6  # the same answer, reworded
     assert reply_score("Refunds take 14 days.", liked) < 0.6

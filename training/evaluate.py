@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from training.gate import EvalReport, ModelScores, ReplyReport
-from training.reading import READS_RIGHT, AnswerWeights, kept_changes, leaks, operator_facts, score_reply
+from training.reading import AnswerWeights, counted, kept_changes, leaks, operator_facts, score_reply
 
 CANDIDATE = "default"
 LIVE = "live"
@@ -222,11 +222,11 @@ def read_replies(
     there are none), one per distinct prompt and answer. Then up to ``kept_questions`` of the
     ``kept`` rows (held-out replies customers rated up, TRL KTO rows) on other prompts: each
     model's reply is scored against the liked one and counted in the means and the wins and
-    losses up to ``READS_RIGHT`` (a reply that reads as the liked one counts as that, however
-    close: live may have written it word for word), and the report counts the kept answers the candidate lost and regained
-    (``training.reading.kept_changes``). The report keeps the first ``examples`` questions with both replies (all of them by
-    default: a later reading can score them again; a kept one is marked ``"kept": true``).
-    None when ``questions`` is 0 or there is no held-out pair."""
+    losses as ``training.reading.counted`` says, and the report counts the kept answers the
+    candidate lost and regained (``training.reading.kept_changes``). The report keeps the first
+    ``examples`` questions with both replies (all of them by default: a later reading can score
+    them again; a kept one is marked ``"kept": true``). None when ``questions`` is 0 or there is
+    no held-out pair."""
     seen: set[str] = set()
     asked: list[tuple[list[dict[str, str]], str]] = []
     for p in (pairs[i] for i in golden(pairs)):
@@ -243,6 +243,7 @@ def read_replies(
         if key not in prompts and len(again) < kept_questions:
             prompts.add(key)
             again.append((list(row["prompt"]), row["completion"][0]["content"]))
+    every = asked + again
     answers = [*corrections, *(answer for _, answer in asked)]  # the operators': a leak's facts, each word's weight
     facts, weights = operator_facts(answers), AnswerWeights.of(answers)
     generic_prompts = [list(g["prompt"]) for g in generic]
@@ -250,26 +251,23 @@ def read_replies(
     heard: dict[str, list[str]] = {}
     for key, adapter in (("cand", CANDIDATE), ("live", live_adapter)):
         with _as(model, adapter):
-            said[key] = generate_replies(model, tokenizer, [q for q, _ in asked + again], max_new_tokens=max_new_tokens)
+            said[key] = generate_replies(model, tokenizer, [q for q, _ in every], max_new_tokens=max_new_tokens)
             heard[key] = generate_replies(model, tokenizer, generic_prompts, max_new_tokens=max_new_tokens)
     model.set_adapter(CANDIDATE)
-    every = asked + again
     scores = {
         key: [score_reply(r, answer, weights).score for r, (_, answer) in zip(said[key], every, strict=True)]
         for key in said
     }
     n = len(asked)
     lost, regained = kept_changes(scores["cand"][n:], scores["live"][n:])
-    # a reply that reads as the liked one counts as that: live, which may have written it, gains
-    # nothing over a candidate that says the same in other words
-    counted = {key: [*v[:n], *(min(x, READS_RIGHT) for x in v[n:])] for key, v in scores.items()}
+    counts = {key: [counted(x, liked=i >= n) for i, x in enumerate(v)] for key, v in scores.items()}
     leaked = {key: leaks(heard[key], [p[-1]["content"] for p in generic_prompts], facts) for key in heard}
-    pairs_of_scores = list(zip(counted["cand"], counted["live"], strict=True))
+    pairs_of_scores = list(zip(counts["cand"], counts["live"], strict=True))
     shown = range(len(every)) if examples is None else [*range(min(examples, n)), *range(n, n + len(again))][:examples]
     return ReplyReport(
         n=n,
-        candidate=round(sum(counted["cand"]) / len(every), 4),
-        live=round(sum(counted["live"]) / len(every), 4),
+        candidate=round(sum(counts["cand"]) / len(every), 4),
+        live=round(sum(counts["live"]) / len(every), 4),
         wins=sum(1 for c, v in pairs_of_scores if c > v),
         losses=sum(1 for c, v in pairs_of_scores if c < v),
         candidate_leaks=len(leaked["cand"]),

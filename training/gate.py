@@ -21,12 +21,11 @@ same held-out preference pairs. Terms, per held-out pair (prompt x, chosen c, re
   and figures, minus figures the operator did not give), and each model's replies to the generic
   chat prompts are read for operator facts that do not belong there (leaks). Both models also
   answer again held-out questions whose reply customers rated up (*kept* questions), each reply
-  scored against the liked one, and these scores (up to ``training.reading.READS_RIGHT``: a
-  reply that reads as the liked one counts as that, however close) count in each model's mean
-  beside the corrected ones': the corrected questions are all ones live got wrong, so without them the
-  replies cannot show a regression. The report also counts the kept answers the candidate
-  *lost* (live's reply still reads as the liked one, ``training.reading.READS_RIGHT``, and the
-  candidate's no longer does) and *regained*.
+  scored against the liked one, and these scores count in each model's mean beside the
+  corrected ones' (up to ``training.reading.READS_RIGHT``: ``training.reading.counted``). The
+  corrected questions are all ones live got wrong, so without these the replies cannot show a
+  regression. The report also counts the kept answers the candidate *lost* (live's reply still
+  reads as the liked one and the candidate's no longer does) and *regained*.
 
 ``gate.judge`` says which evidence decides: ``pairs`` (the likelihood checks above), ``replies``
 (the candidate's replies must score above live's over the corrected and the kept questions,

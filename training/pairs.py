@@ -88,6 +88,11 @@ class KTORow:
         row = {"prompt": _chat(self.prompt), "completion": _reply(self.completion), "label": self.label}
         return row if self.signal is None else {**row, "weight": self.weight}
 
+    @property
+    def thumb_up(self) -> bool:
+        """Raters clicked this reply up (a weak label read from a next message is no click)."""
+        return self.label and self.signal is None
+
 
 @dataclass(frozen=True)
 class SFTRow:
@@ -135,7 +140,7 @@ class TrainingData:
         seen: set[str] = set()
         out: list[KTORow] = []
         for r in self.kto:
-            if r.label and r.signal is None and (key := prompt_key(r.prompt)) not in seen:
+            if r.thumb_up and (key := prompt_key(r.prompt)) not in seen:
                 seen.add(key)
                 out.append(r)
         return tuple(out)
@@ -257,20 +262,11 @@ def split(data: TrainingData, fraction: float, *, liked: int = 0) -> tuple[Train
     again stay in training: with no held-out pair (a run of thumbs alone) the gate reads no
     replies, so none is held out.
     """
-
-    def smallest(rows: Iterable[DPORow | KTORow]) -> dict[str, str]:
-        keys: dict[str, str] = {}
-        for row in rows:
-            key = prompt_key(row.prompt)
-            if row.group not in keys or key < keys[row.group]:
-                keys[row.group] = key
-        return keys
-
-    keys = smallest(data.dpo)
+    keys = _smallest_contexts(data.dpo)
     held_keys = split_groups(keys.values(), fraction)
     held = {group for group, key in keys.items() if key in held_keys}
     if liked > 0 and held:  # the gate reads replies only beside held-out pairs
-        held |= _liked_held(data, held, fraction, liked, smallest)
+        held |= _liked_held(data, held, fraction, liked)
 
     def part(rows: Sequence[R], keep_held: bool) -> tuple[R, ...]:
         return tuple(r for r in rows if (r.group in held) == keep_held)
@@ -280,21 +276,25 @@ def split(data: TrainingData, fraction: float, *, liked: int = 0) -> tuple[Train
     return train, heldout
 
 
-def _liked_held(
-    data: TrainingData,
-    held: set[str],
-    fraction: float,
-    liked: int,
-    smallest: Callable[[Iterable[DPORow | KTORow]], dict[str, str]],
-) -> set[str]:
+def _smallest_contexts(rows: Iterable[DPORow | KTORow]) -> dict[str, str]:
+    """Each conversation's smallest context (``prompt_key``) among ``rows``: its key in the split."""
+    keys: dict[str, str] = {}
+    for row in rows:
+        key = prompt_key(row.prompt)
+        if row.group not in keys or key < keys[row.group]:
+            keys[row.group] = key
+    return keys
+
+
+def _liked_held(data: TrainingData, held: set[str], fraction: float, liked: int) -> set[str]:
     """The conversations with thumbs alone and a reply rated up that ``split`` holds out."""
     asking: tuple[DPORow | SFTRow, ...] = (*data.dpo, *data.sft)
     taught = {r.group for r in asking}
     sides: dict[str, set[bool]] = defaultdict(set)  # a pair's or a demo's context -> the sides asking it
     for r in asking:
         sides[prompt_key(r.prompt)].add(r.group in held)
-    rated_up = {r.group for r in data.kto if r.label and r.signal is None and r.group not in taught}
-    alone = smallest(r for r in data.kto if r.group in rated_up)
+    rated_up = {r.group for r in data.kto if r.thumb_up and r.group not in taught}
+    alone = _smallest_contexts(r for r in data.kto if r.group in rated_up)
     picked = sorted({k for k in alone.values() if k not in sides and bucket(k) < fraction}, key=bucket)[:liked]
     return {g for g, k in alone.items() if sides.get(k) == {True} or k in picked}
 

@@ -156,6 +156,14 @@ def reply_score(reply: str, answer: str, weights: AnswerWeights | None = None) -
 READS_RIGHT = 0.6
 
 
+def counted(score: float, *, liked: bool) -> float:
+    """How a reply's score counts in the reply judge's mean: against an operator's answer as it is;
+    against a reply customers liked up to ``READS_RIGHT``, since reading as the liked one is all it
+    can show (live may have written that reply word for word; a candidate saying the same in other
+    words is as good)."""
+    return min(score, READS_RIGHT) if liked else score
+
+
 def kept_changes(candidate: Sequence[float], live: Sequence[float]) -> tuple[int, int]:
     """(lost, regained) over questions whose reference is a reply customers rated up, each model's
     reply scored against it: lost where live's reply reads as it (``READS_RIGHT``) and the
@@ -205,6 +213,7 @@ __all__ = [
     "AnswerWeights",
     "ReplyScore",
     "content_words",
+    "counted",
     "kept_changes",
     "leaked",
     "leaks",
