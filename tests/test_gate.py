@@ -24,7 +24,23 @@ def report(**kw: object) -> EvalReport:
 
 def test_clearly_better_candidate_is_promoted_with_reasons() -> None:
     d = decide(report(), GateConfig())
-    assert d.promote and len(d.reasons) == 4 and all(r.startswith("passed") for r in d.reasons)
+    assert d.promote and len(d.reasons) == 3 and all(r.startswith("passed") for r in d.reasons)
+    d = decide(report(), GateConfig(max_chosen_nll_increase=0.0))
+    assert d.promote and len(d.reasons) == 4 and any("chosen NLL" in r for r in d.reasons)
+
+
+def test_chosen_nll_is_not_checked_unless_set() -> None:
+    """A candidate that reads the held-out corrections as less likely than live does, with every
+    preference check passed, is promoted by default (the bench's reason: ``gate.max_chosen_nll_increase``);
+    set, the rise rejects it and says by how much."""
+    risen = report(candidate=ModelScores(0.8, 3.1), live=ModelScores(0.6, 2.0))
+    d = decide(risen, GateConfig())
+    assert d.promote and not any("chosen NLL" in r for r in d.reasons), d.reasons
+    d = decide(risen, GateConfig(max_chosen_nll_increase=0.5))
+    assert not d.promote and "failed: chosen NLL 3.1000 vs live 2.0000 (need <= 3.0000)" in d.reasons
+    assert decide(risen, GateConfig(max_chosen_nll_increase=0.6)).promote
+    with pytest.raises(ValueError, match="max_chosen_nll_increase"):
+        GateConfig(max_chosen_nll_increase=-0.1)
 
 
 @pytest.mark.parametrize(
@@ -38,7 +54,7 @@ def test_clearly_better_candidate_is_promoted_with_reasons() -> None:
     ],
 )
 def test_each_failed_check_rejects_and_says_why(change: dict[str, object], needle: str) -> None:
-    d = decide(report(**change), GateConfig())
+    d = decide(report(**change), GateConfig(max_chosen_nll_increase=0.0))
     assert not d.promote
     assert any(needle in r for r in d.reasons), d.reasons
 

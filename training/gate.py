@@ -15,7 +15,11 @@ same held-out preference pairs. Terms, per held-out pair (prompt x, chosen c, re
   deployment talks: a live version that happens to sit below base does not tighten it for the
   next candidate.
 * ``chosen_nll`` (per model): mean per-token negative log-likelihood of the chosen answers of
-  held-out operator corrections (of all held-out chosen answers when there are none).
+  held-out operator corrections (of all held-out chosen answers when there are none). Reported
+  always; checked only when ``gate.max_chosen_nll_increase`` is set. A fresh adapter trained on
+  more rows often finds the operators' exact words less likely than live does while it answers
+  more held-out questions right: on the learning bench a rise rejected a candidate customers
+  liked more in 9 of the 11 cycles where it failed one (``bench/RESULTS.md``).
 * ``replies`` (``ReplyReport``): each model *answers* the held-out corrected questions (greedy);
   each reply is scored against the operator's answer (``training.reading.reply_score``: its words
   and figures, minus figures the operator did not give), and each model's replies to the generic
@@ -146,8 +150,14 @@ class GateConfig:
     max_accuracy_drop: float = field(
         default=0.0, metadata={"help": "How far the candidate's preference accuracy may fall below live's."}
     )
-    max_chosen_nll_increase: float = field(
-        default=0.0, metadata={"help": "Relative rise allowed in NLL of chosen answers (0.05 = 5%)."}
+    max_chosen_nll_increase: float | None = field(
+        default=None,
+        metadata={
+            "help": "Relative rise allowed in the held-out corrections' NLL over live's (0.05 = 5%); unset: the "
+            "figure is reported, not checked. Over the learning bench's runs on file a rise failed a candidate "
+            "customers liked more in 9 of the 11 cycles where it failed one (a fresh adapter on more rows reads "
+            "the operators' exact words as less likely while answering more questions right)."
+        },
     )
     max_generic_ppl_increase: float = field(
         default=0.10,
@@ -204,6 +214,8 @@ class GateConfig:
             raise ValueError(
                 "gate.reply_questions and gate.kept_questions must be 0 or more and gate.reply_tokens at least 1"
             )
+        if self.max_chosen_nll_increase is not None and self.max_chosen_nll_increase < 0:
+            raise ValueError("gate.max_chosen_nll_increase is a relative rise: 0 or more, or unset (not checked)")
         if self.min_heldout_pairs < 1:
             raise ValueError("gate.min_heldout_pairs must be at least 1: a gate with no evidence is no gate")
         if not 0.0 <= self.min_reward_accuracy <= 1.0:
@@ -238,13 +250,15 @@ def _pair_checks(report: EvalReport, config: GateConfig) -> list[tuple[bool, str
             f"{report.live.preference_accuracy:.3f} (need >= {floor:.3f})",
         )
     )
-    ceiling = report.live.chosen_nll * (1.0 + config.max_chosen_nll_increase)
-    checks.append(
-        (
-            report.candidate.chosen_nll <= ceiling,
-            f"chosen NLL {report.candidate.chosen_nll:.4f} vs live {report.live.chosen_nll:.4f} (need <= {ceiling:.4f})",
+    if config.max_chosen_nll_increase is not None:
+        ceiling = report.live.chosen_nll * (1.0 + config.max_chosen_nll_increase)
+        checks.append(
+            (
+                report.candidate.chosen_nll <= ceiling,
+                f"chosen NLL {report.candidate.chosen_nll:.4f} vs live {report.live.chosen_nll:.4f} "
+                f"(need <= {ceiling:.4f})",
+            )
         )
-    )
     return checks
 
 
