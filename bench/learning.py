@@ -73,7 +73,7 @@ from server.app import App
 from server.settings import load_settings
 from training.chats import load_chat
 from training.config import TrainConfig
-from training.gate import EvalReport, GateJudge, verdicts
+from training.gate import EvalReport, GateConfig, GateJudge, verdicts
 from training.reading import counted, reply_score
 
 
@@ -410,6 +410,9 @@ async def judge_candidate(
         "candidate_heldout_wide": candidate["heldout_wide"],
         "live_heldout_wide": by_version[live]["heldout_wide"],
         "verdicts": said,
+        # the gate's pair figures as the job reported them, so that ``rejudge`` can decide the cycle
+        # again under another gate configuration
+        "report": gate_figures(report),
         "reward_margin": report.get("reward_margin"),
         "chosen_nll": [report["candidate"]["chosen_nll"], report["live"]["chosen_nll"]],
         "replies": {k: v for k, v in replies.items() if k != "examples"},
@@ -419,6 +422,20 @@ async def judge_candidate(
         # what the reply judge said before it weighted words by rarity (the same replies, every word 1)
         "verdicts_plain": verdicts(EvalReport.from_dict(plain), app.settings.gate) if plain else None,
     }
+
+
+def gate_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation report (``EvalReport.to_dict``) without its replies and extras: what a cycle's
+    record keeps beside ``replies`` (which holds the replies' figures without their examples)."""
+    return {k: v for k, v in report.items() if k not in ("replies", "extra")}
+
+
+def rejudge(judged: dict[str, Any], gate: GateConfig) -> dict[str, bool] | None:
+    """What each judge would decide on a recorded cycle under ``gate``: the verdicts recorded at run
+    time were under the gate of that commit. None for a record from before the report was kept."""
+    if not judged.get("report"):
+        return None
+    return verdicts(EvalReport.from_dict({**judged["report"], "replies": judged.get("replies")}), gate)
 
 
 PLAIN = "replies, plain words"

@@ -19,6 +19,7 @@ from bench.learning import (
     agreement,
     agreement_table,
     better,
+    gate_figures,
     intent_p,
     labelled_runs,
     live_curve,
@@ -27,6 +28,7 @@ from bench.learning import (
     parse_args,
     plain_words,
     plot_runs,
+    rejudge,
     shape,
     share_p_range,
     table,
@@ -35,6 +37,7 @@ from bench.learning import (
 )
 from bench.rater import SATISFIED, load_deployment
 from training.config import TrainConfig
+from training.gate import EvalReport, GateConfig, ModelScores, verdicts
 
 
 def _row(deployment: str, seed: int, gain: float, *, reactions: bool = False) -> dict[str, Any]:
@@ -384,3 +387,25 @@ def test_the_runs_plot_is_drawn(tmp_path: Path) -> None:
     png = tmp_path / "runs.png"
     plot_runs(runs, png)
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_recorded_cycle_is_judged_again_under_another_gate() -> None:
+    """``judge_candidate`` keeps the pair figures (``gate_figures``) beside the replies' figures, so
+    a cycle can be decided again under another gate: here a chosen-NLL rise that the default gate
+    does not check and ``gate.max_chosen_nll_increase = 0`` does."""
+    report = EvalReport(
+        n_heldout=6,
+        candidate=ModelScores(0.9, 1.4, generic_ppl=7.0),
+        live=ModelScores(0.5, 0.9, generic_ppl=6.8),
+        reward_margin=2.0,
+        reward_accuracy=0.8,
+        base_generic_ppl=7.5,
+        extra={"budget": {"steps": 3}},
+    ).to_dict()
+    judged = {"report": gate_figures(report), "replies": None}
+    assert "extra" not in judged["report"] and "replies" not in judged["report"]
+    said, strict = rejudge(judged, GateConfig()), rejudge(judged, GateConfig(max_chosen_nll_increase=0.0))
+    assert said == verdicts(EvalReport.from_dict(report), GateConfig())
+    assert said is not None and said["pairs"] is True
+    assert strict is not None and strict["pairs"] is False
+    assert rejudge({"verdicts": {"pairs": True}}, GateConfig()) is None  # a record from before the report was kept
