@@ -1,9 +1,11 @@
 """The gate's judges over every learning run on file, as run and with the chosen-NLL check off.
 
-The runs on file recorded each judge's verdict, not every check's figures (they keep them since
-``judged.report``), so a cycle is decided again here from what the records hold: the pairs judge
-rejected it and the candidate's chosen NLL rose over live's, so the check failed it; it flips to
-promote unless another check is known to have failed (``OTHER_FAILURES``: the run logs and
+A cycle recorded with the gate's figures (``judged.report``, since the fifteenth session) is
+decided again exactly (``bench.learning.rejudge`` under today's default gate, which does not
+check the chosen NLL). The runs before recorded each judge's verdict, not every check's figures,
+so such a cycle is decided from what the record holds: the pairs judge rejected it and the
+candidate's chosen NLL rose over live's, so the check failed it; it flips to promote unless
+another check is known to have failed (``OTHER_FAILURES``: the run logs and
 ``bench/RESULTS.md`` give each rejection's reasons). Prints the flipped cycles and the agreement
 with the rubric, over every decided cycle and over those beyond chance (``bench/RESULTS.md``, "The
 chosen-NLL check").
@@ -22,7 +24,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.learning import BEYOND_CHANCE, agreement, better, verdict_shares
+from bench.learning import BEYOND_CHANCE, agreement, better, rejudge, verdict_shares
+from training.gate import GateConfig
 
 OTHER_FAILURES = {("bench/runs/replay-share-0.15/airline-seed0-explicit/learning.json", 3)}
 """(run file, cycle) whose rejection also failed another pair check (reward accuracy 0.492)."""
@@ -38,7 +41,9 @@ def without_nll_check(files: list[str], runs: list[dict[str, Any]]) -> tuple[lis
             if not judged or not judged.get("chosen_nll") or (name, n) in OTHER_FAILURES:
                 continue
             cand, live = judged["chosen_nll"]
-            if judged["verdicts"]["pairs"] is False and cand > live:
+            now = rejudge(judged, GateConfig())
+            promote = now["pairs"] if now is not None else cand > live
+            if judged["verdicts"]["pairs"] is False and promote:
                 judged["verdicts"]["pairs"] = True
                 shares = " vs ".join(f"{s:.1%}" for s in verdict_shares(judged))
                 flipped.append(

@@ -409,3 +409,35 @@ def test_a_recorded_cycle_is_judged_again_under_another_gate() -> None:
     assert said is not None and said["pairs"] is True
     assert strict is not None and strict["pairs"] is False
     assert rejudge({"verdicts": {"pairs": True}}, GateConfig()) is None  # a record from before the report was kept
+
+
+def test_the_pairs_verdict_without_the_chosen_nll_check() -> None:
+    """``bench/chosen_nll.py``: a rejection with a chosen-NLL rise flips to promote (decided exactly
+    where the record keeps the gate's figures, from the rise where it does not); a rejection without
+    a rise, or one known to have failed another check, stays."""
+    from bench.chosen_nll import OTHER_FAILURES, without_nll_check
+
+    risen = EvalReport(
+        n_heldout=6,
+        candidate=ModelScores(0.9, 1.4),
+        live=ModelScores(0.5, 0.9),
+        reward_margin=2.0,
+        reward_accuracy=0.8,
+    ).to_dict()
+
+    def cycle(nll: list[float], report: dict[str, Any] | None = None) -> dict[str, Any]:
+        judged = _judged(0.3, 0.1, pairs=False, replies=False)["judged"] | {"chosen_nll": nll}
+        return {"judged": judged | ({"report": gate_figures(report), "replies": None} if report else {})}
+
+    failed_more = risen | {"reward_accuracy": 0.4}  # recorded: the reward accuracy failed too
+    cycles = [cycle([1.4, 0.9]), cycle([0.8, 0.9]), cycle([1.4, 0.9], risen), cycle([1.4, 0.9], failed_more)]
+    run = _row("helpdesk", 0, 20.0) | {"cycles": cycles}
+    (changed,), flipped = without_nll_check(["a.json"], [run])
+    assert [c["judged"]["verdicts"]["pairs"] for c in changed["cycles"]] == [True, False, True, False]
+    assert len(flipped) == 2 and flipped[0].startswith("a.json cycle 1: chosen NLL 1.400 vs 0.900")
+    assert run["cycles"][0]["judged"]["verdicts"]["pairs"] is False  # the runs read are left as they were
+    ((known, n),) = OTHER_FAILURES
+    (kept,), _ = without_nll_check(
+        [known], [_row("airline", 0, 20.0) | {"cycles": [cycle([1.4, 0.9]) for _ in range(n)]}]
+    )
+    assert kept["cycles"][n - 1]["judged"]["verdicts"]["pairs"] is False
