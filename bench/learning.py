@@ -30,6 +30,14 @@ Northwind Goods (12 intents). Each cycle:
    would have said of it beside what each of the gate's judges (``gate.verdicts``) said;
    ``--judge`` picks the judge that decides (``gate.judge``).
 
+``--starve CYCLES`` cuts the training of those cycles short: each stage stops after
+``--starve-steps`` optimizer steps (``training.max_steps`` for that cycle alone), as a run whose
+time budget ran out on a busy machine would. Trained from the base model (``training.init_from``
+"base", the default), such a candidate is close to the base model: a version customers like less
+than a trained live one, which the gate must hold back. No natural cycle on file was clearly worse
+than live, so without these the judges' rejections go untested; the agreement table counts the
+starved cycles apart from the others (``STARVED``).
+
 Prints, per version: held-out and training satisfaction, leaks, generic-chat perplexity,
 cycle wall time; writes a PNG plot; the last line is one JSON object. ``--all`` runs every
 deployment for every seed of ``--seeds`` and every mode of ``--modes`` one after another
@@ -60,7 +68,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -72,7 +80,7 @@ from feedback import Reaction
 from server.app import App
 from server.settings import load_settings
 from training.chats import load_chat
-from training.config import TrainConfig
+from training.config import CycleConfig, TrainConfig
 from training.gate import EvalReport, GateConfig, GateJudge, verdicts
 from training.reading import counted, reply_score
 
@@ -246,7 +254,13 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     for r in results
                     if r.reaction is not None and (x := recorded.get(r.message_id)) is not None
                 )
-                result = await app.trainer.run(force=True)
+                normal = app.trainer.cycle.config
+                if cycle in args.starve:
+                    app.trainer.cycle.config = starved(normal, args.starve_steps)
+                try:
+                    result = await app.trainer.run(force=True)
+                finally:
+                    app.trainer.cycle.config = normal
                 train_s = time.monotonic() - t0
                 print(
                     f"cycle {cycle}: {live} training satisfaction {train_sat:.0%}, {corrected} corrections"
@@ -257,6 +271,7 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                         if args.reactions
                         else ""
                     )
+                    + (f"training cut short at {args.starve_steps} step(s) a stage; " if cycle in args.starve else "")
                     + f"training -> {result.status} {result.version} ({result.reason[:160]})",
                     flush=True,
                 )
@@ -286,6 +301,8 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
                     )
                 by_version[f"cycle{cycle}"] = {
                     "version": version,
+                    # --starve: the run was cut short on purpose, so its candidate should be rejected
+                    "starved": cycle in args.starve,
                     "trainer": trained_report.get("trainer"),
                     "budget": trained_report.get("budget"),
                     "ratings": sum(r.rated for r in results),
@@ -333,6 +350,8 @@ async def run(args: argparse.Namespace, dep: Deployment) -> dict[str, Any]:
             "replay_share": args.replay_share,
             "guard_every": args.guard_every,
             "numbers": args.numbers,
+            "starve": sorted(args.starve),
+            "starve_steps": args.starve_steps,
         },
         "base": round(base, 3),
         "by_version": {k: round(v["heldout"], 3) for k, v in versions.items()},
@@ -424,6 +443,11 @@ async def judge_candidate(
     }
 
 
+def starved(cfg: CycleConfig, steps: int) -> CycleConfig:
+    """``cfg`` for a run cut short (``--starve``): each stage stops after ``steps`` optimizer steps."""
+    return replace(cfg, train=replace(cfg.train, max_steps=steps))
+
+
 def gate_figures(report: dict[str, Any]) -> dict[str, Any]:
     """An evaluation report (``EvalReport.to_dict``) without its replies and extras: what a cycle's
     record keeps beside ``replies`` (which holds the replies' figures without their examples)."""
@@ -495,12 +519,13 @@ def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
     over the cycles whose verdict is beyond chance (``verdict_chance``), question by question and
     intent by intent."""
     out: dict[str, Any] = {}
-    cycles = [
-        Cycle(r["deployment"], r["seed"], mode_label(r), n, c["judged"], r)
+    every = [
+        (Cycle(r["deployment"], r["seed"], mode_label(r), n, c["judged"], r), bool(c.get("starved")))
         for r in runs
         for n, c in enumerate(r["cycles"], 1)
         if c.get("judged")
     ]
+    cycles = [x for x, cut in every if not cut]
     decided = [x for x in cycles if better(x.judged) is not None]
     tests = [(x, verdict_chance(x)) for x in decided]
 
@@ -516,6 +541,16 @@ def agreement(runs: list[dict[str, Any]]) -> dict[str, Any]:
     judges = {str(judge): (lambda j, judge=judge: j["verdicts"][judge]) for judge in GateJudge}
     for name, said in judges.items():
         out[name] = count(name, said)
+    # --starve: the cycles cut short on purpose, judged apart (their verdicts are the easy ones)
+    cut = [x for x, c in every if c]
+    out[STARVED] = {
+        "cycles": len(cut),
+        "worse": sum(better(x.judged) is False for x in cut),
+        "judges": {
+            name: count(name, said, [x for x in cut if better(x.judged) is not None]) for name, said in judges.items()
+        },
+        "not_worse": [f"{x.label()}: {shares_text(x)}" for x in cut if better(x.judged) is not False],
+    }
     # the reply judge before word weights, on the cycles that kept every reply (since the weights came)
     out[PLAIN] = count(PLAIN, lambda j: (j.get("verdicts_plain") or {}).get(GateJudge.REPLIES))
     out[SCORE_ALONE] = count(SCORE_ALONE, reading)
@@ -550,6 +585,11 @@ def reading(judged: dict[str, Any]) -> bool | None:
 
 
 _deployment = functools.cache(load_deployment)  # the rubric of each deployment, read once per process
+
+STARVED = "cycles cut short (--starve)"
+"""The cycles whose training was cut short on purpose (``--starve``): how many the rubric found
+worse than live, and how often each judge agreed with the rubric on them. Kept apart from the
+natural cycles, whose agreement they would inflate."""
 
 CHANCE = 0.05
 """A cycle's verdict counts as beyond chance when its two-sided p-value is below this."""
@@ -744,6 +784,13 @@ def agreement_table(runs: list[dict[str, Any]]) -> str:
         )
     if found[KEPT]:
         lines.append(f"{KEPT} (gate.kept_questions): {'; '.join(found[KEPT])}")
+    cut = found[STARVED]
+    if cut["cycles"]:
+        lines.append(
+            f"{STARVED}: {cut['cycles']}, the rubric says worse than live on {cut['worse']}; there "
+            + ", ".join(f"{name} agrees on {a['agree']} of {a['of']}" for name, a in cut["judges"].items())
+            + f"; not worse: {'; '.join(cut['not_worse']) or '-'}"
+        )
     chance = found[BEYOND_CHANCE]
 
     def judges(counts: dict[str, dict[str, Any]]) -> str:
@@ -931,6 +978,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--judge", choices=[str(j) for j in GateJudge], default="pairs", help="gate.judge: the evidence that decides"
     )
+    parser.add_argument(
+        "--starve",
+        type=lambda v: {int(c) for c in v.split(",") if c},
+        default=set(),
+        metavar="CYCLES",
+        help="cut the training of these cycles (comma-separated) short at --starve-steps steps a stage: a "
+        "candidate the gate should reject",
+    )
+    parser.add_argument("--starve-steps", type=int, default=1, help="--starve: optimizer steps a stage")
     parser.add_argument("--correct-share", type=float, default=0.5)
     parser.add_argument("--thumbs-share", type=float, default=1.0, help="share of customers who click a thumb (seeded)")
     parser.add_argument("--reactions", action="store_true", help="every customer writes a next message (or leaves)")
@@ -978,6 +1034,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         label, _, pattern = spec.partition("=")
         if not (label and pattern):
             parser.error(f"--plot-runs: {spec!r} is not LABEL=GLOB")
+    if any(not 1 <= c <= args.cycles for c in args.starve):
+        parser.error(f"--starve: cycles are 1 to --cycles ({args.cycles})")
+    if args.starve_steps < 1:
+        parser.error("--starve-steps: at least 1")
     if not 0 <= args.thumbs_share <= 1:
         parser.error("--thumbs-share is a share: 0 to 1")
     for name in ("implicit_training", "operator_reads_reactions"):

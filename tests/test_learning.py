@@ -14,6 +14,7 @@ from bench.learning import (
     OWN_QUESTIONS,
     PLAIN,
     SCORE_ALONE,
+    STARVED,
     Cycle,
     VerdictTest,
     agreement,
@@ -31,12 +32,13 @@ from bench.learning import (
     rejudge,
     shape,
     share_p_range,
+    starved,
     table,
     verdict_chance,
     verdict_shares,
 )
 from bench.rater import SATISFIED, load_deployment
-from training.config import TrainConfig
+from training.config import CycleConfig, TrainConfig
 from training.gate import EvalReport, GateConfig, ModelScores, verdicts
 
 
@@ -101,6 +103,9 @@ def test_bad_flags_are_refused() -> None:
         ["--modes", "explicit,loud"],
         ["--deployment", "nowhere"],
         ["--implicit-training"],  # reads reactions: needs --reactions
+        ["--starve", "4"],  # a cycle the run does not have (3 cycles)
+        ["--starve", "0"],
+        ["--starve", "2", "--starve-steps", "0"],
     ):
         with pytest.raises(SystemExit):
             parse_args(argv)
@@ -157,6 +162,35 @@ def test_each_judge_is_held_to_the_rubric_and_ties_decide_nothing() -> None:
     found = agreement([_row("bank", 0, 20.0) | {"cycles": [kept]}])
     assert found[KEPT] == ["bank seed 0 (thumbs 100%) cycle 1: 3 lost, 1 regained of 9; v2 10% vs v1 20% of 36"]
     assert f"{KEPT} (gate.kept_questions): bank seed 0" in agreement_table([_row("bank", 0, 20.0) | {"cycles": [kept]}])
+
+
+def test_a_starved_cycle_trains_a_few_steps_and_is_judged_apart_from_the_others(tmp_path: Path) -> None:
+    args = parse_args(["--cycles", "4", "--starve", "4,2", "--starve-steps", "3"])
+    assert (args.starve, args.starve_steps) == ({2, 4}, 3)
+    assert parse_args([]).starve == set()
+    cfg = CycleConfig(base_model="m", data_dir=tmp_path, train=TrainConfig(max_steps=1000, learning_rate=2e-4))
+    cut = starved(cfg, 3)
+    assert cut.train.max_steps == 3 and cut.train.learning_rate == 2e-4 and cut.data_dir == tmp_path
+    assert cfg.train.max_steps == 1000  # the normal config is left as it was
+    run = _row("bank", 0, 20.0) | {
+        "cycles": [
+            _judged(0.5, 0.2, pairs=True, replies=True),
+            _judged(0.0, 0.5, pairs=False, replies=False) | {"starved": True},  # worse; both rejected it
+            _judged(0.1, 0.5, pairs=True, replies=False) | {"starved": True},  # worse; pairs promoted it
+            _judged(0.5, 0.5, pairs=False, replies=False) | {"starved": True},  # as good as live
+        ]
+    }
+    found = agreement([run])
+    # the natural cycles' figures do not count the starved ones
+    assert (found["pairs"]["agree"], found["pairs"]["of"], found["ties"]) == (1, 1, 0)
+    cut_found = found[STARVED]
+    assert (cut_found["cycles"], cut_found["worse"]) == (3, 2)
+    assert (cut_found["judges"]["pairs"]["agree"], cut_found["judges"]["pairs"]["of"]) == (1, 2)
+    assert (cut_found["judges"]["replies"]["agree"], cut_found["judges"]["replies"]["of"]) == (2, 2)
+    assert cut_found["not_worse"] == ["bank seed 0 (thumbs 100%) cycle 4: v2 50% vs v1 50% of 36"]
+    line = next(x for x in agreement_table([run]).splitlines() if x.startswith(STARVED))
+    assert "3, the rubric says worse than live on 2; there pairs agrees on 1 of 2, replies agrees on 2 of 2" in line
+    assert STARVED not in agreement_table([_row("bank", 0, 20.0) | {"cycles": run["cycles"][:1]}])
 
 
 def test_the_reply_judge_before_word_weights_is_read_again_from_the_kept_replies() -> None:
