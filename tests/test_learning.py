@@ -425,8 +425,8 @@ def test_the_runs_plot_is_drawn(tmp_path: Path) -> None:
 
 def test_a_recorded_cycle_is_judged_again_under_another_gate() -> None:
     """``judge_candidate`` keeps the pair figures (``gate_figures``) beside the replies' figures, so
-    a cycle can be decided again under another gate: here a chosen-NLL rise that the default gate
-    does not check and ``gate.max_chosen_nll_increase = 0`` does."""
+    a cycle can be decided again under another gate: here a chosen-NLL rise within the default
+    gate's loose limit that ``gate.max_chosen_nll_increase = 0`` rejects."""
     report = EvalReport(
         n_heldout=6,
         candidate=ModelScores(0.9, 1.4, generic_ppl=7.0),
@@ -445,10 +445,11 @@ def test_a_recorded_cycle_is_judged_again_under_another_gate() -> None:
     assert rejudge({"verdicts": {"pairs": True}}, GateConfig()) is None  # a record from before the report was kept
 
 
-def test_the_pairs_verdict_without_the_chosen_nll_check() -> None:
-    """``bench/chosen_nll.py``: a rejection with a chosen-NLL rise flips to promote (decided exactly
-    where the record keeps the gate's figures, from the rise where it does not); a rejection without
-    a rise, or one known to have failed another check, stays."""
+def test_the_pairs_verdict_under_todays_chosen_nll_check() -> None:
+    """``bench/chosen_nll.py``: a rejection with a chosen-NLL rise within today's limit (three times
+    live's) flips to promote (decided exactly where the record keeps the gate's figures, from the
+    rise where it does not); a rejection without a rise, with a rise past the limit, or known to
+    have failed another check, stays."""
     from bench.chosen_nll import OTHER_FAILURES, without_nll_check
 
     risen = EvalReport(
@@ -464,10 +465,16 @@ def test_the_pairs_verdict_without_the_chosen_nll_check() -> None:
         return {"judged": judged | ({"report": gate_figures(report), "replies": None} if report else {})}
 
     failed_more = risen | {"reward_accuracy": 0.4}  # recorded: the reward accuracy failed too
-    cycles = [cycle([1.4, 0.9]), cycle([0.8, 0.9]), cycle([1.4, 0.9], risen), cycle([1.4, 0.9], failed_more)]
+    cycles = [
+        cycle([1.4, 0.9]),
+        cycle([0.8, 0.9]),
+        cycle([1.4, 0.9], risen),
+        cycle([1.4, 0.9], failed_more),
+        cycle([3.7, 0.9]),  # more than three times live's: today's check fails it too
+    ]
     run = _row("helpdesk", 0, 20.0) | {"cycles": cycles}
     (changed,), flipped = without_nll_check(["a.json"], [run])
-    assert [c["judged"]["verdicts"]["pairs"] for c in changed["cycles"]] == [True, False, True, False]
+    assert [c["judged"]["verdicts"]["pairs"] for c in changed["cycles"]] == [True, False, True, False, False]
     assert len(flipped) == 2 and flipped[0].startswith("a.json cycle 1: chosen NLL 1.400 vs 0.900")
     assert run["cycles"][0]["judged"]["verdicts"]["pairs"] is False  # the runs read are left as they were
     ((known, n),) = OTHER_FAILURES

@@ -15,11 +15,14 @@ same held-out preference pairs. Terms, per held-out pair (prompt x, chosen c, re
   deployment talks: a live version that happens to sit below base does not tighten it for the
   next candidate.
 * ``chosen_nll`` (per model): mean per-token negative log-likelihood of the chosen answers of
-  held-out operator corrections (of all held-out chosen answers when there are none). Reported
-  always; checked only when ``gate.max_chosen_nll_increase`` is set. A fresh adapter trained on
-  more rows often finds the operators' exact words less likely than live does while it answers
-  more held-out questions right: on the learning bench a rise rejected a candidate customers
-  liked more in 10 of the 12 cycles where it failed one (``bench/RESULTS.md``).
+  held-out operator corrections (of all held-out chosen answers when there are none). The check
+  is loose by default (``gate.max_chosen_nll_increase`` 2.0: up to three times live's). A fresh
+  adapter trained on more rows often finds the operators' exact words somewhat less likely than
+  live does while it answers more held-out questions right: on the learning bench allowing no
+  rise (the default until the fifteenth session) rejected a candidate customers liked more in 10
+  of the 12 cycles where it failed one, and no natural cycle on file rose past twice live's. A
+  candidate that never learned the operators' answers (a run cut short: ``bench/learning.py
+  --starve``) reads them as many times less likely (``bench/RESULTS.md``).
 * ``replies`` (``ReplyReport``): each model *answers* the held-out corrected questions (greedy);
   each reply is scored against the operator's answer (``training.reading.reply_score``: its words
   and figures, minus figures the operator did not give), and each model's replies to the generic
@@ -151,12 +154,14 @@ class GateConfig:
         default=0.0, metadata={"help": "How far the candidate's preference accuracy may fall below live's."}
     )
     max_chosen_nll_increase: float | None = field(
-        default=None,
+        default=2.0,
         metadata={
-            "help": "Relative rise allowed in the held-out corrections' NLL over live's (0.05 = 5%); unset: the "
-            "figure is reported, not checked. Over the learning bench's runs on file a rise failed a candidate "
-            "customers liked more in 10 of the 12 cycles where it failed one (a fresh adapter on more rows reads "
-            "the operators' exact words as less likely while answering more questions right)."
+            "help": "Relative rise allowed in the held-out corrections' NLL over live's (2.0: up to three times "
+            "live's; 0.05 = 5%); unset: the figure is reported, not checked. Loose on purpose: on the learning "
+            "bench allowing no rise failed a candidate customers liked more in 10 of the 12 cycles where it failed "
+            "one (a fresh adapter on more rows reads the operators' exact words as somewhat less likely while "
+            "answering more questions right), no natural cycle rose past twice live's, and candidates cut short "
+            "rose many times over."
         },
     )
     max_generic_ppl_increase: float = field(
