@@ -1,7 +1,7 @@
 """The gate's judges over every learning run on file, as run and under today's chosen-NLL check.
 
 Until the fifteenth session the gate allowed no rise in the held-out corrections' NLL; today's
-default allows up to three times live's (``gate.max_chosen_nll_increase`` 2.0). A cycle recorded
+default allows 1 nat per token above live's (``gate.max_chosen_nll_rise``). A cycle recorded
 with the gate's figures (``judged.report``, since the fifteenth session) is decided again exactly
 (``bench.learning.rejudge`` under today's default gate). The runs before recorded each judge's
 verdict, not every check's figures, so such a cycle is decided from what the record holds: the
@@ -38,7 +38,8 @@ def without_nll_check(files: list[str], runs: list[dict[str, Any]]) -> tuple[lis
     """``runs`` with the pairs verdict of each cycle the old chosen-NLL check (no rise) alone failed
     turned to promote where today's default gate passes it."""
     gate = GateConfig()
-    limit = math.inf if gate.max_chosen_nll_increase is None else 1.0 + gate.max_chosen_nll_increase
+    rise = math.inf if gate.max_chosen_nll_rise is None else gate.max_chosen_nll_rise
+    share = math.inf if gate.max_chosen_nll_increase is None else 1.0 + gate.max_chosen_nll_increase
     out = copy.deepcopy(runs)
     flipped = []
     for name, run in zip(files, out, strict=True):
@@ -48,7 +49,7 @@ def without_nll_check(files: list[str], runs: list[dict[str, Any]]) -> tuple[lis
                 continue
             cand, live = judged["chosen_nll"]
             now = rejudge(judged, gate)
-            promote = now["pairs"] if now is not None else live < cand <= live * limit
+            promote = now["pairs"] if now is not None else live < cand <= min(live + rise, live * share)
             if judged["verdicts"]["pairs"] is False and promote:
                 judged["verdicts"]["pairs"] = True
                 shares = " vs ".join(f"{s:.1%}" for s in verdict_shares(judged))

@@ -23,7 +23,7 @@ def report(**kw: object) -> EvalReport:
 
 
 def test_clearly_better_candidate_is_promoted_with_reasons() -> None:
-    d = decide(report(), GateConfig(max_chosen_nll_increase=None))
+    d = decide(report(), GateConfig(max_chosen_nll_rise=None))
     assert d.promote and len(d.reasons) == 3 and all(r.startswith("passed") for r in d.reasons)
     d = decide(report(), GateConfig())
     assert d.promote and len(d.reasons) == 4 and any("chosen NLL" in r for r in d.reasons)
@@ -31,22 +31,27 @@ def test_clearly_better_candidate_is_promoted_with_reasons() -> None:
 
 def test_chosen_nll_is_checked_loosely_by_default() -> None:
     """A candidate that reads the held-out corrections as somewhat less likely than live does, with
-    every preference check passed, is promoted by default (the bench's reason: ``gate.max_chosen_nll_increase``);
-    one that reads them as more than three times less likely (a run cut short) is not; unset, the
-    figure is not checked; set tighter, the rise rejects and says by how much."""
-    risen = report(candidate=ModelScores(0.8, 3.1), live=ModelScores(0.6, 2.0))
+    every preference check passed, is promoted by default (the bench's reason: ``gate.max_chosen_nll_rise``,
+    1 nat per token); one that reads them as far less likely (a run cut short) is not; unset, the
+    figure is not checked; a relative limit (``gate.max_chosen_nll_increase``) adds to it and the
+    tighter one decides."""
+    risen = report(candidate=ModelScores(0.8, 2.9), live=ModelScores(0.6, 2.0))
     d = decide(risen, GateConfig())
-    assert d.promote and "passed: chosen NLL 3.1000 vs live 2.0000 (need <= 6.0000)" in d.reasons, d.reasons
+    assert d.promote and "passed: chosen NLL 2.9000 vs live 2.0000 (need <= 3.0000)" in d.reasons, d.reasons
     # the bench's starved helpdesk candidate: 3.73 against live's 0.31, every other check passed
     starved = report(candidate=ModelScores(0.8, 3.73), live=ModelScores(0.6, 0.31))
-    assert not decide(starved, GateConfig()).promote
-    unset = decide(starved, GateConfig(max_chosen_nll_increase=None))
+    d = decide(starved, GateConfig())
+    assert not d.promote and "failed: chosen NLL 3.7300 vs live 0.3100 (need <= 1.3100)" in d.reasons
+    unset = decide(starved, GateConfig(max_chosen_nll_rise=None))
     assert unset.promote and not any("chosen NLL" in r for r in unset.reasons)
-    d = decide(risen, GateConfig(max_chosen_nll_increase=0.5))
-    assert not d.promote and "failed: chosen NLL 3.1000 vs live 2.0000 (need <= 3.0000)" in d.reasons
-    assert decide(risen, GateConfig(max_chosen_nll_increase=0.6)).promote
-    with pytest.raises(ValueError, match="max_chosen_nll_increase"):
-        GateConfig(max_chosen_nll_increase=-0.1)
+    d = decide(risen, GateConfig(max_chosen_nll_increase=0.4))
+    assert not d.promote and "failed: chosen NLL 2.9000 vs live 2.0000 (need <= 2.8000)" in d.reasons
+    assert decide(risen, GateConfig(max_chosen_nll_increase=0.5)).promote
+    d = decide(risen, GateConfig(max_chosen_nll_rise=0.5))
+    assert not d.promote and "failed: chosen NLL 2.9000 vs live 2.0000 (need <= 2.5000)" in d.reasons
+    for bad in ({"max_chosen_nll_increase": -0.1}, {"max_chosen_nll_rise": -0.1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            GateConfig(**bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -446,8 +446,8 @@ def test_a_recorded_cycle_is_judged_again_under_another_gate() -> None:
 
 
 def test_the_pairs_verdict_under_todays_chosen_nll_check() -> None:
-    """``bench/chosen_nll.py``: a rejection with a chosen-NLL rise within today's limit (three times
-    live's) flips to promote (decided exactly where the record keeps the gate's figures, from the
+    """``bench/chosen_nll.py``: a rejection with a chosen-NLL rise within today's limit (1 nat per
+    token above live's) flips to promote (decided exactly where the record keeps the gate's figures, from the
     rise where it does not); a rejection without a rise, with a rise past the limit, or known to
     have failed another check, stays."""
     from bench.chosen_nll import OTHER_FAILURES, without_nll_check
@@ -470,7 +470,7 @@ def test_the_pairs_verdict_under_todays_chosen_nll_check() -> None:
         cycle([0.8, 0.9]),
         cycle([1.4, 0.9], risen),
         cycle([1.4, 0.9], failed_more),
-        cycle([3.7, 0.9]),  # more than three times live's: today's check fails it too
+        cycle([2.0, 0.9]),  # more than 1 nat above live's: today's check fails it too
     ]
     run = _row("helpdesk", 0, 20.0) | {"cycles": cycles}
     (changed,), flipped = without_nll_check(["a.json"], [run])

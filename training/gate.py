@@ -15,14 +15,16 @@ same held-out preference pairs. Terms, per held-out pair (prompt x, chosen c, re
   deployment talks: a live version that happens to sit below base does not tighten it for the
   next candidate.
 * ``chosen_nll`` (per model): mean per-token negative log-likelihood of the chosen answers of
-  held-out operator corrections (of all held-out chosen answers when there are none). The check
-  is loose by default (``gate.max_chosen_nll_increase`` 2.0: up to three times live's). A fresh
-  adapter trained on more rows often finds the operators' exact words somewhat less likely than
-  live does while it answers more held-out questions right: on the learning bench allowing no
-  rise (the default until the fifteenth session) rejected a candidate customers liked more in 10
-  of the 12 cycles where it failed one, and no natural cycle on file rose past twice live's. A
-  candidate that never learned the operators' answers (a run cut short: ``bench/learning.py
-  --starve``) reads them as many times less likely (``bench/RESULTS.md``).
+  held-out operator corrections (of all held-out chosen answers when there are none). Checked
+  loosely by default: at most ``gate.max_chosen_nll_rise`` (1.0) nats per token above live's, that
+  is, the candidate gives the operators' words on average at least e^-1 of live's per-token
+  likelihood (a difference of mean NLLs is a per-token log-likelihood ratio). A fresh adapter
+  trained on more rows often finds the operators' exact words somewhat less likely than live does
+  while it answers more held-out questions right: on the learning bench allowing no rise (the
+  default until the fifteenth session) rejected a candidate customers liked more in 10 of the 12
+  cycles where it failed one, and no natural cycle on file rose more than 0.78. A candidate that
+  never learned the operators' answers (a run cut short: ``bench/learning.py --starve``) rose 2.1
+  and 3.4 (``bench/RESULTS.md``). ``gate.max_chosen_nll_increase`` adds a relative limit.
 * ``replies`` (``ReplyReport``): each model *answers* the held-out corrected questions (greedy);
   each reply is scored against the operator's answer (``training.reading.reply_score``: its words
   and figures, minus figures the operator did not give), and each model's replies to the generic
@@ -153,15 +155,22 @@ class GateConfig:
     max_accuracy_drop: float = field(
         default=0.0, metadata={"help": "How far the candidate's preference accuracy may fall below live's."}
     )
-    max_chosen_nll_increase: float | None = field(
-        default=2.0,
+    max_chosen_nll_rise: float | None = field(
+        default=1.0,
         metadata={
-            "help": "Relative rise allowed in the held-out corrections' NLL over live's (2.0: up to three times "
-            "live's; 0.05 = 5%); unset: the figure is reported, not checked. Loose on purpose: on the learning "
-            "bench allowing no rise failed a candidate customers liked more in 10 of the 12 cycles where it failed "
-            "one (a fresh adapter on more rows reads the operators' exact words as somewhat less likely while "
-            "answering more questions right), no natural cycle rose past twice live's, and candidates cut short "
-            "rose many times over."
+            "help": "Rise allowed in the held-out corrections' mean per-token NLL over live's, in nats (1.0: the "
+            "candidate gives the operators' words at least e^-1 of live's per-token likelihood); unset: not checked. "
+            "Loose on purpose: on the learning bench allowing no rise failed a candidate customers liked more in 10 "
+            "of the 12 cycles where it failed one (a fresh adapter on more rows reads the operators' exact words as "
+            "somewhat less likely while answering more questions right); no natural cycle on file rose more than "
+            "0.78, and candidates whose run was cut short rose 2.1 and 3.4."
+        },
+    )
+    max_chosen_nll_increase: float | None = field(
+        default=None,
+        metadata={
+            "help": "Relative rise allowed in the held-out corrections' NLL over live's (0.05 = 5%); unset: no "
+            "relative limit (gate.max_chosen_nll_rise still applies). It was 0.0 until the fifteenth session."
         },
     )
     max_generic_ppl_increase: float = field(
@@ -221,6 +230,8 @@ class GateConfig:
             )
         if self.max_chosen_nll_increase is not None and self.max_chosen_nll_increase < 0:
             raise ValueError("gate.max_chosen_nll_increase is a relative rise: 0 or more, or unset (not checked)")
+        if self.max_chosen_nll_rise is not None and self.max_chosen_nll_rise < 0:
+            raise ValueError("gate.max_chosen_nll_rise is a rise in nats per token: 0 or more, or unset (not checked)")
         if self.min_heldout_pairs < 1:
             raise ValueError("gate.min_heldout_pairs must be at least 1: a gate with no evidence is no gate")
         if not 0.0 <= self.min_reward_accuracy <= 1.0:
@@ -255,8 +266,18 @@ def _pair_checks(report: EvalReport, config: GateConfig) -> list[tuple[bool, str
             f"{report.live.preference_accuracy:.3f} (need >= {floor:.3f})",
         )
     )
-    if config.max_chosen_nll_increase is not None:
-        ceiling = report.live.chosen_nll * (1.0 + config.max_chosen_nll_increase)
+    ceilings = [
+        ceiling
+        for ceiling in (
+            None if config.max_chosen_nll_rise is None else report.live.chosen_nll + config.max_chosen_nll_rise,
+            None
+            if config.max_chosen_nll_increase is None
+            else report.live.chosen_nll * (1.0 + config.max_chosen_nll_increase),
+        )
+        if ceiling is not None
+    ]
+    if ceilings:
+        ceiling = min(ceilings)
         checks.append(
             (
                 report.candidate.chosen_nll <= ceiling,
