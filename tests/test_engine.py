@@ -23,7 +23,9 @@ GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0)
 CHAT = [{"role": "user", "content": "What is your refund policy?"}]
 
 
-def make_adapter(model_path: Path, out: Path, seed: int) -> Path:
+def make_adapter(model_path: Path, out: Path, seed: int, scale: float = 20.0) -> Path:
+    """A random r=4 LoRA on q_proj and v_proj, its weights ``scale`` times PEFT's random init (20:
+    strong enough that the model writes gibberish)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -34,7 +36,7 @@ def make_adapter(model_path: Path, out: Path, seed: int) -> Path:
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_" in name:
-                p.mul_(20)
+                p.mul_(scale)
     peft.save_pretrained(out)
     return out
 

@@ -66,6 +66,14 @@ def adapter_v1(smollm: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
     return make_adapter(Path(smollm[1]), tmp_path_factory.mktemp("adapters") / "v1", seed=1)
 
 
+@pytest.fixture(scope="module")
+def adapter_mild(smollm: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random LoRA weak enough that SmolLM2 still writes words, unlike base's. The strong one's
+    gibberish is a run of near-ties that rounding decides: on a CPU without AVX-512 one of its greedy
+    replies changes with the batch composition alone, with no KV reuse (sixteenth session)."""
+    return make_adapter(Path(smollm[1]), tmp_path_factory.mktemp("adapters") / "mild", seed=1, scale=4.0)
+
+
 @pytest.fixture
 async def engine(smollm: tuple[str, str]) -> AsyncIterator[LlamaCppEngine]:
     e = LlamaCppEngine(
@@ -461,7 +469,7 @@ def hold_after_next_round(engine: LlamaCppEngine) -> tuple[threading.Event, thre
     return held, go
 
 
-async def test_kv_reuse_replies_equal_full_prefills(smollm: tuple[str, str], adapter_v1: Path) -> None:
+async def test_kv_reuse_replies_equal_full_prefills(smollm: tuple[str, str], adapter_mild: Path) -> None:
     """Greedy replies with KV reuse are the replies of an engine that prefills every prompt whole,
     under the same schedule: turns of one conversation, a second conversation (the shared system
     prompt), a hot-swap to v1 (cells of base never serve v1), a regeneration, an edited history;
@@ -507,7 +515,7 @@ async def test_kv_reuse_replies_equal_full_prefills(smollm: tuple[str, str], ada
                 chat += [{"role": "user", "content": q}]
                 chat += [{"role": "assistant", "content": await turn(chat)}]
             await turn([{"role": "user", "content": "Do you ship abroad?"}])  # a new conversation
-            await e.load_adapter("v1", str(adapter_v1))
+            await e.load_adapter("v1", str(adapter_mild))
             chat += [{"role": "user", "content": "Thanks. Anything else?"}]
             await turn(chat, "v1")
             await turn(chat, "v1")  # regenerated
@@ -524,7 +532,7 @@ async def test_kv_reuse_replies_equal_full_prefills(smollm: tuple[str, str], ada
             replies += await in_one_round(e, calls)
             # v2 (the same weights, a new version: nothing of it cached) starts a conversation; one
             # step later, while it decodes, a second conversation joins and copies its system prompt
-            await e.load_adapter("v2", str(adapter_v1))
+            await e.load_adapter("v2", str(adapter_mild))
             held, go = hold_after_next_round(e)
             first = asyncio.ensure_future(reply([{"role": "user", "content": "Hello?"}], "v2"))
             try:
@@ -536,6 +544,7 @@ async def test_kv_reuse_replies_equal_full_prefills(smollm: tuple[str, str], ada
             finally:
                 go.set()
             replies += await asyncio.gather(first, second)
+            replies.append(await reply([{"role": "user", "content": "Hello?"}]))  # base, to tell v2 from it
         finally:
             await asyncio.to_thread(e.close)
         return replies, e
@@ -543,6 +552,7 @@ async def test_kv_reuse_replies_equal_full_prefills(smollm: tuple[str, str], ada
     with_reuse, e = await script(True)
     without, plain = await script(False)
     assert with_reuse == without
+    assert with_reuse[-1] != with_reuse[-3]  # the adapter changes the reply to "Hello?": v2 is not base
     assert plain.kv.reused_tokens == 0 and plain.kv.copies == 0
     assert e.kv.reused_tokens > e.kv.prompt_tokens // 4 and e.kv.copies > 0  # reuse really happened
     assert e.kv.settled_tokens > 24 * 4 and plain.kv.settled_tokens == 0  # and settling
