@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import glob
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.learning import BEYOND_CHANCE, agreement, better, rejudge, verdict_shares
-from training.gate import GateConfig
+from training.gate import GateConfig, chosen_nll_ceiling
 
 OTHER_FAILURES = {("bench/runs/replay-share-0.15/airline-seed0-explicit/learning.json", 3)}
 """(run file, cycle) whose rejection also failed another pair check (reward accuracy 0.492)."""
@@ -38,8 +37,6 @@ def without_nll_check(files: list[str], runs: list[dict[str, Any]]) -> tuple[lis
     """``runs`` with the pairs verdict of each cycle the old chosen-NLL check (no rise) alone failed
     turned to promote where today's default gate passes it."""
     gate = GateConfig()
-    rise = math.inf if gate.max_chosen_nll_rise is None else gate.max_chosen_nll_rise
-    share = math.inf if gate.max_chosen_nll_increase is None else 1.0 + gate.max_chosen_nll_increase
     out = copy.deepcopy(runs)
     flipped = []
     for name, run in zip(files, out, strict=True):
@@ -49,7 +46,8 @@ def without_nll_check(files: list[str], runs: list[dict[str, Any]]) -> tuple[lis
                 continue
             cand, live = judged["chosen_nll"]
             now = rejudge(judged, gate)
-            promote = now["pairs"] if now is not None else live < cand <= min(live + rise, live * share)
+            ceiling = chosen_nll_ceiling(live, gate)
+            promote = now["pairs"] if now is not None else live < cand and (ceiling is None or cand <= ceiling)
             if judged["verdicts"]["pairs"] is False and promote:
                 judged["verdicts"]["pairs"] = True
                 shares = " vs ".join(f"{s:.1%}" for s in verdict_shares(judged))

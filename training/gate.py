@@ -244,6 +244,18 @@ class GateDecision:
     reasons: tuple[str, ...]
 
 
+def chosen_nll_ceiling(live_nll: float, config: GateConfig) -> float | None:
+    """The highest chosen NLL a candidate may have against live's ``live_nll``: the tighter of
+    ``gate.max_chosen_nll_rise`` (nats per token above) and ``gate.max_chosen_nll_increase``
+    (relative); None when neither is set (not checked)."""
+    ceilings = []
+    if config.max_chosen_nll_rise is not None:
+        ceilings.append(live_nll + config.max_chosen_nll_rise)
+    if config.max_chosen_nll_increase is not None:
+        ceilings.append(live_nll * (1.0 + config.max_chosen_nll_increase))
+    return min(ceilings, default=None)
+
+
 def _pair_checks(report: EvalReport, config: GateConfig) -> list[tuple[bool, str]]:
     checks: list[tuple[bool, str]] = []
     checks.append(
@@ -266,18 +278,8 @@ def _pair_checks(report: EvalReport, config: GateConfig) -> list[tuple[bool, str
             f"{report.live.preference_accuracy:.3f} (need >= {floor:.3f})",
         )
     )
-    ceilings = [
-        ceiling
-        for ceiling in (
-            None if config.max_chosen_nll_rise is None else report.live.chosen_nll + config.max_chosen_nll_rise,
-            None
-            if config.max_chosen_nll_increase is None
-            else report.live.chosen_nll * (1.0 + config.max_chosen_nll_increase),
-        )
-        if ceiling is not None
-    ]
-    if ceilings:
-        ceiling = min(ceilings)
+    ceiling = chosen_nll_ceiling(report.live.chosen_nll, config)
+    if ceiling is not None:
         checks.append(
             (
                 report.candidate.chosen_nll <= ceiling,
